@@ -1,0 +1,88 @@
+"""Command line: ``mascara <subcommand>`` and ``mascprocess`` (SPEC §9).
+
+A thin layer: every subcommand parses its arguments and calls one function of
+the library; the handlers live with the code they drive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="write simulated raw nights with truth files")
+    p.add_argument("datadir")
+    p.add_argument("--night", required=True, help="YYYYMMDD[+YYYYMMDD...]")
+    p.add_argument("--site", default="LP", choices=["LP", "LS"])
+    p.add_argument("--camera", default="E", help="camera letters joined by +, e.g. E+S")
+    p.add_argument("--frames", type=int, default=None, help="frames per camera-night (default: whole night)")
+    p.add_argument("--size", default="small", choices=["small", "full"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clouds", action="store_true", help="add passing clouds")
+    p.add_argument("--pointing-offset", type=float, default=0.0, help="deg; true pointing off nominal")
+    p.add_argument("--bad-frames", type=int, default=0, help="number of deliberately broken frames")
+    p.set_defaults(handler="mascara.simulate:cli_simulate")
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="show what was reduced (the night_status view)")
+    p.add_argument("datadir", nargs="?", default=".")
+    p.add_argument("--db", default=None, help="catalog URL (default: MASCARA_DB_URL or <datadir>/catalog.sqlite)")
+    p.add_argument("--night", default=None, help="YYYYMMDD[+YYYYMMDD...]")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler="mascara.catalog.commands:cli_status")
+
+
+def _add_db(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("db", help="catalog maintenance")
+    dsub = p.add_subparsers(dest="db_command", required=True)
+    up = dsub.add_parser("upgrade", help="apply Alembic migrations")
+    up.add_argument("datadir", nargs="?", default=".")
+    up.add_argument("--db", default=None)
+    up.add_argument("--revision", default="head")
+    up.set_defaults(handler="mascara.catalog.commands:cli_db_upgrade")
+
+
+def add_mascprocess_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("datadir")
+    p.add_argument("--night", default=None, help="YYYYMMDD[+YYYYMMDD...]; default: every night found")
+    p.add_argument("--camera", default=None, help="camera letters joined by +, default: all found")
+    p.add_argument("--site", default=None, help="LP or LS; default: every site found")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-o", "--overwrite", action="store_true", help="erase old outputs instead of moving them to _old")
+    p.add_argument("--db", default=None)
+    p.add_argument("--settings", default=None, help="JSON file of settings overrides")
+    p.add_argument("--dask-address", default=None, help="run batches on a Dask cluster (tcp://... or 'local')")
+    p.add_argument("--no-prefect", action="store_true", help="plain sequential driver without Prefect")
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    import importlib
+
+    module, func = args.handler.split(":")
+    return int(getattr(importlib.import_module(module), func)(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mascara", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_simulate(sub)
+    _add_status(sub)
+    _add_db(sub)
+    p = sub.add_parser("process", help="same as mascprocess")
+    add_mascprocess_arguments(p)
+    p.set_defaults(handler="flows.mascprocess:cli_mascprocess")
+    return _dispatch(parser.parse_args(argv))
+
+
+def mascprocess_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mascprocess", description="reduce MASCARA nights (SPEC §9)")
+    add_mascprocess_arguments(parser)
+    parser.set_defaults(handler="flows.mascprocess:cli_mascprocess")
+    return _dispatch(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
