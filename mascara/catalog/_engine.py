@@ -1,0 +1,134 @@
+"""Engines for the catalog: URL choice, SQLite pragmas, Alembic upgrades."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+#: Seconds a SQLite writer waits for the lock before giving up.
+SQLITE_BUSY_TIMEOUT = 60.0
+#: Environment variable naming the catalog when no URL is given.
+ENV_URL = "MASCARA_DB_URL"
+#: File name of the embedded catalog inside a data directory.
+SQLITE_NAME = "catalog.sqlite"
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+_upgraded: set[str] = set()
+_upgrade_lock = threading.Lock()
+
+
+def resolve_url(url: str | None = None, datadir: str | Path | None = None) -> str:
+    """The catalog URL: ``url``, else ``$MASCARA_DB_URL``, else ``<datadir>/catalog.sqlite``.
+
+    ``datadir`` defaults to the current directory.
+    """
+    if url:
+        return url
+    env = os.environ.get(ENV_URL)
+    if env:
+        return env
+    path = Path(datadir if datadir is not None else ".").resolve() / SQLITE_NAME
+    return f"sqlite:///{path}"
+
+
+def _sqlite_hooks(engine: Engine) -> None:
+    # pysqlite's own transaction handling defers BEGIN and cannot start
+    # BEGIN IMMEDIATE; switch it off and emit BEGIN ourselves so a writer takes
+    # the write lock at the start (no lock upgrade, no SQLITE_BUSY deadlocks).
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT * 1000)}")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.execute("PRAGMA synchronous = NORMAL")  # safe with WAL, much faster commits
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
+        readonly = conn.get_execution_options().get("mascara_readonly", False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url`` with the catalog's connection settings.
+
+    SQLite: WAL, foreign keys on, ``busy_timeout`` of 60 s, writers begin with
+    ``BEGIN IMMEDIATE``; the file's directory is created. PostgreSQL:
+    ``pool_pre_ping`` so connections dropped by the server are replaced.
+    """
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        if u.database and u.database != ":memory:":
+            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(u, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
+        _sqlite_hooks(engine)
+        return engine
+    return create_engine(u, pool_pre_ping=True, pool_size=2, max_overflow=4)
+
+
+def alembic_config(url: str):  # type: ignore[no-untyped-def]
+    """An Alembic ``Config`` for the repository's ``migrations/`` and ``url``."""
+    from alembic.config import Config
+
+    ini = MIGRATIONS_DIR / "alembic.ini"
+    if not ini.is_file():
+        raise FileNotFoundError(f"Alembic migrations not found at {MIGRATIONS_DIR}")
+    cfg = Config(str(ini))
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # ConfigParser interpolation: a literal % in a password must be doubled.
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()  # type: ignore[return-value]
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        conn = conn.execution_options(mascara_readonly=True)
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply migrations up to ``revision`` on ``engine``'s database."""
+    from alembic import command
+
+    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+        conn.commit()
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Revert migrations down to ``revision`` (``"base"`` drops everything)."""
+    from alembic import command
+
+    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+        conn.commit()
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Upgrade to head once per process and URL, only when behind."""
+    key = engine.url.render_as_string(hide_password=False)
+    with _upgrade_lock:
+        if key in _upgraded:
+            return
+        if current_revision(engine) != head_revision():
+            upgrade(engine)
+        _upgraded.add(key)

@@ -1,0 +1,566 @@
+"""The reduction catalog: what was reduced, when, how, with what, and what failed.
+
+Every public method of :class:`Catalog` is one short transaction, retried when
+the connection drops. Registrations are idempotent: ids are uuid5 of natural
+keys and rows are inserted only when missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, delete, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlmodel import Session
+
+from mascara.catalog import _engine
+from mascara.catalog.models import (
+    FRAME_STATUSES,
+    MOVE_ACTIONS,
+    PRODUCT_KINDS,
+    STATUSES,
+    Batch,
+    Camera,
+    CameraNight,
+    DirectoryMove,
+    Frame,
+    Lease,
+    PackageVersion,
+    Product,
+    ReductionRun,
+    Site,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Seconds without a heartbeat after which a run's lease may be taken over.
+DEFAULT_LEASE_SECONDS = 900.0
+#: Attempts of one transaction when the connection fails.
+RETRIES = 5
+#: Keys of a run's fingerprint.
+FINGERPRINT_FIELDS = ("code_version", "settings_hash", "catalogue_hash", "raw_inventory_hash")
+FINAL_RUN_STATUSES = ("succeeded", "failed", "skipped")
+
+_NAMESPACE = uuid.UUID("6f1c2d0e-6a0b-5a55-9c1e-6d6173636172")  # fixed: ids must never change
+_RETRYABLE = (OperationalError, InterfaceError, DisconnectionError)
+
+
+class CatalogError(Exception):
+    """A catalog operation that cannot be done as asked."""
+
+
+class LeaseHeld(CatalogError):
+    """Another live run holds the camera-night's lease."""
+
+    def __init__(self, message: str, *, run_id: str, host: str, since: datetime, expires_at: datetime):
+        super().__init__(message)
+        self.run_id, self.host, self.since, self.expires_at = run_id, host, since, expires_at
+
+
+class LeaseLost(CatalogError):
+    """This run's lease was released or taken over; it must stop writing."""
+
+
+class CatalogConflict(CatalogError):
+    """A row registered again with different values."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """A reduction run as the orchestrator needs it to decide resume or move aside.
+
+    ``live`` is True when the run holds an unexpired lease.
+    """
+
+    run_id: str
+    camera_night_id: str
+    status: str
+    fingerprint: dict[str, str]
+    fingerprint_key: str
+    host: str
+    flow_run_id: str | None
+    started_at: datetime
+    heartbeat_at: datetime
+    finished_at: datetime | None
+    error: str | None
+    live: bool
+
+
+def make_id(kind: str, *parts: object) -> str:
+    """Deterministic id (uuid5) of a row of ``kind`` with natural key ``parts``."""
+    return str(uuid.uuid5(_NAMESPACE, "/".join([kind, *map(str, parts)])))
+
+
+def fingerprint_key(fingerprint: Mapping[str, str] | str) -> str:
+    """sha256 over the four fingerprint fields (a string is returned unchanged)."""
+    if isinstance(fingerprint, str):
+        return fingerprint
+    missing = [k for k in FINGERPRINT_FIELDS if k not in fingerprint]
+    if missing:
+        raise ValueError(f"fingerprint lacks {missing}")
+    blob = json.dumps({k: str(fingerprint[k]) for k in FINGERPRINT_FIELDS}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: Any) -> Any:
+    """Datetimes from views: SQLite gives UTC text, PostgreSQL aware datetimes."""
+    if isinstance(value, str) and re.match(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d", value):
+        value = datetime.fromisoformat(value)
+    if isinstance(value, datetime):
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return value
+
+
+def _nights(night: str | Iterable[str] | None) -> list[str] | None:
+    if night is None:
+        return None
+    items = night.split("+") if isinstance(night, str) else list(night)
+    return [str(n) for n in items]
+
+
+class Catalog:
+    """Access to one catalog database; create with :func:`connect`.
+
+    Notes
+    -----
+    Each method is its own transaction. SQLite writers start with ``BEGIN
+    IMMEDIATE`` and wait up to 60 s for the lock, so concurrent processes queue
+    instead of failing; transactions are kept to a few statements for that
+    reason. A dropped connection (``OperationalError``) is retried up to
+    ``RETRIES`` times; every method is safe to repeat except that a repeated
+    :meth:`batch_started` may count one try too many.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.url = engine.url.render_as_string(hide_password=True)
+        self._ro_engine = engine.execution_options(mascara_readonly=True)
+        self._runs: dict[str, tuple[str, str]] = {}  # run_id -> (camera_night_id, fingerprint_key)
+
+    # -- plumbing -------------------------------------------------------
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def _tx(self, fn: Callable[[Session], T], readonly: bool = False) -> T:
+        engine = self._ro_engine if readonly else self.engine
+        for attempt in range(RETRIES):
+            try:
+                with Session(engine, expire_on_commit=False) as s:
+                    out = fn(s)
+                    s.commit()
+                    return out
+            except _RETRYABLE as exc:
+                if attempt == RETRIES - 1:
+                    raise
+                log.warning("catalog transaction failed (%s); retry %d of %d",
+                            exc.__class__.__name__, attempt + 1, RETRIES - 1)
+                time.sleep(0.1 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _insert(self, s: Session, model: type, rows: Sequence[dict[str, Any]],
+                update_cols: Sequence[str] = ()) -> int:
+        """Insert rows; on a primary-key clash do nothing, or update ``update_cols``."""
+        if not rows:
+            return 0
+        table = model.__table__  # type: ignore[attr-defined]
+        ins = (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+        keys = [c.name for c in table.primary_key.columns]
+        if update_cols:
+            stmt = ins.on_conflict_do_update(index_elements=keys,
+                                             set_={c: getattr(ins.excluded, c) for c in update_cols})
+        else:
+            stmt = ins.on_conflict_do_nothing(index_elements=keys)
+        if len(rows) == 1:
+            return s.execute(stmt.values(rows[0])).rowcount
+        s.execute(stmt, list(rows))
+        return len(rows)
+
+    def _run_key(self, s: Session, run_id: str) -> tuple[str, str]:
+        key = self._runs.get(run_id)
+        if key is None:
+            run = s.get(ReductionRun, run_id)
+            if run is None:
+                raise CatalogError(f"unknown run {run_id}")
+            key = self._runs[run_id] = (run.camera_night_id, run.fingerprint_key)
+        return key
+
+    # -- camera-nights -----------------------------------------------------
+    def register_camera_night(self, site: str, camera: str, night: str, night_dir: str | Path) -> str:
+        """Register a camera-night; returns its id (the same id every time).
+
+        ``camera`` is a letter (``E``) or a camera id (``LPE``); ``night`` is
+        ``YYYYMMDD``. A changed ``night_dir`` (data moved) is updated.
+        """
+        night = str(night)
+        if not re.fullmatch(r"\d{8}", night):
+            raise ValueError(f"night must be YYYYMMDD, not {night!r}")
+        cam_id = camera if camera.startswith(site) and len(camera) > len(site) else site + camera
+        cn_id = make_id("camera_night", cam_id, night)
+        row = {"id": cn_id, "camera_id": cam_id, "night": night,
+               "night_dir": str(night_dir), "registered_at": _now()}
+
+        def fn(s: Session) -> str:
+            self._insert(s, Site, [{"code": site}])
+            self._insert(s, Camera, [{"id": cam_id, "site": site, "letter": cam_id[len(site):]}])
+            self._insert(s, CameraNight, [row])
+            s.execute(update(CameraNight).where(CameraNight.id == cn_id,
+                                                CameraNight.night_dir != str(night_dir))
+                      .values(night_dir=str(night_dir)))
+            return cn_id
+
+        return self._tx(fn)
+
+    # -- runs and leases ---------------------------------------------------
+    def start_run(self, camera_night_id: str, fingerprint: Mapping[str, str], settings: Mapping[str, Any],
+                  versions: Mapping[str, str], host: str, flow_run_id: str | None = None,
+                  lease_seconds: float = DEFAULT_LEASE_SECONDS, pid: int | None = None) -> str:
+        """Start a run of a camera-night and take its lease; returns the run id.
+
+        ``fingerprint`` holds ``code_version, settings_hash, catalogue_hash,
+        raw_inventory_hash``; ``settings`` (full, JSON-able) and ``versions``
+        (package -> version) are stored as provenance. With a ``flow_run_id``
+        the run id is deterministic, so a retried flow run continues its run.
+
+        Raises
+        ------
+        LeaseHeld
+            Another run heartbeated within its lease. A lease past its expiry
+            is taken over and its run marked failed.
+        """
+        fp_key = fingerprint_key(fingerprint)
+        run_id = make_id("run", camera_night_id, flow_run_id) if flow_run_id else str(uuid.uuid4())
+        pid = os.getpid() if pid is None else pid
+
+        def fn(s: Session) -> str:
+            now = _now()
+            if s.get(CameraNight, camera_night_id) is None:
+                raise CatalogError(f"unknown camera-night {camera_night_id}")
+            lease = s.execute(select(Lease).where(Lease.camera_night_id == camera_night_id)
+                              .with_for_update()).scalar_one_or_none()
+            if lease is not None and lease.run_id != run_id:
+                if _aware(lease.expires_at) > now:
+                    raise self._lease_held(s, lease)
+                log.warning("taking over the expired lease of run %s (host %s, last heartbeat %s)",
+                            lease.run_id, lease.host, lease.heartbeat_at)
+                s.execute(update(ReductionRun).where(ReductionRun.id == lease.run_id,
+                                                     ReductionRun.status == "running")
+                          .values(status="failed", finished_at=now,
+                                  error=f"abandoned: no heartbeat since {lease.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC;"
+                                        f" lease taken over by run {run_id}"))
+                s.execute(update(Batch).where(Batch.run_id == lease.run_id, Batch.status == "running")
+                          .values(status="failed", finished_at=now, error="run abandoned"))
+            run = {"id": run_id, "camera_night_id": camera_night_id, "status": "running", "host": host,
+                   "pid": pid, "flow_run_id": flow_run_id, "started_at": now, "heartbeat_at": now,
+                   "finished_at": None, "error": None, "fingerprint_key": fp_key,
+                   "settings": json.loads(json.dumps(dict(settings), default=list)),
+                   **{k: str(fingerprint[k]) for k in FINGERPRINT_FIELDS}}
+            self._insert(s, ReductionRun, [run],
+                         update_cols=["status", "host", "pid", "heartbeat_at", "finished_at", "error"])
+            self._insert(s, PackageVersion, [{"run_id": run_id, "package": k, "version": str(v)}
+                                             for k, v in sorted(versions.items())])
+            lease_row = {"camera_night_id": camera_night_id, "run_id": run_id, "host": host,
+                         "acquired_at": now, "heartbeat_at": now,
+                         "expires_at": now + timedelta(seconds=lease_seconds)}
+            if lease is None:
+                if not self._insert(s, Lease, [lease_row]):
+                    # another run inserted it between our read and insert
+                    other = s.execute(select(Lease).where(Lease.camera_night_id == camera_night_id)
+                                      ).scalar_one()
+                    raise self._lease_held(s, other)
+            else:
+                s.execute(update(Lease).where(Lease.camera_night_id == camera_night_id).values(**lease_row))
+            return run_id
+
+        out = self._tx(fn)
+        self._runs[run_id] = (camera_night_id, fp_key)
+        return out
+
+    def _lease_held(self, s: Session, lease: Lease) -> LeaseHeld:
+        cn = s.get(CameraNight, lease.camera_night_id)
+        what = f"{cn.camera_id} night {cn.night}" if cn else lease.camera_night_id
+        msg = (f"{what} is being reduced by run {lease.run_id} on host {lease.host} since "
+               f"{_aware(lease.acquired_at):%Y-%m-%d %H:%M:%S} UTC (last heartbeat "
+               f"{_aware(lease.heartbeat_at):%H:%M:%S} UTC; the lease expires "
+               f"{_aware(lease.expires_at):%Y-%m-%d %H:%M:%S} UTC if that run died)")
+        return LeaseHeld(msg, run_id=lease.run_id, host=lease.host,
+                         since=_aware(lease.acquired_at), expires_at=_aware(lease.expires_at))
+
+    def heartbeat(self, run_id: str) -> None:
+        """Extend the run's lease by its original length.
+
+        Raises
+        ------
+        LeaseLost
+            The lease was released or taken over by another run.
+        """
+        def fn(s: Session) -> None:
+            now = _now()
+            lease = s.execute(select(Lease).where(Lease.run_id == run_id).with_for_update()
+                              ).scalar_one_or_none()
+            if lease is None:
+                raise LeaseLost(f"run {run_id} no longer holds a lease (finished or taken over)")
+            length = _aware(lease.expires_at) - _aware(lease.heartbeat_at)
+            lease.heartbeat_at, lease.expires_at = now, now + length
+            s.execute(update(ReductionRun).where(ReductionRun.id == run_id).values(heartbeat_at=now))
+
+        self._tx(fn)
+
+    def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
+        """End a run with ``succeeded``, ``failed`` or ``skipped`` and release its lease.
+
+        Batches the run left ``running`` are marked failed.
+        """
+        if status not in FINAL_RUN_STATUSES:
+            raise ValueError(f"final run status must be one of {FINAL_RUN_STATUSES}, not {status!r}")
+
+        def fn(s: Session) -> None:
+            now = _now()
+            n = s.execute(update(ReductionRun).where(ReductionRun.id == run_id)
+                          .values(status=status, finished_at=now, heartbeat_at=now, error=error)).rowcount
+            if not n:
+                raise CatalogError(f"unknown run {run_id}")
+            s.execute(update(Batch).where(Batch.run_id == run_id, Batch.status == "running")
+                      .values(status="failed", finished_at=now, error=f"run ended ({status}) during the batch"))
+            s.execute(delete(Lease).where(Lease.run_id == run_id))
+
+        self._tx(fn)
+
+    def last_run(self, camera_night_id: str) -> RunInfo | None:
+        """The latest run of a camera-night, or None if it was never reduced."""
+        def fn(s: Session) -> RunInfo | None:
+            run = s.execute(select(ReductionRun).where(ReductionRun.camera_night_id == camera_night_id)
+                            .order_by(ReductionRun.started_at.desc(), ReductionRun.id.desc()).limit(1)
+                            ).scalar_one_or_none()
+            if run is None:
+                return None
+            lease = s.get(Lease, camera_night_id)
+            live = lease is not None and lease.run_id == run.id and _aware(lease.expires_at) > _now()
+            return RunInfo(
+                run_id=run.id, camera_night_id=run.camera_night_id, status=run.status,
+                fingerprint={k: getattr(run, k) for k in FINGERPRINT_FIELDS},
+                fingerprint_key=run.fingerprint_key, host=run.host, flow_run_id=run.flow_run_id,
+                started_at=_aware(run.started_at), heartbeat_at=_aware(run.heartbeat_at),
+                finished_at=_aware(run.finished_at), error=run.error, live=live)
+
+        return self._tx(fn, readonly=True)
+
+    def run_versions(self, run_id: str) -> dict[str, str]:
+        """Package versions recorded for a run."""
+        def fn(s: Session) -> dict[str, str]:
+            rows = s.execute(select(PackageVersion.package, PackageVersion.version)
+                             .where(PackageVersion.run_id == run_id)).all()
+            return dict(rows)  # type: ignore[arg-type]
+
+        return self._tx(fn, readonly=True)
+
+    # -- batches -------------------------------------------------------------
+    def register_batches(self, run_id: str, batches: Iterable[Sequence[int]]) -> None:
+        """Register ``(batch_index, lstseq_min, lstseq_max, nframes)`` rows as pending.
+
+        Batches already known under the run's fingerprint keep their status
+        (a resumed run skips the succeeded ones).
+
+        Raises
+        ------
+        CatalogConflict
+            A known batch with a different lstseq range or frame count.
+        """
+        batches = [tuple(int(v) for v in b) for b in batches]
+
+        def fn(s: Session) -> None:
+            cn_id, fp = self._run_key(s, run_id)
+            known = {b.batch_index: (b.lstseq_min, b.lstseq_max, b.nframes) for b in s.execute(
+                select(Batch).where(Batch.camera_night_id == cn_id, Batch.fingerprint_key == fp)).scalars()}
+            rows = []
+            for idx, lo, hi, n in batches:
+                if idx in known:
+                    if known[idx] != (lo, hi, n):
+                        raise CatalogConflict(f"batch {idx} was registered as lstseq {known[idx][0]}-"
+                                              f"{known[idx][1]} ({known[idx][2]} frames), now {lo}-{hi} ({n})")
+                    continue
+                rows.append({"id": make_id("batch", cn_id, fp, idx), "camera_night_id": cn_id,
+                             "fingerprint_key": fp, "run_id": run_id, "batch_index": idx, "lstseq_min": lo,
+                             "lstseq_max": hi, "nframes": n, "status": "pending", "tries": 0})
+            self._insert(s, Batch, rows)
+
+        self._tx(fn)
+
+    def _set_batch(self, run_id: str, batch_index: int, **values: Any) -> None:
+        def fn(s: Session) -> None:
+            cn_id, fp = self._run_key(s, run_id)
+            bid = make_id("batch", cn_id, fp, int(batch_index))
+            vals = {k: (v(Batch) if callable(v) else v) for k, v in values.items()}
+            n = s.execute(update(Batch).where(Batch.id == bid).values(run_id=run_id, **vals)).rowcount
+            if not n:
+                raise CatalogError(f"batch {batch_index} of run {run_id} was never registered")
+
+        self._tx(fn)
+
+    def batch_started(self, run_id: str, batch_index: int) -> None:
+        """Mark a batch running and count one more try."""
+        self._set_batch(run_id, batch_index, status="running", tries=lambda b: b.tries + 1,
+                        started_at=_now(), finished_at=None, error=None)
+
+    def batch_succeeded(self, run_id: str, batch_index: int, path: str | Path, sha256: str,
+                        timings: Mapping[str, float] | None = None, astro_rms: float | None = None,
+                        astro_nstars: int | None = None, flagged: bool = False) -> None:
+        """Record a finished batch: its temporary file, checksum, step timings (s), astrometry.
+
+        ``astro_rms`` is the residual RMS in pixels; ``flagged`` means the
+        astrometry kept the previous solution.
+        """
+        self._set_batch(run_id, batch_index, status="succeeded", finished_at=_now(), error=None,
+                        path=str(path), sha256=sha256, timings=dict(timings or {}),
+                        astro_rms=None if astro_rms is None else float(astro_rms),
+                        astro_nstars=None if astro_nstars is None else int(astro_nstars),
+                        flagged=bool(flagged))
+
+    def batch_failed(self, run_id: str, batch_index: int, error: str) -> None:
+        """Record a failed batch with its error text (a traceback is fine)."""
+        self._set_batch(run_id, batch_index, status="failed", finished_at=_now(), error=str(error))
+
+    def batch_skipped(self, run_id: str, batch_index: int, reason: str | None = None) -> None:
+        """Record a batch deliberately not reduced; ``reason`` goes to ``error``."""
+        self._set_batch(run_id, batch_index, status="skipped", finished_at=_now(), error=reason)
+
+    def done_batches(self, camera_night_id: str, fingerprint: Mapping[str, str] | str
+                     ) -> dict[int, tuple[str, str]]:
+        """``{batch_index: (path, sha256)}`` of succeeded batches under a fingerprint.
+
+        The caller must still check that each file exists with that checksum.
+        """
+        fp = fingerprint_key(fingerprint)
+
+        def fn(s: Session) -> dict[int, tuple[str, str]]:
+            rows = s.execute(select(Batch.batch_index, Batch.path, Batch.sha256).where(
+                Batch.camera_night_id == camera_night_id, Batch.fingerprint_key == fp,
+                Batch.status == "succeeded")).all()
+            return {i: (p, h) for i, p, h in rows}
+
+        return self._tx(fn, readonly=True)
+
+    # -- frames, products, moves -----------------------------------------------
+    def record_frames(self, camera_night_id: str, frames: Iterable[Sequence[Any]]) -> int:
+        """Record raw files as ``(lstseq, filename, size, status, reason)``; returns the count.
+
+        ``status`` is ``ok`` or ``rejected``; ``lstseq`` may be None
+        (calibration frames). Recording a file again updates its row.
+        """
+        rows = []
+        for lstseq, filename, size, status, reason in frames:
+            if status not in FRAME_STATUSES:
+                raise ValueError(f"frame status must be one of {FRAME_STATUSES}, not {status!r}")
+            rows.append({"id": make_id("frame", camera_night_id, filename), "camera_night_id": camera_night_id,
+                         "lstseq": None if lstseq is None else int(lstseq), "filename": str(filename),
+                         "size": None if size is None else int(size), "status": status, "reason": reason})
+
+        def fn(s: Session) -> int:
+            for i in range(0, len(rows), 2000):
+                self._insert(s, Frame, rows[i:i + 2000], update_cols=["lstseq", "size", "status", "reason"])
+            return len(rows)
+
+        return self._tx(fn)
+
+    def record_product(self, run_id: str, kind: str, path: str | Path, sha256: str, size: int,
+                       nstars: int | None = None) -> str:
+        """Record a file written by a run; returns the product id."""
+        if kind not in PRODUCT_KINDS:
+            raise ValueError(f"product kind must be one of {PRODUCT_KINDS}, not {kind!r}")
+
+        def fn(s: Session) -> str:
+            cn_id, _ = self._run_key(s, run_id)
+            pid = make_id("product", run_id, kind, path)
+            self._insert(s, Product, [{"id": pid, "run_id": run_id, "camera_night_id": cn_id, "kind": kind,
+                                       "path": str(path), "sha256": sha256, "size": int(size),
+                                       "nstars": nstars, "created_at": _now()}],
+                         update_cols=["sha256", "size", "nstars", "created_at"])
+            return pid
+
+        return self._tx(fn)
+
+    def record_move(self, camera_night_id: str, run_id: str | None, src: str | Path, dst: str | Path | None,
+                    action: str, reason: str | None = None) -> str:
+        """Record an old output directory ``renamed`` to ``dst`` or ``erased`` (dst None)."""
+        if action not in MOVE_ACTIONS:
+            raise ValueError(f"action must be one of {MOVE_ACTIONS}, not {action!r}")
+        if (action == "erased") != (dst is None):
+            raise ValueError("dst must be None exactly when the directory was erased")
+        mid = make_id("move", camera_night_id, run_id, src, action)
+        row = {"id": mid, "camera_night_id": camera_night_id, "run_id": run_id, "src": str(src),
+               "dst": None if dst is None else str(dst), "action": action, "reason": reason,
+               "moved_at": _now()}
+        return self._tx(lambda s: (self._insert(s, DirectoryMove, [row]), mid)[1])
+
+    # -- views -----------------------------------------------------------------
+    def _view(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        def fn(s: Session) -> list[dict[str, Any]]:
+            result = s.execute(text(sql), params)
+            return [{k: _aware(v) for k, v in row.items()} for row in result.mappings()]
+
+        return self._tx(fn, readonly=True)
+
+    def night_status(self, night: str | Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Rows of the ``night_status`` view, optionally for nights ``YYYYMMDD[+...]``."""
+        nights = _nights(night)
+        where, params = "", {}
+        if nights is not None:
+            where = "WHERE night IN (" + ", ".join(f":n{i}" for i in range(len(nights))) + ")"
+            params = {f"n{i}": n for i, n in enumerate(nights)}
+        return self._view(f"SELECT * FROM night_status {where} ORDER BY night, camera", params)
+
+    def failed_batches(self, night: str | Iterable[str] | None = None,
+                       since_days: float | None = None) -> list[dict[str, Any]]:
+        """Rows of the ``failed_batches`` view, optionally for some nights or the last days."""
+        clauses, params = [], {}
+        nights = _nights(night)
+        if nights is not None:
+            clauses.append("night IN (" + ", ".join(f":n{i}" for i in range(len(nights))) + ")")
+            params.update({f"n{i}": n for i, n in enumerate(nights)})
+        if since_days is not None:
+            clauses.append("age_days <= :days")
+            params["days"] = float(since_days)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        return self._view(f"SELECT * FROM failed_batches {where} ORDER BY night, camera, batch_index", params)
+
+
+def connect(url: str | None = None, datadir: str | Path | None = None) -> Catalog:
+    """Open the catalog, creating or upgrading its schema on first use.
+
+    Parameters
+    ----------
+    url
+        SQLAlchemy URL, e.g. ``postgresql+psycopg://user@host/db``. Default:
+        ``$MASCARA_DB_URL``, else ``sqlite:///<datadir>/catalog.sqlite``.
+    datadir
+        Data directory holding the embedded SQLite catalog (default: cwd).
+    """
+    engine = _engine.make_engine(_engine.resolve_url(url, datadir))
+    _engine.ensure_schema(engine)
+    return Catalog(engine)

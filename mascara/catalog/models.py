@@ -1,0 +1,199 @@
+"""Tables of the reduction catalog (SQLModel).
+
+Timestamps are timezone-aware UTC datetimes (PostgreSQL ``timestamptz``;
+SQLite stores UTC text). Ids are 36-character UUID strings; rows that can
+be registered twice (camera-nights, batches, frames, products, moves) get a
+uuid5 of their natural key, so a re-registration after a crash finds the same
+row. Status words are a fixed vocabulary enforced by CHECK constraints.
+
+Changing a model needs a new Alembic revision in ``migrations/versions``; the
+test ``tests/catalog/test_migrations.py`` fails until the two agree.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, CheckConstraint, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+#: Status of runs and batches.
+STATUSES: tuple[str, ...] = ("pending", "running", "succeeded", "failed", "skipped")
+#: Status of raw frames.
+FRAME_STATUSES: tuple[str, ...] = ("ok", "rejected")
+#: Kinds of products.
+PRODUCT_KINDS: tuple[str, ...] = ("fLC", "sLC", "binned", "diagnostics", "solution")
+#: What happened to an old output directory.
+MOVE_ACTIONS: tuple[str, ...] = ("renamed", "erased")
+
+
+def _in(column: str, words: tuple[str, ...], name: str) -> CheckConstraint:
+    return CheckConstraint(f"{column} IN ({', '.join(repr(w) for w in words)})", name=name)
+
+
+class Site(SQLModel, table=True):
+    """A station, e.g. ``LP`` (La Palma) or ``LS`` (La Silla)."""
+
+    __tablename__ = "site"
+    code: str = Field(primary_key=True, max_length=8)
+
+
+class Camera(SQLModel, table=True):
+    """A camera of a station: ``id`` is site + letter, e.g. ``LPE``."""
+
+    __tablename__ = "camera"
+    id: str = Field(primary_key=True, max_length=16)
+    site: str = Field(foreign_key="site.code", index=True, max_length=8)
+    letter: str = Field(max_length=8)
+
+
+class CameraNight(SQLModel, table=True):
+    """One camera's night of raw frames, ``<datadir>/<night><site><cam>/``."""
+
+    __tablename__ = "camera_night"
+    __table_args__ = (UniqueConstraint("camera_id", "night", name="uq_camera_night"),)
+    id: str = Field(primary_key=True, max_length=36)
+    camera_id: str = Field(foreign_key="camera.id", index=True, max_length=16)
+    night: str = Field(index=True, max_length=8)  # YYYYMMDD, UTC date of the evening
+    night_dir: str
+    registered_at: datetime
+
+
+class ReductionRun(SQLModel, table=True):
+    """One attempt to reduce a camera-night, with what was reduced and how.
+
+    The fingerprint (code version, settings, star catalogue, raw inventory)
+    decides whether a later run may resume this one's batches.
+    """
+
+    __tablename__ = "reduction_run"
+    __table_args__ = (_in("status", STATUSES, "ck_run_status"),)
+    id: str = Field(primary_key=True, max_length=36)
+    camera_night_id: str = Field(foreign_key="camera_night.id", index=True, max_length=36)
+    status: str = Field(index=True, max_length=16)
+    host: str
+    pid: int | None = None
+    flow_run_id: str | None = Field(default=None, index=True, max_length=64)
+    started_at: datetime = Field(index=True)
+    heartbeat_at: datetime
+    finished_at: datetime | None = None
+    error: str | None = None
+    code_version: str = Field(max_length=64)
+    settings_hash: str = Field(max_length=64)
+    catalogue_hash: str = Field(max_length=64)
+    raw_inventory_hash: str = Field(max_length=64)
+    fingerprint_key: str = Field(index=True, max_length=64)
+    settings: dict[str, Any] = Field(sa_type=JSON)
+
+
+class PackageVersion(SQLModel, table=True):
+    """Provenance: the version of each package a run imported."""
+
+    __tablename__ = "package_version"
+    run_id: str = Field(foreign_key="reduction_run.id", primary_key=True, max_length=36)
+    package: str = Field(primary_key=True, max_length=128)
+    version: str = Field(max_length=128)
+
+
+class Lease(SQLModel, table=True):
+    """Who may write outputs of a camera-night right now.
+
+    A lease whose ``expires_at`` has passed belongs to a crashed run and may be
+    taken over.
+    """
+
+    __tablename__ = "lease"
+    camera_night_id: str = Field(foreign_key="camera_night.id", primary_key=True, max_length=36)
+    run_id: str = Field(foreign_key="reduction_run.id", index=True, max_length=36)
+    host: str
+    acquired_at: datetime
+    heartbeat_at: datetime
+    expires_at: datetime
+
+
+class Batch(SQLModel, table=True):
+    """A 50-frame batch (``lstseq // 50``) of a camera-night under one fingerprint.
+
+    Runs with equal fingerprints share these rows: a resumed run continues
+    where the interrupted one stopped. ``run_id`` is the run that last
+    worked on the batch.
+    """
+
+    __tablename__ = "batch"
+    __table_args__ = (
+        UniqueConstraint("camera_night_id", "fingerprint_key", "batch_index", name="uq_batch"),
+        _in("status", STATUSES, "ck_batch_status"),
+    )
+    id: str = Field(primary_key=True, max_length=36)
+    camera_night_id: str = Field(foreign_key="camera_night.id", index=True, max_length=36)
+    fingerprint_key: str = Field(max_length=64)
+    run_id: str = Field(foreign_key="reduction_run.id", index=True, max_length=36)
+    batch_index: int  # lstseq // 50
+    lstseq_min: int
+    lstseq_max: int
+    nframes: int
+    status: str = Field(index=True, max_length=16)
+    tries: int = 0
+    error: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    timings: dict[str, Any] | None = Field(default=None, sa_type=JSON)  # seconds per step
+    astro_rms: float | None = None  # px
+    astro_nstars: int | None = None
+    flagged: bool | None = None  # astrometry kept the previous solution
+    path: str | None = None  # temporary batch file
+    sha256: str | None = Field(default=None, max_length=64)
+
+
+class Frame(SQLModel, table=True):
+    """A raw file of a camera-night and whether the reduction could use it."""
+
+    __tablename__ = "frame"
+    __table_args__ = (
+        UniqueConstraint("camera_night_id", "filename", name="uq_frame"),
+        _in("status", FRAME_STATUSES, "ck_frame_status"),
+    )
+    id: str = Field(primary_key=True, max_length=36)
+    camera_night_id: str = Field(foreign_key="camera_night.id", index=True, max_length=36)
+    lstseq: int | None = Field(default=None, index=True)
+    filename: str
+    size: int | None = None  # bytes
+    status: str = Field(max_length=16)
+    reason: str | None = None
+
+
+class Product(SQLModel, table=True):
+    """A file a run wrote: light curves, binned images, diagnostics, solutions."""
+
+    __tablename__ = "product"
+    __table_args__ = (_in("kind", PRODUCT_KINDS, "ck_product_kind"),)
+    id: str = Field(primary_key=True, max_length=36)
+    run_id: str = Field(foreign_key="reduction_run.id", index=True, max_length=36)
+    camera_night_id: str = Field(foreign_key="camera_night.id", index=True, max_length=36)
+    kind: str = Field(max_length=16)
+    path: str = Field(index=True)
+    sha256: str = Field(max_length=64)
+    size: int  # bytes
+    nstars: int | None = None
+    created_at: datetime
+
+
+class DirectoryMove(SQLModel, table=True):
+    """An old output directory renamed to ``*_old`` or erased before a new run."""
+
+    __tablename__ = "directory_move"
+    __table_args__ = (_in("action", MOVE_ACTIONS, "ck_move_action"),)
+    id: str = Field(primary_key=True, max_length=36)
+    camera_night_id: str = Field(foreign_key="camera_night.id", index=True, max_length=36)
+    run_id: str | None = Field(default=None, foreign_key="reduction_run.id", index=True, max_length=36)
+    src: str
+    dst: str | None = None  # None when erased
+    action: str = Field(max_length=16)
+    reason: str | None = None
+    moved_at: datetime
+
+
+TABLES: tuple[type[SQLModel], ...] = (
+    Site, Camera, CameraNight, ReductionRun, PackageVersion, Lease, Batch, Frame, Product, DirectoryMove,
+)
