@@ -36,7 +36,7 @@ from astropy.time import Time
 from scipy.special import erf
 
 from mascara import __version__
-from mascara.camera import CameraModel, nominal_camera
+from mascara.camera import CameraModel, nominal_camera, term_powers
 from mascara.sky import ApparentPlaces
 from mascara.stars import StarCatalogue, default_catalogue
 from mascara.timeindex import EXPTIME, SITES, jd_start_of, lst_hours, night_lstseqs
@@ -106,9 +106,10 @@ def set_radial_distortion(model: CameraModel, corner_px: float) -> None:
     coeffs_x = np.zeros_like(model.dist_x)
     coeffs_y = np.zeros_like(model.dist_y)
     # dx = (k1 (u^2+v^2) + k2 (u^2+v^2)^2) u, in pixels: multiply by scale
+    index = {pq: k for k, pq in enumerate(term_powers(model.order))}
     for (p, q), c in _radial_terms(k1, k2).items():
-        coeffs_x[model.term_index(p + 1, q)] += c * model.scale
-        coeffs_y[model.term_index(p, q + 1)] += c * model.scale
+        coeffs_x[index[(p + 1, q)]] += c * model.scale
+        coeffs_y[index[(p, q + 1)]] += c * model.scale
     model.dist_x = coeffs_x
     model.dist_y = coeffs_y
 

@@ -1,0 +1,734 @@
+"""One camera-night from raw frames to fLC/sLC files: the stages wired together.
+
+The unit of work is a 50-frame batch (``lstseq // 50``).  An orchestrator (the
+Prefect flow, or :func:`reduce_camera_night` here) calls, per camera-night:
+
+1. :func:`plan_camera_night` - find the frames, group them in batches;
+2. :func:`prepare_camera_night` - master calibration and the night's camera
+   solution (found from the data, or reused from an earlier night), stored in
+   the night's work directory so batches in other processes load it cheaply;
+3. :func:`reduce_batch` for every batch, in any order, skipping finished ones;
+   each writes one batch file atomically and returns a :class:`BatchOutcome`;
+4. :func:`combine_camera_night` - the night-end fLC/sLC files.
+
+Output directories of a night (everything beside ``raw/``)::
+
+    work/         master calibration, camera solution, batch files, split store
+    lightcurves/  fLC_<night_id>.hdf5, sLC_<night_id>.hdf5
+    astrometry/   the night's camera solution and the per-batch solutions
+    diagnostics/  light curves of the diagnostic stars, kept up to date per batch
+
+Why batches fall back on the *night* solution and not on the previous batch:
+batches run in any order and in parallel, and an interrupted night must give
+the same result as an uninterrupted one, so a batch may depend on the night's
+solution but never on another batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from mascara import __version__
+from mascara import lcformat as lcf
+from mascara.astrometry import AstrometryFailed, correct_batch, initial_solution
+from mascara.binning import stack_frames, tile_grid
+from mascara.camera import CameraModel, nominal_camera
+from mascara.lightcurves import combine_night, run_splitter_process, write_batch_file
+from mascara.photometry import measure_apertures
+from mascara.rawio import (
+    BadFrame,
+    FrameFile,
+    MasterCalibration,
+    NightDir,
+    calibrate,
+    calibration_files,
+    group_batches,
+    list_frames,
+    master_calibration,
+    parse_night_dir,
+    raw_inventory_hash,
+    read_frame,
+)
+from mascara.settings import Settings
+from mascara.sky import ApparentPlaces
+from mascara.stars import StarCatalogue, default_catalogue, load_catalogue
+from mascara.timeindex import EXPTIME, get_site
+
+log = logging.getLogger(__name__)
+
+OUTPUT_DIRS = ("work", "lightcurves", "astrometry", "diagnostics")
+SOLUTION_FILE = "astrometry/camera_solution.json"
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclasses.dataclass
+class CameraNightPlan:
+    """What there is to reduce in one camera-night."""
+
+    night: NightDir
+    settings: Settings
+    frames: list[FrameFile]
+    batches: dict[int, list[FrameFile]]
+    calib: list[Path]
+
+    @property
+    def workdir(self) -> Path:
+        return self.night.path / "work"
+
+    @property
+    def outdir(self) -> Path:
+        return self.night.path / "lightcurves"
+
+    def batch_path(self, batch: int) -> Path:
+        return self.workdir / "batches" / f"batch_{batch:07d}.h5"
+
+    def fingerprint(self, catalogue: StarCatalogue | None = None) -> dict[str, str]:
+        """What identifies this reduction: code, settings, star catalogue and raw inventory."""
+        cat = catalogue if catalogue is not None else load_stars(self.settings)
+        return {
+            "code_version": __version__,
+            "settings_hash": self.settings.fingerprint(),
+            "catalogue_hash": cat.fingerprint(),
+            "raw_inventory_hash": raw_inventory_hash(self.frames, self.calib),
+        }
+
+
+def plan_camera_night(night_dir: Path | str | NightDir, settings: Settings | None = None) -> CameraNightPlan:
+    """Find the frames of a camera-night and group them in batches (partial and gappy ones allowed)."""
+    settings = settings or Settings()
+    night = night_dir if isinstance(night_dir, NightDir) else parse_night_dir(night_dir)
+    if night is None:
+        raise ValueError(f"{night_dir}: not a night directory (<YYYYMMDD><SITE><CAM>)")
+    if not night.raw.is_dir():
+        raise FileNotFoundError(f"{night.path}: no raw/ subdirectory")
+    frames = list_frames(night)
+    calib = [p for files in calibration_files(night).values() for p in files]
+    return CameraNightPlan(
+        night=night, settings=settings, frames=frames,
+        batches=group_batches(frames, settings.batch_size), calib=calib,
+    )
+
+
+_CATALOGUES: dict[str | None, StarCatalogue] = {}
+
+
+def load_stars(settings: Settings) -> StarCatalogue:
+    """The star catalogue of the settings (cached per process), cut at the slow-photometry limit."""
+    key = settings.catalogue
+    if key not in _CATALOGUES:
+        cat = default_catalogue() if key is None else load_catalogue(key)
+        _CATALOGUES[key] = cat.brighter_than(max(settings.vmag_slow, settings.vmag_fast))
+    return _CATALOGUES[key]
+
+
+# --------------------------------------------------------------------------- night context
+
+
+@dataclasses.dataclass
+class NightContext:
+    """Everything a batch needs that is computed once per camera-night."""
+
+    night_path: str
+    site: str
+    camera: str
+    night: str
+    model: dict  # the night's camera solution (CameraModel.to_dict)
+    solution_info: dict
+    raw_shape: tuple[int, int] | None
+    master_kind: str
+    master_path: str | None
+    master_level: float  # median of the master over the science area (ADU)
+    aversion: str
+    ccdtemp: float
+    rejected_calib: list[tuple[str, str]]
+
+    def camera_model(self) -> CameraModel:
+        return CameraModel.from_dict(self.model)
+
+    def master(self) -> MasterCalibration:
+        level = None if self.master_path is None else np.load(self.master_path)
+        return MasterCalibration(level=level, kind=self.master_kind, files=[], rejected=[])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".part{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _previous_solution(night: NightDir) -> CameraModel | None:
+    """The most recent stored camera solution of the same camera from an earlier night."""
+    datadir = night.path.parent
+    candidates = sorted(datadir.glob(f"*{night.site}{night.camera}/{SOLUTION_FILE}"))
+    earlier = [p for p in candidates if p.parent.parent.name[:8] < night.night]
+    if not earlier:
+        return None
+    return CameraModel.from_dict(json.loads(earlier[-1].read_text())["model"])
+
+
+def prepare_camera_night(plan: CameraNightPlan) -> NightContext:
+    """Master calibration and the camera solution of a night; cached in ``work/context.json``.
+
+    The solution is found on the middle frame of the first batch with a readable
+    frame: detect stars, match them with the catalogue starting from an earlier
+    night's solution or the nominal pointing, fit pointing and distortion.
+
+    Raises
+    ------
+    AstrometryFailed
+        when no frame of the night yields a camera solution.
+    """
+    ctx_path = plan.workdir / "context.json"
+    if ctx_path.exists():
+        d = json.loads(ctx_path.read_text())
+        d["raw_shape"] = tuple(d["raw_shape"]) if d["raw_shape"] else None
+        d["rejected_calib"] = [tuple(x) for x in d["rejected_calib"]]
+        return NightContext(**d)
+    plan.workdir.mkdir(parents=True, exist_ok=True)
+    master = master_calibration(plan.night)
+    master_path = None
+    if master.level is not None:
+        master_path = plan.workdir / f"master_{master.kind}.npy"
+        tmp = master_path.with_name(f"master_{master.kind}.part{os.getpid()}.npy")
+        np.save(tmp, master.level)
+        os.replace(tmp, master_path)
+
+    stars = load_stars(plan.settings)
+    start = _previous_solution(plan.night) or nominal_camera(plan.night.site, plan.night.camera, "full")
+    model, info, first = None, {}, None
+    attempts = []
+    for batch, frames in plan.batches.items():
+        for ff in _middle_first(frames, batch, plan.settings.batch_size):
+            try:
+                frame = read_frame(ff.path)
+            except BadFrame as exc:
+                attempts.append(str(exc))
+                continue
+            first = frame
+            image, _ = calibrate(frame, master)
+            if start.nx != image.shape[1] or start.ny != image.shape[0]:
+                start = _fit_size(start, image.shape)
+            places = ApparentPlaces(stars.ra, stars.dec, get_site(plan.night.site), float(frame.header["JD"]))
+            alt, az = places.altaz(float(frame.header["JD"]))
+            bright = (stars.vmag <= plan.settings.vmag_astro[1]) & (alt > 10)
+            try:
+                model, info = initial_solution(image, alt[bright], az[bright], stars.vmag[bright], start)
+                info = {**info, "lstseq": frame.lstseq, "file": frame.path.name}
+            except AstrometryFailed as exc:
+                attempts.append(f"{frame.path.name}: {exc}")
+                model = None
+            break
+        if model is not None or len(attempts) > 20:
+            break
+    if model is None:
+        raise AstrometryFailed(f"{plan.night.path}: no camera solution found ({'; '.join(attempts[-3:])})")
+    solution = {"model": model.to_dict(), "info": _jsonable(info), "found_by": f"mascara {__version__}"}
+    _atomic_write_text(plan.night.path / SOLUTION_FILE, json.dumps(solution, indent=1))
+    sci = first.science_slice
+    ctx = NightContext(
+        night_path=str(plan.night.path), site=plan.night.site, camera=plan.night.camera, night=plan.night.night,
+        model=model.to_dict(), solution_info=_jsonable(info), raw_shape=tuple(first.data.shape),
+        master_kind=master.kind, master_path=str(master_path) if master_path else None,
+        master_level=float(np.median(master.level[sci])) if master.level is not None else 0.0,
+        aversion=str(first.header.get("AVERSION", "unknown")), ccdtemp=float(first.header["CCDTEMP"]),
+        rejected_calib=[(str(p), r) for p, r in master.rejected],
+    )
+    _atomic_write_text(ctx_path, json.dumps(dataclasses.asdict(ctx)))
+    return ctx
+
+
+def _fit_size(model: CameraModel, shape: tuple[int, int]) -> CameraModel:
+    """A solution of the full CCD moved to a cropped (small) science area of the same optics."""
+    m = model.copy()
+    ny, nx = shape
+    m.x0 += (nx - model.nx) / 2.0
+    m.y0 += (ny - model.ny) / 2.0
+    m.nx, m.ny = nx, ny
+    return m
+
+
+def _middle_first(frames: list[FrameFile], batch: int, size: int) -> list[FrameFile]:
+    mid = batch * size + (size - 1) / 2.0
+    return sorted(frames, key=lambda f: (abs(f.lstseq - mid), f.lstseq))
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+# --------------------------------------------------------------------------- one batch
+
+
+@dataclasses.dataclass
+class BatchOutcome:
+    """What a batch produced; everything the catalog records about it."""
+
+    batch: int
+    path: str | None
+    sha256: str | None
+    nframes: int
+    lstseq_min: int
+    lstseq_max: int
+    rejected: list[tuple[int, str, str]]  # (lstseq, file name, reason)
+    accepted: list[tuple[int, str, int]]  # (lstseq, file name, size)
+    astro_rms: float | None
+    astro_nstars: int
+    flagged: bool  # astrometry fell back on the night solution
+    message: str
+    nstars_fast: int
+    nstars_slow: int
+    timings: dict[str, float]
+    model: dict | None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.cpu: dict[str, float] = defaultdict(float)
+
+    def __call__(self, stage: str):
+        sw = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t = time.process_time()
+
+            def __exit__(self, *exc):
+                sw.cpu[stage] += time.process_time() - self.t
+
+        return _Ctx()
+
+
+def _star_table(stars: StarCatalogue, idx: np.ndarray) -> np.ndarray:
+    t = np.zeros(len(idx), dtype=[("ascc", lcf.ASCC_DTYPE), ("ra", "f8"), ("dec", "f8"), ("vmag", "f4"),
+                                   ("bmag", "f4"), ("spectype", "S9"), ("blend", "u1"), ("blendvalue", "f4")])
+    t["ascc"] = stars.ascc[idx].astype(lcf.ASCC_DTYPE)
+    for k in ("ra", "dec", "vmag", "bmag", "spectype", "blend", "blendvalue"):
+        t[k] = getattr(stars, k)[idx]
+    return t
+
+
+def _isolated(stars: StarCatalogue, candidates: np.ndarray, radius_px: float, scale: float) -> np.ndarray:
+    """Whether each candidate has no other catalogue star within ``radius_px`` on the sky."""
+    from scipy.spatial import cKDTree
+
+    ra, dec = np.radians(stars.ra), np.radians(stars.dec)
+    xyz = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=1)
+    tree = cKDTree(xyz)
+    r = radius_px / scale  # chord ~ angle for small angles
+    counts = np.array([len(n) for n in tree.query_ball_point(xyz[candidates], r)])
+    return counts <= 1
+
+
+def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchOutcome:
+    """Reduce one batch: calibrate, astrometry, photometry per frame, binning, binned photometry.
+
+    Writes the batch file atomically and returns its outcome.  Bad frames are
+    rejected with their reason in ``outcome.rejected``; a batch with no good
+    frame writes an empty batch file (it is finished, there is nothing in it).
+    """
+    s = plan.settings
+    frames = plan.batches[batch]
+    sw = _Stopwatch()
+    master = ctx.master()
+    night_model = ctx.camera_model()
+    site = get_site(ctx.site)
+    stars = load_stars(s)
+
+    rejected: list[tuple[int, str, str]] = []
+    accepted: list[tuple[int, str, int]] = []
+
+    # -- the middle frame first: astrometry of the batch --------------------------------
+    order = _middle_first(frames, batch, s.batch_size)
+    ref = None
+    for ff in order:
+        try:
+            with sw("read"):
+                ref = read_frame(ff.path, ctx.raw_shape)
+            break
+        except BadFrame as exc:
+            rejected.append((ff.lstseq, ff.path.name, exc.reason))
+    if ref is None:
+        return _finish(plan, batch, frames, rejected, accepted, None, None, None, night_model, sw,
+                       "no readable frame", astro=None, ref_header=None, ctx=ctx)
+    with sw("calibrate"):
+        ref_image, ref_raw = calibrate(ref, master)
+    jd_ref = float(ref.header["JD"])
+    with sw("positions"):
+        places0 = ApparentPlaces(stars.ra, stars.dec, site, jd_ref)
+        alt, az = places0.altaz(jd_ref)
+        x, y = night_model.to_pixels(alt, az)
+        margin = 120.0  # stars move ~80 px per batch
+        near = np.flatnonzero(np.isfinite(x) & (x > -margin) & (x < night_model.nx + margin)
+                              & (y > -margin) & (y < night_model.ny + margin) & (alt > 0))
+        places = ApparentPlaces(stars.ra[near], stars.dec[near], site, jd_ref)
+        vmag = stars.vmag[near]
+    with sw("astrometry"):
+        alt, az = places.altaz(jd_ref)
+        lo, hi = s.vmag_astro
+        astro_idx = np.flatnonzero((vmag > lo) & (vmag <= hi))
+        iso = _isolated(stars, near[astro_idx], s.astro_isolation_px, night_model.scale)
+        astro_idx = astro_idx[iso]
+        astro = correct_batch(night_model, ref_image, alt[astro_idx], az[astro_idx], vmag[astro_idx],
+                              np.ones(len(astro_idx), bool), min_stars=s.astro_min_stars, max_rms=s.astro_max_rms)
+        model = astro.model if astro.ok else night_model
+
+    fast_sel = np.flatnonzero(vmag <= s.vmag_fast)
+    slow_sel = np.flatnonzero(vmag <= s.vmag_slow)
+    nx, ny = model.nx, model.ny
+
+    # tile centres of the reference frame as fixed directions on the sky, for the stacker
+    with sw("binning"):
+        txc, tyc = tile_grid((ny, nx), s.bin_tile)
+        tile_places = _tile_places(model, txc.ravel(), tyc.ravel(), site, jd_ref)
+        acc_sum = np.zeros((ny, nx), np.float64)
+        acc_n = np.zeros((ny, nx), np.int32)
+
+    pieces = []
+    jdmids, ccdtemps = [], []
+    for ff in sorted(frames, key=lambda f: f.lstseq):
+        if ff.lstseq == ref.lstseq:
+            frame, image, raw = ref, ref_image, ref_raw
+        else:
+            try:
+                with sw("read"):
+                    frame = read_frame(ff.path, ctx.raw_shape)
+            except BadFrame as exc:
+                if not any(r[0] == ff.lstseq for r in rejected):
+                    rejected.append((ff.lstseq, ff.path.name, exc.reason))
+                continue
+            with sw("calibrate"):
+                image, raw = calibrate(frame, master)
+        accepted.append((ff.lstseq, ff.path.name, ff.size))
+        h = frame.header
+        jd = float(h["JD"])
+        jdmids.append(jd)
+        ccdtemps.append(float(h["CCDTEMP"]))
+        with sw("positions"):
+            a, z = places.altaz(jd)
+            fx, fy = model.to_pixels(a[fast_sel], z[fast_sel])
+            on = np.flatnonzero(np.isfinite(fx) & (fx >= 0) & (fx <= nx - 1) & (fy >= 0) & (fy <= ny - 1))
+        with sw("photometry"):
+            ph = measure_apertures(image, fx[on], fy[on], s.apertures, s.sky_radii, s.gain, raw=raw,
+                                   saturation=s.saturation)
+            rows = lcf.fast_table(len(on))
+            rows["ascc"] = stars.ascc[near[fast_sel[on]]].astype(lcf.ASCC_DTYPE)
+            for k in ("flag", "flux0", "eflux0", "flux1", "eflux1", "sky", "esky", "peak"):
+                rows[k] = ph[k]
+            rows["x"], rows["y"] = fx[on], fy[on]
+            rows["alt"], rows["az"] = a[fast_sel[on]], z[fast_sel[on]]
+            rows["ccdtemp"], rows["exptime"] = float(h["CCDTEMP"]), float(h["EXPTIME"])
+            rows["jdmid"], rows["lst"] = jd, float(h["LST"])
+            rows["lstidx"], rows["lstseq"] = int(h["LSTIDX"]), int(h["LSTSEQ"])
+            pieces.append(rows)
+        with sw("binning"):
+            ta, tz = tile_places.altaz(jd)
+            px, py = model.to_pixels(ta, tz)
+            dx = (px - txc.ravel()).reshape(txc.shape)
+            dy = (py - tyc.ravel()).reshape(tyc.shape)
+            dx = np.where(np.isfinite(dx), dx, 1e6)  # tiles off the frame contribute nothing
+            dy = np.where(np.isfinite(dy), dy, 1e6)
+            b, c = stack_frames([image], dx[None], dy[None], tile=s.bin_tile)
+            acc_sum += np.where(c > 0, b * c, 0.0)
+            acc_n += c.astype(np.int32)
+    fast = np.concatenate(pieces) if pieces else lcf.fast_table(0)
+
+    # -- the binned image: astrometry again, then the slow photometry --------------------
+    slow = np.zeros(0, dtype=lcf.with_ascc(lcf.SLOW_DTYPE))
+    binned_astro = None
+    if accepted:
+        with sw("binning"):
+            nf = len(accepted)
+            full = acc_n >= max(1, int(0.8 * nf))
+            binned = np.where(full, acc_sum / np.maximum(acc_n, 1), np.nan).astype(np.float32)
+        with sw("binned_astrometry"):
+            binned_fill = np.where(np.isfinite(binned), binned, 0.0).astype(np.float32)
+            binned_astro = correct_batch(model, binned_fill, alt[astro_idx], az[astro_idx], vmag[astro_idx],
+                                         np.ones(len(astro_idx), bool), min_stars=s.astro_min_stars,
+                                         max_rms=s.astro_max_rms)
+            bmodel = binned_astro.model if binned_astro.ok else model
+            sx, sy = bmodel.to_pixels(alt[slow_sel], az[slow_sel])
+            on = np.flatnonzero(np.isfinite(sx) & (sx >= 0) & (sx <= nx - 1) & (sy >= 0) & (sy <= ny - 1))
+        with sw("binned_photometry"):
+            ph = measure_apertures(binned, sx[on], sy[on], s.binned_apertures, s.sky_radii, s.gain * nf,
+                                   saturation=s.saturation - ctx.master_level)
+            slow = np.zeros(len(on), dtype=lcf.with_ascc(lcf.SLOW_DTYPE))
+            slow["ascc"] = stars.ascc[near[slow_sel[on]]].astype(lcf.ASCC_DTYPE)
+            for k in ph.dtype.names:
+                if k in slow.dtype.names:
+                    slow[k] = ph[k]
+            slow["x"], slow["y"] = sx[on], sy[on]
+            slow["alt"], slow["az"] = alt[slow_sel[on]], az[slow_sel[on]]
+            slow["ccdtemp"] = float(np.mean(ccdtemps))
+            slow["exptime"] = float(ref.header["EXPTIME"])
+            slow["jdmid"] = jd_ref
+            slow["lst"] = float(ref.header["LST"])
+            slow["lstidx"], slow["lstseq"] = int(ref.header["LSTIDX"]), ref.lstseq
+
+    used = np.unique(np.concatenate([fast["ascc"], slow["ascc"]]))
+    index = {a: i for i, a in enumerate(stars.ascc.astype(lcf.ASCC_DTYPE))}
+    star_rows = _star_table(stars, np.array([index[a] for a in used], dtype=np.int64))
+    return _finish(plan, batch, frames, rejected, accepted, fast, slow, star_rows, model, sw,
+                   astro.message, astro=astro, ref_header=ref.header, ctx=ctx, binned_astro=binned_astro)
+
+
+def _tile_places(model: CameraModel, x: np.ndarray, y: np.ndarray, site, jd: float) -> ApparentPlaces:
+    """Fixed sky directions behind the reference frame's tile centres, to follow them over the batch."""
+    from astropy import units as u
+    from astropy.coordinates import AltAz, EarthLocation, SkyCoord
+    from astropy.time import Time
+
+    alt, az = model.to_altaz(x, y)
+    ok = np.isfinite(alt)
+    alt = np.where(ok, alt, 45.0)
+    az = np.where(ok, az, 0.0)
+    loc = EarthLocation(lat=site.lat * u.deg, lon=site.lon * u.deg, height=site.height * u.m)
+    frame = AltAz(obstime=Time(jd, format="jd", scale="utc"), location=loc, pressure=site.pressure * u.hPa,
+                  temperature=site.temperature * u.deg_C, relative_humidity=site.relative_humidity,
+                  obswl=0.55 * u.um)
+    icrs = SkyCoord(alt=alt * u.deg, az=az * u.deg, frame=frame).icrs
+    ra = np.where(ok, icrs.ra.deg, np.nan)
+    dec = np.where(ok, icrs.dec.deg, np.nan)
+    return ApparentPlaces(ra, dec, site, jd)
+
+
+def _finish(plan, batch, frames, rejected, accepted, fast, slow, star_rows, model, sw, message, *, astro,
+            ref_header, ctx, binned_astro=None) -> BatchOutcome:
+    s = plan.settings
+    if fast is None:
+        fast = lcf.fast_table(0)
+        slow = np.zeros(0, dtype=lcf.with_ascc(lcf.SLOW_DTYPE))
+        star_rows = _star_table(load_stars(s), np.zeros(0, np.int64))
+    flagged = astro is None or not astro.ok
+    outcome_model = model.to_dict() if model is not None else None
+    attrs = {
+        "batch": batch,
+        "night_id": plan.night.night_id,
+        "lstseq_min": min(f.lstseq for f in frames),
+        "lstseq_max": max(f.lstseq for f in frames),
+        "nframes": len(accepted),
+        "rejected": json.dumps(rejected),
+        "astro_ok": not flagged,
+        "astro_rms": float(astro.rms) if astro is not None and astro.rms is not None else float("nan"),
+        "astro_nstars": int(astro.nstars) if astro is not None else 0,
+        "binned_astro_rms": float(binned_astro.rms) if binned_astro is not None and binned_astro.rms is not None else float("nan"),
+        "camera_model": json.dumps(outcome_model),
+        "settings_hash": s.fingerprint(),
+        "rversion": __version__,
+    }
+    with sw("write"):
+        path = plan.batch_path(batch)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sha = write_batch_file(path, fast, slow, star_rows, attrs)
+    return BatchOutcome(
+        batch=batch, path=str(path), sha256=sha, nframes=len(accepted),
+        lstseq_min=attrs["lstseq_min"], lstseq_max=attrs["lstseq_max"],
+        rejected=rejected, accepted=accepted,
+        astro_rms=None if flagged else float(astro.rms), astro_nstars=attrs["astro_nstars"],
+        flagged=flagged, message=message, nstars_fast=int(len(np.unique(fast["ascc"]))),
+        nstars_slow=int(len(slow)), timings=dict(sw.cpu), model=outcome_model,
+    )
+
+
+# --------------------------------------------------------------------------- night end
+
+
+def global_attrs(plan: CameraNightPlan, ctx: NightContext, slow: bool = False) -> dict:
+    """The ``global`` attributes of the night files (SPEC §8)."""
+    s = plan.settings
+    m = ctx.camera_model()
+    apers = s.binned_apertures if slow else s.apertures
+    attrs = {
+        "STATION": ctx.site, "CAMERA": ctx.camera,
+        "ALT0": m.alt0, "AZ0": m.az0, "TH0": m.th0, "X0": m.x0, "Y0": m.y0,
+        "AVERSION": ctx.aversion, "RVERSION": __version__, "CVERSION": s.cversion,
+        "EXPTIME": EXPTIME, "CCDTEMP": ctx.ccdtemp,
+        "NAPER": len(apers), "NSTAPER": 2, "SKYRAD0": s.sky_radii[0], "SKYRAD1": s.sky_radii[1],
+    }
+    for i, r in enumerate(apers):
+        attrs[f"APER{i}"] = r
+    return attrs
+
+
+def combine_camera_night(plan: CameraNightPlan, ctx: NightContext, batch_paths: Iterable[str | Path]) -> dict:
+    """Write ``lightcurves/fLC_<night_id>.hdf5`` and ``sLC_...`` from the batch files (idempotent)."""
+    batch_paths = sorted(str(p) for p in batch_paths)
+    split = plan.workdir / "split"
+    res = combine_night(
+        batch_paths, plan.outdir, plan.night.night_id,
+        global_attrs(plan, ctx), workdir=split if split.exists() else None,
+        **_combine_slow_kwargs(plan, ctx),
+    )
+    _write_batch_solutions(plan, batch_paths)
+    return res
+
+
+def _combine_slow_kwargs(plan: CameraNightPlan, ctx: NightContext) -> dict:
+    import inspect
+
+    params = inspect.signature(combine_night).parameters
+    if "global_attrs_slow" in params:
+        return {"global_attrs_slow": global_attrs(plan, ctx, slow=True)}
+    return {}
+
+
+def _write_batch_solutions(plan: CameraNightPlan, batch_paths: list[str]) -> None:
+    import h5py
+
+    out = {}
+    for p in batch_paths:
+        with h5py.File(p, "r") as f:
+            a = dict(f.attrs)
+        out[str(int(a["batch"]))] = {
+            "camera_model": json.loads(a["camera_model"]) if a.get("camera_model") else None,
+            "astro_ok": bool(a["astro_ok"]), "astro_rms": float(a["astro_rms"]),
+            "astro_nstars": int(a["astro_nstars"]),
+        }
+    _atomic_write_text(plan.night.path / "astrometry" / "batch_solutions.json", json.dumps(out, indent=1))
+
+
+def diagnostic_ids(stars: StarCatalogue, n: int = 10) -> list[str]:
+    """Ids of a few bright, unblended stars whose light curves are kept up to date during the night."""
+    ok = (stars.vmag > 4.0) & (stars.vmag < 6.0) & (stars.blend == 0)
+    idx = np.flatnonzero(ok)
+    idx = idx[np.argsort(stars.vmag[idx])]
+    return [str(a) for a in stars.ascc[idx[:: max(1, len(idx) // n)][:n]]]
+
+
+# --------------------------------------------------------------------------- output directories
+
+
+def existing_outputs(night: NightDir) -> list[Path]:
+    """Output directories of a night: everything in the night directory except ``raw/``."""
+    return sorted(p for p in night.path.iterdir() if p.name != "raw")
+
+
+def move_outputs_aside(night: NightDir, erase: bool = False) -> list[tuple[str, str | None]]:
+    """Rename every output of a night to ``<name>_old`` (replacing an older ``_old``), or erase it.
+
+    ``raw/`` is never touched.  Returns ``(source, destination or None)`` per move.
+    """
+    moves: list[tuple[str, str | None]] = []
+    for p in existing_outputs(night):
+        if p.name.endswith("_old"):
+            if erase:
+                _remove(p)
+                moves.append((str(p), None))
+            continue
+        if erase:
+            _remove(p)
+            moves.append((str(p), None))
+        else:
+            dst = p.with_name(p.name + "_old")
+            if dst.exists():
+                _remove(dst)
+            os.replace(p, dst)
+            moves.append((str(p), str(dst)))
+    return moves
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink()
+
+
+# --------------------------------------------------------------------------- sequential driver
+
+
+@dataclasses.dataclass
+class NightResult:
+    night_id: str
+    batches: list[BatchOutcome]
+    products: dict
+    skipped: list[int]
+    seconds: float
+
+    @property
+    def rejected(self) -> list[tuple[int, str, str]]:
+        return [r for b in self.batches for r in b.rejected]
+
+
+def reduce_camera_night(
+    night_dir: Path | str,
+    settings: Settings | None = None,
+    *,
+    skip: Iterable[int] = (),
+    batches: Iterable[int] | None = None,
+    on_batch: Callable[[BatchOutcome], None] | None = None,
+    on_frame_progress: Callable[[int, int], None] | None = None,
+    split_in_background: bool = True,
+    combine: bool = True,
+) -> NightResult:
+    """Reduce one camera-night sequentially (the library driver).
+
+    Parameters
+    ----------
+    skip : batch indices already done (their batch files are reused as they are).
+    batches : restrict to these batch indices (default: all).
+    on_batch : called with each finished :class:`BatchOutcome` (an orchestrator records it).
+    split_in_background : run the split by star in a separate process beside the
+        reduction, as the original SaveItAll does.
+    combine : write the night files at the end.
+    """
+    t0 = time.perf_counter()
+    plan = plan_camera_night(night_dir, settings)
+    ctx = prepare_camera_night(plan)
+    skip = set(skip)
+    todo = [b for b in (plan.batches if batches is None else batches) if b in plan.batches]
+    queue = proc = None
+    if split_in_background:
+        mpctx = mp.get_context("spawn")
+        queue = mpctx.Queue()
+        proc = mpctx.Process(
+            target=run_splitter_process,
+            args=(queue, str(plan.workdir / "split"), diagnostic_ids(load_stars(plan.settings))),
+            daemon=True,
+        )
+        proc.start()
+    outcomes: list[BatchOutcome] = []
+    done_frames = 0
+    total_frames = sum(len(plan.batches[b]) for b in todo)
+    try:
+        for b in todo:
+            if b in skip and plan.batch_path(b).exists():
+                if queue is not None:
+                    queue.put(str(plan.batch_path(b)))
+                done_frames += len(plan.batches[b])
+                continue
+            outcome = reduce_batch(plan, ctx, b)
+            outcomes.append(outcome)
+            if queue is not None:
+                queue.put(outcome.path)
+            if on_batch:
+                on_batch(outcome)
+            done_frames += len(plan.batches[b])
+            if on_frame_progress:
+                on_frame_progress(done_frames, total_frames)
+    finally:
+        if queue is not None:
+            queue.put(None)
+            proc.join()
+    products = {}
+    if combine:
+        paths = [plan.batch_path(b) for b in plan.batches if plan.batch_path(b).exists()]
+        products = combine_camera_night(plan, ctx, paths)
+    return NightResult(night_id=plan.night.night_id, batches=outcomes, products=products,
+                       skipped=sorted(skip & set(todo)), seconds=time.perf_counter() - t0)
