@@ -121,6 +121,8 @@ def downgrade(engine: Engine, revision: str) -> None:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, revision)
         conn.commit()
+    with _upgrade_lock:
+        _upgraded.discard(engine.url.render_as_string(hide_password=False))
 
 
 def ensure_schema(engine: Engine) -> None:

@@ -1,0 +1,106 @@
+"""Handlers of ``mascara status`` and ``mascara db upgrade`` (see mascara/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from mascara.catalog import _engine
+from mascara.catalog.catalog import connect
+
+#: Columns of the terminal table (the JSON output has every column of the view).
+TABLE_COLUMNS = (
+    ("night", "night"), ("camera", "camera"), ("state", "state"), ("batches", None),
+    ("failed", "batches_failed"), ("frames ok", "frames_ok"), ("rejected", "frames_rejected"),
+    ("products", "products"), ("host", "host"), ("started (UTC)", "started_at"),
+    ("finished (UTC)", "finished_at"),
+)
+_STATE_STYLE = {"succeeded": "green", "failed": "red", "running": "yellow", "pending": "dim", "skipped": "dim"}
+
+
+def _missing_sqlite(url: str) -> Path | None:
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        path = Path(u.database)
+        return None if path.exists() else path
+    return None
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return f"{value:%Y-%m-%d %H:%M}"
+    return str(value)
+
+
+def status_rows(datadir: str | Path = ".", db: str | None = None, night: str | None = None) -> list[dict[str, Any]]:
+    """Rows of the night_status view for the CLI (an absent SQLite catalog has none)."""
+    url = _engine.resolve_url(db, datadir)
+    if _missing_sqlite(url):
+        return []
+    with connect(url) as cat:
+        return cat.night_status(night)
+
+
+def cli_status(args: argparse.Namespace) -> int:
+    """``mascara status``: the night_status table, or JSON with ``--json``."""
+    url = _engine.resolve_url(args.db, args.datadir)
+    missing = _missing_sqlite(url)
+    if missing is not None:
+        print(f"no catalog at {missing}: nothing was reduced in {args.datadir}", file=sys.stderr)
+        return 1
+    with connect(url) as cat:
+        rows = cat.night_status(args.night)
+    if args.json:
+        json.dump(rows, sys.stdout, default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v),
+                  indent=1)
+        sys.stdout.write("\n")
+        return 0
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Reductions in {make_url(url).render_as_string(hide_password=True)}")
+    for header, _ in TABLE_COLUMNS:
+        table.add_column(header, no_wrap=True,
+                         justify="right" if header in {"failed", "frames ok", "rejected", "products"} else "left")
+    for r in rows:
+        cells = []
+        for header, key in TABLE_COLUMNS:
+            if key is None:  # batches: done/total
+                cells.append(f"{r['batches_done']}/{r['batches_total']}")
+            elif key == "state":
+                cells.append(f"[{_STATE_STYLE.get(r['state'], '')}]{r['state']}[/]")
+            else:
+                cells.append(_cell(r[key]))
+        table.add_row(*cells)
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: never truncate
+        console = Console(width=max(console.width, 160))
+    if rows:
+        console.print(table)
+    else:
+        console.print("no camera-nights registered" + (f" for night {args.night}" if args.night else ""))
+    return 0
+
+
+def cli_db_upgrade(args: argparse.Namespace) -> int:
+    """``mascara db upgrade``: apply the Alembic migrations up to ``--revision``."""
+    url = _engine.resolve_url(args.db, args.datadir)
+    engine = _engine.make_engine(url)
+    try:
+        before = _engine.current_revision(engine)
+        _engine.upgrade(engine, getattr(args, "revision", "head") or "head")
+        after = _engine.current_revision(engine)
+    finally:
+        engine.dispose()
+    shown = make_url(url).render_as_string(hide_password=True)
+    print(f"{shown}: revision {before or '(empty)'} -> {after}")
+    return 0

@@ -1,0 +1,79 @@
+"""Fixtures of the catalog tests: every test runs on SQLite and on PostgreSQL.
+
+PostgreSQL: the server at 127.0.0.1:5432 (database ``test``, trust auth). Each
+test session creates its own database and drops it afterwards; each test gets
+a fresh schema in it (selected through ``search_path`` in the URL, so spawned
+processes reach it with the URL alone). Without a server the PostgreSQL tests
+are skipped, except under CI (``$CI`` set) where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from mascara.catalog import Catalog, connect
+
+PG_SERVER = os.environ.get("MASCARA_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _pg_admin(url: str):  # type: ignore[no-untyped-def]
+    return create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """URL of a database private to this test session (dropped at the end)."""
+    admin = _pg_admin(PG_SERVER)
+    try:
+        with admin.connect() as c:
+            c.execute(text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - any failure means "no server"
+        admin.dispose()
+        msg = f"PostgreSQL not reachable at {PG_SERVER}: {exc.__class__.__name__}: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    name = f"mascara_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_SERVER.rsplit("/", 1)[0] + "/" + name
+    try:
+        yield url
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL of an empty catalog database: a SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+        return
+    base = request.getfixturevalue("pg_database")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = _pg_admin(base)
+    with admin.connect() as c:
+        c.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{base}?options=-csearch_path%3D{schema}&application_name=mascara-{schema}"
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def catalog(db_url: str) -> Iterator[Catalog]:
+    cat = connect(db_url)
+    try:
+        yield cat
+    finally:
+        cat.close()

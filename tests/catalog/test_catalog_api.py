@@ -1,0 +1,180 @@
+"""Catalog operations on SQLite and PostgreSQL: registration, leases, batches, views."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import func, select
+from sqlmodel import Session
+
+from catalog_rows import VERSIONS, fill_realistic, fingerprint, reduce_fake
+from mascara.catalog import CatalogConflict, LeaseHeld, LeaseLost, connect, fingerprint_key
+from mascara.catalog.models import Batch, Camera, CameraNight, Frame, Lease, PackageVersion, Product, ReductionRun
+
+
+def count(cat, model, *where) -> int:  # type: ignore[no-untyped-def]
+    with Session(cat.engine) as s:
+        return s.execute(select(func.count()).select_from(model).where(*where)).scalar_one()
+
+
+def test_connect_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("MASCARA_DB_URL", raising=False)
+    with connect(datadir=tmp_path / "d") as cat:
+        assert cat.engine.url.database == str((tmp_path / "d" / "catalog.sqlite").resolve())
+    env = tmp_path / "env.sqlite"
+    monkeypatch.setenv("MASCARA_DB_URL", f"sqlite:///{env}")
+    with connect(datadir=tmp_path / "d") as cat:
+        assert cat.engine.url.database == str(env)
+    explicit = tmp_path / "explicit.sqlite"
+    with connect(f"sqlite:///{explicit}", datadir=tmp_path / "d") as cat:
+        assert cat.engine.url.database == str(explicit)
+        with cat.engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert c.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 60000
+
+
+def test_registration_is_idempotent(catalog):
+    a = catalog.register_camera_night("LP", "E", "20260301", "/data/20260301LPE")
+    b = catalog.register_camera_night("LP", "LPE", "20260301", "/data/20260301LPE")
+    c = catalog.register_camera_night("LP", "S", "20260301", "/data/20260301LPS")
+    assert a == b != c
+    assert count(catalog, CameraNight) == 2 and count(catalog, Camera) == 2
+    # a data directory that moved is followed
+    catalog.register_camera_night("LP", "E", "20260301", "/mnt/new/20260301LPE")
+    assert catalog.night_status("20260301")[0]["night_dir"] == "/mnt/new/20260301LPE"
+
+    run = catalog.start_run(a, fingerprint(), {"batch_size": 50}, VERSIONS, "h1")
+    rows = [(i, 50 * i, 50 * i + 49, 50) for i in range(100, 110)]
+    catalog.register_batches(run, rows)
+    catalog.batch_started(run, 100)
+    catalog.batch_succeeded(run, 100, "/tmp/b100.h5", "f" * 64, {"read": 1.0}, 0.2, 150, False)
+    catalog.register_batches(run, rows)  # again, e.g. after a crash: nothing changes
+    assert count(catalog, Batch) == 10
+    assert count(catalog, Batch, Batch.status == "succeeded") == 1
+    with pytest.raises(CatalogConflict, match="batch 101"):
+        catalog.register_batches(run, [(101, 5050, 5098, 49)])
+
+    frames = [(5000 + i, f"{5000 + i:08d}LPE.fits", 100, "ok", None) for i in range(20)]
+    catalog.record_frames(a, frames)
+    frames[3] = (5003, "00005003LPE.fits", 100, "rejected", "unreadable")
+    catalog.record_frames(a, frames)
+    assert count(catalog, Frame) == 20 and count(catalog, Frame, Frame.status == "rejected") == 1
+    p1 = catalog.record_product(run, "fLC", "/x/fLC_20260301LPE.hdf5", "1" * 64, 10, 5)
+    p2 = catalog.record_product(run, "fLC", "/x/fLC_20260301LPE.hdf5", "2" * 64, 11, 5)
+    assert p1 == p2 and count(catalog, Product) == 1
+    m1 = catalog.record_move(a, run, "/x/lightcurves", "/x/lightcurves_old", "renamed", "rerun")
+    assert m1 == catalog.record_move(a, run, "/x/lightcurves", "/x/lightcurves_old", "renamed", "rerun")
+    with pytest.raises(ValueError):
+        catalog.record_move(a, run, "/x/lightcurves", None, "renamed")
+    with pytest.raises(ValueError):
+        catalog.record_product(run, "movie", "/x/m.mp4", "0" * 64, 1)
+
+
+def test_status_vocabulary_is_enforced(catalog):
+    cn = catalog.register_camera_night("LP", "E", "20260301", "/d")
+    run = catalog.start_run(cn, fingerprint(), {}, {}, "h")
+    catalog.register_batches(run, [(7, 350, 399, 50)])
+    with pytest.raises(Exception, match="(?i)check"):
+        with catalog.engine.begin() as c:
+            c.execute(Batch.__table__.update().values(status="done"))
+    with pytest.raises(ValueError):
+        catalog.finish_run(run, "done")
+
+
+def test_provenance_is_stored(catalog):
+    cn = catalog.register_camera_night("LS", "C", "20260215", "/d")
+    settings = {"apertures": [2.5, 4.5], "gain": 0.62, "catalogue": None}
+    run = catalog.start_run(cn, fingerprint("s9"), settings, VERSIONS, "h", flow_run_id="f-1")
+    assert catalog.run_versions(run) == VERSIONS
+    with Session(catalog.engine) as s:
+        row = s.get(ReductionRun, run)
+        assert row.settings == settings and row.settings_hash == fingerprint("s9")["settings_hash"]
+    assert count(catalog, PackageVersion) == len(VERSIONS)
+    info = catalog.last_run(cn)
+    assert info.fingerprint == fingerprint("s9") and info.fingerprint_key == fingerprint_key(fingerprint("s9"))
+    assert info.status == "running" and info.live and info.flow_run_id == "f-1"
+
+
+def test_lease_refused_then_released(catalog):
+    cn = catalog.register_camera_night("LP", "E", "20260301", "/d")
+    assert catalog.last_run(cn) is None
+    run = catalog.start_run(cn, fingerprint(), {}, VERSIONS, "station-pc")
+    with pytest.raises(LeaseHeld, match=r"LPE night 20260301 .* on host station-pc since") as err:
+        catalog.start_run(cn, fingerprint(), {}, VERSIONS, "laptop")
+    assert err.value.run_id == run and err.value.host == "station-pc"
+    assert count(catalog, ReductionRun) == 1  # the refused run left no trace
+    catalog.heartbeat(run)
+    catalog.finish_run(run, "succeeded")
+    assert count(catalog, Lease) == 0
+    with pytest.raises(LeaseLost):
+        catalog.heartbeat(run)
+    run2 = catalog.start_run(cn, fingerprint(), {}, VERSIONS, "laptop")
+    assert catalog.last_run(cn).run_id == run2 != run
+
+
+def test_expired_lease_is_taken_over(catalog):
+    cn = catalog.register_camera_night("LP", "E", "20260301", "/d")
+    dead = catalog.start_run(cn, fingerprint(), {}, VERSIONS, "crashed-host", lease_seconds=0.5)
+    catalog.register_batches(dead, [(7, 350, 399, 50), (8, 400, 449, 50)])
+    catalog.batch_started(dead, 7)
+    catalog.batch_succeeded(dead, 7, "/t/b7.h5", "7" * 64, {}, 0.2, 100, False)
+    catalog.batch_started(dead, 8)  # the process dies during batch 8
+    with pytest.raises(LeaseHeld):
+        catalog.start_run(cn, fingerprint(), {}, VERSIONS, "new-host")
+    time.sleep(0.7)
+    assert not catalog.last_run(cn).live
+    new = catalog.start_run(cn, fingerprint(), {}, VERSIONS, "new-host")
+    with Session(catalog.engine) as s:
+        old = s.get(ReductionRun, dead)
+        assert old.status == "failed" and "taken over by run " + new in old.error
+    with pytest.raises(LeaseLost):
+        catalog.heartbeat(dead)
+    # the resumed run sees the batch the dead run finished, and redoes batch 8
+    assert catalog.done_batches(cn, fingerprint()) == {7: ("/t/b7.h5", "7" * 64)}
+    catalog.register_batches(new, [(7, 350, 399, 50), (8, 400, 449, 50)])
+    catalog.batch_started(new, 8)
+    catalog.batch_succeeded(new, 8, "/t/b8.h5", "8" * 64, {}, 0.2, 100, False)
+    with Session(catalog.engine) as s:
+        b8 = s.execute(select(Batch).where(Batch.batch_index == 8)).scalar_one()
+        assert (b8.tries, b8.run_id, b8.status) == (2, new, "succeeded")
+    assert set(catalog.done_batches(cn, fingerprint())) == {7, 8}
+    assert catalog.done_batches(cn, fingerprint("other settings")) == {}
+
+
+def test_flow_run_id_gives_the_same_run(catalog):
+    cn = catalog.register_camera_night("LP", "E", "20260301", "/d")
+    a = catalog.start_run(cn, fingerprint(), {}, VERSIONS, "h", flow_run_id="prefect-123")
+    b = catalog.start_run(cn, fingerprint(), {}, VERSIONS, "h", flow_run_id="prefect-123")  # flow retry
+    assert a == b and count(catalog, ReductionRun) == 1
+
+
+def test_views_count_the_latest_run(catalog):
+    ids = fill_realistic(catalog)
+    rows = {r["camera"]: r for r in catalog.night_status("20260301")}
+    assert set(rows) == {"LPE", "LPS", "LPW"}
+    e, s, w = rows["LPE"], rows["LPS"], rows["LPW"]
+    assert (e["state"], e["batches_done"], e["batches_total"], e["batches_failed"]) == ("succeeded", 12, 12, 0)
+    assert (e["frames_ok"], e["frames_rejected"], e["products"]) == (597, 3, 2)
+    assert e["last_run_id"] == ids["e_run"] and e["flc_path"].endswith("fLC_20260301LPE.hdf5")
+    assert (s["state"], s["batches_done"], s["batches_total"], s["batches_failed"]) == ("failed", 8, 10, 2)
+    assert (w["state"], w["batches_total"], w["last_run_id"]) == ("pending", 0, None)
+    assert len(catalog.night_status()) == 4
+    assert [r["camera"] for r in catalog.night_status("20260215+20260301")] == ["LSC", "LPE", "LPS", "LPW"]
+
+    failed = catalog.failed_batches()
+    assert [(f["camera"], f["tries"]) for f in failed] == [("LSC", 3), ("LSC", 3), ("LPS", 3), ("LPS", 3)]
+    recent = catalog.failed_batches(since_days=7)
+    assert {f["camera"] for f in recent} == {"LPS"} and all(0 <= f["age_days"] < 0.1 for f in recent)
+    assert all(19.9 < f["age_days"] < 20.1 for f in catalog.failed_batches(night="20260215"))
+
+
+def test_finish_marks_stuck_batches_failed(catalog):
+    cn, run = reduce_fake(catalog, "LP", "N", "20260302", nbatches=3, finish=None)
+    idx = next(iter(catalog.done_batches(cn, fingerprint())))
+    catalog.batch_started(run, idx)
+    catalog.finish_run(run, "failed", "KeyboardInterrupt")
+    row = catalog.failed_batches("20260302")[0]
+    assert row["batch_index"] == idx and "run ended" in row["error"]
+    assert catalog.last_run(cn).error == "KeyboardInterrupt"
