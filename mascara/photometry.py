@@ -1,0 +1,478 @@
+"""Aperture photometry of many stars on one frame (SPEC §6).
+
+Arrays in, arrays out: an image and star positions give a structured array of
+fluxes, errors, sky, peak and flags. One numba kernel loops over the stars and,
+per star, computes exact circle/pixel overlap weights for the apertures and a
+sigma-clipped median of the sky annulus.
+
+Conventions
+-----------
+- Pixel ``image[j, i]`` has its centre at ``x = i, y = j`` (0-based, as
+  photutils); pixel ``(i, j)`` covers ``[i - 0.5, i + 0.5] x [j - 0.5, j + 0.5]``.
+- Aperture sums use the exact area of the circle inside each pixel (photutils
+  ``method='exact'``).
+- Sky pixels are those whose centre lies at ``r_in <= d < r_out`` from the star
+  (photutils ``CircularAnnulus`` with ``method='center'``). Non-finite sky
+  pixels are skipped; non-finite pixels inside an aperture make that flux NaN.
+- The sky is the median of the annulus after iterative 3-sigma clipping around
+  the median with the standard deviation (``ddof=0``), repeated until no pixel
+  is rejected or 10 times; ``esky`` is the standard deviation of the kept
+  pixels and ``nsky`` their number. This is exactly
+  ``ApertureStats(data, annulus, sigma_clip=SigmaClip(sigma=3, maxiters=10))``
+  ``.median`` / ``.std``. Why a clipped median rather than the DAOPHOT
+  ``3 median - 2 mean`` mode: stars in the annulus are clipped as high
+  outliers either way, and the median has about half the noise of the mode
+  estimator on a Gaussian background (variance 1.57 vs about 6 sigma^2/n),
+  which keeps the sky term of ``eflux`` honest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from numba import njit
+
+from mascara._overlap import pixel_weight
+from mascara.lcformat import (
+    FLAG_EDGE,
+    FLAG_NEGATIVE_FLUX,
+    FLAG_PEAK_SATURATED,
+    FLAG_SKY_BAD,
+    FLAG_SKY_SATURATED,
+)
+
+__all__ = ["aperture_sums", "measure_apertures", "photometry_dtype"]
+
+#: Fewer usable annulus pixels than this and the sky estimate has failed.
+MIN_SKY_PIXELS = 10
+SKY_SIGMA = 3.0
+SKY_MAXITERS = 10
+
+
+def photometry_dtype(naper: int) -> np.dtype:
+    """Record layout returned by :func:`measure_apertures` for ``naper`` apertures."""
+    fields: list[tuple[str, str]] = [("flag", "u2")]
+    for k in range(naper):
+        fields += [(f"flux{k}", "f8"), (f"eflux{k}", "f8")]
+    fields += [("sky", "f8"), ("esky", "f8"), ("peak", "f8"), ("nsky", "i4")]
+    return np.dtype(fields)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@njit(cache=True)
+def _select(a, n, k):
+    """Rearrange ``a[:n]`` so that ``a[k]`` is its k-th smallest value (Hoare quickselect).
+
+    Afterwards every ``a[:k] <= a[k]``. Returns ``a[k]``.
+    """
+    lo = 0
+    hi = n - 1
+    while hi > lo:
+        mid = (lo + hi) >> 1
+        # Median of three as pivot: guards against sorted runs.
+        p0 = a[lo]
+        p1 = a[mid]
+        p2 = a[hi]
+        if p0 > p1:
+            p0, p1 = p1, p0
+        if p1 > p2:
+            p1 = p2
+            if p0 > p1:
+                p1 = p0
+        pivot = p1
+        i = lo
+        j = hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                t = a[i]
+                a[i] = a[j]
+                a[j] = t
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            break
+    return a[k]
+
+
+@njit(cache=True)
+def _median(a, n):
+    """Median of ``a[:n]`` (``n >= 1``), as np.median; reorders ``a[:n]``."""
+    k = n // 2
+    upper = _select(a, n, k)
+    if n % 2 == 1:
+        return upper
+    lower = a[0]
+    for t in range(1, k):
+        if a[t] > lower:
+            lower = a[t]
+    return 0.5 * (lower + upper)
+
+
+@njit(cache=True)
+def _mean_std(a, n):
+    s = 0.0
+    for t in range(n):
+        s += a[t]
+    mean = s / n
+    v = 0.0
+    for t in range(n):
+        d = a[t] - mean
+        v += d * d
+    return mean, math.sqrt(v / n)
+
+
+@njit(cache=True)
+def _clipped_median(a, n, nsigma, maxiters):
+    """Sigma-clipped median and std of ``a[:n]``; returns (median, std, nkept).
+
+    Clips around the median with the std, keeping ``median - s*std <= v <=
+    median + s*std``, until nothing changes or ``maxiters`` clipping rounds
+    (the semantics of astropy's ``sigma_clip``). Reorders ``a[:n]``.
+    """
+    med = _median(a, n)
+    mean, std = _mean_std(a, n)
+    for _ in range(maxiters):
+        lo = med - nsigma * std
+        hi = med + nsigma * std
+        k = 0
+        for t in range(n):
+            v = a[t]
+            if v >= lo and v <= hi:
+                a[k] = v
+                k += 1
+        if k == n or k == 0:
+            break
+        n = k
+        med = _median(a, n)
+        mean, std = _mean_std(a, n)
+    return med, std, n
+
+
+@njit(cache=True)
+def _sums_kernel(image, x, y, radii, out):
+    """Exact aperture sums; pixels outside the image count as zero (as photutils)."""
+    ny, nx = image.shape
+    nr = radii.shape[0]
+    rmax = 0.0
+    for k in range(nr):
+        rmax = max(rmax, radii[k])
+    for s in range(x.shape[0]):
+        xs = x[s]
+        ys = y[s]
+        if not (math.isfinite(xs) and math.isfinite(ys)):
+            for k in range(nr):
+                out[s, k] = np.nan
+            continue
+        i0 = max(int(math.floor(xs - rmax - 0.5)), 0)
+        i1 = min(int(math.ceil(xs + rmax + 0.5)), nx - 1)
+        j0 = max(int(math.floor(ys - rmax - 0.5)), 0)
+        j1 = min(int(math.ceil(ys + rmax + 0.5)), ny - 1)
+        for k in range(nr):
+            out[s, k] = 0.0
+        for j in range(j0, j1 + 1):
+            dy = j - ys
+            ady = abs(dy)
+            ny2 = max(ady - 0.5, 0.0) ** 2
+            fy2 = (ady + 0.5) ** 2
+            for i in range(i0, i1 + 1):
+                dx = i - xs
+                adx = abs(dx)
+                near2 = max(adx - 0.5, 0.0) ** 2 + ny2
+                far2 = (adx + 0.5) ** 2 + fy2
+                v = image[j, i]
+                for k in range(nr):
+                    w = pixel_weight(dx, dy, near2, far2, radii[k])
+                    if w > 0.0:
+                        out[s, k] += w * v
+        for k in range(nr):
+            r = radii[k]
+            if xs + r <= -0.5 or xs - r >= nx - 0.5 or ys + r <= -0.5 or ys - r >= ny - 0.5:
+                out[s, k] = np.nan
+
+
+@njit(cache=True)
+def _measure_kernel(
+    image, raw, x, y, order, radii, r_in, r_out, box, gain, saturation, minsky, nsigma, maxiters,
+    flux, eflux, sky, esky, peak, flag, nsky,
+):
+    ny, nx = image.shape
+    nr = radii.shape[0]
+    rmax = 0.0
+    for k in range(nr):
+        rmax = max(rmax, radii[k])
+    nb = 2 * int(math.ceil(r_out)) + 3
+    buf = np.empty(nb * nb, dtype=np.float64)
+    sums = np.empty(nr, dtype=np.float64)
+    ri2 = r_in * r_in
+    ro2 = r_out * r_out
+    for t in range(order.shape[0]):
+        s = order[t]
+        xs = x[s]
+        ys = y[s]
+        f = 0
+        # The whole box must lie on the image: beyond it there is no photometry.
+        if not (
+            math.isfinite(xs)
+            and math.isfinite(ys)
+            and xs - box >= -0.5
+            and xs + box <= nx - 0.5
+            and ys - box >= -0.5
+            and ys + box <= ny - 0.5
+        ):
+            flag[s] = FLAG_EDGE
+            for k in range(nr):
+                flux[s, k] = np.nan
+                eflux[s, k] = np.nan
+            sky[s] = np.nan
+            esky[s] = np.nan
+            peak[s] = np.nan
+            nsky[s] = 0
+            continue
+
+        # Apertures: exact weights on the box of the largest aperture; peak from raw.
+        for k in range(nr):
+            sums[k] = 0.0
+        pk = -np.inf
+        i0 = int(math.floor(xs - rmax - 0.5))
+        i1 = int(math.ceil(xs + rmax + 0.5))
+        j0 = int(math.floor(ys - rmax - 0.5))
+        j1 = int(math.ceil(ys + rmax + 0.5))
+        i0 = max(i0, 0)
+        j0 = max(j0, 0)
+        i1 = min(i1, nx - 1)
+        j1 = min(j1, ny - 1)
+        for j in range(j0, j1 + 1):
+            dy = j - ys
+            ady = abs(dy)
+            ny2 = max(ady - 0.5, 0.0) ** 2
+            fy2 = (ady + 0.5) ** 2
+            for i in range(i0, i1 + 1):
+                dx = i - xs
+                adx = abs(dx)
+                near2 = max(adx - 0.5, 0.0) ** 2 + ny2
+                if near2 >= rmax * rmax:
+                    continue
+                far2 = (adx + 0.5) ** 2 + fy2
+                v = image[j, i]
+                for k in range(nr):
+                    w = pixel_weight(dx, dy, near2, far2, radii[k])
+                    if w > 0.0:
+                        sums[k] += w * v
+                rv = raw[j, i]
+                if rv > pk:
+                    pk = rv
+        peak[s] = pk
+        if pk >= saturation:
+            f |= FLAG_PEAK_SATURATED
+
+        # Sky annulus: pixel centres with r_in <= d < r_out.
+        m = 0
+        jlo = max(int(math.ceil(ys - r_out)), 0)
+        jhi = min(int(math.floor(ys + r_out)), ny - 1)
+        for j in range(jlo, jhi + 1):
+            dy2 = (j - ys) ** 2
+            if dy2 >= ro2:
+                continue
+            half = math.sqrt(ro2 - dy2)
+            ilo = max(int(math.ceil(xs - half)), 0)
+            ihi = min(int(math.floor(xs + half)), nx - 1)
+            for i in range(ilo, ihi + 1):
+                d2 = (i - xs) ** 2 + dy2
+                if d2 < ri2 or d2 >= ro2:
+                    continue
+                if raw[j, i] >= saturation:
+                    f |= FLAG_SKY_SATURATED
+                v = image[j, i]
+                if math.isfinite(v):
+                    buf[m] = v
+                    m += 1
+
+        if m < minsky:
+            f |= FLAG_SKY_BAD
+            flag[s] = f
+            for k in range(nr):
+                flux[s, k] = np.nan
+                eflux[s, k] = np.nan
+            sky[s] = np.nan
+            esky[s] = np.nan
+            nsky[s] = m
+            continue
+        bg, sig, nk = _clipped_median(buf, m, nsigma, maxiters)
+        sky[s] = bg
+        esky[s] = sig
+        nsky[s] = nk
+        if not bg >= 0.0:
+            f |= FLAG_SKY_BAD
+        for k in range(nr):
+            area = math.pi * radii[k] * radii[k]
+            fl = sums[k] - area * bg
+            flux[s, k] = fl
+            if fl < 0.0:
+                f |= FLAG_NEGATIVE_FLUX
+            var = area * sig * sig + max(fl, 0.0) / gain + (sig * sig / nk) * area * area
+            eflux[s, k] = math.sqrt(var)
+        flag[s] = f
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _positions(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.ascontiguousarray(np.atleast_1d(x), dtype=np.float64)
+    y = np.ascontiguousarray(np.atleast_1d(y), dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError("x and y must be 1-D arrays of the same length")
+    return x, y
+
+
+def _image(image: np.ndarray, name: str) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {image.shape}")
+    if image.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be numeric, got {image.dtype}")
+    if image.dtype.kind == "f" and image.dtype.itemsize < 4:
+        image = image.astype(np.float32)
+    return np.ascontiguousarray(image)
+
+
+def aperture_sums(image: np.ndarray, x: np.ndarray, y: np.ndarray, radii: Sequence[float]) -> np.ndarray:
+    """Exact-overlap sums of ``image`` in circles of the given radii.
+
+    Parameters
+    ----------
+    image : (ny, nx) array
+        Pixel values (any real dtype).
+    x, y : (n,) arrays
+        Circle centres in pixels, 0-based pixel-centre convention.
+    radii : sequence of float
+        Radii in pixels.
+
+    Returns
+    -------
+    (n, len(radii)) float64 array
+        ``sum(w * image)`` with ``w`` the exact area of each pixel inside the
+        circle. Pixels outside the image count as zero; a circle that does
+        not overlap the image at all, or a non-finite position, gives NaN
+        (both as photutils). Equals photutils
+        ``aperture_photometry(..., method='exact')``.
+    """
+    image = _image(image, "image")
+    x, y = _positions(x, y)
+    r = np.asarray(radii, dtype=np.float64).ravel()
+    if np.any(r <= 0):
+        raise ValueError("radii must be positive")
+    out = np.empty((x.size, r.size), dtype=np.float64)
+    _sums_kernel(image, x, y, r, out)
+    return out
+
+
+def measure_apertures(
+    image: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    radii: Sequence[float] = (2.5, 4.5),
+    sky_radii: tuple[float, float] = (6.0, 21.0),
+    gain: float = 0.62,
+    raw: np.ndarray | None = None,
+    saturation: float = 63000.0,
+    edge_margin: float | None = None,
+) -> np.ndarray:
+    """Sky-subtracted aperture photometry of many stars on one image.
+
+    Parameters
+    ----------
+    image : (ny, nx) array
+        Calibrated image in ADU (bias/dark subtracted), any real dtype.
+    x, y : (n,) arrays
+        Star positions in pixels, 0-based, pixel ``image[j, i]`` centred at
+        ``(i, j)``.
+    radii : sequence of float
+        Aperture radii in pixels; field ``flux<k>`` belongs to ``radii[k]``.
+    sky_radii : (float, float)
+        Inner and outer radius of the sky annulus in pixels.
+    gain : float
+        e-/ADU, for the photon noise of the star.
+    raw : (ny, nx) array, optional
+        Raw (uncalibrated) pixel values of the same frame, used for ``peak``
+        and the saturation flags. ``image`` is used when None.
+    saturation : float
+        Raw level (ADU) at and above which a pixel counts as saturated.
+    edge_margin : float, optional
+        Half-size in pixels of the box that must lie on the image; at least
+        the outer sky radius and the largest aperture. Default: the outer
+        sky radius.
+
+    Returns
+    -------
+    structured array, shape (n,), dtype ``photometry_dtype(len(radii))``
+        ``flag`` (uint16, bits of ``mascara.lcformat.FLAG_*``), ``flux<k>``
+        (ADU, sky subtracted, ``sum - pi r^2 sky``), ``eflux<k>`` (ADU,
+        ``sqrt(A esky^2 + max(flux, 0)/gain + esky^2 A^2 / nsky)``),
+        ``sky`` and ``esky`` (ADU per pixel), ``peak`` (highest raw value
+        among the pixels that overlap the largest aperture) and ``nsky``
+        (sky pixels kept after clipping).
+
+    Notes
+    -----
+    Flags: ``FLAG_EDGE`` when the box of half-size ``edge_margin`` around the
+    star passes the outer pixel edges of the image (or the position is not
+    finite); then every value is NaN. ``FLAG_SKY_SATURATED`` when a raw
+    annulus pixel is ``>= saturation``; ``FLAG_SKY_BAD`` when the sky is
+    negative or fewer than ``MIN_SKY_PIXELS`` finite annulus pixels exist
+    (then fluxes, sky and errors are NaN); ``FLAG_PEAK_SATURATED`` when
+    ``peak >= saturation``; ``FLAG_NEGATIVE_FLUX`` when any flux is negative.
+    Saturated stars are measured, never dropped.
+    """
+    image = _image(image, "image")
+    raw_arr = image if raw is None else _image(raw, "raw")
+    if raw_arr.shape != image.shape:
+        raise ValueError(f"raw shape {raw_arr.shape} differs from image shape {image.shape}")
+    x, y = _positions(x, y)
+    r = np.asarray(radii, dtype=np.float64).ravel()
+    if r.size == 0 or np.any(r <= 0):
+        raise ValueError("radii must be a non-empty sequence of positive numbers")
+    r_in, r_out = (float(v) for v in sky_radii)
+    if not 0 <= r_in < r_out:
+        raise ValueError(f"bad sky radii {sky_radii}")
+    if gain <= 0:
+        raise ValueError("gain must be positive")
+    box = max(r_out, float(r.max()), float(edge_margin) if edge_margin is not None else 0.0)
+
+    n = x.size
+    nr = r.size
+    flux = np.empty((n, nr))
+    eflux = np.empty((n, nr))
+    sky = np.empty(n)
+    esky = np.empty(n)
+    peak = np.empty(n)
+    flag = np.zeros(n, dtype=np.uint16)
+    nsky = np.zeros(n, dtype=np.int32)
+    # Row-major visiting order keeps the rows of consecutive stars in cache.
+    order = np.argsort(np.where(np.isfinite(y), y, -1.0), kind="stable")
+    _measure_kernel(
+        image, raw_arr, x, y, order, r, r_in, r_out, box, float(gain), float(saturation),
+        MIN_SKY_PIXELS, SKY_SIGMA, SKY_MAXITERS, flux, eflux, sky, esky, peak, flag, nsky,
+    )
+    out = np.empty(n, dtype=photometry_dtype(nr))
+    out["flag"] = flag
+    for k in range(nr):
+        out[f"flux{k}"] = flux[:, k]
+        out[f"eflux{k}"] = eflux[:, k]
+    out["sky"] = sky
+    out["esky"] = esky
+    out["peak"] = peak
+    out["nsky"] = nsky
+    return out

@@ -1,0 +1,214 @@
+"""Photometry against photutils (the reference it replaces) and noise simulations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.stats import SigmaClip
+from photutils.aperture import (
+    ApertureStats,
+    CircularAnnulus,
+    CircularAperture,
+    aperture_photometry,
+)
+
+from mascara import lcformat
+from mascara.photometry import aperture_sums, measure_apertures, photometry_dtype
+
+RADII = (2.5, 4.5)
+SKY = (6.0, 21.0)
+
+
+def gaussian_stars(shape, xs, ys, fluxes, sigma=1.2):
+    """Noise-free image of circular Gaussian stars sampled at pixel centres."""
+    ny, nx = shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    img = np.zeros(shape)
+    for x0, y0, f in zip(xs, ys, fluxes):
+        img += f / (2 * np.pi * sigma**2) * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * sigma**2))
+    return img
+
+
+def photutils_sums(image, x, y, r):
+    ap = CircularAperture(np.column_stack([x, y]), r=r)
+    return np.asarray(aperture_photometry(image, ap, method="exact")["aperture_sum"])
+
+
+def test_aperture_sums_match_photutils_exact():
+    rng = np.random.default_rng(11)
+    ny, nx = 120, 160
+    image = rng.normal(500.0, 30.0, (ny, nx)).astype(np.float32)
+    image += gaussian_stars((ny, nx), rng.uniform(0, nx, 30), rng.uniform(0, ny, 30), rng.uniform(1e3, 5e4, 30)).astype(np.float32)
+    n = 400
+    x = rng.uniform(-6.0, nx + 5.0, n)  # includes circles hanging off (or beyond) every edge
+    y = rng.uniform(-6.0, ny + 5.0, n)
+    x[:50] = np.round(x[:50]) + 0.5  # half-integer: circle edges through pixel corners
+    y[25:75] = np.round(y[25:75])  # integer: centred on a pixel
+    x[75:100] = np.round(x[75:100])
+    y[75:100] = np.round(y[75:100]) + 0.5
+    x[100:110] = -0.5 + RADII[1]  # circle tangent to the image edge
+    sums = aperture_sums(image, x, y, RADII)
+    for k, r in enumerate(RADII):
+        ref = photutils_sums(image, x, y, r)
+        np.testing.assert_allclose(sums[:, k], ref, rtol=1e-9, atol=1e-9 * np.nanmax(np.abs(ref)))
+        assert np.isnan(ref).any()  # circles entirely off the image: NaN in both
+
+
+def test_fluxes_match_photutils_sum_minus_sky():
+    rng = np.random.default_rng(5)
+    ny, nx = 200, 260
+    image = rng.normal(800.0, 15.0, (ny, nx))
+    n = 120
+    x = rng.uniform(SKY[1], nx - 1 - SKY[1], n)
+    y = rng.uniform(SKY[1], ny - 1 - SKY[1], n)
+    x[:20] = np.round(x[:20]) + 0.5
+    image += gaussian_stars((ny, nx), x, y, rng.uniform(2e3, 2e5, n))
+    res = measure_apertures(image, x, y, radii=RADII, sky_radii=SKY)
+    assert res.dtype == photometry_dtype(2)
+    for k, r in enumerate(RADII):
+        ref = photutils_sums(image, x, y, r)
+        total = res[f"flux{k}"] + np.pi * r**2 * res["sky"]
+        np.testing.assert_allclose(total, ref, rtol=1e-9)
+
+
+def test_annulus_pixels_are_photutils_center_pixels():
+    # On a constant image nothing is clipped: nsky counts the annulus pixels.
+    image = np.full((100, 100), 7.0)
+    rng = np.random.default_rng(2)
+    x = rng.uniform(30, 70, 50)
+    y = rng.uniform(30, 70, 50)
+    x[:10] = np.round(x[:10])
+    res = measure_apertures(image, x, y, sky_radii=SKY)
+    ann = CircularAnnulus(np.column_stack([x, y]), SKY[0], SKY[1])
+    ref = np.array([m.data.sum() for m in ann.to_mask(method="center")])
+    np.testing.assert_array_equal(res["nsky"], ref)
+    np.testing.assert_allclose(res["sky"], 7.0)
+    np.testing.assert_allclose(res["esky"], 0.0, atol=1e-12)
+
+
+def crowded_sky_image(rng, shape=(220, 300), bg=1000.0, noise=12.0, nstars=150):
+    img = rng.normal(bg, noise, shape)
+    sx = rng.uniform(0, shape[1], nstars)
+    sy = rng.uniform(0, shape[0], nstars)
+    img += gaussian_stars(shape, sx, sy, 10 ** rng.uniform(2.5, 5.0, nstars), sigma=1.5)
+    hot = rng.integers(0, img.size, 200)  # cosmic rays / hot pixels
+    img.flat[hot] += rng.uniform(200, 5000, hot.size)
+    return img
+
+
+def test_sky_agrees_with_photutils_sigma_clipped_median():
+    rng = np.random.default_rng(8)
+    img = crowded_sky_image(rng)
+    n = 80
+    x = rng.uniform(22, 300 - 23, n)
+    y = rng.uniform(22, 220 - 23, n)
+    res = measure_apertures(img, x, y, sky_radii=SKY)
+    stats = ApertureStats(
+        img, CircularAnnulus(np.column_stack([x, y]), SKY[0], SKY[1]),
+        sigma_clip=SigmaClip(sigma=3.0, maxiters=10),
+    )
+    # Same estimator: agreement far below the noise (12 ADU).
+    np.testing.assert_allclose(res["sky"], stats.median, atol=0.05)
+    np.testing.assert_allclose(res["esky"], stats.std, rtol=0.02)
+
+
+def test_sky_recovers_background_despite_stars_and_outliers():
+    rng = np.random.default_rng(9)
+    bg, noise = 1000.0, 12.0
+    img = crowded_sky_image(rng, bg=bg, noise=noise)
+    n = 100
+    x = rng.uniform(22, 300 - 23, n)
+    y = rng.uniform(22, 220 - 23, n)
+    res = measure_apertures(img, x, y, sky_radii=SKY)
+    err = res["sky"] - bg
+    assert abs(np.median(err)) < 0.15 * noise
+    assert np.all(np.abs(err) < 0.6 * noise)
+    # The mean of the annulus, by contrast, is pulled up by the stars.
+    mean = ApertureStats(img, CircularAnnulus(np.column_stack([x, y]), *SKY)).mean
+    assert np.median(mean - bg) > np.median(err) + 0.2 * noise
+    np.testing.assert_allclose(np.median(res["esky"]), noise, rtol=0.1)
+
+
+def test_edge_stars_get_flag_edge_and_nan():
+    img = np.full((100, 120), 50.0)
+    x = np.array([20.4, 21.0, 60.0, 98.6, 98.4, 60.0, np.nan])
+    y = np.array([50.0, 50.0, 20.4, 50.0, 50.0, 78.6, 50.0])
+    res = measure_apertures(img, x, y, sky_radii=SKY)
+    # The box of half-size 21 must lie within [-0.5, n - 0.5].
+    expected_edge = np.array([True, False, True, True, False, True, True])
+    np.testing.assert_array_equal(res["flag"] & lcformat.FLAG_EDGE > 0, expected_edge)
+    assert np.all(np.isnan(res["flux0"][expected_edge]))
+    assert np.all(np.isnan(res["eflux1"][expected_edge]))
+    assert np.all(np.isfinite(res["flux1"][~expected_edge]))
+    res = measure_apertures(img, x, y, sky_radii=SKY, edge_margin=30.0)
+    assert np.all(res["flag"][:2] & lcformat.FLAG_EDGE)
+
+
+def test_saturation_flags_and_peak_from_raw():
+    rng = np.random.default_rng(3)
+    raw = rng.normal(300.0, 5.0, (120, 120))
+    x = np.array([30.2, 80.7, 40.0])
+    y = np.array([30.6, 40.3, 85.0])
+    raw += gaussian_stars(raw.shape, x, y, [2e6, 1e4, 1e4], sigma=1.0)  # star 0 saturates
+    raw = np.minimum(raw, 65535.0)
+    raw[40, 80 + 12] = 64000.0  # saturated pixel in the annulus of star 1
+    image = raw - 250.0  # calibrated: bias removed
+    res = measure_apertures(image, x, y, raw=raw, saturation=63000.0)
+    f = res["flag"]
+    assert f[0] & lcformat.FLAG_PEAK_SATURATED and not f[0] & lcformat.FLAG_SKY_SATURATED
+    assert f[1] & lcformat.FLAG_SKY_SATURATED and not f[1] & lcformat.FLAG_PEAK_SATURATED
+    assert f[2] == 0
+    assert np.isfinite(res["flux0"][0])  # measured, not dropped
+    # peak: highest raw pixel among those overlapping the largest aperture.
+    for k in range(3):
+        mask = CircularAperture((x[k], y[k]), r=RADII[1]).to_mask(method="exact")
+        cut = mask.cutout(raw)
+        assert res["peak"][k] == pytest.approx(cut[mask.data > 0].max())
+    assert res["peak"][2] < 63000.0
+
+
+def test_negative_sky_and_negative_flux_flags():
+    img = np.zeros((80, 80))
+    img[10:70, 10:70] = -5.0  # negative sky
+    img[40, 40] = -500.0  # a hole in the aperture: negative flux
+    res = measure_apertures(img, [40.0], [40.0])
+    assert res["flag"][0] & lcformat.FLAG_SKY_BAD
+    assert res["flag"][0] & lcformat.FLAG_NEGATIVE_FLUX
+    img = np.full((80, 80), np.nan)
+    res = measure_apertures(img, [40.0], [40.0])  # no usable sky pixel
+    assert res["flag"][0] & lcformat.FLAG_SKY_BAD
+    assert np.isnan(res["flux0"][0]) and res["nsky"][0] == 0
+
+
+def test_eflux_matches_scatter_of_noise_realisations():
+    rng = np.random.default_rng(21)
+    gain, read_noise_e, bg = 0.62, 10.0, 800.0
+    shape = (160, 160)
+    grid = np.arange(25.0, 140.0, 45.0)
+    xs, ys = np.meshgrid(grid + 0.3, grid - 0.2)
+    xs, ys = xs.ravel(), ys.ravel()
+    fluxes = np.geomspace(2e3, 2e5, xs.size)  # sky-limited to photon-limited
+    model = gaussian_stars(shape, xs, ys, fluxes, sigma=1.3)
+    truth = np.column_stack([photutils_sums(model, xs, ys, r) for r in RADII])
+    z = [[], []]
+    for _ in range(120):
+        electrons = rng.poisson((model + bg) * gain) + rng.normal(0.0, read_noise_e, shape)
+        res = measure_apertures(electrons / gain, xs, ys, gain=gain)
+        for k in range(2):
+            z[k].append((res[f"flux{k}"] - truth[:, k]) / res[f"eflux{k}"])
+    for k in range(2):
+        zk = np.asarray(z[k])
+        assert 0.9 <= zk.std() <= 1.1, (k, zk.std())
+        assert abs(zk.mean()) < 0.1
+        # Per star too: faint (sky-dominated) and bright (photon-dominated).
+        per_star = zk.std(axis=0)
+        assert np.all((per_star > 0.75) & (per_star < 1.25)), per_star
+
+
+def test_no_stars_and_bad_input():
+    img = np.zeros((50, 50), dtype=np.float32)
+    assert measure_apertures(img, [], []).shape == (0,)
+    with pytest.raises(ValueError):
+        measure_apertures(img, [1.0, 2.0], [1.0])
+    with pytest.raises(ValueError):
+        measure_apertures(img, [25.0], [25.0], raw=np.zeros((10, 10)))
