@@ -1,0 +1,594 @@
+"""Astrometry: star centroids, camera-model fits, the initial solution and the
+per-batch correction (SPEC §5; issue 6 items 2-3).
+
+All positions are pixels in the science-region image (0-based, pixel (i, j) =
+image[j, i] has its centre at x=i, y=j); all directions are apparent (alt, az)
+in degrees. Nothing here reads files or knows about batches on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+from scipy.ndimage import uniform_filter
+from scipy.optimize import least_squares
+from scipy.spatial import cKDTree
+from scipy.spatial.transform import Rotation
+
+from mascara.camera import (
+    CameraModel,
+    angles_from_rotation,
+    coefficient_grid,
+    evaluate_grid,
+    term_powers,
+    unit_vectors,
+)
+
+
+class AstrometryFailed(RuntimeError):
+    """Too few stars or no convergence: no camera solution from this image."""
+
+
+STAR_DTYPE = np.dtype([("x", "f8"), ("y", "f8"), ("flux", "f8")])
+
+
+# ---------------------------------------------------------------- centroids
+def _cutouts(image: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 2 half + 1, 2 half + 1) cut-outs centred on integer pixels; ``inside`` mask."""
+    ny, nx = image.shape
+    inside = (ix - half >= 0) & (ix + half < nx) & (iy - half >= 0) & (iy + half < ny)
+    off = np.arange(-half, half + 1)
+    jx = np.clip(ix[:, None, None] + off[None, None, :], 0, nx - 1)
+    jy = np.clip(iy[:, None, None] + off[None, :, None], 0, ny - 1)
+    return image[jy, jx].astype(float), inside
+
+
+def measure_centroids(
+    image: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    box: int = 7,
+    window_sigma: float = 1.5,
+    niter: int = 15,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centroids of stars near predicted positions.
+
+    A centre-of-mass step in a ``box`` x ``box`` box (repeated on the re-centred
+    box) finds the star; then the Gaussian-windowed centroid (the fixed point
+    where the window-weighted first moment vanishes, as SExtractor's
+    ``XWIN``) refines it. For a PSF symmetric about its centre, which a Gaussian
+    trailed along a straight line is, that fixed point is the centre, free of
+    the truncation bias of a plain box centroid. The local sky is the median of
+    the ring of pixels just outside the window region (a (box+6)^2 cut-out edge)
+    and is subtracted first. Vectorised over stars (no per-star Python loop).
+
+    Parameters
+    ----------
+    image : ndarray, shape (ny, nx)
+        Calibrated image (ADU). NaN pixels make that star fail.
+    x, y : ndarray, shape (N,)
+        Predicted positions in pixels.
+    box : int
+        Search box size in pixels (odd; an even value is rounded up).
+    window_sigma : float
+        Sigma of the Gaussian window in pixels (about the PSF sigma).
+    niter : int
+        Maximum number of windowed-centroid iterations.
+
+    Returns
+    -------
+    xc, yc : ndarray, shape (N,)
+        Centroids in pixels (NaN where the measurement failed).
+    ok : ndarray of bool, shape (N,)
+        Finite, positive flux in the window, converged, inside the image and
+        moved less than ``box / 2`` from the prediction.
+    """
+    x = np.asarray(x, float).ravel()
+    y = np.asarray(y, float).ravel()
+    n = len(x)
+    half = box // 2
+    ring = half + 3
+    xc = np.full(n, np.nan)
+    yc = np.full(n, np.nan)
+    ok = np.zeros(n, bool)
+    good = np.isfinite(x) & np.isfinite(y)
+    if not good.any():
+        return xc, yc, ok
+    idx = np.flatnonzero(good)
+    cx, cy = x[idx].copy(), y[idx].copy()
+    off = np.arange(-ring, ring + 1, dtype=float)
+    edge = np.ones((2 * ring + 1, 2 * ring + 1), bool)
+    edge[1:-1, 1:-1] = False
+    alive = np.ones(len(idx), bool)
+
+    # Centre of mass in the box, twice (the second on the re-centred box).
+    for _ in range(2):
+        ix, iy = np.rint(cx).astype(int), np.rint(cy).astype(int)
+        cut, inside = _cutouts(image, ix, iy, ring)
+        alive &= inside
+        sky = np.median(cut[:, edge], axis=1)
+        sub = cut[:, ring - half: ring + half + 1, ring - half: ring + half + 1] - sky[:, None, None]
+        sub = np.clip(sub, 0.0, None)
+        tot = sub.sum(axis=(1, 2))
+        bo = off[ring - half: ring + half + 1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cx = ix + (sub.sum(axis=1) * bo).sum(axis=1) / tot
+            cy = iy + (sub.sum(axis=2) * bo).sum(axis=1) / tot
+        alive &= tot > 0
+        cx = np.where(alive, cx, x[idx])
+        cy = np.where(alive, cy, y[idx])
+
+    # Windowed centroid on a fixed cut-out around the COM position.
+    ix, iy = np.rint(cx).astype(int), np.rint(cy).astype(int)
+    cut, inside = _cutouts(image, ix, iy, ring)
+    alive &= inside
+    sky = np.median(cut[:, edge], axis=1)
+    sub = cut - sky[:, None, None]
+    gx = ix[:, None, None] + off[None, None, :]
+    gy = iy[:, None, None] + off[None, :, None]
+    converged = np.zeros(len(idx), bool)
+    for _ in range(niter):
+        dx = gx - cx[:, None, None]
+        dy = gy - cy[:, None, None]
+        w = np.exp(-(dx * dx + dy * dy) / (2 * window_sigma**2)) * sub
+        sw = w.sum(axis=(1, 2))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            stepx = 2.0 * (w * dx).sum(axis=(1, 2)) / sw
+            stepy = 2.0 * (w * dy).sum(axis=(1, 2)) / sw
+        stepx = np.clip(np.nan_to_num(stepx), -1.0, 1.0)
+        stepy = np.clip(np.nan_to_num(stepy), -1.0, 1.0)
+        cx = cx + stepx
+        cy = cy + stepy
+        converged = np.hypot(stepx, stepy) < 1e-4
+        if converged[alive].all():
+            break
+    alive &= sw > 0
+    moved = np.hypot(cx - x[idx], cy - y[idx])
+    alive &= converged & np.isfinite(cx) & np.isfinite(cy) & (moved < box / 2)
+    # the window must stay inside the cut-out
+    alive &= (np.abs(cx - ix) < 1.0) & (np.abs(cy - iy) < 1.0)
+    xc[idx] = np.where(alive, cx, np.nan)
+    yc[idx] = np.where(alive, cy, np.nan)
+    ok[idx] = alive
+    return xc, yc, ok
+
+
+# ---------------------------------------------------------------- detection
+def estimate_background(image: np.ndarray, box: int = 64) -> tuple[np.ndarray, float]:
+    """Smooth sky (photutils ``Background2D``, median per ``box`` px) and the median sky rms."""
+    from photutils.background import Background2D, MedianBackground
+
+    bkg = Background2D(image.astype(np.float32), box, filter_size=3,
+                       bkg_estimator=MedianBackground())
+    return bkg.background, float(bkg.background_rms_median)
+
+
+def detect_stars(
+    image: np.ndarray,
+    fwhm: float = 2.5,
+    threshold_sigma: float = 10.0,
+    max_stars: int = 2000,
+    background_box: int = 64,
+) -> np.ndarray:
+    """Detect stars on an image with a sky gradient.
+
+    A coarse sky (median in ``background_box`` px boxes) is subtracted, then
+    photutils ``DAOStarFinder`` finds point sources above ``threshold_sigma``
+    times the sky rms.
+
+    Returns
+    -------
+    ndarray of :data:`STAR_DTYPE`, shape (<= max_stars,)
+        ``x, y`` centroids in pixels and ``flux`` (sky-subtracted ADU, as
+        DAOStarFinder defines it), sorted by decreasing flux.
+    """
+    from photutils.detection import DAOStarFinder
+
+    sky, rms = estimate_background(image, background_box)
+    data = image - sky
+    finder = DAOStarFinder(threshold=threshold_sigma * rms, fwhm=fwhm, exclude_border=True,
+                           n_brightest=max_stars, roundness_range=(-1.0, 1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no sources found" is an empty answer here
+        table = finder(data)
+    if table is None or len(table) == 0:
+        return np.zeros(0, STAR_DTYPE)
+    out = np.zeros(len(table), STAR_DTYPE)
+    out["x"] = np.asarray(table["x_centroid"], float)
+    out["y"] = np.asarray(table["y_centroid"], float)
+    out["flux"] = np.asarray(table["flux"], float)
+    return out[np.argsort(-out["flux"], kind="stable")]
+
+
+# ---------------------------------------------------------------- fitting
+class _Fitter:
+    """Residuals of a camera model as a function of a small, well-scaled parameter vector.
+
+    Parameters (all in pixels at the field edge, so that they are comparable):
+    three small rotations of the camera frame (times ``scale``); for
+    ``order >= 1`` the linear terms without the roll-like antisymmetric part and
+    without the constant terms (degenerate with the pointing); then every
+    distortion term of degree 2..order, times ``h**degree`` with ``h`` the
+    half-diagonal of the image in radians.
+    """
+
+    def __init__(self, model: CameraModel, alt: np.ndarray, az: np.ndarray, order: int):
+        self.model = model
+        self.p = unit_vectors(alt, az)
+        self.r0 = model.rotation()
+        self.order = order
+        self.h = 0.5 * np.hypot(model.nx, model.ny) / model.scale
+        powers = term_powers(model.order)
+        self.higher = [k for k, (i, j) in enumerate(powers) if 2 <= i + j <= order]
+        self.hscale = np.array([self.h ** sum(powers[k]) for k in self.higher])
+        self.nparam = 3 + (3 + 2 * len(self.higher) if order >= 1 else 0)
+
+    def apply(self, params: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rotation and distortion coefficients for ``params``."""
+        m = self.model
+        rot = Rotation.from_rotvec(params[:3] / m.scale).as_matrix() @ self.r0
+        cx, cy = m.dist_x.copy(), m.dist_y.copy()
+        if self.order >= 1:
+            a, d, s = params[3:6] / self.h
+            cx[1] += a
+            cy[2] += d
+            cx[2] += s
+            cy[1] += s
+            nh = len(self.higher)
+            cx[self.higher] += params[6: 6 + nh] / self.hscale
+            cy[self.higher] += params[6 + nh: 6 + 2 * nh] / self.hscale
+        return rot, cx, cy
+
+    def positions(self, params: np.ndarray, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m = self.model
+        rot, cx, cy = self.apply(params)
+        cam = rot @ self.p[:, sel]
+        u = cam[0] / cam[2]
+        v = cam[1] / cam[2]
+        d = evaluate_grid(coefficient_grid(cx, cy, m.order), u, v)
+        return m.x0 + m.scale * u + d[0], m.y0 + m.scale * v + d[1]
+
+    def to_model(self, params: np.ndarray) -> CameraModel:
+        rot, cx, cy = self.apply(params)
+        alt0, az0, th0 = angles_from_rotation(rot, az_hint=self.model.az0)
+        new = self.model.copy()
+        new.alt0, new.az0, new.th0 = alt0, az0, th0
+        new.dist_x, new.dist_y = cx, cy
+        return new
+
+
+def fit_camera(
+    model: CameraModel,
+    alt: np.ndarray,
+    az: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    fit: str = "pointing",
+    order: int | None = None,
+    clip: float = 3.0,
+    max_clip_iter: int = 10,
+) -> tuple[CameraModel, float, np.ndarray]:
+    """Least-squares fit of a camera model to matched stars, with sigma clipping.
+
+    Parameters
+    ----------
+    model : CameraModel
+        Starting model (not modified).
+    alt, az : ndarray, shape (N,)
+        Directions of the stars, degrees.
+    x, y : ndarray, shape (N,)
+        Measured pixel positions (NaN entries are ignored).
+    fit : {"pointing", "distortion"}
+        ``"pointing"``: ALT0, AZ0, TH0 only. ``"distortion"``: the pointing plus
+        the distortion terms of degree 1..``order`` (the linear part without its
+        roll-like antisymmetric combination; constant terms and X0, Y0 stay
+        fixed: they are degenerate with the pointing). Terms above ``order``
+        keep their values.
+    order : int, optional
+        Highest distortion degree fitted; default ``model.order``.
+    clip : float
+        Stars whose residual exceeds ``clip`` times the robust per-axis sigma
+        are rejected, iteratively, until the set of stars is stable.
+
+    Returns
+    -------
+    model : CameraModel
+        The fitted model (a new object).
+    rms : float
+        rms of the residual distance ``sqrt(mean(dx^2 + dy^2))`` of the used stars, px.
+    used : ndarray of bool, shape (N,)
+        Stars kept by the clipping.
+
+    Raises
+    ------
+    AstrometryFailed
+        Fewer usable stars than the fit needs.
+    """
+    if fit not in ("pointing", "distortion"):
+        raise ValueError(f"fit must be 'pointing' or 'distortion', not {fit!r}")
+    alt = np.asarray(alt, float).ravel()
+    az = np.asarray(az, float).ravel()
+    x = np.asarray(x, float).ravel()
+    y = np.asarray(y, float).ravel()
+    fit_order = 0 if fit == "pointing" else min(model.order, model.order if order is None else order)
+    fitter = _Fitter(model, alt, az, fit_order)
+    min_stars = max(5, fitter.nparam // 2 + 5)
+    valid = np.isfinite(alt) & np.isfinite(az) & np.isfinite(x) & np.isfinite(y)
+    used = valid.copy()
+    params = np.zeros(fitter.nparam)
+    allstars = np.arange(len(x))
+    for it in range(max_clip_iter + 1):
+        if used.sum() < min_stars:
+            raise AstrometryFailed(f"{used.sum()} stars for a '{fit}' fit needing {min_stars}")
+        sel = np.flatnonzero(used)
+
+        def residuals(p: np.ndarray) -> np.ndarray:
+            px, py = fitter.positions(p, sel)
+            return np.concatenate([px - x[sel], py - y[sel]])
+
+        if it == 0:
+            # A robust loss first, so that gross mismatches do not bend the
+            # model and drag good stars out with them at the first clipping.
+            res = least_squares(residuals, params, method="trf", loss="soft_l1", f_scale=0.5)
+        else:
+            res = least_squares(residuals, params, method="lm")
+        if not np.all(np.isfinite(res.x)):
+            raise AstrometryFailed("camera fit did not converge")
+        params = res.x
+        fit_used = used
+        px, py = fitter.positions(params, allstars)
+        r2 = (px - x) ** 2 + (py - y) ** 2
+        sigma = np.sqrt(np.median(r2[used]) / (2 * np.log(2)))  # per-axis, robust
+        with np.errstate(invalid="ignore"):
+            new_used = valid & (r2 <= (clip * max(sigma, 1e-3)) ** 2)
+        if it > 0 and np.array_equal(new_used, used):
+            break
+        used = new_used
+    rms = float(np.sqrt(np.mean(r2[fit_used])))
+    return fitter.to_model(params), rms, fit_used
+
+
+# ---------------------------------------------------------------- matching
+def _isolated(x: np.ndarray, y: np.ndarray, vmag: np.ndarray, radius: float, dmag: float) -> np.ndarray:
+    """True for stars with no other star within ``radius`` px brighter than their V + dmag."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    iso = ok.copy()
+    idx = np.flatnonzero(ok)
+    if len(idx) < 2:
+        return iso
+    tree = cKDTree(np.column_stack([x[idx], y[idx]]))
+    pairs = tree.query_pairs(radius, output_type="ndarray")
+    if len(pairs):
+        i, j = idx[pairs[:, 0]], idx[pairs[:, 1]]
+        iso[i[vmag[j] < vmag[i] + dmag]] = False
+        iso[j[vmag[i] < vmag[j] + dmag]] = False
+    return iso
+
+
+def _match(px: np.ndarray, py: np.ndarray, dx: np.ndarray, dy: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one nearest matches of predictions (px, py) to detections (dx, dy) within radius.
+
+    Returns index arrays (i_pred, i_det). A detection claimed by several
+    predictions is dropped altogether (ambiguous).
+    """
+    fin = np.flatnonzero(np.isfinite(px) & np.isfinite(py))
+    if len(fin) == 0 or len(dx) == 0:
+        return np.zeros(0, int), np.zeros(0, int)
+    tree = cKDTree(np.column_stack([dx, dy]))
+    dist, j = tree.query(np.column_stack([px[fin], py[fin]]), distance_upper_bound=radius)
+    hit = np.isfinite(dist)
+    i_pred, i_det = fin[hit], j[hit]
+    counts = np.bincount(i_det, minlength=len(dx))
+    unique = counts[i_det] == 1
+    return i_pred[unique], i_det[unique]
+
+
+def _vote_offset(
+    det_x: np.ndarray, det_y: np.ndarray, cat_x: np.ndarray, cat_y: np.ndarray,
+    reach: float, binsize: float,
+) -> tuple[float, float, int]:
+    """Most common detection-minus-prediction offset: (dx, dy, votes)."""
+    ddx = (det_x[:, None] - cat_x[None, :]).ravel()
+    ddy = (det_y[:, None] - cat_y[None, :]).ravel()
+    near = (np.abs(ddx) < reach) & (np.abs(ddy) < reach)
+    ddx, ddy = ddx[near], ddy[near]
+    nb = int(np.ceil(2 * reach / binsize))
+    edges = np.linspace(-reach, reach, nb + 1)
+    hist, _, _ = np.histogram2d(ddx, ddy, bins=[edges, edges])
+    # 2x2 sums so that a peak split over bin edges still counts in full
+    summed = uniform_filter(hist, size=2, mode="constant") * 4
+    i, j = np.unravel_index(np.argmax(summed), summed.shape)
+    cxo, cyo = edges[i], edges[j]  # the 2x2 block is centred on this corner
+    sel = (np.abs(ddx - cxo) <= binsize) & (np.abs(ddy - cyo) <= binsize)
+    if not sel.any():
+        return 0.0, 0.0, 0
+    return float(np.median(ddx[sel])), float(np.median(ddy[sel])), int(sel.sum())
+
+
+def initial_solution(
+    image: np.ndarray,
+    alt: np.ndarray,
+    az: np.ndarray,
+    vmag: np.ndarray,
+    nominal: CameraModel,
+    max_offset_deg: float = 1.5,
+    vmag_centroid: float = 7.5,
+    min_alt: float = 15.0,
+) -> tuple[CameraModel, dict[str, float]]:
+    """Find the pointing and distortion of a camera from one image, starting from nominal.
+
+    Steps: detect stars; predict the brightest catalogue stars above
+    ``min_alt`` with the nominal model; for a grid of trial rolls, vote on the
+    offset between every detection and every prediction (2-D histogram of pair
+    differences) and keep the roll and offset with the most votes; match within
+    a shrinking radius and fit the pointing, then the distortion of increasing
+    order with more and fainter stars; finally re-measure centroids of the
+    isolated stars with V <= ``vmag_centroid`` and fit the order-5 model.
+
+    Parameters
+    ----------
+    image : ndarray, shape (ny, nx)
+        Calibrated image (ADU) of the camera.
+    alt, az, vmag : ndarray, shape (N,)
+        Apparent directions (degrees) and V of catalogue stars at the image's
+        time; fainter stars make the isolation test reliable.
+    nominal : CameraModel
+        Starting model; the truth may be ``max_offset_deg`` off in pointing and
+        roll.
+
+    Returns
+    -------
+    model : CameraModel
+    info : dict
+        ``rms`` (px, final fit), ``nmatched`` (stars in the final fit),
+        ``nvotes`` (pairs supporting the offset found), ``droll`` (deg, roll
+        found by the vote), ``offset_px`` (offset found by the vote).
+
+    Raises
+    ------
+    AstrometryFailed
+        Too few stars detected or matched.
+    """
+    alt = np.asarray(alt, float)
+    az = np.asarray(az, float)
+    vmag = np.asarray(vmag, float)
+    det = detect_stars(image, max_stars=2000)
+    if len(det) < 10:
+        raise AstrometryFailed(f"only {len(det)} stars detected")
+    up = np.flatnonzero(alt > min_alt)
+    px, py = nominal.to_pixels(alt[up], az[up])
+    reach = np.radians(max_offset_deg) * nominal.scale + 20.0  # px
+    inview = up[nominal.in_image(px, py, margin=-reach)]
+    order_v = inview[np.argsort(vmag[inview], kind="stable")]
+
+    # -- vote on roll and offset with the brightest stars
+    nbright = min(len(det), 300)
+    cat = order_v[: int(1.2 * nbright)]
+    rmax = 0.5 * np.hypot(nominal.nx, nominal.ny)
+    binsize = 8.0
+    step = np.degrees(binsize / rmax)
+    rolls = np.arange(-max_offset_deg, max_offset_deg + 0.5 * step, step)
+    best = (-1, 0.0, 0.0, 0.0)
+    for droll in rolls:
+        trial = nominal.copy()
+        trial.th0 += droll
+        cx, cy = trial.to_pixels(alt[cat], az[cat])
+        dx, dy, votes = _vote_offset(det["x"][:nbright], det["y"][:nbright], cx, cy, reach, binsize)
+        if votes > best[0]:
+            best = (votes, float(droll), dx, dy)
+    votes, droll, offx, offy = best
+    if votes < 6:
+        raise AstrometryFailed(f"no consistent offset between detections and catalogue ({votes} votes)")
+    model = nominal.copy()
+    model.th0 += droll
+
+    # -- match and fit: shrinking radius, growing order, more stars
+    stages = [(binsize, "pointing", 0, 1.0), (5.0, "pointing", 0, 2.0),
+              (4.0, "distortion", 2, 4.0), (3.0, "distortion", 3, 6.0), (2.0, "distortion", 5, 6.0)]
+    shift = np.array([offx, offy])
+    used_n = 0
+    for radius, fit, order, ncat_factor in stages:
+        ncat = min(len(order_v), int(ncat_factor * len(det)))
+        cat = order_v[:ncat]
+        cx, cy = model.to_pixels(alt[cat], az[cat])
+        iso = _isolated(cx, cy, vmag[cat], 2.5 * radius, 2.5)
+        ip, idet = _match(cx[iso] + shift[0], cy[iso] + shift[1], det["x"], det["y"], radius)
+        stars = cat[iso][ip]
+        model, rms, used = fit_camera(model, alt[stars], az[stars], det["x"][idet], det["y"][idet],
+                                      fit=fit, order=order or None)
+        used_n = int(used.sum())
+        shift[:] = 0.0  # the fitted model now carries the offset
+
+    # -- final: windowed centroids of isolated astrometric stars, order-5 fit
+    allx, ally = model.to_pixels(alt[up], az[up])
+    iso = _isolated(allx, ally, vmag[up], 6.0, 2.5)
+    cand = up[iso & (vmag[up] <= vmag_centroid) & model.in_image(allx, ally, margin=12)]
+    cx, cy = model.to_pixels(alt[cand], az[cand])
+    xc, yc, ok = measure_centroids(image, cx, cy)
+    if ok.sum() >= 60:
+        model, rms, used = fit_camera(model, alt[cand][ok], az[cand][ok], xc[ok], yc[ok],
+                                      fit="distortion")
+        used_n = int(used.sum())
+    info = {"rms": float(rms), "nmatched": used_n, "nvotes": int(votes),
+            "droll": float(droll), "offset_px": float(np.hypot(offx, offy))}
+    return model, info
+
+
+# ---------------------------------------------------------------- per batch
+@dataclasses.dataclass
+class AstrometryResult:
+    """Outcome of the per-batch correction.
+
+    ``model`` is the corrected model when ``ok``, else the input model
+    unchanged; ``rms`` (px) and ``nstars`` describe the fit (``nstars`` = good
+    centroids when the fit was not attempted); ``message`` says why it failed.
+    """
+
+    model: CameraModel
+    rms: float
+    nstars: int
+    ok: bool
+    message: str = ""
+
+
+def correct_batch(
+    model: CameraModel,
+    image: np.ndarray,
+    alt: np.ndarray,
+    az: np.ndarray,
+    vmag: np.ndarray,
+    isolated: np.ndarray | None = None,
+    min_stars: int = 25,
+    max_rms: float = 0.5,
+    box: int = 7,
+    edge_margin: float = 10.0,
+) -> AstrometryResult:
+    """Per-batch astrometric correction: refit the pointing on the middle frame.
+
+    Only ALT0, AZ0, TH0 are refitted: a camera that moves (flexure, thermal
+    drift, a bump) turns as a rigid body, which is exactly these three angles,
+    while the lens distortion is stable and was found by
+    :func:`initial_solution` from many more stars. Three parameters stay well
+    determined with 25 stars, under clouds and at the field edges.
+
+    Parameters
+    ----------
+    model : CameraModel
+        The last good solution.
+    image : ndarray, shape (ny, nx)
+        Middle frame (or binned image) of the batch, calibrated, ADU.
+    alt, az, vmag : ndarray, shape (N,)
+        Apparent directions (degrees) and V of the astrometric stars at that
+        frame's time (the caller's cut, SPEC §4: 4 < V <= 7.5).
+    isolated : ndarray of bool, optional
+        Which of them are isolated; default all.
+
+    Returns
+    -------
+    AstrometryResult
+        ``ok`` False (and the input model) with fewer than ``min_stars`` good
+        centroids, a failed fit, or ``rms > max_rms`` px.
+    """
+    alt = np.asarray(alt, float).ravel()
+    az = np.asarray(az, float).ravel()
+    sel = np.ones(len(alt), bool) if isolated is None else np.asarray(isolated, bool).ravel()
+    x, y = model.to_pixels(alt, az)
+    sel &= model.in_image(x, y, margin=edge_margin)
+    idx = np.flatnonzero(sel)
+    xc, yc, ok = measure_centroids(image, x[idx], y[idx], box=box)
+    ngood = int(ok.sum())
+    if ngood < min_stars:
+        return AstrometryResult(model, float("nan"), ngood, False,
+                                f"{ngood} good centroids < {min_stars}")
+    try:
+        new, rms, used = fit_camera(model, alt[idx][ok], az[idx][ok], xc[ok], yc[ok], fit="pointing")
+    except AstrometryFailed as exc:
+        return AstrometryResult(model, float("nan"), ngood, False, str(exc))
+    nused = int(used.sum())
+    if nused < min_stars:
+        return AstrometryResult(model, rms, nused, False, f"{nused} stars after clipping < {min_stars}")
+    if rms > max_rms:
+        return AstrometryResult(model, rms, nused, False, f"rms {rms:.3f} px > {max_rms}")
+    return AstrometryResult(new, rms, nused, True, "")
