@@ -232,7 +232,7 @@ class NightSimulator:
         s2 = (np.sqrt(2.0) * sigma)[None, :, None]
         ex = 0.5 * (erf((ax[None, :, None] + grid + 0.5 - xs[:, :, None]) / s2) - erf((ax[None, :, None] + grid - 0.5 - xs[:, :, None]) / s2))
         ey = 0.5 * (erf((ay[None, :, None] + grid + 0.5 - ys[:, :, None]) / s2) - erf((ay[None, :, None] + grid - 0.5 - ys[:, :, None]) / s2))
-        stamps = np.einsum("kns,knt->nts", ey, ex) * (flux / NSUB)[:, None, None]  # (n, y, x)
+        stamps = np.einsum("kns,knt->nst", ey, ex) * (flux / NSUB)[:, None, None]  # (n, y, x)
 
         # truth aperture fluxes with exact weights at the quantised centroid
         qx = np.clip(np.rint((xc - ax - (half - 0.5)) * QSTEP), 0, QSTEP).astype(np.int64)

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mascara.rawio import (
+    BadFrame,
+    calibrate,
+    find_night_dirs,
+    group_batches,
+    list_frames,
+    master_calibration,
+    parse_night_dir,
+    read_frame,
+)
+
+
+def test_night_discovery_and_batches(small_night):
+    nights = find_night_dirs(small_night["datadir"])
+    assert [n.night_id for n in nights] == ["20260301LPE"]
+    assert find_night_dirs(small_night["datadir"], cameras=["S"]) == []
+    frames = list_frames(nights[0])
+    seqs = [f.lstseq for f in frames]
+    assert seqs == sorted(seqs) and len(seqs) == 12
+    batches = group_batches(frames)
+    assert sum(len(v) for v in batches.values()) == 12
+    for b, fs in batches.items():
+        assert all(f.lstseq // 50 == b for f in fs)
+
+
+def test_bad_frames_are_rejected_with_a_reason(small_night):
+    night = parse_night_dir(small_night["night_dir"])
+    frames = {f.lstseq: f for f in list_frames(night)}
+    good_shape = None
+    reasons = {}
+    for seq, f in frames.items():
+        try:
+            fr = read_frame(f.path, good_shape)
+            good_shape = good_shape or fr.data.shape
+        except BadFrame as exc:
+            assert f.path.name in str(exc)
+            reasons[seq] = exc.reason
+    kinds = small_night["bad_frames"]
+    assert set(reasons) == set(kinds)
+    for seq, kind in kinds.items():
+        expected = {"truncated": "unreadable", "missing-lstseq": "LSTSEQ", "wrong-shape": "shape"}[kind]
+        assert expected in reasons[seq], (kind, reasons[seq])
+
+
+def test_calibration_removes_bias_and_dark(small_night):
+    night = parse_night_dir(small_night["night_dir"])
+    master = master_calibration(night)
+    assert master.kind == "dark" and len(master.files) == 5
+    frame = read_frame(next(f.path for f in list_frames(night) if f.lstseq not in small_night["bad_frames"]))
+    image, raw = calibrate(frame, master)
+    assert image.shape == (frame.header["YSIZE"], frame.header["XSIZE"]) == raw.shape
+    # what is left is the sky (700 ADU at the top, rising to the horizon side) and the stars
+    med = np.median(image)
+    assert 650 < med < 1200
+    assert np.median(raw) - med == pytest.approx(320 + 6, abs=15)  # bias + dark current removed
+
+
+def test_raw_files_are_not_touched_by_reading(small_night):
+    night = parse_night_dir(small_night["night_dir"])
+    before = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in night.raw.iterdir()}
+    for f in list_frames(night):
+        try:
+            read_frame(f.path)
+        except BadFrame:
+            pass
+    master_calibration(night)
+    after = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in night.raw.iterdir()}
+    assert before == after

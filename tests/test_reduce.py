@@ -1,0 +1,181 @@
+"""Acceptance of the reduction core on simulated nights (issue 6).
+
+A small camera-night with passing clouds, pointing drift, a camera 0.5 deg off
+nominal and broken frames is reduced once per session; the tests compare the
+night files with the simulator's truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mascara.lcformat import FAST_DTYPE, GLOBAL_ATTRS, HEADER_DTYPE
+from mascara.reduce import move_outputs_aside, plan_camera_night, reduce_camera_night
+from mascara.rawio import parse_night_dir
+from mascara.simulate import SimConfig, load_truth, simulate_night
+
+FAST_FIELDS = ("flag", "flux0", "eflux0", "flux1", "eflux1", "sky", "esky", "peak",
+               "x", "y", "alt", "az", "ccdtemp", "exptime", "jdmid", "lst", "lstidx", "lstseq")
+HEADER_FIELDS = ("jdstart", "ra", "dec", "vmag", "bmag", "spectype", "blend", "blendvalue", "nobs")
+
+
+def _raw_digest(raw: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(raw.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def reduced(tmp_path_factory):
+    datadir = tmp_path_factory.mktemp("reduce")
+    cfg = SimConfig(site="LP", camera="E", size="small", nframes=110, seed=11, clouds=True,
+                    pointing_offset=0.5, bad_frames=3, drift_px=40.0)
+    sim = simulate_night(datadir, "20260301", cfg)
+    night_dir = Path(sim["night_dir"])
+    before = _raw_digest(night_dir / "raw")
+    result = reduce_camera_night(night_dir)
+    return {"sim": sim, "night_dir": night_dir, "result": result, "raw_before": before,
+            "truth": load_truth(sim["truth"])}
+
+
+def _joined(reduced, kind="fLC"):
+    """fLC rows joined with the truth rows of the same star and frame."""
+    truth = reduced["truth"]
+    t = truth["truth"]
+    ids = truth["stars"]["ascc"][t["star"]]
+    key = {(a, int(s)): i for i, (a, s) in enumerate(zip(ids, t["lstseq"]))}
+    # isolation: no other rendered star within 8 px in the same frame
+    iso = np.ones(len(t), bool)
+    for seq in np.unique(t["lstseq"]):
+        m = np.flatnonzero(t["lstseq"] == seq)
+        d = np.hypot(t["x"][m, None] - t["x"][None, m], t["y"][m, None] - t["y"][None, m])
+        np.fill_diagonal(d, np.inf)
+        iso[m] = d.min(axis=1) > 8
+    out = []
+    path = reduced["result"].products[kind]
+    with h5py.File(path, "r") as f:
+        for star in f["data"]:
+            d = f["data"][star][...]
+            for row in d:
+                i = key.get((star, int(row["lstseq"])))
+                if i is not None:
+                    out.append((row, t[i], iso[i]))
+    return out
+
+
+def test_night_files_exist_and_raw_is_untouched(reduced):
+    res = reduced["result"]
+    nid = "20260301LPE"
+    assert Path(res.products["fLC"]).name == f"fLC_{nid}.hdf5"
+    assert Path(res.products["sLC"]).name == f"sLC_{nid}.hdf5"
+    assert _raw_digest(reduced["night_dir"] / "raw") == reduced["raw_before"]
+
+
+def test_bad_frames_rejected_with_reasons(reduced):
+    rejected = {seq: reason for seq, _, reason in reduced["result"].rejected}
+    bad = reduced["truth"]["bad_frames"]
+    assert set(rejected) == set(bad)
+    with h5py.File(reduced["result"].products["fLC"], "r") as f:
+        seqs = np.unique(np.concatenate([f["data"][k]["lstseq"] for k in f["data"]]))
+    assert not set(bad) & set(int(s) for s in seqs)
+    assert len(seqs) == 110 - len(bad)
+
+
+def test_tutorial_h5py_session_works_verbatim(reduced):
+    myfile = h5py.File(reduced["result"].products["fLC"], "r")
+    assert sorted(myfile.keys()) == ["data", "global", "header", "header_table"]
+    assert tuple(myfile["global"].attrs.keys()) == GLOBAL_ATTRS or set(myfile["global"].attrs.keys()) == set(GLOBAL_ATTRS)
+    assert myfile["global"].attrs.get("CAMERA") == "E"
+    assert myfile["global"].attrs.get("APER0") == 2.5
+    mystar = sorted(myfile["data"].keys())[0]
+    mydata = np.copy(myfile["data"][mystar])
+    assert mydata.dtype.names == FAST_FIELDS
+    assert np.isfinite(mydata["flux0"].mean()) or np.all(mydata["flag"] > 0)
+    hdr = myfile["header"][mystar]
+    assert hdr.dtype.names == HEADER_FIELDS
+    assert np.all(np.diff(mydata["lstseq"].astype(int)) > 0)
+    ht = myfile["header_table"]
+    for i, a in enumerate(ht["ascc"][...]):
+        a = a.decode() if isinstance(a, bytes) else str(a)
+        assert ht["nobs"][i] == len(myfile["data"][a])
+    myfile.close()
+
+
+def test_positions_within_a_tenth_of_a_pixel(reduced):
+    rows = _joined(reduced)
+    good = [(r, t) for r, t, _ in rows if r["flag"] == 0]
+    assert len(good) > 1000
+    dx = np.array([r["x"] - t["x"] for r, t in good])
+    dy = np.array([r["y"] - t["y"] for r, t in good])
+    rms = np.sqrt(np.mean(dx**2 + dy**2))
+    assert rms < 0.1, rms
+
+
+@pytest.mark.parametrize("aperture, radius", [(0, "2.5"), (1, "4.5")])
+def test_flux_errors_are_honest(reduced, aperture, radius):
+    rows = _joined(reduced)
+    z = np.array([(r[f"flux{aperture}"] - t[f"flux_{radius}"]) / r[f"eflux{aperture}"]
+                  for r, t, iso in rows if r["flag"] == 0 and iso and r[f"eflux{aperture}"] > 0])
+    assert len(z) > 500
+    std = np.std(z)
+    assert 0.9 <= std <= 1.1, (std, np.median(z))
+
+
+@pytest.fixture(scope="module")
+def clear_night(tmp_path_factory):
+    """A clear small night of six batches, for the binned-photometry precision."""
+    datadir = tmp_path_factory.mktemp("clear")
+    sim = simulate_night(datadir, "20260302", SimConfig(site="LP", camera="E", size="small", nframes=300, seed=12))
+    result = reduce_camera_night(Path(sim["night_dir"]))
+    return {"result": result, "truth": load_truth(sim["truth"])}
+
+
+def test_binned_photometry_beats_per_frame_scatter(clear_night):
+    """Relative scatter about the truth: per frame vs per binned batch, constant bright stars."""
+    truth = clear_night["truth"]
+    t = truth["truth"]
+    ids = truth["stars"]["ascc"][t["star"]]
+    true_flux = {(a, int(s)): f for a, s, f in zip(ids, t["lstseq"], t["flux_2.5"])}
+    ratios = []
+    with h5py.File(clear_night["result"].products["fLC"], "r") as f, \
+            h5py.File(clear_night["result"].products["sLC"], "r") as s:
+        for star in s["data"]:
+            sd = s["data"][star][...]
+            if star not in f["data"]:
+                continue
+            fd = f["data"][star][...]
+            vmag = f["header"][star]["vmag"][0]
+            if not (5.0 < vmag < 7.0) or np.any(fd["flag"] > 0) or np.any(sd["flag"] > 0):
+                continue
+            batches = fd["lstseq"] // 50
+            whole = [b for b in np.unique(batches) if np.sum(batches == b) >= 45]
+            if len(whole) < 4:
+                continue
+            tf = np.array([true_flux[(star, int(q))] for q in fd["lstseq"]])
+            per_frame = np.std(fd["flux0"] / tf - 1.0)
+            binned = []
+            for b in whole:
+                row = sd[sd["lstseq"] // 50 == b]
+                if len(row) == 1:
+                    binned.append(row["flux0"][0] / tf[batches == b].mean())
+            if len(binned) >= 4:
+                ratios.append(per_frame / np.std(binned))
+    assert len(ratios) >= 5, len(ratios)
+    assert np.median(ratios) >= 5, np.median(ratios)
+
+
+def test_move_outputs_aside_keeps_raw(tmp_path, small_night):
+    night = parse_night_dir(small_night["night_dir"])
+    fake = tmp_path / night.path.name
+    (fake / "raw").mkdir(parents=True)
+    (fake / "raw" / "x.fits").write_bytes(b"abc")
+    (fake / "lightcurves").mkdir()
+    (fake / "lightcurves" / "fLC.hdf5").write_bytes(b"1")
+    moved = move_outputs_aside(parse_night_dir(fake))
+    assert moved == [(str(fake / "lightcurves"), str(fake / "lightcurves_old"))]
+    assert (fake / "lightcurves_old" / "fLC.hdf5").exists() and (fake / "raw" / "x.fits").read_bytes() == b"abc"
+    moved = move_outputs_aside(parse_night_dir(fake), erase=True)
+    assert not (fake / "lightcurves_old").exists() and (fake / "raw" / "x.fits").exists()
