@@ -1,0 +1,904 @@
+"""Light-curve files (SPEC §8): batch files, the split by star, the night files.
+
+Data flow::
+
+    reduction ──► batch file (one per lstseq // 50, frame-major, atomic)
+                     │  StarSplitter.add  (beside the reduction)
+                     ▼
+                  workdir/split/<batch>-<sha>.{fast,slow,stars}.npy
+                  (rows grouped by star bucket) + workdir/splitter.json
+                     │  combine_night  (once, at the end of the night)
+                     ▼
+                  fLC_<night>.hdf5, sLC_<night>.hdf5  (atomic, checksummed)
+
+Why buckets: appending every batch into 25,000 per-star HDF5 datasets is the
+slow path (PERF-NOTES). Instead each batch is rewritten once, its rows grouped
+by ``bucket = crc32(ascc) % nbuckets``, and the bucket offsets are recorded in
+the splitter registry. At the end of the night bucket ``k`` of every batch is a
+contiguous slice of a memory-mapped ``.npy`` file, so the combine reads each
+bucket of all batches (1/nbuckets of the night, tens of MB), sorts it by
+(star, lstseq) and writes those stars' datasets: memory stays bounded and every
+byte is read once.
+
+Every file under a final name is complete: writers use a temporary name in the
+same directory, flush, fsync and ``os.replace``. The splitter registry is the
+"done" marker of a split batch, so re-adding a batch after a crash is a no-op
+(same sha256) or a clean replacement (different sha256).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from mascara.lcformat import (
+    ASCC_DTYPE,
+    FAST_DTYPE,
+    GLOBAL_ATTRS,
+    HEADER_DTYPE,
+    HEADER_TABLE_FIELDS,
+    SLOW_DTYPE,
+    with_ascc,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BATCH_FAST_DTYPE",
+    "BATCH_SLOW_DTYPE",
+    "BatchConflictError",
+    "BatchPieces",
+    "SLOW_GLOBAL_ATTRS",
+    "STAR_DTYPE",
+    "StarSplitter",
+    "batch_index",
+    "combine_night",
+    "file_sha256",
+    "global_attrs_for_slow",
+    "night_file_names",
+    "read_batch_file",
+    "read_header_table",
+    "read_star",
+    "run_splitter_process",
+    "write_batch_file",
+]
+
+#: Version of the batch-file and splitter layouts written by this module.
+FORMAT_VERSION = 1
+
+#: Frames per batch (SPEC §2: a batch is ``lstseq // 50``).
+BATCH_SIZE = 50
+
+#: Rows of a batch file's ``fast`` table (one per star per frame).
+BATCH_FAST_DTYPE = with_ascc(FAST_DTYPE)
+#: Rows of a batch file's ``slow`` table (one per star, binned image).
+BATCH_SLOW_DTYPE = with_ascc(SLOW_DTYPE)
+
+#: Catalogue data of the stars of a batch (``stars`` table of batch files).
+STAR_DTYPE = np.dtype(
+    [
+        ("ascc", ASCC_DTYPE),
+        ("ra", "f8"),
+        ("dec", "f8"),
+        ("vmag", "f4"),
+        ("bmag", "f4"),
+        ("spectype", "S9"),
+        ("blend", "u1"),
+        ("blendvalue", "f4"),
+    ]
+)
+
+#: ``global`` attributes of sLC files: the fLC list with the two extra binned
+#: apertures after APER1 (NAPER = 4, apertures 2.5, 3.5, 4.5, 5.5 px by default).
+SLOW_GLOBAL_ATTRS = GLOBAL_ATTRS[: GLOBAL_ATTRS.index("APER1") + 1] + ("APER2", "APER3") + GLOBAL_ATTRS[
+    GLOBAL_ATTRS.index("APER1") + 1 :
+]
+
+#: Root attribute of fLC/sLC files holding the digest of the combine inputs.
+INPUT_DIGEST_ATTR = "mascara_input_digest"
+
+_KINDS = ("fast", "slow")
+_ROW_DTYPES = {"fast": BATCH_FAST_DTYPE, "slow": BATCH_SLOW_DTYPE}
+_CHUNK = 1 << 22
+
+
+class BatchConflictError(ValueError):
+    """Two different batch files claim the same batch index."""
+
+
+# --------------------------------------------------------------------------- #
+# small helpers
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of the bytes of ``path``."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(directory: str | os.PathLike[str]) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_file(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; on success fsync it and rename it to ``path``.
+
+    On any exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    with _atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, sort_keys=True, indent=1)
+            f.write("\n")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, bytes):
+        return obj.decode()
+    if isinstance(obj, (tuple, set, frozenset)):
+        return list(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def _canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_jsonable)
+
+
+def _coerce(arr: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """Copy structured ``arr`` into ``dtype``, matching fields by name (all required, no extras)."""
+    arr = np.asarray(arr)
+    names = arr.dtype.names or ()
+    if set(names) != set(dtype.names):
+        missing = sorted(set(dtype.names) - set(names))
+        extra = sorted(set(names) - set(dtype.names))
+        raise ValueError(f"{what}: fields differ from the layout (missing {missing}, unexpected {extra})")
+    if arr.dtype == dtype:  # equal layout; the view drops dtype metadata h5py may attach
+        return np.ascontiguousarray(arr).reshape(-1).view(dtype)
+    out = np.empty(arr.size, dtype=dtype)
+    for n in dtype.names:
+        out[n] = arr[n].reshape(-1)
+    return out
+
+
+def _ascc_sort_key(ascc: np.ndarray) -> np.ndarray:
+    """Order of star ids: numeric when every id is a decimal number, else bytewise."""
+    stripped = np.char.strip(ascc)
+    if ascc.size and np.all(np.char.isdigit(stripped)):
+        return np.argsort(stripped.astype(np.int64), kind="stable")
+    return np.argsort(ascc, kind="stable")
+
+
+def _bucket_of(ascc: np.ndarray, nbuckets: int) -> np.ndarray:
+    """Stable bucket number of each star id (crc32 of the id bytes), any id spelling."""
+    uniq, inverse = np.unique(ascc, return_inverse=True)
+    per_star = np.fromiter((zlib.crc32(a) % nbuckets for a in uniq.tolist()), dtype=np.int64, count=uniq.size)
+    return per_star[inverse]
+
+
+def batch_index(fast: np.ndarray, slow: np.ndarray, attrs: Mapping[str, Any]) -> int:
+    """Batch number of a batch file: ``attrs['batch']``, else ``lstseq // 50`` of its rows."""
+    if "batch" in attrs:
+        return int(attrs["batch"])
+    for t in (fast, slow):
+        if len(t):
+            b = np.unique(np.asarray(t["lstseq"], dtype=np.int64) // BATCH_SIZE)
+            if b.size != 1:
+                raise ValueError(f"rows span several batches {b.tolist()} and attrs has no 'batch'")
+            return int(b[0])
+    raise ValueError("empty batch without attrs['batch']")
+
+
+# --------------------------------------------------------------------------- #
+# batch files
+
+
+@dataclasses.dataclass
+class BatchPieces:
+    """The content of one batch file.
+
+    Attributes
+    ----------
+    fast : ndarray of BATCH_FAST_DTYPE, shape (nframes * nstars_on_frame,)
+        Per-frame photometry, frame-major (all stars of frame 0, then frame 1...).
+    slow : ndarray of BATCH_SLOW_DTYPE, shape (nstars_binned,)
+        Photometry of the batch's binned image, one row per star.
+    stars : ndarray of STAR_DTYPE
+        Catalogue data of every star in ``fast`` or ``slow``.
+    attrs : dict
+        JSON-able metadata (batch index, lstseq range, camera solution...).
+    """
+
+    fast: np.ndarray
+    slow: np.ndarray
+    stars: np.ndarray
+    attrs: dict[str, Any]
+
+    @property
+    def batch(self) -> int:
+        """Batch number (``lstseq // 50``)."""
+        return batch_index(self.fast, self.slow, self.attrs)
+
+
+def write_batch_file(
+    path: str | os.PathLike[str],
+    fast: np.ndarray,
+    slow: np.ndarray,
+    stars: np.ndarray,
+    attrs: Mapping[str, Any],
+) -> str:
+    """Write one batch's light-curve pieces to an HDF5 file, atomically.
+
+    Parameters
+    ----------
+    path : path-like
+        Final file name. The file is written as ``.<name>.<pid>.tmp`` in the same
+        directory, fsync'ed and renamed, so a reader never sees a partial file.
+    fast : structured ndarray, fields of ``with_ascc(FAST_DTYPE)``
+        One row per star per frame, frame-major.
+    slow : structured ndarray, fields of ``with_ascc(SLOW_DTYPE)``
+        One row per star for the batch's binned image.
+    stars : structured ndarray, fields of ``STAR_DTYPE``
+        Catalogue data; must contain every id of ``fast`` and ``slow``, once.
+    attrs : mapping
+        JSON-able values (numpy scalars and arrays are converted). ``attrs['batch']``
+        is the batch number; without it the number is ``lstseq // 50`` of the rows.
+
+    Returns
+    -------
+    str
+        sha256 (hex) of the final file's bytes.
+
+    Notes
+    -----
+    The content is deterministic: the same inputs give the same bytes (no
+    timestamps are stored; h5py writes identical files for identical calls,
+    checked by the tests), so the returned sha256 identifies the content.
+    """
+    fast = _coerce(fast, BATCH_FAST_DTYPE, "fast")
+    slow = _coerce(slow, BATCH_SLOW_DTYPE, "slow")
+    stars = _coerce(stars, STAR_DTYPE, "stars")
+    if np.unique(stars["ascc"]).size != stars.size:
+        raise ValueError("stars: duplicate ids")
+    unknown = np.setdiff1d(np.union1d(fast["ascc"], slow["ascc"]), stars["ascc"])
+    if unknown.size:
+        raise ValueError(f"{unknown.size} star ids in fast/slow are missing from stars, e.g. {unknown[:3]}")
+    attrs = dict(attrs)
+    attrs.setdefault("batch", batch_index(fast, slow, attrs))
+    blob = _canonical_json(attrs)
+
+    with _atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = "mascara-batch"
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["batch"] = int(attrs["batch"])
+            f.attrs["attrs"] = blob
+            f.create_dataset("fast", data=fast)
+            f.create_dataset("slow", data=slow)
+            f.create_dataset("stars", data=stars)
+    return file_sha256(path)
+
+
+def _read_batch_attrs(f: h5py.File) -> dict[str, Any]:
+    if f.attrs.get("format") != "mascara-batch":
+        raise ValueError(f"{f.filename}: not a mascara batch file")
+    return json.loads(f.attrs["attrs"])
+
+
+def read_batch_file(path: str | os.PathLike[str]) -> BatchPieces:
+    """Read a batch file written by :func:`write_batch_file`."""
+    with h5py.File(path, "r") as f:
+        attrs = _read_batch_attrs(f)
+        return BatchPieces(fast=f["fast"][()], slow=f["slow"][()], stars=f["stars"][()], attrs=attrs)
+
+
+def _read_batch_number(path: str | os.PathLike[str]) -> int:
+    with h5py.File(path, "r") as f:
+        _read_batch_attrs(f)
+        return int(f.attrs["batch"])
+
+
+# --------------------------------------------------------------------------- #
+# the split by star
+
+
+class StarSplitter:
+    """Split batch files by star into an intermediate store (the tutorial's SaveItAll).
+
+    Parameters
+    ----------
+    workdir : path-like
+        Directory of the store; created if missing. Holds ``splitter.json`` (the
+        registry: which batches were split, with their sha256 and bucket offsets),
+        ``split/`` (one ``.npy`` triple per batch, rows grouped by star bucket) and
+        ``diagnostics.hdf5`` (light curves of ``diagnostic_ids``).
+    diagnostic_ids : iterable of str, optional
+        Star ids whose light curves are kept up to date in ``diagnostics.hdf5``
+        after every batch.
+    nbuckets : int
+        Number of star buckets (only used when the store is created).
+
+    Notes
+    -----
+    Single writer: one process adds batches to a workdir at a time. Adding is
+    idempotent (a batch already registered with the same sha256 is skipped) and
+    resumable: a crash leaves at most unreferenced files, removed by the next add.
+    Adding a batch number again with *different* content replaces the old pieces.
+    """
+
+    REGISTRY = "splitter.json"
+    DIAGNOSTICS = "diagnostics.hdf5"
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        diagnostic_ids: Iterable[str] = (),
+        nbuckets: int = 128,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.splitdir = self.workdir / "split"
+        self.splitdir.mkdir(parents=True, exist_ok=True)
+        self.diagnostic_ids = sorted({str(s) for s in diagnostic_ids})
+        reg_path = self.workdir / self.REGISTRY
+        if reg_path.exists():
+            self._registry = json.loads(reg_path.read_text())
+            if self._registry.get("format") != "mascara-splitter":
+                raise ValueError(f"{reg_path}: not a splitter registry")
+        else:
+            self._registry = {"format": "mascara-splitter", "version": FORMAT_VERSION, "nbuckets": int(nbuckets), "batches": {}}
+            _write_json_atomic(reg_path, self._registry)
+
+    # -- registry ---------------------------------------------------------
+    @property
+    def nbuckets(self) -> int:
+        return int(self._registry["nbuckets"])
+
+    @property
+    def batches(self) -> dict[int, str]:
+        """Registered batch numbers and the sha256 of the batch file each came from."""
+        return {int(b): e["sha256"] for b, e in self._registry["batches"].items()}
+
+    def entry(self, batch: int) -> dict[str, Any] | None:
+        """Registry entry of ``batch`` (sha256, path, piece files, bucket offsets), or None."""
+        return self._registry["batches"].get(str(int(batch)))
+
+    def _commit(self) -> None:
+        _write_json_atomic(self.workdir / self.REGISTRY, self._registry)
+
+    def _cleanup(self) -> None:
+        """Remove piece files the registry does not reference (left by a crash or a replacement)."""
+        keep = set()
+        for e in self._registry["batches"].values():
+            keep.update(e["files"].values())
+        for p in self.splitdir.iterdir():
+            if p.name not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
+    # -- adding -----------------------------------------------------------
+    def add(self, batch_path: str | os.PathLike[str], sha256: str | None = None) -> bool:
+        """Split one batch file into the store.
+
+        Parameters
+        ----------
+        batch_path : path-like
+            A file written by :func:`write_batch_file`.
+        sha256 : str, optional
+            Its sha256 if already known (skips hashing the file).
+
+        Returns
+        -------
+        bool
+            False if this batch was already registered with the same content
+            (nothing written), True otherwise.
+        """
+        sha = sha256 or file_sha256(batch_path)
+        pieces = read_batch_file(batch_path)
+        b = pieces.batch
+        old = self.entry(b)
+        if old is not None and old["sha256"] == sha and self._files_present(old):
+            return False
+        if old is not None and old["sha256"] != sha:
+            log.warning("batch %d: replacing pieces of %s by %s", b, old["path"], batch_path)
+
+        stem = f"{b:08d}-{sha[:16]}"
+        files: dict[str, str] = {}
+        offsets: dict[str, list[int]] = {}
+        for kind, table in (("fast", pieces.fast), ("slow", pieces.slow)):
+            table = _coerce(table, _ROW_DTYPES[kind], kind)
+            bucket = _bucket_of(table["ascc"], self.nbuckets)
+            order = np.argsort(bucket, kind="stable")  # keeps frame-major order inside a bucket
+            files[kind] = f"{stem}.{kind}.npy"
+            self._save(files[kind], table[order])
+            offsets[kind] = np.searchsorted(bucket[order], np.arange(self.nbuckets + 1)).tolist()
+        files["stars"] = f"{stem}.stars.npy"
+        self._save(files["stars"], _coerce(pieces.stars, STAR_DTYPE, "stars"))
+        self._registry["batches"][str(b)] = {
+            "sha256": sha,
+            "path": os.path.abspath(batch_path),
+            "files": files,
+            "offsets": offsets,
+            "nfast": int(pieces.fast.size),
+            "nslow": int(pieces.slow.size),
+        }
+        self._commit()  # the batch counts as split from here on
+        self._cleanup()
+        if self.diagnostic_ids:
+            self.write_diagnostics()
+        return True
+
+    def _save(self, name: str, arr: np.ndarray) -> None:
+        with _atomic_path(self.splitdir / name) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
+
+    def _files_present(self, e: Mapping[str, Any]) -> bool:
+        return all((self.splitdir / n).exists() for n in e["files"].values())
+
+    # -- reading ----------------------------------------------------------
+    def _open(self, batches: Sequence[int], kind: str) -> list[tuple[np.ndarray, list[int]]]:
+        out = []
+        for b in sorted(batches):
+            e = self.entry(b)
+            if e is None:
+                raise KeyError(f"batch {b} is not in {self.workdir}")
+            out.append((np.load(self.splitdir / e["files"][kind], mmap_mode="r"), e["offsets"][kind]))
+        return out
+
+    def bucket_rows(self, opened: list[tuple[np.ndarray, list[int]]], bucket: int, kind: str) -> np.ndarray:
+        """Rows of one bucket over the opened batches, sorted by (star, lstseq), duplicates removed."""
+        parts = [arr[off[bucket] : off[bucket + 1]] for arr, off in opened]
+        rows = np.concatenate(parts) if parts else np.empty(0, _ROW_DTYPES[kind])
+        return _sort_unique(rows)
+
+    def stars(self, batches: Sequence[int] | None = None) -> np.ndarray:
+        """Catalogue rows of all stars of ``batches`` (default: all), one per id.
+
+        Where batches disagree, the row of the lowest batch number wins.
+        """
+        batches = sorted(self.batches) if batches is None else sorted(batches)
+        parts = [np.load(self.splitdir / self.entry(b)["files"]["stars"]) for b in batches]
+        if not parts:
+            return np.empty(0, STAR_DTYPE)
+        allstars = np.concatenate(parts)
+        _, first = np.unique(allstars["ascc"], return_index=True)  # first occurrence = lowest batch
+        return allstars[np.sort(first)]
+
+    def star_rows(self, ascc: str, kind: str = "fast", batches: Sequence[int] | None = None) -> np.ndarray:
+        """All rows of one star in the store, sorted by lstseq (``FAST_DTYPE``/``SLOW_DTYPE``)."""
+        key = np.array([ascc], dtype=ASCC_DTYPE)
+        bucket = int(_bucket_of(key, self.nbuckets)[0])
+        opened = self._open(sorted(self.batches) if batches is None else batches, kind)
+        parts = [arr[off[bucket] : off[bucket + 1]] for arr, off in opened]
+        parts = [p[p["ascc"] == key[0]] for p in parts]
+        rows = _sort_unique(np.concatenate(parts)) if parts else np.empty(0, _ROW_DTYPES[kind])
+        return _strip_ascc(rows, kind)
+
+    def write_diagnostics(self) -> str:
+        """Rewrite ``diagnostics.hdf5`` from the store (atomic).
+
+        Layout: ``fast/<ascc>`` and ``slow/<ascc>`` light curves sorted by lstseq,
+        ``header/<ascc>`` one HEADER_DTYPE row, root attrs ``nbatches``, ``last_batch``.
+        """
+        path = self.workdir / self.DIAGNOSTICS
+        batches = sorted(self.batches)
+        stars = self.stars(batches) if batches else np.empty(0, STAR_DTYPE)
+        with _atomic_path(path) as tmp:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["nbatches"] = len(batches)
+                f.attrs["last_batch"] = batches[-1] if batches else -1
+                for kind in _KINDS:
+                    g = f.create_group(kind)
+                    for sid in self.diagnostic_ids:
+                        g.create_dataset(sid, data=self.star_rows(sid, kind, batches))
+                h = f.create_group("header")
+                for sid in self.diagnostic_ids:
+                    rows = f["fast"][sid][()]
+                    sel = stars[stars["ascc"] == sid.encode()]
+                    hdr = np.zeros(1, HEADER_DTYPE)
+                    if sel.size:
+                        for n in STAR_DTYPE.names[1:]:
+                            hdr[n] = sel[n][0]
+                    hdr["jdstart"] = rows["jdmid"][0] if rows.size else np.nan
+                    hdr["nobs"] = rows.size
+                    h.create_dataset(sid, data=hdr)
+        return str(path)
+
+
+def _sort_unique(rows: np.ndarray) -> np.ndarray:
+    """Sort rows by (ascc, lstseq); of rows with equal (ascc, lstseq) keep the first."""
+    if rows.size == 0:
+        return np.array(rows)
+    order = np.lexsort((rows["lstseq"], rows["ascc"]))
+    rows = rows[order]
+    keep = np.ones(rows.size, bool)
+    keep[1:] = (rows["ascc"][1:] != rows["ascc"][:-1]) | (rows["lstseq"][1:] != rows["lstseq"][:-1])
+    return rows[keep]
+
+
+def _strip_ascc(rows: np.ndarray, kind: str) -> np.ndarray:
+    dtype = FAST_DTYPE if kind == "fast" else SLOW_DTYPE
+    out = np.empty(rows.size, dtype)
+    for n in dtype.names:
+        out[n] = rows[n]
+    return out
+
+
+def run_splitter_process(
+    queue: Any,
+    workdir: str | os.PathLike[str],
+    diagnostic_ids: Iterable[str] = (),
+    results: Any = None,
+) -> None:
+    """Split batch files named on ``queue`` until it yields None (a Process target).
+
+    Parameters
+    ----------
+    queue : multiprocessing.Queue-like
+        Yields batch-file paths; ``None`` ends the loop.
+    workdir : path-like
+        The :class:`StarSplitter` store.
+    diagnostic_ids : iterable of str
+        Stars kept in ``workdir/diagnostics.hdf5``.
+    results : Queue-like, optional
+        Receives ``(path, "added" | "skipped" | "error: <msg>")`` per item.
+
+    Notes
+    -----
+    A batch that fails to split is logged and reported, and the loop goes on:
+    :func:`combine_night` re-adds every batch the registry lacks.
+    """
+    splitter = StarSplitter(workdir, diagnostic_ids)
+    while (item := queue.get()) is not None:
+        try:
+            status = "added" if splitter.add(item) else "skipped"
+        except Exception as exc:  # noqa: BLE001 - keep splitting the rest of the night
+            log.exception("splitting %s failed", item)
+            status = f"error: {exc}"
+        if results is not None:
+            results.put((os.fspath(item), status))
+
+
+# --------------------------------------------------------------------------- #
+# night files
+
+
+def night_file_names(night_id: str) -> tuple[str, str]:
+    """File names of a camera-night's fLC and sLC files, e.g. ``fLC_20150202LPE.hdf5``."""
+    return f"fLC_{night_id}.hdf5", f"sLC_{night_id}.hdf5"
+
+
+def global_attrs_for_slow(global_attrs: Mapping[str, Any], slow_apertures: Sequence[float]) -> dict[str, Any]:
+    """sLC ``global`` attributes: the fLC ones with NAPER/APERk of the binned apertures."""
+    out: dict[str, Any] = {}
+    for k in GLOBAL_ATTRS:
+        if k == "NAPER":
+            out[k] = len(slow_apertures)
+        elif k == "APER0":
+            for i, r in enumerate(slow_apertures):
+                out[f"APER{i}"] = float(r)
+        elif k.startswith("APER"):
+            continue
+        else:
+            out[k] = global_attrs[k]
+    return out
+
+
+def _check_global_attrs(global_attrs: Mapping[str, Any]) -> dict[str, Any]:
+    keys = set(global_attrs)
+    if keys != set(GLOBAL_ATTRS):
+        raise ValueError(
+            f"global_attrs must have exactly {GLOBAL_ATTRS}; missing {sorted(set(GLOBAL_ATTRS) - keys)}, "
+            f"unexpected {sorted(keys - set(GLOBAL_ATTRS))}"
+        )
+    return {k: global_attrs[k] for k in GLOBAL_ATTRS}
+
+
+def _resolve_inputs(
+    batch_paths: Iterable[str | os.PathLike[str]], splitter: StarSplitter | None
+) -> dict[int, tuple[str, str]]:
+    """Map batch number -> (path, sha256) of the input files, duplicates removed."""
+    by_path: dict[str, str] = {}
+    for p in batch_paths:
+        by_path[os.path.abspath(p)] = ""
+    known = {}
+    if splitter is not None:
+        known = {e["path"]: (int(b), e["sha256"]) for b, e in splitter._registry["batches"].items()}
+    out: dict[int, tuple[str, str]] = {}
+    for p in sorted(by_path):
+        if os.path.exists(p):
+            sha, b = file_sha256(p), _read_batch_number(p)
+        elif p in known:  # the temporary batch file is gone but was split
+            b, sha = known[p]
+        else:
+            raise FileNotFoundError(p)
+        if b in out and out[b][1] != sha:
+            raise BatchConflictError(f"batch {b}: {out[b][0]} and {p} differ")
+        out.setdefault(b, (p, sha))
+    return out
+
+
+def _input_digest(night_id: str, fast_attrs: Mapping[str, Any], slow_attrs: Mapping[str, Any], inputs: Mapping[int, tuple[str, str]]) -> str:
+    blob = _canonical_json(
+        {
+            "format_version": FORMAT_VERSION,
+            "night": night_id,
+            "fLC_global": dict(fast_attrs),
+            "sLC_global": dict(slow_attrs),
+            "batches": [[b, inputs[b][1]] for b in sorted(inputs)],
+        }
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _existing_if_current(path: str, digest: str) -> str | None:
+    """sha256 of ``path`` if it exists and was made from inputs with ``digest``, else None."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get(INPUT_DIGEST_ATTR) != digest:
+                return None
+    except OSError:
+        return None
+    side = path + ".json"
+    with contextlib.suppress(OSError, ValueError):
+        man = json.loads(Path(side).read_text())
+        # Same inputs give the same bytes, so a manifest with this digest describes this file.
+        if man.get("input_digest") == digest and man.get("size") == os.path.getsize(path):
+            return str(man["sha256"])
+    sha = file_sha256(path)
+    _write_manifest(path, digest, sha)
+    return sha
+
+
+def _write_manifest(path: str, digest: str, sha: str) -> None:
+    _write_json_atomic(
+        path + ".json",
+        {"file": os.path.basename(path), "sha256": sha, "size": os.path.getsize(path), "input_digest": digest},
+    )
+
+
+class _DatasetWriter:
+    """Creates many small contiguous datasets of one compound type quickly.
+
+    h5py's high-level ``create_dataset`` re-derives the HDF5 type on every call;
+    with a prepared type the 25,000 datasets of a night take a few seconds.
+    """
+
+    def __init__(self, dtype: np.dtype, compact: bool = False) -> None:
+        self.dtype = dtype
+        self.tid = h5py.h5t.py_create(dtype, logical=True)
+        self.dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        self.dcpl.set_obj_track_times(False)  # no timestamps: same inputs, same bytes
+        self.dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        if compact:
+            self.dcpl.set_layout(h5py.h5d.COMPACT)
+
+    def write(self, group: h5py.Group, name: str, data: np.ndarray) -> None:
+        assert data.dtype == self.dtype
+        space = h5py.h5s.create_simple((data.size,))
+        dset = h5py.h5d.create(group.id, name.encode(), self.tid, space, dcpl=self.dcpl)
+        if data.size:
+            dset.write(space, space, np.ascontiguousarray(data), mtype=self.tid)
+
+
+def _write_night_file(
+    path: str,
+    kind: str,
+    splitter: StarSplitter,
+    batches: Sequence[int],
+    stars: np.ndarray,
+    gattrs: Mapping[str, Any],
+    digest: str,
+) -> tuple[str, int]:
+    """Write one fLC/sLC file from the splitter's buckets; return (sha256, nstars)."""
+    dtype = FAST_DTYPE if kind == "fast" else SLOW_DTYPE
+    cat = stars[np.argsort(stars["ascc"], kind="stable")]
+    heads: list[np.ndarray] = []
+    ids: list[np.ndarray] = []
+    data_writer = _DatasetWriter(dtype)
+    with _atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs[INPUT_DIGEST_ATTR] = digest
+            g = f.create_group("global")
+            for k, v in gattrs.items():
+                g.attrs[k] = v
+            data = f.create_group("data")
+            opened = splitter._open(batches, kind)
+            for bucket in range(splitter.nbuckets):
+                rows = splitter.bucket_rows(opened, bucket, kind)
+                if rows.size == 0:
+                    continue
+                starts = np.flatnonzero(np.r_[True, rows["ascc"][1:] != rows["ascc"][:-1]])
+                stops = np.r_[starts[1:], rows.size]
+                plain = _strip_ascc(rows, kind)
+                bucket_ids = rows["ascc"][starts]
+                for sid, a, z in zip(bucket_ids.tolist(), starts.tolist(), stops.tolist()):
+                    data_writer.write(data, sid.decode(), plain[a:z])
+                at = np.minimum(np.searchsorted(cat["ascc"], bucket_ids), max(cat.size - 1, 0))
+                if cat.size == 0 or np.any(cat["ascc"][at] != bucket_ids):
+                    raise ValueError(f"stars of bucket {bucket} have rows but no catalogue entry")
+                hdr = np.zeros(starts.size, HEADER_DTYPE)
+                for n in STAR_DTYPE.names[1:]:
+                    hdr[n] = cat[n][at]
+                hdr["jdstart"] = plain["jdmid"][starts]
+                hdr["nobs"] = stops - starts
+                heads.append(hdr)
+                ids.append(bucket_ids)
+            del opened
+            hdr = np.concatenate(heads) if heads else np.zeros(0, HEADER_DTYPE)
+            ascc = np.concatenate(ids) if ids else np.zeros(0, ASCC_DTYPE)
+            order = _ascc_sort_key(ascc)
+            hdr, ascc = hdr[order], ascc[order]
+            hgroup = f.create_group("header")
+            hwriter = _DatasetWriter(HEADER_DTYPE, compact=True)
+            for i, sid in enumerate(ascc.tolist()):
+                hwriter.write(hgroup, sid.decode(), hdr[i : i + 1])
+            table = f.create_group("header_table")
+            for n in HEADER_TABLE_FIELDS:
+                table.create_dataset(n, data=ascc if n == "ascc" else hdr[n])
+    return file_sha256(path), int(ascc.size)
+
+
+def combine_night(
+    batch_paths: Iterable[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    night_id: str,
+    global_attrs: Mapping[str, Any],
+    workdir: str | os.PathLike[str] | None = None,
+    *,
+    slow_apertures: Sequence[float] = (2.5, 3.5, 4.5, 5.5),
+) -> dict[str, Any]:
+    """Combine a camera-night's batch files into ``fLC_<night_id>.hdf5`` and ``sLC_<night_id>.hdf5``.
+
+    Parameters
+    ----------
+    batch_paths : iterable of path-like
+        The night's batch files, any order. The same batch number given twice
+        is kept once if both files are identical; different content raises
+        :class:`BatchConflictError`. With ``workdir``, a path that no longer
+        exists but is registered in the splitter is accepted.
+    out_dir : path-like
+        Output directory (``<night-dir>/lightcurves``), created if missing.
+    night_id : str
+        ``YYYYMMDD`` + site + camera, e.g. ``'20150202LPE'``.
+    global_attrs : mapping
+        Exactly the keys of ``GLOBAL_ATTRS`` (values for the fLC ``global`` group).
+        The sLC gets the same values except NAPER = ``len(slow_apertures)`` and
+        APER0..APER{n-1} = ``slow_apertures`` (``SLOW_GLOBAL_ATTRS`` for n = 4).
+    workdir : path-like, optional
+        A :class:`StarSplitter` store. Batches it lacks (or holds with other
+        content) are added first; batches it holds that are not in
+        ``batch_paths`` are ignored. Without it a temporary store in ``out_dir``
+        is used and removed afterwards.
+    slow_apertures : sequence of float
+        Radii (px) of the binned-image apertures, in flux0..flux3 order.
+
+    Returns
+    -------
+    dict
+        ``fLC``, ``sLC`` (paths), ``nstars_fast``, ``nstars_slow``,
+        ``sha256_fLC``, ``sha256_sLC``, ``input_digest``, ``rewritten`` (bool).
+
+    Notes
+    -----
+    Layout (SPEC §8): root groups ``data global header header_table``;
+    ``data/<ascc>`` sorted by lstseq with unique lstseq; ``header/<ascc>`` one
+    HEADER_DTYPE row; ``header_table/<field>`` one entry per star, ordered by
+    id (numerically when every id is a number). The root group carries one
+    attribute, ``mascara_input_digest`` (sha256 over night id, global attrs and
+    the sorted (batch, sha256) pairs); a manifest ``<file>.json`` beside each
+    file stores its sha256. If both files exist with the digest of these
+    inputs, nothing is rewritten. Both files are written atomically; the
+    output bytes do not depend on the order of ``batch_paths``.
+    """
+    fast_attrs = _check_global_attrs(global_attrs)
+    slow_attrs = global_attrs_for_slow(fast_attrs, slow_apertures)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fname, sname = (str(out_dir / n) for n in night_file_names(night_id))
+    splitter = StarSplitter(workdir) if workdir is not None else None
+    inputs = _resolve_inputs(batch_paths, splitter)
+    digest = _input_digest(night_id, fast_attrs, slow_attrs, inputs)
+    result: dict[str, Any] = {"fLC": fname, "sLC": sname, "input_digest": digest}
+
+    fsha, ssha = _existing_if_current(fname, digest), _existing_if_current(sname, digest)
+    if fsha is not None and ssha is not None:
+        with h5py.File(fname, "r") as f, h5py.File(sname, "r") as s:
+            nf, ns = f["header_table/ascc"].size, s["header_table/ascc"].size
+        return result | {"nstars_fast": nf, "nstars_slow": ns, "sha256_fLC": fsha, "sha256_sLC": ssha, "rewritten": False}
+
+    # Leftovers of a combine killed mid-way (never under the final names); single writer per night.
+    for stale in glob.glob(str(out_dir / f".?LC_{night_id}.hdf5.*.tmp")):
+        with contextlib.suppress(OSError):
+            os.remove(stale)
+    for stale in glob.glob(str(out_dir / f".combine-{night_id}-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+
+    tmpdir = None
+    if splitter is None:
+        tmpdir = tempfile.mkdtemp(prefix=f".combine-{night_id}-", dir=out_dir)
+        splitter = StarSplitter(tmpdir)
+    try:
+        for b, (p, sha) in sorted(inputs.items()):
+            e = splitter.entry(b)
+            if e is None or e["sha256"] != sha or not splitter._files_present(e):
+                splitter.add(p, sha256=sha)
+        batches = sorted(inputs)
+        stars = splitter.stars(batches)
+        fsha, nf = _write_night_file(fname, "fast", splitter, batches, stars, fast_attrs, digest)
+        _write_manifest(fname, digest, fsha)
+        ssha, ns = _write_night_file(sname, "slow", splitter, batches, stars, slow_attrs, digest)
+        _write_manifest(sname, digest, ssha)
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    return result | {"nstars_fast": nf, "nstars_slow": ns, "sha256_fLC": fsha, "sha256_sLC": ssha, "rewritten": True}
+
+
+def read_star(path: str | os.PathLike[str], ascc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Light curve and header of one star of an fLC/sLC file.
+
+    Returns
+    -------
+    data : ndarray of FAST_DTYPE (fLC) or SLOW_DTYPE (sLC), sorted by lstseq
+    header : ndarray of HEADER_DTYPE, shape (1,)
+    """
+    with h5py.File(path, "r") as f:
+        return f["data"][str(ascc)][()], f["header"][str(ascc)][()]
+
+
+def read_header_table(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """The ``header_table`` group of an fLC/sLC file as a dict of 1-D arrays."""
+    with h5py.File(path, "r") as f:
+        return {n: f["header_table"][n][()] for n in HEADER_TABLE_FIELDS}

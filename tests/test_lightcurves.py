@@ -1,0 +1,370 @@
+"""Tests of mascara.lightcurves: batch files, the split by star, fLC/sLC night files."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mascara import lightcurves as lc
+from mascara.lcformat import FAST_DTYPE, GLOBAL_ATTRS, HEADER_DTYPE, HEADER_TABLE_FIELDS, SLOW_DTYPE, with_ascc
+
+NIGHT = "20150202LPE"
+# The exact field lists of SPEC §8 and the tutorial, written out independently of lcformat.
+SPEC_FAST_FIELDS = (
+    "flag flux0 eflux0 flux1 eflux1 sky esky peak x y alt az ccdtemp exptime jdmid lst lstidx lstseq".split()
+)
+SPEC_HEADER_FIELDS = "jdstart ra dec vmag bmag spectype blend blendvalue nobs".split()
+SPEC_GLOBAL = (
+    "STATION CAMERA ALT0 AZ0 TH0 X0 Y0 AVERSION RVERSION CVERSION EXPTIME CCDTEMP NAPER APER0 APER1 NSTAPER "
+    "SKYRAD0 SKYRAD1"
+).split()
+
+
+def global_attrs() -> dict:
+    return {
+        "STATION": "LP", "CAMERA": "E", "ALT0": 49.0, "AZ0": 90.0, "TH0": 270.0, "X0": 2004.0, "Y0": 1336.0,
+        "AVERSION": "acq-1", "RVERSION": "0.1.0", "CVERSION": "none", "EXPTIME": 6.4, "CCDTEMP": -10.0,
+        "NAPER": 2, "APER0": 2.5, "APER1": 4.5, "NSTAPER": 4, "SKYRAD0": 6.0, "SKYRAD1": 21.0,
+    }
+
+
+def flux_of(star: np.ndarray, lstseq: np.ndarray) -> np.ndarray:
+    """A value that identifies (star, lstseq) uniquely, to check rows land where they belong."""
+    return star.astype(np.float64) * 1e6 + lstseq
+
+
+def make_night(nframes: int = 300, nstars: int = 2000, lstseq0: int = 48510530, seed: int = 0, drop: int = 3):
+    """Batches of a synthetic night: stars drift through, each visible for a window of frames.
+
+    Returns a list of (fast, slow, stars, attrs) per batch and the truth {ascc: sorted lstseq}.
+    """
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(np.arange(100000, 900000), nstars, replace=False)
+    start = rng.integers(-nframes // 3, nframes, nstars)
+    dur = rng.integers(nframes // 10, nframes // 2, nstars)
+    lstseqs = lstseq0 + np.arange(nframes)
+    lstseqs = np.delete(lstseqs, rng.choice(nframes, drop, replace=False))  # missing frames
+    cat = np.zeros(nstars, lc.STAR_DTYPE)
+    cat["ascc"] = ids.astype(str).astype("S12")
+    cat["ra"] = rng.uniform(0, 360, nstars)
+    cat["dec"] = rng.uniform(-30, 90, nstars)
+    cat["vmag"] = rng.uniform(2, 8.4, nstars)
+    cat["bmag"] = cat["vmag"] + 0.5
+    cat["spectype"] = np.array([b"AM", b"G2V", b"K0III"])[ids % 3]
+    cat["blend"] = ids % 2
+    cat["blendvalue"] = ids % 7
+    batches = []
+    truth: dict[bytes, list[int]] = {}
+    for b in np.unique(lstseqs // 50):
+        seqs = lstseqs[lstseqs // 50 == b]
+        rows = []
+        for s in seqs:
+            frame = s - lstseq0
+            vis = np.flatnonzero((start <= frame) & (frame < start + dur))
+            r = np.zeros(vis.size, with_ascc(FAST_DTYPE))
+            r["ascc"] = cat["ascc"][vis]
+            r["lstseq"] = s
+            r["lstidx"] = s % 13500
+            r["jdmid"] = 2457000.0 + s * 6.4 / 86400
+            r["flux0"] = flux_of(ids[vis], s)
+            r["x"] = rng.uniform(0, 4008, vis.size)
+            rows.append(r)
+            for a in r["ascc"]:
+                truth.setdefault(a, []).append(int(s))
+        fast = np.concatenate(rows)
+        present = np.unique(fast["ascc"])
+        slow = np.zeros(present.size, with_ascc(SLOW_DTYPE))
+        slow["ascc"] = present
+        slow["lstseq"] = seqs[len(seqs) // 2]
+        slow["flux3"] = np.arange(present.size)
+        stars = cat[np.isin(cat["ascc"], present)]
+        attrs = {"batch": int(b), "lstseq_min": int(seqs.min()), "lstseq_max": int(seqs.max()),
+                 "solution": {"rms": 0.1, "coeffs": [1.0, 2.0]}}
+        batches.append((fast, slow, stars, attrs))
+    return batches, truth
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory):
+    d = tmp_path_factory.mktemp("batches")
+    batches, truth = make_night()
+    paths = []
+    for fast, slow, stars, attrs in batches:
+        p = d / f"batch_{attrs['batch']}.h5"
+        lc.write_batch_file(p, fast, slow, stars, attrs)
+        paths.append(p)
+    return paths, batches, truth
+
+
+# --------------------------------------------------------------------------- batch files
+
+
+def test_batch_roundtrip_and_determinism(tmp_path, night):
+    _, batches, _ = night
+    fast, slow, stars, attrs = batches[1]
+    sha1 = lc.write_batch_file(tmp_path / "a.h5", fast, slow, stars, attrs)
+    sha2 = lc.write_batch_file(tmp_path / "b.h5", fast, slow, stars, attrs)
+    assert sha1 == sha2 == lc.file_sha256(tmp_path / "b.h5")
+    assert (tmp_path / "a.h5").read_bytes() == (tmp_path / "b.h5").read_bytes()
+    pieces = lc.read_batch_file(tmp_path / "a.h5")
+    np.testing.assert_array_equal(pieces.fast, fast)
+    np.testing.assert_array_equal(pieces.slow, slow)
+    np.testing.assert_array_equal(pieces.stars, stars)
+    assert pieces.attrs == attrs
+    assert pieces.batch == attrs["batch"] == fast["lstseq"][0] // 50
+    assert sorted(os.listdir(tmp_path)) == ["a.h5", "b.h5"]  # no temporary left behind
+
+
+def test_batch_rejects_unknown_stars(tmp_path, night):
+    fast, slow, stars, attrs = night[1][0]
+    with pytest.raises(ValueError, match="missing from stars"):
+        lc.write_batch_file(tmp_path / "x.h5", fast, slow, stars[1:], attrs)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_batch_write_crash_leaves_no_file(tmp_path, night, monkeypatch):
+    fast, slow, stars, attrs = night[1][0]
+    lc.write_batch_file(tmp_path / "x.h5", fast, slow, stars, attrs)
+    before = lc.file_sha256(tmp_path / "x.h5")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", boom)
+    with pytest.raises(OSError, match="disk full"):
+        lc.write_batch_file(tmp_path / "x.h5", fast[:10], slow, stars, attrs)
+    assert lc.file_sha256(tmp_path / "x.h5") == before  # the old complete file is untouched
+    assert os.listdir(tmp_path) == ["x.h5"]
+
+
+# --------------------------------------------------------------------------- night files
+
+
+def check_night_file(path: Path, truth: dict, kind: str) -> None:
+    with h5py.File(path, "r") as f:
+        assert list(f.keys()) == ["data", "global", "header", "header_table"]
+        ht = {n: f["header_table"][n][()] for n in f["header_table"]}
+        assert set(ht) == set(HEADER_TABLE_FIELDS)
+        ids = ht["ascc"]
+        assert list(ids.astype(int)) == sorted(ids.astype(int))  # numeric order
+        assert sorted(f["data"].keys()) == sorted(i.decode() for i in ids)
+        for i, sid in enumerate(ids):
+            d = f["data"][sid.decode()]
+            assert ht["nobs"][i] == d.shape[0] == f["header"][sid.decode()]["nobs"][0]
+            assert ht["jdstart"][i] == d["jdmid"][0]
+        if kind == "fast":
+            assert set(truth) == set(ids.tolist())
+            for sid, seqs in truth.items():
+                d = f["data"][sid.decode()][()]
+                np.testing.assert_array_equal(d["lstseq"], sorted(seqs))
+                np.testing.assert_array_equal(d["flux0"], flux_of(np.int64(sid), d["lstseq"].astype(np.int64)))
+
+
+def test_combine_layout_tutorial_session(tmp_path, night):
+    paths, batches, truth = night
+    res = lc.combine_night(paths, tmp_path / "lightcurves", NIGHT, global_attrs())
+    assert res["fLC"] == str(tmp_path / "lightcurves" / f"fLC_{NIGHT}.hdf5")
+    assert res["sLC"] == str(tmp_path / "lightcurves" / f"sLC_{NIGHT}.hdf5")
+    assert res["nstars_fast"] == len(truth)
+    assert res["sha256_fLC"] == lc.file_sha256(res["fLC"])
+
+    # The tutorial's session.
+    myfile = h5py.File(res["fLC"], "r")
+    assert list(myfile.keys()) == ["data", "global", "header", "header_table"]
+    assert set(myfile["global"].attrs.keys()) == set(SPEC_GLOBAL)
+    assert myfile["global"].attrs.get("CAMERA") == "E"
+    assert myfile["global"].attrs.get("APER0") == 2.5
+    assert list(myfile.attrs) == [lc.INPUT_DIGEST_ATTR]
+    mystar = sorted(truth)[0].decode()
+    mydata = np.copy(myfile["data"][mystar])
+    assert list(mydata.dtype.names) == SPEC_FAST_FIELDS
+    assert mydata.dtype == FAST_DTYPE
+    assert mydata["flux0"].mean() == pytest.approx(np.mean(flux_of(np.int64(mystar), mydata["lstseq"].astype(np.int64))))
+    hdr = myfile["header"][mystar]
+    assert list(hdr.dtype.names) == SPEC_HEADER_FIELDS
+    cat = np.concatenate([b[2] for b in batches])
+    row = cat[cat["ascc"] == mystar.encode()][0]
+    assert hdr["ra"].shape == (1,) and hdr["ra"][0] == row["ra"]
+    assert hdr["spectype"].dtype == np.dtype("S9") and hdr["spectype"][0] == row["spectype"]
+    assert hdr.dtype == HEADER_DTYPE
+    myfile.close()
+
+    check_night_file(Path(res["fLC"]), truth, "fast")
+    check_night_file(Path(res["sLC"]), truth, "slow")
+    with h5py.File(res["sLC"], "r") as s:
+        g = s["global"].attrs
+        assert set(g) == set(SPEC_GLOBAL) | {"APER2", "APER3"}
+        assert g["NAPER"] == 4 and [g[f"APER{i}"] for i in range(4)] == [2.5, 3.5, 4.5, 5.5]
+        sid = sorted(truth)[0].decode()
+        d = s["data"][sid][()]
+        assert d.dtype == SLOW_DTYPE
+        # one binned point per batch the star was seen in
+        seen = {q // 50 for q in truth[sid.encode()]}
+        assert sorted(d["lstseq"] // 50) == sorted(seen)
+
+    data, header = lc.read_star(res["fLC"], mystar)
+    np.testing.assert_array_equal(data, mydata)
+    assert header["nobs"][0] == len(truth[mystar.encode()])
+
+
+def test_combine_order_independent_and_duplicates(tmp_path, night):
+    paths, _, truth = night
+    a = lc.combine_night(paths, tmp_path / "a", NIGHT, global_attrs())
+    shuffled = list(reversed(paths)) + [paths[2], paths[0]]  # out of order, batches given twice
+    copy = tmp_path / "copy_of_batch.h5"
+    copy.write_bytes(Path(paths[1]).read_bytes())  # same batch under another name
+    b = lc.combine_night(shuffled + [copy], tmp_path / "b", NIGHT, global_attrs())
+    assert a["sha256_fLC"] == b["sha256_fLC"] and a["sha256_sLC"] == b["sha256_sLC"]
+    assert Path(a["fLC"]).read_bytes() == Path(b["fLC"]).read_bytes()
+    check_night_file(Path(b["fLC"]), truth, "fast")
+
+
+def test_combine_conflicting_batch_raises(tmp_path, night):
+    paths, batches, _ = night
+    fast, slow, stars, attrs = batches[0]
+    other = tmp_path / "other.h5"
+    lc.write_batch_file(other, fast[:-1], slow, stars, attrs)
+    with pytest.raises(lc.BatchConflictError):
+        lc.combine_night(list(paths) + [other], tmp_path / "out", NIGHT, global_attrs())
+
+
+def test_combine_rejects_wrong_global_attrs(tmp_path, night):
+    g = global_attrs()
+    g["EXTRA"] = 1
+    with pytest.raises(ValueError, match="unexpected"):
+        lc.combine_night(night[0], tmp_path, NIGHT, g)
+
+
+def test_combine_idempotent(tmp_path, night):
+    paths, _, _ = night
+    out = tmp_path / "lightcurves"
+    first = lc.combine_night(paths, out, NIGHT, global_attrs())
+    st = {k: os.stat(first[k]) for k in ("fLC", "sLC")}
+    second = lc.combine_night(list(reversed(paths)), out, NIGHT, global_attrs())
+    assert second["rewritten"] is False and first["rewritten"] is True
+    for k in ("fLC", "sLC"):
+        now = os.stat(second[k])
+        assert (now.st_ino, now.st_mtime_ns) == (st[k].st_ino, st[k].st_mtime_ns)
+        assert second[f"sha256_{k}"] == first[f"sha256_{k}"] == lc.file_sha256(second[k])
+    # different inputs -> rewritten
+    third = lc.combine_night(paths[:-1], out, NIGHT, global_attrs())
+    assert third["rewritten"] is True and third["sha256_fLC"] != first["sha256_fLC"]
+    assert sorted(p for p in os.listdir(out) if not p.endswith(".json")) == [f"fLC_{NIGHT}.hdf5", f"sLC_{NIGHT}.hdf5"]
+
+
+def test_combine_crash_mid_write_then_recovers(tmp_path, night, monkeypatch):
+    paths, _, truth = night
+    out = tmp_path / "lightcurves"
+    real_create = h5py.h5d.create
+    calls = {"n": 0}
+
+    def failing_create(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 500:  # in the middle of the data group
+            raise OSError("simulated crash")
+        return real_create(*a, **k)
+
+    monkeypatch.setattr(h5py.h5d, "create", failing_create)
+    with pytest.raises(OSError, match="simulated crash"):
+        lc.combine_night(paths, out, NIGHT, global_attrs())
+    assert not (out / f"fLC_{NIGHT}.hdf5").exists() and not (out / f"sLC_{NIGHT}.hdf5").exists()
+    monkeypatch.setattr(h5py.h5d, "create", real_create)
+    # a real kill leaves the temporary behind: the next combine must not mind
+    (out / f".fLC_{NIGHT}.hdf5.12345.tmp").write_bytes(b"partial")
+    res = lc.combine_night(paths, out, NIGHT, global_attrs())
+    assert res["rewritten"]
+    check_night_file(Path(res["fLC"]), truth, "fast")
+    assert sorted(os.listdir(out)) == sorted(
+        [f"fLC_{NIGHT}.hdf5", f"sLC_{NIGHT}.hdf5", f"fLC_{NIGHT}.hdf5.json", f"sLC_{NIGHT}.hdf5.json"]
+    )
+
+
+# --------------------------------------------------------------------------- the splitter
+
+
+def test_splitter_resume_no_duplicates_and_same_content(tmp_path, night):
+    paths, _, truth = night
+    work = tmp_path / "work"
+    diag = [sorted(truth)[3].decode(), sorted(truth)[7].decode()]
+    sp = lc.StarSplitter(work, diag)
+    half = len(paths) // 2
+    for p in paths[:half]:
+        assert sp.add(p) is True
+    assert sp.add(paths[0]) is False  # same batch again: nothing added
+    # a "crash": a fresh splitter on the same workdir carries on, re-adding one batch
+    sp2 = lc.StarSplitter(work, diag)
+    assert set(sp2.batches) == {int(lc.read_batch_file(p).batch) for p in paths[:half]}
+    for p in paths[half - 1 :]:
+        sp2.add(p)
+    rows = sp2.star_rows(diag[0])
+    np.testing.assert_array_equal(rows["lstseq"], sorted(truth[diag[0].encode()]))
+
+    with h5py.File(work / "diagnostics.hdf5", "r") as f:
+        for sid in diag:
+            np.testing.assert_array_equal(f["fast"][sid]["lstseq"], sorted(truth[sid.encode()]))
+            assert f["header"][sid]["nobs"][0] == len(truth[sid.encode()])
+        assert f.attrs["nbatches"] == len(paths)
+
+    via_split = lc.combine_night(paths, tmp_path / "a", NIGHT, global_attrs(), workdir=work)
+    direct = lc.combine_night(paths, tmp_path / "b", NIGHT, global_attrs())
+    assert via_split["sha256_fLC"] == direct["sha256_fLC"]
+    assert via_split["sha256_sLC"] == direct["sha256_sLC"]
+    check_night_file(Path(via_split["fLC"]), truth, "fast")
+
+
+def test_splitter_crash_before_commit(tmp_path, night, monkeypatch):
+    """A crash after the pieces were written but before the registry: the re-add redoes it once."""
+    paths, _, truth = night
+    work = tmp_path / "work"
+    sp = lc.StarSplitter(work)
+    sp.add(paths[0])
+
+    def boom(self):
+        raise OSError("killed")
+
+    monkeypatch.setattr(lc.StarSplitter, "_commit", boom)
+    with pytest.raises(OSError):
+        sp.add(paths[1])
+    monkeypatch.undo()
+    sp = lc.StarSplitter(work)
+    assert set(sp.batches) == {lc.read_batch_file(paths[0]).batch}
+    for p in paths:
+        sp.add(p)
+    res = lc.combine_night(paths, tmp_path / "out", NIGHT, global_attrs(), workdir=work)
+    check_night_file(Path(res["fLC"]), truth, "fast")
+    # only the registered pieces remain
+    assert len(os.listdir(work / "split")) == 3 * len(paths)
+
+
+def test_combine_adds_batches_the_splitter_missed(tmp_path, night):
+    paths, _, truth = night
+    work = tmp_path / "work"
+    sp = lc.StarSplitter(work)
+    for p in paths[::2]:
+        sp.add(p)
+    res = lc.combine_night(paths, tmp_path / "out", NIGHT, global_attrs(), workdir=work)
+    check_night_file(Path(res["fLC"]), truth, "fast")
+
+
+def test_run_splitter_process(tmp_path, night):
+    paths, _, truth = night
+    ctx = mp.get_context("spawn")
+    q, results = ctx.Queue(), ctx.Queue()
+    sid = sorted(truth)[0].decode()
+    proc = ctx.Process(target=lc.run_splitter_process, args=(q, str(tmp_path / "work"), [sid], results))
+    proc.start()
+    for p in paths + [paths[0], tmp_path / "missing.h5"]:
+        q.put(str(p))
+    q.put(None)
+    proc.join(60)
+    assert proc.exitcode == 0
+    statuses = [results.get(timeout=5)[1] for _ in range(len(paths) + 2)]
+    assert statuses[: len(paths)] == ["added"] * len(paths)
+    assert statuses[len(paths)] == "skipped" and statuses[-1].startswith("error")
+    with h5py.File(tmp_path / "work" / "diagnostics.hdf5", "r") as f:
+        np.testing.assert_array_equal(f["fast"][sid]["lstseq"], sorted(truth[sid.encode()]))
