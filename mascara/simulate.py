@@ -247,7 +247,9 @@ class NightSimulator:
         ok = (iy >= 0) & (iy < self.ny) & (ix >= 0) & (ix < self.nx)
         flat = (iy * self.nx + ix)[ok]
         image += np.bincount(flat, weights=stamps[ok], minlength=self.nx * self.ny).reshape(self.ny, self.nx).astype(np.float32)
-        noisy = image + np.sqrt(np.maximum(image, 0) / cfg.gain) * rng.standard_normal(image.shape, dtype=np.float32)
+        # photon and read noise in one draw: var = signal/gain + read_noise^2 (ADU^2)
+        sigma_px = np.sqrt(np.maximum(image, 0) * np.float32(1.0 / cfg.gain) + np.float32(cfg.read_noise**2))
+        noisy = image + sigma_px * rng.standard_normal(image.shape, dtype=np.float32)
         raw = self._with_overscan(noisy, rng)
         header = self.header(lstseq, jd0, jd_mid)
         truth = {
@@ -289,21 +291,24 @@ class NightSimulator:
         return (0.4 + 0.6 * full).astype(np.float32)
 
     def _with_overscan(self, science: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Embed a noisy science image (read noise included) in the raw frame with bias and overscan."""
         cfg = self.cfg
         ny = self.ny + BORDER["y0"] + BORDER["y1"]
         nx = self.nx + BORDER["x0"] + BORDER["x1"]
+        y0, x0 = BORDER["y0"], BORDER["x0"]
         raw = np.empty((ny, nx), np.float32)
         raw[:] = cfg.bias_level + self.bias_columns[None, :]
-        raw += cfg.read_noise * rng.standard_normal((ny, nx), dtype=np.float32)
-        raw[BORDER["y0"] : BORDER["y0"] + self.ny, BORDER["x0"] : BORDER["x0"] + self.nx] += science
-        return np.clip(np.rint(raw), 0, 65535).astype(np.uint16)
+        raw[y0 : y0 + self.ny, x0 : x0 + self.nx] += science
+        for sl in (np.s_[:y0, :], np.s_[y0 + self.ny :, :], np.s_[y0 : y0 + self.ny, :x0], np.s_[y0 : y0 + self.ny, x0 + self.nx :]):
+            raw[sl] += cfg.read_noise * rng.standard_normal(raw[sl].shape, dtype=np.float32)
+        np.clip(raw, 0, 65535, out=raw)
+        return (raw + 0.5).astype(np.uint16)  # round half up; values are non-negative
 
     def calibration_frame(self, kind: str, rng: np.random.Generator) -> np.ndarray:
         """A bias (no exposure) or dark (6.4 s, shutter closed) frame."""
-        science = np.zeros((self.ny, self.nx), np.float32)
-        if kind == "dark":
-            science += self.cfg.dark_current
-            science += np.sqrt(self.cfg.dark_current / self.cfg.gain) * rng.standard_normal(science.shape, dtype=np.float32)
+        level = self.cfg.dark_current if kind == "dark" else 0.0
+        sigma = math.sqrt(level / self.cfg.gain + self.cfg.read_noise**2)
+        science = level + sigma * rng.standard_normal((self.ny, self.nx), dtype=np.float32)
         return self._with_overscan(science, rng)
 
     def header(self, lstseq: int, jd0: float, jd_mid: float, imagetyp: str = "science") -> dict:
