@@ -507,16 +507,41 @@ class Catalog:
 
     def record_move(self, camera_night_id: str, run_id: str | None, src: str | Path, dst: str | Path | None,
                     action: str, reason: str | None = None) -> str:
-        """Record an old output directory ``renamed`` to ``dst`` or ``erased`` (dst None)."""
+        """Record an old output directory ``renamed`` to ``dst`` or ``erased`` (dst None).
+
+        Products and batch files under ``src`` follow: their paths are
+        rewritten to ``dst``, or products are marked erased.
+        """
         if action not in MOVE_ACTIONS:
             raise ValueError(f"action must be one of {MOVE_ACTIONS}, not {action!r}")
         if (action == "erased") != (dst is None):
             raise ValueError("dst must be None exactly when the directory was erased")
+        src = str(src).rstrip("/")
         mid = make_id("move", camera_night_id, run_id, src, action)
-        row = {"id": mid, "camera_night_id": camera_night_id, "run_id": run_id, "src": str(src),
+        row = {"id": mid, "camera_night_id": camera_night_id, "run_id": run_id, "src": src,
                "dst": None if dst is None else str(dst), "action": action, "reason": reason,
                "moved_at": _now()}
-        return self._tx(lambda s: (self._insert(s, DirectoryMove, [row]), mid)[1])
+
+        def under(path: str | None) -> bool:
+            return path is not None and (path == src or path.startswith(src + "/"))
+
+        def fn(s: Session) -> str:
+            if not self._insert(s, DirectoryMove, [row]):
+                return mid  # recorded before: the paths were already rewritten
+            for prod in s.execute(select(Product).where(Product.camera_night_id == camera_night_id)).scalars():
+                if under(prod.path):
+                    if dst is None:
+                        prod.erased_at = prod.erased_at or row["moved_at"]
+                    else:
+                        prod.path = str(dst) + prod.path[len(src):]
+            if dst is not None:
+                for b in s.execute(select(Batch).where(Batch.camera_night_id == camera_night_id,
+                                                       Batch.path.is_not(None))).scalars():
+                    if under(b.path):
+                        b.path = str(dst) + b.path[len(src):]
+            return mid
+
+        return self._tx(fn)
 
     # -- views -----------------------------------------------------------------
     def _view(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:

@@ -164,7 +164,10 @@ class Frame(SQLModel, table=True):
 
 
 class Product(SQLModel, table=True):
-    """A file a run wrote: light curves, binned images, diagnostics, solutions."""
+    """A file a run wrote: light curves, binned images, diagnostics, solutions.
+
+    ``path`` is where the file is now: moving a directory aside rewrites it.
+    """
 
     __tablename__ = "product"
     __table_args__ = (_in("kind", PRODUCT_KINDS, "ck_product_kind"),)
@@ -177,6 +180,7 @@ class Product(SQLModel, table=True):
     size: int  # bytes
     nstars: int | None = None
     created_at: datetime
+    erased_at: datetime | None = None  # its directory was erased before a re-run
 
 
 class DirectoryMove(SQLModel, table=True):

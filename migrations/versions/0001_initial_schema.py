@@ -172,6 +172,7 @@ def upgrade() -> None:
     sa.Column('size', sa.Integer(), nullable=False),
     sa.Column('nstars', sa.Integer(), nullable=True),
     sa.Column('created_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+    sa.Column('erased_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
     sa.CheckConstraint("kind IN ('fLC', 'sLC', 'binned', 'diagnostics', 'solution')", name='ck_product_kind'),
     sa.ForeignKeyConstraint(['camera_night_id'], ['camera_night.id'], ),
     sa.ForeignKeyConstraint(['run_id'], ['reduction_run.id'], ),

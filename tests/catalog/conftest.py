@@ -9,6 +9,7 @@ are skipped, except under CI (``$CI`` set) where they fail.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -51,13 +52,9 @@ def pg_database() -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A URL of an empty catalog database: a SQLite file, or a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'catalog.sqlite'}"
-        return
-    base = request.getfixturevalue("pg_database")
+@contextlib.contextmanager
+def _pg_schema(base: str) -> Iterator[str]:
+    """A fresh schema in the session database; yields a URL selecting it."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
     admin = _pg_admin(base)
     with admin.connect() as c:
@@ -68,6 +65,23 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         with admin.connect() as c:
             c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL of an empty catalog database: a SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+        return
+    with _pg_schema(request.getfixturevalue("pg_database")) as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(pg_database: str) -> Iterator[str]:
+    """PostgreSQL only: a URL of an empty schema (for client/server matters)."""
+    with _pg_schema(pg_database) as url:
+        yield url
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from sqlmodel import Session
 
 from catalog_rows import VERSIONS, fill_realistic, fingerprint, reduce_fake
 from mascara.catalog import CatalogConflict, LeaseHeld, LeaseLost, connect, fingerprint_key
-from mascara.catalog.models import Batch, Camera, CameraNight, Frame, Lease, PackageVersion, Product, ReductionRun
+from mascara.catalog.models import Batch, Camera, CameraNight, DirectoryMove, Frame, Lease, PackageVersion, Product, ReductionRun
 
 
 def count(cat, model, *where) -> int:  # type: ignore[no-untyped-def]
@@ -178,3 +178,22 @@ def test_finish_marks_stuck_batches_failed(catalog):
     row = catalog.failed_batches("20260302")[0]
     assert row["batch_index"] == idx and "run ended" in row["error"]
     assert catalog.last_run(cn).error == "KeyboardInterrupt"
+
+
+def test_moves_rewrite_product_paths(catalog):
+    cn, old = reduce_fake(catalog, "LP", "E", "20260301", nbatches=2, settings_hash="s0")
+    base = "/data/20260301LPE"
+    catalog.record_move(cn, None, f"{base}/lightcurves/", f"{base}/lightcurves_old", "renamed", "settings changed")
+    catalog.record_move(cn, None, f"{base}/lightcurves", f"{base}/lightcurves_old", "renamed", "settings changed")
+    catalog.record_move(cn, None, f"{base}/tmp", f"{base}/tmp_old", "renamed", "settings changed")
+    with Session(catalog.engine) as s:
+        paths = sorted(s.execute(select(Product.path)).scalars())
+        assert paths == [f"{base}/lightcurves_old/fLC_20260301LPE.hdf5", f"{base}/lightcurves_old/sLC_20260301LPE.hdf5"]
+    assert all(p.startswith(f"{base}/tmp_old/batch_") for p, _ in catalog.done_batches(cn, fingerprint("s0")).values())
+    _, new = reduce_fake(catalog, "LP", "E", "20260301", nbatches=2)
+    catalog.record_move(cn, new, f"{base}/lightcurves", None, "erased", "-o given")
+    with Session(catalog.engine) as s:
+        rows = {p.path: (p.run_id, p.erased_at is not None) for p in s.execute(select(Product)).scalars()}
+    assert rows[f"{base}/lightcurves/fLC_20260301LPE.hdf5"] == (new, True)
+    assert rows[f"{base}/lightcurves_old/fLC_20260301LPE.hdf5"] == (old, False)
+    assert count(catalog, DirectoryMove) == 3

@@ -1,0 +1,41 @@
+"""``mascara status`` and ``mascara db upgrade`` through the real command line parser."""
+
+from __future__ import annotations
+
+import json
+
+from catalog_rows import fill_realistic
+from mascara.cli import main
+
+
+def test_status_json_and_table(catalog, db_url, capsys, tmp_path):
+    fill_realistic(catalog)
+    assert main(["status", str(tmp_path), "--db", db_url, "--json", "--night", "20260301"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    expected = catalog.night_status("20260301")
+    assert [(r["camera"], r["state"], r["batches_done"]) for r in rows] == \
+        [(r["camera"], r["state"], r["batches_done"]) for r in expected]
+    assert rows[0]["started_at"] == expected[0]["started_at"].isoformat()
+
+    assert main(["status", str(tmp_path), "--db", db_url]) == 0
+    table = capsys.readouterr().out
+    lines = {line.split("│")[2].strip(): line for line in table.splitlines() if line.count("│") > 5}
+    assert set(lines) == {"LPE", "LPS", "LPW", "LSC"}
+    assert "12/12" in lines["LPE"] and "succeeded" in lines["LPE"] and "8/10" in lines["LPS"]
+    assert "pending" in lines["LPW"] and "reducer2" in lines["LSC"]
+
+
+def test_status_without_catalog(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MASCARA_DB_URL", raising=False)
+    assert main(["status", str(tmp_path)]) == 1
+    assert "no catalog" in capsys.readouterr().err
+    assert not (tmp_path / "catalog.sqlite").exists()
+
+
+def test_db_upgrade_creates_embedded_catalog(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MASCARA_DB_URL", raising=False)
+    assert main(["db", "upgrade", str(tmp_path)]) == 0
+    assert "revision (empty) -> 0002" in capsys.readouterr().out
+    assert (tmp_path / "catalog.sqlite").exists()
+    assert main(["status", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
