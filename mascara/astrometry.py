@@ -269,6 +269,7 @@ def fit_camera(
     order: int | None = None,
     clip: float = 3.0,
     max_clip_iter: int = 10,
+    min_clip_px: float = 0.3,
 ) -> tuple[CameraModel, float, np.ndarray]:
     """Least-squares fit of a camera model to matched stars, with sigma clipping.
 
@@ -290,7 +291,12 @@ def fit_camera(
         Highest distortion degree fitted; default ``model.order``.
     clip : float
         Stars whose residual exceeds ``clip`` times the robust per-axis sigma
-        are rejected, iteratively, until the set of stars is stable.
+        are rejected, iteratively (rejected stars may come back), until the
+        set of stars is stable.
+    min_clip_px : float
+        Residuals below this (px) are never clipped: centroid errors grow from
+        ~0.02 px (V=5) to ~0.1 px (V=7.5), and a threshold from the median
+        star alone would reject the honest faint half.
 
     Returns
     -------
@@ -342,7 +348,7 @@ def fit_camera(
         r2 = (px - x) ** 2 + (py - y) ** 2
         sigma = np.sqrt(np.median(r2[used]) / (2 * np.log(2)))  # per-axis, robust
         with np.errstate(invalid="ignore"):
-            new_used = valid & (r2 <= (clip * max(sigma, 1e-3)) ** 2)
+            new_used = valid & (r2 <= max(clip * sigma, min_clip_px) ** 2)
         if it > 0 and np.array_equal(new_used, used):
             break
         used = new_used
@@ -543,7 +549,9 @@ def correct_batch(
     min_stars: int = 25,
     max_rms: float = 0.5,
     box: int = 7,
-    edge_margin: float = 10.0,
+    search_box: int = 15,
+    edge_margin: float = 12.0,
+    clip: float = 3.0,
 ) -> AstrometryResult:
     """Per-batch astrometric correction: refit the pointing on the middle frame.
 
@@ -564,6 +572,11 @@ def correct_batch(
         frame's time (the caller's cut, SPEC §4: 4 < V <= 7.5).
     isolated : ndarray of bool, optional
         Which of them are isolated; default all.
+    box, search_box : int
+        Centroid boxes (px) of the final pass and of a first, wide pass that
+        catches drifts up to ``search_box / 2`` px.
+    edge_margin : float
+        Stars predicted closer than this to the image edge are not used.
 
     Returns
     -------
@@ -577,13 +590,24 @@ def correct_batch(
     x, y = model.to_pixels(alt, az)
     sel &= model.in_image(x, y, margin=edge_margin)
     idx = np.flatnonzero(sel)
-    xc, yc, ok = measure_centroids(image, x[idx], y[idx], box=box)
+    start = model
+    # A first pass with a wide search box catches drifts larger than box / 2.
+    xc, yc, ok = measure_centroids(image, x[idx], y[idx], box=search_box)
+    if ok.sum() >= min_stars:
+        try:
+            start, _, _ = fit_camera(model, alt[idx][ok], az[idx][ok], xc[ok], yc[ok],
+                                     fit="pointing", clip=clip)
+        except AstrometryFailed:
+            start = model
+    x, y = start.to_pixels(alt[idx], az[idx])
+    xc, yc, ok = measure_centroids(image, x, y, box=box)
     ngood = int(ok.sum())
     if ngood < min_stars:
         return AstrometryResult(model, float("nan"), ngood, False,
                                 f"{ngood} good centroids < {min_stars}")
     try:
-        new, rms, used = fit_camera(model, alt[idx][ok], az[idx][ok], xc[ok], yc[ok], fit="pointing")
+        new, rms, used = fit_camera(start, alt[idx][ok], az[idx][ok], xc[ok], yc[ok],
+                                    fit="pointing", clip=clip)
     except AstrometryFailed as exc:
         return AstrometryResult(model, float("nan"), ngood, False, str(exc))
     nused = int(used.sum())
