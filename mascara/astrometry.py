@@ -413,6 +413,19 @@ def _vote_offset(
     return float(np.median(ddx[sel])), float(np.median(ddy[sel])), int(sel.sum())
 
 
+def _affordable_order(nstars: int, max_order: int, stars_per_param: float = 5.0) -> int:
+    """Highest distortion order whose parameters ``nstars`` constrain well.
+
+    With too few stars for the number of terms, the polynomial follows the
+    noise and swings at the corners of the field where no star pins it.
+    """
+    for order in range(max_order, 0, -1):
+        nparam = 3 + 3 + 2 * sum(n + 1 for n in range(2, order + 1))
+        if nstars >= stars_per_param * nparam:
+            return order
+    return 0
+
+
 def initial_solution(
     image: np.ndarray,
     alt: np.ndarray,
@@ -431,7 +444,9 @@ def initial_solution(
     differences) and keep the roll and offset with the most votes; match within
     a shrinking radius and fit the pointing, then the distortion of increasing
     order with more and fainter stars; finally re-measure centroids of the
-    isolated stars with V <= ``vmag_centroid`` and fit the order-5 model.
+    isolated stars with V <= ``vmag_centroid`` and fit the distortion to the
+    highest order (<= 5) that the number of stars supports (5 needs ~210 stars:
+    a full frame has ~1,300; the small crop ~130, which affords order 3).
 
     Parameters
     ----------
@@ -449,7 +464,8 @@ def initial_solution(
     model : CameraModel
     info : dict
         ``rms`` (px, final fit), ``nmatched`` (stars in the final fit),
-        ``nvotes`` (pairs supporting the offset found), ``droll`` (deg, roll
+        ``nvotes`` (pairs supporting the offset found), ``order`` (distortion
+        order of the final fit; 0 if it was skipped), ``droll`` (deg, roll
         found by the vote), ``offset_px`` (offset found by the vote).
 
     Raises
@@ -502,6 +518,9 @@ def initial_solution(
         iso = _isolated(cx, cy, vmag[cat], 2.5 * radius, 2.5)
         ip, idet = _match(cx[iso] + shift[0], cy[iso] + shift[1], det["x"], det["y"], radius)
         stars = cat[iso][ip]
+        if fit == "distortion":
+            order = _affordable_order(len(stars), order)
+            fit = "distortion" if order else "pointing"
         model, rms, used = fit_camera(model, alt[stars], az[stars], det["x"][idet], det["y"][idet],
                                       fit=fit, order=order or None)
         used_n = int(used.sum())
@@ -513,11 +532,12 @@ def initial_solution(
     cand = up[iso & (vmag[up] <= vmag_centroid) & model.in_image(allx, ally, margin=12)]
     cx, cy = model.to_pixels(alt[cand], az[cand])
     xc, yc, ok = measure_centroids(image, cx, cy)
-    if ok.sum() >= 60:
+    final_order = _affordable_order(int(ok.sum()), model.order)
+    if final_order >= 2:
         model, rms, used = fit_camera(model, alt[cand][ok], az[cand][ok], xc[ok], yc[ok],
-                                      fit="distortion")
+                                      fit="distortion", order=final_order)
         used_n = int(used.sum())
-    info = {"rms": float(rms), "nmatched": used_n, "nvotes": int(votes),
+    info = {"rms": float(rms), "nmatched": used_n, "nvotes": int(votes), "order": final_order,
             "droll": float(droll), "offset_px": float(np.hypot(offx, offy))}
     return model, info
 
