@@ -589,7 +589,9 @@ def correct_batch(
         Middle frame (or binned image) of the batch, calibrated, ADU.
     alt, az, vmag : ndarray, shape (N,)
         Apparent directions (degrees) and V of the astrometric stars at that
-        frame's time (the caller's cut, SPEC §4: 4 < V <= 7.5).
+        frame's time (the caller's cut, SPEC §4: 4 < V <= 7.5). ``vmag`` is not
+        used by the fit today (all stars weigh the same; the clipping floor of
+        :func:`fit_camera` keeps the fainter ones).
     isolated : ndarray of bool, optional
         Which of them are isolated; default all.
     box, search_box : int
