@@ -42,7 +42,7 @@ import numpy as np
 from mascara import __version__
 from mascara import lcformat as lcf
 from mascara.astrometry import AstrometryFailed, correct_batch, initial_solution
-from mascara.binning import stack_frames, tile_grid
+from mascara.binning import Stacker, tile_grid
 from mascara.camera import CameraModel, nominal_camera
 from mascara.lightcurves import combine_night, run_splitter_process, write_batch_file
 from mascara.photometry import measure_apertures
@@ -224,7 +224,7 @@ def prepare_camera_night(plan: CameraNightPlan) -> NightContext:
                 start = _fit_size(start, image.shape)
             places = ApparentPlaces(stars.ra, stars.dec, get_site(plan.night.site), float(frame.header["JD"]))
             alt, az = places.altaz(float(frame.header["JD"]))
-            bright = (stars.vmag <= plan.settings.vmag_astro[1]) & (alt > 10)
+            bright = (stars.vmag <= plan.settings.vmag_fast) & (alt > 5)
             try:
                 model, info = initial_solution(image, alt[bright], az[bright], stars.vmag[bright], start)
                 info = {**info, "lstseq": frame.lstseq, "file": frame.path.name}
@@ -324,16 +324,26 @@ def _star_table(stars: StarCatalogue, idx: np.ndarray) -> np.ndarray:
     return t
 
 
-def _isolated(stars: StarCatalogue, candidates: np.ndarray, radius_px: float, scale: float) -> np.ndarray:
-    """Whether each candidate has no other catalogue star within ``radius_px`` on the sky."""
+_ISOLATED: dict[tuple, np.ndarray] = {}
+
+
+def isolated_stars(settings: Settings, scale: float) -> np.ndarray:
+    """Per catalogue star: no other catalogue star within ``settings.astro_isolation_px`` on the sky.
+
+    Computed once per process and catalogue (a k-d tree over ~10^5 unit vectors).
+    """
     from scipy.spatial import cKDTree
 
-    ra, dec = np.radians(stars.ra), np.radians(stars.dec)
-    xyz = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=1)
-    tree = cKDTree(xyz)
-    r = radius_px / scale  # chord ~ angle for small angles
-    counts = np.array([len(n) for n in tree.query_ball_point(xyz[candidates], r)])
-    return counts <= 1
+    key = (settings.catalogue, settings.vmag_slow, settings.vmag_fast, settings.astro_isolation_px, scale)
+    if key not in _ISOLATED:
+        stars = load_stars(settings)
+        ra, dec = np.radians(stars.ra), np.radians(stars.dec)
+        xyz = np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=1)
+        pairs = cKDTree(xyz).query_pairs(settings.astro_isolation_px / scale, output_type="ndarray")
+        crowded = np.zeros(len(stars), bool)
+        crowded[pairs.ravel()] = True
+        _ISOLATED[key] = ~crowded
+    return _ISOLATED[key]
 
 
 def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchOutcome:
@@ -382,9 +392,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     with sw("astrometry"):
         alt, az = places.altaz(jd_ref)
         lo, hi = s.vmag_astro
-        astro_idx = np.flatnonzero((vmag > lo) & (vmag <= hi))
-        iso = _isolated(stars, near[astro_idx], s.astro_isolation_px, night_model.scale)
-        astro_idx = astro_idx[iso]
+        astro_idx = np.flatnonzero((vmag > lo) & (vmag <= hi) & isolated_stars(s, night_model.scale)[near])
         astro = correct_batch(night_model, ref_image, alt[astro_idx], az[astro_idx], vmag[astro_idx],
                               np.ones(len(astro_idx), bool), min_stars=s.astro_min_stars, max_rms=s.astro_max_rms)
         model = astro.model if astro.ok else night_model
@@ -397,8 +405,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     with sw("binning"):
         txc, tyc = tile_grid((ny, nx), s.bin_tile)
         tile_places = _tile_places(model, txc.ravel(), tyc.ravel(), site, jd_ref)
-        acc_sum = np.zeros((ny, nx), np.float64)
-        acc_n = np.zeros((ny, nx), np.int32)
+        stacker = Stacker((ny, nx), tile=s.bin_tile)
 
     pieces = []
     jdmids, ccdtemps = [], []
@@ -440,13 +447,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
         with sw("binning"):
             ta, tz = tile_places.altaz(jd)
             px, py = model.to_pixels(ta, tz)
-            dx = (px - txc.ravel()).reshape(txc.shape)
-            dy = (py - tyc.ravel()).reshape(tyc.shape)
-            dx = np.where(np.isfinite(dx), dx, 1e6)  # tiles off the frame contribute nothing
-            dy = np.where(np.isfinite(dy), dy, 1e6)
-            b, c = stack_frames([image], dx[None], dy[None], tile=s.bin_tile)
-            acc_sum += np.where(c > 0, b * c, 0.0)
-            acc_n += c.astype(np.int32)
+            stacker.add(image, (px - txc.ravel()).reshape(txc.shape), (py - tyc.ravel()).reshape(tyc.shape))
     fast = np.concatenate(pieces) if pieces else lcf.fast_table(0)
 
     # -- the binned image: astrometry again, then the slow photometry --------------------
@@ -455,8 +456,8 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     if accepted:
         with sw("binning"):
             nf = len(accepted)
-            full = acc_n >= max(1, int(0.8 * nf))
-            binned = np.where(full, acc_sum / np.maximum(acc_n, 1), np.nan).astype(np.float32)
+            binned, count = stacker.result()
+            binned[count < max(1, int(0.8 * nf))] = np.nan  # too few frames cover these pixels
         with sw("binned_astrometry"):
             binned_fill = np.where(np.isfinite(binned), binned, 0.0).astype(np.float32)
             binned_astro = correct_batch(model, binned_fill, alt[astro_idx], az[astro_idx], vmag[astro_idx],
@@ -523,12 +524,12 @@ def _finish(plan, batch, frames, rejected, accepted, fast, slow, star_rows, mode
         "lstseq_min": min(f.lstseq for f in frames),
         "lstseq_max": max(f.lstseq for f in frames),
         "nframes": len(accepted),
-        "rejected": json.dumps(rejected),
+        "rejected": [list(r) for r in rejected],
         "astro_ok": not flagged,
         "astro_rms": float(astro.rms) if astro is not None and astro.rms is not None else float("nan"),
         "astro_nstars": int(astro.nstars) if astro is not None else 0,
         "binned_astro_rms": float(binned_astro.rms) if binned_astro is not None and binned_astro.rms is not None else float("nan"),
-        "camera_model": json.dumps(outcome_model),
+        "camera_model": outcome_model,
         "settings_hash": s.fingerprint(),
         "rversion": __version__,
     }
@@ -549,11 +550,11 @@ def _finish(plan, batch, frames, rejected, accepted, fast, slow, star_rows, mode
 # --------------------------------------------------------------------------- night end
 
 
-def global_attrs(plan: CameraNightPlan, ctx: NightContext, slow: bool = False) -> dict:
-    """The ``global`` attributes of the night files (SPEC §8)."""
+def global_attrs(plan: CameraNightPlan, ctx: NightContext) -> dict:
+    """The ``global`` attributes of the fLC file (SPEC §8); the sLC ones are derived by the writer."""
     s = plan.settings
     m = ctx.camera_model()
-    apers = s.binned_apertures if slow else s.apertures
+    apers = s.apertures
     attrs = {
         "STATION": ctx.site, "CAMERA": ctx.camera,
         "ALT0": m.alt0, "AZ0": m.az0, "TH0": m.th0, "X0": m.x0, "Y0": m.y0,
@@ -573,19 +574,10 @@ def combine_camera_night(plan: CameraNightPlan, ctx: NightContext, batch_paths: 
     res = combine_night(
         batch_paths, plan.outdir, plan.night.night_id,
         global_attrs(plan, ctx), workdir=split if split.exists() else None,
-        **_combine_slow_kwargs(plan, ctx),
+        slow_apertures=plan.settings.binned_apertures,
     )
     _write_batch_solutions(plan, batch_paths)
     return res
-
-
-def _combine_slow_kwargs(plan: CameraNightPlan, ctx: NightContext) -> dict:
-    import inspect
-
-    params = inspect.signature(combine_night).parameters
-    if "global_attrs_slow" in params:
-        return {"global_attrs_slow": global_attrs(plan, ctx, slow=True)}
-    return {}
 
 
 def _write_batch_solutions(plan: CameraNightPlan, batch_paths: list[str]) -> None:
@@ -594,9 +586,9 @@ def _write_batch_solutions(plan: CameraNightPlan, batch_paths: list[str]) -> Non
     out = {}
     for p in batch_paths:
         with h5py.File(p, "r") as f:
-            a = dict(f.attrs)
+            a = json.loads(f.attrs["attrs"])
         out[str(int(a["batch"]))] = {
-            "camera_model": json.loads(a["camera_model"]) if a.get("camera_model") else None,
+            "camera_model": a.get("camera_model"),
             "astro_ok": bool(a["astro_ok"]), "astro_rms": float(a["astro_rms"]),
             "astro_nstars": int(a["astro_nstars"]),
         }
