@@ -158,6 +158,10 @@ class Catalog:
     def close(self) -> None:
         self.engine.dispose()
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Sent to another process (Dask, multiprocessing): reconnect there by URL.
+        return (connect, (self.engine.url.render_as_string(hide_password=False),))
+
     def __enter__(self) -> Catalog:
         return self
 

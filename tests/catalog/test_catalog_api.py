@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 
 import pytest
@@ -141,6 +142,15 @@ def test_expired_lease_is_taken_over(catalog):
         assert (b8.tries, b8.run_id, b8.status) == (2, new, "succeeded")
     assert set(catalog.done_batches(cn, fingerprint())) == {7, 8}
     assert catalog.done_batches(cn, fingerprint("other settings")) == {}
+
+
+def test_catalog_pickles_by_url(catalog):
+    cn = catalog.register_camera_night("LP", "E", "20260301", "/d")
+    clone = pickle.loads(pickle.dumps(catalog))
+    try:
+        assert clone.engine.url == catalog.engine.url and clone.night_status()[0]["camera_night_id"] == cn
+    finally:
+        clone.close()
 
 
 def test_flow_run_id_gives_the_same_run(catalog):

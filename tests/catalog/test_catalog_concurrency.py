@@ -23,8 +23,9 @@ NBATCH = 60
 
 def _worker(url: str, cam: str, barrier, results) -> None:  # type: ignore[no-untyped-def]
     try:
-        cat = connect(url)
-        barrier.wait(timeout=60)
+        barrier.wait(timeout=120)
+        cat = connect(url)  # all at once on an empty database: one creates the schema, others wait
+        barrier.wait(timeout=120)
         t0 = time.perf_counter()
         cn = cat.register_camera_night("LP", cam, "20260301", f"/data/20260301LP{cam}")
         fp = {"code_version": "0.1.0", "settings_hash": "s", "catalogue_hash": "c", "raw_inventory_hash": cam}
@@ -48,7 +49,6 @@ def _worker(url: str, cam: str, barrier, results) -> None:  # type: ignore[no-un
 
 
 def test_concurrent_writers_lose_nothing(db_url):
-    connect(db_url).close()  # schema first, as `mascara db upgrade` would
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(NPROC), ctx.Queue()
     cams = "NESW"[:NPROC]
