@@ -30,7 +30,6 @@ from mascara.catalog.models import (
     FRAME_STATUSES,
     MOVE_ACTIONS,
     PRODUCT_KINDS,
-    STATUSES,
     Batch,
     Camera,
     CameraNight,
