@@ -22,6 +22,7 @@ from mascara.camera import (
     angles_from_rotation,
     coefficient_grid,
     evaluate_grid,
+    monomials,
     term_powers,
     unit_vectors,
 )
@@ -250,6 +251,37 @@ class _Fitter:
         d = evaluate_grid(coefficient_grid(cx, cy, m.order), u, v)
         return m.x0 + m.scale * u + d[0], m.y0 + m.scale * v + d[1]
 
+    def jacobian(self, params: np.ndarray, sel: np.ndarray) -> np.ndarray:
+        """d(x, y)/d(params), shape (2 len(sel), nparam): the distortion columns
+        are exact (the model is linear in them), the three rotations by central
+        differences of 1e-3 px."""
+        m = self.model
+        n = len(sel)
+        jac = np.zeros((2 * n, self.nparam))
+        step = 1e-3
+        for k in range(3):
+            hi, lo = params.copy(), params.copy()
+            hi[k] += step
+            lo[k] -= step
+            xh, yh = self.positions(hi, sel)
+            xl, yl = self.positions(lo, sel)
+            jac[:n, k] = (xh - xl) / (2 * step)
+            jac[n:, k] = (yh - yl) / (2 * step)
+        if self.order >= 1:
+            rot, _, _ = self.apply(params)
+            cam = rot @ self.p[:, sel]
+            u = cam[0] / cam[2]
+            v = cam[1] / cam[2]
+            jac[:n, 3] = u / self.h
+            jac[n:, 4] = v / self.h
+            jac[:n, 5] = v / self.h
+            jac[n:, 5] = u / self.h
+            nh = len(self.higher)
+            mono = monomials(u, v, m.order)[self.higher] / self.hscale[:, None]
+            jac[:n, 6: 6 + nh] = mono.T
+            jac[n:, 6 + nh: 6 + 2 * nh] = mono.T
+        return jac
+
     def to_model(self, params: np.ndarray) -> CameraModel:
         rot, cx, cy = self.apply(params)
         alt0, az0, th0 = angles_from_rotation(rot, az_hint=self.model.az0)
@@ -334,12 +366,16 @@ def fit_camera(
             px, py = fitter.positions(p, sel)
             return np.concatenate([px - x[sel], py - y[sel]])
 
+        def jacobian(p: np.ndarray) -> np.ndarray:
+            return fitter.jacobian(p, sel)
+
         if it == 0:
             # A robust loss first, so that gross mismatches do not bend the
             # model and drag good stars out with them at the first clipping.
-            res = least_squares(residuals, params, method="trf", loss="soft_l1", f_scale=0.5)
+            res = least_squares(residuals, params, jac=jacobian, method="trf",
+                                loss="soft_l1", f_scale=0.5)
         else:
-            res = least_squares(residuals, params, method="lm")
+            res = least_squares(residuals, params, jac=jacobian, method="lm")
         if not np.all(np.isfinite(res.x)):
             raise AstrometryFailed("camera fit did not converge")
         params = res.x
