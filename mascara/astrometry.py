@@ -62,8 +62,8 @@ def measure_centroids(
     ``XWIN``) refines it. For a PSF symmetric about its centre, which a Gaussian
     trailed along a straight line is, that fixed point is the centre, free of
     the truncation bias of a plain box centroid. The local sky is the median of
-    the ring of pixels just outside the window region (a (box+6)^2 cut-out edge)
-    and is subtracted first. Vectorised over stars (no per-star Python loop).
+    the edge of a cut-out 3 px larger than the box (COM step) or 2 px beyond
+    4 window sigmas (windowed step), subtracted first. Vectorised over stars.
 
     Parameters
     ----------
@@ -121,23 +121,30 @@ def measure_centroids(
         cx = np.where(alive, cx, x[idx])
         cy = np.where(alive, cy, y[idx])
 
-    # Windowed centroid on a fixed cut-out around the COM position.
+    # Windowed centroid on a fixed cut-out around the COM position; the
+    # Gaussian window is separable, so the sums are two small contractions.
+    whalf = int(np.ceil(4 * window_sigma))
+    wring = whalf + 2
     ix, iy = np.rint(cx).astype(int), np.rint(cy).astype(int)
-    cut, inside = _cutouts(image, ix, iy, ring)
+    cut, inside = _cutouts(image, ix, iy, wring)
     alive &= inside
-    sky = np.median(cut[:, edge], axis=1)
-    sub = cut - sky[:, None, None]
-    gx = ix[:, None, None] + off[None, None, :]
-    gy = iy[:, None, None] + off[None, :, None]
+    wedge = np.ones((2 * wring + 1, 2 * wring + 1), bool)
+    wedge[1:-1, 1:-1] = False
+    sky = np.median(cut[:, wedge], axis=1)
+    sub = cut[:, 2:-2, 2:-2] - sky[:, None, None]
+    woff = np.arange(-whalf, whalf + 1, dtype=float)
     converged = np.zeros(len(idx), bool)
     for _ in range(niter):
-        dx = gx - cx[:, None, None]
-        dy = gy - cy[:, None, None]
-        w = np.exp(-(dx * dx + dy * dy) / (2 * window_sigma**2)) * sub
-        sw = w.sum(axis=(1, 2))
+        dx = (ix - cx)[:, None] + woff[None, :]
+        dy = (iy - cy)[:, None] + woff[None, :]
+        wx = np.exp(-dx * dx / (2 * window_sigma**2))
+        wy = np.exp(-dy * dy / (2 * window_sigma**2))
+        rows = np.einsum("nji,ni->nj", sub, wx)  # sum over x with the x window
+        cols = np.einsum("nji,nj->ni", sub, wy)
+        sw = np.einsum("nj,nj->n", rows, wy)
         with np.errstate(invalid="ignore", divide="ignore"):
-            stepx = 2.0 * (w * dx).sum(axis=(1, 2)) / sw
-            stepy = 2.0 * (w * dy).sum(axis=(1, 2)) / sw
+            stepx = 2.0 * np.einsum("ni,ni->n", cols, wx * dx) / sw
+            stepy = 2.0 * np.einsum("nj,nj->n", rows, wy * dy) / sw
         stepx = np.clip(np.nan_to_num(stepx), -1.0, 1.0)
         stepy = np.clip(np.nan_to_num(stepy), -1.0, 1.0)
         cx = cx + stepx
