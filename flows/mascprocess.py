@@ -1,0 +1,173 @@
+"""``mascprocess``: reduce nights from the command line (SPEC §9) with the ``reduce-night`` flow.
+
+Without ``PREFECT_API_URL`` Prefect starts a temporary local server for the
+run (ephemeral mode, about 20 s); with it, the run shows in that server's UI.
+``--no-prefect`` runs the library's sequential driver instead, with the same
+catalog bookkeeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Before Prefect is imported: its settings are read once, at import.
+_PREFECT_ENV = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+}
+
+
+def _prepare_environment(args: argparse.Namespace) -> None:
+    for k, v in _PREFECT_ENV.items():
+        os.environ.setdefault(k, v)
+    level = "WARNING" if (args.quiet or not args.verbose) else "INFO"
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", level)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "websockets", "numba", "distributed", "asyncio", "aiosqlite", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load_settings(path: str | None) -> dict | None:
+    if not path:
+        return None
+    return json.loads(Path(path).read_text())
+
+
+class RichProgress:
+    """Progress bars per camera-night: frames and batches (a ``ProgressSink``)."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
+            TextColumn("{task.fields[batches]}"), TimeElapsedColumn(), TextColumn("{task.fields[state]}"),
+            transient=False,
+        )
+        self.tasks: dict[str, Any] = {}
+        self.nbatches: dict[str, list[int]] = {}
+
+    def __enter__(self) -> RichProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def night_planned(self, night_id: str, nframes: int, nbatches: int) -> None:
+        self.nbatches[night_id] = [0, nbatches, 0]
+        self.tasks[night_id] = self.progress.add_task(night_id, total=nframes, batches=f"0/{nbatches} batches",
+                                                      state="")
+
+    def batch_done(self, night_id: str, nframes: int, ok: bool) -> None:
+        counts = self.nbatches[night_id]
+        counts[0 if ok else 2] += 1
+        failed = f", {counts[2]} failed" if counts[2] else ""
+        self.progress.update(self.tasks[night_id], advance=nframes,
+                             batches=f"{counts[0]}/{counts[1]} batches{failed}")
+
+    def night_finished(self, night_id: str, state: str, message: str) -> None:
+        colour = {"succeeded": "green"}.get(state, "red")
+        self.progress.update(self.tasks[night_id], state=f"[{colour}]{state}")
+
+
+def cli_mascprocess(args: argparse.Namespace) -> int:
+    """Handler of ``mascprocess`` and ``mascara process`` (arguments: mascara.cli.add_mascprocess_arguments)."""
+    _prepare_environment(args)
+    settings = _load_settings(args.settings)
+    if args.no_prefect:
+        return run_without_prefect(args.datadir, args.night, args.camera, args.site, args.overwrite, args.db,
+                                   settings, quiet=args.quiet)
+
+    from flows.reduce_night import flow_with_runner, set_progress_sink
+
+    flow_obj = flow_with_runner(args.dask_address)
+    params = dict(datadir=args.datadir, nights=args.night or "all", cameras=args.camera, site=args.site,
+                  overwrite=args.overwrite, db_url=args.db, settings=settings)
+    t0 = time.perf_counter()
+    if args.quiet:
+        state = flow_obj(**params, return_state=True)
+    else:
+        with RichProgress() as bars:
+            set_progress_sink(bars)
+            try:
+                state = flow_obj(**params, return_state=True)
+            finally:
+                set_progress_sink(None)
+    seconds = time.perf_counter() - t0
+    if state.is_completed():
+        if not args.quiet:
+            print(f"reduced {len(state.result())} camera-night(s) in {seconds:.1f} s; "
+                  f"see `mascara status {args.datadir}`")
+        return 0
+    print(f"reduction failed after {seconds:.1f} s: {state.message}", file=sys.stderr)
+    return 1
+
+
+def run_without_prefect(datadir: str, night: str | None, camera: str | None, site: str | None,
+                        overwrite: bool = False, db: str | None = None, settings: dict | None = None,
+                        quiet: bool = False) -> int:
+    """Reduce with :func:`mascara.reduce.reduce_camera_night`, one camera-night after the other.
+
+    The catalog is kept exactly as the flow keeps it (runs, batches, frames,
+    products, moves), so ``mascara status`` and resumes work the same way.
+    """
+    from flows import _runs
+    from mascara.catalog import LeaseHeld
+    from mascara.catalog._engine import resolve_url
+    from mascara.rawio import find_night_dirs
+    from mascara.reduce import plan_camera_night, reduce_camera_night
+    from mascara.settings import Settings
+
+    datadir = str(Path(datadir).resolve())
+    db_url = resolve_url(db, datadir)
+    s = Settings.from_dict(settings)
+    found = find_night_dirs(datadir, _runs.parse_nights(night or "all"), _runs.parse_letters(camera),
+                            _runs.parse_letters(site))
+    if not found:
+        print(f"no night directories in {datadir}", file=sys.stderr)
+        return 1
+    status = 0
+    with _runs.Heartbeat(db_url) as heartbeat:
+        for nd in found:
+            t0 = time.perf_counter()
+            plan = plan_camera_night(nd, s)
+            try:
+                handle = _runs.open_run(db_url, plan, overwrite=overwrite, pid=os.getpid(),
+                                        host=socket.gethostname())
+            except LeaseHeld as exc:
+                print(f"{nd.night_id}: {exc}", file=sys.stderr)
+                status = 1
+                continue
+            heartbeat.run_ids.add(handle.run_id)
+            cat = _runs.catalog(db_url)
+
+            def on_batch(outcome: Any, handle: _runs.RunHandle = handle) -> None:
+                cat.batch_started(handle.run_id, outcome.batch)
+                _runs.record_batch(handle, outcome)
+
+            try:
+                result = reduce_camera_night(nd.path, s, skip=handle.done, on_batch=on_batch)
+                _runs.record_products(handle, result.products)
+                cat.finish_run(handle.run_id, "succeeded")
+            except Exception as exc:
+                cat.finish_run(handle.run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+                print(f"{nd.night_id}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                status = 1
+                continue
+            finally:
+                heartbeat.run_ids.discard(handle.run_id)
+            if not quiet:
+                print(f"{nd.night_id}: {handle.decision} run, {len(result.batches)} batches reduced, "
+                      f"{len(result.skipped)} reused, {time.perf_counter() - t0:.1f} s")
+    return status

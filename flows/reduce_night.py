@@ -1,0 +1,486 @@
+"""The Prefect flow ``reduce-night``: nights -> cameras -> 50-frame batches.
+
+Tasks are thin wrappers of :mod:`mascara.reduce` plus catalog updates
+(:mod:`flows._runs`).  Per camera-night::
+
+    start-<night>     catalog: register, lease, resume or move old outputs aside
+    prepare-<night>   master calibration and the night's camera solution
+    batch-<night>-<b> one task per batch, all batches of all cameras concurrent
+    split-<night>     StarSplitter.add of finished batch files, beside the batches
+    combine-<night>   fLC/sLC night files, products, summary artifacts
+
+The catalog decides what is done (a batch row ``succeeded`` under the run's
+fingerprint whose file exists with the recorded sha256).  Prefect's cache is a
+view of it: batch results are persisted under a key of the batch's inputs,
+the reduction fingerprint and the code (not the flow run), so a resumed night
+shows its finished batches as ``Cached``; batches the catalog does not call
+done are submitted with ``refresh_cache`` and always run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import queue
+import socket
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+from prefect.runtime import flow_run as runtime_flow_run
+from prefect.runtime import task_run as runtime_task_run
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+
+from flows import _runs, faults
+from mascara.catalog import LeaseHeld
+
+#: Exceptions worth retrying: I/O trouble and lost database connections.
+#: Bad data never reaches here: rejected frames are recorded by the library.
+TRANSIENT = (OSError, TimeoutError, OperationalError, InterfaceError, DisconnectionError)
+#: Retries of a task on a transient error, with exponential backoff from RETRY_BACKOFF seconds.
+RETRIES = 3
+RETRY_BACKOFF = float(os.environ.get("MASCARA_RETRY_BACKOFF", "10"))
+
+
+# --------------------------------------------------------------------------- task policies
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    return isinstance(exc, TRANSIENT)
+
+
+def retry_on_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """``retry_condition_fn``: retry I/O and database-connection errors, nothing else."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return is_transient(exc)
+
+
+def batch_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Cache key of a batch: night, batch, reduction fingerprint and code; not the flow run."""
+    h: _runs.RunHandle = parameters["handle"]
+    blob = json.dumps([h.night_path, h.night_id, int(parameters["batch"]), h.fingerprint_key, _runs.code_hash()])
+    return "batch-" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+_transient_task = dict(retries=RETRIES, retry_delay_seconds=exponential_backoff(RETRY_BACKOFF),
+                       retry_jitter_factor=0.2, retry_condition_fn=retry_on_transient)
+
+
+@lru_cache(maxsize=32)
+def _plan(night_path: str, settings_json: str) -> Any:
+    from mascara.reduce import plan_camera_night
+    from mascara.settings import Settings
+
+    return plan_camera_night(night_path, Settings.from_dict(json.loads(settings_json)))
+
+
+def _ctx(plan: Any) -> Any:
+    from mascara.reduce import prepare_camera_night
+
+    return prepare_camera_night(plan)  # reads work/context.json once it exists
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@task(name="start", task_run_name="start-{night_id}", cache_policy=NO_CACHE, **_transient_task)
+def start_camera_night(night_id: str, night_path: str, settings_json: str, db_url: str, overwrite: bool,
+                       flow_run_id: str | None, host: str, pid: int) -> _runs.RunHandle:
+    """Open the catalog run of a camera-night: lease, resume or move aside, register batches."""
+    plan = _plan(night_path, settings_json)
+    return _runs.open_run(db_url, plan, overwrite=overwrite, flow_run_id=flow_run_id, host=host, pid=pid)
+
+
+@task(name="prepare", task_run_name="prepare-{night_id}", cache_policy=NO_CACHE, **_transient_task)
+def prepare_task(night_id: str, handle: _runs.RunHandle, settings_json: str) -> dict:
+    """Master calibration and the night's camera solution (cached in ``work/context.json``)."""
+    ctx = _ctx(_plan(handle.night_path, settings_json))
+    return {"master_kind": ctx.master_kind, "solution": ctx.solution_info}
+
+
+@task(name="batch", task_run_name="batch-{night_id}-{batch:07d}", cache_key_fn=batch_cache_key,
+      persist_result=True, **_transient_task)
+def batch_task(night_id: str, batch: int, handle: _runs.RunHandle, settings_json: str) -> dict:
+    """Reduce one batch and record it; a batch the catalog already has is returned as it is."""
+    from mascara.reduce import reduce_batch
+
+    plan = _plan(handle.night_path, settings_json)
+    cat = _runs.catalog(handle.db_url)
+    known = handle.done.get(batch)
+    path = plan.batch_path(batch)
+    if known is not None and path.is_file() and _runs.file_sha256(path) == known:
+        # done before, but Prefect's result of it was lost (e.g. killed before persisting)
+        return {"batch": batch, "path": str(path), "sha256": known, "nframes": len(plan.batches[batch]),
+                "reused": True}
+    cat.batch_started(handle.run_id, batch)
+    try:
+        faults.maybe_fail(night_id, batch, runtime_task_run.run_count or 1)
+        outcome = reduce_batch(plan, _ctx(plan), batch)
+        _runs.record_batch(handle, outcome)
+    except Exception as exc:
+        cat.batch_failed(handle.run_id, batch, f"{type(exc).__name__}: {exc}")
+        raise
+    return {"batch": batch, "path": outcome.path, "sha256": outcome.sha256, "nframes": len(plan.batches[batch]),
+            "accepted": len(outcome.accepted), "rejected": len(outcome.rejected), "astro_rms": outcome.astro_rms,
+            "flagged": outcome.flagged, "cpu_seconds": sum(outcome.timings.values()), "reused": False}
+
+
+@task(name="split", task_run_name="split-{night_id}", cache_policy=NO_CACHE, **_transient_task)
+def split_task(night_id: str, handle: _runs.RunHandle, settings_json: str, batches: list[tuple[str, str]]) -> dict:
+    """Split finished batch files by star into ``work/`` (StarSplitter; one writer per night).
+
+    Splitting is an optimisation of the combine step, which re-adds any batch
+    the store lacks, so a failure here is logged and not raised.
+    """
+    from mascara.lightcurves import StarSplitter
+    from mascara.reduce import diagnostic_ids, load_stars
+
+    plan = _plan(handle.night_path, settings_json)
+    splitter = StarSplitter(plan.workdir, diagnostic_ids(load_stars(plan.settings)))
+    added = skipped = 0
+    errors = []
+    for path, sha in batches:
+        try:
+            if splitter.add(path, sha):
+                added += 1
+            else:
+                skipped += 1
+        except Exception as exc:  # noqa: BLE001 - the combine re-adds it
+            get_run_logger().warning("splitting %s failed: %s", path, exc)
+            errors.append(f"{Path(path).name}: {exc}")
+    return {"added": added, "skipped": skipped, "errors": errors}
+
+
+@task(name="combine", task_run_name="combine-{night_id}", cache_policy=NO_CACHE, **_transient_task)
+def combine_task(night_id: str, handle: _runs.RunHandle, settings_json: str) -> dict:
+    """Write the fLC/sLC night files (idempotent), record them, end the run, publish artifacts."""
+    from mascara.reduce import combine_camera_night
+
+    plan = _plan(handle.night_path, settings_json)
+    paths = [str(plan.batch_path(b)) for b in plan.batches]
+    products = combine_camera_night(plan, _ctx(plan), paths)
+    files = _runs.record_products(handle, products)
+    summary = night_summary(plan, paths, files)
+    _runs.catalog(handle.db_url).finish_run(handle.run_id, "succeeded")
+    _publish_summary(handle, summary, files)
+    return {"night_id": night_id, "summary": summary, "files": files}
+
+
+# --------------------------------------------------------------------------- summaries and artifacts
+
+
+def night_summary(plan: Any, batch_paths: list[str], files: list[dict]) -> dict[str, Any]:
+    """Frames, rejected frames, batches, stars and astrometry rms of a reduced night (from its batch files)."""
+    import h5py
+    import numpy as np
+
+    nframes = nrej = nflag = 0
+    rms = []
+    for p in batch_paths:
+        with h5py.File(p, "r") as f:
+            a = json.loads(f.attrs["attrs"])  # batch-file attributes (mascara.lightcurves.write_batch_file)
+            nframes += int(a["nframes"])
+            rejected = a["rejected"]
+            nrej += len(json.loads(rejected) if isinstance(rejected, str) else rejected)
+            if bool(a["astro_ok"]) and np.isfinite(a["astro_rms"]):
+                rms.append(float(a["astro_rms"]))
+            else:
+                nflag += 1
+    stars = {f["kind"]: f["nstars"] for f in files}
+    return {
+        "night": plan.night.night_id, "frames": nframes, "rejected": nrej, "batches": len(batch_paths),
+        "batches_flagged": nflag, "stars_fLC": stars.get("fLC"), "stars_sLC": stars.get("sLC"),
+        "astro_rms_median_px": round(float(np.median(rms)), 4) if rms else None,
+        "astro_rms_max_px": round(float(np.max(rms)), 4) if rms else None,
+    }
+
+
+def _artifact_key(night_id: str, what: str) -> str:
+    return f"{night_id.lower()}-{what}"
+
+
+def _publish_summary(handle: _runs.RunHandle, summary: dict, files: list[dict]) -> None:
+    create_table_artifact(key=_artifact_key(handle.night_id, "summary"), table=[summary],
+                          description=f"Reduction of {handle.night_id} ({handle.decision} run {handle.run_id})")
+    lines = [f"# {handle.night_id}: output files", ""]
+    lines += [f"- **{f['kind']}**: [{f['path']}](file://{f['path']}) ({f['size'] / 1e6:.1f} MB, "
+              f"{f['nstars']} stars, sha256 `{f['sha256'][:16]}...`)" for f in files]
+    night = Path(handle.night_path)
+    for sub in ("astrometry", "work"):
+        lines.append(f"- {sub}/: [{night / sub}](file://{night / sub})")
+    if handle.moves:
+        lines += ["", "Old outputs moved aside before this run:", ""]
+        lines += [f"- `{src}` -> `{dst or 'erased'}`" for src, dst in handle.moves]
+    create_markdown_artifact(key=_artifact_key(handle.night_id, "outputs"), markdown="\n".join(lines),
+                             description=f"Output files of {handle.night_id}")
+
+
+# --------------------------------------------------------------------------- progress reporting
+
+
+class ProgressSink(Protocol):
+    """Receives progress in the flow's process (``mascprocess`` draws bars with it)."""
+
+    def night_planned(self, night_id: str, nframes: int, nbatches: int) -> None: ...
+    def batch_done(self, night_id: str, nframes: int, ok: bool) -> None: ...
+    def night_finished(self, night_id: str, state: str, message: str) -> None: ...
+
+
+_SINK: ProgressSink | None = None
+
+
+def set_progress_sink(sink: ProgressSink | None) -> None:
+    """Report progress of flows run in this process to ``sink`` (None: stop)."""
+    global _SINK
+    _SINK = sink
+
+
+def _notify(method: str, *args: Any) -> None:
+    if _SINK is not None:
+        try:
+            getattr(_SINK, method)(*args)
+        except Exception:  # noqa: BLE001 - a progress bar never breaks a reduction
+            pass
+
+
+# --------------------------------------------------------------------------- the flow
+
+
+@dataclasses.dataclass
+class _Night:
+    """Book-keeping of one camera-night inside the flow."""
+
+    night_id: str
+    night_path: str
+    nframes: int
+    batches: dict[int, int]  # batch -> frames
+    handle: _runs.RunHandle | None = None
+    left: set[int] = dataclasses.field(default_factory=set)
+    done_frames: int = 0
+    failed: list[str] = dataclasses.field(default_factory=list)
+    split_pending: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    split_busy: bool = False
+    combine_submitted: bool = False
+    state: str = "pending"  # pending, running, succeeded, failed, locked
+    message: str = ""
+    progress_id: Any = None
+    result: dict | None = None
+
+
+def _settings_json(settings: dict | str | None) -> str:
+    from mascara.settings import Settings
+
+    if isinstance(settings, str):
+        settings = json.loads(settings) if settings.strip() else None
+    return json.dumps(Settings.from_dict(settings or None).to_dict(), sort_keys=True, default=list)
+
+
+@flow(name="reduce-night", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2))
+def reduce_night(
+    datadir: str,
+    nights: str | int | list[str | int] | None = None,
+    cameras: str | list[str] | None = None,
+    site: str | None = None,
+    overwrite: bool = False,
+    db_url: str | None = None,
+    settings: dict[str, Any] | None = None,
+) -> list[dict]:
+    """Reduce camera-nights of ``datadir``: one task per 50-frame batch, all cameras at once.
+
+    Parameters
+    ----------
+    datadir : directory holding ``<YYYYMMDD><SITE><CAM>/raw/`` night directories.
+    nights : ``"20260301+20260302"``, ``20260301``, a list, ``"all"``; empty or
+        ``"yesterday"``: the previous night (UTC date of yesterday).
+    cameras : letters ``"E+S"`` or a list; empty: all cameras found.
+    site : ``LP``/``LS``; empty: every site found.
+    overwrite : erase old outputs of a completed or changed reduction instead
+        of renaming them to ``<name>_old`` (SPEC §9).
+    db_url : catalog URL; default ``$MASCARA_DB_URL`` or ``<datadir>/catalog.sqlite``.
+    settings : :class:`mascara.settings.Settings` overrides.
+
+    Returns
+    -------
+    One summary per camera-night; the flow fails if any camera-night failed.
+    """
+    from mascara.catalog._engine import resolve_url
+    from mascara.rawio import find_night_dirs
+
+    logger = get_run_logger()
+    datadir = str(Path(datadir).resolve())
+    db_url = resolve_url(db_url, datadir)
+    night_list = _runs.parse_nights(nights)
+    sjson = _settings_json(settings)
+    found = find_night_dirs(datadir, night_list, _runs.parse_letters(cameras), _runs.parse_letters(site))
+    if not found:
+        raise ValueError(f"no night directories in {datadir} for nights={night_list} cameras={cameras} site={site}")
+    flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
+    host, pid = socket.gethostname(), os.getpid()
+
+    nights_: dict[str, _Night] = {}
+    events: queue.Queue = queue.Queue()
+
+    def track(fut: Any, kind: str, night_id: str, payload: Any = None) -> None:
+        fut.add_done_callback(lambda f: events.put((kind, night_id, payload, f)))
+
+    for nd in found:
+        plan = _plan(str(nd.path), sjson)
+        n = _Night(night_id=nd.night_id, night_path=str(nd.path), nframes=len(plan.frames),
+                   batches={b: len(fr) for b, fr in plan.batches.items()})
+        nights_[n.night_id] = n
+        if not plan.batches:
+            n.state, n.message = "failed", "no science frames"
+            continue
+        _notify("night_planned", n.night_id, n.nframes, len(n.batches))
+        n.progress_id = create_progress_artifact(0.0, key=_artifact_key(n.night_id, "progress"),
+                                                 description=f"{n.night_id}: batches reduced")
+        start = start_camera_night.submit(n.night_id, n.night_path, sjson, db_url, overwrite, flow_run_id,
+                                          host, pid)
+        track(start, "start", n.night_id)
+    logger.info("reduce-night: %d camera-night(s): %s", len(nights_), ", ".join(nights_))
+
+    def open_nights() -> list[_Night]:
+        return [n for n in nights_.values() if n.state in ("pending", "running")]
+
+    def end_night(n: _Night, state: str, message: str) -> None:
+        n.state, n.message = state, message
+        if n.handle is not None and state == "failed":
+            try:
+                _runs.catalog(db_url).finish_run(n.handle.run_id, "failed", error=message[:2000])
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("%s: could not end run in the catalog: %s", n.night_id, exc)
+        if n.handle is not None:
+            heartbeat.run_ids.discard(n.handle.run_id)
+        _notify("night_finished", n.night_id, state, message)
+        (logger.info if state == "succeeded" else logger.error)("%s: %s %s", n.night_id, state, message)
+
+    def maybe_split_or_combine(n: _Night) -> None:
+        if n.state != "running" or n.split_busy:
+            return
+        if n.split_pending:
+            fut = split_task.submit(n.night_id, n.handle, sjson, list(n.split_pending))
+            n.split_pending.clear()
+            n.split_busy = True
+            track(fut, "split", n.night_id)
+        elif not n.left and not n.combine_submitted:
+            if n.failed:
+                end_night(n, "failed", f"{len(n.failed)} batch(es) failed: " + "; ".join(n.failed[:5]))
+                return
+            n.combine_submitted = True
+            track(combine_task.submit(n.night_id, n.handle, sjson), "combine", n.night_id)
+
+    with _runs.Heartbeat(db_url) as heartbeat:
+        try:
+            while open_nights():
+                try:
+                    kind, night_id, payload, fut = events.get(timeout=5.0)
+                except queue.Empty:
+                    continue
+                n = nights_[night_id]
+                fut.wait()
+                st = fut.state
+                if not st.is_completed():
+                    err = _state_error(st)
+                    if kind == "start":
+                        end_night(n, "locked" if "LeaseHeld" in err else "failed", err)
+                    elif kind == "batch":
+                        n.failed.append(f"batch {payload}: {err}")
+                        n.left.discard(payload)
+                        _notify("batch_done", n.night_id, n.batches[payload], False)
+                        maybe_split_or_combine(n)
+                    elif kind == "split":  # never raises on data; a crash here is not fatal either
+                        n.split_busy = False
+                        maybe_split_or_combine(n)
+                    else:
+                        end_night(n, "failed", f"{kind}: {err}")
+                    continue
+                if kind == "start":
+                    n.handle = fut.result()
+                    n.state = "running"
+                    heartbeat.run_ids.add(n.handle.run_id)
+                    track(prepare_task.submit(n.night_id, n.handle, sjson), "prepare", n.night_id)
+                elif kind == "prepare":
+                    n.left = set(n.batches)
+                    for b in n.batches:
+                        t = batch_task if b in n.handle.done else batch_task.with_options(refresh_cache=True)
+                        track(t.submit(n.night_id, b, n.handle, sjson), "batch", n.night_id, b)
+                    logger.info("%s: %s run, %d batches submitted (%d already done)", n.night_id,
+                                n.handle.decision, len(n.batches), len(n.handle.done))
+                elif kind == "batch":
+                    res = fut.result()
+                    n.left.discard(payload)
+                    n.done_frames += n.batches[payload]
+                    n.split_pending.append((res["path"], res["sha256"]))
+                    _notify("batch_done", n.night_id, n.batches[payload], True)
+                    done = len(n.batches) - len(n.left)
+                    try:
+                        update_progress_artifact(n.progress_id, 100.0 * done / len(n.batches),
+                                                 description=f"{n.night_id}: {done}/{len(n.batches)} batches, "
+                                                             f"{n.done_frames}/{n.nframes} frames")
+                    except Exception as exc:  # noqa: BLE001 - progress is cosmetic
+                        logger.debug("progress artifact: %s", exc)
+                    maybe_split_or_combine(n)
+                elif kind == "split":
+                    n.split_busy = False
+                    maybe_split_or_combine(n)
+                elif kind == "combine":
+                    n.result = fut.result()
+                    end_night(n, "succeeded", json.dumps(n.result["summary"]))
+        finally:
+            for n in open_nights():
+                end_night(n, "failed", "flow ended before this camera-night finished")
+
+    results = [{"night_id": n.night_id, "state": n.state, "message": n.message,
+                **(n.result or {})} for n in nights_.values()]
+    bad = [r for r in results if r["state"] != "succeeded"]
+    if bad:
+        raise RuntimeError("camera-nights not reduced: " + "; ".join(f"{r['night_id']} {r['state']}: "
+                                                                     f"{r['message'][:300]}" for r in bad))
+    return results
+
+
+def _state_error(state: Any) -> str:
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as e:  # noqa: BLE001
+        exc = e
+    if isinstance(exc, BaseException):
+        return f"{type(exc).__name__}: {exc}"
+    return f"{state.type.value}: {state.message}"
+
+
+def task_runner_for(dask_address: str | None) -> Any:
+    """The task runner: threads (default), or Dask at ``tcp://...`` or on a ``local`` cluster."""
+    if not dask_address:
+        return ThreadPoolTaskRunner(max_workers=int(os.environ.get("MASCARA_FLOW_WORKERS", os.cpu_count() or 2)))
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address == "local":
+        nworkers = int(os.environ.get("MASCARA_FLOW_WORKERS", os.cpu_count() or 2))
+        return DaskTaskRunner(cluster_kwargs={"n_workers": nworkers, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None})
+    return DaskTaskRunner(address=dask_address)
+
+
+def flow_with_runner(dask_address: str | None = None) -> Any:
+    """``reduce_night`` with the task runner of :func:`task_runner_for`."""
+    return reduce_night.with_options(task_runner=task_runner_for(dask_address))
+
+
+# Deployments pick the runner from the environment of the worker (see prefect.yaml).
+if os.environ.get("MASCARA_DASK_ADDRESS"):
+    reduce_night = flow_with_runner(os.environ["MASCARA_DASK_ADDRESS"])
