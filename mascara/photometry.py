@@ -17,9 +17,13 @@ Conventions
 - The sky is the median of the annulus after iterative 3-sigma clipping around
   the median with the standard deviation (``ddof=0``), repeated until no pixel
   is rejected or 10 times; ``esky`` is the standard deviation of the kept
-  pixels and ``nsky`` their number. This is exactly
+  pixels and ``nsky`` their number: the estimator of
   ``ApertureStats(data, annulus, sigma_clip=SigmaClip(sigma=3, maxiters=10))``
-  ``.median`` / ``.std``. Why a clipped median rather than the DAOPHOT
+  ``.median`` / ``.std``. For speed the clipping runs on a 512-bin histogram
+  of the annulus (bins <= sigma/16 wide) and only the final median is read
+  exactly from the pixels; a pixel right at a clipping bound can be decided
+  differently, so the sky agrees with photutils to ~0.02 sigma and ``esky``
+  to ~1 %. Degenerate annuli (e.g. constant) use an exact quickselect. Why a clipped median rather than the DAOPHOT
   ``3 median - 2 mean`` mode: stars in the annulus are clipped as high
   outliers either way, and the median has about half the noise of the mode
   estimator on a Gaussian background (variance 1.57 vs about 6 sigma^2/n),
@@ -160,6 +164,192 @@ def _clipped_median(a, n, nsigma, maxiters):
     return med, std, n
 
 
+NBINS = 512
+
+
+@njit(cache=True)
+def _bin_stats(buf, n, lo_edge, width, ref, cnt, ssum, ssq, outl):
+    """Histogram ``buf[:n]`` into ``NBINS`` bins from ``lo_edge``; values outside go to ``outl``.
+
+    Per bin: count, and the sum and sum of squares of ``centre - ref`` (bin
+    centres stand for the values: with bins under sigma/16 wide the std is
+    off by under 1e-3 relative). Returns the number of outliers.
+    """
+    for b in range(NBINS):
+        cnt[b] = 0.0
+    inv = 1.0 / width
+    nout = 0
+    for t in range(n):
+        v = buf[t]
+        u = (v - lo_edge) * inv
+        if u >= 0.0 and u < NBINS:
+            cnt[int(u)] += 1.0
+        else:
+            outl[nout] = v
+            nout += 1
+    for b in range(NBINS):
+        d = lo_edge + (b + 0.5) * width - ref
+        ssum[b] = cnt[b] * d
+        ssq[b] = cnt[b] * d * d
+    return nout
+
+
+@njit(cache=True)
+def _cumulate(cnt, ssum, ssq, ccnt, csum, csq):
+    ccnt[0] = 0.0
+    csum[0] = 0.0
+    csq[0] = 0.0
+    for b in range(NBINS):
+        ccnt[b + 1] = ccnt[b] + cnt[b]
+        csum[b + 1] = csum[b] + ssum[b]
+        csq[b + 1] = csq[b] + ssq[b]
+
+
+@njit(cache=True)
+def _bin_of_rank(ccnt, blo, bhi, r):
+    """Bin holding rank ``r`` (0-based) among bins ``blo..bhi``, by bisection."""
+    target = ccnt[blo] + r
+    a = blo
+    b = bhi
+    while a < b:
+        mid = (a + b) >> 1
+        if ccnt[mid + 1] > target:
+            b = mid
+        else:
+            a = mid + 1
+    return a
+
+
+@njit(cache=True)
+def _values_at_ranks(buf, n, lo_edge, width, b1, b2, r1, r2, work):
+    """Mean of the exact values of ranks ``r1 <= r2`` among the elements of bins ``b1..b2``."""
+    inv = 1.0 / width
+    m = 0
+    for t in range(n):
+        # Branch-free append: several times faster than a conditional store.
+        v = buf[t]
+        u = (v - lo_edge) * inv
+        work[m] = v
+        m += (u >= b1) & (u < b2 + 1)
+    v1 = _select(work, m, r1)
+    if r2 == r1:
+        return v1
+    # After the selection every work[r1 + 1:] >= v1: rank r2 = r1 + 1 is their minimum.
+    v2 = work[r1 + 1]
+    for t in range(r1 + 2, m):
+        v2 = min(v2, work[t])
+    return 0.5 * (v1 + v2)
+
+
+@njit(cache=True)
+def _fast_clipped_median(buf, n, vmin, vmax, nsigma, maxiters, h):
+    """:func:`_clipped_median` on a histogram, without reordering ``buf``.
+
+    The kept set is tracked as a range of histogram bins (a bin is kept when
+    its centre lies within the clipping bounds) plus the exact outliers that
+    fell outside the histogram; counts, means and stds come from per-bin
+    prefix sums, so each clipping round costs O(log NBINS). Bins are at most
+    sigma/16 wide, so the kept set differs from the exact one only by the
+    rare pixel inside a boundary bin. The final median is exact for the kept
+    set (its bin is re-read from ``buf``); the std uses bin centres.
+
+    Returns ``(median, std, nkept, ok)``; ``ok`` is False when the histogram
+    cannot answer (degenerate distributions) and the caller must fall back.
+    """
+    cnt = h[0]
+    ssum = h[1]
+    ssq = h[2]
+    ccnt = h[3]
+    csum = h[4]
+    csq = h[5]
+    outl = h[6]
+    work = h[7]
+    if not vmax > vmin:
+        return 0.0, 0.0, 0, False
+    # Pass 1 spans [vmin, vmax]; refine around the median when too coarse.
+    width = (vmax - vmin) / NBINS * (1.0 + 1e-12)
+    lo_edge = vmin
+    ref = 0.5 * (vmin + vmax)
+    nout = _bin_stats(buf, n, lo_edge, width, ref, cnt, ssum, ssq, outl)
+    _cumulate(cnt, ssum, ssq, ccnt, csum, csq)
+    b16 = _bin_of_rank(ccnt, 0, NBINS - 1, int(0.1587 * n))
+    b50 = _bin_of_rank(ccnt, 0, NBINS - 1, n // 2)
+    b84 = _bin_of_rank(ccnt, 0, NBINS - 1, int(0.8413 * n))
+    if b84 - b16 < 32:
+        s = 0.5 * (b84 - b16 + 1) * width
+        centre = lo_edge + (b50 + 0.5) * width
+        width = 16.0 * s / NBINS
+        lo_edge = centre - 8.0 * s
+        ref = centre
+        nout = _bin_stats(buf, n, lo_edge, width, ref, cnt, ssum, ssq, outl)
+        _cumulate(cnt, ssum, ssq, ccnt, csum, csq)
+    hi_edge = lo_edge + NBINS * width
+
+    blo = 0
+    bhi = NBINS - 1
+    lo = -np.inf
+    hi = np.inf
+    med = 0.0
+    std = 0.0
+    total = 0
+    for it in range(maxiters + 1):
+        # Statistics of the current kept set.
+        nlow = 0
+        k = ccnt[bhi + 1] - ccnt[blo]
+        sm = csum[bhi + 1] - csum[blo]
+        sq = csq[bhi + 1] - csq[blo]
+        for t in range(nout):
+            v = outl[t]
+            if v >= lo and v <= hi:
+                d = v - ref
+                k += 1.0
+                sm += d
+                sq += d * d
+                if v < lo_edge:
+                    nlow += 1
+        total = int(k)
+        nhist = int(ccnt[bhi + 1] - ccnt[blo])
+        if total < 1:
+            return 0.0, 0.0, 0, False
+        mean = sm / k
+        var = sq / k - mean * mean
+        std = math.sqrt(var) if var > 0.0 else 0.0
+        r1 = (total - 1) // 2 - nlow
+        r2 = total // 2 - nlow
+        if r1 < 0 or r2 >= nhist:
+            return 0.0, 0.0, 0, False
+        b1 = _bin_of_rank(ccnt, blo, bhi, r1)
+        med = lo_edge + (b1 + (r1 - (ccnt[b1] - ccnt[blo]) + 0.5) / cnt[b1]) * width
+        if it == maxiters:
+            break
+        nlo = med - nsigma * std
+        nhi = med + nsigma * std
+        if nhi - nlo < 16.0 * width:
+            return 0.0, 0.0, 0, False
+        nblo = max(int(math.ceil((nlo - lo_edge) / width - 0.5)), 0)
+        nbhi = min(int(math.floor((nhi - lo_edge) / width - 0.5)), NBINS - 1)
+        same = nblo == blo and nbhi == bhi
+        if same:
+            for t in range(nout):
+                v = outl[t]
+                if (v >= nlo and v <= nhi) != (v >= lo and v <= hi):
+                    same = False
+                    break
+        if same:
+            break
+        blo = nblo
+        bhi = nbhi
+        lo = nlo
+        hi = nhi
+    # Exact median of the kept set: re-read the elements of its bin(s).
+    b1 = _bin_of_rank(ccnt, blo, bhi, r1)
+    b2 = _bin_of_rank(ccnt, blo, bhi, r2)
+    base = int(ccnt[b1])
+    med = _values_at_ranks(buf, n, lo_edge, width, b1, b2, int(ccnt[blo]) + r1 - base,
+                           int(ccnt[blo]) + r2 - base, work)
+    return med, std, total, True
+
+
 @njit(cache=True)
 def _sums_kernel(image, x, y, radii, out):
     """Exact aperture sums; pixels outside the image count as zero (as photutils)."""
@@ -214,6 +404,7 @@ def _measure_kernel(
         rmax = max(rmax, radii[k])
     nb = 2 * int(math.ceil(r_out)) + 3
     buf = np.empty(nb * nb, dtype=np.float64)
+    hist = np.empty((8, max(nb * nb, NBINS + 1)), dtype=np.float64)
     sums = np.empty(nr, dtype=np.float64)
     ri2 = r_in * r_in
     ro2 = r_out * r_out
@@ -279,6 +470,9 @@ def _measure_kernel(
 
         # Sky annulus: pixel centres with r_in <= d < r_out.
         m = 0
+        nsat = 0
+        vmin = np.inf
+        vmax = -np.inf
         jlo = max(int(math.ceil(ys - r_out)), 0)
         jhi = min(int(math.floor(ys + r_out)), ny - 1)
         for j in range(jlo, jhi + 1):
@@ -292,13 +486,16 @@ def _measure_kernel(
                 d2 = (i - xs) ** 2 + dy2
                 if d2 < ri2 or d2 >= ro2:
                     continue
-                if raw[j, i] >= saturation:
-                    f |= FLAG_SKY_SATURATED
+                nsat += raw[j, i] >= saturation
                 v = image[j, i]
                 if math.isfinite(v):
                     buf[m] = v
                     m += 1
+                    vmin = min(vmin, v)
+                    vmax = max(vmax, v)
 
+        if nsat > 0:
+            f |= FLAG_SKY_SATURATED
         if m < minsky:
             f |= FLAG_SKY_BAD
             flag[s] = f
@@ -309,7 +506,9 @@ def _measure_kernel(
             esky[s] = np.nan
             nsky[s] = m
             continue
-        bg, sig, nk = _clipped_median(buf, m, nsigma, maxiters)
+        bg, sig, nk, ok = _fast_clipped_median(buf, m, vmin, vmax, nsigma, maxiters, hist)
+        if not ok:
+            bg, sig, nk = _clipped_median(buf, m, nsigma, maxiters)
         sky[s] = bg
         esky[s] = sig
         nsky[s] = nk
