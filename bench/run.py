@@ -1,0 +1,635 @@
+"""Benchmark of the reduction against the real-time budget and against photutils (issue 5).
+
+One run does four things and writes the numbers to ``docs/performance.md``:
+
+1. Simulates one camera-night of full-size frames (4008 x 2672, the shipped
+   catalogue to V = 10) covering at least one complete 50-frame batch, then
+   reduces it with the product's own code (``prepare_camera_night`` and
+   ``reduce_batch``) in a fresh process: CPU seconds per frame per stage, frames
+   per second, the factor over real time (6.4 s per frame), peak memory.
+2. Measures the same per-frame photometry with a plain photutils implementation
+   (exact apertures, sigma-clipped median annulus via ``ApertureStats``) on a
+   few frames of the full batch, at the positions the reduction used, and
+   compares fluxes of unflagged stars.
+3. Night scale: synthetic batch files of a 5,000-frame, 25,000-star
+   camera-night (``bench/combine_night.py`` makes them), split by star as
+   beside the reduction, combined into fLC/sLC, and one star read back.
+4. Prints the report and writes it with the machine, versions and command.
+
+Simulated data and synthetic batch files are cached in ``--out`` (default
+``bench/out/``) between runs.  BLAS/OpenMP/numba threads are limited to one so
+the numbers are single-core ones.
+
+Usage::
+
+    python bench/run.py                 # full run (make bench); ~15 min the first time
+    python bench/run.py --profile       # also a cProfile of the full batch in the report
+    python bench/run.py --quick --out /tmp/b --report /tmp/b/perf.md   # smoke test
+"""
+
+from __future__ import annotations
+
+import os
+
+# single-core numbers: set before numpy/numba load (inherited by spawned children)
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import argparse  # noqa: E402
+import datetime as _dt  # noqa: E402
+import json  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+REAL_TIME = 6.4  # s per frame, one camera
+STAGES = ("read", "calibrate", "positions", "astrometry", "photometry", "binning",
+          "binned_astrometry", "binned_photometry", "write")
+TARGET_CPU_PER_FRAME = 0.10
+TARGET_PHOTUTILS_RATIO = 30.0
+TARGET_FLUX_AGREEMENT = 1e-3
+TARGET_COMBINE_S = 60.0
+TARGET_MEMORY_GB = 4.0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (MB; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_child(target, *args):
+    """Run ``target(*args, queue)`` in a fresh spawned process: its peak memory is its own."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, q))
+    p.start()
+    r = q.get()
+    p.join()
+    if isinstance(r, dict) and "error" in r:
+        raise RuntimeError(f"{target.__name__} failed in the child:\n{r['error']}")
+    return r
+
+
+# --------------------------------------------------------------------------- 1. simulate
+
+
+def leading_frames(night: str, site: str, nframes: int) -> int:
+    """Frames before the first batch boundary of a simulated night of ``nframes`` frames.
+
+    The simulator starts two hours into the night (``NightSimulator``); with this
+    many extra frames in front, the following frames fill whole batches.
+    """
+    from mascara.timeindex import EXPTIME, night_lstseqs
+
+    seqs = night_lstseqs(night, site)
+    start = min(int(2 * 3600 / EXPTIME), len(seqs) - nframes)
+    return int((-seqs[start]) % 50)
+
+
+def simulate(args) -> dict:
+    """Simulate (or reuse from the cache) the benchmark night; returns its description."""
+    from mascara.simulate import SimConfig, simulate_night
+
+    lead = leading_frames(args.night, "LP", args.frames)
+    n = lead + args.frames
+    cfg = SimConfig(site="LP", camera="E", size=args.size, nframes=n, seed=args.seed)
+    datadir = Path(args.out) / "data"
+    key = {"night": args.night, "size": args.size, "nframes": n, "seed": args.seed, "lead": lead}
+    stamp = datadir / "simulated.json"
+    if stamp.exists() and not args.no_cache:
+        old = json.loads(stamp.read_text())
+        if old.get("key") == key and Path(old["night_dir"]).is_dir():
+            old["cached"] = True
+            return old
+    shutil.rmtree(datadir, ignore_errors=True)
+    datadir.mkdir(parents=True)
+    t = time.perf_counter()
+    res = simulate_night(datadir, args.night, cfg)
+    info = {"key": key, "night_dir": res["night_dir"], "frames": res["frames"],
+            "seconds_per_frame": res["seconds_per_frame"], "wall": time.perf_counter() - t}
+    stamp.write_text(json.dumps(info))
+    info["cached"] = False
+    return info
+
+
+# --------------------------------------------------------------------------- 1. reduce
+
+
+def _warm_jit() -> None:
+    """Load the numba kernels (compiled or from the on-disk cache) so no batch pays for it."""
+    from mascara.binning import Stacker
+    from mascara.photometry import measure_apertures
+
+    img = np.full((96, 96), 10.0, np.float32)
+    measure_apertures(img, np.array([48.0]), np.array([48.0]), raw=img.astype(np.uint16))
+    st = Stacker(img.shape, tile=32)
+    st.add(img, np.zeros(st.tiles), np.zeros(st.tiles))
+
+
+def reduce_child(night_dir: str, profile: bool, q) -> None:
+    """Prepare and reduce every batch of the night in this (fresh) process; report timings."""
+    try:
+        from mascara.reduce import plan_camera_night, prepare_camera_night, reduce_batch
+
+        t_imp = time.process_time()
+        _warm_jit()
+        warm = time.process_time() - t_imp
+        out: dict = {"warm_cpu": warm, "rss_start": peak_rss_mb()}
+        plan = plan_camera_night(night_dir)
+        c, w = time.process_time(), time.perf_counter()
+        ctx = prepare_camera_night(plan)
+        out["prepare"] = {"cpu": time.process_time() - c, "wall": time.perf_counter() - w,
+                          "solution": ctx.solution_info, "rss": peak_rss_mb()}
+        out["batches"] = []
+        for b in sorted(plan.batches):
+            c, w = time.process_time(), time.perf_counter()
+            o = reduce_batch(plan, ctx, b)
+            out["batches"].append({
+                "batch": b, "nframes": o.nframes, "timings": o.timings, "cpu": time.process_time() - c,
+                "wall": time.perf_counter() - w, "nstars_fast": o.nstars_fast, "nstars_slow": o.nstars_slow,
+                "astro_rms": o.astro_rms, "flagged": o.flagged, "path": o.path, "rss": peak_rss_mb(),
+            })
+        if profile:
+            import cProfile
+            import io
+            import pstats
+
+            full = max(out["batches"], key=lambda r: r["nframes"])["batch"]
+            pr = cProfile.Profile()
+            pr.enable()
+            reduce_batch(plan, ctx, full)
+            pr.disable()
+            s = io.StringIO()
+            pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(18)
+            out["profile"] = _trim_profile(s.getvalue())
+        out["rss_peak"] = peak_rss_mb()
+        q.put(out)
+    except Exception:  # report the failure to the parent instead of hanging it
+        import traceback
+
+        q.put({"error": traceback.format_exc()})
+
+
+def _trim_profile(text: str) -> str:
+    lines = text.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.strip().startswith("ncalls")), 0)
+    keep = [ln.replace(str(ROOT) + "/", "") for ln in lines[start:] if ln.strip()]
+    return "\n".join(keep)
+
+
+# --------------------------------------------------------------------------- 2. photutils
+
+
+def photutils_photometry(image: np.ndarray, x: np.ndarray, y: np.ndarray, radii, sky_radii) -> dict:
+    """The straightforward photutils pipeline: exact apertures, 3-sigma clipped median annulus."""
+    from astropy.stats import SigmaClip
+    from photutils.aperture import ApertureStats, CircularAnnulus, CircularAperture, aperture_photometry
+
+    pos = np.column_stack([x, y])
+    table = aperture_photometry(image, [CircularAperture(pos, r=r) for r in radii], method="exact")
+    stats = ApertureStats(image, CircularAnnulus(pos, r_in=sky_radii[0], r_out=sky_radii[1]),
+                          sigma_clip=SigmaClip(sigma=3.0, maxiters=10))
+    sky = np.asarray(stats.median, dtype=float)
+    out = {"sky": sky}
+    for k, r in enumerate(radii):
+        out[f"flux{k}"] = np.asarray(table[f"aperture_sum_{k}"], dtype=float) - np.pi * r * r * sky
+    return out
+
+
+def compare_photutils(night_dir: str, batch_path: str, nframes: int) -> dict:
+    """Time photutils and the product's ``measure_apertures`` on the same frames and positions."""
+    from mascara.lightcurves import read_batch_file
+    from mascara.photometry import measure_apertures
+    from mascara.rawio import calibrate, read_frame
+    from mascara.reduce import plan_camera_night, prepare_camera_night
+
+    _warm_jit()
+    plan = plan_camera_night(night_dir)
+    ctx = prepare_camera_night(plan)  # cached in work/context.json by the reduction
+    s = plan.settings
+    master = ctx.master()
+    fast = read_batch_file(batch_path).fast
+    seqs = np.unique(fast["lstseq"])
+    pick = seqs[np.linspace(0, len(seqs) - 1, min(nframes, len(seqs))).round().astype(int)]
+    files = {f.lstseq: f.path for f in plan.frames}
+    rows = []
+    rel: dict[str, list] = {"flux0": [], "flux1": [], "sky": []}
+    sig: dict[str, list] = {"flux0": [], "flux1": []}
+    pipe: list = []
+    for seq in pick:
+        image, raw = calibrate(read_frame(files[int(seq)], ctx.raw_shape), master)
+        sel = fast[fast["lstseq"] == seq]
+        x, y = sel["x"].astype(float), sel["y"].astype(float)
+        c = time.process_time()
+        ph = measure_apertures(image, x, y, s.apertures, s.sky_radii, s.gain, raw=raw, saturation=s.saturation)
+        t_prod = time.process_time() - c
+        c = time.process_time()
+        ref = photutils_photometry(image, x, y, s.apertures, s.sky_radii)
+        t_put = time.process_time() - c
+        ok = (ph["flag"] == 0) & (sel["flag"] == 0)
+        for k in rel:
+            a, b = ph[k][ok], ref[k][ok]
+            rel[k].append(np.abs(a - b) / np.abs(b))
+        for k in ("flux0", "flux1"):
+            sig[k].append(np.abs(ph[k][ok] - ref[k][ok]) / ph[f"e{k}"][ok])
+        # positions are stored as float32 in the batch file, so equal only to ~1e-6
+        pipe.append(np.abs(ph["flux0"][ok] - sel["flux0"][ok]) / np.abs(sel["flux0"][ok]))
+        rows.append({"lstseq": int(seq), "nstars": int(len(sel)), "unflagged": int(ok.sum()),
+                     "product_cpu": t_prod, "photutils_cpu": t_put})
+    allrel = {k: np.concatenate(v) for k, v in rel.items()}
+    return {
+        "frames": rows,
+        "nstars_mean": float(np.mean([r["nstars"] for r in rows])),
+        "product_cpu": float(np.mean([r["product_cpu"] for r in rows])),
+        "photutils_cpu": float(np.mean([r["photutils_cpu"] for r in rows])),
+        "rel": {k: {"max": float(v.max()), "median": float(np.median(v)), "n": int(v.size),
+                    "frac_over": float(np.mean(v > TARGET_FLUX_AGREEMENT)),
+                    "p99": float(np.percentile(v, 99))}
+                for k, v in allrel.items()},
+        "sigma": {k: float(np.concatenate(v).max()) for k, v in sig.items()},
+        "pipeline_rel_max": float(np.concatenate(pipe).max()),
+    }
+
+
+# --------------------------------------------------------------------------- 3. night scale
+
+
+def split_child(paths: list[str], workdir: str, diag: list[str], q) -> None:
+    try:
+        from mascara.lightcurves import StarSplitter
+
+        sp = StarSplitter(workdir, diag)
+        cpu, wall = [], []
+        for p in paths:
+            c, w = time.process_time(), time.perf_counter()
+            sp.add(p)
+            cpu.append(time.process_time() - c)
+            wall.append(time.perf_counter() - w)
+        q.put({"cpu": sum(cpu), "wall": sum(wall), "wall_max": max(wall), "rss": peak_rss_mb()})
+    except Exception:
+        import traceback
+
+        q.put({"error": traceback.format_exc()})
+
+
+def combine_child(paths: list[str], outdir: str, workdir: str, q) -> None:
+    try:
+        from combine_night import GLOBAL
+
+        from mascara.lightcurves import combine_night
+
+        c, w = time.process_time(), time.perf_counter()
+        res = combine_night(paths, outdir, "20260301LPE", GLOBAL, workdir=workdir)
+        q.put({"cpu": time.process_time() - c, "wall": time.perf_counter() - w, "rss": peak_rss_mb(),
+               "nstars_fast": res["nstars_fast"], "nstars_slow": res["nstars_slow"], "fLC": res["fLC"],
+               "fLC_bytes": os.path.getsize(res["fLC"])})
+    except Exception:
+        import traceback
+
+        q.put({"error": traceback.format_exc()})
+
+
+def read_child(path: str, stars: list[str], q) -> None:
+    """Read stars back from the fLC file in a fresh process (the first read opens the file cold-ish)."""
+    try:
+        from mascara.lightcurves import read_star
+
+        times = []
+        npts = []
+        for a in stars:
+            w = time.perf_counter()
+            data, _ = read_star(path, a)
+            times.append(time.perf_counter() - w)
+            npts.append(int(data.size))
+        q.put({"first": times[0], "median": float(np.median(times)), "max": float(np.max(times)),
+               "n": len(times), "points_median": int(np.median(npts))})
+    except Exception:
+        import traceback
+
+        q.put({"error": traceback.format_exc()})
+
+
+def night_scale(args) -> dict:
+    """Synthetic batch files of a camera-night (cached), split, combine, read back."""
+    import combine_night as cn
+
+    from mascara.lightcurves import read_batch_file
+
+    tag = f"{args.combine_frames}x{args.combine_stars}x{args.combine_per_frame}"
+    root = Path(args.out) / "combine" / tag
+    bdir = root / "batches"
+    done = root / "generated.json"
+    gen_wall = None
+    if args.no_cache or not done.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        bdir.mkdir(parents=True)
+        w = time.perf_counter()
+        paths = [str(p) for p in cn.generate(bdir, args.combine_frames, args.combine_stars,
+                                              args.combine_per_frame)]
+        gen_wall = time.perf_counter() - w
+        done.write_text(json.dumps({"paths": paths}))
+    paths = json.loads(done.read_text())["paths"]
+    for d in ("work", "lightcurves"):
+        shutil.rmtree(root / d, ignore_errors=True)
+    nrows = 0
+    for p in paths[:: max(1, len(paths) // 5)]:
+        nrows += len(read_batch_file(p).fast)
+    size = sum(os.path.getsize(p) for p in paths)
+    diag = [a.decode() for a in read_batch_file(paths[len(paths) // 2]).stars["ascc"][:3]]
+    split = in_child(split_child, paths, str(root / "work"), diag)
+    comb = in_child(combine_child, paths, str(root / "lightcurves"), str(root / "work"))
+    from mascara.lightcurves import read_header_table
+
+    hdr = read_header_table(comb["fLC"])
+    rng = np.random.default_rng(1)
+    ids = [a.decode() if isinstance(a, bytes) else str(a)
+           for a in rng.choice(hdr["ascc"], size=min(20, len(hdr["ascc"])), replace=False)]
+    rd = in_child(read_child, comb["fLC"], ids)
+    out = {"frames": args.combine_frames, "stars": args.combine_stars, "per_frame": args.combine_per_frame,
+           "batches": len(paths), "batch_bytes": size, "generate_wall": gen_wall, "split": split,
+           "combine": comb, "read": rd}
+    if not args.keep_combine:
+        for d in ("work", "lightcurves"):
+            shutil.rmtree(root / d, ignore_errors=True)
+    return out
+
+
+# --------------------------------------------------------------------------- 4. report
+
+
+def machine_info(argv: list[str]) -> dict:
+    import astropy
+    import numba
+    import photutils
+
+    import mascara
+
+    cpu = "unknown"
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                cpu = ln.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=False).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    mem = "unknown"
+    try:
+        kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines()
+                      if ln.startswith("MemTotal")).split()[1])
+        mem = f"{kb / 1024**2:.1f} GiB"
+    except (OSError, StopIteration):
+        pass
+    try:
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "mascara"],
+                               capture_output=True, text=True, check=False).stdout.strip()
+        if dirty:
+            commit += " (with uncommitted changes in mascara/: " + ", ".join(
+                ln[3:] for ln in dirty.splitlines()) + ")"
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory": mem, "python": platform.python_version(),
+        "numpy": np.__version__, "numba": numba.__version__, "astropy": astropy.__version__,
+        "photutils": photutils.__version__, "mascara": mascara.__version__, "commit": commit,
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "loadavg": os.getloadavg(), "command": "python bench/run.py " + " ".join(argv),
+    }
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def summarise(res: dict) -> dict:
+    """Derived figures: per-stage CPU per frame of the full batch, end to end, targets."""
+    red = res["reduce"]
+    full = max(red["batches"], key=lambda r: r["nframes"])
+    nf = full["nframes"]
+    per = {k: full["timings"].get(k, 0.0) / nf for k in STAGES}
+    ns = res.get("night")
+    if ns:
+        per["split (beside)"] = ns["split"]["cpu"] / ns["frames"]
+        per["combine (night end)"] = ns["combine"]["cpu"] / ns["frames"]
+    total = sum(per.values())
+    s = {"full_batch": full, "per_frame": per, "total": total, "nframes": nf}
+    s["targets"] = {"cpu_per_frame": total <= TARGET_CPU_PER_FRAME}
+    pu = res.get("photutils")
+    if pu:
+        s["ratio_phot"] = pu["photutils_cpu"] / pu["product_cpu"]
+        s["ratio_pipeline"] = pu["photutils_cpu"] / total
+        worst = max(pu["rel"]["flux0"]["max"], pu["rel"]["flux1"]["max"])
+        s["targets"]["photutils_ratio"] = s["ratio_phot"] >= TARGET_PHOTUTILS_RATIO
+        s["targets"]["flux_agreement"] = worst <= TARGET_FLUX_AGREEMENT
+    if ns:
+        s["targets"]["combine"] = ns["combine"]["wall"] <= TARGET_COMBINE_S
+        concurrent = red["rss_peak"] + ns["split"]["rss"]
+        s["memory_gb"] = max(concurrent, ns["combine"]["rss"]) / 1024
+        s["targets"]["memory"] = s["memory_gb"] <= TARGET_MEMORY_GB
+    return s
+
+
+def render(res: dict, s: dict) -> str:
+    m = res["machine"]
+    sim = res["simulate"]
+    red = res["reduce"]
+    full = s["full_batch"]
+    L = []
+    L.append("# Performance\n")
+    L.append("Written by `bench/run.py` (issue 5); re-run with the command below (`make bench`). "
+             "CPU seconds are `time.process_time()` of the reducing process with BLAS/numba limited "
+             "to one thread, so they are single-core figures; the machine is shared, so read ratios "
+             "more than absolutes.\n")
+    L.append("## Machine and command\n")
+    L.append(f"- CPU: {m['cpu']}; {m['cores']} cores; {m['memory']}; load average at the end "
+             f"{', '.join(f'{v:.2f}' for v in m['loadavg'])}")
+    L.append(f"- Python {m['python']}, numpy {m['numpy']}, numba {m['numba']}, astropy {m['astropy']}, "
+             f"photutils {m['photutils']}; mascara {m['mascara']} at commit {m['commit']}")
+    L.append(f"- Date: {m['date']}")
+    L.append(f"- Command: `{m['command']}`\n")
+
+    L.append("## Targets\n")
+    L.append("| target | measured | |")
+    L.append("|---|---|---|")
+    t = s["targets"]
+    L.append(f"| end to end <= {TARGET_CPU_PER_FRAME:.2f} CPU-s per frame (>= 64x real time) | "
+             f"{s['total']:.3f} CPU-s per frame ({REAL_TIME / s['total']:.0f}x real time) | "
+             f"{_met(t['cpu_per_frame'])} |")
+    if "photutils_ratio" in t:
+        pu = res["photutils"]
+        worst = max(pu["rel"]["flux0"]["max"], pu["rel"]["flux1"]["max"])
+        L.append(f"| >= {TARGET_PHOTUTILS_RATIO:.0f}x faster than photutils (photometry) | "
+                 f"{s['ratio_phot']:.0f}x | {_met(t['photutils_ratio'])} |")
+        L.append(f"| fluxes equal to photutils within {TARGET_FLUX_AGREEMENT:g} (unflagged) | "
+                 f"max {worst:.1e} | {_met(t['flux_agreement'])} |")
+    if "combine" in t:
+        ns = res["night"]
+        L.append(f"| combine of {ns['frames']:,} frames x {ns['stars']:,} stars < {TARGET_COMBINE_S:.0f} s | "
+                 f"{ns['combine']['wall']:.1f} s | {_met(t['combine'])} |")
+        L.append(f"| peak memory of a camera-night < {TARGET_MEMORY_GB:.0f} GB | {s['memory_gb']:.2f} GB | "
+                 f"{_met(t['memory'])} |")
+    L.append("")
+
+    L.append("## 1. Reduction of full frames\n")
+    L.append(f"Simulated camera-night `{Path(sim['night_dir']).name}`, size `{sim['key']['size']}`, "
+             f"{sim['frames']} frames ({sim['key']['lead']} before the first batch boundary), "
+             f"simulator {sim['seconds_per_frame']:.2f} s per frame"
+             f"{' (cached from an earlier run)' if sim['cached'] else ''}. "
+             f"The table is batch {full['batch']} ({full['nframes']} frames, {full['nstars_fast']} stars "
+             f"with per-frame photometry, {full['nstars_slow']} on the binned image, "
+             f"astrometric residual {full['astro_rms'] if full['astro_rms'] is None else round(full['astro_rms'], 3)} px"
+             f"{', FLAGGED' if full['flagged'] else ''}). Batch-level stages (astrometry, binned_*) are "
+             "divided by the batch's frames. `split` and `combine` are the night-scale figures of "
+             f"section 3 divided by its {res['night']['frames'] if res.get('night') else 0:,} frames.\n")
+    L.append("| stage | CPU s per frame | frames per s | x real time |")
+    L.append("|---|---:|---:|---:|")
+    for k, v in s["per_frame"].items():
+        fps = 1.0 / v if v > 0 else float("inf")
+        L.append(f"| {k} | {v:.4f} | {fps:.1f} | {REAL_TIME / v if v > 0 else float('inf'):.0f} |")
+    L.append(f"| **end to end** | **{s['total']:.4f}** | **{1 / s['total']:.1f}** | "
+             f"**{REAL_TIME / s['total']:.0f}** |\n")
+    L.append("All batches of the run:\n")
+    L.append("| batch | frames | CPU s | wall s | CPU s per frame | stars fast / slow | peak RSS MB |")
+    L.append("|---:|---:|---:|---:|---:|---:|---:|")
+    for b in red["batches"]:
+        L.append(f"| {b['batch']} | {b['nframes']} | {b['cpu']:.1f} | {b['wall']:.1f} | "
+                 f"{b['cpu'] / max(b['nframes'], 1):.3f} | {b['nstars_fast']} / {b['nstars_slow']} | "
+                 f"{b['rss']:.0f} |")
+    p = red["prepare"]
+    L.append("")
+    L.append(f"- Once per night, `prepare_camera_night` (master calibration + initial camera solution): "
+             f"{p['cpu']:.1f} CPU-s ({p['wall']:.1f} s wall); peak RSS after it {p['rss']:.0f} MB.")
+    L.append(f"- Peak RSS of the reducing process: {red['rss_peak']:.0f} MB "
+             f"(after imports and JIT load: {red['rss_start']:.0f} MB).\n")
+
+    pu = res.get("photutils")
+    if pu:
+        L.append("## 2. photutils on the same frames\n")
+        L.append(f"{len(pu['frames'])} frames of batch {full['batch']}, {pu['nstars_mean']:.0f} stars each, "
+                 "at the positions the reduction used. photutils: `aperture_photometry(method='exact')` for "
+                 "r = 2.5 and 4.5 px, `ApertureStats(CircularAnnulus(6, 21), sigma_clip=SigmaClip(3, maxiters=10))`"
+                 ".median as sky. Product: `measure_apertures` alone (the `photometry` stage above also "
+                 "builds the output rows).\n")
+        L.append("| | CPU s per frame |")
+        L.append("|---|---:|")
+        L.append(f"| photutils | {pu['photutils_cpu']:.2f} |")
+        L.append(f"| `measure_apertures` | {pu['product_cpu']:.4f} |")
+        L.append(f"| product, whole per-frame pipeline | {s['total']:.4f} |\n")
+        L.append(f"- photutils / product photometry: **{s['ratio_phot']:.0f}x**; "
+                 f"photutils photometry / product end to end: **{s['ratio_pipeline']:.0f}x**.")
+        for k in ("flux0", "flux1", "sky"):
+            r = pu["rel"][k]
+            extra = f"; max {pu['sigma'][k]:.2f} eflux" if k in pu["sigma"] else ""
+            L.append(f"- `{k}` relative difference, {r['n']} unflagged star-frames: max {r['max']:.1e}, "
+                     f"99th percentile {r['p99']:.1e}, median {r['median']:.1e}; "
+                     f"{100 * r['frac_over']:.2f} % above {TARGET_FLUX_AGREEMENT:g}{extra}")
+        L.append(f"- The benchmark's own `measure_apertures` call reproduces the batch file's `flux0` to "
+                 f"{pu['pipeline_rel_max']:.1e} relative (the batch file stores x, y as float32).\n")
+
+    ns = res.get("night")
+    if ns:
+        L.append("## 3. Night scale: split and combine\n")
+        gen = f", generated in {ns['generate_wall']:.0f} s" if ns["generate_wall"] else " (cached)"
+        L.append(f"Synthetic batch files (`bench/combine_night.generate`): {ns['frames']:,} frames, "
+                 f"{ns['stars']:,} stars, about {ns['per_frame']:,} per frame, {ns['batches']} batch files, "
+                 f"{ns['batch_bytes'] / 1e9:.2f} GB{gen}. Each step in a fresh process.\n")
+        sp, cb, rd = ns["split"], ns["combine"], ns["read"]
+        L.append("| step | wall s | CPU s | peak RSS MB |")
+        L.append("|---|---:|---:|---:|")
+        L.append(f"| split by star, all batches (beside the reduction; slowest batch {sp['wall_max']:.2f} s) | "
+                 f"{sp['wall']:.1f} | {sp['cpu']:.1f} | {sp['rss']:.0f} |")
+        L.append(f"| combine into fLC/sLC | {cb['wall']:.1f} | {cb['cpu']:.1f} | {cb['rss']:.0f} |\n")
+        L.append(f"- fLC: {cb['nstars_fast']:,} stars, {cb['fLC_bytes'] / 1e9:.2f} GB; sLC: {cb['nstars_slow']:,} stars.")
+        L.append(f"- Read one star back (`read_star`, {rd['points_median']} points median): first "
+                 f"{rd['first'] * 1e3:.1f} ms, median {rd['median'] * 1e3:.1f} ms, max {rd['max'] * 1e3:.1f} ms "
+                 f"over {rd['n']} stars.\n")
+    if red.get("profile"):
+        L.append("## Profile of one full batch (cProfile, sorted by own time)\n")
+        L.append("```")
+        L.append(red["profile"])
+        L.append("```\n")
+    if res.get("notes"):
+        L.append("## Where the time goes and what would close the gaps\n")
+        L.append(res["notes"].strip() + "\n")
+    return "\n".join(L)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=50, help="frames after the first batch boundary (default 50)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: small frames, a small combine")
+    ap.add_argument("--out", default=str(HERE / "out"), help="cache and work directory")
+    ap.add_argument("--report", default=str(ROOT / "docs" / "performance.md"))
+    ap.add_argument("--night", default="20260317", help="simulated night (20260317: starts on a batch boundary)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--photutils-frames", type=int, default=3)
+    ap.add_argument("--combine-frames", type=int, default=5000)
+    ap.add_argument("--combine-stars", type=int, default=25000)
+    ap.add_argument("--combine-per-frame", type=int, default=6500)
+    ap.add_argument("--no-combine", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="add a cProfile of the full batch to the report")
+    ap.add_argument("--notes", default=None, help="markdown file appended as the analysis section")
+    ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--keep-combine", action="store_true")
+    args = ap.parse_args(argv)
+    args.size = "full"
+    if args.quick:
+        args.size = "small"
+        if "--frames" not in " ".join(argv):
+            args.frames = 8
+        args.photutils_frames = min(args.photutils_frames, 1)
+        args.combine_frames, args.combine_stars, args.combine_per_frame = 200, 1500, 300
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+
+    res: dict = {}
+    t0 = time.perf_counter()
+    print(f"[bench] simulating {args.frames} {args.size} frames (night {args.night}) ...", flush=True)
+    res["simulate"] = simulate(args)
+    night_dir = res["simulate"]["night_dir"]
+    from mascara.rawio import parse_night_dir
+    from mascara.reduce import move_outputs_aside
+
+    move_outputs_aside(parse_night_dir(night_dir), erase=True)  # a fresh reduction every run
+    print("[bench] reducing in a fresh process ...", flush=True)
+    res["reduce"] = in_child(reduce_child, night_dir, args.profile)
+    full = max(res["reduce"]["batches"], key=lambda r: r["nframes"])
+    if args.photutils_frames > 0:
+        print(f"[bench] photutils on {args.photutils_frames} frames ...", flush=True)
+        res["photutils"] = compare_photutils(night_dir, full["path"], args.photutils_frames)
+    if not args.no_combine:
+        print(f"[bench] night scale: {args.combine_frames} frames x {args.combine_stars} stars ...", flush=True)
+        res["night"] = night_scale(args)
+    if args.notes:
+        res["notes"] = Path(args.notes).read_text()
+    res["machine"] = machine_info(argv)
+    res["seconds"] = time.perf_counter() - t0
+    s = summarise(res)
+    text = render(res, s)
+    report = Path(args.report)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(text)
+    (Path(args.out) / "results.json").write_text(json.dumps({"results": res, "summary": s}, indent=1,
+                                                            default=str))
+    print(text)
+    print(f"[bench] done in {res['seconds']:.0f} s; report {report}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""Smoke test of the benchmark script (issue 5): ``bench/run.py --quick`` end to end.
+
+No speed is asserted (timings are measured and reported, not tested); the test
+checks that the run completes, reports every stage, and that the product's
+photometry agrees with the independent photutils implementation it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("read", "calibrate", "positions", "astrometry", "photometry", "binning",
+          "binned_astrometry", "binned_photometry", "write", "split (beside)", "combine (night end)")
+
+
+@pytest.mark.slow
+def test_quick_bench_reports_every_stage(tmp_path):
+    report = tmp_path / "perf.md"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(tmp_path / "out"),
+         "--report", str(report)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = report.read_text()
+    for heading in ("## Machine and command", "## Targets", "## 1. Reduction", "## 2. photutils",
+                    "## 3. Night scale"):
+        assert heading in text
+    for stage in STAGES:
+        assert f"| {stage} |" in text, stage
+    assert "prepare_camera_night" in text and "Read one star back" in text
+
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    red = res["results"]["reduce"]
+    assert red["batches"] and all(b["nframes"] > 0 for b in red["batches"])
+    assert red["rss_peak"] > 0
+    # every stage the reduction times is in the per-frame table, with a positive CPU time
+    per = res["summary"]["per_frame"]
+    assert set(STAGES) <= set(per) and per["photometry"] > 0
+    # the independent photutils pipeline sees the same stars and nearly the same fluxes:
+    # identical for most stars, at most a fraction of the flux error otherwise
+    pu = res["results"]["photutils"]
+    assert pu["rel"]["flux0"]["n"] > 50
+    assert pu["rel"]["flux0"]["median"] < 1e-9
+    assert pu["sigma"]["flux0"] < 0.5 and pu["sigma"]["flux1"] < 0.5
+    assert pu["pipeline_rel_max"] < 1e-3
+    night = res["results"]["night"]
+    assert night["combine"]["nstars_fast"] > 0 and night["read"]["n"] > 0
