@@ -164,13 +164,63 @@ def measure_centroids(
 
 
 # ---------------------------------------------------------------- detection
-def estimate_background(image: np.ndarray, box: int = 64) -> tuple[np.ndarray, float]:
-    """Smooth sky (photutils ``Background2D``, median per ``box`` px) and the median sky rms."""
-    from photutils.background import Background2D, MedianBackground
+def _linear_weights(g: np.ndarray, n: int) -> np.ndarray:
+    """(len(g), n) weights of linear interpolation at fractional indices g
+    (linear extrapolation beyond the end points, within half a block)."""
+    if n == 1:
+        return np.ones((len(g), 1))
+    i0 = np.clip(np.floor(g).astype(int), 0, n - 2)
+    f = g - i0
+    w = np.zeros((len(g), n))
+    rows = np.arange(len(g))
+    w[rows, i0] = 1 - f
+    w[rows, i0 + 1] = f
+    return w
 
-    bkg = Background2D(image.astype(np.float32), box, filter_size=3,
-                       bkg_estimator=MedianBackground())
-    return bkg.background, float(bkg.background_rms_median)
+
+def estimate_background(image: np.ndarray, box: int = 64) -> tuple[np.ndarray, float]:
+    """Smooth sky and the typical sky noise of an image, in ADU.
+
+    The median of each ``box`` x ``box`` block (stars are too sparse to move
+    it), a 3 x 3 median filter over the blocks (about a fitted plane) against
+    bright stars and defects, then bilinear interpolation between block
+    centres, extrapolated linearly to the image edges. The noise is 1.4826
+    times the median absolute deviation of the sky-subtracted image.
+
+    Returns
+    -------
+    sky : ndarray, shape of ``image``, float32
+    rms : float
+
+    Notes
+    -----
+    NaN pixels are not supported (a calibrated frame has none).
+    """
+    from scipy.ndimage import median_filter
+
+    data = np.asarray(image, dtype=np.float32)
+    ny, nx = data.shape
+    by, bx = max(ny // box, 1), max(nx // box, 1)
+    sy, sx = ny // by, nx // bx  # block size, close to box, blocks tile the centre
+    oy, ox = (ny - by * sy) // 2, (nx - bx * sx) // 2
+    blocks = data[oy: oy + by * sy, ox: ox + bx * sx].reshape(by, sy, bx, sx)
+    grid = np.median(blocks.transpose(0, 2, 1, 3).reshape(by, bx, sy * sx), axis=2)
+    # 3 x 3 median over blocks against bright stars, on the residual from a
+    # plane so that a sky gradient is not flattened at the edges
+    ky, kx = np.mgrid[0:by, 0:bx]
+    basis = np.column_stack([np.ones(grid.size), ky.ravel(), kx.ravel()])
+    coef = np.linalg.lstsq(basis, grid.ravel(), rcond=None)[0]
+    plane = (basis @ coef).reshape(grid.shape)
+    grid = plane + median_filter(grid - plane, size=3, mode="nearest")
+    # bilinear interpolation as two small matrix products; block k has its
+    # centre at pixel o + (k + 0.5) s
+    wy = _linear_weights((np.arange(ny) - oy) / sy - 0.5, by)
+    wx = _linear_weights((np.arange(nx) - ox) / sx - 0.5, bx)
+    sky = (wy @ grid.astype(np.float64) @ wx.T).astype(np.float32)
+    sample = (data - sky)[::3, ::3]
+    med = np.median(sample)
+    rms = 1.4826 * float(np.median(np.abs(sample - med)))
+    return sky, rms
 
 
 def detect_stars(
@@ -182,31 +232,39 @@ def detect_stars(
 ) -> np.ndarray:
     """Detect stars on an image with a sky gradient.
 
-    A coarse sky (median in ``background_box`` px boxes) is subtracted, then
-    photutils ``DAOStarFinder`` finds point sources above ``threshold_sigma``
-    times the sky rms.
+    The coarse sky of :func:`estimate_background` is subtracted; the image is
+    smoothed with a Gaussian of the given FWHM (the matched filter of a point
+    source on a flat background); local maxima of the smoothed image over 5 x 5
+    px that exceed ``threshold_sigma`` times its noise are candidates; the
+    ``max_stars`` highest are kept and measured with :func:`measure_centroids`.
+    (photutils ``DAOStarFinder`` does the same with sharpness and roundness
+    tests, at 10x the cost on a full frame: 4 s.)
 
     Returns
     -------
     ndarray of :data:`STAR_DTYPE`, shape (<= max_stars,)
-        ``x, y`` centroids in pixels and ``flux`` (sky-subtracted ADU, as
-        DAOStarFinder defines it), sorted by decreasing flux.
+        ``x, y`` centroids in pixels and ``flux``, the sky-subtracted sum in a
+        5 x 5 px box (ADU; for ranking), sorted by decreasing flux.
     """
-    from photutils.detection import DAOStarFinder
+    from scipy.ndimage import gaussian_filter, maximum_filter
 
-    sky, rms = estimate_background(image, background_box)
-    data = image - sky
-    finder = DAOStarFinder(threshold=threshold_sigma * rms, fwhm=fwhm, exclude_border=True,
-                           n_brightest=max_stars, roundness_range=(-1.0, 1.0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "no sources found" is an empty answer here
-        table = finder(data)
-    if table is None or len(table) == 0:
-        return np.zeros(0, STAR_DTYPE)
-    out = np.zeros(len(table), STAR_DTYPE)
-    out["x"] = np.asarray(table["x_centroid"], float)
-    out["y"] = np.asarray(table["y_centroid"], float)
-    out["flux"] = np.asarray(table["flux"], float)
+    sky, _ = estimate_background(image, background_box)
+    data = np.asarray(image, dtype=np.float32) - sky
+    smooth = gaussian_filter(data, fwhm / 2.3548, mode="nearest")
+    sample = smooth[::3, ::3]
+    noise = 1.4826 * float(np.median(np.abs(sample - np.median(sample))))
+    peaks = (smooth == maximum_filter(smooth, size=5, mode="nearest")) & (smooth > threshold_sigma * noise)
+    jy, jx = np.nonzero(peaks)
+    edge = 4
+    inside = (jx >= edge) & (jx < image.shape[1] - edge) & (jy >= edge) & (jy < image.shape[0] - edge)
+    jx, jy = jx[inside], jy[inside]
+    order = np.argsort(-smooth[jy, jx], kind="stable")[:max_stars]
+    jx, jy = jx[order], jy[order]
+    xc, yc, ok = measure_centroids(data, jx.astype(float), jy.astype(float), box=5)
+    box, _ = _cutouts(data, jx, jy, 2)
+    out = np.zeros(int(ok.sum()), STAR_DTYPE)
+    out["x"], out["y"] = xc[ok], yc[ok]
+    out["flux"] = box.sum(axis=(1, 2))[ok]
     return out[np.argsort(-out["flux"], kind="stable")]
 
 
@@ -577,6 +635,11 @@ def initial_solution(
     xc, yc, ok = measure_centroids(image, cx, cy)
     final_order = _affordable_order(int(ok.sum()), model.order)
     if final_order >= 2:
+        # Terms above the affordable order came from the rougher detections:
+        # drop them rather than let them swing the unconstrained corners.
+        high = np.array([i + j > final_order for i, j in term_powers(model.order)])
+        model.dist_x[high] = 0.0
+        model.dist_y[high] = 0.0
         model, rms, used = fit_camera(model, alt[cand][ok], az[cand][ok], xc[ok], yc[ok],
                                       fit="distortion", order=final_order)
         used_n = int(used.sum())

@@ -12,6 +12,7 @@ from mascara.astrometry import (
     AstrometryFailed,
     correct_batch,
     detect_stars,
+    estimate_background,
     fit_camera,
     initial_solution,
     measure_centroids,
@@ -200,6 +201,16 @@ def test_fit_camera_zenith_camera():
 
 
 # ---------------------------------------------------------------- detection and initial solution
+def test_background_follows_the_sky_gradient(small_scene):
+    truth, alt, az, vmag, image, x, y = small_scene
+    sky, rms = estimate_background(image)
+    yy, xx = np.mgrid[0: truth.ny, 0: truth.nx]
+    true_sky = SKY + 300.0 * (xx / truth.nx + 0.5 * yy / truth.ny)
+    err = sky - true_sky
+    assert np.median(np.abs(err)) < 3.0 and np.abs(err).max() < 15.0  # noise per px is ~41 ADU
+    assert rms == pytest.approx(np.sqrt(SKY / GAIN + READ_NOISE**2), rel=0.15)
+
+
 def test_detect_stars_finds_bright_stars(small_scene):
     truth, alt, az, vmag, image, x, y = small_scene
     det = detect_stars(image)
