@@ -237,8 +237,8 @@ def detect_stars(
     source on a flat background); local maxima of the smoothed image over 5 x 5
     px that exceed ``threshold_sigma`` times its noise are candidates; the
     ``max_stars`` highest are kept and measured with :func:`measure_centroids`.
-    (photutils ``DAOStarFinder`` does the same with sharpness and roundness
-    tests, at 10x the cost on a full frame: 4 s.)
+    (photutils ``DAOStarFinder`` does much the same with sharpness and
+    roundness tests, but takes 2-3x longer on a full frame.)
 
     Returns
     -------

@@ -239,7 +239,6 @@ def test_initial_solution_fails_on_an_empty_sky():
         initial_solution(image, alt, az, vmag, nominal)
 
 
-@pytest.mark.slow
 def test_initial_solution_full_frame():
     truth = true_camera("full", seed=7, dalt=-0.8, daz=0.9, dth=-1.0)
     alt, az, vmag = star_field(truth, vmax=9.0, seed=8)
