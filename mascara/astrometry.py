@@ -9,7 +9,6 @@ in degrees. Nothing here reads files or knows about batches on disk.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import numpy as np
 from scipy.ndimage import uniform_filter

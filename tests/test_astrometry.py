@@ -17,7 +17,7 @@ from mascara.astrometry import (
     initial_solution,
     measure_centroids,
 )
-from mascara.camera import CameraModel, nominal_camera, radial_distortion, unit_vectors
+from mascara.camera import CameraModel, nominal_camera, radial_distortion
 
 SIGMA_PSF = 1.0  # px
 TRAIL = 1.4  # px during the exposure
