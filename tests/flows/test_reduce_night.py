@@ -1,0 +1,152 @@
+"""The reduce-night flow run through ``mascprocess`` against a real Prefect server.
+
+Resume after SIGKILL, retry of a transient failure, the Dask task runner; every
+run's fLC/sLC content is compared with an uninterrupted run of the plain
+library driver (``mascprocess --no-prefect``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+
+import pytest
+from prefect.states import Completed, Failed
+from sqlalchemy.exc import OperationalError
+
+from flows.reduce_night import retry_on_transient
+from flowkit import (
+    BIN,
+    NIGHT,
+    NIGHT_ID,
+    assert_same_night_files,
+    batch_rows,
+    fresh_copy,
+    mascprocess,
+    night_status,
+    runs,
+    task_runs,
+)
+
+
+def _batch_name(b: int) -> str:
+    return f"batch-{NIGHT_ID}-{b:07d}"
+
+
+# --------------------------------------------------------------------------- retry policy (no server)
+
+
+@pytest.mark.parametrize("exc, retry", [
+    (OSError("disk hiccup"), True),
+    (TimeoutError("nfs"), True),
+    (OperationalError("SELECT 1", None, ConnectionError("server closed the connection")), True),
+    (ValueError("bad data"), False),
+    (KeyError("LSTSEQ"), False),
+])
+def test_retry_only_on_transient_errors(exc, retry):
+    assert retry_on_transient(None, None, Failed(data=exc)) is retry
+
+
+def test_completed_states_are_not_retried():
+    assert retry_on_transient(None, None, Completed(data=1)) is False
+
+
+# --------------------------------------------------------------------------- with a server
+
+
+@pytest.mark.prefect
+@pytest.mark.slow
+def test_resume_after_sigkill_runs_only_unfinished_batches(prefect_server, pristine_night, reference, tmp_path):
+    api, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    # one batch at a time, so that killing after the first leaves work undone
+    cmd = [str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--camera", "E", "--site", "LP", "-q"]
+    proc = subprocess.Popen(cmd, env={**env, "MASCARA_FLOW_WORKERS": "1"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "killed.log", "w"))
+    deadline = time.time() + 400
+    done: set[int] = set()
+    try:
+        while not done:
+            assert proc.poll() is None, f"run ended before it was killed: {(tmp_path / 'killed.log').read_text()}"
+            assert time.time() < deadline, "no batch finished in time"
+            time.sleep(0.3)
+            try:
+                rows, (run,) = batch_rows(datadir), runs(datadir)
+            except (sqlite3.OperationalError, ValueError):
+                continue  # catalog not created yet
+            finished = {b for b, r in rows.items() if r["status"] == "succeeded"}
+            if finished and run["flow_run_id"]:
+                # wait until Prefect has the result too (persisted before the state turns Completed)
+                states = task_runs(api, run["flow_run_id"])
+                done = {b for b in finished if any(t["state_type"] == "COMPLETED" for t in states.get(_batch_name(b), []))}
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = batch_rows(datadir)
+    assert 0 < len(done) < len(before), before
+
+    mascprocess(datadir, env, "-q")
+
+    after = batch_rows(datadir)
+    assert all(r["status"] == "succeeded" for r in after.values()), after
+    for b in done:  # never recomputed
+        assert after[b]["tries"] == 1 and after[b]["sha256"] == before[b]["sha256"]
+    for b in set(after) - done:
+        assert after[b]["tries"] == (2 if before[b]["status"] == "running" else 1), (b, before[b], after[b])
+    first, second = runs(datadir)
+    assert first["status"] == "failed" and "abandoned" in first["error"]
+    assert second["status"] == "succeeded"
+    states = task_runs(api, second["flow_run_id"])
+    for b in after:
+        (st,) = states[_batch_name(b)]
+        if b in done:
+            assert st["state_name"] == "Cached", (b, st)
+        else:
+            assert st["state_name"] == "Completed" and st["run_count"] == 1, (b, st)
+    # resumed, not moved aside
+    assert sorted(p.name for p in (datadir / NIGHT_ID).iterdir()) == ["astrometry", "lightcurves", "raw", "work"]
+    assert_same_night_files(datadir / NIGHT_ID, reference)
+
+
+@pytest.mark.prefect
+@pytest.mark.slow
+def test_transient_failure_is_retried_and_the_night_completes(prefect_server, pristine_night, reference, tmp_path):
+    from mascara.reduce import plan_camera_night
+
+    api, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    batches = sorted(plan_camera_night(datadir / NIGHT_ID).batches)
+    victim = batches[1]
+    mascprocess(datadir, {**env, "MASCARA_FLOW_FAULT": f"{NIGHT_ID}:{victim}:1"}, "-q")
+
+    rows = batch_rows(datadir)
+    assert rows[victim] == {**rows[victim], "status": "succeeded", "tries": 2}
+    assert all(rows[b]["tries"] == 1 for b in batches if b != victim)
+    assert night_status(datadir)["state"] == "succeeded"
+    (run,) = runs(datadir)
+    (st,) = task_runs(api, run["flow_run_id"])[_batch_name(victim)]
+    assert st["state_type"] == "COMPLETED" and st["run_count"] == 2
+    assert_same_night_files(datadir / NIGHT_ID, reference)
+
+
+@pytest.mark.prefect
+@pytest.mark.slow
+def test_dask_runner_on_a_local_cluster_gives_the_same_result(prefect_server, pristine_night, reference, tmp_path,
+                                                             monkeypatch):
+    from distributed import Client, LocalCluster
+
+    _, env = prefect_server
+    for k, v in env.items():  # the Dask workers run Prefect tasks: they need the API and result storage
+        monkeypatch.setenv(k, v)
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        res = mascprocess(datadir, env, "-q", "--dask-address", cluster.scheduler_address)
+        print(f"dask run: {res.seconds:.1f} s")
+        with Client(cluster) as client:
+            prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    assert {"batch_task", "combine_task"} <= set(prefixes)  # the batches ran on the cluster
+    assert night_status(datadir)["state"] == "succeeded"
+    assert_same_night_files(datadir / NIGHT_ID, reference)
