@@ -36,7 +36,7 @@ def reduced(request, tmp_path_factory):
     size = request.param
     datadir = tmp_path_factory.mktemp(f"reduce-{size}")
     cfg = SimConfig(site="LP", camera="E", size=size, nframes=110 if size == "small" else 60, seed=11,
-                    clouds=True, pointing_offset=0.5, bad_frames=3, drift_px=40.0)
+                    clouds=True, pointing_offset=0.5, bad_frames=3, drift_px=5.0)
     sim = simulate_night(datadir, "20260301", cfg)
     night_dir = Path(sim["night_dir"])
     before = _raw_digest(night_dir / "raw")
