@@ -325,6 +325,9 @@ def write_batch_file(
         raise ValueError(f"{unknown.size} star ids in fast/slow are missing from stars, e.g. {unknown[:3]}")
     attrs = dict(attrs)
     attrs.setdefault("batch", batch_index(fast, slow, attrs))
+    for name, t in (("fast", fast), ("slow", slow)):
+        if t.size and np.any(t["lstseq"].astype(np.int64) // BATCH_SIZE != int(attrs["batch"])):
+            raise ValueError(f"{name}: rows outside batch {attrs['batch']} (lstseq // {BATCH_SIZE})")
     blob = _canonical_json(attrs)
 
     with _atomic_path(path) as tmp:

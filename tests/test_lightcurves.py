@@ -134,6 +134,12 @@ def test_batch_rejects_unknown_stars(tmp_path, night):
     assert not (tmp_path / "x.h5").exists()
 
 
+def test_batch_rejects_rows_of_another_batch(tmp_path, night):
+    fast, slow, stars, attrs = night[1][0]
+    with pytest.raises(ValueError, match="outside batch"):
+        lc.write_batch_file(tmp_path / "x.h5", fast, slow, stars, attrs | {"batch": attrs["batch"] + 1})
+
+
 def test_batch_write_crash_leaves_no_file(tmp_path, night, monkeypatch):
     fast, slow, stars, attrs = night[1][0]
     lc.write_batch_file(tmp_path / "x.h5", fast, slow, stars, attrs)
@@ -377,3 +383,14 @@ def test_run_splitter_process(tmp_path, night):
     assert statuses[len(paths)] == "skipped" and statuses[-1].startswith("error")
     with h5py.File(tmp_path / "work" / "diagnostics.hdf5", "r") as f:
         np.testing.assert_array_equal(f["fast"][sid]["lstseq"], sorted(truth[sid.encode()]))
+
+
+def test_star_key_collisions_fall_back_to_id_sort(tmp_path, night, reference, monkeypatch):
+    """Every star given the same 64-bit key: the combine must still separate them by id."""
+    monkeypatch.setattr(lc, "_star_key", lambda ascc: np.zeros(len(ascc), np.uint64))
+    res = lc.combine_night(night[0], tmp_path / "out", NIGHT, global_attrs())
+    with h5py.File(res["fLC"], "r") as f, h5py.File(reference["fLC"], "r") as g:
+        assert list(f["data"]) == list(g["data"])
+        for sid in list(g["data"])[::50]:
+            np.testing.assert_array_equal(f["data"][sid][()], g["data"][sid][()])
+        np.testing.assert_array_equal(f["header_table"]["nobs"][()], g["header_table"]["nobs"][()])
