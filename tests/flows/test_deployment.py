@@ -1,0 +1,162 @@
+"""End to end: prefect.yaml deployed to a real server, a process worker, ``prefect deployment run``.
+
+Also the UI smoke test: headless Chromium renders the flow-run page and shows
+the batch task runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import tempfile
+
+import h5py
+import httpx
+import numpy as np
+import pytest
+from flowkit import (
+    BIN,
+    NIGHT,
+    NIGHT_ID,
+    REPO,
+    artifacts,
+    assert_same_night_files,
+    batch_rows,
+    fresh_copy,
+    night_status,
+    runs,
+    stop_process_group,
+    task_runs,
+)
+
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]
+
+# SPEC §8, written out independently of mascara.lcformat
+GLOBAL_ATTRS = {"STATION", "CAMERA", "ALT0", "AZ0", "TH0", "X0", "Y0", "AVERSION", "RVERSION", "CVERSION",
+                "EXPTIME", "CCDTEMP", "NAPER", "APER0", "APER1", "NSTAPER", "SKYRAD0", "SKYRAD1"}
+def data_fields(naper: int) -> tuple[str, ...]:
+    """fLC fields; the sLC has the same with its four binned apertures."""
+    fluxes = tuple(f for i in range(naper) for f in (f"flux{i}", f"eflux{i}"))
+    return ("flag", *fluxes, "sky", "esky", "peak", "x", "y", "alt", "az", "ccdtemp", "exptime", "jdmid", "lst",
+            "lstidx", "lstseq")
+HEADER_FIELDS = ("jdstart", "ra", "dec", "vmag", "bmag", "spectype", "blend", "blendvalue", "nobs")
+HEADER_TABLE = {"ascc", "ra", "dec", "vmag", "bmag", "spectype", "blend", "blendvalue", "jdstart", "nobs"}
+
+
+def _run(cmd: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, **kw)
+    assert res.returncode == 0, f"{' '.join(cmd)}: {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+@pytest.fixture(scope="module")
+def deployed_run(prefect_server, pristine_night, tmp_path_factory):
+    """``reduce-night/nightly`` deployed from prefect.yaml and run by a process worker via the CLI."""
+    api, env = prefect_server
+    root = tmp_path_factory.mktemp("deployed")
+    datadir = fresh_copy(pristine_night, root / "data")
+    env = {**env, "MASCARA_DATADIR": str(datadir)}
+    prefect = str(BIN / "prefect")
+    _run([prefect, "work-pool", "create", "mascara", "--type", "process"], env)
+    _run([prefect, "--no-prompt", "deploy", "--name", "nightly"], env, cwd=REPO)
+    worker_log = open(root / "worker.log", "w")
+    worker = subprocess.Popen([prefect, "worker", "start", "--pool", "mascara"], env=env, cwd=root,
+                              stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # --param values are JSON: a bare night number is an int, which the flow accepts
+        res = subprocess.run([prefect, "deployment", "run", "reduce-night/nightly", "--param", f"nights={NIGHT}",
+                              "--param", "cameras=E", "--param", "site=LP", "--param", f"datadir={datadir}",
+                              "--watch", "--watch-timeout", "600"],
+                             env=env, capture_output=True, text=True, timeout=700)
+    finally:
+        stop_process_group(worker)
+        worker_log.close()
+    return {"api": api, "datadir": datadir, "cli": res, "worker_log": (root / "worker.log").read_text()}
+
+
+def test_deployment_run_via_the_cli_reduces_the_night(deployed_run, reference):
+    res = deployed_run["cli"]
+    assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n{deployed_run['worker_log'][-5000:]}"
+    datadir = deployed_run["datadir"]
+    row = night_status(datadir)
+    assert row["state"] == "succeeded"
+    assert row["batches_done"] == row["batches_total"] == 3 and row["batches_failed"] == 0
+    assert row["frames_ok"] == 120 and row["frames_rejected"] == 0
+    assert all(r["tries"] == 1 for r in batch_rows(datadir).values())
+    assert_same_night_files(datadir / NIGHT_ID, reference)
+
+
+def test_deployment_has_the_nightly_schedule(deployed_run):
+    r = httpx.get(f"{deployed_run['api']}/deployments/name/reduce-night/nightly", timeout=30)
+    r.raise_for_status()
+    dep = r.json()
+    assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 12 * * *"]
+    assert dep["parameters"]["nights"] == "yesterday"
+    assert dep["work_pool_name"] == "mascara"
+
+
+@pytest.mark.parametrize("kind", ["fLC", "sLC"])
+def test_night_files_have_the_spec_layout(deployed_run, kind):
+    path = deployed_run["datadir"] / NIGHT_ID / "lightcurves" / f"{kind}_{NIGHT_ID}.hdf5"
+    with h5py.File(path, "r") as f:
+        attrs = set(f["global"].attrs)
+        naper = int(f["global"].attrs["NAPER"])
+        assert attrs == GLOBAL_ATTRS | {f"APER{i}" for i in range(naper)}
+        assert naper == (2 if kind == "fLC" else 4)
+        ht = f["header_table"]
+        assert set(ht) == HEADER_TABLE
+        ids = [a.decode() if isinstance(a, bytes) else str(a) for a in ht["ascc"][()]]
+        assert len(ids) > 100 and set(ids) == set(f["data"]) == set(f["header"])
+        for i, ascc in enumerate(ids[:: max(1, len(ids) // 50)]):
+            data = f["data"][ascc][()]
+            assert data.dtype.names == data_fields(naper)
+            assert np.all(np.diff(data["lstseq"]) > 0)
+            assert f["header"][ascc][()].dtype.names == HEADER_FIELDS
+            assert ht["nobs"][ids.index(ascc)] == len(data)
+
+
+def test_artifacts_summarise_the_camera_night(deployed_run):
+    (run,) = runs(deployed_run["datadir"])
+    arts = artifacts(deployed_run["api"], run["flow_run_id"])
+    key = NIGHT_ID.lower()
+    assert {f"{key}-summary", f"{key}-progress", f"{key}-outputs"} <= set(arts)
+    assert arts[f"{key}-progress"]["data"] == pytest.approx(100.0)
+    (summary,) = json.loads(arts[f"{key}-summary"]["data"])
+    assert summary["frames"] == 120 and summary["batches"] == 3 and summary["rejected"] == 0
+    assert summary["stars_fLC"] > 100 and 0 < summary["astro_rms_median_px"] < 0.5
+    assert f"fLC_{NIGHT_ID}.hdf5" in arts[f"{key}-outputs"]["data"]
+
+
+def _png_size(path) -> tuple[int, int]:
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.mark.browser
+def test_ui_flow_run_page_shows_the_batch_task_runs(deployed_run, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    api = deployed_run["api"]
+    (run,) = runs(deployed_run["datadir"])
+    url = f"{api.removesuffix('/api')}/v2/runs/flow-run/{run['flow_run_id']}?tab=TaskRuns"
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--window-size=1400,900", "--virtual-time-budget=20000"]
+    png = tmp_path / "flow-run.png"
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run([*flags, f"--user-data-dir={profile}", f"--screenshot={png}", url],
+                       capture_output=True, timeout=120, check=True)
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run([*flags, f"--user-data-dir={profile}", "--dump-dom", url],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+    assert _png_size(png) == (1400, 900) and png.stat().st_size > 30_000
+    names = set(task_runs(api, run["flow_run_id"]))
+    batch_names = {n for n in names if n.startswith(f"batch-{NIGHT_ID}-")}
+    assert len(batch_names) == 3
+    for name in batch_names | {f"combine-{NIGHT_ID}"}:
+        assert name in dom, f"{name} not on the flow-run page"
