@@ -61,7 +61,7 @@ from mascara.rawio import (
     read_frame,
 )
 from mascara.settings import Settings
-from mascara.sky import ApparentPlaces
+from mascara.sky import ApparentPlaces, angular_distance, moon_altaz, radec_of_altaz
 from mascara.stars import StarCatalogue, default_catalogue, load_catalogue
 from mascara.timeindex import EXPTIME, get_site
 
@@ -154,6 +154,8 @@ class NightContext:
     aversion: str
     ccdtemp: float
     rejected_calib: list[tuple[str, str]]
+    settings_hash: str = ""
+    solution_start: str = "nominal"  # where the search for the camera solution started
 
     def camera_model(self) -> CameraModel:
         return CameraModel.from_dict(self.model)
@@ -170,14 +172,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _previous_solution(night: NightDir) -> CameraModel | None:
-    """The most recent stored camera solution of the same camera from an earlier night."""
+def _previous_solution(night: NightDir) -> tuple[str, CameraModel] | None:
+    """(night id, model) of the most recent stored camera solution of the same camera from an earlier night."""
     datadir = night.path.parent
     candidates = sorted(datadir.glob(f"*{night.site}{night.camera}/{SOLUTION_FILE}"))
     earlier = [p for p in candidates if p.parent.parent.name[:8] < night.night]
     if not earlier:
         return None
-    return CameraModel.from_dict(json.loads(earlier[-1].read_text())["model"])
+    return earlier[-1].parent.parent.name, CameraModel.from_dict(json.loads(earlier[-1].read_text())["model"])
 
 
 def prepare_camera_night(plan: CameraNightPlan) -> NightContext:
@@ -195,9 +197,10 @@ def prepare_camera_night(plan: CameraNightPlan) -> NightContext:
     ctx_path = plan.workdir / "context.json"
     if ctx_path.exists():
         d = json.loads(ctx_path.read_text())
-        d["raw_shape"] = tuple(d["raw_shape"]) if d["raw_shape"] else None
-        d["rejected_calib"] = [tuple(x) for x in d["rejected_calib"]]
-        return NightContext(**d)
+        if d.get("settings_hash") == plan.settings.fingerprint():
+            d["raw_shape"] = tuple(d["raw_shape"]) if d["raw_shape"] else None
+            d["rejected_calib"] = [tuple(x) for x in d["rejected_calib"]]
+            return NightContext(**d)
     plan.workdir.mkdir(parents=True, exist_ok=True)
     master = master_calibration(plan.night)
     master_path = None
@@ -208,7 +211,9 @@ def prepare_camera_night(plan: CameraNightPlan) -> NightContext:
         os.replace(tmp, master_path)
 
     stars = load_stars(plan.settings)
-    start = _previous_solution(plan.night) or nominal_camera(plan.night.site, plan.night.camera, "full")
+    previous = _previous_solution(plan.night)
+    start = previous[1] if previous else nominal_camera(plan.night.site, plan.night.camera, "full")
+    solution_start = f"solution of {previous[0]}" if previous else "nominal"
     model, info, first = None, {}, None
     attempts = []
     for batch, frames in plan.batches.items():
@@ -236,7 +241,8 @@ def prepare_camera_night(plan: CameraNightPlan) -> NightContext:
             break
     if model is None:
         raise AstrometryFailed(f"{plan.night.path}: no camera solution found ({'; '.join(attempts[-3:])})")
-    solution = {"model": model.to_dict(), "info": _jsonable(info), "found_by": f"mascara {__version__}"}
+    solution = {"model": model.to_dict(), "info": _jsonable(info), "start": solution_start,
+                "found_by": f"mascara {__version__}"}
     _atomic_write_text(plan.night.path / SOLUTION_FILE, json.dumps(solution, indent=1))
     sci = first.science_slice
     ctx = NightContext(
@@ -246,6 +252,7 @@ def prepare_camera_night(plan: CameraNightPlan) -> NightContext:
         master_level=float(np.median(master.level[sci])) if master.level is not None else 0.0,
         aversion=str(first.header.get("AVERSION", "unknown")), ccdtemp=float(first.header["CCDTEMP"]),
         rejected_calib=[(str(p), r) for p, r in master.rejected],
+        settings_hash=plan.settings.fingerprint(), solution_start=solution_start,
     )
     _atomic_write_text(ctx_path, json.dumps(dataclasses.asdict(ctx)))
     return ctx
@@ -397,6 +404,8 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
                               np.ones(len(astro_idx), bool), min_stars=s.astro_min_stars, max_rms=s.astro_max_rms)
         model = astro.model if astro.ok else night_model
 
+    # the Moon moves 0.05 deg in a batch: one mask per batch is enough
+    near_moon = moon_mask(alt, az, site, jd_ref, s.moon_radius)
     fast_sel = np.flatnonzero(vmag <= s.vmag_fast)
     slow_sel = np.flatnonzero(vmag <= s.vmag_slow)
     nx, ny = model.nx, model.ny
@@ -438,6 +447,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
             rows["ascc"] = stars.ascc[near[fast_sel[on]]].astype(lcf.ASCC_DTYPE)
             for k in ("flag", "flux0", "eflux0", "flux1", "eflux1", "sky", "esky", "peak"):
                 rows[k] = ph[k]
+            rows["flag"] |= np.where(near_moon[fast_sel[on]], lcf.FLAG_MOON, 0).astype(np.uint16)
             rows["x"], rows["y"] = fx[on], fy[on]
             rows["alt"], rows["az"] = a[fast_sel[on]], z[fast_sel[on]]
             rows["ccdtemp"], rows["exptime"] = float(h["CCDTEMP"]), float(h["EXPTIME"])
@@ -474,6 +484,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
             for k in ph.dtype.names:
                 if k in slow.dtype.names:
                     slow[k] = ph[k]
+            slow["flag"] |= np.where(near_moon[slow_sel[on]], lcf.FLAG_MOON, 0).astype(np.uint16)
             slow["x"], slow["y"] = sx[on], sy[on]
             slow["alt"], slow["az"] = alt[slow_sel[on]], az[slow_sel[on]]
             slow["ccdtemp"] = float(np.mean(ccdtemps))
@@ -491,22 +502,18 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
 
 def _tile_places(model: CameraModel, x: np.ndarray, y: np.ndarray, site, jd: float) -> ApparentPlaces:
     """Fixed sky directions behind the reference frame's tile centres, to follow them over the batch."""
-    from astropy import units as u
-    from astropy.coordinates import AltAz, EarthLocation, SkyCoord
-    from astropy.time import Time
-
     alt, az = model.to_altaz(x, y)
     ok = np.isfinite(alt)
-    alt = np.where(ok, alt, 45.0)
-    az = np.where(ok, az, 0.0)
-    loc = EarthLocation(lat=site.lat * u.deg, lon=site.lon * u.deg, height=site.height * u.m)
-    frame = AltAz(obstime=Time(jd, format="jd", scale="utc"), location=loc, pressure=site.pressure * u.hPa,
-                  temperature=site.temperature * u.deg_C, relative_humidity=site.relative_humidity,
-                  obswl=0.55 * u.um)
-    icrs = SkyCoord(alt=alt * u.deg, az=az * u.deg, frame=frame).icrs
-    ra = np.where(ok, icrs.ra.deg, np.nan)
-    dec = np.where(ok, icrs.dec.deg, np.nan)
-    return ApparentPlaces(ra, dec, site, jd)
+    ra, dec = radec_of_altaz(np.where(ok, alt, 45.0), np.where(ok, az, 0.0), site, jd)
+    return ApparentPlaces(np.where(ok, ra, np.nan), np.where(ok, dec, np.nan), site, jd)
+
+
+def moon_mask(alt: np.ndarray, az: np.ndarray, site, jd: float, radius: float) -> np.ndarray:
+    """Stars within ``radius`` degrees of the Moon while it is above the horizon."""
+    malt, maz = moon_altaz(site, jd)
+    if malt < -1.0:
+        return np.zeros(np.shape(alt), bool)
+    return angular_distance(alt, az, malt, maz) < radius
 
 
 def _finish(plan, batch, frames, rejected, accepted, fast, slow, star_rows, model, sw, message, *, astro,

@@ -74,6 +74,51 @@ def altaz_astropy(ra: npt.ArrayLike, dec: npt.ArrayLike, site: Site | str,
         return np.asarray(aa.alt.deg), np.asarray(aa.az.deg)
 
 
+def _altaz_frame(site: Site, jd: float):
+    import astropy.units as u
+    from astropy.coordinates import AltAz
+    from astropy.time import Time
+
+    return AltAz(obstime=Time(jd, format="jd", scale="utc"), location=_earth_location(site),
+                 pressure=site.pressure * u.hPa, temperature=site.temperature * u.deg_C,
+                 relative_humidity=site.relative_humidity, obswl=OBSWL_UM * u.um)
+
+
+def radec_of_altaz(alt: npt.ArrayLike, az: npt.ArrayLike, site: Site | str,
+                   jd: float) -> tuple[np.ndarray, np.ndarray]:
+    """ICRS (ra, dec) in degrees of observed directions (alt, az) at one UTC JD (astropy, refraction undone).
+
+    The inverse of :func:`altaz_astropy`; used to follow fixed sky directions
+    (for example the tile centres of the stacker) through a batch.
+    """
+    import astropy.units as u
+    from astropy.coordinates import SkyCoord
+
+    s = get_site(site)
+    with offline_iers():
+        c = SkyCoord(alt=np.asarray(alt, float) * u.deg, az=np.asarray(az, float) * u.deg,
+                     frame=_altaz_frame(s, jd)).icrs
+        return np.asarray(c.ra.deg), np.asarray(c.dec.deg)
+
+
+def moon_altaz(site: Site | str, jd: float) -> tuple[float, float]:
+    """Observed (alt, az) of the Moon in degrees at one UTC JD (astropy ephemeris)."""
+    from astropy.coordinates import get_body
+
+    s = get_site(site)
+    with offline_iers():
+        frame = _altaz_frame(s, jd)
+        m = get_body("moon", frame.obstime, location=frame.location).transform_to(frame)
+        return float(m.alt.deg), float(m.az.deg)
+
+
+def angular_distance(alt1: npt.ArrayLike, az1: npt.ArrayLike, alt2: float, az2: float) -> np.ndarray:
+    """Great-circle distance in degrees between directions (alt1, az1) and (alt2, az2)."""
+    a1, z1, a2, z2 = (np.radians(np.asarray(v, float)) for v in (alt1, az1, alt2, az2))
+    c = np.sin(a1) * np.sin(a2) + np.cos(a1) * np.cos(a2) * np.cos(z1 - z2)
+    return np.degrees(np.arccos(np.clip(c, -1.0, 1.0)))
+
+
 class ApparentPlaces:
     """Apparent places of many stars, computed once, rotated to any nearby frame.
 

@@ -8,6 +8,7 @@ night files with the simulator's truth.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import h5py
@@ -183,3 +184,65 @@ def test_move_outputs_aside_keeps_raw(tmp_path, small_night):
     assert (fake / "lightcurves_old" / "fLC.hdf5").exists() and (fake / "raw" / "x.fits").read_bytes() == b"abc"
     moved = move_outputs_aside(parse_night_dir(fake), erase=True)
     assert not (fake / "lightcurves_old").exists() and (fake / "raw" / "x.fits").exists()
+
+
+@pytest.fixture()
+def night_copy(small_night, tmp_path):
+    """A private copy of the small night's raw data (tests here write outputs beside it)."""
+    import shutil
+
+    dst = tmp_path / small_night["night_dir"].name
+    shutil.copytree(small_night["night_dir"] / "raw", dst / "raw")
+    return dst
+
+
+def test_failed_astrometry_falls_back_on_the_night_solution_and_flags_the_batch(night_copy):
+    from mascara.settings import Settings
+
+    # no batch can find 10^6 astrometric stars: every batch keeps the night solution, flagged
+    res = reduce_camera_night(night_copy, Settings(astro_min_stars=10**6), split_in_background=False)
+    assert res.batches and all(b.flagged for b in res.batches)
+    night_model = json.loads((night_copy / "astrometry" / "camera_solution.json").read_text())["model"]
+    assert all(b.model == night_model for b in res.batches)
+    assert Path(res.products["fLC"]).exists()
+
+
+def test_camera_solution_is_reused_by_later_nights(night_copy):
+    import shutil
+
+    from mascara.reduce import prepare_camera_night
+
+    first = prepare_camera_night(plan_camera_night(night_copy))
+    assert first.solution_start == "nominal"
+    later = night_copy.with_name("20260302LPE")
+    shutil.copytree(night_copy / "raw", later / "raw")
+    second = prepare_camera_night(plan_camera_night(later))
+    assert second.solution_start == f"solution of {night_copy.name}"
+    a, b = first.camera_model(), second.camera_model()
+    assert abs(a.alt0 - b.alt0) < 0.01 and abs(a.az0 - b.az0) < 0.01
+
+
+def test_moon_mask_matches_astropy_separation():
+    from astropy import units as u
+    from astropy.coordinates import AltAz, SkyCoord, get_body
+    from astropy.time import Time
+
+    from mascara.reduce import moon_mask
+    from mascara.sky import moon_altaz
+    from mascara.timeindex import SITES, offline_iers
+
+    jd = 2461101.35  # 2026-03-01 20:24 UTC: the Moon is 36 deg up at La Palma
+    malt, maz = moon_altaz("LP", jd)
+    assert malt > 30
+    alt = malt + np.array([0.0, 5.0, 9.0, 11.0, 30.0])
+    az = np.full(5, maz)
+    assert moon_mask(alt, az, SITES["LP"], jd, 10.0).tolist() == [True, True, True, False, False]
+    # the Moon below the horizon flags nothing
+    assert not moon_mask(alt, az, SITES["LP"], 2461101.0, 90.0).any()
+    with offline_iers():
+        t = Time(jd, format="jd")
+        from mascara.sky import _altaz_frame
+
+        frame = _altaz_frame(SITES["LP"], jd)
+        moon = get_body("moon", t, location=frame.location).transform_to(frame)
+    assert abs(moon.alt.deg - malt) < 1e-6 and abs(moon.az.deg - maz) < 1e-6
