@@ -394,3 +394,19 @@ def test_star_key_collisions_fall_back_to_id_sort(tmp_path, night, reference, mo
         for sid in list(g["data"])[::50]:
             np.testing.assert_array_equal(f["data"][sid][()], g["data"][sid][()])
         np.testing.assert_array_equal(f["header_table"]["nobs"][()], g["header_table"]["nobs"][()])
+
+
+def test_combine_from_splitter_uses_only_given_batches(tmp_path, night):
+    paths, _, _ = night
+    work = tmp_path / "work"
+    sp = lc.StarSplitter(work)
+    for p in paths:
+        sp.add(p)
+    subset = paths[1:-1]
+    via_split = lc.combine_night(subset, tmp_path / "a", NIGHT, global_attrs(), workdir=work)
+    direct = lc.combine_night(subset, tmp_path / "b", NIGHT, global_attrs())
+    assert via_split["sha256_fLC"] == direct["sha256_fLC"] and via_split["sha256_sLC"] == direct["sha256_sLC"]
+    batches = {lc.read_batch_file(p).batch for p in subset}
+    with h5py.File(via_split["fLC"], "r") as f:
+        for sid in list(f["data"])[::100]:
+            assert set(f["data"][sid]["lstseq"] // 50) <= batches
