@@ -45,6 +45,7 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -176,7 +177,6 @@ def reduce_child(night_dir: str, profile: bool, q) -> None:
         out["rss_peak"] = peak_rss_mb()
         q.put(out)
     except Exception:  # report the failure to the parent instead of hanging it
-        import traceback
 
         q.put({"error": traceback.format_exc()})
 
@@ -278,7 +278,6 @@ def split_child(paths: list[str], workdir: str, diag: list[str], q) -> None:
             wall.append(time.perf_counter() - w)
         q.put({"cpu": sum(cpu), "wall": sum(wall), "wall_max": max(wall), "rss": peak_rss_mb()})
     except Exception:
-        import traceback
 
         q.put({"error": traceback.format_exc()})
 
@@ -295,7 +294,6 @@ def combine_child(paths: list[str], outdir: str, workdir: str, q) -> None:
                "nstars_fast": res["nstars_fast"], "nstars_slow": res["nstars_slow"], "fLC": res["fLC"],
                "fLC_bytes": os.path.getsize(res["fLC"])})
     except Exception:
-        import traceback
 
         q.put({"error": traceback.format_exc()})
 
@@ -315,7 +313,6 @@ def read_child(path: str, stars: list[str], q) -> None:
         q.put({"first": times[0], "median": float(np.median(times)), "max": float(np.max(times)),
                "n": len(times), "points_median": int(np.median(npts))})
     except Exception:
-        import traceback
 
         q.put({"error": traceback.format_exc()})
 
@@ -396,11 +393,11 @@ def machine_info(argv: list[str]) -> dict:
     except (OSError, StopIteration):
         pass
     try:
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "mascara"],
-                               capture_output=True, text=True, check=False).stdout.strip()
+        dirty = [ln[3:] for ln in subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "mascara"],
+            capture_output=True, text=True, check=False).stdout.splitlines() if ln.strip()]
         if dirty:
-            commit += " (with uncommitted changes in mascara/: " + ", ".join(
-                ln[3:] for ln in dirty.splitlines()) + ")"
+            commit += " (with uncommitted changes in mascara/: " + ", ".join(dirty) + ")"
     except OSError:
         pass
     return {
@@ -563,6 +560,11 @@ def render(res: dict, s: dict) -> str:
         L.append("```")
         L.append(red["profile"])
         L.append("```\n")
+    if res.get("errors"):
+        L.append("## Parts that failed in this run\n")
+        for k, tb in res["errors"].items():
+            L.append(f"- `{k}`: `{tb.strip().splitlines()[-1]}`")
+        L.append("")
     if res.get("notes"):
         L.append("## Where the time goes and what would close the gaps\n")
         L.append(res["notes"].strip() + "\n")
@@ -584,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--combine-per-frame", type=int, default=6500)
     ap.add_argument("--no-combine", action="store_true")
     ap.add_argument("--profile", action="store_true", help="add a cProfile of the full batch to the report")
-    ap.add_argument("--notes", default=None, help="markdown file appended as the analysis section")
+    ap.add_argument("--notes", default=str(HERE / "perf_notes.md"),
+                    help="markdown appended as the analysis section (default bench/perf_notes.md)")
     ap.add_argument("--no-cache", action="store_true")
     ap.add_argument("--keep-combine", action="store_true")
     args = ap.parse_args(argv)
@@ -609,13 +612,25 @@ def main(argv: list[str] | None = None) -> int:
     print("[bench] reducing in a fresh process ...", flush=True)
     res["reduce"] = in_child(reduce_child, night_dir, args.profile)
     full = max(res["reduce"]["batches"], key=lambda r: r["nframes"])
+    results_path = Path(args.out) / "results.json"
+    results_path.write_text(json.dumps({"results": res}, indent=1, default=str))  # kept if a later part fails
+    errors = {}
     if args.photutils_frames > 0:
         print(f"[bench] photutils on {args.photutils_frames} frames ...", flush=True)
-        res["photutils"] = compare_photutils(night_dir, full["path"], args.photutils_frames)
+        try:
+            res["photutils"] = compare_photutils(night_dir, full["path"], args.photutils_frames)
+        except Exception:
+            errors["photutils"] = traceback.format_exc()
+        results_path.write_text(json.dumps({"results": res}, indent=1, default=str))
     if not args.no_combine:
         print(f"[bench] night scale: {args.combine_frames} frames x {args.combine_stars} stars ...", flush=True)
-        res["night"] = night_scale(args)
-    if args.notes:
+        try:
+            res["night"] = night_scale(args)
+        except Exception:
+            errors["night"] = traceback.format_exc()
+    if errors:
+        res["errors"] = errors
+    if args.notes and Path(args.notes).exists():
         res["notes"] = Path(args.notes).read_text()
     res["machine"] = machine_info(argv)
     res["seconds"] = time.perf_counter() - t0
@@ -624,11 +639,10 @@ def main(argv: list[str] | None = None) -> int:
     report = Path(args.report)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(text)
-    (Path(args.out) / "results.json").write_text(json.dumps({"results": res, "summary": s}, indent=1,
-                                                            default=str))
+    results_path.write_text(json.dumps({"results": res, "summary": s}, indent=1, default=str))
     print(text)
     print(f"[bench] done in {res['seconds']:.0f} s; report {report}", flush=True)
-    return 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
