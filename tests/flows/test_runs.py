@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +41,80 @@ def test_cameras_and_sites():
     assert parse_letters(None) is None
     assert parse_letters("") is None
     assert parse_letters("all") is None
+
+
+# --------------------------------------------------------------------------- run decisions (SPEC §9)
+
+
+@pytest.fixture()
+def night(pristine_night, tmp_path):
+    from flowkit import NIGHT_ID, fresh_copy
+
+    from mascara.reduce import plan_camera_night
+
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    return plan_camera_night(datadir / NIGHT_ID), f"sqlite:///{datadir / 'catalog.sqlite'}"
+
+
+def test_new_then_resume_then_move_aside_then_erase(night):
+    from flows._runs import catalog, file_sha256, open_run, verified_done
+
+    plan, url = night
+    cat = catalog(url)
+    first = open_run(url, plan)
+    assert first.decision == "new" and first.done == {}
+    # one batch finished: a file with its checksum in the catalog
+    b0, b1 = sorted(plan.batches)[:2]
+    for b in (b0, b1):
+        p = plan.batch_path(b)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(f"batch {b}".encode())
+        cat.batch_started(first.run_id, b)
+        cat.batch_succeeded(first.run_id, b, p, file_sha256(p))
+    plan.batch_path(b1).write_bytes(b"damaged")  # the catalog's checksum no longer matches
+    cat.finish_run(first.run_id, "failed", error="interrupted")
+
+    second = open_run(url, plan)
+    assert second.decision == "resume" and second.moves == []
+    assert set(second.done) == {b0}  # b1's file does not match: it is not done
+    assert verified_done(cat, second.camera_night_id, second.fingerprint_key) == second.done
+    cat.finish_run(second.run_id, "succeeded")
+
+    third = open_run(url, plan)  # a completed reduction is moved aside
+    assert third.decision == "moved" and third.done == {}
+    night_dir = plan.night.path
+    assert (night_dir / "work_old" / "batches").is_dir() and not (night_dir / "work").exists()
+    assert (night_dir / "raw").is_dir()
+    assert sorted(Path(src).name for src, _ in third.moves) == ["work"]
+    cat.finish_run(third.run_id, "succeeded")
+
+    (night_dir / "lightcurves").mkdir()
+    fourth = open_run(url, plan, overwrite=True)
+    assert fourth.decision == "erased" and not (night_dir / "lightcurves").exists()
+    with sqlite3.connect(f"file:{night_dir.parent / 'catalog.sqlite'}?mode=ro", uri=True) as db:
+        moves = db.execute("SELECT src, dst, action FROM directory_move ORDER BY moved_at").fetchall()
+    assert [(Path(s).name, d and Path(d).name, a) for s, d, a in moves] == [
+        ("work", "work_old", "renamed"), ("lightcurves", None, "erased"), ("work_old", None, "erased")]
+
+
+def test_a_live_run_holds_the_camera_night(night):
+    from flows._runs import open_run
+
+    from mascara.catalog import LeaseHeld
+
+    plan, url = night
+    open_run(url, plan)  # this process is alive: its lease holds
+    with pytest.raises(LeaseHeld):
+        open_run(url, plan)
+
+
+def test_the_lease_of_a_dead_process_on_this_host_is_taken_over(night):
+    from flows._runs import catalog, open_run
+
+    plan, url = night
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    first = open_run(url, plan, pid=dead.pid)
+    second = open_run(url, plan)
+    assert second.decision == "resume" and second.run_id != first.run_id
+    assert catalog(url).last_run(second.camera_night_id).run_id == second.run_id
