@@ -510,11 +510,15 @@ class StarSplitter:
         return all((self.splitdir / n).exists() for n in e["files"].values())
 
     # -- reading ----------------------------------------------------------
-    def bucket_rows(self, bucket: int, kind: str, batches: Sequence[int] | None = None) -> np.ndarray:
-        """Rows of one bucket over ``batches`` (default all), sorted by (star, lstseq), duplicates removed.
+    def bucket_rows(
+        self, bucket: int, kind: str, batches: Sequence[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of one bucket over ``batches`` (default all), grouped by star, sorted by lstseq, unique.
 
-        Returns an array of the piece dtype: the batch-file fields plus ``key``
-        (the star's 64-bit hash).
+        Returns
+        -------
+        ascc : ndarray of ASCC_DTYPE, the star id of each row
+        rows : ndarray of FAST_DTYPE or SLOW_DTYPE
         """
         with _PieceReader(self, kind, batches) as reader:
             return reader.bucket(bucket)
@@ -536,8 +540,8 @@ class StarSplitter:
         """All rows of one star in the store, sorted by lstseq (``FAST_DTYPE``/``SLOW_DTYPE``)."""
         sid = np.array([ascc], dtype=ASCC_DTYPE)
         bucket = int(_star_key(sid)[0] % np.uint64(self.nbuckets))
-        rows = self.bucket_rows(bucket, kind, batches)
-        return _strip_ascc(rows[rows["ascc"] == sid[0]], kind)
+        ascc, rows = self.bucket_rows(bucket, kind, batches)
+        return rows[ascc == sid[0]]
 
     def write_diagnostics(self) -> str:
         """Rewrite ``diagnostics.hdf5`` from the store (atomic).
@@ -602,8 +606,11 @@ class _PieceReader:
         for f, _, _ in self.files:
             f.close()
 
-    def bucket(self, bucket: int) -> np.ndarray:
-        """Rows of ``bucket`` over all batches, grouped by star, sorted by lstseq, unique."""
+    def bucket(self, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of ``bucket`` over all batches, grouped by star, sorted by lstseq, unique.
+
+        Returns ``(ascc, rows)`` as :func:`_group_runs`.
+        """
         counts = [off[bucket + 1] - off[bucket] for _, _, off in self.files]
         rows = np.empty(sum(counts), self.dtype)
         at = 0
@@ -612,39 +619,49 @@ class _PieceReader:
                 f.seek(data_start + off[bucket] * self.dtype.itemsize)
                 f.readinto(memoryview(rows[at : at + n].view(np.uint8)))
                 at += n
-        return _group_runs(rows)
+        return _group_runs(rows, self.kind)
 
 
-def _group_runs(rows: np.ndarray) -> np.ndarray:
-    """Group rows by star and sort each star by lstseq; of equal (star, lstseq) keep the first.
+def _group_runs(rows: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Group piece rows by star, each star sorted by lstseq; of equal (star, lstseq) keep the first.
 
     ``rows`` is the concatenation, in batch order, of per-batch runs already
     sorted by (key, lstseq); batches cover disjoint, increasing lstseq ranges, so
     a stable sort by key alone (a merge of sorted runs) orders every star by
     lstseq. Should an assumption fail (hash collision, out-of-order rows), a
     full sort by (ascc, lstseq) takes over.
+
+    Returns
+    -------
+    ascc : ndarray of ASCC_DTYPE
+        Star id of each output row.
+    plain : ndarray of FAST_DTYPE or SLOW_DTYPE
+        The rows without key and id, contiguous.
     """
-    if rows.size == 0:
-        return rows
-    rows = rows[np.argsort(rows["key"], kind="stable")]
-    new_star = np.r_[True, rows["key"][1:] != rows["key"][:-1]]
-    starts = np.flatnonzero(new_star)
-    same_id = rows["ascc"] == np.repeat(rows["ascc"][starts], np.diff(np.r_[starts, rows.size]))
-    step = np.diff(rows["lstseq"].astype(np.int64))
-    if not same_id.all() or np.any((step < 0) & ~new_star[1:]):
-        rows = rows[np.lexsort((rows["lstseq"], rows["ascc"]))]
-        new_star = np.r_[True, rows["ascc"][1:] != rows["ascc"][:-1]]
-        step = np.diff(rows["lstseq"].astype(np.int64))
-    keep = np.r_[True, (step != 0) | new_star[1:]]
-    return rows if keep.all() else rows[keep]
-
-
-def _strip_ascc(rows: np.ndarray, kind: str) -> np.ndarray:
     dtype = FAST_DTYPE if kind == "fast" else SLOW_DTYPE
-    out = np.empty(rows.size, dtype)
-    for n in dtype.names:
-        out[n] = rows[n]
-    return out
+    if rows.size == 0:
+        return np.empty(0, ASCC_DTYPE), np.empty(0, dtype)
+    key = rows["key"]
+    order = np.argsort(key, kind="stable")
+    ascc, key_s = rows["ascc"][order], key[order]
+    new_star = np.r_[True, key_s[1:] != key_s[:-1]]
+    starts = np.flatnonzero(new_star)
+    same_id = ascc == np.repeat(ascc[starts], np.diff(np.r_[starts, rows.size]))
+    step = np.diff(rows["lstseq"][order].astype(np.int64))
+    if not same_id.all() or np.any((step < 0) & ~new_star[1:]):
+        order = np.lexsort((rows["lstseq"], rows["ascc"]))
+        ascc = rows["ascc"][order]
+        new_star = np.r_[True, ascc[1:] != ascc[:-1]]
+        step = np.diff(rows["lstseq"][order].astype(np.int64))
+    keep = np.r_[True, (step != 0) | new_star[1:]]
+    if not keep.all():
+        order, ascc = order[keep], ascc[keep]
+    # One gather of the trailing bytes (the FAST/SLOW record) is far cheaper
+    # than a structured gather followed by a field-by-field copy.
+    skip = rows.dtype.fields[dtype.names[0]][1]
+    raw = rows.view(np.uint8).reshape(rows.size, rows.dtype.itemsize)
+    plain = raw[order, skip:].view(dtype).reshape(order.size)
+    return ascc, plain
 
 
 def run_splitter_process(
@@ -867,13 +884,12 @@ def _write_night_file(
         data_writer = _DatasetWriter(dtype, raw_fd)
         with _PieceReader(splitter, kind, batches) as reader:
             for bucket in range(splitter.nbuckets):
-                rows = reader.bucket(bucket)
-                if rows.size == 0:
+                rows_ascc, plain = reader.bucket(bucket)
+                if plain.size == 0:
                     continue
-                starts = np.flatnonzero(np.r_[True, rows["ascc"][1:] != rows["ascc"][:-1]])
-                stops = np.r_[starts[1:], rows.size]
-                plain = _strip_ascc(rows, kind)
-                bucket_ids = rows["ascc"][starts]
+                starts = np.flatnonzero(np.r_[True, rows_ascc[1:] != rows_ascc[:-1]])
+                stops = np.r_[starts[1:], plain.size]
+                bucket_ids = rows_ascc[starts]
                 for sid, a, z in zip(bucket_ids.tolist(), starts.tolist(), stops.tolist()):
                     data_writer.write(data, sid.decode(), plain[a:z])
                 at = np.minimum(np.searchsorted(cat["ascc"], bucket_ids), max(cat.size - 1, 0))
