@@ -12,13 +12,13 @@ Data flow::
                   fLC_<night>.hdf5, sLC_<night>.hdf5  (atomic, checksummed)
 
 Why buckets: appending every batch into 25,000 per-star HDF5 datasets is the
-slow path (PERF-NOTES). Instead each batch is rewritten once, its rows grouped
-by ``bucket = crc32(ascc) % nbuckets``, and the bucket offsets are recorded in
-the splitter registry. At the end of the night bucket ``k`` of every batch is a
-contiguous slice of a memory-mapped ``.npy`` file, so the combine reads each
-bucket of all batches (1/nbuckets of the night, tens of MB), sorts it by
-(star, lstseq) and writes those stars' datasets: memory stays bounded and every
-byte is read once.
+slow path (PERF-NOTES). Instead each batch is rewritten once, its rows sorted
+by (bucket, star, lstseq) with ``key = blake2b-64(ascc)`` and ``bucket = key %
+nbuckets``, and the bucket offsets are recorded in the splitter registry. At
+the end of the night bucket ``k`` of every batch is a contiguous slice of its
+``.npy`` file, so the combine reads each bucket of all batches (1/nbuckets of
+the night, tens of MB), merges the per-batch sorted runs and writes those
+stars' datasets: memory stays bounded and every byte is read once.
 
 Every file under a final name is complete: writers use a temporary name in the
 same directory, flush, fsync and ``os.replace``. The splitter registry is the
