@@ -195,6 +195,7 @@ def test_combine_layout_tutorial_session(night, reference):
     myfile = h5py.File(res["fLC"], "r")
     assert list(myfile.keys()) == ["data", "global", "header", "header_table"]
     assert set(myfile["global"].attrs.keys()) == set(SPEC_GLOBAL)
+    assert tuple(SPEC_GLOBAL) == GLOBAL_ATTRS
     assert myfile["global"].attrs.get("CAMERA") == "E"
     assert myfile["global"].attrs.get("APER0") == 2.5
     assert list(myfile.attrs) == [lc.INPUT_DIGEST_ATTR]
