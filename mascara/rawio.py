@@ -165,8 +165,10 @@ def _as_uint16(hdu: fits.PrimaryHDU | fits.ImageHDU, path: Path) -> np.ndarray:
     if raw is None:
         raise BadFrame(path, "no image data")
     if hdr.get("BITPIX") == 16 and hdr.get("BZERO", 0) == 32768 and hdr.get("BSCALE", 1) == 1:
-        # int16 + 32768 == the same bits with the sign bit flipped
-        return (raw.astype("<i2", copy=False).view("<u2") ^ np.uint16(0x8000)).astype(np.uint16, copy=False)
+        # int16 + 32768 == the same bits with the sign bit flipped: one byte-swapping copy, one in-place xor
+        out = raw.view(">u2").astype("<u2")
+        out ^= np.uint16(0x8000)
+        return out
     data = np.asarray(hdu.data, dtype=np.float64) * hdr.get("BSCALE", 1) + hdr.get("BZERO", 0)
     return np.clip(np.rint(data), 0, 65535).astype(np.uint16)
 
@@ -183,7 +185,7 @@ def read_frame(path: Path | str, expected_shape: tuple[int, int] | None = None) 
     """
     path = Path(path)
     try:
-        with fits.open(path, do_not_scale_image_data=True, memmap=False) as hdul:
+        with fits.open(path, do_not_scale_image_data=True, memmap=True) as hdul:
             hdu = hdul[0]
             header = hdu.header
             missing = [k for k in REQUIRED_KEYWORDS if k not in header]
