@@ -467,6 +467,42 @@ def load_truth(path: Path | str) -> dict:
     return out
 
 
+def truth_table(truth: dict, isolation_px: float = 8.0):
+    """The truth rows as a pandas DataFrame with the star id and an ``isolated`` column.
+
+    A star is isolated in a frame when no other rendered star lies within
+    ``isolation_px`` of it.
+    """
+    import pandas as pd
+    from scipy.spatial import cKDTree
+
+    t = truth["truth"]
+    df = pd.DataFrame({k: t[k] for k in t.dtype.names})
+    df["ascc"] = truth["stars"]["ascc"][t["star"]]
+    iso = np.ones(len(t), bool)
+    for seq in np.unique(t["lstseq"]):
+        m = np.flatnonzero(t["lstseq"] == seq)
+        pairs = cKDTree(np.c_[t["x"][m], t["y"][m]]).query_pairs(isolation_px, output_type="ndarray")
+        iso[m[pairs.ravel()]] = False
+    df["isolated"] = iso
+    return df
+
+
+def join_with_truth(night_file: Path | str, truth: dict):
+    """Rows of an fLC/sLC file joined with the truth of the same star and frame (truth columns end in ``_true``)."""
+    import pandas as pd
+
+    parts = []
+    with h5py.File(night_file, "r") as f:
+        for star in f["data"]:
+            d = pd.DataFrame(f["data"][star][...])
+            d["ascc"] = star
+            parts.append(d)
+    rows = pd.concat(parts, ignore_index=True)
+    return rows.merge(truth_table(truth).add_suffix("_true"), left_on=["ascc", "lstseq"],
+                      right_on=["ascc_true", "lstseq_true"])
+
+
 def cli_simulate(args) -> int:
     """``mascara simulate``: write simulated nights for every requested night and camera."""
     from rich.progress import Progress

@@ -15,12 +15,11 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.spatial import cKDTree
 
 from mascara.lcformat import FAST_DTYPE, GLOBAL_ATTRS, HEADER_DTYPE
 from mascara.reduce import move_outputs_aside, plan_camera_night, reduce_camera_night
 from mascara.rawio import parse_night_dir
-from mascara.simulate import SimConfig, load_truth, simulate_night
+from mascara.simulate import SimConfig, join_with_truth, load_truth, simulate_night
 
 FAST_FIELDS = ("flag", "flux0", "eflux0", "flux1", "eflux1", "sky", "esky", "peak",
                "x", "y", "alt", "az", "ccdtemp", "exptime", "jdmid", "lst", "lstidx", "lstseq")
@@ -46,31 +45,8 @@ def reduced(request, tmp_path_factory):
             "truth": load_truth(sim["truth"])}
 
 
-def _truth_table(truth) -> pd.DataFrame:
-    """Truth rows with the star id and whether the star is isolated (no rendered star within 8 px)."""
-    t = truth["truth"]
-    df = pd.DataFrame({k: t[k] for k in t.dtype.names})
-    df["ascc"] = truth["stars"]["ascc"][t["star"]]
-    iso = np.ones(len(t), bool)
-    for seq in np.unique(t["lstseq"]):
-        m = np.flatnonzero(t["lstseq"] == seq)
-        pairs = cKDTree(np.c_[t["x"][m], t["y"][m]]).query_pairs(8.0, output_type="ndarray")
-        iso[m[pairs.ravel()]] = False
-    df["isolated"] = iso
-    return df
-
-
 def _joined(reduced, kind="fLC") -> pd.DataFrame:
-    """Rows of the night file joined with the truth rows of the same star and frame (suffix _true)."""
-    parts = []
-    with h5py.File(reduced["result"].products[kind], "r") as f:
-        for star in f["data"]:
-            d = pd.DataFrame(f["data"][star][...])
-            d["ascc"] = star
-            parts.append(d)
-    rows = pd.concat(parts, ignore_index=True)
-    truth = _truth_table(reduced["truth"]).add_suffix("_true")
-    return rows.merge(truth, left_on=["ascc", "lstseq"], right_on=["ascc_true", "lstseq_true"])
+    return join_with_truth(reduced["result"].products[kind], reduced["truth"])
 
 
 def test_night_files_exist_and_raw_is_untouched(reduced):
