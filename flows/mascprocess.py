@@ -84,6 +84,9 @@ class RichProgress:
 def cli_mascprocess(args: argparse.Namespace) -> int:
     """Handler of ``mascprocess`` and ``mascara process`` (arguments: mascara.cli.add_mascprocess_arguments)."""
     _prepare_environment(args)
+    if not Path(args.datadir).is_dir():
+        print(f"mascprocess: data directory {args.datadir} does not exist", file=sys.stderr)
+        return 2
     settings = _load_settings(args.settings)
     if args.no_prefect:
         return run_without_prefect(args.datadir, args.night, args.camera, args.site, args.overwrite, args.db,
