@@ -1,0 +1,32 @@
+"""``mascprocess`` with no Prefect server to start (ephemeral mode), then ``mascara status``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from flowkit import BIN, NIGHT_ID, assert_same_night_files, fresh_copy, mascprocess, night_status
+
+
+@pytest.mark.prefect
+@pytest.mark.slow
+def test_mascprocess_runs_without_a_server_and_status_shows_it(prefect_server, pristine_night, reference, tmp_path):
+    _, env = prefect_server
+    env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}  # Prefect starts a temporary server itself
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    res = mascprocess(datadir, env)
+    print(f"mascprocess in ephemeral mode: {res.seconds:.1f} s")
+    assert "120/120" in res.stdout and "3/3 batches" in res.stdout  # the progress bar's last state
+    assert night_status(datadir)["state"] == "succeeded"
+    status = subprocess.run([str(BIN / "mascara"), "status", str(datadir), "--json"], env=env, capture_output=True,
+                            text=True, check=True)
+    (row,) = json.loads(status.stdout)
+    assert (row["camera"], row["state"], row["batches_done"], row["frames_ok"]) == ("LPE", "succeeded", 3, 120)
+    assert_same_night_files(datadir / NIGHT_ID, reference)
+
+
+def test_missing_data_directory_is_reported(tmp_path):
+    res = subprocess.run([str(BIN / "mascprocess"), str(tmp_path / "nowhere")], capture_output=True, text=True)
+    assert res.returncode != 0 and "does not exist" in res.stderr
