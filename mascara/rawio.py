@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
 
 NIGHT_DIR_RE = re.compile(r"^(?P<night>\d{8})(?P<site>[A-Z]{2})(?P<camera>[NESWC])$")
 FRAME_RE = re.compile(r"^(?P<lstseq>\d{8})(?P<site>[A-Z]{2})(?P<camera>[NESWC])\.fits(\.gz)?$")
@@ -185,12 +187,18 @@ def read_frame(path: Path | str, expected_shape: tuple[int, int] | None = None) 
     """
     path = Path(path)
     try:
-        with fits.open(path, do_not_scale_image_data=True, memmap=True) as hdul:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AstropyUserWarning)  # every file's truncation is seen
+            hdul = fits.open(path, do_not_scale_image_data=True, memmap=True)
+        with hdul:
             hdu = hdul[0]
             header = hdu.header
             missing = [k for k in REQUIRED_KEYWORDS if k not in header]
             if missing:
                 raise BadFrame(path, f"missing header keyword(s) {', '.join(missing)}")
+            truncated = [w for w in caught if "truncated" in str(w.message)]
+            if truncated:
+                raise BadFrame(path, f"truncated file ({truncated[0].message})")
             data = _as_uint16(hdu, path)
             hdict = {k: header[k] for k in REQUIRED_KEYWORDS}
             hdict["AVERSION"] = header.get("AVERSION", "unknown")

@@ -43,7 +43,7 @@ def test_bad_frames_are_rejected_with_a_reason(small_night):
     kinds = small_night["bad_frames"]
     assert set(reasons) == set(kinds)
     for seq, kind in kinds.items():
-        expected = {"truncated": "unreadable", "missing-lstseq": "LSTSEQ", "wrong-shape": "shape"}[kind]
+        expected = {"truncated": "truncated", "missing-lstseq": "LSTSEQ", "wrong-shape": "shape"}[kind]
         assert expected in reasons[seq], (kind, reasons[seq])
 
 
