@@ -13,10 +13,10 @@ Prefect flow, or :func:`reduce_camera_night` here) calls, per camera-night:
 
 Output directories of a night (everything beside ``raw/``)::
 
-    work/         master calibration, camera solution, batch files, split store
+    work/         master calibration, night context, batch files, the split store and
+                  diagnostics.hdf5 (light curves of a few bright stars, updated per batch)
     lightcurves/  fLC_<night_id>.hdf5, sLC_<night_id>.hdf5
     astrometry/   the night's camera solution and the per-batch solutions
-    diagnostics/  light curves of the diagnostic stars, kept up to date per batch
 
 Why batches fall back on the *night* solution and not on the previous batch:
 batches run in any order and in parallel, and an interrupted night must give
@@ -44,7 +44,7 @@ from mascara import lcformat as lcf
 from mascara.astrometry import AstrometryFailed, correct_batch, initial_solution
 from mascara.binning import Stacker, tile_grid
 from mascara.camera import CameraModel, nominal_camera
-from mascara.lightcurves import combine_night, run_splitter_process, write_batch_file
+from mascara.lightcurves import StarSplitter, combine_night, run_splitter_process, write_batch_file
 from mascara.photometry import measure_apertures
 from mascara.rawio import (
     BadFrame,
@@ -67,7 +67,6 @@ from mascara.timeindex import EXPTIME, get_site
 
 log = logging.getLogger(__name__)
 
-OUTPUT_DIRS = ("work", "lightcurves", "astrometry", "diagnostics")
 SOLUTION_FILE = "astrometry/camera_solution.json"
 
 
@@ -577,10 +576,11 @@ def global_attrs(plan: CameraNightPlan, ctx: NightContext) -> dict:
 def combine_camera_night(plan: CameraNightPlan, ctx: NightContext, batch_paths: Iterable[str | Path]) -> dict:
     """Write ``lightcurves/fLC_<night_id>.hdf5`` and ``sLC_...`` from the batch files (idempotent)."""
     batch_paths = sorted(str(p) for p in batch_paths)
-    split = plan.workdir / "split"
+    # the split store of the night, if a splitter ran beside the batches (the driver's or the flow's)
+    split = plan.workdir if (plan.workdir / StarSplitter.REGISTRY).exists() else None
     res = combine_night(
         batch_paths, plan.outdir, plan.night.night_id,
-        global_attrs(plan, ctx), workdir=split if split.exists() else None,
+        global_attrs(plan, ctx), workdir=split,
         slow_apertures=plan.settings.binned_apertures,
     )
     _write_batch_solutions(plan, batch_paths)
@@ -698,7 +698,7 @@ def reduce_camera_night(
         queue = mpctx.Queue()
         proc = mpctx.Process(
             target=run_splitter_process,
-            args=(queue, str(plan.workdir / "split"), diagnostic_ids(load_stars(plan.settings))),
+            args=(queue, str(plan.workdir), diagnostic_ids(load_stars(plan.settings))),
             daemon=True,
         )
         proc.start()
