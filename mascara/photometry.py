@@ -293,13 +293,53 @@ def _window_clipped_median(a, n, vmin, vmax, nsigma, maxiters, counts, work):
 
 
 @njit(cache=True)
+def _box_sums(image, raw, xs, ys, radii, rmax, sums):
+    """Exact-overlap sums of ``image`` around (xs, ys) into ``sums``; returns the highest
+    ``raw`` value among the pixels that overlap the largest aperture.
+
+    Pixels outside the image count as zero (as photutils).
+    """
+    ny, nx = image.shape
+    nr = radii.shape[0]
+    for k in range(nr):
+        sums[k] = 0.0
+    pk = -np.inf
+    i0 = max(int(math.floor(xs - rmax - 0.5)), 0)
+    i1 = min(int(math.ceil(xs + rmax + 0.5)), nx - 1)
+    j0 = max(int(math.floor(ys - rmax - 0.5)), 0)
+    j1 = min(int(math.ceil(ys + rmax + 0.5)), ny - 1)
+    for j in range(j0, j1 + 1):
+        dy = j - ys
+        ady = abs(dy)
+        ny2 = max(ady - 0.5, 0.0) ** 2
+        fy2 = (ady + 0.5) ** 2
+        for i in range(i0, i1 + 1):
+            dx = i - xs
+            adx = abs(dx)
+            near2 = max(adx - 0.5, 0.0) ** 2 + ny2
+            if near2 >= rmax * rmax:
+                continue
+            far2 = (adx + 0.5) ** 2 + fy2
+            v = image[j, i]
+            for k in range(nr):
+                w = pixel_weight(dx, dy, near2, far2, radii[k])
+                if w > 0.0:
+                    sums[k] += w * v
+            rv = raw[j, i]
+            if rv > pk:
+                pk = rv
+    return pk
+
+
+@njit(cache=True)
 def _sums_kernel(image, x, y, radii, out):
-    """Exact aperture sums; pixels outside the image count as zero (as photutils)."""
+    """Exact aperture sums of every star; NaN for circles that miss the image (as photutils)."""
     ny, nx = image.shape
     nr = radii.shape[0]
     rmax = 0.0
     for k in range(nr):
         rmax = max(rmax, radii[k])
+    sums = np.empty(nr, dtype=np.float64)
     for s in range(x.shape[0]):
         xs = x[s]
         ys = y[s]
@@ -307,31 +347,13 @@ def _sums_kernel(image, x, y, radii, out):
             for k in range(nr):
                 out[s, k] = np.nan
             continue
-        i0 = max(int(math.floor(xs - rmax - 0.5)), 0)
-        i1 = min(int(math.ceil(xs + rmax + 0.5)), nx - 1)
-        j0 = max(int(math.floor(ys - rmax - 0.5)), 0)
-        j1 = min(int(math.ceil(ys + rmax + 0.5)), ny - 1)
-        for k in range(nr):
-            out[s, k] = 0.0
-        for j in range(j0, j1 + 1):
-            dy = j - ys
-            ady = abs(dy)
-            ny2 = max(ady - 0.5, 0.0) ** 2
-            fy2 = (ady + 0.5) ** 2
-            for i in range(i0, i1 + 1):
-                dx = i - xs
-                adx = abs(dx)
-                near2 = max(adx - 0.5, 0.0) ** 2 + ny2
-                far2 = (adx + 0.5) ** 2 + fy2
-                v = image[j, i]
-                for k in range(nr):
-                    w = pixel_weight(dx, dy, near2, far2, radii[k])
-                    if w > 0.0:
-                        out[s, k] += w * v
+        _box_sums(image, image, xs, ys, radii, rmax, sums)
         for k in range(nr):
             r = radii[k]
             if xs + r <= -0.5 or xs - r >= nx - 0.5 or ys + r <= -0.5 or ys - r >= ny - 0.5:
                 out[s, k] = np.nan
+            else:
+                out[s, k] = sums[k]
 
 
 @njit(cache=True, fastmath=_REASSOC)
@@ -376,37 +398,7 @@ def _measure_kernel(
             continue
 
         # Apertures: exact weights on the box of the largest aperture; peak from raw.
-        for k in range(nr):
-            sums[k] = 0.0
-        pk = -np.inf
-        i0 = int(math.floor(xs - rmax - 0.5))
-        i1 = int(math.ceil(xs + rmax + 0.5))
-        j0 = int(math.floor(ys - rmax - 0.5))
-        j1 = int(math.ceil(ys + rmax + 0.5))
-        i0 = max(i0, 0)
-        j0 = max(j0, 0)
-        i1 = min(i1, nx - 1)
-        j1 = min(j1, ny - 1)
-        for j in range(j0, j1 + 1):
-            dy = j - ys
-            ady = abs(dy)
-            ny2 = max(ady - 0.5, 0.0) ** 2
-            fy2 = (ady + 0.5) ** 2
-            for i in range(i0, i1 + 1):
-                dx = i - xs
-                adx = abs(dx)
-                near2 = max(adx - 0.5, 0.0) ** 2 + ny2
-                if near2 >= rmax * rmax:
-                    continue
-                far2 = (adx + 0.5) ** 2 + fy2
-                v = image[j, i]
-                for k in range(nr):
-                    w = pixel_weight(dx, dy, near2, far2, radii[k])
-                    if w > 0.0:
-                        sums[k] += w * v
-                rv = raw[j, i]
-                if rv > pk:
-                    pk = rv
+        pk = _box_sums(image, raw, xs, ys, radii, rmax, sums)
         peak[s] = pk
         if pk >= saturation:
             f |= FLAG_PEAK_SATURATED
