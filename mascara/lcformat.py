@@ -60,26 +60,29 @@ SLOW_DTYPE = np.dtype(
     ]
 )
 
+#: Star id as stored in batch files (decimal string, as bytes).
+ASCC_DTYPE = np.dtype("S12")
+
+#: Catalogue fields of a star, as they appear in headers and batch files.
+STAR_FIELDS = [
+    ("ra", "f8"),
+    ("dec", "f8"),
+    ("vmag", "f4"),
+    ("bmag", "f4"),
+    ("spectype", "S9"),
+    ("blend", "u1"),
+    ("blendvalue", "f4"),
+]
+
 #: ``header/<ascc>`` record (one row per star).
-HEADER_DTYPE = np.dtype(
-    [
-        ("jdstart", "f8"),
-        ("ra", "f8"),
-        ("dec", "f8"),
-        ("vmag", "f4"),
-        ("bmag", "f4"),
-        ("spectype", "S9"),
-        ("blend", "u1"),
-        ("blendvalue", "f4"),
-        ("nobs", "u4"),
-    ]
-)
+HEADER_DTYPE = np.dtype([("jdstart", "f8")] + STAR_FIELDS + [("nobs", "u4")])
+
+#: Catalogue data of the stars of a batch (``stars`` table of batch files).
+STAR_DTYPE = np.dtype([("ascc", ASCC_DTYPE)] + STAR_FIELDS)
 
 #: Order of the 1-D datasets in the ``header_table`` group.
 HEADER_TABLE_FIELDS = ("ascc", "ra", "dec", "vmag", "bmag", "spectype", "blend", "blendvalue", "jdstart", "nobs")
 
-#: Star id as stored in batch files (decimal string, as bytes).
-ASCC_DTYPE = np.dtype("S12")
 
 #: Attributes of the ``global`` group, in order (SPEC §8).
 GLOBAL_ATTRS = (

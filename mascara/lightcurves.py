@@ -52,6 +52,7 @@ from mascara.lcformat import (
     HEADER_DTYPE,
     HEADER_TABLE_FIELDS,
     SLOW_DTYPE,
+    STAR_DTYPE,
     with_ascc,
 )
 
@@ -87,20 +88,6 @@ BATCH_SIZE = 50
 BATCH_FAST_DTYPE = with_ascc(FAST_DTYPE)
 #: Rows of a batch file's ``slow`` table (one per star, binned image).
 BATCH_SLOW_DTYPE = with_ascc(SLOW_DTYPE)
-
-#: Catalogue data of the stars of a batch (``stars`` table of batch files).
-STAR_DTYPE = np.dtype(
-    [
-        ("ascc", ASCC_DTYPE),
-        ("ra", "f8"),
-        ("dec", "f8"),
-        ("vmag", "f4"),
-        ("bmag", "f4"),
-        ("spectype", "S9"),
-        ("blend", "u1"),
-        ("blendvalue", "f4"),
-    ]
-)
 
 #: ``global`` attributes of sLC files: the fLC list with the two extra binned
 #: apertures after APER1 (NAPER = 4, apertures 2.5, 3.5, 4.5, 5.5 px by default).

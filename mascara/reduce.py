@@ -322,8 +322,7 @@ class _Stopwatch:
 
 
 def _star_table(stars: StarCatalogue, idx: np.ndarray) -> np.ndarray:
-    t = np.zeros(len(idx), dtype=[("ascc", lcf.ASCC_DTYPE), ("ra", "f8"), ("dec", "f8"), ("vmag", "f4"),
-                                   ("bmag", "f4"), ("spectype", "S9"), ("blend", "u1"), ("blendvalue", "f4")])
+    t = np.zeros(len(idx), dtype=lcf.STAR_DTYPE)
     t["ascc"] = stars.ascc[idx].astype(lcf.ASCC_DTYPE)
     for k in ("ra", "dec", "vmag", "bmag", "spectype", "blend", "blendvalue"):
         t[k] = getattr(stars, k)[idx]
