@@ -25,11 +25,15 @@ from mascara.reduce import reduce_camera_night
 from mascara.simulate import SimConfig, join_with_truth, load_truth, simulate_night
 
 
-def binned_gain(flc: str, slc: str, truth: dict) -> tuple[float, int]:
-    """Median over constant V 5-7 stars of per-frame scatter / binned scatter, both relative to the truth."""
+def binned_gain(flc: str, slc: str, truth: dict, fast: str = "flux0", slow: str = "flux0",
+                radius: str = "2.5") -> tuple[float, int]:
+    """Median over constant V 5-7 stars of per-frame scatter / binned scatter, both relative to the truth.
+
+    ``fast`` and ``slow`` name the fLC and sLC fields of the same aperture radius ``radius``.
+    """
     t = truth["truth"]
     ids = truth["stars"]["ascc"][t["star"]]
-    true_flux = {(a, int(s)): f for a, s, f in zip(ids, t["lstseq"], t["flux_2.5"])}
+    true_flux = {(a, int(s)): f for a, s, f in zip(ids, t["lstseq"], t[f"flux_{radius}"])}
     ratios = []
     with h5py.File(flc, "r") as f, h5py.File(slc, "r") as s:
         for star in s["data"]:
@@ -41,10 +45,10 @@ def binned_gain(flc: str, slc: str, truth: dict) -> tuple[float, int]:
             batches = fd["lstseq"] // 50
             whole = [b for b in np.unique(batches) if np.sum(batches == b) >= 45]
             tf = np.array([true_flux[(star, int(q))] for q in fd["lstseq"]])
-            binned = [sd["flux0"][sd["lstseq"] // 50 == b][0] / tf[batches == b].mean()
+            binned = [sd[slow][sd["lstseq"] // 50 == b][0] / tf[batches == b].mean()
                       for b in whole if np.sum(sd["lstseq"] // 50 == b) == 1]
             if len(binned) >= 3:
-                ratios.append(np.std(fd["flux0"] / tf - 1.0) / np.std(binned))
+                ratios.append(np.std(fd[fast] / tf - 1.0) / np.std(binned))
     return (float(np.median(ratios)) if ratios else float("nan")), len(ratios)
 
 
@@ -83,9 +87,10 @@ def main() -> None:
         z = (iso[f"flux{k}"] - iso[f"flux_{r}_true"]) / iso[f"eflux{k}"]
         report[f"std_z_flux{k}"] = round(float(np.std(z)), 3)
         report[f"median_z_flux{k}"] = round(float(np.median(z)), 3)
-    gain, n = binned_gain(res.products["fLC"], res.products["sLC"], truth)
-    report["binned_scatter_gain"] = round(gain, 2)
-    report["binned_gain_stars"] = n
+    for fast, slow, radius in (("flux0", "flux0", "2.5"), ("flux1", "flux2", "4.5")):
+        gain, n = binned_gain(res.products["fLC"], res.products["sLC"], truth, fast, slow, radius)
+        report[f"binned_scatter_gain_r{radius}"] = round(gain, 2)
+        report["binned_gain_stars"] = n
     print(json.dumps(report, indent=1))
 
 
