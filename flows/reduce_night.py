@@ -25,7 +25,6 @@ import json
 import os
 import queue
 import socket
-import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,7 +45,6 @@ from prefect.tasks import exponential_backoff
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from flows import _runs, faults
-from mascara.catalog import LeaseHeld
 
 #: Exceptions worth retrying: I/O trouble and lost database connections.
 #: Bad data never reaches here: rejected frames are recorded by the library.

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mascara.lcformat import FAST_DTYPE, GLOBAL_ATTRS, HEADER_DTYPE
+from mascara.lcformat import GLOBAL_ATTRS
 from mascara.reduce import move_outputs_aside, plan_camera_night, reduce_camera_night
 from mascara.rawio import parse_night_dir
 from mascara.simulate import SimConfig, join_with_truth, load_truth, simulate_night
@@ -199,8 +199,7 @@ def test_camera_solution_is_reused_by_later_nights(night_copy):
 
 
 def test_moon_mask_matches_astropy_separation():
-    from astropy import units as u
-    from astropy.coordinates import AltAz, SkyCoord, get_body
+    from astropy.coordinates import get_body
     from astropy.time import Time
 
     from mascara.reduce import moon_mask
