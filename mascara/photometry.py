@@ -20,9 +20,9 @@ Conventions
   pixels and ``nsky`` their number: the estimator of
   ``ApertureStats(data, annulus, sigma_clip=SigmaClip(sigma=3, maxiters=10))``
   ``.median`` / ``.std``, computed exactly: clipping only removes tails, so the
-  kept set is an interval of the sorted values; after three quickselects and a
-  sort of a small window around the median, each clipping round is a single
-  pass (:func:`_window_clipped_median`). Why a clipped median rather than the DAOPHOT
+  kept set is an interval of the sorted values; once a histogram has located
+  the values ranked around the median and they are sorted, each clipping round
+  is a single pass (:func:`_window_clipped_median`). Why a clipped median rather than the DAOPHOT
   ``3 median - 2 mean`` mode: stars in the annulus are clipped as high
   outliers either way, and the median has about half the noise of the mode
   estimator on a Gaussian background (variance 1.57 vs about 6 sigma^2/n),
