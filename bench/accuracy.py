@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 
 from mascara.reduce import reduce_camera_night
+from mascara.settings import Settings
 from mascara.simulate import SimConfig, join_with_truth, load_truth, simulate_night
 
 
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--clouds", action="store_true")
+    ap.add_argument("--bin-order", type=int, default=0, help="stacker shifts: 0 nearest pixel, 1 bilinear")
     ap.add_argument("--out", default=None, help="directory to keep the night in (default: a temporary one)")
     args = ap.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="mascara-accuracy-"))
@@ -66,7 +68,7 @@ def main() -> None:
     t0 = time.perf_counter()
     sim = simulate_night(out, "20260301", cfg)
     t1 = time.perf_counter()
-    res = reduce_camera_night(sim["night_dir"])
+    res = reduce_camera_night(sim["night_dir"], Settings(bin_order=args.bin_order))
     t2 = time.perf_counter()
     truth = load_truth(sim["truth"])
     rows = join_with_truth(res.products["fLC"], truth)

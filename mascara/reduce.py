@@ -412,7 +412,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     with sw("binning"):
         txc, tyc = tile_grid((ny, nx), s.bin_tile)
         tile_places = _tile_places(model, txc.ravel(), tyc.ravel(), site, jd_ref)
-        stacker = Stacker((ny, nx), tile=s.bin_tile)
+        stacker = Stacker((ny, nx), tile=s.bin_tile, order=s.bin_order)
 
     pieces = []
     jdmids, ccdtemps = [], []

@@ -28,6 +28,7 @@ class Settings:
     astro_min_stars: int = 25  # fewer matched stars: keep the last solution, flag batch
     astro_max_rms: float = 0.5  # px; above it the batch solution is rejected
     bin_tile: int = 32  # px, tile size of the stacker
+    bin_order: int = 0  # stacker shifts: 0 nearest pixel (the original), 1 bilinear
     moon_radius: float = 10.0  # deg; stars closer to the Moon (when it is up) get flag 32
     catalogue: str | None = None  # path of a user catalogue; None = shipped default
     cversion: str = "none"  # calibration version written to files
