@@ -253,7 +253,7 @@ def record_batch(handle: RunHandle, outcome: Any) -> None:
 
 
 def record_products(handle: RunHandle, products: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Record the night files (fLC, sLC) of a run; returns their descriptions."""
+    """Record the products of a run (fLC, sLC, camera solution, diagnostics); returns their descriptions."""
     import h5py
 
     cat = catalog(handle.db_url)
@@ -268,6 +268,14 @@ def record_products(handle: RunHandle, products: Mapping[str, Any]) -> list[dict
         size = Path(path).stat().st_size
         cat.record_product(handle.run_id, kind, path, sha, size, nstars=nstars)
         out.append({"kind": kind, "path": str(path), "sha256": sha, "size": size, "nstars": nstars})
+    # the night's camera solution and the diagnostic stars' light curves are products too
+    night = Path(handle.night_path)
+    for kind, path in (("solution", night / "astrometry" / "camera_solution.json"),
+                       ("diagnostics", night / "work" / "diagnostics.hdf5")):
+        if path.is_file():
+            sha, size = file_sha256(path), path.stat().st_size
+            cat.record_product(handle.run_id, kind, str(path), sha, size)
+            out.append({"kind": kind, "path": str(path), "sha256": sha, "size": size, "nstars": None})
     return out
 
 
