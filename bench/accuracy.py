@@ -59,8 +59,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--clouds", action="store_true")
-    ap.add_argument("--bin-order", type=int, default=0, help="stacker shifts: 0 nearest pixel, 1 bilinear")
-    ap.add_argument("--bin-tile", type=int, default=32, help="stacker tile size, px")
+    ap.add_argument("--bin-order", type=int, default=None, help="stacker shifts: 0 nearest pixel, 1 bilinear")
+    ap.add_argument("--bin-tile", type=int, default=None, help="stacker tile size, px")
     ap.add_argument("--out", default=None, help="directory to keep the night in (default: a temporary one)")
     args = ap.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="mascara-accuracy-"))
@@ -69,7 +69,9 @@ def main() -> None:
     t0 = time.perf_counter()
     sim = simulate_night(out, "20260301", cfg)
     t1 = time.perf_counter()
-    res = reduce_camera_night(sim["night_dir"], Settings(bin_order=args.bin_order, bin_tile=args.bin_tile))
+    overrides = {"bin_order": args.bin_order, "bin_tile": args.bin_tile}
+    settings = Settings.from_dict({k: v for k, v in overrides.items() if v is not None})
+    res = reduce_camera_night(sim["night_dir"], settings)
     t2 = time.perf_counter()
     truth = load_truth(sim["truth"])
     rows = join_with_truth(res.products["fLC"], truth)
@@ -77,6 +79,7 @@ def main() -> None:
     pos_rms = float(np.sqrt(np.mean((good["x"] - good["x_true"]) ** 2 + (good["y"] - good["y_true"]) ** 2)))
     report = {
         "size": args.size, "frames": args.frames, "clouds": args.clouds,
+        "bin_order": settings.bin_order, "bin_tile": settings.bin_tile,
         "simulate_s_per_frame": round((t1 - t0) / args.frames, 3),
         "reduce_wall_s_per_frame": round((t2 - t1) / args.frames, 3),
         "rejected_frames": len(res.rejected),
