@@ -381,7 +381,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
             rejected.append((ff.lstseq, ff.path.name, exc.reason))
     if ref is None:
         return _finish(plan, batch, frames, rejected, accepted, None, None, None, night_model, sw,
-                       "no readable frame", astro=None, ref_header=None, ctx=ctx)
+                       "no readable frame", astro=None)
     with sw("calibrate"):
         ref_image, ref_raw = calibrate(ref, master)
     jd_ref = float(ref.header["JD"])
@@ -415,7 +415,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
         stacker = Stacker((ny, nx), tile=s.bin_tile, order=s.bin_order)
 
     pieces = []
-    jdmids, ccdtemps = [], []
+    ccdtemps = []
     for ff in sorted(frames, key=lambda f: f.lstseq):
         if ff.lstseq == ref.lstseq:
             frame, image, raw = ref, ref_image, ref_raw
@@ -432,7 +432,6 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
         accepted.append((ff.lstseq, ff.path.name, ff.size))
         h = frame.header
         jd = float(h["JD"])
-        jdmids.append(jd)
         ccdtemps.append(float(h["CCDTEMP"]))
         with sw("positions"):
             a, z = places.altaz(jd)
@@ -495,7 +494,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     index = {a: i for i, a in enumerate(stars.ascc.astype(lcf.ASCC_DTYPE))}
     star_rows = _star_table(stars, np.array([index[a] for a in used], dtype=np.int64))
     return _finish(plan, batch, frames, rejected, accepted, fast, slow, star_rows, model, sw,
-                   astro.message, astro=astro, ref_header=ref.header, ctx=ctx, binned_astro=binned_astro)
+                   astro.message, astro=astro, binned_astro=binned_astro)
 
 
 def _tile_places(model: CameraModel, x: np.ndarray, y: np.ndarray, site, jd: float) -> ApparentPlaces:
@@ -515,7 +514,8 @@ def moon_mask(alt: np.ndarray, az: np.ndarray, site, jd: float, radius: float) -
 
 
 def _finish(plan, batch, frames, rejected, accepted, fast, slow, star_rows, model, sw, message, *, astro,
-            ref_header, ctx, binned_astro=None) -> BatchOutcome:
+            binned_astro=None) -> BatchOutcome:
+    """Write the batch file (empty tables when ``fast`` is None) and describe the outcome."""
     s = plan.settings
     if fast is None:
         fast = lcf.fast_table(0)

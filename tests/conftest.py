@@ -11,7 +11,7 @@ from mascara.simulate import SimConfig, simulate_night
 
 @pytest.fixture(scope="session")
 def small_night(tmp_path_factory) -> dict:
-    """A small simulated camera-night: 3 frames over a batch boundary, with one broken frame of each kind."""
+    """A small simulated camera-night of 12 frames (one batch) with one broken frame of each kind."""
     datadir = tmp_path_factory.mktemp("data")
     cfg = SimConfig(site="LP", camera="E", size="small", nframes=12, seed=5, bad_frames=3)
     res = simulate_night(datadir, "20260301", cfg)

@@ -221,3 +221,22 @@ def test_moon_mask_matches_astropy_separation():
         frame = _altaz_frame(SITES["LP"], jd)
         moon = get_body("moon", t, location=frame.location).transform_to(frame)
     assert abs(moon.alt.deg - malt) < 1e-6 and abs(moon.az.deg - maz) < 1e-6
+
+
+def test_a_batch_without_a_readable_frame_is_finished_empty(tmp_path):
+    sim = simulate_night(tmp_path, "20260301", SimConfig(site="LP", camera="E", size="small", nframes=60, seed=7))
+    night_copy = Path(sim["night_dir"])
+    plan = plan_camera_night(night_copy)
+    assert len(plan.batches) >= 2
+    dead = min(plan.batches, key=lambda b: len(plan.batches[b]))
+    for f in plan.batches[dead]:  # a night of this test's own: break every frame of one batch
+        f.path.write_bytes(b"not a FITS file")
+    res = reduce_camera_night(night_copy, split_in_background=False)
+    outcome = next(b for b in res.batches if b.batch == dead)
+    assert outcome.nframes == 0 and outcome.flagged
+    assert {r[0] for r in outcome.rejected} == {f.lstseq for f in plan.batches[dead]}
+    assert all("unreadable" in r[2] for r in outcome.rejected)
+    assert Path(outcome.path).exists()
+    with h5py.File(res.products["fLC"], "r") as f:
+        seqs = {int(s) for k in f["data"] for s in f["data"][k]["lstseq"]}
+    assert seqs and not seqs & {f.lstseq for f in plan.batches[dead]}
