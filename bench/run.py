@@ -38,7 +38,6 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_
 import argparse  # noqa: E402
 import datetime as _dt  # noqa: E402
 import json  # noqa: E402
-import multiprocessing as mp  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
@@ -70,13 +69,10 @@ def peak_rss_mb() -> float:
 
 
 def in_child(target, *args):
-    """Run ``target(*args, queue)`` in a fresh spawned process: its peak memory is its own."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=target, args=(*args, q))
-    p.start()
-    r = q.get()
-    p.join()
+    """Run ``target(*args, queue)`` in a fresh spawned process (its peak memory is its own); re-raise its error."""
+    from combine_night import in_child as run_in_child
+
+    r = run_in_child(target, *args)
     if isinstance(r, dict) and "error" in r:
         raise RuntimeError(f"{target.__name__} failed in the child:\n{r['error']}")
     return r

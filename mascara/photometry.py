@@ -356,6 +356,16 @@ def _sums_kernel(image, x, y, radii, out):
                 out[s, k] = sums[k]
 
 
+@njit(cache=True)
+def _no_photometry(s, flux, eflux, sky, esky):
+    """NaN fluxes, errors and sky for star ``s``."""
+    for k in range(flux.shape[1]):
+        flux[s, k] = np.nan
+        eflux[s, k] = np.nan
+    sky[s] = np.nan
+    esky[s] = np.nan
+
+
 @njit(cache=True, fastmath=_REASSOC)
 def _measure_kernel(
     image, raw, x, y, order, radii, r_in, r_out, box, gain, saturation, minsky, nsigma, maxiters,
@@ -388,11 +398,7 @@ def _measure_kernel(
             and ys + box <= ny - 0.5
         ):
             flag[s] = FLAG_EDGE
-            for k in range(nr):
-                flux[s, k] = np.nan
-                eflux[s, k] = np.nan
-            sky[s] = np.nan
-            esky[s] = np.nan
+            _no_photometry(s, flux, eflux, sky, esky)
             peak[s] = np.nan
             nsky[s] = 0
             continue
@@ -434,11 +440,7 @@ def _measure_kernel(
         if m < minsky:
             f |= FLAG_SKY_BAD
             flag[s] = f
-            for k in range(nr):
-                flux[s, k] = np.nan
-                eflux[s, k] = np.nan
-            sky[s] = np.nan
-            esky[s] = np.nan
+            _no_photometry(s, flux, eflux, sky, esky)
             nsky[s] = m
             continue
         bg, sig, nk, ok = _window_clipped_median(buf, m, vmin, vmax, nsigma, maxiters, counts, work)
