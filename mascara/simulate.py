@@ -128,7 +128,6 @@ def _truth_weights(radius: float) -> np.ndarray:
     """
     from photutils.geometry import circular_overlap_grid
 
-    half = STAMP / 2.0
     out = np.empty((QSTEP + 1, QSTEP + 1, STAMP, STAMP))
     for qy in range(QSTEP + 1):
         for qx in range(QSTEP + 1):
@@ -138,7 +137,6 @@ def _truth_weights(radius: float) -> np.ndarray:
             out[qy, qx] = circular_overlap_grid(
                 -0.5 - cx, STAMP - 0.5 - cx, -0.5 - cy, STAMP - 0.5 - cy, STAMP, STAMP, radius, 1, 1
             )
-    assert abs(half) > 0
     return out
 
 
@@ -167,6 +165,10 @@ class NightSimulator:
         self.truth_w = {r: _truth_weights(r) for r in TRUTH_RADII}
         self.cloud_field = _cloud_field(rng, self.nx, self.ny, len(self.night_seqs)) if cfg.clouds else None
         self._places: tuple[int, ApparentPlaces, np.ndarray] | None = None
+        # sky background (ADU), brighter towards the top of the field
+        yy = np.linspace(0.0, 1.0, self.ny, dtype=np.float32)[:, None]
+        xx = np.linspace(-1.0, 1.0, self.nx, dtype=np.float32)[None, :]
+        self.sky = cfg.sky_level * (1.0 + cfg.sky_gradient * yy + 0.1 * xx)
 
     # -- geometry -----------------------------------------------------------
     def model_at(self, lstseq: int) -> CameraModel:
@@ -240,8 +242,11 @@ class NightSimulator:
         truth_flux = {r: np.einsum("nij,nij->n", stamps, w[qy, qx]) for r, w in self.truth_w.items()}
 
         # the image in ADU
-        image = self.sky(xc_grid=True) * (self._sky_transmission(lstseq) if self.cloud_field is not None else 1.0)
-        image += cfg.dark_current
+        if self.cloud_field is not None:
+            image = self.sky * self._sky_transmission(lstseq)
+            image += cfg.dark_current
+        else:
+            image = self.sky + np.float32(cfg.dark_current)
         iy = ay[:, None, None] + np.arange(STAMP)[None, :, None]
         ix = ax[:, None, None] + np.arange(STAMP)[None, None, :]
         ok = (iy >= 0) & (iy < self.ny) & (ix >= 0) & (ix < self.nx)
@@ -263,14 +268,6 @@ class NightSimulator:
         }
         return raw, header, truth
 
-    def sky(self, xc_grid: bool = True) -> np.ndarray:
-        """Sky background (ADU), brighter towards the bottom (horizon side) of the field."""
-        if not hasattr(self, "_sky"):
-            yy = np.linspace(0.0, 1.0, self.ny, dtype=np.float32)[:, None]
-            xx = np.linspace(-1.0, 1.0, self.nx, dtype=np.float32)[None, :]
-            self._sky = self.cfg.sky_level * (1.0 + self.cfg.sky_gradient * yy + 0.1 * xx)
-        return self._sky.copy()
-
     def transmission(self, lstseq: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Cloud transmission (0..1) at pixel positions for a frame."""
         from scipy.ndimage import map_coordinates
@@ -281,7 +278,7 @@ class NightSimulator:
         cx = x / step + t / 20.0
         cy = y / step
         depth = map_coordinates(field, [cy, cx], order=1, mode="wrap")
-        envelope = _cloud_envelope(t, len(self.night_seqs), len(self.lstseqs), self.lstseqs[0] - self.night_seqs[0])
+        envelope = _cloud_envelope(t, len(self.lstseqs), self.lstseqs[0] - self.night_seqs[0])
         return np.clip(1.0 - envelope * depth, 0.02, 1.0)
 
     def _sky_transmission(self, lstseq: int) -> np.ndarray:
@@ -344,7 +341,7 @@ def _cloud_field(rng: np.random.Generator, nx: int, ny: int, nseq: int) -> tuple
     return np.clip(0.5 + 0.6 * field, 0.0, 1.0), step
 
 
-def _cloud_envelope(t: int, nnight: int, nsim: int, start: int) -> float:
+def _cloud_envelope(t: int, nsim: int, start: int) -> float:
     """Clouds pass during the middle third of the simulated frames."""
     centre = start + 0.55 * nsim
     width = max(0.12 * nsim, 10.0)
