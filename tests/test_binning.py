@@ -7,6 +7,8 @@ import pytest
 
 from mascara.binning import Stacker, stack_frames, tile_grid, tile_shape
 
+from starfield import gaussian_stars
+
 
 def test_tile_grid_centres():
     xc, yc = tile_grid((70, 100), 32)
@@ -63,15 +65,6 @@ def test_nonfinite_shift_skips_tile():
     assert count[5, 5] == 2 and binned[5, 5] == 2.0
 
 
-def render_stars(shape, x, y, flux, sigma=1.3):
-    ny, nx = shape
-    yy, xx = np.mgrid[0:ny, 0:nx]
-    img = np.zeros(shape)
-    for x0, y0, f in zip(x, y, flux):
-        img += f / (2 * np.pi * sigma**2) * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * sigma**2))
-    return img
-
-
 def centroid(img, x0, y0, half=6):
     i0, j0 = int(round(x0)), int(round(y0))
     cut = img[j0 - half:j0 + half + 1, i0 - half:i0 + half + 1]
@@ -95,7 +88,7 @@ def moving_star_batch(rng, integer, nframes=30, tile=32, shape=(128, 192)):
     for n in range(nframes):
         star_dx = dx[n].ravel()
         star_dy = dy[n].ravel()
-        img = render_stars(shape, xs + star_dx, ys + star_dy, np.full(xs.size, 5e4))
+        img = gaussian_stars(shape, xs + star_dx, ys + star_dy, np.full(xs.size, 5e4), sigma=1.3)
         frames.append(img + rng.normal(200.0, 2.0, shape))
     return frames, dx, dy, xs, ys
 

@@ -15,18 +15,10 @@ from photutils.aperture import (
 from mascara import lcformat
 from mascara.photometry import aperture_sums, measure_apertures, photometry_dtype
 
+from starfield import gaussian_stars
+
 RADII = (2.5, 4.5)
 SKY = (6.0, 21.0)
-
-
-def gaussian_stars(shape, xs, ys, fluxes, sigma=1.2):
-    """Noise-free image of circular Gaussian stars sampled at pixel centres."""
-    ny, nx = shape
-    yy, xx = np.mgrid[0:ny, 0:nx]
-    img = np.zeros(shape)
-    for x0, y0, f in zip(xs, ys, fluxes):
-        img += f / (2 * np.pi * sigma**2) * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * sigma**2))
-    return img
 
 
 def photutils_sums(image, x, y, r):
