@@ -165,8 +165,8 @@ class NightSimulator:
         self.truth_w = {r: _truth_weights(r) for r in TRUTH_RADII}
         self.cloud_field = _cloud_field(rng, self.nx, self.ny, len(self.night_seqs)) if cfg.clouds else None
         self._places: tuple[int, ApparentPlaces, np.ndarray] | None = None
-        # sky background (ADU), brighter towards the top of the field
-        yy = np.linspace(0.0, 1.0, self.ny, dtype=np.float32)[:, None]
+        # sky background (ADU), brighter towards the horizon: +y is increasing altitude (TH0 = 270)
+        yy = np.linspace(1.0, 0.0, self.ny, dtype=np.float32)[:, None]
         xx = np.linspace(-1.0, 1.0, self.nx, dtype=np.float32)[None, :]
         self.sky = cfg.sky_level * (1.0 + cfg.sky_gradient * yy + 0.1 * xx)
 
