@@ -1,36 +1,37 @@
 """Catalog bookkeeping of a camera-night run, as plain functions (no Prefect).
 
 The Prefect flow wraps these in tasks; ``mascprocess --no-prefect`` calls them
-directly.  They decide, from the catalog and the files on disk, whether a
-camera-night resumes an interrupted run or starts afresh with its old outputs
-moved aside (SPEC §9), and which batches are already done.
+directly (:func:`drive_camera_night`). The life of a run (resume, move aside,
+erase, what is done) is decided in one place, :mod:`mascara.catalog.lifecycle`;
+this module adds parameter parsing, the per-process catalog handle, heartbeats
+and the recording of batches.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
-import importlib.metadata
 import logging
-import os
-import socket
 import threading
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mascara.catalog import Catalog, LeaseHeld, connect, fingerprint_key
+from mascara import faults
+from mascara.catalog import Catalog, connect
+from mascara.catalog import lifecycle
+from mascara.catalog.lifecycle import (  # noqa: F401  (re-exported for the flow and the tests)
+    KEEP_OLD,
+    LEASE_SECONDS,
+    PROVENANCE_PACKAGES,
+    RunHandle,
+    file_sha256,
+    verified_done,
+    versions,
+)
 
 log = logging.getLogger(__name__)
-
-#: Lease length of a run (s); the flow heartbeats every third of it.
-LEASE_SECONDS = 300.0
-#: Packages whose versions are stored with every run.
-PROVENANCE_PACKAGES = ("mascara", "numpy", "scipy", "astropy", "photutils", "h5py", "numba", "prefect",
-                       "prefect-dask", "dask", "distributed", "sqlalchemy", "sqlmodel")
-
 
 # --------------------------------------------------------------------------- parameters
 
@@ -87,16 +88,6 @@ def catalog(url: str) -> Catalog:
     return connect(url)
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for name in PROVENANCE_PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 @lru_cache(maxsize=1)
 def code_hash() -> str:
     """sha256 over the source of ``mascara`` and ``flows``: Prefect's cache changes with the code."""
@@ -112,126 +103,15 @@ def code_hash() -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------- opening a run
 
 
-@dataclasses.dataclass
-class RunHandle:
-    """What the batch and combine steps of one camera-night need (all plain, picklable values)."""
-
-    db_url: str
-    night_path: str
-    night_id: str
-    camera_night_id: str
-    run_id: str
-    fingerprint_key: str
-    decision: str  # "new", "resume", "moved", "erased"
-    moves: list[tuple[str, str | None]]
-    done: dict[int, str]  # batch -> sha256 of batches verified done on disk
-
-
-def verified_done(cat: Catalog, camera_night_id: str, fp_key: str) -> dict[int, str]:
-    """Batches the catalog calls succeeded under ``fp_key`` whose file exists with the recorded sha256."""
-    out = {}
-    for b, (path, sha) in cat.done_batches(camera_night_id, fp_key).items():
-        if path and sha and Path(path).is_file() and file_sha256(path) == sha:
-            out[int(b)] = sha
-    return out
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _release_dead_lease(cat: Catalog, exc: LeaseHeld) -> bool:
-    """End the holder's run when it ran on this host in a process that no longer exists.
-
-    A killed run keeps its lease until it expires; on the same host the process
-    table tells for sure that it is gone, so a re-run need not wait.
-    """
-    if exc.host != socket.gethostname():
-        return False
-    from sqlmodel import Session
-
-    from mascara.catalog.models import ReductionRun
-
-    with Session(cat.engine) as s:
-        run = s.get(ReductionRun, exc.run_id)
-        pid = run.pid if run is not None else None
-    if pid is None or _pid_alive(pid):
-        return False
-    log.warning("run %s (pid %d on this host) is gone; ending it and taking over its lease", exc.run_id, pid)
-    cat.finish_run(exc.run_id, "failed", error=f"abandoned: process {pid} on {exc.host} no longer exists")
-    return True
-
-
 def open_run(db_url: str, plan: Any, overwrite: bool = False, flow_run_id: str | None = None,
-             lease_seconds: float = LEASE_SECONDS, host: str | None = None, pid: int | None = None) -> RunHandle:
-    """Register a camera-night, take its lease, and resume or move old outputs aside (SPEC §9).
-
-    - Same fingerprint as the last run, which did not succeed: resume (keep outputs).
-    - Otherwise, if outputs exist: rename them to ``<name>_old`` (erase with
-      ``overwrite``) and record every move in the catalog.
-
-    Raises
-    ------
-    LeaseHeld
-        another live run reduces this camera-night.
-    """
-    from mascara.reduce import existing_outputs, move_outputs_aside
-
-    cat = catalog(db_url)
-    night = plan.night
-    cn_id = cat.register_camera_night(night.site, night.camera, night.night, night.path)
-    fp = plan.fingerprint()
-    fp_key = fingerprint_key(fp)
-    last = cat.last_run(cn_id)
-    kwargs = dict(fingerprint=fp, settings=plan.settings.to_dict(), versions=versions(),
-                  host=host or socket.gethostname(), flow_run_id=flow_run_id, lease_seconds=lease_seconds,
-                  pid=pid)
-    try:
-        run_id = cat.start_run(cn_id, **kwargs)
-    except LeaseHeld as exc:
-        if not _release_dead_lease(cat, exc):
-            raise
-        run_id = cat.start_run(cn_id, **kwargs)
-
-    resumable = (last is not None and last.run_id != run_id and last.status != "succeeded"
-                 and last.fingerprint_key == fp_key)
-    retried_flow_run = last is not None and last.run_id == run_id  # a retried flow run continues its run
-    moves: list[tuple[str, str | None]] = []
-    if resumable or retried_flow_run:
-        decision = "resume"
-    elif existing_outputs(night):
-        moves = move_outputs_aside(night, erase=overwrite)
-        reason = ("changed reduction" if last is not None and last.fingerprint_key != fp_key
-                  else "re-run of a completed reduction" if last is not None else "outputs without a catalog run")
-        for src, dst in moves:
-            cat.record_move(cn_id, run_id, src, dst, "erased" if dst is None else "renamed", reason)
-        decision = "erased" if overwrite else "moved"
-    else:
-        decision = "new"
-    cat.register_batches(run_id, [(b, min(f.lstseq for f in fr), max(f.lstseq for f in fr), len(fr))
-                                  for b, fr in plan.batches.items()])
-    done = verified_done(cat, cn_id, fp_key) if decision == "resume" else {}
-    log.info("%s: %s run %s, %d of %d batches already done", night.night_id, decision, run_id,
-             len(done), len(plan.batches))
-    return RunHandle(db_url=db_url, night_path=str(night.path), night_id=night.night_id, camera_night_id=cn_id,
-                     run_id=run_id, fingerprint_key=fp_key, decision=decision, moves=moves, done=done)
+             lease_seconds: float = LEASE_SECONDS, host: str | None = None, pid: int | None = None,
+             keep_old: int = KEEP_OLD) -> RunHandle:
+    """Register, lease, decide and move aside: :func:`mascara.catalog.lifecycle.open_run` on this URL."""
+    return lifecycle.open_run(catalog(db_url), db_url, plan, overwrite=overwrite, keep_old=keep_old,
+                              flow_run_id=flow_run_id, lease_seconds=lease_seconds, host=host, pid=pid)
 
 
 # --------------------------------------------------------------------------- recording
@@ -239,6 +119,7 @@ def open_run(db_url: str, plan: Any, overwrite: bool = False, flow_run_id: str |
 
 def record_batch(handle: RunHandle, outcome: Any) -> None:
     """Record a finished batch: its frames (accepted and rejected) and the batch file."""
+    faults.checkpoint("after_batch_file")
     cat = catalog(handle.db_url)
     rows = [(seq, name, size, "ok", None) for seq, name, size in outcome.accepted]
     sizes = {}
@@ -252,31 +133,56 @@ def record_batch(handle: RunHandle, outcome: Any) -> None:
                         astro_rms=outcome.astro_rms, astro_nstars=outcome.astro_nstars, flagged=outcome.flagged)
 
 
-def record_products(handle: RunHandle, products: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Record the products of a run (fLC, sLC, camera solution, diagnostics); returns their descriptions."""
-    import h5py
+def finish_succeeded(handle: RunHandle, products: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Record the products and the end of the run in one transaction; returns the product descriptions."""
+    return lifecycle.finish_succeeded(catalog(handle.db_url), handle, products)
 
-    cat = catalog(handle.db_url)
-    out = []
-    for kind in ("fLC", "sLC"):
-        path = products.get(kind)
-        if not path or not Path(path).is_file():
-            continue
-        sha = products.get(f"sha256_{kind}") or file_sha256(path)
-        with h5py.File(path, "r") as f:
-            nstars = len(f["header_table"]["ascc"]) if "header_table" in f else None
-        size = Path(path).stat().st_size
-        cat.record_product(handle.run_id, kind, path, sha, size, nstars=nstars)
-        out.append({"kind": kind, "path": str(path), "sha256": sha, "size": size, "nstars": nstars})
-    # the night's camera solution and the diagnostic stars' light curves are products too
-    night = Path(handle.night_path)
-    for kind, path in (("solution", night / "astrometry" / "camera_solution.json"),
-                       ("diagnostics", night / "work" / "diagnostics.hdf5")):
-        if path.is_file():
-            sha, size = file_sha256(path), path.stat().st_size
-            cat.record_product(handle.run_id, kind, str(path), sha, size)
-            out.append({"kind": kind, "path": str(path), "sha256": sha, "size": size, "nstars": None})
-    return out
+
+def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwrite: bool = False,
+                       keep_old: int = KEEP_OLD, pid: int | None = None, host: str | None = None,
+                       split_in_background: bool = True, heartbeat: Heartbeat | None = None) -> tuple[RunHandle, Any]:
+    """Reduce one camera-night with the library driver, recorded exactly as the flow records it.
+
+    Returns the run handle and the :class:`mascara.reduce.NightResult`.
+
+    Raises
+    ------
+    LeaseHeld
+        another live run reduces this camera-night (nothing was done).
+    Exception
+        whatever stopped the reduction, after the run was recorded as failed
+        (``KeyboardInterrupt``: recorded as interrupted).
+    """
+    from mascara.reduce import combine_camera_night, plan_camera_night, prepare_camera_night, reduce_camera_night
+
+    plan = plan_camera_night(night, settings)
+    handle = open_run(db_url, plan, overwrite=overwrite, keep_old=keep_old, pid=pid, host=host)
+    cat = catalog(db_url)
+    if heartbeat is not None:
+        heartbeat.run_ids.add(handle.run_id)
+
+    def on_batch(outcome: Any) -> None:
+        cat.batch_started(handle.run_id, outcome.batch)
+        record_batch(handle, outcome)
+
+    try:
+        result = reduce_camera_night(plan.night, plan.settings, skip=handle.done, on_batch=on_batch,
+                                     split_in_background=split_in_background, combine=False)
+        cat.set_phase(handle.run_id, "combining")
+        paths = [str(plan.batch_path(b)) for b in plan.batches]
+        lifecycle.check_batch_files(paths)
+        result.products = combine_camera_night(plan, prepare_camera_night(plan), paths)
+        finish_succeeded(handle, result.products)
+    except KeyboardInterrupt as exc:
+        cat.finish_run(handle.run_id, "failed", error=f"interrupted ({exc or 'SIGINT'})")
+        raise
+    except Exception as exc:
+        cat.finish_run(handle.run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if heartbeat is not None:
+            heartbeat.run_ids.discard(handle.run_id)
+    return handle, result
 
 
 class Heartbeat:

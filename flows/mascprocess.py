@@ -90,13 +90,13 @@ def cli_mascprocess(args: argparse.Namespace) -> int:
     settings = _load_settings(args.settings)
     if args.no_prefect:
         return run_without_prefect(args.datadir, args.night, args.camera, args.site, args.overwrite, args.db,
-                                   settings, quiet=args.quiet)
+                                   settings, quiet=args.quiet, keep_old=args.keep_old)
 
     from flows.reduce_night import flow_with_runner, set_progress_sink
 
     flow_obj = flow_with_runner(args.dask_address)
     params = dict(datadir=args.datadir, nights=args.night or "all", cameras=args.camera, site=args.site,
-                  overwrite=args.overwrite, db_url=args.db, settings=settings)
+                  overwrite=args.overwrite, db_url=args.db, settings=settings, keep_old=args.keep_old)
     t0 = time.perf_counter()
     if args.quiet:
         state = flow_obj(**params, return_state=True)
@@ -119,7 +119,7 @@ def cli_mascprocess(args: argparse.Namespace) -> int:
 
 def run_without_prefect(datadir: str, night: str | None, camera: str | None, site: str | None,
                         overwrite: bool = False, db: str | None = None, settings: dict | None = None,
-                        quiet: bool = False) -> int:
+                        quiet: bool = False, keep_old: int = 1) -> int:
     """Reduce with :func:`mascara.reduce.reduce_camera_night`, one camera-night after the other.
 
     The catalog is kept exactly as the flow keeps it (runs, batches, frames,
@@ -129,7 +129,6 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
     from mascara.catalog import LeaseHeld
     from mascara.catalog._engine import resolve_url
     from mascara.rawio import find_night_dirs
-    from mascara.reduce import plan_camera_night, reduce_camera_night
     from mascara.settings import Settings
 
     datadir = str(Path(datadir).resolve())
@@ -144,32 +143,20 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
     with _runs.Heartbeat(db_url) as heartbeat:
         for nd in found:
             t0 = time.perf_counter()
-            plan = plan_camera_night(nd, s)
             try:
-                handle = _runs.open_run(db_url, plan, overwrite=overwrite, pid=os.getpid(),
-                                        host=socket.gethostname())
+                handle, result = _runs.drive_camera_night(db_url, nd, s, overwrite=overwrite, keep_old=keep_old,
+                                                          pid=os.getpid(), host=socket.gethostname(),
+                                                          heartbeat=heartbeat)
             except LeaseHeld as exc:
                 print(f"{nd.night_id}: {exc}", file=sys.stderr)
                 status = 1
                 continue
-            heartbeat.run_ids.add(handle.run_id)
-            cat = _runs.catalog(db_url)
-
-            def on_batch(outcome: Any, handle: _runs.RunHandle = handle) -> None:
-                cat.batch_started(handle.run_id, outcome.batch)
-                _runs.record_batch(handle, outcome)
-
-            try:
-                result = reduce_camera_night(nd.path, s, skip=handle.done, on_batch=on_batch)
-                _runs.record_products(handle, result.products)
-                cat.finish_run(handle.run_id, "succeeded")
-            except Exception as exc:
-                cat.finish_run(handle.run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # recorded as failed by drive_camera_night; go on with the next night
                 print(f"{nd.night_id}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 status = 1
                 continue
-            finally:
-                heartbeat.run_ids.discard(handle.run_id)
+            for w in handle.warnings:
+                print(f"warning: {w}", file=sys.stderr)
             if not quiet:
                 print(f"{nd.night_id}: {handle.decision} run, {len(result.batches)} batches reduced, "
                       f"{len(result.skipped)} reused, {time.perf_counter() - t0:.1f} s")

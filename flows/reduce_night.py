@@ -25,6 +25,7 @@ import json
 import os
 import queue
 import socket
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,7 +45,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
-from flows import _runs, faults
+from flows import _runs
+from mascara import faults
 
 #: Exceptions worth retrying: I/O trouble and lost database connections.
 #: Bad data never reaches here: rejected frames are recorded by the library.
@@ -97,10 +99,18 @@ def _ctx(plan: Any) -> Any:
 
 @task(name="start", task_run_name="start-{night_id}", cache_policy=NO_CACHE, **_transient_task)
 def start_camera_night(night_id: str, night_path: str, settings_json: str, db_url: str, overwrite: bool,
-                       flow_run_id: str | None, host: str, pid: int) -> _runs.RunHandle:
-    """Open the catalog run of a camera-night: lease, resume or move aside, register batches."""
+                       flow_run_id: str | None, host: str, pid: int, keep_old: int = 1) -> _runs.RunHandle:
+    """Open the catalog run of a camera-night: lease, resume or move aside, register batches.
+
+    A retry reuses the run id (it derives from the flow run) and continues the
+    run's journal: moves it intended are finished, never skipped.
+    """
     plan = _plan(night_path, settings_json)
-    return _runs.open_run(db_url, plan, overwrite=overwrite, flow_run_id=flow_run_id, host=host, pid=pid)
+    handle = _runs.open_run(db_url, plan, overwrite=overwrite, flow_run_id=flow_run_id, host=host, pid=pid,
+                            keep_old=keep_old)
+    for w in handle.warnings:
+        get_run_logger().warning(w)
+    return handle
 
 
 @task(name="prepare", task_run_name="prepare-{night_id}", cache_policy=NO_CACHE, **_transient_task)
@@ -126,7 +136,7 @@ def batch_task(night_id: str, batch: int, handle: _runs.RunHandle, settings_json
                 "reused": True}
     cat.batch_started(handle.run_id, batch)
     try:
-        faults.maybe_fail(night_id, batch, runtime_task_run.run_count or 1)
+        faults.maybe_fail_batch(night_id, batch, runtime_task_run.run_count or 1)
         outcome = reduce_batch(plan, _ctx(plan), batch)
         _runs.record_batch(handle, outcome)
     except Exception as exc:
@@ -168,12 +178,15 @@ def combine_task(night_id: str, handle: _runs.RunHandle, settings_json: str) -> 
     """Write the fLC/sLC night files (idempotent), record them, end the run, publish artifacts."""
     from mascara.reduce import combine_camera_night
 
+    from mascara.catalog.lifecycle import check_batch_files
+
     plan = _plan(handle.night_path, settings_json)
     paths = [str(plan.batch_path(b)) for b in plan.batches]
+    _runs.catalog(handle.db_url).set_phase(handle.run_id, "combining")
+    check_batch_files(paths)  # IncompleteNight is not transient: no retry
     products = combine_camera_night(plan, _ctx(plan), paths)
-    files = _runs.record_products(handle, products)
+    files = _runs.finish_succeeded(handle, products)
     summary = night_summary(plan, paths, files)
-    _runs.catalog(handle.db_url).finish_run(handle.run_id, "succeeded")
     _publish_summary(handle, summary, files)
     return {"night_id": night_id, "summary": summary, "files": files}
 
@@ -296,6 +309,7 @@ def reduce_night(
     overwrite: bool = False,
     db_url: str | None = None,
     settings: dict[str, Any] | None = None,
+    keep_old: int = 1,
 ) -> list[dict]:
     """Reduce camera-nights of ``datadir``: one task per 50-frame batch, all cameras at once.
 
@@ -306,10 +320,12 @@ def reduce_night(
         ``"yesterday"``: the previous night (UTC date of yesterday).
     cameras : letters ``"E+S"`` or a list; empty: all cameras found.
     site : ``LP``/``LS``; empty: every site found.
-    overwrite : erase old outputs of a completed or changed reduction instead
-        of renaming them to ``<name>_old`` (SPEC §9).
+    overwrite : start a fresh reduction whatever the state of the night, erasing
+        every earlier output instead of renaming it to ``<name>_old`` (SPEC §9).
     db_url : catalog URL; default ``$MASCARA_DB_URL`` or ``<datadir>/catalog.sqlite``.
     settings : :class:`mascara.settings.Settings` overrides.
+    keep_old : generations of earlier outputs kept (``_old``, ``_old2``...);
+        the oldest beyond that is erased, with a record.
 
     Returns
     -------
@@ -347,7 +363,7 @@ def reduce_night(
         n.progress_id = create_progress_artifact(0.0, key=_artifact_key(n.night_id, "progress"),
                                                  description=f"{n.night_id}: batches reduced")
         start = start_camera_night.submit(n.night_id, n.night_path, sjson, db_url, overwrite, flow_run_id,
-                                          host, pid)
+                                          host, pid, int(keep_old))
         track(start, "start", n.night_id)
     logger.info("reduce-night: %d camera-night(s): %s", len(nights_), ", ".join(nights_))
 
@@ -439,8 +455,11 @@ def reduce_night(
                     n.result = fut.result()
                     end_night(n, "succeeded", json.dumps(n.result["summary"]))
         finally:
+            exc = sys.exc_info()[1]
+            why = (f"interrupted ({exc or 'SIGINT'})" if isinstance(exc, KeyboardInterrupt)
+                   else "flow ended before this camera-night finished")
             for n in open_nights():
-                end_night(n, "failed", "flow ended before this camera-night finished")
+                end_night(n, "failed", why)
 
     results = [{"night_id": n.night_id, "state": n.state, "message": n.message,
                 **(n.result or {})} for n in nights_.values()]

@@ -52,6 +52,8 @@ def add_mascprocess_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("-o", "--overwrite", action="store_true", help="erase old outputs instead of moving them to _old")
+    p.add_argument("--keep-old", type=int, default=1, metavar="N",
+                   help="generations of earlier outputs to keep (<name>_old, _old2, ...; default 1)")
     p.add_argument("--db", default=None)
     p.add_argument("--settings", default=None, help="JSON file of settings overrides")
     p.add_argument("--dask-address", default=None, help="run batches on a Dask cluster (tcp://... or 'local')")

@@ -37,11 +37,24 @@ def _run(connection) -> None:  # type: ignore[no-untyped-def]
         include_object=_include_object,
         compare_type=True,
     )
-    with context.begin_transaction():
-        if connection.dialect.name == "postgresql":
-            # Two processes upgrading a fresh database at once: the second waits.
-            connection.execute(text("SELECT pg_advisory_xact_lock(727272)"))
-        context.run_migrations()
+    raw = connection.connection.dbapi_connection if sqlite else None
+    if raw is not None:
+        # Batch mode copies and drops tables that others reference: foreign keys must be off,
+        # which SQLite allows only outside a transaction (this connection has not begun one).
+        raw.execute("PRAGMA foreign_keys = OFF")
+    try:
+        with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Two processes upgrading a fresh database at once: the second waits.
+                connection.execute(text("SELECT pg_advisory_xact_lock(727272)"))
+            context.run_migrations()
+            if raw is not None:
+                bad = connection.execute(text("PRAGMA foreign_key_check")).fetchall()
+                if bad:
+                    raise RuntimeError(f"migration left rows with broken foreign keys: {bad[:5]}")
+    finally:
+        if raw is not None:
+            raw.execute("PRAGMA foreign_keys = ON")
 
 
 def run_migrations_online() -> None:

@@ -30,6 +30,8 @@ from mascara.catalog.models import (
     FRAME_STATUSES,
     MOVE_ACTIONS,
     PRODUCT_KINDS,
+    RUN_DECISIONS,
+    RUN_PHASES,
     Batch,
     Camera,
     CameraNight,
@@ -96,6 +98,24 @@ class RunInfo:
     finished_at: datetime | None
     error: str | None
     live: bool
+    phase: str = "registered"
+    decision: str | None = None
+    resumed_run_id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class JournalEntry:
+    """A filesystem action of the journal (a ``directory_move`` row)."""
+
+    id: str
+    camera_night_id: str
+    run_id: str | None
+    seq: int
+    src: str
+    dst: str | None
+    action: str  # renamed | erased
+    state: str  # intended | done
+    reason: str | None
 
 
 def make_id(kind: str, *parts: object) -> str:
@@ -219,24 +239,27 @@ class Catalog:
         """Register a camera-night; returns its id (the same id every time).
 
         ``camera`` is a letter (``E``) or a camera id (``LPE``); ``night`` is
-        ``YYYYMMDD``. A changed ``night_dir`` (data moved) is updated.
+        ``YYYYMMDD``. The identity of a camera-night is its directory (made
+        absolute): the same night and camera in another data directory is
+        another camera-night.
         """
         night = str(night)
         if not re.fullmatch(r"\d{8}", night):
             raise ValueError(f"night must be YYYYMMDD, not {night!r}")
         cam_id = camera if camera.startswith(site) and len(camera) > len(site) else site + camera
-        cn_id = make_id("camera_night", cam_id, night)
-        row = {"id": cn_id, "camera_id": cam_id, "night": night,
-               "night_dir": str(night_dir), "registered_at": _now()}
+        night_dir = str(Path(night_dir).absolute())
+        row = {"id": make_id("camera_night", night_dir), "camera_id": cam_id, "night": night,
+               "night_dir": night_dir, "datadir": str(Path(night_dir).parent), "registered_at": _now()}
 
         def fn(s: Session) -> str:
+            # catalogs from before revision 0003 have other ids: look the directory up first
+            known = s.execute(select(CameraNight.id).where(CameraNight.night_dir == night_dir)).scalar_one_or_none()
+            if known is not None:
+                return known
             self._insert(s, Site, [{"code": site}])
             self._insert(s, Camera, [{"id": cam_id, "site": site, "letter": cam_id[len(site):]}])
             self._insert(s, CameraNight, [row])
-            s.execute(update(CameraNight).where(CameraNight.id == cn_id,
-                                                CameraNight.night_dir != str(night_dir))
-                      .values(night_dir=str(night_dir)))
-            return cn_id
+            return row["id"]
 
         return self._tx(fn)
 
@@ -281,7 +304,7 @@ class Catalog:
                           .values(status="failed", finished_at=now, error="run abandoned"))
             run = {"id": run_id, "camera_night_id": camera_night_id, "status": "running", "host": host,
                    "pid": pid, "flow_run_id": flow_run_id, "started_at": now, "heartbeat_at": now,
-                   "finished_at": None, "error": None, "fingerprint_key": fp_key,
+                   "finished_at": None, "error": None, "fingerprint_key": fp_key, "phase": "registered",
                    "settings": json.loads(json.dumps(dict(settings), default=list)),
                    **{k: str(fingerprint[k]) for k in FINGERPRINT_FIELDS}}
             self._insert(s, ReductionRun, [run],
@@ -335,44 +358,219 @@ class Catalog:
 
         self._tx(fn)
 
-    def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
+    def finish_run(self, run_id: str, status: str, error: str | None = None,
+                   products: Iterable[Mapping[str, Any]] = ()) -> None:
         """End a run with ``succeeded``, ``failed`` or ``skipped`` and release its lease.
 
-        Batches the run left ``running`` are marked failed.
+        ``products`` (dicts with ``kind path sha256 size`` and optionally
+        ``nstars``) are recorded in the same transaction: a live product row
+        always belongs to a finished run. Another live row at the same path
+        (a file this run overwrote) is marked erased by this run. Batches the
+        run left ``running`` are marked failed.
         """
         if status not in FINAL_RUN_STATUSES:
             raise ValueError(f"final run status must be one of {FINAL_RUN_STATUSES}, not {status!r}")
+        products = [dict(p) for p in products]
+        for p in products:
+            if p["kind"] not in PRODUCT_KINDS:
+                raise ValueError(f"product kind must be one of {PRODUCT_KINDS}, not {p['kind']!r}")
 
         def fn(s: Session) -> None:
             now = _now()
-            n = s.execute(update(ReductionRun).where(ReductionRun.id == run_id)
-                          .values(status=status, finished_at=now, heartbeat_at=now, error=error)).rowcount
-            if not n:
+            run = s.get(ReductionRun, run_id)
+            if run is None:
                 raise CatalogError(f"unknown run {run_id}")
+            run.status, run.finished_at, run.heartbeat_at, run.error = status, now, now, error
+            if status == "succeeded":
+                run.phase = "finished"
+            for p in products:
+                path = str(p["path"])
+                s.execute(update(Product).where(Product.camera_night_id == run.camera_night_id,
+                                                Product.path == path, Product.run_id != run_id,
+                                                Product.erased_at.is_(None))
+                          .values(erased_at=now, erased_by=run_id))
+                self._insert(s, Product, [{
+                    "id": make_id("product", run_id, p["kind"], path), "run_id": run_id,
+                    "camera_night_id": run.camera_night_id, "kind": p["kind"], "path": path,
+                    "sha256": p["sha256"], "size": int(p["size"]), "nstars": p.get("nstars"),
+                    "created_at": now, "erased_at": None, "erased_by": None}],
+                    update_cols=["sha256", "size", "nstars", "created_at", "erased_at", "erased_by"])
             s.execute(update(Batch).where(Batch.run_id == run_id, Batch.status == "running")
                       .values(status="failed", finished_at=now, error=f"run ended ({status}) during the batch"))
             s.execute(delete(Lease).where(Lease.run_id == run_id))
 
         self._tx(fn)
 
-    def last_run(self, camera_night_id: str) -> RunInfo | None:
-        """The latest run of a camera-night, or None if it was never reduced."""
+    @staticmethod
+    def _info(s: Session, run: ReductionRun) -> RunInfo:
+        lease = s.get(Lease, run.camera_night_id)
+        live = lease is not None and lease.run_id == run.id and _aware(lease.expires_at) > _now()
+        return RunInfo(
+            run_id=run.id, camera_night_id=run.camera_night_id, status=run.status,
+            fingerprint={k: getattr(run, k) for k in FINGERPRINT_FIELDS},
+            fingerprint_key=run.fingerprint_key, host=run.host, flow_run_id=run.flow_run_id,
+            started_at=_aware(run.started_at), heartbeat_at=_aware(run.heartbeat_at),
+            finished_at=_aware(run.finished_at), error=run.error, live=live,
+            phase=run.phase, decision=run.decision, resumed_run_id=run.resumed_run_id)
+
+    def last_run(self, camera_night_id: str, decided: bool = False, exclude: str | None = None) -> RunInfo | None:
+        """The latest run of a camera-night, or None if it was never reduced.
+
+        ``decided``: only runs that got as far as deciding what to do with the
+        outputs (a run killed before that did nothing on disk). ``exclude``: a
+        run id to leave out (the caller's own run).
+        """
         def fn(s: Session) -> RunInfo | None:
-            run = s.execute(select(ReductionRun).where(ReductionRun.camera_night_id == camera_night_id)
-                            .order_by(ReductionRun.started_at.desc(), ReductionRun.id.desc()).limit(1)
+            q = select(ReductionRun).where(ReductionRun.camera_night_id == camera_night_id)
+            if decided:
+                q = q.where(ReductionRun.decision.is_not(None))
+            if exclude is not None:
+                q = q.where(ReductionRun.id != exclude)
+            run = s.execute(q.order_by(ReductionRun.started_at.desc(), ReductionRun.id.desc()).limit(1)
                             ).scalar_one_or_none()
-            if run is None:
-                return None
-            lease = s.get(Lease, camera_night_id)
-            live = lease is not None and lease.run_id == run.id and _aware(lease.expires_at) > _now()
-            return RunInfo(
-                run_id=run.id, camera_night_id=run.camera_night_id, status=run.status,
-                fingerprint={k: getattr(run, k) for k in FINGERPRINT_FIELDS},
-                fingerprint_key=run.fingerprint_key, host=run.host, flow_run_id=run.flow_run_id,
-                started_at=_aware(run.started_at), heartbeat_at=_aware(run.heartbeat_at),
-                finished_at=_aware(run.finished_at), error=run.error, live=live)
+            return None if run is None else self._info(s, run)
 
         return self._tx(fn, readonly=True)
+
+    def run_info(self, run_id: str) -> RunInfo:
+        """One run by id."""
+        def fn(s: Session) -> RunInfo:
+            run = s.get(ReductionRun, run_id)
+            if run is None:
+                raise CatalogError(f"unknown run {run_id}")
+            return self._info(s, run)
+
+        return self._tx(fn, readonly=True)
+
+    def set_phase(self, run_id: str, phase: str) -> None:
+        """Record where a run is in its life (``reducing``, ``combining``...)."""
+        if phase not in RUN_PHASES:
+            raise ValueError(f"phase must be one of {RUN_PHASES}, not {phase!r}")
+
+        def fn(s: Session) -> None:
+            if not s.execute(update(ReductionRun).where(ReductionRun.id == run_id).values(phase=phase)).rowcount:
+                raise CatalogError(f"unknown run {run_id}")
+
+        self._tx(fn)
+
+    # -- the journal of filesystem actions -------------------------------------
+    def decide(self, run_id: str, decision: str, resumed_run_id: str | None,
+               actions: Sequence[tuple[str, str | None, str, str | None]]) -> list[JournalEntry]:
+        """Record a run's decision and the filesystem actions it implies, before any is done.
+
+        ``actions`` are ``(src, dst, action, reason)`` in the order they must
+        run (``action``: ``renamed`` or ``erased``, ``dst`` None when erased).
+        They are journaled as ``intended``; :meth:`confirm_action` marks each
+        done. A run decides once: called again (a retried task), it changes
+        nothing and returns the actions journaled the first time.
+        """
+        if decision not in RUN_DECISIONS:
+            raise ValueError(f"decision must be one of {RUN_DECISIONS}, not {decision!r}")
+        for src, dst, action, _ in actions:
+            if action not in MOVE_ACTIONS or (action == "erased") != (dst is None):
+                raise ValueError(f"bad journal action {action!r} {src} -> {dst}")
+
+        def fn(s: Session) -> list[JournalEntry]:
+            run = s.execute(select(ReductionRun).where(ReductionRun.id == run_id).with_for_update()
+                            ).scalar_one_or_none()
+            if run is None:
+                raise CatalogError(f"unknown run {run_id}")
+            if run.decision is None:
+                now = _now()
+                run.decision, run.resumed_run_id = decision, resumed_run_id
+                run.phase = "moving"
+                for i, (src, dst, action, reason) in enumerate(actions):
+                    s.add(DirectoryMove(id=str(uuid.uuid4()), camera_night_id=run.camera_night_id, run_id=run_id,
+                                        seq=i, src=str(src), dst=None if dst is None else str(dst), action=action,
+                                        state="intended", reason=reason, intended_at=now, moved_at=None))
+                s.flush()
+            rows = s.execute(select(DirectoryMove).where(DirectoryMove.run_id == run_id)
+                             .order_by(DirectoryMove.seq)).scalars()
+            return [_entry(m) for m in rows]
+
+        return self._tx(fn)
+
+    def pending_actions(self, camera_night_id: str) -> list[JournalEntry]:
+        """Journaled actions of a camera-night not yet confirmed, oldest first."""
+        def fn(s: Session) -> list[JournalEntry]:
+            rows = s.execute(select(DirectoryMove).where(DirectoryMove.camera_night_id == camera_night_id,
+                                                         DirectoryMove.state == "intended")
+                             .order_by(DirectoryMove.intended_at, DirectoryMove.run_id, DirectoryMove.seq)).scalars()
+            return [_entry(m) for m in rows]
+
+        return self._tx(fn, readonly=True)
+
+    def confirm_action(self, move_id: str, note: str | None = None) -> None:
+        """Mark a journaled action done and make the catalog follow it, in one transaction.
+
+        A rename rewrites the paths of the camera-night's products and batch
+        files under ``src``; an erase marks those products erased (by this
+        action) and forgets those batch files.
+        """
+        def fn(s: Session) -> None:
+            m = s.get(DirectoryMove, move_id)
+            if m is None:
+                raise CatalogError(f"unknown journal entry {move_id}")
+            if m.state == "done":
+                return
+            m.state, m.moved_at = "done", _now()
+            if note:
+                m.reason = f"{m.reason}; {note}" if m.reason else note
+            self._follow(s, m.camera_night_id, m.src, m.dst, m.id, m.moved_at)
+
+        self._tx(fn)
+
+    @staticmethod
+    def _follow(s: Session, camera_night_id: str, src: str, dst: str | None, move_id: str, when: datetime) -> None:
+        def under(path: str | None) -> bool:
+            return path is not None and (path == src or path.startswith(src + "/"))
+
+        for prod in s.execute(select(Product).where(Product.camera_night_id == camera_night_id)).scalars():
+            if under(prod.path) and prod.erased_at is None:
+                if dst is None:
+                    prod.erased_at, prod.erased_by = when, move_id
+                else:
+                    prod.path = str(dst) + prod.path[len(src):]
+        for b in s.execute(select(Batch).where(Batch.camera_night_id == camera_night_id,
+                                               Batch.path.is_not(None))).scalars():
+            if under(b.path):
+                if dst is None:
+                    b.path, b.sha256 = None, None
+                else:
+                    b.path = str(dst) + b.path[len(src):]
+
+    def begin_reducing(self, run_id: str, batches: Iterable[Sequence[int]], fresh: bool) -> None:
+        """Register the run's batches and enter the ``reducing`` phase.
+
+        ``fresh`` (a new, moved-aside or erased reduction): batch rows left
+        under the same fingerprint by earlier runs are reset to ``pending``
+        first, so nothing of an earlier reduction counts as done. This
+        happens once per run: a retried call after the phase began only
+        registers batches again (idempotent).
+
+        Raises
+        ------
+        CatalogConflict
+            A known batch with a different lstseq range or frame count.
+        """
+        batches = [tuple(int(v) for v in b) for b in batches]
+
+        def fn(s: Session) -> None:
+            run = s.execute(select(ReductionRun).where(ReductionRun.id == run_id).with_for_update()
+                            ).scalar_one_or_none()
+            if run is None:
+                raise CatalogError(f"unknown run {run_id}")
+            if run.phase in ("registered", "moving"):
+                if fresh:
+                    s.execute(update(Batch).where(Batch.camera_night_id == run.camera_night_id,
+                                                  Batch.fingerprint_key == run.fingerprint_key)
+                              .values(status="pending", path=None, sha256=None, tries=0, error=None, timings=None,
+                                      started_at=None, finished_at=None, run_id=run_id, astro_rms=None,
+                                      astro_nstars=None, flagged=None))
+                run.phase = "reducing"
+            self._register_batches(s, run.camera_night_id, run.fingerprint_key, run_id, batches)
+
+        self._tx(fn)
 
     def run_versions(self, run_id: str) -> dict[str, str]:
         """Package versions recorded for a run."""
@@ -399,21 +597,24 @@ class Catalog:
 
         def fn(s: Session) -> None:
             cn_id, fp = self._run_key(s, run_id)
-            known = {b.batch_index: (b.lstseq_min, b.lstseq_max, b.nframes) for b in s.execute(
-                select(Batch).where(Batch.camera_night_id == cn_id, Batch.fingerprint_key == fp)).scalars()}
-            rows = []
-            for idx, lo, hi, n in batches:
-                if idx in known:
-                    if known[idx] != (lo, hi, n):
-                        raise CatalogConflict(f"batch {idx} was registered as lstseq {known[idx][0]}-"
-                                              f"{known[idx][1]} ({known[idx][2]} frames), now {lo}-{hi} ({n})")
-                    continue
-                rows.append({"id": make_id("batch", cn_id, fp, idx), "camera_night_id": cn_id,
-                             "fingerprint_key": fp, "run_id": run_id, "batch_index": idx, "lstseq_min": lo,
-                             "lstseq_max": hi, "nframes": n, "status": "pending", "tries": 0})
-            self._insert(s, Batch, rows)
+            self._register_batches(s, cn_id, fp, run_id, batches)
 
         self._tx(fn)
+
+    def _register_batches(self, s: Session, cn_id: str, fp: str, run_id: str, batches: list[tuple[int, ...]]) -> None:
+        known = {b.batch_index: (b.lstseq_min, b.lstseq_max, b.nframes) for b in s.execute(
+            select(Batch).where(Batch.camera_night_id == cn_id, Batch.fingerprint_key == fp)).scalars()}
+        rows = []
+        for idx, lo, hi, n in batches:
+            if idx in known:
+                if known[idx] != (lo, hi, n):
+                    raise CatalogConflict(f"batch {idx} was registered as lstseq {known[idx][0]}-"
+                                          f"{known[idx][1]} ({known[idx][2]} frames), now {lo}-{hi} ({n})")
+                continue
+            rows.append({"id": make_id("batch", cn_id, fp, idx), "camera_night_id": cn_id,
+                         "fingerprint_key": fp, "run_id": run_id, "batch_index": idx, "lstseq_min": lo,
+                         "lstseq_max": hi, "nframes": n, "status": "pending", "tries": 0})
+        self._insert(s, Batch, rows)
 
     def _set_batch(self, run_id: str, batch_index: int, **values: Any) -> None:
         def fn(s: Session) -> None:
@@ -493,7 +694,11 @@ class Catalog:
 
     def record_product(self, run_id: str, kind: str, path: str | Path, sha256: str, size: int,
                        nstars: int | None = None) -> str:
-        """Record a file written by a run; returns the product id."""
+        """Record one file written by a run; returns the product id.
+
+        The reduction records its products with :meth:`finish_run` instead, in
+        the transaction that ends the run.
+        """
         if kind not in PRODUCT_KINDS:
             raise ValueError(f"product kind must be one of {PRODUCT_KINDS}, not {kind!r}")
 
@@ -510,41 +715,40 @@ class Catalog:
 
     def record_move(self, camera_night_id: str, run_id: str | None, src: str | Path, dst: str | Path | None,
                     action: str, reason: str | None = None) -> str:
-        """Record an old output directory ``renamed`` to ``dst`` or ``erased`` (dst None).
+        """Record an action already done: ``src`` ``renamed`` to ``dst`` or ``erased`` (dst None).
 
-        Products and batch files under ``src`` follow: their paths are
-        rewritten to ``dst``, or products are marked erased.
+        The reduction journals its own moves (:meth:`decide`, :meth:`confirm_action`);
+        this records one after the fact, e.g. an output directory found
+        missing. Products and batch files under ``src`` follow as in
+        :meth:`confirm_action`.
         """
         if action not in MOVE_ACTIONS:
             raise ValueError(f"action must be one of {MOVE_ACTIONS}, not {action!r}")
         if (action == "erased") != (dst is None):
             raise ValueError("dst must be None exactly when the directory was erased")
         src = str(src).rstrip("/")
-        mid = make_id("move", camera_night_id, run_id, src, action)
-        row = {"id": mid, "camera_night_id": camera_night_id, "run_id": run_id, "src": src,
-               "dst": None if dst is None else str(dst), "action": action, "reason": reason,
-               "moved_at": _now()}
-
-        def under(path: str | None) -> bool:
-            return path is not None and (path == src or path.startswith(src + "/"))
+        now = _now()
+        row = DirectoryMove(id=str(uuid.uuid4()), camera_night_id=camera_night_id, run_id=run_id, seq=0, src=src,
+                            dst=None if dst is None else str(dst), action=action, state="done", reason=reason,
+                            intended_at=now, moved_at=now)
 
         def fn(s: Session) -> str:
-            if not self._insert(s, DirectoryMove, [row]):
-                return mid  # recorded before: the paths were already rewritten
-            for prod in s.execute(select(Product).where(Product.camera_night_id == camera_night_id)).scalars():
-                if under(prod.path):
-                    if dst is None:
-                        prod.erased_at = prod.erased_at or row["moved_at"]
-                    else:
-                        prod.path = str(dst) + prod.path[len(src):]
-            if dst is not None:
-                for b in s.execute(select(Batch).where(Batch.camera_night_id == camera_night_id,
-                                                       Batch.path.is_not(None))).scalars():
-                    if under(b.path):
-                        b.path = str(dst) + b.path[len(src):]
-            return mid
+            s.add(row)
+            s.flush()
+            self._follow(s, camera_night_id, src, row.dst, row.id, now)
+            return row.id
 
         return self._tx(fn)
+
+    def live_products(self, camera_night_id: str | None = None) -> list[dict[str, Any]]:
+        """Product rows whose file should exist (``erased_at`` is NULL)."""
+        def fn(s: Session) -> list[dict[str, Any]]:
+            q = select(Product).where(Product.erased_at.is_(None))
+            if camera_night_id is not None:
+                q = q.where(Product.camera_night_id == camera_night_id)
+            return [p.model_dump() for p in s.execute(q).scalars()]
+
+        return self._tx(fn, readonly=True)
 
     # -- views -----------------------------------------------------------------
     def _view(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -566,16 +770,31 @@ class Catalog:
     def failed_batches(self, night: str | Iterable[str] | None = None,
                        since_days: float | None = None) -> list[dict[str, Any]]:
         """Rows of the ``failed_batches`` view, optionally for some nights or the last days."""
-        clauses, params = [], {}
-        nights = _nights(night)
-        if nights is not None:
-            clauses.append("night IN (" + ", ".join(f":n{i}" for i in range(len(nights))) + ")")
-            params.update({f"n{i}": n for i, n in enumerate(nights)})
-        if since_days is not None:
-            clauses.append("age_days <= :days")
-            params["days"] = float(since_days)
-        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        where, params = _where(night, since_days)
         return self._view(f"SELECT * FROM failed_batches {where} ORDER BY night, camera, batch_index", params)
+
+    def failed_runs(self, night: str | Iterable[str] | None = None,
+                    since_days: float | None = None) -> list[dict[str, Any]]:
+        """Rows of the ``failed_runs`` view (every failed run and why), optionally filtered."""
+        where, params = _where(night, since_days)
+        return self._view(f"SELECT * FROM failed_runs {where} ORDER BY failed_at, night, camera", params)
+
+
+def _where(night: str | Iterable[str] | None, since_days: float | None) -> tuple[str, dict[str, Any]]:
+    clauses, params = [], {}
+    nights = _nights(night)
+    if nights is not None:
+        clauses.append("night IN (" + ", ".join(f":n{i}" for i in range(len(nights))) + ")")
+        params.update({f"n{i}": n for i, n in enumerate(nights)})
+    if since_days is not None:
+        clauses.append("age_days <= :days")
+        params["days"] = float(since_days)
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _entry(m: DirectoryMove) -> JournalEntry:
+    return JournalEntry(id=m.id, camera_night_id=m.camera_night_id, run_id=m.run_id, seq=m.seq, src=m.src,
+                        dst=m.dst, action=m.action, state=m.state, reason=m.reason)
 
 
 def connect(url: str | None = None, datadir: str | Path | None = None) -> Catalog:

@@ -26,6 +26,12 @@ FRAME_STATUSES: tuple[str, ...] = ("ok", "rejected")
 PRODUCT_KINDS: tuple[str, ...] = ("fLC", "sLC", "binned", "diagnostics", "solution")
 #: What happened to an old output directory.
 MOVE_ACTIONS: tuple[str, ...] = ("renamed", "erased")
+#: A journaled filesystem action: committed before acting, confirmed after.
+MOVE_STATES: tuple[str, ...] = ("intended", "done")
+#: Where a run is in its life (docs/lifecycle.md); kept when the run fails, to say where it stopped.
+RUN_PHASES: tuple[str, ...] = ("registered", "moving", "reducing", "combining", "finished")
+#: What a run decided to do with the outputs it found.
+RUN_DECISIONS: tuple[str, ...] = ("new", "resume", "move", "erase")
 
 
 def _in(column: str, words: tuple[str, ...], name: str) -> CheckConstraint:
@@ -49,14 +55,20 @@ class Camera(SQLModel, table=True):
 
 
 class CameraNight(SQLModel, table=True):
-    """One camera's night of raw frames, ``<datadir>/<night><site><cam>/``."""
+    """One camera's night of raw frames, ``<datadir>/<night><site><cam>/``.
+
+    Its identity is the night directory (absolute path): the same night and
+    camera in two data directories are two camera-nights, each with its own
+    lease, runs and outputs.
+    """
 
     __tablename__ = "camera_night"
-    __table_args__ = (UniqueConstraint("camera_id", "night", name="uq_camera_night"),)
+    __table_args__ = (UniqueConstraint("night_dir", name="uq_camera_night_dir"),)
     id: str = Field(primary_key=True, max_length=36)
     camera_id: str = Field(foreign_key="camera.id", index=True, max_length=16)
     night: str = Field(index=True, max_length=8)  # YYYYMMDD, UTC date of the evening
     night_dir: str
+    datadir: str = Field(index=True)  # the night directory's parent
     registered_at: datetime
 
 
@@ -68,7 +80,11 @@ class ReductionRun(SQLModel, table=True):
     """
 
     __tablename__ = "reduction_run"
-    __table_args__ = (_in("status", STATUSES, "ck_run_status"),)
+    __table_args__ = (
+        _in("status", STATUSES, "ck_run_status"),
+        _in("phase", RUN_PHASES, "ck_run_phase"),
+        _in("decision", RUN_DECISIONS, "ck_run_decision"),
+    )
     id: str = Field(primary_key=True, max_length=36)
     camera_night_id: str = Field(foreign_key="camera_night.id", index=True, max_length=36)
     status: str = Field(index=True, max_length=16)
@@ -85,6 +101,9 @@ class ReductionRun(SQLModel, table=True):
     raw_inventory_hash: str = Field(max_length=64)
     fingerprint_key: str = Field(index=True, max_length=64)
     settings: dict[str, Any] = Field(sa_type=JSON)
+    phase: str = Field(default="registered", max_length=16)
+    decision: str | None = Field(default=None, max_length=16)  # None until the run has decided
+    resumed_run_id: str | None = Field(default=None, max_length=36)  # the run whose batches it continues
 
 
 class PackageVersion(SQLModel, table=True):
@@ -167,6 +186,8 @@ class Product(SQLModel, table=True):
     """A file a run wrote: light curves, binned images, diagnostics, solutions.
 
     ``path`` is where the file is now: moving a directory aside rewrites it.
+    Rows are written with the run's end (``succeeded``), in one transaction, so
+    a live row (``erased_at IS NULL``) always describes a finished reduction.
     """
 
     __tablename__ = "product"
@@ -180,22 +201,36 @@ class Product(SQLModel, table=True):
     size: int  # bytes
     nstars: int | None = None
     created_at: datetime
-    erased_at: datetime | None = None  # its directory was erased before a re-run
+    erased_at: datetime | None = None  # the file is gone: its directory erased, or overwritten by a later run
+    erased_by: str | None = Field(default=None, max_length=36)  # the directory_move (or run) that erased it
 
 
 class DirectoryMove(SQLModel, table=True):
-    """An old output directory renamed to ``*_old`` or erased before a new run."""
+    """An output directory renamed (to ``*_old``) or erased: the journal of filesystem actions.
+
+    A row is written with ``state = 'intended'`` before the action and set to
+    ``'done'`` after it, in the transaction that rewrites the paths of the
+    products and batches under ``src`` (or marks the products erased). A run
+    that finds an intended row finishes that action first (``seq`` orders the
+    actions of one run).
+    """
 
     __tablename__ = "directory_move"
-    __table_args__ = (_in("action", MOVE_ACTIONS, "ck_move_action"),)
+    __table_args__ = (
+        _in("action", MOVE_ACTIONS, "ck_move_action"),
+        _in("state", MOVE_STATES, "ck_move_state"),
+    )
     id: str = Field(primary_key=True, max_length=36)
     camera_night_id: str = Field(foreign_key="camera_night.id", index=True, max_length=36)
     run_id: str | None = Field(default=None, foreign_key="reduction_run.id", index=True, max_length=36)
+    seq: int = 0
     src: str
     dst: str | None = None  # None when erased
     action: str = Field(max_length=16)
+    state: str = Field(default="done", index=True, max_length=16)
     reason: str | None = None
-    moved_at: datetime
+    intended_at: datetime
+    moved_at: datetime | None = None  # when the action was confirmed
 
 
 TABLES: tuple[type[SQLModel], ...] = (

@@ -42,9 +42,12 @@ def test_registration_is_idempotent(catalog):
     c = catalog.register_camera_night("LP", "S", "20260301", "/data/20260301LPS")
     assert a == b != c
     assert count(catalog, CameraNight) == 2 and count(catalog, Camera) == 2
-    # a data directory that moved is followed
-    catalog.register_camera_night("LP", "E", "20260301", "/mnt/new/20260301LPE")
-    assert catalog.night_status("20260301")[0]["night_dir"] == "/mnt/new/20260301LPE"
+    # the same night and camera in another data directory is another camera-night (issue 9)
+    d = catalog.register_camera_night("LP", "E", "20260301", "/mnt/new/20260301LPE")
+    assert d not in (a, c) and count(catalog, CameraNight) == 3
+    assert {r["night_dir"] for r in catalog.night_status("20260301") if r["camera"] == "LPE"} == {
+        "/data/20260301LPE", "/mnt/new/20260301LPE"}
+    assert {r["datadir"] for r in catalog.night_status("20260301")} == {"/data", "/mnt/new"}
 
     run = catalog.start_run(a, fingerprint(), {"batch_size": 50}, VERSIONS, "h1")
     rows = [(i, 50 * i, 50 * i + 49, 50) for i in range(100, 110)]
@@ -65,8 +68,10 @@ def test_registration_is_idempotent(catalog):
     p1 = catalog.record_product(run, "fLC", "/x/fLC_20260301LPE.hdf5", "1" * 64, 10, 5)
     p2 = catalog.record_product(run, "fLC", "/x/fLC_20260301LPE.hdf5", "2" * 64, 11, 5)
     assert p1 == p2 and count(catalog, Product) == 1
-    m1 = catalog.record_move(a, run, "/x/lightcurves", "/x/lightcurves_old", "renamed", "rerun")
-    assert m1 == catalog.record_move(a, run, "/x/lightcurves", "/x/lightcurves_old", "renamed", "rerun")
+    catalog.record_move(a, run, "/x/lightcurves", "/x/lightcurves_old", "renamed", "rerun")
+    catalog.record_move(a, run, "/x/lightcurves", "/x/lightcurves_old", "renamed", "rerun")  # nothing left under src
+    with Session(catalog.engine) as s:
+        assert s.execute(select(Product.path)).scalars().all() == ["/x/fLC_20260301LPE.hdf5"]  # not under src
     with pytest.raises(ValueError):
         catalog.record_move(a, run, "/x/lightcurves", None, "renamed")
     with pytest.raises(ValueError):
@@ -206,4 +211,4 @@ def test_moves_rewrite_product_paths(catalog):
         rows = {p.path: (p.run_id, p.erased_at is not None) for p in s.execute(select(Product)).scalars()}
     assert rows[f"{base}/lightcurves/fLC_20260301LPE.hdf5"] == (new, True)
     assert rows[f"{base}/lightcurves_old/fLC_20260301LPE.hdf5"] == (old, False)
-    assert count(catalog, DirectoryMove) == 3
+    assert count(catalog, DirectoryMove) == 4  # the lightcurves move was recorded twice; only the first moved rows

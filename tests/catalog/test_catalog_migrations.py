@@ -13,6 +13,7 @@ from mascara.catalog.commands import cli_db_upgrade
 from mascara.catalog.models import TABLES, SQLModel
 
 OURS = {m.__tablename__ for m in TABLES}
+VIEWS = {"night_status", "failed_batches", "failed_runs"}
 
 
 def _diffs(engine) -> list:  # type: ignore[no-untyped-def]
@@ -33,7 +34,7 @@ def test_migrations_match_models(db_url):
     with connect(db_url) as cat:  # upgrades automatically
         tables, views = _objects(cat.engine)
         assert tables == OURS | {"alembic_version"}
-        assert views == {"night_status", "failed_batches"}
+        assert views == VIEWS
         assert _engine.current_revision(cat.engine) == _engine.head_revision()
         assert _diffs(cat.engine) == []
 
@@ -46,7 +47,7 @@ def test_downgrade_then_upgrade(db_url):
         assert _engine.current_revision(cat.engine) is None
         _engine.upgrade(cat.engine)
         assert _diffs(cat.engine) == []
-        assert _objects(cat.engine)[1] == {"night_status", "failed_batches"}
+        assert _objects(cat.engine)[1] == VIEWS
         cat.register_camera_night("LP", "E", "20260301", "/d")
         assert len(cat.night_status()) == 1
 
@@ -60,7 +61,42 @@ def test_db_upgrade_command(db_url, capsys):
         assert _objects(engine)[1] == set()  # views arrive in 0002
         args.revision = "head"
         cli_db_upgrade(args)
-        assert "0001 -> 0002" in capsys.readouterr().out
+        assert f"0001 -> {_engine.head_revision()}" in capsys.readouterr().out
         assert _diffs(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_from_0002_carries_a_catalog_over(db_url):
+    """A catalog written before revision 0003 (camera-nights keyed by camera and night) keeps its rows."""
+    from sqlalchemy import text
+
+    engine = _engine.make_engine(db_url)
+    try:
+        _engine.upgrade(engine, "0002")
+        with engine.begin() as c:
+            c.execute(text("INSERT INTO site (code) VALUES ('LP')"))
+            c.execute(text("INSERT INTO camera (id, site, letter) VALUES ('LPE', 'LP', 'E')"))
+            c.execute(text("INSERT INTO camera_night (id, camera_id, night, night_dir, registered_at) "
+                           "VALUES ('cn-old', 'LPE', '20260301', '/data/20260301LPE', CURRENT_TIMESTAMP)"))
+            c.execute(text(
+                "INSERT INTO reduction_run (id, camera_night_id, status, host, started_at, heartbeat_at, "
+                "code_version, settings_hash, catalogue_hash, raw_inventory_hash, fingerprint_key, settings) "
+                "VALUES ('run-old', 'cn-old', 'succeeded', 'h', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, "
+                "'v', 's', 'c', 'r', 'k', '{}')"))
+            c.execute(text("INSERT INTO directory_move (id, camera_night_id, run_id, src, dst, action, moved_at) "
+                           "VALUES ('m-old', 'cn-old', 'run-old', '/data/20260301LPE/work', "
+                           "'/data/20260301LPE/work_old', 'renamed', CURRENT_TIMESTAMP)"))
+        _engine.upgrade(engine)
+        assert _diffs(engine) == []
+        with engine.connect() as c:
+            assert c.execute(text("SELECT datadir FROM camera_night")).scalar_one() == "/data"
+            assert c.execute(text("SELECT phase, decision FROM reduction_run")).one() == ("finished", "new")
+            state, intended, moved = c.execute(text("SELECT state, intended_at, moved_at FROM directory_move")).one()
+            assert state == "done" and intended is not None and moved is not None
+        with connect(db_url) as cat:
+            # the same directory finds the old row (its id predates the directory-keyed ids)
+            assert cat.register_camera_night("LP", "E", "20260301", "/data/20260301LPE") == "cn-old"
+            assert cat.night_status()[0]["state"] == "succeeded"
     finally:
         engine.dispose()

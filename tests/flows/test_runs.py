@@ -77,11 +77,12 @@ def test_new_then_resume_then_move_aside_then_erase(night):
     second = open_run(url, plan)
     assert second.decision == "resume" and second.moves == []
     assert set(second.done) == {b0}  # b1's file does not match: it is not done
-    assert verified_done(cat, second.camera_night_id, second.fingerprint_key) == second.done
+    batch_dir = plan.batch_path(b0).parent
+    assert verified_done(cat, second.camera_night_id, second.fingerprint_key, batch_dir) == second.done
     cat.finish_run(second.run_id, "succeeded")
 
     third = open_run(url, plan)  # a completed reduction is moved aside
-    assert third.decision == "moved" and third.done == {}
+    assert third.decision == "move" and third.done == {}
     night_dir = plan.night.path
     assert (night_dir / "work_old" / "batches").is_dir() and not (night_dir / "work").exists()
     assert (night_dir / "raw").is_dir()
@@ -90,7 +91,7 @@ def test_new_then_resume_then_move_aside_then_erase(night):
 
     (night_dir / "lightcurves").mkdir()
     fourth = open_run(url, plan, overwrite=True)
-    assert fourth.decision == "erased" and not (night_dir / "lightcurves").exists()
+    assert fourth.decision == "erase" and not (night_dir / "lightcurves").exists()
     with sqlite3.connect(f"file:{night_dir.parent / 'catalog.sqlite'}?mode=ro", uri=True) as db:
         moves = db.execute("SELECT src, dst, action FROM directory_move ORDER BY moved_at").fetchall()
     assert [(Path(s).name, d and Path(d).name, a) for s, d, a in moves] == [

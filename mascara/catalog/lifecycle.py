@@ -1,0 +1,423 @@
+"""The life of a camera-night reduction, one state machine for the Prefect flow and the library driver.
+
+Phases of a run (``reduction_run.phase``; ``docs/lifecycle.md`` has the diagram)::
+
+    registered -> moving -> reducing -> combining -> finished
+
+- **registered**: the run row and the camera-night's lease are committed.
+  Nothing was decided; a run killed here did nothing on disk and is ignored
+  by later decisions.
+- **moving**: the run decided (``new``, ``resume``, ``move`` or ``erase``)
+  and journaled every filesystem action it implies as ``intended``, in the
+  same transaction. Each action is then done and confirmed; confirming
+  rewrites (rename) or retires (erase) the catalog rows of the files under it.
+  Whoever holds the lease next finishes unconfirmed actions before anything
+  else: an intent is always rolled forward, never forgotten.
+- **reducing**: batches registered; for a fresh reduction the batch rows of
+  the same fingerprint were reset first. A batch is done only if its row says
+  so *and* its file is in this night's current ``work/batches`` with the
+  recorded sha256.
+- **combining** then **finished**: the night files are written, then the
+  products and the run's success are recorded in one transaction.
+
+A retried step of the same run (a Prefect retry reuses the run id) reads the
+phase and the decision from the catalog and redoes only what is not confirmed;
+it never takes its own half-done state for a resume.
+
+Output generations of a night directory: ``work``, ``lightcurves``,
+``astrometry`` (and anything else beside ``raw/``) are the current outputs;
+``<name>_old`` the previous reduction, ``<name>_old2`` the one before, and so
+on up to ``keep_old`` generations. ``raw/`` is never touched. An erase first
+renames the directory to a hidden bin (``.mascara-erasing-<id>``) so that it
+disappears at once; a crash during the removal leaves only the bin, which the
+next run removes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import logging
+import os
+import re
+import shutil
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from mascara import faults
+from mascara.catalog.catalog import Catalog, JournalEntry, LeaseHeld, RunInfo, fingerprint_key
+
+log = logging.getLogger(__name__)
+
+#: Lease length of a run (s); runs heartbeat every third of it.
+LEASE_SECONDS = 300.0
+#: Generations of earlier outputs kept by default (``<name>_old``), as the original pipeline did.
+KEEP_OLD = 1
+#: Packages whose versions are stored with every run.
+PROVENANCE_PACKAGES = ("mascara", "numpy", "scipy", "astropy", "photutils", "h5py", "numba", "prefect",
+                       "prefect-dask", "dask", "distributed", "sqlalchemy", "sqlmodel", "alembic")
+
+_OLD_RE = re.compile(r"^(?P<base>.+?)_old(?P<gen>[2-9]|[1-9]\d+)?$")
+BIN_PREFIX = ".mascara-erasing-"
+
+
+class LifecycleError(RuntimeError):
+    """The night directory is in a state no journaled action can explain (needs a person)."""
+
+
+class IncompleteNight(RuntimeError):
+    """The combine was asked for batch files that are not in the current outputs."""
+
+
+class Plan(Protocol):
+    """What the lifecycle needs of a :class:`mascara.reduce.CameraNightPlan`."""
+
+    night: Any  # NightDir: path, night, site, camera, night_id
+    settings: Any
+    batches: Mapping[int, list]
+
+    def fingerprint(self) -> dict[str, str]: ...
+    def batch_path(self, batch: int) -> Path: ...
+
+
+# --------------------------------------------------------------------------- output generations
+
+
+def generation_name(base: str, gen: int) -> str:
+    """``work`` (0), ``work_old`` (1), ``work_old2`` (2), ..."""
+    return base if gen == 0 else f"{base}_old" if gen == 1 else f"{base}_old{gen}"
+
+
+def output_generations(night_path: str | Path) -> dict[str, dict[int, Path]]:
+    """Outputs of a night directory: ``{base name: {generation: path}}`` (generation 0 is current).
+
+    ``raw/`` and hidden entries (the erase bins) are not outputs.
+    """
+    out: dict[str, dict[int, Path]] = {}
+    for p in sorted(Path(night_path).iterdir()):
+        if p.name == "raw" or p.name.startswith("."):
+            continue
+        m = _OLD_RE.match(p.name)
+        base, gen = (m["base"], int(m["gen"] or 1)) if m else (p.name, 0)
+        out.setdefault(base, {})[gen] = p
+    return out
+
+
+def current_outputs(night_path: str | Path) -> list[Path]:
+    return [g[0] for g in output_generations(night_path).values() if 0 in g]
+
+
+def plan_actions(night_path: str | Path, decision: str, keep_old: int = KEEP_OLD,
+                 reason: str | None = None) -> list[tuple[str, str | None, str, str | None]]:
+    """Filesystem actions ``(src, dst, action, reason)`` of a decision, in the order they must run.
+
+    ``move``: every generation shifts by one; those that would exceed
+    ``keep_old`` are erased first. ``erase``: every output, all generations.
+    ``new``/``resume``: nothing.
+    """
+    gens = output_generations(night_path)
+    if decision == "erase":
+        return [(str(p), None, "erased", reason) for g in gens.values() for _, p in sorted(g.items())]
+    if decision != "move":
+        return []
+    if keep_old < 1:
+        raise ValueError("keep_old must be at least 1 (use overwrite to erase instead)")
+    erases, renames = [], []
+    for base, g in gens.items():
+        for gen, p in g.items():
+            if gen >= keep_old:
+                erases.append((str(p), None, "erased",
+                               f"generation {gen} of {base} makes room (keep_old={keep_old})"))
+            else:
+                renames.append((gen, str(p), str(p.with_name(generation_name(base, gen + 1)))))
+    # the oldest generation moves first, so no rename lands on an existing directory
+    ordered = [(src, dst, "renamed", reason) for _, src, dst in sorted(renames, key=lambda r: -r[0])]
+    return erases + ordered
+
+
+def execute_action(entry: JournalEntry, night_path: str | Path) -> str | None:
+    """Do (or finish) one journaled action; idempotent. Returns a note for the journal, if any.
+
+    Raises
+    ------
+    LifecycleError
+        Both the source and the destination of a rename exist.
+    """
+    src = Path(entry.src)
+    if entry.action == "renamed":
+        dst = Path(entry.dst)  # type: ignore[arg-type]
+        if src.exists() or src.is_symlink():
+            if dst.exists():
+                raise LifecycleError(f"cannot rename {src} to {dst}: both exist (journal entry {entry.id})")
+            os.rename(src, dst)
+            faults.checkpoint("mid_move")
+            return None
+        return None if dst.exists() else f"{src.name} was already gone"
+    bin_ = Path(night_path) / f"{BIN_PREFIX}{entry.id}"
+    note = None
+    if src.exists() or src.is_symlink():
+        os.rename(src, bin_)  # gone from view at once; the removal below may take a while
+        faults.checkpoint("mid_move")
+    elif not bin_.exists():
+        note = f"{src.name} was already gone"
+    if bin_.is_dir() and not bin_.is_symlink():
+        shutil.rmtree(bin_)
+    elif bin_.exists() or bin_.is_symlink():
+        bin_.unlink()
+    return note
+
+
+def recover(cat: Catalog, camera_night_id: str, night_path: str | Path) -> list[JournalEntry]:
+    """Finish every journaled action of the camera-night not yet confirmed (of any run), oldest first.
+
+    Call it holding the camera-night's lease. Returns the entries it finished.
+    """
+    done = []
+    for entry in cat.pending_actions(camera_night_id):
+        note = execute_action(entry, night_path)
+        cat.confirm_action(entry.id, note)
+        done.append(entry)
+        if entry.action == "erased":
+            log.warning("%s: erased %s (%s)", Path(night_path).name, entry.src, entry.reason or "")
+    for stray in Path(night_path).glob(f"{BIN_PREFIX}*"):
+        # a bin whose action was confirmed before its removal finished
+        shutil.rmtree(stray, ignore_errors=True) if stray.is_dir() else stray.unlink(missing_ok=True)
+    return done
+
+
+def reconcile_products(cat: Catalog, camera_night_id: str, run_id: str) -> list[str]:
+    """Record as erased the live products of a camera-night whose file is gone (removed by hand).
+
+    Keeps "every live product row names an existing file" true even when
+    someone deletes outputs outside mascara. Returns the paths recorded.
+    """
+    gone = []
+    for p in cat.live_products(camera_night_id):
+        path = Path(p["path"])
+        if not path.is_file():
+            gone.append(str(path))
+    for path in sorted(set(gone)):
+        cat.record_move(camera_night_id, run_id, path, None, "erased",
+                        f"not found on disk when run {run_id} started (removed outside mascara)")
+        log.warning("catalog: %s was removed outside mascara; recorded as erased", path)
+    return gone
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+def decide(previous: RunInfo | None, fp_key: str, overwrite: bool, has_current: bool,
+           has_any: bool) -> tuple[str, str | None, str | None]:
+    """``(decision, resumed run id, reason)`` of a new run from the latest run that acted (pure).
+
+    - ``overwrite``: always a fresh reduction; every earlier output is erased.
+    - the latest run that acted did not succeed and has the same fingerprint:
+      resume it (its batches in the current outputs count as done).
+    - current outputs exist: move them aside (``_old``).
+    - otherwise: a new reduction.
+    """
+    if overwrite:
+        return ("erase" if has_any else "new"), None, "re-run with -o (overwrite)"
+    if previous is not None and previous.status != "succeeded" and previous.fingerprint_key == fp_key:
+        return "resume", previous.run_id, f"resumes run {previous.run_id} ({previous.status})"
+    if has_current:
+        if previous is None:
+            reason = "outputs without a catalog run"
+        elif previous.fingerprint_key != fp_key:
+            reason = f"changed reduction (run {previous.run_id} had another fingerprint)"
+        else:
+            reason = f"re-run of the completed reduction of run {previous.run_id}"
+        return "move", None, reason
+    return "new", None, None
+
+
+# --------------------------------------------------------------------------- opening a run
+
+
+@dataclasses.dataclass
+class RunHandle:
+    """What the batch and combine steps of one camera-night need (plain, picklable values)."""
+
+    db_url: str
+    night_path: str
+    night_id: str
+    camera_night_id: str
+    run_id: str
+    fingerprint_key: str
+    decision: str  # new, resume, move, erase
+    moves: list[tuple[str, str | None]]
+    done: dict[int, str]  # batch -> sha256 of batches verified done in the current outputs
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages a run depends on (provenance)."""
+    out = {}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def verified_done(cat: Catalog, camera_night_id: str, fp_key: str, batch_dir: str | Path) -> dict[int, str]:
+    """Batches done under ``fp_key``: row ``succeeded``, file in ``batch_dir`` with the recorded sha256.
+
+    A file anywhere else (a directory moved aside) is not current, whatever its row says.
+    """
+    batch_dir = Path(batch_dir).absolute()
+    out = {}
+    for b, (path, sha) in cat.done_batches(camera_night_id, fp_key).items():
+        if not path or not sha:
+            continue
+        p = Path(path)
+        if p.parent.absolute() == batch_dir and p.is_file() and file_sha256(p) == sha:
+            out[int(b)] = sha
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _release_dead_lease(cat: Catalog, exc: LeaseHeld) -> bool:
+    """End the holder's run when it ran on this host in a process that no longer exists.
+
+    A killed run keeps its lease until it expires; on the same host the process
+    table tells for sure that it is gone, so a re-run need not wait.
+    """
+    if exc.host != socket.gethostname():
+        return False
+    from sqlmodel import Session
+
+    from mascara.catalog.models import ReductionRun
+
+    with Session(cat.engine) as s:
+        run = s.get(ReductionRun, exc.run_id)
+        pid = run.pid if run is not None else None
+    if pid is None or _pid_alive(pid):
+        return False
+    log.warning("run %s (pid %d on this host) is gone; ending it and taking over its lease", exc.run_id, pid)
+    cat.finish_run(exc.run_id, "failed", error=f"abandoned: process {pid} on {exc.host} no longer exists")
+    return True
+
+
+def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, keep_old: int = KEEP_OLD,
+             flow_run_id: str | None = None, lease_seconds: float = LEASE_SECONDS, host: str | None = None,
+             pid: int | None = None) -> RunHandle:
+    """Take a camera-night through registered -> moving -> reducing; idempotent for the same run id.
+
+    Raises
+    ------
+    LeaseHeld
+        another live run reduces this camera-night.
+    LifecycleError
+        the night directory contradicts the journal.
+    """
+    night = plan.night
+    night_path = Path(night.path).absolute()
+    cn_id = cat.register_camera_night(night.site, night.camera, night.night, night_path)
+    fp = plan.fingerprint()
+    fp_key = fingerprint_key(fp)
+    kwargs = dict(fingerprint=fp, settings=plan.settings.to_dict(), versions=versions(),
+                  host=host or socket.gethostname(), flow_run_id=flow_run_id, lease_seconds=lease_seconds,
+                  pid=pid)
+    try:
+        run_id = cat.start_run(cn_id, **kwargs)
+    except LeaseHeld as exc:
+        if not _release_dead_lease(cat, exc):
+            raise
+        run_id = cat.start_run(cn_id, **kwargs)
+    faults.checkpoint("after_register")
+
+    recover(cat, cn_id, night_path)  # what earlier runs left half done comes first
+    warnings: list[str] = []
+    info = cat.run_info(run_id)
+    if info.decision is None:
+        reconcile_products(cat, cn_id, run_id)
+        previous = cat.last_run(cn_id, decided=True, exclude=run_id)
+        has_current = bool(current_outputs(night_path))
+        has_any = bool(output_generations(night_path))
+        decision, resumed, reason = decide(previous, fp_key, overwrite, has_current, has_any)
+        actions = plan_actions(night_path, decision, keep_old, reason)
+        entries = cat.decide(run_id, decision, resumed, actions)
+        faults.checkpoint("after_intent")
+    else:
+        decision = info.decision
+        entries = cat.decide(run_id, decision, info.resumed_run_id, [])  # the journal of the first try
+    for e in entries:
+        if e.action == "erased" and decision == "move":
+            warnings.append(f"{night.night_id}: erasing {Path(e.src).name} to make room ({e.reason})")
+            log.warning(warnings[-1])
+    recover(cat, cn_id, night_path)
+    faults.checkpoint("after_move")
+
+    cat.begin_reducing(run_id, [(b, min(f.lstseq for f in fr), max(f.lstseq for f in fr), len(fr))
+                                for b, fr in plan.batches.items()], fresh=decision != "resume")
+    batch_dir = Path(plan.batch_path(0)).parent
+    done = verified_done(cat, cn_id, fp_key, batch_dir)
+    log.info("%s: %s run %s, %d of %d batches already done", night.night_id, decision, run_id,
+             len(done), len(plan.batches))
+    return RunHandle(db_url=db_url, night_path=str(night_path), night_id=night.night_id, camera_night_id=cn_id,
+                     run_id=run_id, fingerprint_key=fp_key, decision=decision,
+                     moves=[(e.src, e.dst) for e in entries], done=done, warnings=warnings)
+
+
+# --------------------------------------------------------------------------- the end of a run
+
+
+def describe_products(night_path: str | Path, products: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Product descriptions (kind, path, sha256, size, nstars) of a combined night, read from disk."""
+    import h5py
+
+    out = []
+    for kind in ("fLC", "sLC"):
+        path = products.get(kind)
+        if not path or not Path(path).is_file():
+            continue
+        sha = products.get(f"sha256_{kind}") or file_sha256(path)
+        with h5py.File(path, "r") as f:
+            nstars = int(len(f["header_table"]["ascc"])) if "header_table" in f else None
+        out.append({"kind": kind, "path": str(path), "sha256": sha, "size": Path(path).stat().st_size,
+                    "nstars": nstars})
+    night = Path(night_path)
+    for kind, path in (("solution", night / "astrometry" / "camera_solution.json"),
+                       ("diagnostics", night / "work" / "diagnostics.hdf5")):
+        if path.is_file():
+            out.append({"kind": kind, "path": str(path), "sha256": file_sha256(path), "size": path.stat().st_size,
+                        "nstars": None})
+    return out
+
+
+def finish_succeeded(cat: Catalog, handle: RunHandle, products: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Record the products and the run's success in one transaction (the done marker, written last)."""
+    faults.checkpoint("after_slc")
+    files = describe_products(handle.night_path, products)
+    cat.finish_run(handle.run_id, "succeeded", products=files)
+    return files
+
+
+def check_batch_files(paths: list[str]) -> None:
+    """Raise :class:`IncompleteNight` (not an ``OSError``: never retried) if a batch file is missing."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise IncompleteNight(f"{len(missing)} batch file(s) missing from the current outputs, e.g. "
+                              f"{', '.join(missing[:3])}")

@@ -1,0 +1,120 @@
+"""Named fault points, for the tests of a reduction's life (never active in production).
+
+The code calls :func:`checkpoint` at the moments where a crash or a failing
+system call matters (see ``docs/lifecycle.md`` for the list).  Nothing happens
+unless a fault is armed, either in-process with :func:`arm` (the model-based
+test) or through the environment for subprocesses and Prefect workers::
+
+    MASCARA_FAULT="<point>:<action>[:<count>]"[,...]
+
+``action`` is ``kill`` (SIGKILL this process, as a power cut or ``kill -9``
+would), ``oserror`` (raise :class:`InjectedOSError`, a failing filesystem
+call), or ``raise`` (raise :class:`Killed`, which no handler of the
+reduction catches: an in-process stand-in for ``kill``).  ``count`` limits
+how many times the fault fires (default 1).
+
+``MASCARA_FLOW_FAULT="<night_id>:<batch>:<n>[:<kind>]"`` makes the first ``n``
+attempts of a Prefect batch task raise a transient error (``kind``:
+``OSError``, the default, or ``OperationalError``): see :func:`maybe_fail_batch`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+ENV = "MASCARA_FAULT"
+BATCH_ENV = "MASCARA_FLOW_FAULT"
+
+#: Every checkpoint the code calls, in the order of a reduction's life.
+POINTS = (
+    "after_register",      # run row and lease committed, nothing decided
+    "after_intent",        # moves aside journaled, none done
+    "mid_move",            # one directory renamed (or moved to the bin), its row not yet confirmed
+    "after_move",          # every move confirmed, batches not yet registered
+    "after_batch_file",    # a batch file written, its catalog row not yet updated
+    "combine_before_flc",  # the combine has read the batches, no night file written
+    "combine_after_flc",   # the fLC is in place, the sLC is not
+    "after_slc",           # both night files written, products and the run's end not recorded
+)
+
+ACTIONS = ("kill", "oserror", "raise")
+
+
+class Killed(BaseException):
+    """An in-process crash: derived from BaseException so no ``except Exception`` cleans up after it."""
+
+
+class InjectedOSError(OSError):
+    """A filesystem call failing on purpose."""
+
+
+class InjectedFault(OSError):
+    """A transient I/O error injected into a batch task on purpose."""
+
+
+_lock = threading.Lock()
+_armed: dict[str, list] = {}  # point -> [action, remaining]
+_env_seen: str | None = None
+
+
+def arm(point: str, action: str = "raise", count: int = 1) -> None:
+    """Make the next ``count`` passes through ``point`` fail with ``action`` (in this process)."""
+    if point not in POINTS:
+        raise ValueError(f"unknown fault point {point!r}; known: {', '.join(POINTS)}")
+    if action not in ACTIONS:
+        raise ValueError(f"unknown fault action {action!r}; known: {', '.join(ACTIONS)}")
+    with _lock:
+        _armed[point] = [action, int(count)]
+
+
+def disarm() -> None:
+    """Forget every armed fault (the environment is read again on the next checkpoint)."""
+    global _env_seen
+    with _lock:
+        _armed.clear()
+        _env_seen = None
+
+
+def _load_env() -> None:
+    global _env_seen
+    spec = os.environ.get(ENV, "")
+    if spec == _env_seen:
+        return
+    _env_seen = spec
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        parts = item.split(":")
+        arm(parts[0], parts[1] if len(parts) > 1 else "kill", int(parts[2]) if len(parts) > 2 else 1)
+
+
+def checkpoint(point: str) -> None:
+    """Fire the fault armed at ``point``, if any; otherwise do nothing (a dictionary lookup)."""
+    with _lock:
+        _load_env()
+        entry = _armed.get(point)
+        if entry is None or entry[1] <= 0:
+            return
+        entry[1] -= 1
+        action = entry[0]
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "oserror":
+        raise InjectedOSError(f"injected failure of a filesystem call at {point}")
+    raise Killed(f"injected crash at {point}")
+
+
+def maybe_fail_batch(night_id: str, batch: int, attempt: int) -> None:
+    """Raise the error of ``MASCARA_FLOW_FAULT`` if a spec names this batch and ``attempt`` (1-based)."""
+    spec = os.environ.get(BATCH_ENV, "")
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        parts = item.split(":")
+        nid, b, n = parts[0], int(parts[1]), int(parts[2])
+        kind = parts[3] if len(parts) > 3 else "OSError"
+        if nid == night_id and b == int(batch) and attempt <= n:
+            msg = f"injected transient failure of {night_id} batch {batch}, attempt {attempt}"
+            if kind == "OperationalError":
+                from sqlalchemy.exc import OperationalError
+
+                raise OperationalError(msg, None, ConnectionError(msg))
+            raise InjectedFault(msg)
