@@ -140,10 +140,13 @@ def finish_succeeded(handle: RunHandle, products: Mapping[str, Any]) -> list[dic
 
 def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwrite: bool = False,
                        keep_old: int = KEEP_OLD, pid: int | None = None, host: str | None = None,
-                       split_in_background: bool = True, heartbeat: Heartbeat | None = None) -> tuple[RunHandle, Any]:
+                       split_in_background: bool = True, heartbeat: Heartbeat | None = None,
+                       flow_run_id: str | None = None) -> tuple[RunHandle, Any]:
     """Reduce one camera-night with the library driver, recorded exactly as the flow records it.
 
     Returns the run handle and the :class:`mascara.reduce.NightResult`.
+    ``flow_run_id`` makes the run id deterministic, as in a Prefect flow run
+    (a second call with it is a retry of the same run).
 
     Raises
     ------
@@ -156,7 +159,8 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
     from mascara.reduce import combine_camera_night, plan_camera_night, prepare_camera_night, reduce_camera_night
 
     plan = plan_camera_night(night, settings)
-    handle = open_run(db_url, plan, overwrite=overwrite, keep_old=keep_old, pid=pid, host=host)
+    handle = open_run(db_url, plan, overwrite=overwrite, keep_old=keep_old, pid=pid, host=host,
+                      flow_run_id=flow_run_id)
     cat = catalog(db_url)
     if heartbeat is not None:
         heartbeat.run_ids.add(handle.run_id)
