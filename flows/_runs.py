@@ -79,6 +79,22 @@ def parse_letters(value: str | Iterable[str] | None) -> list[str] | None:
     return items
 
 
+def interruption(exc: BaseException | None) -> str | None:
+    """The signal name if ``exc`` is an interruption (Ctrl-C, SIGTERM, SIGHUP), else None.
+
+    Prefect turns SIGTERM into its ``TerminationSignal`` while a flow runs;
+    ``mascprocess`` turns SIGTERM and SIGHUP into ``KeyboardInterrupt`` otherwise.
+    """
+    import signal
+
+    if isinstance(exc, KeyboardInterrupt):
+        return str(exc) or "SIGINT"
+    if type(exc).__name__ == "TerminationSignal":
+        sig = getattr(exc, "signal", None)
+        return signal.Signals(sig).name if sig else "SIGTERM"
+    return None
+
+
 # --------------------------------------------------------------------------- catalog handles
 
 
@@ -178,7 +194,7 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
         result.products = combine_camera_night(plan, prepare_camera_night(plan), paths)
         finish_succeeded(handle, result.products)
     except KeyboardInterrupt as exc:
-        cat.finish_run(handle.run_id, "failed", error=f"interrupted ({exc or 'SIGINT'})")
+        cat.finish_run(handle.run_id, "failed", error=f"interrupted ({interruption(exc)})")
         raise
     except Exception as exc:
         cat.finish_run(handle.run_id, "failed", error=f"{type(exc).__name__}: {exc}")

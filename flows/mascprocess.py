@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -81,8 +82,39 @@ class RichProgress:
         self.progress.update(self.tasks[night_id], state=f"[{colour}]{state}")
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled like Ctrl-C: runs end recorded as interrupted, the temporary server stops."""
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def cli_mascprocess(args: argparse.Namespace) -> int:
-    """Handler of ``mascprocess`` and ``mascara process`` (arguments: mascara.cli.add_mascprocess_arguments)."""
+    """Handler of ``mascprocess`` and ``mascara process`` (arguments: mascara.cli.add_mascprocess_arguments).
+
+    SIGTERM and SIGHUP are handled like SIGINT: the run of every camera-night
+    in progress is recorded as failed with ``interrupted (SIGTERM)``, Prefect's
+    temporary server is stopped, and the exit code is 128 + the signal number.
+    """
+    from flows._runs import interruption
+
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _mascprocess(args)
+    except BaseException as exc:  # noqa: BLE001 - only interruptions are handled here
+        name = interruption(exc)
+        if name is None:
+            raise
+        print(f"mascprocess: interrupted by {name}; camera-nights in progress are recorded as failed "
+              f"(interrupted) and resume on the next run", file=sys.stderr)
+        return 128 + int(getattr(signal.Signals, name, signal.SIGINT))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _mascprocess(args: argparse.Namespace) -> int:
     _prepare_environment(args)
     if not Path(args.datadir).is_dir():
         print(f"mascprocess: data directory {args.datadir} does not exist", file=sys.stderr)

@@ -455,9 +455,8 @@ def reduce_night(
                     n.result = fut.result()
                     end_night(n, "succeeded", json.dumps(n.result["summary"]))
         finally:
-            exc = sys.exc_info()[1]
-            why = (f"interrupted ({exc or 'SIGINT'})" if isinstance(exc, KeyboardInterrupt)
-                   else "flow ended before this camera-night finished")
+            signame = _runs.interruption(sys.exc_info()[1])
+            why = f"interrupted ({signame})" if signame else "flow ended before this camera-night finished"
             for n in open_nights():
                 end_night(n, "failed", why)
 

@@ -19,8 +19,10 @@ TABLE_COLUMNS = (
     ("night", "night"), ("camera", "camera"), ("state", "state"), ("batches", None),
     ("failed", "batches_failed"), ("frames ok", "frames_ok"), ("rejected", "frames_rejected"),
     ("products", "products"), ("host", "host"), ("started (UTC)", "started_at"),
-    ("finished (UTC)", "finished_at"),
+    ("finished (UTC)", "finished_at"), ("why", "error"),
 )
+#: Characters of a failed run's error shown in the table (``--json`` has all of it).
+WHY_WIDTH = 70
 _STATE_STYLE = {"succeeded": "green", "failed": "red", "running": "yellow", "pending": "dim", "skipped": "dim"}
 
 
@@ -38,6 +40,17 @@ def _cell(value: Any) -> str:
     if isinstance(value, datetime):
         return f"{value:%Y-%m-%d %H:%M}"
     return str(value)
+
+
+def _why(row: dict[str, Any]) -> str:
+    """Why a camera-night is not simply done: the phase a failed run stopped in and its error."""
+    if row.get("state") != "failed" or not row.get("error"):
+        return ""
+    first = str(row["error"]).strip().splitlines()[0]
+    if len(first) > WHY_WIDTH:
+        first = first[:WHY_WIDTH - 3] + "..."
+    phase = row.get("phase")
+    return f"{phase}: {first}" if phase else first
 
 
 def status_rows(datadir: str | Path = ".", db: str | None = None, night: str | None = None) -> list[dict[str, Any]]:
@@ -68,22 +81,28 @@ def cli_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"Reductions in {make_url(url).render_as_string(hide_password=True)}")
-    for header, _ in TABLE_COLUMNS:
+    several_datadirs = len({r.get("datadir") for r in rows}) > 1
+    columns = list(TABLE_COLUMNS)
+    if several_datadirs:  # the same night and camera may appear once per data directory
+        columns.insert(2, ("data", "datadir"))
+    for header, _ in columns:
         table.add_column(header, no_wrap=True,
                          justify="right" if header in {"failed", "frames ok", "rejected", "products"} else "left")
     for r in rows:
         cells = []
-        for header, key in TABLE_COLUMNS:
+        for header, key in columns:
             if key is None:  # batches: done/total
                 cells.append(f"{r['batches_done']}/{r['batches_total']}")
             elif key == "state":
                 cells.append(f"[{_STATE_STYLE.get(r['state'], '')}]{r['state']}[/]")
+            elif key == "error":
+                cells.append(_why(r))
             else:
                 cells.append(_cell(r[key]))
         table.add_row(*cells)
     console = Console()
     if not console.is_terminal:  # piped or redirected: never truncate
-        console = Console(width=max(console.width, 160))
+        console = Console(width=max(console.width, 220))
     if rows:
         console.print(table)
     else:

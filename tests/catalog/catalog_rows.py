@@ -45,7 +45,8 @@ def reduce_fake(cat: Catalog, site: str, cam: str, night: str, *, nbatches: int,
     cat.record_frames(cn, frames)
     settings = {"batch_size": 50, "apertures": [2.5, 4.5], "sky_radii": [6.0, 21.0], "tag": settings_hash}
     run = cat.start_run(cn, fingerprint(settings_hash), settings, VERSIONS, host)
-    cat.register_batches(run, [(b0 + k, (b0 + k) * 50, (b0 + k) * 50 + 49, 50) for k in range(nbatches)])
+    cat.decide(run, "new", None, [])
+    cat.begin_reducing(run, [(b0 + k, (b0 + k) * 50, (b0 + k) * 50 + 49, 50) for k in range(nbatches)], fresh=False)
     for k in range(nbatches):
         idx = b0 + k
         tries = fail.get(k, 0)
