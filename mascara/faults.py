@@ -54,7 +54,7 @@ class InjectedFault(OSError):
     """A transient I/O error injected into a batch task on purpose."""
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # checkpoint -> _load_env -> arm take it again
 _armed: dict[str, list] = {}  # point -> [action, remaining]
 _env_seen: str | None = None
 

@@ -28,8 +28,9 @@ def readme_queries() -> list[str]:
 
 def test_readme_has_the_promised_queries():
     queries = readme_queries()
-    assert len(queries) == 5
-    assert "night_status" in queries[0] and "failed_batches" in queries[1] and "package_version" in queries[2]
+    assert len(queries) == 6
+    assert "night_status" in queries[0] and "failed_batches" in queries[1] and "failed_runs" in queries[2]
+    assert "package_version" in queries[3] and "erased_at IS NULL" in queries[3]
 
 
 def test_readme_queries_run(catalog):
@@ -46,7 +47,7 @@ def test_readme_queries_run(catalog):
         for r in rows:
             print("  ", " | ".join(str(v) for v in r))
 
-    status, failures, software, moves, astrometry = (rows for _, rows in out)
+    status, failures, failed_runs, software, moves, astrometry = (rows for _, rows in out)
     assert [r[:4] for r in status] == [("LPE", "succeeded", 12, 12), ("LPS", "failed", 8, 10),
                                        ("LPW", "pending", 0, 0)]
     assert [r[:3] for r in status][0] and status[0][4:6] == (597, 3)
@@ -55,6 +56,9 @@ def test_readme_queries_run(catalog):
     b0 = status and next(r for r in catalog.failed_batches() if r["camera"] == "LPS")["batch_index"]
     assert [r[:4] for r in failures] == [("20260301", "LPS", b0, 3), ("20260301", "LPS", b0 + 3, 3)]
     assert all("astrometry diverged" in r[4] for r in failures)
+    # failed runs say why, with the phase they stopped in (LSC failed 20 days ago but its run just now)
+    assert [r[:5] for r in failed_runs] == [("20260215", "LSC", "reducing", 2, 1), ("20260301", "LPS", "reducing", 2, 1)]
+    assert all(r[5] == "batches failed" for r in failed_runs)
     assert {r[0] for r in software} == {ids["e_run"]}
     assert [(r[4], r[5]) for r in software] == sorted(VERSIONS.items())
     assert moves == [("20260301", "LPE", "renamed", "/data/20260301LPE/lightcurves",

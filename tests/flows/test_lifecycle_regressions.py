@@ -1,0 +1,217 @@
+"""The six reproductions of issue 9, each a plain regression test, on real processes.
+
+Kills and failing filesystem calls are injected at named points
+(``MASCARA_FAULT``, mascara/faults.py); the Prefect cases run the real flow
+against the session's Prefect server, so its task retries are the real ones.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from flowkit import BIN, NIGHT, NIGHT_ID, assert_same_night_files, fresh_copy, mascprocess, night_status, runs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "catalog"))
+from lifecycle_checks import check_invariants, sha256, tree_digest  # noqa: E402
+
+
+def _rows(datadir: Path, sql: str, *params) -> list[tuple]:  # type: ignore[no-untyped-def]
+    with sqlite3.connect(f"file:{datadir / 'catalog.sqlite'}?mode=ro", uri=True) as db:
+        return db.execute(sql, params).fetchall()
+
+
+def _check(datadir: Path) -> None:
+    from mascara.catalog import connect
+
+    finished = {r for (r,) in _rows(datadir, "SELECT id FROM reduction_run WHERE status = 'succeeded'")}
+    with connect(datadir=datadir) as cat:
+        check_invariants(cat, finished)
+
+
+def test_interrupted_rerun_does_not_wedge_the_night(prefect_server, pristine_night, reference, tmp_path):
+    """Issue 9, 1: reduce; re-run killed after its first batch file; the next plain run and -o succeed."""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    raw = tree_digest(datadir / NIGHT_ID / "raw")
+    mascprocess(datadir, env, "-q")
+    first_flc = sha256(datadir / NIGHT_ID / "lightcurves" / f"fLC_{NIGHT_ID}.hdf5")
+
+    killed = mascprocess(datadir, {**env, "MASCARA_FAULT": "after_batch_file:kill"}, "-q", check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (datadir / NIGHT_ID / "lightcurves_old" / f"fLC_{NIGHT_ID}.hdf5").is_file()
+
+    again = mascprocess(datadir, env, "-q")  # no manual repair
+    assert again.returncode == 0
+    assert night_status(datadir)["state"] == "succeeded"
+    assert_same_night_files(datadir / NIGHT_ID, reference / NIGHT_ID)
+    # the first reduction is still where its rows say, with its checksum
+    assert sha256(datadir / NIGHT_ID / "lightcurves_old" / f"fLC_{NIGHT_ID}.hdf5") == first_flc
+    _check(datadir)
+
+    mascprocess(datadir, {**env, "MASCARA_FAULT": "after_batch_file:kill"}, "-q", check=False)
+    overwrite = mascprocess(datadir, env, "-q", "-o")  # -o starts afresh whatever the state
+    assert overwrite.returncode == 0 and night_status(datadir)["decision"] == "erase"
+    assert not (datadir / NIGHT_ID / "lightcurves_old").exists()
+    assert_same_night_files(datadir / NIGHT_ID, reference / NIGHT_ID)
+    _check(datadir)
+    assert tree_digest(datadir / NIGHT_ID / "raw") == raw
+
+
+def test_a_failed_move_aside_is_retried_not_skipped(prefect_server, pristine_night, tmp_path):
+    """Issue 9, 2: moving outputs aside fails once; Prefect retries the start task with the same run id."""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    mascprocess(datadir, env, "-q")
+    old_flc = sha256(datadir / NIGHT_ID / "lightcurves" / f"fLC_{NIGHT_ID}.hdf5")
+    (first_run,) = [r["id"] for r in runs(datadir)]
+
+    mascprocess(datadir, {**env, "MASCARA_FAULT": "after_intent:oserror"}, "-q")
+    second = [r for r in runs(datadir) if r["id"] != first_run]
+    assert [(r["status"], r["decision"]) for r in second] == [("succeeded", "move")]
+    assert sha256(datadir / NIGHT_ID / "lightcurves_old" / f"fLC_{NIGHT_ID}.hdf5") == old_flc
+    moves = _rows(datadir, "SELECT src, dst, action, state FROM directory_move WHERE run_id = ?", second[0]["id"])
+    assert sorted((Path(s).name, Path(d).name, a, st) for s, d, a, st in moves) == [
+        ("astrometry", "astrometry_old", "renamed", "done"), ("lightcurves", "lightcurves_old", "renamed", "done"),
+        ("work", "work_old", "renamed", "done")]
+    old_rows = _rows(datadir, "SELECT path, sha256 FROM product WHERE run_id = ? AND kind = 'fLC'", first_run)
+    assert old_rows == [(str(datadir / NIGHT_ID / "lightcurves_old" / f"fLC_{NIGHT_ID}.hdf5"), old_flc)]
+    _check(datadir)
+
+
+def test_a_second_rerun_records_the_erase_of_the_oldest_outputs(pristine_night, tmp_path, prefect_server):
+    """Issue 9, 3: the _old that makes room is erased with a record and a warning; --keep-old 2 keeps it."""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    for _ in range(2):
+        mascprocess(datadir, env, "--no-prefect", "-q")
+    third = mascprocess(datadir, env, "--no-prefect", "-q")
+    assert "erasing lightcurves_old to make room" in third.stderr
+    first = runs(datadir)[0]["id"]
+    rows = _rows(datadir, "SELECT kind, erased_at, erased_by FROM product WHERE run_id = ?", first)
+    assert rows and all(e is not None and by for _, e, by in rows)
+    erases = _rows(datadir, "SELECT src, state FROM directory_move WHERE action = 'erased'")
+    assert sorted(Path(s).name for s, _ in erases) == ["astrometry_old", "lightcurves_old", "work_old"]
+    # one live row per path
+    live = _rows(datadir, "SELECT path, COUNT(*) FROM product WHERE erased_at IS NULL GROUP BY path")
+    assert all(n == 1 for _, n in live)
+
+    mascprocess(datadir, env, "--no-prefect", "-q", "--keep-old", "2")
+    assert (datadir / NIGHT_ID / "lightcurves_old2").is_dir() and (datadir / NIGHT_ID / "lightcurves_old").is_dir()
+    _check(datadir)
+
+    # README's provenance query lists only the run whose file is at that path now (issue 9, 6)
+    from test_catalog_readme import readme_queries
+
+    path = str(datadir / NIGHT_ID / "lightcurves" / f"fLC_{NIGHT_ID}.hdf5")
+    sql = readme_queries()[3].replace("/data/20260301LPE/lightcurves/fLC_20260301LPE.hdf5", path)
+    assert {r[0] for r in _rows(datadir, sql)} == {runs(datadir)[-1]["id"]}
+    assert len({r[0] for r in _rows(datadir, sql.replace("AND p.erased_at IS NULL", ""))}) == 4
+
+
+def test_two_data_directories_with_the_same_night(db_url, pristine_night, tmp_path):
+    """Issue 9, 4: one catalog, the same night in two data directories: two camera-nights, two leases."""
+    from flows import _runs
+    from mascara.catalog import connect
+    from mascara.rawio import parse_night_dir
+    from mascara.reduce import plan_camera_night
+
+    a = fresh_copy(pristine_night, tmp_path / "a") / NIGHT_ID
+    b = fresh_copy(pristine_night, tmp_path / "b") / NIGHT_ID
+    holder = _runs.open_run(db_url, plan_camera_night(a))  # a live run on a (this process)
+    other = _runs.open_run(db_url, plan_camera_night(b))  # not refused: another camera-night
+    assert holder.camera_night_id != other.camera_night_id
+    _runs.catalog(db_url).finish_run(holder.run_id, "failed", error="test")
+    _runs.catalog(db_url).finish_run(other.run_id, "failed", error="test")
+    for d in (a, b):
+        _runs.drive_camera_night(db_url, parse_night_dir(d), split_in_background=False)
+    with connect(db_url) as cat:
+        rows = [r for r in cat.night_status(NIGHT) if r["camera"] == "LPE"]
+    assert sorted((r["night_dir"], r["state"], r["flc_path"]) for r in rows) == [
+        (str(d), "succeeded", str(d / "lightcurves" / f"fLC_{NIGHT_ID}.hdf5")) for d in sorted((a, b))]
+    _runs.catalog(db_url).close()
+    _runs.catalog.cache_clear()
+
+
+def _group_alive(pgid: int) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if os.getpgid(int(p.name)) == pgid:
+                    out.append(int(p.name))
+            except ProcessLookupError:
+                pass
+    return out
+
+
+@pytest.mark.prefect
+def test_sigterm_stops_the_temporary_server_and_records_the_interruption(pristine_night, tmp_path, prefect_server):
+    """Issue 9, 5: SIGTERM to mascprocess in ephemeral mode: exit 143, no orphan server, run 'interrupted'."""
+    _, env = prefect_server
+    env = {k: v for k, v in env.items() if k not in ("PREFECT_API_URL",)}  # a temporary server of its own
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    cmd = [str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--camera", "E", "--site", "LP", "-q"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 240:  # until a batch is under way (the temporary server took 20-60 s)
+        if (datadir / "catalog.sqlite").exists() and _rows(
+                datadir, "SELECT COUNT(*) FROM batch WHERE status IN ('running', 'succeeded')")[0][0]:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    time.sleep(2)
+    assert _group_alive(proc.pid) == [], "processes of mascprocess outlived it (the temporary server?)"
+    (run,) = runs(datadir)
+    assert run["status"] == "failed" and run["error"] == "interrupted (SIGTERM)"
+    assert "interrupted by SIGTERM" in err
+    mascprocess(datadir, prefect_server[1], "--no-prefect", "-q")  # and it resumes
+    assert night_status(datadir)["decision"] == "resume"
+
+
+def test_sighup_is_handled_like_sigint(pristine_night, tmp_path, prefect_server):
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    cmd = [str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--camera", "E", "--site", "LP", "-q",
+           "--no-prefect"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not ((datadir / "catalog.sqlite").exists() and _rows(
+            datadir, "SELECT COUNT(*) FROM reduction_run WHERE phase = 'reducing'")[0][0]):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGHUP, err[-3000:]
+    assert [(r["status"], r["error"]) for r in runs(datadir)] == [("failed", "interrupted (SIGHUP)")]
+
+
+def test_status_and_failed_runs_say_why(pristine_night, tmp_path, prefect_server):
+    """Issue 9, 6: a combine that fails has no failed batch; status and failed_runs still say why."""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    res = mascprocess(datadir, {**env, "MASCARA_FAULT": "combine_before_flc:oserror"}, "--no-prefect", "-q",
+                      check=False)
+    assert res.returncode == 1 and "InjectedOSError" in res.stderr
+    table = subprocess.run([str(BIN / "mascara"), "status", str(datadir)], env=env, capture_output=True,
+                           text=True, check=True).stdout
+    line = next(row for row in table.splitlines() if "LPE" in row)
+    assert "failed" in line and "3/3" in line and "combining: InjectedOSError" in line
+    from mascara.catalog import connect
+
+    with connect(datadir=datadir) as cat:
+        (row,) = cat.failed_runs(since_days=7)
+    assert (row["phase"], row["batches_failed"], row["is_latest"]) == ("combining", 0, 1)
+    assert "injected failure" in row["error"]
+    shutil.rmtree(datadir)
