@@ -48,6 +48,7 @@ import numpy as np
 from mascara.lcformat import (
     ASCC_DTYPE,
     FAST_DTYPE,
+    CALIBRATION_ATTRS,
     GLOBAL_ATTRS,
     HEADER_DTYPE,
     HEADER_TABLE_FIELDS,
@@ -708,17 +709,20 @@ def global_attrs_for_slow(global_attrs: Mapping[str, Any], slow_apertures: Seque
             continue
         else:
             out[k] = global_attrs[k]
+    out.update({k: global_attrs[k] for k in CALIBRATION_ATTRS if k in global_attrs})
     return out
 
 
 def _check_global_attrs(global_attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The SPEC attributes in order, then any of the optional calibration ones."""
     keys = set(global_attrs)
-    if keys != set(GLOBAL_ATTRS):
+    extra = keys - set(GLOBAL_ATTRS) - set(CALIBRATION_ATTRS)
+    if not set(GLOBAL_ATTRS) <= keys or extra:
         raise ValueError(
-            f"global_attrs must have exactly {GLOBAL_ATTRS}; missing {sorted(set(GLOBAL_ATTRS) - keys)}, "
-            f"unexpected {sorted(keys - set(GLOBAL_ATTRS))}"
+            f"global_attrs must have exactly {GLOBAL_ATTRS} (optionally {CALIBRATION_ATTRS}); "
+            f"missing {sorted(set(GLOBAL_ATTRS) - keys)}, unexpected {sorted(extra)}"
         )
-    return {k: global_attrs[k] for k in GLOBAL_ATTRS}
+    return {k: global_attrs[k] for k in GLOBAL_ATTRS + CALIBRATION_ATTRS if k in global_attrs}
 
 
 def _resolve_inputs(
