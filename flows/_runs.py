@@ -9,14 +9,13 @@ moved aside (SPEC §9), and which batches are already done.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import hashlib
 import importlib.metadata
 import logging
 import os
 import socket
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any

@@ -350,7 +350,7 @@ def _open_image(path: Path, allow_float: bool, memmap: bool) -> tuple[fits.Heade
     except BadFrame:
         raise
     except (OSError, ValueError, TypeError, IndexError, EOFError, KeyError) as exc:
-        raise BadFrame(path, f"not a readable FITS file ({type(exc).__name__}: {exc})") from exc
+        raise BadFrame(path, f"unreadable FITS file ({type(exc).__name__}: {exc})") from exc
     return header, data
 
 

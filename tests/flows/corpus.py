@@ -174,7 +174,7 @@ def lstseq_disagrees_with_name(raw: Path) -> Expect:
 def junk_bytes(raw: Path) -> Expect:
     seq = _middle(raw)
     _replace(raw / name(seq), np.random.default_rng(1).bytes(100_000))
-    return Expect(rejected={name(seq): "not a readable FITS file"}, not_reduced={seq})
+    return Expect(rejected={name(seq): "unreadable FITS file"}, not_reduced={seq})
 
 
 def zero_byte_file(raw: Path) -> Expect:
