@@ -9,16 +9,15 @@ and the recording of batches.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mascara import faults
+from mascara import faults, selection
 from mascara.catalog import Catalog, connect
 from mascara.catalog import lifecycle
 from mascara.catalog.lifecycle import (  # noqa: F401  (re-exported for the flow and the tests)
@@ -36,47 +35,10 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- parameters
 
 
-def parse_nights(nights: str | int | Iterable[str | int] | None, today: dt.date | None = None) -> list[str] | None:
-    """Nights as ``YYYYMMDD`` strings from ``"a+b"``, an int, a list, or ``None``.
-
-    ``None``, ``""`` and ``"yesterday"`` mean the previous night: the UTC date of
-    yesterday (the nightly schedule runs in the morning after the night).
-    ``"all"`` returns None (every night found).
-    """
-    if nights is None or (isinstance(nights, str) and nights.strip().lower() in ("", "yesterday")):
-        return [previous_night(today)]
-    if isinstance(nights, str) and nights.strip().lower() == "all":
-        return None
-    if isinstance(nights, (int, str)):
-        items = str(nights).split("+")
-    else:
-        items = [str(n) for n in nights]
-    out = []
-    for n in items:
-        n = n.strip()
-        if n.lower() == "yesterday":
-            n = previous_night(today)
-        if not (len(n) == 8 and n.isdigit()):
-            raise ValueError(f"night must be YYYYMMDD, not {n!r}")
-        out.append(n)
-    return out
-
-
-def previous_night(today: dt.date | None = None) -> str:
-    """``YYYYMMDD`` of the night that started yesterday evening (UTC)."""
-    today = today or dt.datetime.now(dt.UTC).date()
-    return (today - dt.timedelta(days=1)).strftime("%Y%m%d")
-
-
-def parse_letters(value: str | Iterable[str] | None) -> list[str] | None:
-    """Camera letters or sites from ``"E+S"``, a list, or None/""/"all" (meaning all)."""
-    if value is None:
-        return None
-    items = value.split("+") if isinstance(value, str) else [str(v) for v in value]
-    items = [v.strip() for v in items if v.strip()]
-    if not items or [v.lower() for v in items] == ["all"]:
-        return None
-    return items
+# Parsing lives with the argument checks (mascara.selection): one place for mascprocess and the flow.
+parse_nights = selection.parse_nights
+previous_night = selection.previous_night
+parse_letters = selection.parse_letters
 
 
 def interruption(exc: BaseException | None) -> str | None:
@@ -133,20 +95,52 @@ def open_run(db_url: str, plan: Any, overwrite: bool = False, flow_run_id: str |
 # --------------------------------------------------------------------------- recording
 
 
+def _size(path: Path) -> int | None:
+    """Size of a regular file, None for a directory, a dangling link or a vanished file."""
+    try:
+        return path.stat().st_size if path.is_file() else None
+    except OSError:
+        return None
+
+
 def record_batch(handle: RunHandle, outcome: Any) -> None:
-    """Record a finished batch: its frames (accepted and rejected) and the batch file."""
+    """Record a finished batch: its frames (accepted and rejected, with reasons), gap counts, the batch file."""
     faults.checkpoint("after_batch_file")
     cat = catalog(handle.db_url)
     rows = [(seq, name, size, "ok", None) for seq, name, size in outcome.accepted]
-    sizes = {}
     raw = Path(handle.night_path) / "raw"
-    for seq, name, reason in outcome.rejected:
-        p = raw / name
-        sizes[name] = p.stat().st_size if p.exists() else None
-        rows.append((seq, name, sizes[name], "rejected", reason))
+    rows += [(seq, name, _size(raw / name), "rejected", reason) for seq, name, reason in outcome.rejected]
     cat.record_frames(handle.camera_night_id, rows)
+    counts = {"slots_expected": outcome.slots_expected, "frames_present": outcome.frames_present,
+              "frames_accepted": len(outcome.accepted), "frames_rejected": outcome.frames_rejected,
+              "frames_missing": outcome.frames_missing}
     cat.batch_succeeded(handle.run_id, outcome.batch, outcome.path, outcome.sha256, timings=outcome.timings,
-                        astro_rms=outcome.astro_rms, astro_nstars=outcome.astro_nstars, flagged=outcome.flagged)
+                        astro_rms=outcome.astro_rms, astro_nstars=outcome.astro_nstars, flagged=outcome.flagged,
+                        frames=counts)
+
+
+def record_intake(db_url: str, plan: Any, camera_night_id: str | None = None, run_id: str | None = None) -> str:
+    """Record what the intake found in a night's ``raw/`` (gaps, emptiness) and the files it refused by name.
+
+    Registers the camera-night if needed (an empty night has no run); returns its id.
+    """
+    cat = catalog(db_url)
+    night = plan.night
+    cn_id = camera_night_id or cat.register_camera_night(night.site, night.camera, night.night, night.path)
+    cat.record_intake(cn_id, run_id, **plan.intake_summary())
+    cat.record_frames(cn_id, [(r.lstseq, r.filename, r.size, "rejected", r.reason) for r in plan.rejected])
+    return cn_id
+
+
+def record_calibration(db_url: str, camera_night_id: str, night_path: str, state: Mapping[str, Any]) -> None:
+    """Record the master calibration of a night and a frame row per calibration file (used, unused, rejected)."""
+    raw = Path(night_path) / "raw"
+    rows = [(None, name, _size(raw / name), "ok", f"combined into the master {state['kind']}")
+            for name in state["files"]]
+    rows += [(None, name, _size(raw / name), "ok", f"not used: the master is a {state['kind']}")
+             for name in state["unused"]]
+    rows += [(None, name, _size(raw / name), "rejected", reason) for name, reason in state["rejected"]]
+    catalog(db_url).record_calibration(camera_night_id, state["kind"], state["files"], state["note"], rows)
 
 
 def finish_succeeded(handle: RunHandle, products: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -154,10 +148,14 @@ def finish_succeeded(handle: RunHandle, products: Mapping[str, Any]) -> list[dic
     return lifecycle.finish_succeeded(catalog(handle.db_url), handle, products)
 
 
+class NothingToReduce(RuntimeError):
+    """A camera-night whose ``raw/`` holds no usable science frame (recorded by the intake)."""
+
+
 def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwrite: bool = False,
                        keep_old: int = KEEP_OLD, pid: int | None = None, host: str | None = None,
                        split_in_background: bool = True, heartbeat: Heartbeat | None = None,
-                       flow_run_id: str | None = None) -> tuple[RunHandle, Any]:
+                       flow_run_id: str | None = None, require_calibration: bool = False) -> tuple[RunHandle, Any]:
     """Reduce one camera-night with the library driver, recorded exactly as the flow records it.
 
     Returns the run handle and the :class:`mascara.reduce.NightResult`.
@@ -166,20 +164,37 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
 
     Raises
     ------
+    NothingToReduce
+        the night's ``raw/`` holds no usable science frame (recorded, no run started).
     LeaseHeld
         another live run reduces this camera-night (nothing was done).
+    CalibrationRequired
+        ``require_calibration`` and no usable master dark (recorded, the run failed).
     Exception
         whatever stopped the reduction, after the run was recorded as failed
         (``KeyboardInterrupt``: recorded as interrupted).
     """
-    from mascara.reduce import combine_camera_night, plan_camera_night, prepare_camera_night, reduce_camera_night
+    from mascara.reduce import (
+        CalibrationRequired,
+        combine_camera_night,
+        plan_camera_night,
+        prepare_camera_night,
+        reduce_camera_night,
+    )
 
     plan = plan_camera_night(night, settings)
+    if plan.empty_reason():
+        record_intake(db_url, plan)
+        raise NothingToReduce(plan.empty_reason())
     handle = open_run(db_url, plan, overwrite=overwrite, keep_old=keep_old, pid=pid, host=host,
                       flow_run_id=flow_run_id)
     cat = catalog(db_url)
+    record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
     if heartbeat is not None:
         heartbeat.run_ids.add(handle.run_id)
+
+    def on_prepared(ctx: Any) -> None:
+        record_calibration(db_url, handle.camera_night_id, handle.night_path, ctx.calibration_state())
 
     def on_batch(outcome: Any) -> None:
         cat.batch_started(handle.run_id, outcome.batch)
@@ -187,12 +202,17 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
 
     try:
         result = reduce_camera_night(plan.night, plan.settings, skip=handle.done, on_batch=on_batch,
+                                     on_prepared=on_prepared, require_calibration=require_calibration,
                                      split_in_background=split_in_background, combine=False)
         cat.set_phase(handle.run_id, "combining")
         paths = [str(plan.batch_path(b)) for b in plan.batches]
         lifecycle.check_batch_files(paths)
         result.products = combine_camera_night(plan, prepare_camera_night(plan), paths)
         finish_succeeded(handle, result.products)
+    except CalibrationRequired as exc:
+        record_calibration(db_url, handle.camera_night_id, handle.night_path, exc.state)
+        cat.finish_run(handle.run_id, "failed", error=str(exc))
+        raise
     except KeyboardInterrupt as exc:
         cat.finish_run(handle.run_id, "failed", error=f"interrupted ({interruption(exc)})")
         raise

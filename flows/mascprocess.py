@@ -4,12 +4,22 @@ Without ``PREFECT_API_URL`` Prefect starts a temporary local server for the
 run (ephemeral mode, about 20 s); with it, the run shows in that server's UI.
 ``--no-prefect`` runs the library's sequential driver instead, with the same
 catalog bookkeeping.
+
+The arguments are checked first (:func:`mascara.selection.select_nights`),
+before Prefect or the science modules are imported.  Exit codes:
+
+- 0: every selected camera-night was reduced (warnings, rejected frames and
+  gaps are recorded in the catalog and shown by ``mascara status``);
+- 1: at least one camera-night was not reduced: it failed, was empty, lacked
+  the calibration ``--require-calibration`` asks for, or another run holds it;
+  each is recorded in the catalog where the camera-night exists;
+- 2: a command-line mistake (a malformed or unknown night, camera or site, a
+  missing data directory or settings file, nothing matching); nothing started.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -36,12 +46,6 @@ def _prepare_environment(args: argparse.Namespace) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "websockets", "numba", "distributed", "asyncio", "aiosqlite", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _load_settings(path: str | None) -> dict | None:
-    if not path:
-        return None
-    return json.loads(Path(path).read_text())
 
 
 class RichProgress:
@@ -115,20 +119,30 @@ def cli_mascprocess(args: argparse.Namespace) -> int:
 
 
 def _mascprocess(args: argparse.Namespace) -> int:
-    _prepare_environment(args)
-    if not Path(args.datadir).is_dir():
-        print(f"mascprocess: data directory {args.datadir} does not exist", file=sys.stderr)
+    """Handler of ``mascprocess`` and ``mascara process`` (arguments: mascara.cli.add_mascprocess_arguments)."""
+    from mascara.selection import SelectionError, select_nights
+
+    try:  # before anything slow: a mistake costs a fraction of a second, not a server start
+        sel = select_nights(args.datadir, args.night or "all", args.camera, args.site, settings_file=args.settings)
+    except SelectionError as exc:
+        print(f"mascprocess: {exc}", file=sys.stderr)
         return 2
-    settings = _load_settings(args.settings)
+    for missing in sel.not_found:
+        print(f"mascprocess: no night directory {missing} in {sel.datadir}; going on with the others",
+              file=sys.stderr)
+    _prepare_environment(args)
+    settings = sel.settings
     if args.no_prefect:
         return run_without_prefect(args.datadir, args.night, args.camera, args.site, args.overwrite, args.db,
-                                   settings, quiet=args.quiet, keep_old=args.keep_old)
+                                   settings, quiet=args.quiet, keep_old=args.keep_old,
+                                   require_calibration=args.require_calibration)
 
     from flows.reduce_night import flow_with_runner, set_progress_sink
 
     flow_obj = flow_with_runner(args.dask_address)
     params = dict(datadir=args.datadir, nights=args.night or "all", cameras=args.camera, site=args.site,
-                  overwrite=args.overwrite, db_url=args.db, settings=settings, keep_old=args.keep_old)
+                  overwrite=args.overwrite, db_url=args.db, settings=settings, keep_old=args.keep_old,
+                  require_calibration=args.require_calibration)
     t0 = time.perf_counter()
     if args.quiet:
         state = flow_obj(**params, return_state=True)
@@ -151,7 +165,7 @@ def _mascprocess(args: argparse.Namespace) -> int:
 
 def run_without_prefect(datadir: str, night: str | None, camera: str | None, site: str | None,
                         overwrite: bool = False, db: str | None = None, settings: dict | None = None,
-                        quiet: bool = False, keep_old: int = 1) -> int:
+                        quiet: bool = False, keep_old: int = 1, require_calibration: bool = False) -> int:
     """Reduce with :func:`mascara.reduce.reduce_camera_night`, one camera-night after the other.
 
     The catalog is kept exactly as the flow keeps it (runs, batches, frames,
@@ -160,27 +174,38 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
     from flows import _runs
     from mascara.catalog import LeaseHeld
     from mascara.catalog._engine import resolve_url
-    from mascara.rawio import find_night_dirs
+    from mascara.rawio import parse_night_dir
+    from mascara.reduce import CalibrationRequired
+    from mascara.selection import SelectionError, select_nights
     from mascara.settings import Settings
 
     datadir = str(Path(datadir).resolve())
+    try:
+        sel = select_nights(datadir, night or "all", camera, site, settings=settings)
+    except SelectionError as exc:
+        print(f"mascprocess: {exc}", file=sys.stderr)
+        return 2
     db_url = resolve_url(db, datadir)
     s = Settings.from_dict(settings)
-    found = find_night_dirs(datadir, _runs.parse_nights(night or "all"), _runs.parse_letters(camera),
-                            _runs.parse_letters(site))
-    if not found:
-        print(f"no night directories in {datadir}", file=sys.stderr)
-        return 1
     status = 0
     with _runs.Heartbeat(db_url) as heartbeat:
-        for nd in found:
+        for nd in (parse_night_dir(p) for p in sel.night_dirs):
             t0 = time.perf_counter()
             try:
                 handle, result = _runs.drive_camera_night(db_url, nd, s, overwrite=overwrite, keep_old=keep_old,
                                                           pid=os.getpid(), host=socket.gethostname(),
-                                                          heartbeat=heartbeat)
+                                                          heartbeat=heartbeat,
+                                                          require_calibration=require_calibration)
             except LeaseHeld as exc:
                 print(f"{nd.night_id}: {exc}", file=sys.stderr)
+                status = 1
+                continue
+            except _runs.NothingToReduce as exc:
+                print(f"{nd.night_id}: not reduced: {exc}", file=sys.stderr)
+                status = 1
+                continue
+            except CalibrationRequired as exc:  # recorded by drive_camera_night
+                print(f"{nd.night_id}: not reduced: {exc}", file=sys.stderr)
                 status = 1
                 continue
             except Exception as exc:  # recorded as failed by drive_camera_night; go on with the next night

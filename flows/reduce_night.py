@@ -110,14 +110,23 @@ def start_camera_night(night_id: str, night_path: str, settings_json: str, db_ur
                             keep_old=keep_old)
     for w in handle.warnings:
         get_run_logger().warning(w)
+    _runs.record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
     return handle
 
 
 @task(name="prepare", task_run_name="prepare-{night_id}", cache_policy=NO_CACHE, **_transient_task)
-def prepare_task(night_id: str, handle: _runs.RunHandle, settings_json: str) -> dict:
-    """Master calibration and the night's camera solution (cached in ``work/context.json``)."""
-    ctx = _ctx(_plan(handle.night_path, settings_json))
-    return {"master_kind": ctx.master_kind, "solution": ctx.solution_info}
+def prepare_task(night_id: str, handle: _runs.RunHandle, settings_json: str,
+                 require_calibration: bool = False) -> dict:
+    """Master calibration and the night's camera solution (cached in ``work/context.json``); records the calibration."""
+    from mascara.reduce import CalibrationRequired, prepare_camera_night
+
+    try:
+        ctx = prepare_camera_night(_plan(handle.night_path, settings_json), require_calibration=require_calibration)
+    except CalibrationRequired as exc:
+        _runs.record_calibration(handle.db_url, handle.camera_night_id, handle.night_path, exc.state)
+        raise
+    _runs.record_calibration(handle.db_url, handle.camera_night_id, handle.night_path, ctx.calibration_state())
+    return {"master_kind": ctx.master_kind, "calibration": ctx.calibration_note, "solution": ctx.solution_info}
 
 
 @task(name="batch", task_run_name="batch-{night_id}-{batch:07d}", cache_key_fn=batch_cache_key,
@@ -286,7 +295,7 @@ class _Night:
     split_pending: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     split_busy: bool = False
     combine_submitted: bool = False
-    state: str = "pending"  # pending, running, succeeded, failed, locked
+    state: str = "pending"  # pending, running, succeeded, failed, locked, empty
     message: str = ""
     progress_id: Any = None
     result: dict | None = None
@@ -310,6 +319,7 @@ def reduce_night(
     db_url: str | None = None,
     settings: dict[str, Any] | None = None,
     keep_old: int = 1,
+    require_calibration: bool = False,
 ) -> list[dict]:
     """Reduce camera-nights of ``datadir``: one task per 50-frame batch, all cameras at once.
 
@@ -326,22 +336,26 @@ def reduce_night(
     settings : :class:`mascara.settings.Settings` overrides.
     keep_old : generations of earlier outputs kept (``_old``, ``_old2``...);
         the oldest beyond that is erased, with a record.
+    require_calibration : fail a camera-night without a usable master dark
+        instead of reducing it with a recorded warning.
 
     Returns
     -------
     One summary per camera-night; the flow fails if any camera-night failed.
     """
     from mascara.catalog._engine import resolve_url
-    from mascara.rawio import find_night_dirs
+    from mascara.rawio import parse_night_dir
+    from mascara.selection import select_nights
 
+    # the checks of mascprocess, first: a deployment run with a mistake fails at once with one line
+    sel = select_nights(datadir, nights, cameras, site, settings=settings)
     logger = get_run_logger()
+    for missing in sel.not_found:
+        logger.warning("no night directory %s in %s", missing, datadir)
     datadir = str(Path(datadir).resolve())
     db_url = resolve_url(db_url, datadir)
-    night_list = _runs.parse_nights(nights)
-    sjson = _settings_json(settings)
-    found = find_night_dirs(datadir, night_list, _runs.parse_letters(cameras), _runs.parse_letters(site))
-    if not found:
-        raise ValueError(f"no night directories in {datadir} for nights={night_list} cameras={cameras} site={site}")
+    sjson = _settings_json(sel.settings)
+    found = [parse_night_dir(p) for p in sel.night_dirs]
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
     host, pid = socket.gethostname(), os.getpid()
 
@@ -356,8 +370,10 @@ def reduce_night(
         n = _Night(night_id=nd.night_id, night_path=str(nd.path), nframes=len(plan.frames),
                    batches={b: len(fr) for b, fr in plan.batches.items()})
         nights_[n.night_id] = n
-        if not plan.batches:
-            n.state, n.message = "failed", "no science frames"
+        if plan.empty_reason():
+            n.state, n.message = "empty", plan.empty_reason()
+            _runs.record_intake(db_url, plan)
+            logger.error("%s: not reduced: %s", n.night_id, n.message)
             continue
         _notify("night_planned", n.night_id, n.nframes, len(n.batches))
         n.progress_id = create_progress_artifact(0.0, key=_artifact_key(n.night_id, "progress"),
@@ -426,7 +442,8 @@ def reduce_night(
                     n.handle = fut.result()
                     n.state = "running"
                     heartbeat.run_ids.add(n.handle.run_id)
-                    track(prepare_task.submit(n.night_id, n.handle, sjson), "prepare", n.night_id)
+                    track(prepare_task.submit(n.night_id, n.handle, sjson, require_calibration), "prepare",
+                          n.night_id)
                 elif kind == "prepare":
                     n.left = set(n.batches)
                     for b in n.batches:

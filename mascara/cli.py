@@ -58,6 +58,9 @@ def add_mascprocess_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", default=None, help="JSON file of settings overrides")
     p.add_argument("--dask-address", default=None, help="run batches on a Dask cluster (tcp://... or 'local')")
     p.add_argument("--no-prefect", action="store_true", help="plain sequential driver without Prefect")
+    p.add_argument("--require-calibration", action="store_true",
+                   help="do not reduce a camera-night without a usable master dark (default: reduce it, "
+                        "record and show the warning)")
 
 
 def _dispatch(args: argparse.Namespace) -> int:

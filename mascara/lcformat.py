@@ -90,6 +90,10 @@ GLOBAL_ATTRS = (
     "CVERSION", "EXPTIME", "CCDTEMP", "NAPER", "APER0", "APER1", "NSTAPER", "SKYRAD0", "SKYRAD1",
 )
 
+#: Optional extra ``global`` attributes: the calibration applied (master kind ``dark``/``bias``/``none``,
+#: the files combined, a one-line note, the rejected calibration files as JSON [[name, reason], ...]).
+CALIBRATION_ATTRS = ("CALIBRATION", "CALFILES", "CALNOTE", "CALREJECTED")
+
 #: Flag bits (SPEC §6).
 FLAG_EDGE = 1  # box leaves the image: no photometry
 FLAG_SKY_SATURATED = 2  # a sky pixel is saturated

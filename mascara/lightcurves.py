@@ -45,9 +45,11 @@ from typing import Any
 import h5py
 import numpy as np
 
+from mascara import faults
 from mascara.lcformat import (
     ASCC_DTYPE,
     FAST_DTYPE,
+    CALIBRATION_ATTRS,
     GLOBAL_ATTRS,
     HEADER_DTYPE,
     HEADER_TABLE_FIELDS,
@@ -708,17 +710,20 @@ def global_attrs_for_slow(global_attrs: Mapping[str, Any], slow_apertures: Seque
             continue
         else:
             out[k] = global_attrs[k]
+    out.update({k: global_attrs[k] for k in CALIBRATION_ATTRS if k in global_attrs})
     return out
 
 
 def _check_global_attrs(global_attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The SPEC attributes in order, then any of the optional calibration ones."""
     keys = set(global_attrs)
-    if keys != set(GLOBAL_ATTRS):
+    extra = keys - set(GLOBAL_ATTRS) - set(CALIBRATION_ATTRS)
+    if not set(GLOBAL_ATTRS) <= keys or extra:
         raise ValueError(
-            f"global_attrs must have exactly {GLOBAL_ATTRS}; missing {sorted(set(GLOBAL_ATTRS) - keys)}, "
-            f"unexpected {sorted(keys - set(GLOBAL_ATTRS))}"
+            f"global_attrs must have exactly {GLOBAL_ATTRS} (optionally {CALIBRATION_ATTRS}); "
+            f"missing {sorted(set(GLOBAL_ATTRS) - keys)}, unexpected {sorted(extra)}"
         )
-    return {k: global_attrs[k] for k in GLOBAL_ATTRS}
+    return {k: global_attrs[k] for k in GLOBAL_ATTRS + CALIBRATION_ATTRS if k in global_attrs}
 
 
 def _resolve_inputs(
@@ -994,8 +999,10 @@ def combine_night(
                 splitter.add(p, sha256=sha)
         batches = sorted(inputs)
         stars = splitter.stars(batches)
+        faults.checkpoint("combine_before_flc")
         fsha, nf = _write_night_file(fname, "fast", splitter, batches, stars, fast_attrs, digest)
         _write_manifest(fname, digest, fsha)
+        faults.checkpoint("combine_after_flc")
         ssha, ns = _write_night_file(sname, "slow", splitter, batches, stars, slow_attrs, digest)
         _write_manifest(sname, digest, ssha)
     finally:

@@ -1,21 +1,37 @@
-"""Raw night directories: finding nights and frames, reading and validating frames, calibration.
+"""Raw night directories: finding nights and frames, the frame intake, calibration.
 
 Layout (SPEC §3)::
 
     <datadir>/<YYYYMMDD><SITE><CAM>/raw/<lstseq:08d><SITE><CAM>.fits[.gz]
     <datadir>/<YYYYMMDD><SITE><CAM>/raw/calib_bias*.fits, calib_dark*.fits, calib_flat*.fits
 
-Nothing here ever writes into ``raw/``.  A frame that cannot be used raises
-:class:`BadFrame`, whose message names the file and the problem; callers record
-it and go on with the night.
+Nothing here ever writes into ``raw/``.
+
+The frame intake
+----------------
+Every science frame passes the same checks before any use (the frame the
+night's camera solution is found on included); :data:`INTAKE_CHECKS` lists
+them in order.  :func:`scan_raw` applies the first two (names, one file per
+lstseq) to the whole directory; :func:`read_frame` applies the rest to one
+file as it is read.  A frame that fails raises :class:`BadFrame`, whose
+``reason`` is recorded by the caller, and the night goes on.  A frame that
+passes is a 2-D integer image of the night's shape with finite, sane header
+values, so the reduction of its batch cannot fail on it.
+
+Calibration frames (``calib_*``) pass the file, FITS, image and shape checks
+too (:func:`master_calibration`); a floating-point master is accepted when all
+its pixels are finite.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import os
 import re
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -23,13 +39,36 @@ import numpy as np
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
 
-NIGHT_DIR_RE = re.compile(r"^(?P<night>\d{8})(?P<site>[A-Z]{2})(?P<camera>[NESWC])$")
+from mascara.selection import NIGHT_DIR_RE
+
 FRAME_RE = re.compile(r"^(?P<lstseq>\d{8})(?P<site>[A-Z]{2})(?P<camera>[NESWC])\.fits(\.gz)?$")
 
 #: Header keywords every science frame must carry (SPEC §3).
 REQUIRED_KEYWORDS = (
     "LSTSEQ", "LSTIDX", "JD", "LST", "EXPTIME", "CCDTEMP", "SITE-OBS", "CAMERA",
     "DATE-OBS", "IMAGETYP", "X0", "XSIZE", "Y0", "YSIZE",
+)
+#: Required keywords that must hold finite numbers.
+NUMERIC_KEYWORDS = ("LSTSEQ", "LSTIDX", "JD", "LST", "EXPTIME", "CCDTEMP", "X0", "XSIZE", "Y0", "YSIZE")
+#: Raw ADU at and above which a pixel is saturated (SPEC §1).
+SATURATION_ADU = 63000
+#: A frame with more than this fraction of saturated science pixels is refused.
+MAX_SATURATED_FRACTION = 0.5
+
+#: The intake checks of a science frame, in the order they are applied (README, "Bad input").
+INTAKE_CHECKS: tuple[tuple[str, str], ...] = (
+    ("name", "named <lstseq:08d><SITE><CAM>.fits[.gz] with this night's site and camera"),
+    ("one file per lstseq", "of several files with one lstseq (.fits beside .fits.gz) the first that "
+                            "passes intake, .fits before .fits.gz, is kept; the others are rejected"),
+    ("regular file", "not a directory, not a dangling symbolic link, not empty"),
+    ("readable FITS", "opens as FITS, not truncated, has an image"),
+    ("keywords", f"{', '.join(REQUIRED_KEYWORDS)} present; the numeric ones finite numbers"),
+    ("header values", "LSTSEQ equals the file name's, LSTIDX = LSTSEQ % 13500, JD, LST and EXPTIME in range, "
+                      "IMAGETYP science, SITE-OBS and CAMERA those of the file name"),
+    ("integer image", "2-D integer pixels (a floating-point image, which can hold NaN, is refused)"),
+    ("night's shape", "the shape of the night's frames; the science region X0 Y0 XSIZE YSIZE inside it"),
+    ("not constant", "not one value everywhere (all zero, a blank readout)"),
+    ("not mostly saturated", f"at most {MAX_SATURATED_FRACTION:.0%} of the science pixels >= {SATURATION_ADU} ADU"),
 )
 
 
@@ -62,11 +101,36 @@ class NightDir:
 
 @dataclasses.dataclass(frozen=True)
 class FrameFile:
-    """A science frame found on disk (not yet opened)."""
+    """A science frame found on disk (not yet opened); ``size`` is None unless it is a regular file."""
 
     path: Path
     lstseq: int
-    size: int
+    size: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejection:
+    """A raw file refused without being reduced; ``lstseq`` is None for calibration files."""
+
+    lstseq: int | None
+    filename: str
+    size: int | None
+    reason: str
+
+
+@dataclasses.dataclass
+class RawScan:
+    """What :func:`scan_raw` found in a night's ``raw/``.
+
+    ``frames`` holds one candidate per lstseq, sorted; ``rejected`` the files
+    refused by name or as duplicates; ``calib`` the ``calib_*`` files by kind;
+    ``other`` the names of everything else (ignored).
+    """
+
+    frames: list[FrameFile]
+    rejected: list[Rejection]
+    calib: dict[str, list[Path]]
+    other: list[str]
 
 
 @dataclasses.dataclass
@@ -125,21 +189,85 @@ def find_night_dirs(
     return found
 
 
-def list_frames(night: NightDir) -> list[FrameFile]:
-    """Science frames of a night, sorted by lstseq (calibration and foreign files ignored).
+def _regular_size(p: Path) -> int | None:
+    """Size of a regular file (following symbolic links), None for anything else or a dangling link."""
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return st.st_size if os.path.isfile(p) else None
 
-    A duplicate lstseq (``.fits`` beside ``.fits.gz``) keeps the uncompressed file.
+
+def _file_problem(p: Path) -> str | None:
+    """Why ``p`` is not a readable non-empty regular file, or None."""
+    if p.is_symlink() and not p.exists():
+        return f"dangling symbolic link to {os.readlink(p)}"
+    if p.is_dir():
+        return "a directory, not a file"
+    if not p.exists():
+        return "no longer exists"
+    if not p.is_file():
+        return "not a regular file"
+    if p.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    if not os.access(p, os.R_OK):
+        return "not readable (permissions)"
+    return None
+
+
+def scan_raw(night: NightDir) -> RawScan:
+    """Apply the name and one-file-per-lstseq checks of the intake to a night's ``raw/``.
+
+    Never raises on what it finds: a file it cannot use is a :class:`Rejection`.
     """
-    frames: dict[int, FrameFile] = {}
-    for p in night.raw.iterdir():
-        m = FRAME_RE.match(p.name)
-        if not m or m["site"] != night.site or m["camera"] != night.camera:
+    by_seq: dict[int, list[Path]] = {}
+    rejected: list[Rejection] = []
+    calib: dict[str, list[Path]] = {"bias": [], "dark": [], "flat": []}
+    other: list[str] = []
+    for p in sorted(night.raw.iterdir()):
+        name = p.name
+        if name.startswith("calib_"):
+            kind = next((k for k in calib if name.startswith(f"calib_{k}")), None)
+            if kind is not None and ".fits" in name:
+                calib[kind].append(p)
+            else:
+                other.append(name)
+            continue
+        m = FRAME_RE.match(name)
+        if not m:
+            other.append(name)
             continue
         seq = int(m["lstseq"])
-        if seq in frames and frames[seq].path.suffix == ".fits":
+        if m["site"] != night.site or m["camera"] != night.camera:
+            rejected.append(Rejection(seq, name, _regular_size(p),
+                                      f"file name is of camera {m['site']}{m['camera']}, not {night.site}{night.camera}"))
             continue
-        frames[seq] = FrameFile(path=p, lstseq=seq, size=p.stat().st_size)
-    return [frames[k] for k in sorted(frames)]
+        by_seq.setdefault(seq, []).append(p)
+    frames = []
+    for seq in sorted(by_seq):
+        paths = sorted(by_seq[seq], key=lambda q: (q.name.endswith(".gz"), q.name))  # .fits first
+        keep = paths[0]
+        if len(paths) > 1:
+            reasons = {}
+            for q in paths:
+                try:
+                    read_frame(q)
+                except BadFrame as exc:
+                    reasons[q] = exc.reason
+            keep = next((q for q in paths if q not in reasons), paths[0])
+            for q in paths:
+                if q != keep:
+                    why = reasons.get(q, f"duplicate of lstseq {seq}: {keep.name} is used")
+                    if q in reasons:
+                        why += f" (duplicate of lstseq {seq}: {keep.name} is used)"
+                    rejected.append(Rejection(seq, q.name, _regular_size(q), why))
+        frames.append(FrameFile(path=keep, lstseq=seq, size=_regular_size(keep)))
+    return RawScan(frames=frames, rejected=rejected, calib=calib, other=other)
+
+
+def list_frames(night: NightDir) -> list[FrameFile]:
+    """Candidate science frames of a night, one per lstseq, sorted (see :func:`scan_raw`)."""
+    return scan_raw(night).frames
 
 
 def group_batches(frames: Sequence[FrameFile], batch_size: int = 50) -> dict[int, list[FrameFile]]:
@@ -150,83 +278,153 @@ def group_batches(frames: Sequence[FrameFile], batch_size: int = 50) -> dict[int
     return dict(sorted(batches.items()))
 
 
-def raw_inventory_hash(frames: Sequence[FrameFile], calib: Sequence[Path] = ()) -> str:
+def raw_inventory_hash(frames: Sequence[FrameFile], calib: Sequence[Path] = (),
+                       rejected: Sequence[Rejection] = ()) -> str:
     """sha256 over names and sizes of the raw files: changes when raw data are added or replaced."""
     h = hashlib.sha256()
     for f in frames:
         h.update(f"{f.path.name}:{f.size}\n".encode())
     for p in sorted(calib):
-        h.update(f"{p.name}:{p.stat().st_size}\n".encode())
+        h.update(f"{p.name}:{_regular_size(p)}\n".encode())
+    for r in sorted(rejected, key=lambda r: r.filename):
+        h.update(f"{r.filename}:{r.size}:rejected\n".encode())
     return h.hexdigest()
 
 
-def _as_uint16(hdu: fits.PrimaryHDU | fits.ImageHDU, path: Path) -> np.ndarray:
-    """Pixel values as native uint16, reading BZERO-scaled int16 without the slow float path."""
+def frame_shape(path: Path | str) -> tuple[int, int] | None:
+    """(ny, nx) of a FITS file's primary image from its header alone, or None if unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            h = fits.getheader(path)
+        if int(h.get("NAXIS", 0)) != 2:
+            return None
+        return int(h["NAXIS2"]), int(h["NAXIS1"])
+    except Exception:  # noqa: BLE001 - any unreadable header just does not vote
+        return None
+
+
+def night_frame_shape(frames: Sequence[FrameFile], sample: int = 9) -> tuple[int, int] | None:
+    """The night's frame shape: the most common shape among up to ``sample`` frames spread over the night.
+
+    Read from headers only.  A single odd frame (the first one, say) cannot
+    decide the shape every other frame is checked against.
+    """
+    if not frames:
+        return None
+    idx = np.unique(np.linspace(0, len(frames) - 1, min(sample, len(frames))).round().astype(int))
+    votes = Counter(s for s in (frame_shape(frames[i].path) for i in idx) if s is not None)
+    if not votes:
+        # every sampled header unreadable: try the rest in order
+        for f in frames:
+            s = frame_shape(f.path)
+            if s is not None:
+                return s
+        return None
+    return votes.most_common(1)[0][0]
+
+
+def _open_image(path: Path, allow_float: bool, memmap: bool) -> tuple[fits.Header, np.ndarray]:
+    """Header and pixels of a FITS file's primary image, after the file and FITS checks.
+
+    Integer images come back as uint16; floating-point ones (calibration
+    masters only, ``allow_float``) as float32 when every pixel is finite.
+    """
+    problem = _file_problem(path)
+    if problem:
+        raise BadFrame(path, problem)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AstropyUserWarning)  # every file's truncation is seen
+            hdul = fits.open(path, do_not_scale_image_data=True, memmap=memmap)
+            with hdul:
+                hdu = hdul[0]
+                header = hdu.header.copy()
+                truncated = [w for w in caught if "truncated" in str(w.message)]
+                if truncated:
+                    raise BadFrame(path, f"truncated file ({truncated[0].message})")
+                data = _pixels(hdu, path, allow_float)
+            truncated = [w for w in caught if "truncated" in str(w.message)]
+            if truncated:  # some truncations only show when the data are read
+                raise BadFrame(path, f"truncated file ({truncated[0].message})")
+    except BadFrame:
+        raise
+    except (OSError, ValueError, TypeError, IndexError, EOFError, KeyError) as exc:
+        raise BadFrame(path, f"unreadable FITS file ({type(exc).__name__}: {exc})") from exc
+    return header, data
+
+
+def _pixels(hdu: fits.PrimaryHDU | fits.ImageHDU, path: Path, allow_float: bool) -> np.ndarray:
+    """Pixel values: integer images as native uint16 (BZERO-scaled int16 without the slow float path)."""
     hdr = hdu.header
     raw = hdu.data
     if raw is None:
         raise BadFrame(path, "no image data")
-    if hdr.get("BITPIX") == 16 and hdr.get("BZERO", 0) == 32768 and hdr.get("BSCALE", 1) == 1:
+    if raw.ndim != 2:
+        raise BadFrame(path, f"image has {raw.ndim} dimensions, expected 2")
+    bitpix = int(hdr.get("BITPIX", 0))
+    if bitpix < 0:
+        if not allow_float:
+            nonfinite = int(np.count_nonzero(~np.isfinite(raw)))
+            raise BadFrame(path, f"floating-point image (BITPIX {bitpix}, {nonfinite / raw.size:.0%} NaN or "
+                                 "infinite): raw frames are integers")
+        data = np.asarray(raw, dtype=np.float32) * hdr.get("BSCALE", 1) + hdr.get("BZERO", 0)
+        if not np.all(np.isfinite(data)):
+            raise BadFrame(path, "image has NaN or infinite pixels")
+        return data.astype(np.float32)
+    if bitpix == 16 and hdr.get("BZERO", 0) == 32768 and hdr.get("BSCALE", 1) == 1:
         # int16 + 32768 == the same bits with the sign bit flipped: one byte-swapping copy, one in-place xor
         out = raw.view(">u2").astype("<u2")
         out ^= np.uint16(0x8000)
         return out
-    data = np.asarray(hdu.data, dtype=np.float64) * hdr.get("BSCALE", 1) + hdr.get("BZERO", 0)
+    data = np.asarray(raw, dtype=np.float64) * hdr.get("BSCALE", 1) + hdr.get("BZERO", 0)
     return np.clip(np.rint(data), 0, 65535).astype(np.uint16)
 
 
 def read_frame(path: Path | str, expected_shape: tuple[int, int] | None = None) -> Frame:
-    """Read and validate one science frame.
+    """Read one science frame through the intake checks (:data:`INTAKE_CHECKS`, from "regular file").
+
+    Parameters
+    ----------
+    path : the frame file (``.fits`` or ``.fits.gz``).
+    expected_shape : (ny, nx) of the night's frames, including the overscan; None skips that check.
 
     Raises
     ------
     BadFrame
-        unreadable or truncated file, a missing required keyword, a shape that
-        disagrees with ``expected_shape`` or with the science-region keywords,
-        an ``LSTSEQ`` that disagrees with the file name, or insane values.
+        the first check the frame fails, with its reason.
     """
     path = Path(path)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", AstropyUserWarning)  # every file's truncation is seen
-            hdul = fits.open(path, do_not_scale_image_data=True, memmap=True)
-        with hdul:
-            hdu = hdul[0]
-            header = hdu.header
-            missing = [k for k in REQUIRED_KEYWORDS if k not in header]
-            if missing:
-                raise BadFrame(path, f"missing header keyword(s) {', '.join(missing)}")
-            truncated = [w for w in caught if "truncated" in str(w.message)]
-            if truncated:
-                raise BadFrame(path, f"truncated file ({truncated[0].message})")
-            data = _as_uint16(hdu, path)
-            hdict = {k: header[k] for k in REQUIRED_KEYWORDS}
-            hdict["AVERSION"] = header.get("AVERSION", "unknown")
-    except BadFrame:
-        raise
-    except (OSError, ValueError, TypeError, IndexError, EOFError) as exc:
-        raise BadFrame(path, f"unreadable FITS file ({type(exc).__name__}: {exc})") from exc
+    header, data = _open_image(path, allow_float=False, memmap=True)
+    missing = [k for k in REQUIRED_KEYWORDS if k not in header]
+    if missing:
+        raise BadFrame(path, f"missing header keyword(s) {', '.join(missing)}")
+    hdict = {k: header[k] for k in REQUIRED_KEYWORDS}
+    hdict["AVERSION"] = header.get("AVERSION", "unknown")
     return validate_frame(Frame(path=path, data=data, header=hdict), expected_shape)
 
 
 def validate_frame(frame: Frame, expected_shape: tuple[int, int] | None = None) -> Frame:
-    """Check a frame's shape and header values; raise :class:`BadFrame` with the reason."""
+    """The header-value and pixel checks of the intake; raise :class:`BadFrame` with the reason."""
     path, h, data = frame.path, frame.header, frame.data
     if data.ndim != 2:
         raise BadFrame(path, f"image has {data.ndim} dimensions, expected 2")
-    if expected_shape is not None and data.shape != tuple(expected_shape):
-        raise BadFrame(path, f"shape {data.shape} differs from the night's {tuple(expected_shape)}")
-    try:
-        x0, y0, nx, ny = (int(h[k]) for k in ("X0", "Y0", "XSIZE", "YSIZE"))
-        lstseq, lstidx = int(h["LSTSEQ"]), int(h["LSTIDX"])
-        jd, lst, exptime = float(h["JD"]), float(h["LST"]), float(h["EXPTIME"])
-    except (TypeError, ValueError) as exc:
-        raise BadFrame(path, f"non-numeric header value ({exc})") from exc
-    if x0 < 0 or y0 < 0 or nx <= 0 or ny <= 0 or y0 + ny > data.shape[0] or x0 + nx > data.shape[1]:
-        raise BadFrame(path, f"science region X0={x0} Y0={y0} {nx}x{ny} does not fit the {data.shape[1]}x{data.shape[0]} image")
+    bad = []
+    for k in NUMERIC_KEYWORDS:
+        try:
+            ok = math.isfinite(float(h[k]))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            bad.append(f"{k}={h[k]!r}")
+    if bad:
+        raise BadFrame(path, f"non-numeric header value(s) {', '.join(bad)}")
+    x0, y0, nx, ny = (int(h[k]) for k in ("X0", "Y0", "XSIZE", "YSIZE"))
+    lstseq, lstidx = int(h["LSTSEQ"]), int(h["LSTIDX"])
+    jd, lst, exptime = float(h["JD"]), float(h["LST"]), float(h["EXPTIME"])
     m = FRAME_RE.match(path.name)
     if m and int(m["lstseq"]) != lstseq:
-        raise BadFrame(path, f"LSTSEQ {lstseq} disagrees with the file name")
+        raise BadFrame(path, f"LSTSEQ {lstseq} disagrees with the file name ({int(m['lstseq'])})")
     if lstidx != lstseq % 13500:
         raise BadFrame(path, f"LSTIDX {lstidx} is not LSTSEQ % 13500")
     if not (2.4e6 < jd < 2.6e6):
@@ -237,60 +435,116 @@ def validate_frame(frame: Frame, expected_shape: tuple[int, int] | None = None) 
         raise BadFrame(path, f"EXPTIME {exptime} out of range")
     if str(h["IMAGETYP"]).strip().lower() != "science":
         raise BadFrame(path, f"IMAGETYP is {h['IMAGETYP']!r}, not science")
+    if m and (str(h["SITE-OBS"]).strip() != m["site"] or str(h["CAMERA"]).strip() != m["camera"]):
+        raise BadFrame(path, f"header SITE-OBS/CAMERA {h['SITE-OBS']}/{h['CAMERA']} disagree with the file name")
+    if data.dtype.kind not in "ui":
+        raise BadFrame(path, f"pixels of type {data.dtype}, expected integers")
+    if expected_shape is not None and data.shape != tuple(expected_shape):
+        raise BadFrame(path, f"shape {data.shape} differs from the night's {tuple(expected_shape)}")
+    if x0 < 0 or y0 < 0 or nx <= 0 or ny <= 0 or y0 + ny > data.shape[0] or x0 + nx > data.shape[1]:
+        raise BadFrame(path, f"science region X0={x0} Y0={y0} {nx}x{ny} does not fit the "
+                             f"{data.shape[1]}x{data.shape[0]} image")
+    lo, hi = int(data.min()), int(data.max())
+    if lo == hi:
+        raise BadFrame(path, f"constant image (every pixel is {lo})")
+    sci = data[y0:y0 + ny:2, x0:x0 + nx:2]  # every 4th pixel is plenty for a fraction
+    saturated = float(np.count_nonzero(sci >= SATURATION_ADU)) / sci.size
+    if saturated > MAX_SATURATED_FRACTION:
+        raise BadFrame(path, f"mostly saturated ({saturated:.0%} of the science pixels >= {SATURATION_ADU} ADU)")
     return frame
 
 
 def calibration_files(night: NightDir) -> dict[str, list[Path]]:
     """``calib_*`` files of a night by kind (bias, dark, flat)."""
-    out: dict[str, list[Path]] = {"bias": [], "dark": [], "flat": []}
-    for p in sorted(night.raw.glob("calib_*.fits*")):
-        for kind in out:
-            if p.name.startswith(f"calib_{kind}"):
-                out[kind].append(p)
-    return out
+    return scan_raw(night).calib
 
 
 @dataclasses.dataclass
 class MasterCalibration:
-    """Master frame subtracted from every science frame (full raw frame size, float32)."""
+    """Master frame subtracted from every science frame (full raw frame size, float32).
+
+    ``kind`` is ``dark``, ``bias`` or ``none``; ``files`` are the frames combined,
+    ``rejected`` the calibration files refused with their reasons, ``unused``
+    good files of a kind not needed (biases when there are darks), ``note``
+    says in one line what was used and why.
+    """
 
     level: np.ndarray | None
-    kind: str  # "dark", "bias" or "none"
+    kind: str
     files: list[Path]
     rejected: list[tuple[Path, str]]
+    unused: list[Path] = dataclasses.field(default_factory=list)
+    note: str = ""
 
 
-def master_calibration(night: NightDir) -> MasterCalibration:
-    """Median-combine the night's darks (or biases when there is no dark).
+def read_calibration(path: Path | str, kind: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Pixels of one calibration frame (float32) after the intake's file, FITS, image and shape checks.
+
+    Raises
+    ------
+    BadFrame
+        with the reason the file cannot be used.
+    """
+    path = Path(path)
+    header, data = _open_image(path, allow_float=True, memmap=False)
+    typ = str(header.get("IMAGETYP", kind)).strip().lower()
+    if typ != kind:
+        raise BadFrame(path, f"IMAGETYP is {header.get('IMAGETYP')!r}, not {kind}")
+    if shape is not None and data.shape != tuple(shape):
+        raise BadFrame(path, f"shape {data.shape} differs from the night's frames {tuple(shape)}")
+    if float(data.min()) == float(data.max()):
+        raise BadFrame(path, f"constant image (every pixel is {data.flat[0]})")
+    return data.astype(np.float32)
+
+
+def master_calibration(night: NightDir, shape: tuple[int, int] | None = None,
+                       files: dict[str, list[Path]] | None = None) -> MasterCalibration:
+    """Median-combine the night's darks (or biases when no dark is usable).
 
     Darks are taken with the science exposure time, so they carry bias and dark
-    current together and are subtracted as they are.  Unreadable calibration
-    frames are skipped and reported in ``rejected``.
+    current together and are subtracted as they are.  Every calibration file
+    passes :func:`read_calibration`; ``shape`` is the night's frame shape
+    (default: the most common shape among the calibration files of a kind).
     """
-    files = calibration_files(night)
+    files = files if files is not None else calibration_files(night)
     rejected: list[tuple[Path, str]] = []
+    found: dict[str, list[tuple[Path, np.ndarray]]] = {}
     for kind in ("dark", "bias"):
-        stack = []
-        used = []
-        for p in files[kind]:
+        good = []
+        for p in files.get(kind, []):
             try:
-                with fits.open(p, do_not_scale_image_data=True, memmap=False) as hdul:
-                    stack.append(_as_uint16(hdul[0], p).astype(np.float32))
-                    used.append(p)
-            except (OSError, ValueError, TypeError, BadFrame) as exc:
-                rejected.append((p, f"unreadable calibration frame ({exc})"))
-        shapes = {s.shape for s in stack}
-        if len(shapes) > 1:
-            common = max(shapes, key=lambda s: sum(x.shape == s for x in stack))
-            for p, s in zip(list(used), list(stack)):
-                if s.shape != common:
-                    rejected.append((p, f"shape {s.shape} differs from {common}"))
-            pairs = [(p, s) for p, s in zip(used, stack) if s.shape == common]
-            used, stack = [p for p, _ in pairs], [s for _, s in pairs]
-        if stack:
-            level = stack[0] if len(stack) == 1 else np.median(np.stack(stack), axis=0).astype(np.float32)
-            return MasterCalibration(level=level, kind=kind, files=used, rejected=rejected)
-    return MasterCalibration(level=None, kind="none", files=[], rejected=rejected)
+                good.append((p, read_calibration(p, kind, shape)))
+            except BadFrame as exc:
+                rejected.append((p, exc.reason))
+        if shape is None and good:
+            common = Counter(a.shape for _, a in good).most_common(1)[0][0]
+            for p, a in good:
+                if a.shape != common:
+                    rejected.append((p, f"shape {a.shape} differs from the other {kind} frames {common}"))
+            good = [(p, a) for p, a in good if a.shape == common]
+        found[kind] = good
+    nrej = {k: sum(1 for p, _ in rejected if p in files.get(k, [])) for k in ("dark", "bias")}
+
+    def why_not(kind: str) -> str:
+        n = len(files.get(kind, []))
+        return f"no calib_{kind} files" if n == 0 else f"all {n} calib_{kind} files rejected"
+
+    for kind in ("dark", "bias"):
+        good = found[kind]
+        if not good:
+            continue
+        stack = [a for _, a in good]
+        level = stack[0] if len(stack) == 1 else np.median(np.stack(stack), axis=0).astype(np.float32)
+        note = f"master {kind} of {len(good)} frame(s)"
+        if nrej[kind]:
+            note += f" ({nrej[kind]} rejected)"
+        if kind == "bias":
+            note = f"{why_not('dark')}; {note}"
+        unused = [p for p, _ in found["bias"]] if kind == "dark" else []
+        return MasterCalibration(level=level, kind=kind, files=[p for p, _ in good], rejected=rejected,
+                                 unused=unused, note=note)
+    return MasterCalibration(level=None, kind="none", files=[], rejected=rejected,
+                             note=f"{why_not('dark')} and {why_not('bias')}: frames are not calibrated")
 
 
 def calibrate(frame: Frame, master: MasterCalibration) -> tuple[np.ndarray, np.ndarray]:

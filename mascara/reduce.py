@@ -51,14 +51,15 @@ from mascara.rawio import (
     FrameFile,
     MasterCalibration,
     NightDir,
+    Rejection,
     calibrate,
-    calibration_files,
     group_batches,
-    list_frames,
     master_calibration,
+    night_frame_shape,
     parse_night_dir,
     raw_inventory_hash,
     read_frame,
+    scan_raw,
 )
 from mascara.settings import Settings
 from mascara.sky import ApparentPlaces, angular_distance, moon_altaz, radec_of_altaz
@@ -75,13 +76,22 @@ SOLUTION_FILE = "astrometry/camera_solution.json"
 
 @dataclasses.dataclass
 class CameraNightPlan:
-    """What there is to reduce in one camera-night."""
+    """What there is to reduce in one camera-night.
+
+    ``frames`` are the candidates of the intake, one per lstseq (they are read
+    and checked by the batch that uses them); ``rejected`` the files refused by
+    name or as duplicates before any reading; ``calib_files`` the ``calib_*``
+    files by kind; ``other`` everything else in ``raw/`` (ignored).
+    """
 
     night: NightDir
     settings: Settings
     frames: list[FrameFile]
     batches: dict[int, list[FrameFile]]
     calib: list[Path]
+    rejected: list[Rejection] = dataclasses.field(default_factory=list)
+    calib_files: dict[str, list[Path]] = dataclasses.field(default_factory=dict)
+    other: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def workdir(self) -> Path:
@@ -101,8 +111,55 @@ class CameraNightPlan:
             "code_version": __version__,
             "settings_hash": self.settings.fingerprint(),
             "catalogue_hash": cat.fingerprint(),
-            "raw_inventory_hash": raw_inventory_hash(self.frames, self.calib),
+            "raw_inventory_hash": raw_inventory_hash(self.frames, self.calib, self.rejected),
         }
+
+    # -- gap accounting: lstseq slots expected, present, missing --------------------------
+    def lstseq_span(self) -> tuple[int, int] | None:
+        """First and last lstseq with a frame file, or None for a night without frames."""
+        return (self.frames[0].lstseq, self.frames[-1].lstseq) if self.frames else None
+
+    def expected_slots(self, batch: int) -> int:
+        """Slots of a batch from its start (or the night's first lstseq) to its end (or the night's last)."""
+        span = self.lstseq_span()
+        if span is None:
+            return 0
+        size = self.settings.batch_size
+        lo, hi = max(batch * size, span[0]), min(batch * size + size - 1, span[1])
+        return max(0, hi - lo + 1)
+
+    def missing_ranges(self) -> list[tuple[int, int]]:
+        """Inclusive lstseq ranges without any frame file between the night's first and last frame."""
+        seqs = [f.lstseq for f in self.frames]
+        return [(a + 1, b - 1) for a, b in zip(seqs, seqs[1:]) if b - a > 1]
+
+    def intake_summary(self) -> dict:
+        """Night-level counts for the catalog: frames present, slots expected, missing ranges, emptiness."""
+        span = self.lstseq_span()
+        ranges = self.missing_ranges()
+        return {
+            "frames_present": len(self.frames),
+            "lstseq_first": span[0] if span else None,
+            "lstseq_last": span[1] if span else None,
+            "slots_expected": span[1] - span[0] + 1 if span else 0,
+            "frames_missing": sum(b - a + 1 for a, b in ranges),
+            "missing_ranges": [list(r) for r in ranges],
+            "empty_reason": self.empty_reason(),
+        }
+
+    def empty_reason(self) -> str | None:
+        """Why the night has nothing to reduce (no file named like a frame), or None."""
+        if self.frames:
+            return None
+        ncal = sum(len(v) for v in self.calib_files.values())
+        what = [f"{ncal} calib_ file(s)"] if ncal else []
+        if self.rejected:
+            what.append(f"{len(self.rejected)} rejected file(s) named like frames")
+        if self.other:
+            what.append(f"{len(self.other)} other file(s), e.g. {self.other[0]}")
+        site_cam = f"{self.night.site}{self.night.camera}"
+        return (f"no science frames in {self.night.raw} (no <lstseq>{site_cam}.fits[.gz] files"
+                + (f"; found {', '.join(what)})" if what else "; the directory is empty)"))
 
 
 def plan_camera_night(night_dir: Path | str | NightDir, settings: Settings | None = None) -> CameraNightPlan:
@@ -113,11 +170,12 @@ def plan_camera_night(night_dir: Path | str | NightDir, settings: Settings | Non
         raise ValueError(f"{night_dir}: not a night directory (<YYYYMMDD><SITE><CAM>)")
     if not night.raw.is_dir():
         raise FileNotFoundError(f"{night.path}: no raw/ subdirectory")
-    frames = list_frames(night)
-    calib = [p for files in calibration_files(night).values() for p in files]
+    scan = scan_raw(night)
+    calib = [p for files in scan.calib.values() for p in files]
     return CameraNightPlan(
-        night=night, settings=settings, frames=frames,
-        batches=group_batches(frames, settings.batch_size), calib=calib,
+        night=night, settings=settings, frames=scan.frames,
+        batches=group_batches(scan.frames, settings.batch_size), calib=calib,
+        rejected=scan.rejected, calib_files=scan.calib, other=scan.other,
     )
 
 
@@ -155,6 +213,14 @@ class NightContext:
     rejected_calib: list[tuple[str, str]]
     settings_hash: str = ""
     solution_start: str = "nominal"  # where the search for the camera solution started
+    calibration_files: list[str] = dataclasses.field(default_factory=list)  # names combined into the master
+    calibration_unused: list[str] = dataclasses.field(default_factory=list)  # good but not needed (biases)
+    calibration_note: str = ""  # one line: what was used and why
+
+    def calibration_state(self) -> dict:
+        """Which master was used (``dark``, ``bias`` or ``none``), from which files, why; rejected files."""
+        return calibration_state(self.master_kind, self.calibration_files, self.calibration_unused,
+                                 self.rejected_calib, self.calibration_note)
 
     def camera_model(self) -> CameraModel:
         return CameraModel.from_dict(self.model)
@@ -181,15 +247,43 @@ def _previous_solution(night: NightDir) -> tuple[str, CameraModel] | None:
     return earlier[-1].parent.parent.name, CameraModel.from_dict(json.loads(earlier[-1].read_text())["model"])
 
 
-def prepare_camera_night(plan: CameraNightPlan) -> NightContext:
+class CalibrationRequired(RuntimeError):
+    """``require_calibration`` was asked for and the night has no usable master dark.
+
+    ``state`` is the night's calibration state (:func:`calibration_state`), for the record.
+    """
+
+    def __init__(self, message: str, state: dict):
+        super().__init__(message)
+        self.state = state
+
+
+def calibration_state(kind: str, files: list, unused: list, rejected: list, note: str) -> dict:
+    """The calibration of a night as plain values: what the catalog and the night files record."""
+    return {"kind": kind, "files": [Path(p).name for p in files], "unused": [Path(p).name for p in unused],
+            "rejected": [[Path(p).name, r] for p, r in rejected], "note": note}
+
+
+def _require(plan: CameraNightPlan, state: dict) -> None:
+    if state["kind"] != "dark":
+        raise CalibrationRequired(f"{plan.night.night_id}: a master dark is required (--require-calibration) "
+                                  f"but {state['note']}", state)
+
+
+def prepare_camera_night(plan: CameraNightPlan, require_calibration: bool = False) -> NightContext:
     """Master calibration and the camera solution of a night; cached in ``work/context.json``.
 
-    The solution is found on the middle frame of the first batch with a readable
-    frame: detect stars, match them with the catalogue starting from an earlier
-    night's solution or the nominal pointing, fit pointing and distortion.
+    The night's frame shape is the most common one among frames spread over
+    the night; calibration files and frames of another shape are refused.  The
+    solution is found on the first frame passing the intake (middle frames of
+    a batch first): detect stars, match them with the catalogue starting from
+    an earlier night's solution or the nominal pointing, fit pointing and
+    distortion.
 
     Raises
     ------
+    CalibrationRequired
+        ``require_calibration`` and no master dark could be made.
     AstrometryFailed
         when no frame of the night yields a camera solution.
     """
@@ -199,9 +293,16 @@ def prepare_camera_night(plan: CameraNightPlan) -> NightContext:
         if d.get("settings_hash") == plan.settings.fingerprint():
             d["raw_shape"] = tuple(d["raw_shape"]) if d["raw_shape"] else None
             d["rejected_calib"] = [tuple(x) for x in d["rejected_calib"]]
-            return NightContext(**d)
+            ctx = NightContext(**d)
+            if require_calibration:
+                _require(plan, ctx.calibration_state())
+            return ctx
+    shape = night_frame_shape(plan.frames)
+    master = master_calibration(plan.night, shape, plan.calib_files)
+    state = calibration_state(master.kind, master.files, master.unused, master.rejected, master.note)
+    if require_calibration:
+        _require(plan, state)
     plan.workdir.mkdir(parents=True, exist_ok=True)
-    master = master_calibration(plan.night)
     master_path = None
     if master.level is not None:
         master_path = plan.workdir / f"master_{master.kind}.npy"
@@ -214,13 +315,14 @@ def prepare_camera_night(plan: CameraNightPlan) -> NightContext:
     start = previous[1] if previous else nominal_camera(plan.night.site, plan.night.camera, "full")
     solution_start = f"solution of {previous[0]}" if previous else "nominal"
     model, info, first = None, {}, None
-    attempts = []
+    failures: list[str] = []  # astrometry failures; frames refused by the intake do not count
+    rejected = 0
     for batch, frames in plan.batches.items():
         for ff in _middle_first(frames, batch, plan.settings.batch_size):
             try:
-                frame = read_frame(ff.path)
-            except BadFrame as exc:
-                attempts.append(str(exc))
+                frame = read_frame(ff.path, shape)
+            except BadFrame:
+                rejected += 1  # recorded by its batch, which applies the same checks
                 continue
             first = frame
             image, _ = calibrate(frame, master)
@@ -233,13 +335,14 @@ def prepare_camera_night(plan: CameraNightPlan) -> NightContext:
                 model, info = initial_solution(image, alt[bright], az[bright], stars.vmag[bright], start)
                 info = {**info, "lstseq": frame.lstseq, "file": frame.path.name}
             except AstrometryFailed as exc:
-                attempts.append(f"{frame.path.name}: {exc}")
+                failures.append(f"{frame.path.name}: {exc}")
                 model = None
             break
-        if model is not None or len(attempts) > 20:
+        if model is not None or len(failures) > 20:
             break
     if model is None:
-        raise AstrometryFailed(f"{plan.night.path}: no camera solution found ({'; '.join(attempts[-3:])})")
+        why = "; ".join(failures[-3:]) if failures else f"no frame passed the intake ({rejected} refused)"
+        raise AstrometryFailed(f"{plan.night.path}: no camera solution found ({why})")
     solution = {"model": model.to_dict(), "info": _jsonable(info), "start": solution_start,
                 "found_by": f"mascara {__version__}"}
     _atomic_write_text(plan.night.path / SOLUTION_FILE, json.dumps(solution, indent=1))
@@ -252,6 +355,7 @@ def prepare_camera_night(plan: CameraNightPlan) -> NightContext:
         aversion=str(first.header.get("AVERSION", "unknown")), ccdtemp=float(first.header["CCDTEMP"]),
         rejected_calib=[(str(p), r) for p, r in master.rejected],
         settings_hash=plan.settings.fingerprint(), solution_start=solution_start,
+        calibration_files=state["files"], calibration_unused=state["unused"], calibration_note=master.note,
     )
     _atomic_write_text(ctx_path, json.dumps(dataclasses.asdict(ctx)))
     return ctx
@@ -299,6 +403,15 @@ class BatchOutcome:
     nstars_slow: int
     timings: dict[str, float]
     model: dict | None
+    # gap accounting, in lstseq slots (a duplicate file is not a second frame)
+    slots_expected: int = 0  # batch start (or the night's first frame) to batch end (or its last frame)
+    frames_present: int = 0  # slots with a frame file
+    frames_missing: int = 0  # slots_expected - frames_present
+
+    @property
+    def frames_rejected(self) -> int:
+        """Slots whose frame file was refused by the intake (duplicates not counted)."""
+        return self.frames_present - len(self.accepted)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -354,9 +467,12 @@ def isolated_stars(settings: Settings, scale: float) -> np.ndarray:
 def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchOutcome:
     """Reduce one batch: calibrate, astrometry, photometry per frame, binning, binned photometry.
 
-    Writes the batch file atomically and returns its outcome.  Bad frames are
-    rejected with their reason in ``outcome.rejected``; a batch with no good
-    frame writes an empty batch file (it is finished, there is nothing in it).
+    Writes the batch file atomically and returns its outcome.  Every frame goes
+    through the intake (:func:`mascara.rawio.read_frame` with the night's
+    shape) before any use; refused frames, and the duplicates the planning
+    refused, are in ``outcome.rejected`` with their reasons and never reach the
+    photometry or the stacker.  A batch with no good frame writes an empty
+    batch file (it is finished, there is nothing in it).
     """
     s = plan.settings
     frames = plan.batches[batch]
@@ -366,7 +482,9 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     site = get_site(ctx.site)
     stars = load_stars(s)
 
-    rejected: list[tuple[int, str, str]] = []
+    # duplicates refused by the planning belong to this batch's record too
+    rejected: list[tuple[int, str, str]] = [(r.lstseq, r.filename, r.reason) for r in plan.rejected
+                                            if r.lstseq is not None and r.lstseq // s.batch_size == batch]
     accepted: list[tuple[int, str, int]] = []
 
     # -- the middle frame first: astrometry of the batch --------------------------------
@@ -424,7 +542,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
                 with sw("read"):
                     frame = read_frame(ff.path, ctx.raw_shape)
             except BadFrame as exc:
-                if not any(r[0] == ff.lstseq for r in rejected):
+                if not any(r[1] == ff.path.name for r in rejected):  # refused once already as reference
                     rejected.append((ff.lstseq, ff.path.name, exc.reason))
                 continue
             with sw("calibrate"):
@@ -451,7 +569,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
             rows["jdmid"], rows["lst"] = jd, float(h["LST"])
             rows["lstidx"], rows["lstseq"] = int(h["LSTIDX"]), int(h["LSTSEQ"])
             pieces.append(rows)
-        with sw("binning"):
+        with sw("binning"):  # only frames that passed the intake reach the stacker
             ta, tz = tile_places.altaz(jd)
             px, py = model.to_pixels(ta, tz)
             stacker.add(image, (px - txc.ravel()).reshape(txc.shape), (py - tyc.ravel()).reshape(tyc.shape))
@@ -463,6 +581,8 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     if accepted:
         with sw("binning"):
             nf = len(accepted)
+            if stacker.nframes != nf:
+                raise AssertionError(f"stacker holds {stacker.nframes} frames, the batch accepted {nf}")
             binned, count = stacker.result()
             binned[count < max(1, int(0.8 * nf))] = np.nan  # too few frames cover these pixels
         with sw("binned_astrometry"):
@@ -529,6 +649,8 @@ def _finish(plan, batch, frames, rejected, accepted, fast, slow, star_rows, mode
         "lstseq_min": min(f.lstseq for f in frames),
         "lstseq_max": max(f.lstseq for f in frames),
         "nframes": len(accepted),
+        "slots_expected": plan.expected_slots(batch),
+        "frames_present": len(frames),
         "rejected": [list(r) for r in rejected],
         "astro_ok": not flagged,
         "astro_rms": float(astro.rms) if astro is not None and astro.rms is not None else float("nan"),
@@ -549,6 +671,8 @@ def _finish(plan, batch, frames, rejected, accepted, fast, slow, star_rows, mode
         astro_rms=None if flagged else float(astro.rms), astro_nstars=attrs["astro_nstars"],
         flagged=flagged, message=message, nstars_fast=int(len(np.unique(fast["ascc"]))),
         nstars_slow=int(len(slow)), timings=dict(sw.cpu), model=outcome_model,
+        slots_expected=attrs["slots_expected"], frames_present=len(frames),
+        frames_missing=attrs["slots_expected"] - len(frames),
     )
 
 
@@ -569,6 +693,12 @@ def global_attrs(plan: CameraNightPlan, ctx: NightContext) -> dict:
     }
     for i, r in enumerate(apers):
         attrs[f"APER{i}"] = r
+    # the calibration actually applied: extra attributes, harmless to readers of the SPEC layout
+    cal = ctx.calibration_state()
+    attrs.update({
+        "CALIBRATION": cal["kind"], "CALFILES": ",".join(cal["files"]), "CALNOTE": cal["note"],
+        "CALREJECTED": json.dumps(cal["rejected"]),
+    })
     return attrs
 
 
@@ -672,8 +802,10 @@ def reduce_camera_night(
     batches: Iterable[int] | None = None,
     on_batch: Callable[[BatchOutcome], None] | None = None,
     on_frame_progress: Callable[[int, int], None] | None = None,
+    on_prepared: Callable[[NightContext], None] | None = None,
     split_in_background: bool = True,
     combine: bool = True,
+    require_calibration: bool = False,
 ) -> NightResult:
     """Reduce one camera-night sequentially (the library driver).
 
@@ -682,13 +814,18 @@ def reduce_camera_night(
     skip : batch indices already done (their batch files are reused as they are).
     batches : restrict to these batch indices (default: all).
     on_batch : called with each finished :class:`BatchOutcome` (an orchestrator records it).
+    on_prepared : called with the night context once the calibration and the
+        camera solution are known (an orchestrator records the calibration state).
     split_in_background : run the split by star in a separate process beside the
         reduction, as the original SaveItAll does.
     combine : write the night files at the end.
+    require_calibration : raise :class:`CalibrationRequired` rather than reduce without a master dark.
     """
     t0 = time.perf_counter()
     plan = plan_camera_night(night_dir, settings)
-    ctx = prepare_camera_night(plan)
+    ctx = prepare_camera_night(plan, require_calibration=require_calibration)
+    if on_prepared:
+        on_prepared(ctx)
     skip = set(skip)
     todo = [b for b in (plan.batches if batches is None else batches) if b in plan.batches]
     queue = proc = None

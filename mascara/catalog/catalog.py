@@ -27,6 +27,7 @@ from sqlmodel import Session
 
 from mascara.catalog import _engine
 from mascara.catalog.models import (
+    CALIBRATION_KINDS,
     FRAME_STATUSES,
     MOVE_ACTIONS,
     PRODUCT_KINDS,
@@ -38,6 +39,7 @@ from mascara.catalog.models import (
     DirectoryMove,
     Frame,
     Lease,
+    NightIntake,
     PackageVersion,
     Product,
     ReductionRun,
@@ -54,6 +56,8 @@ RETRIES = 5
 #: Keys of a run's fingerprint.
 FINGERPRINT_FIELDS = ("code_version", "settings_hash", "catalogue_hash", "raw_inventory_hash")
 FINAL_RUN_STATUSES = ("succeeded", "failed", "skipped")
+#: Gap accounting of a batch (columns of ``batch``), in lstseq slots.
+BATCH_FRAME_COUNTS = ("slots_expected", "frames_present", "frames_accepted", "frames_rejected", "frames_missing")
 
 _NAMESPACE = uuid.UUID("6f1c2d0e-6a0b-5a55-9c1e-6d6173636172")  # fixed: ids must never change
 _RETRYABLE = (OperationalError, InterfaceError, DisconnectionError)
@@ -583,7 +587,7 @@ class Catalog:
 
     # -- batches -------------------------------------------------------------
     def register_batches(self, run_id: str, batches: Iterable[Sequence[int]]) -> None:
-        """Register ``(batch_index, lstseq_min, lstseq_max, nframes)`` rows as pending.
+        """Register ``(batch_index, lstseq_min, lstseq_max, frames_present)`` rows as pending.
 
         Batches already known under the run's fingerprint keep their status
         (a resumed run skips the succeeded ones).
@@ -602,7 +606,7 @@ class Catalog:
         self._tx(fn)
 
     def _register_batches(self, s: Session, cn_id: str, fp: str, run_id: str, batches: list[tuple[int, ...]]) -> None:
-        known = {b.batch_index: (b.lstseq_min, b.lstseq_max, b.nframes) for b in s.execute(
+        known = {b.batch_index: (b.lstseq_min, b.lstseq_max, b.frames_present) for b in s.execute(
             select(Batch).where(Batch.camera_night_id == cn_id, Batch.fingerprint_key == fp)).scalars()}
         rows = []
         for idx, lo, hi, n in batches:
@@ -613,7 +617,7 @@ class Catalog:
                 continue
             rows.append({"id": make_id("batch", cn_id, fp, idx), "camera_night_id": cn_id,
                          "fingerprint_key": fp, "run_id": run_id, "batch_index": idx, "lstseq_min": lo,
-                         "lstseq_max": hi, "nframes": n, "status": "pending", "tries": 0})
+                         "lstseq_max": hi, "frames_present": n, "status": "pending", "tries": 0})
         self._insert(s, Batch, rows)
 
     def _set_batch(self, run_id: str, batch_index: int, **values: Any) -> None:
@@ -634,17 +638,24 @@ class Catalog:
 
     def batch_succeeded(self, run_id: str, batch_index: int, path: str | Path, sha256: str,
                         timings: Mapping[str, float] | None = None, astro_rms: float | None = None,
-                        astro_nstars: int | None = None, flagged: bool = False) -> None:
+                        astro_nstars: int | None = None, flagged: bool = False,
+                        frames: Mapping[str, int] | None = None) -> None:
         """Record a finished batch: its temporary file, checksum, step timings (s), astrometry.
 
         ``astro_rms`` is the residual RMS in pixels; ``flagged`` means the
-        astrometry kept the previous solution.
+        astrometry kept the previous solution. ``frames`` holds the gap
+        accounting: ``slots_expected``, ``frames_present``, ``frames_accepted``,
+        ``frames_rejected``, ``frames_missing`` (unknown keys raise).
         """
+        counts = {k: int(v) for k, v in (frames or {}).items()}
+        unknown = set(counts) - set(BATCH_FRAME_COUNTS)
+        if unknown:
+            raise ValueError(f"unknown frame counts {sorted(unknown)}; known: {BATCH_FRAME_COUNTS}")
         self._set_batch(run_id, batch_index, status="succeeded", finished_at=_now(), error=None,
                         path=str(path), sha256=sha256, timings=dict(timings or {}),
                         astro_rms=None if astro_rms is None else float(astro_rms),
                         astro_nstars=None if astro_nstars is None else int(astro_nstars),
-                        flagged=bool(flagged))
+                        flagged=bool(flagged), **counts)
 
     def batch_failed(self, run_id: str, batch_index: int, error: str) -> None:
         """Record a failed batch with its error text (a traceback is fine)."""
@@ -691,6 +702,45 @@ class Catalog:
             return len(rows)
 
         return self._tx(fn)
+
+    def record_intake(self, camera_night_id: str, run_id: str | None, frames_present: int,
+                      slots_expected: int, frames_missing: int, missing_ranges: Sequence[Sequence[int]] = (),
+                      lstseq_first: int | None = None, lstseq_last: int | None = None,
+                      empty_reason: str | None = None) -> None:
+        """Record what the intake found in a camera-night's ``raw/`` (replaces the previous record).
+
+        The calibration columns are reset; :meth:`record_calibration` fills them.
+        """
+        row = {"camera_night_id": camera_night_id, "run_id": run_id, "recorded_at": _now(),
+               "frames_present": int(frames_present), "slots_expected": int(slots_expected),
+               "frames_missing": int(frames_missing),
+               "missing_ranges": [[int(a), int(b)] for a, b in missing_ranges],
+               "lstseq_first": lstseq_first, "lstseq_last": lstseq_last, "empty_reason": empty_reason,
+               "calibration": None, "calibration_files": None, "calibration_note": None}
+
+        def fn(s: Session) -> None:
+            self._insert(s, NightIntake, [row], update_cols=[k for k in row if k != "camera_night_id"])
+
+        self._tx(fn)
+
+    def record_calibration(self, camera_night_id: str, kind: str, files: Sequence[str], note: str,
+                           frames: Iterable[Sequence[Any]] = ()) -> None:
+        """Record the master calibration of a camera-night (``dark``, ``bias`` or ``none``) and why.
+
+        ``frames`` are rows for :meth:`record_frames` of the calibration files
+        (lstseq None): used, unused and rejected ones with their reasons.
+        """
+        if kind not in CALIBRATION_KINDS:
+            raise ValueError(f"calibration must be one of {CALIBRATION_KINDS}, not {kind!r}")
+        self.record_frames(camera_night_id, frames)
+
+        def fn(s: Session) -> None:
+            n = s.execute(update(NightIntake).where(NightIntake.camera_night_id == camera_night_id).values(
+                calibration=kind, calibration_files=list(files), calibration_note=note)).rowcount
+            if not n:
+                raise CatalogError(f"camera-night {camera_night_id} has no intake record")
+
+        self._tx(fn)
 
     def record_product(self, run_id: str, kind: str, path: str | Path, sha256: str, size: int,
                        nstars: int | None = None) -> str:
@@ -765,7 +815,11 @@ class Catalog:
         if nights is not None:
             where = "WHERE night IN (" + ", ".join(f":n{i}" for i in range(len(nights))) + ")"
             params = {f"n{i}": n for i, n in enumerate(nights)}
-        return self._view(f"SELECT * FROM night_status {where} ORDER BY night, camera", params)
+        rows = self._view(f"SELECT * FROM night_status {where} ORDER BY night, camera", params)
+        for r in rows:  # JSON columns of a view: SQLite gives text, PostgreSQL parsed values
+            if isinstance(r.get("missing_ranges"), str):
+                r["missing_ranges"] = json.loads(r["missing_ranges"])
+        return rows
 
     def failed_batches(self, night: str | Iterable[str] | None = None,
                        since_days: float | None = None) -> list[dict[str, Any]]:

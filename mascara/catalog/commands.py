@@ -16,14 +16,15 @@ from mascara.catalog.catalog import connect
 
 #: Columns of the terminal table (the JSON output has every column of the view).
 TABLE_COLUMNS = (
-    ("night", "night"), ("camera", "camera"), ("state", "state"), ("batches", None),
+    ("night", "night"), ("camera", "camera"), ("state", "state"), ("warning", "warning"), ("batches", None),
     ("failed", "batches_failed"), ("frames ok", "frames_ok"), ("rejected", "frames_rejected"),
-    ("products", "products"), ("host", "host"), ("started (UTC)", "started_at"),
+    ("missing", "frames_missing"), ("products", "products"), ("host", "host"), ("started (UTC)", "started_at"),
     ("finished (UTC)", "finished_at"), ("why", "error"),
 )
 #: Characters of a failed run's error shown in the table (``--json`` has all of it).
 WHY_WIDTH = 70
-_STATE_STYLE = {"succeeded": "green", "failed": "red", "running": "yellow", "pending": "dim", "skipped": "dim"}
+_STATE_STYLE = {"succeeded": "green", "failed": "red", "running": "yellow", "pending": "dim", "skipped": "dim",
+                "empty": "red"}
 
 
 def _missing_sqlite(url: str) -> Path | None:
@@ -87,14 +88,17 @@ def cli_status(args: argparse.Namespace) -> int:
         columns.insert(2, ("data", "datadir"))
     for header, _ in columns:
         table.add_column(header, no_wrap=True,
-                         justify="right" if header in {"failed", "frames ok", "rejected", "products"} else "left")
+                         justify="right" if header in {"failed", "frames ok", "rejected", "missing", "products"} else "left")
     for r in rows:
         cells = []
         for header, key in columns:
             if key is None:  # batches: done/total
                 cells.append(f"{r['batches_done']}/{r['batches_total']}")
-            elif key == "state":
-                cells.append(f"[{_STATE_STYLE.get(r['state'], '')}]{r['state']}[/]")
+            elif key == "state":  # a warning turns a success yellow
+                style = "yellow" if r["state"] == "succeeded" and r.get("warning") else _STATE_STYLE.get(r["state"], "")
+                cells.append(f"[{style}]{r['state']}[/]")
+            elif key == "warning":
+                cells.append(f"[yellow]{_cell(r[key])}[/]")
             elif key == "error":
                 cells.append(_why(r))
             else:
@@ -105,6 +109,11 @@ def cli_status(args: argparse.Namespace) -> int:
         console = Console(width=max(console.width, 220))
     if rows:
         console.print(table)
+        for r in rows:  # what a warning or an empty night means, in one line each
+            if r.get("warning") and r.get("calibration_note"):
+                console.print(f"{r['night']} {r['camera']}: {r['warning']}: {r['calibration_note']}", soft_wrap=True)
+            if r["state"] == "empty" and r.get("error"):
+                console.print(f"{r['night']} {r['camera']}: empty: {r['error']}", soft_wrap=True)
     else:
         console.print("no camera-nights registered" + (f" for night {args.night}" if args.night else ""))
     return 0

@@ -32,6 +32,8 @@ MOVE_STATES: tuple[str, ...] = ("intended", "done")
 RUN_PHASES: tuple[str, ...] = ("registered", "moving", "reducing", "combining", "finished")
 #: What a run decided to do with the outputs it found.
 RUN_DECISIONS: tuple[str, ...] = ("new", "resume", "move", "erase")
+#: Master calibration a night was reduced with.
+CALIBRATION_KINDS: tuple[str, ...] = ("dark", "bias", "none")
 
 
 def _in(column: str, words: tuple[str, ...], name: str) -> CheckConstraint:
@@ -151,7 +153,12 @@ class Batch(SQLModel, table=True):
     batch_index: int  # lstseq // 50
     lstseq_min: int
     lstseq_max: int
-    nframes: int
+    # Frame counts are lstseq slots (a duplicate file is not a second frame).
+    frames_present: int  # slots with a frame file when the batch was planned
+    slots_expected: int | None = None  # batch start (or the night's first frame) to end (or its last frame)
+    frames_accepted: int | None = None  # passed the intake: in the batch file; None until reduced
+    frames_rejected: int | None = None  # refused by the intake (reasons in ``frame``)
+    frames_missing: int | None = None  # slots_expected - frames_present: no file at all
     status: str = Field(index=True, max_length=16)
     tries: int = 0
     error: str | None = None
@@ -233,6 +240,32 @@ class DirectoryMove(SQLModel, table=True):
     moved_at: datetime | None = None  # when the action was confirmed
 
 
+class NightIntake(SQLModel, table=True):
+    """What the intake found in a camera-night's ``raw/`` at its latest run, and the calibration used.
+
+    One row per camera-night, replaced by every run. A night without a frame
+    file has ``frames_present = 0`` and an ``empty_reason`` (and no run).
+    ``calibration`` is None until the master calibration was made.
+    """
+
+    __tablename__ = "night_intake"
+    __table_args__ = (_in("calibration", CALIBRATION_KINDS, "ck_intake_calibration"),)
+    camera_night_id: str = Field(foreign_key="camera_night.id", primary_key=True, max_length=36)
+    run_id: str | None = Field(default=None, foreign_key="reduction_run.id", index=True, max_length=36)
+    recorded_at: datetime
+    frames_present: int  # lstseq slots with a frame file
+    lstseq_first: int | None = None
+    lstseq_last: int | None = None
+    slots_expected: int  # lstseq_last - lstseq_first + 1
+    frames_missing: int  # slots without any file
+    missing_ranges: list[list[int]] = Field(default_factory=list, sa_type=JSON)  # inclusive [first, last]
+    empty_reason: str | None = None
+    calibration: str | None = Field(default=None, max_length=8)
+    calibration_files: list[str] | None = Field(default=None, sa_type=JSON)  # combined into the master
+    calibration_note: str | None = None  # what was used and why, e.g. "no calib_dark files; master bias of 5"
+
+
 TABLES: tuple[type[SQLModel], ...] = (
     Site, Camera, CameraNight, ReductionRun, PackageVersion, Lease, Batch, Frame, Product, DirectoryMove,
+    NightIntake,
 )

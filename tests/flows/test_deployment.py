@@ -33,7 +33,10 @@ from flowkit import (
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
+from mascara.lcformat import CALIBRATION_ATTRS  # noqa: E402  (not SPEC: the calibration applied)
+
 # SPEC §8, written out independently of mascara.lcformat
+
 GLOBAL_ATTRS = {"STATION", "CAMERA", "ALT0", "AZ0", "TH0", "X0", "Y0", "AVERSION", "RVERSION", "CVERSION",
                 "EXPTIME", "CCDTEMP", "NAPER", "APER0", "APER1", "NSTAPER", "SKYRAD0", "SKYRAD1"}
 def data_fields(naper: int) -> tuple[str, ...]:
@@ -103,7 +106,9 @@ def test_night_files_have_the_spec_layout(deployed_run, kind):
     with h5py.File(path, "r") as f:
         attrs = set(f["global"].attrs)
         naper = int(f["global"].attrs["NAPER"])
-        assert attrs == GLOBAL_ATTRS | {f"APER{i}" for i in range(naper)}
+        # the SPEC attributes, plus the calibration applied (extra attributes, issue 10)
+        assert attrs == GLOBAL_ATTRS | {f"APER{i}" for i in range(naper)} | set(CALIBRATION_ATTRS)
+        assert f["global"].attrs["CALIBRATION"] == "dark"
         assert naper == (2 if kind == "fLC" else 4)
         ht = f["header_table"]
         assert set(ht) == HEADER_TABLE

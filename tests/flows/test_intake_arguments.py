@@ -1,0 +1,75 @@
+"""Command-line mistakes are refused before anything slow starts, with what was looked for and what exists."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from corpus import linked_copy
+from flowkit import NIGHT
+
+# Runs mascprocess's entry point in a fresh interpreter and reports which heavy modules it imported.
+_PROBE = """
+import sys
+from mascara.cli import mascprocess_main
+code = mascprocess_main(sys.argv[1:])
+print("imported:", " ".join(m for m in ("prefect", "numpy", "astropy") if m in sys.modules))
+sys.exit(code)
+"""
+
+
+@pytest.fixture(scope="module")
+def two_cameras(pristine_night, tmp_path_factory):
+    """The pristine night plus an empty camera S directory of the same night."""
+    datadir = linked_copy(pristine_night, tmp_path_factory.mktemp("args") / "data")
+    (datadir / f"{NIGHT}LPS" / "raw").mkdir(parents=True)
+    return datadir
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--night", "2026-03-01"], "night '2026-03-01' is not YYYYMMDD"),
+    (["--night", "202603"], "night '202603' is not YYYYMMDD"),
+    (["--night", "20261399"], "night '20261399' is not a real date"),
+    (["--camera", "X"], "camera 'X' is not one of N E S W C"),
+    (["--camera", "e"], "did you mean E?"),
+    (["--site", "XX"], "site 'XX' is not one of LP, LS"),
+    (["--settings", "/nowhere/settings.json"], "settings file /nowhere/settings.json does not exist"),
+    (["--night", "20260302"], f"for night(s) 20260302, camera(s) any, site any; night directories there: "
+                              f"{NIGHT} (LPE LPS)"),
+    (["--night", NIGHT, "--camera", "W"], f"cameras present for that night: {NIGHT} (LPE LPS)"),
+])
+def test_a_mistake_is_refused_before_prefect_or_numpy_is_imported(two_cameras, args, words):
+    res = subprocess.run([sys.executable, "-c", _PROBE, str(two_cameras), *args], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert words in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # one line, no traceback
+    assert res.stdout.strip() == "imported:"  # nothing heavy was imported, let alone a server started
+    assert not (two_cameras / "catalog.sqlite").exists()
+
+
+def test_missing_data_directory(tmp_path):
+    res = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path / "nowhere")], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2 and f"data directory {tmp_path / 'nowhere'} does not exist" in res.stderr
+
+
+def test_unknown_setting_is_refused(two_cameras, tmp_path):
+    bad = tmp_path / "settings.json"
+    bad.write_text('{"vmag_fast": 8.0, "apertures_px": [2, 3]}')
+    res = subprocess.run([sys.executable, "-c", _PROBE, str(two_cameras), "--settings", str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "unknown setting(s) apertures_px" in res.stderr
+
+
+def test_the_flow_refuses_the_same_mistakes_first(two_cameras):
+    """``reduce_night`` (deployment runs) calls the same checks before anything else."""
+    from flows.reduce_night import reduce_night
+    from mascara.selection import SelectionError
+
+    with pytest.raises(SelectionError, match="not a real date"):
+        reduce_night.fn(datadir=str(two_cameras), nights="20261399")
+    with pytest.raises(SelectionError, match="camera 'e'"):
+        reduce_night.fn(datadir=str(two_cameras), nights=NIGHT, cameras="e")
+    assert not (two_cameras / "catalog.sqlite").exists()
