@@ -19,10 +19,10 @@ TABLE_COLUMNS = (
     ("night", "night"), ("camera", "camera"), ("state", "state"), ("warning", "warning"), ("batches", None),
     ("failed", "batches_failed"), ("frames ok", "frames_ok"), ("rejected", "frames_rejected"),
     ("missing", "frames_missing"), ("products", "products"), ("host", "host"), ("started (UTC)", "started_at"),
-    ("finished (UTC)", "finished_at"), ("why", "error"),
+    ("finished (UTC)", "finished_at"),
 )
-#: Characters of a failed run's error shown in the table (``--json`` has all of it).
-WHY_WIDTH = 70
+#: Characters of a failed run's error printed under the table (``--json`` has all of it).
+WHY_WIDTH = 200
 _STATE_STYLE = {"succeeded": "green", "failed": "red", "running": "yellow", "pending": "dim", "skipped": "dim",
                 "empty": "red"}
 
@@ -51,7 +51,7 @@ def _why(row: dict[str, Any]) -> str:
     if len(first) > WHY_WIDTH:
         first = first[:WHY_WIDTH - 3] + "..."
     phase = row.get("phase")
-    return f"{phase}: {first}" if phase else first
+    return f"while {phase}: {first}" if phase else first
 
 
 def status_rows(datadir: str | Path = ".", db: str | None = None, night: str | None = None) -> list[dict[str, Any]]:
@@ -99,8 +99,6 @@ def cli_status(args: argparse.Namespace) -> int:
                 cells.append(f"[{style}]{r['state']}[/]")
             elif key == "warning":
                 cells.append(f"[yellow]{_cell(r[key])}[/]")
-            elif key == "error":
-                cells.append(_why(r))
             else:
                 cells.append(_cell(r[key]))
         table.add_row(*cells)
@@ -112,6 +110,8 @@ def cli_status(args: argparse.Namespace) -> int:
         for r in rows:  # what a warning or an empty night means, in one line each
             if r.get("warning") and r.get("calibration_note"):
                 console.print(f"{r['night']} {r['camera']}: {r['warning']}: {r['calibration_note']}", soft_wrap=True)
+            if _why(r):  # why a run failed, with the phase it stopped in
+                console.print(f"{r['night']} {r['camera']}: failed {_why(r)}", soft_wrap=True)
             if r["state"] == "empty" and r.get("error"):
                 console.print(f"{r['night']} {r['camera']}: empty: {r['error']}", soft_wrap=True)
     else:

@@ -24,8 +24,9 @@ def test_status_json_and_table(catalog, db_url, capsys, tmp_path):
     assert set(lines) == {"LPE", "LPS", "LPW", "LSC"}
     assert "12/12" in lines["LPE"] and "succeeded" in lines["LPE"] and "8/10" in lines["LPS"]
     assert "pending" in lines["LPW"] and "reducer2" in lines["LSC"]
-    # a failed camera-night says why (issue 9): the phase it stopped in and its error
-    assert "reducing: batches failed" in lines["LPS"] and "batches failed" not in lines["LPE"]
+    # a failed camera-night says why (issue 9): the phase it stopped in and its error, under the table
+    assert "20260301 LPS: failed while reducing: batches failed" in table
+    assert "LPE: failed" not in table
 
 
 def test_status_without_catalog(tmp_path, capsys, monkeypatch):

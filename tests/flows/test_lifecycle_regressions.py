@@ -215,8 +215,9 @@ def test_status_and_failed_runs_say_why(pristine_night, tmp_path, prefect_server
     assert res.returncode == 1 and "InjectedOSError" in res.stderr
     table = subprocess.run([str(BIN / "mascara"), "status", str(datadir)], env=env, capture_output=True,
                            text=True, check=True).stdout
-    line = next(row for row in table.splitlines() if "LPE" in row)
-    assert "failed" in line and "3/3" in line and "combining: InjectedOSError" in line
+    line = next(row for row in table.splitlines() if "LPE" in row and "│" in row)
+    assert "failed" in line and "3/3" in line
+    assert "20260301 LPE: failed while combining: InjectedOSError" in table
     from mascara.catalog import connect
 
     with connect(datadir=datadir) as cat:
