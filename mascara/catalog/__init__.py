@@ -13,6 +13,7 @@ from mascara.catalog.catalog import (
     CatalogError,
     LeaseHeld,
     LeaseLost,
+    JournalEntry,
     RunInfo,
     connect,
     fingerprint_key,
@@ -22,6 +23,6 @@ from mascara.catalog.models import FRAME_STATUSES, MOVE_ACTIONS, PRODUCT_KINDS, 
 
 __all__ = [
     "DEFAULT_LEASE_SECONDS", "FINGERPRINT_FIELDS", "FRAME_STATUSES", "MOVE_ACTIONS", "PRODUCT_KINDS",
-    "STATUSES", "Catalog", "CatalogConflict", "CatalogError", "LeaseHeld", "LeaseLost", "RunInfo",
+    "STATUSES", "Catalog", "CatalogConflict", "CatalogError", "JournalEntry", "LeaseHeld", "LeaseLost", "RunInfo",
     "connect", "fingerprint_key", "make_id",
 ]

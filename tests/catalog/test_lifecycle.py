@@ -1,0 +1,110 @@
+"""The pure parts of the lifecycle: output generations, decisions, idempotent journal actions."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from mascara.catalog import JournalEntry, RunInfo
+from mascara.catalog.lifecycle import (
+    BIN_PREFIX,
+    LifecycleError,
+    decide,
+    execute_action,
+    output_generations,
+    plan_actions,
+)
+
+
+def _night(tmp_path: Path, *names: str) -> Path:
+    night = tmp_path / "20260301LPE"
+    (night / "raw").mkdir(parents=True)
+    (night / "raw" / "00000001LPE.fits").write_bytes(b"raw")
+    for n in names:
+        (night / n).mkdir()
+        (night / n / "f").write_text(n)
+    return night
+
+
+def _apply(night: Path, actions) -> None:  # type: ignore[no-untyped-def]
+    for i, (src, dst, action, reason) in enumerate(actions):
+        execute_action(JournalEntry(f"id{i}", "cn", "run", i, src, dst, action, "intended", reason), night)
+
+
+def test_generations_rotate_and_the_oldest_makes_room(tmp_path):
+    night = _night(tmp_path, "work", "lightcurves", "work_old", "lightcurves_old", "astrometry_old")
+    assert {b: sorted(g) for b, g in output_generations(night).items()} == {
+        "astrometry": [1], "lightcurves": [0, 1], "work": [0, 1]}
+    actions = plan_actions(night, "move", keep_old=1, reason="re-run")
+    assert [(Path(s).name, d and Path(d).name, a) for s, d, a, _ in actions] == [
+        ("astrometry_old", None, "erased"), ("lightcurves_old", None, "erased"), ("work_old", None, "erased"),
+        ("lightcurves", "lightcurves_old", "renamed"), ("work", "work_old", "renamed")]
+    _apply(night, actions)
+    assert sorted(p.name for p in night.iterdir()) == ["lightcurves_old", "raw", "work_old"]
+    assert (night / "work_old" / "f").read_text() == "work"
+
+
+def test_keep_old_two_shifts_generations_oldest_first(tmp_path):
+    night = _night(tmp_path, "work", "work_old", "work_old2")
+    actions = plan_actions(night, "move", keep_old=2)
+    assert [(Path(s).name, d and Path(d).name, a) for s, d, a, _ in actions] == [
+        ("work_old2", None, "erased"), ("work_old", "work_old2", "renamed"), ("work", "work_old", "renamed")]
+    _apply(night, actions)
+    assert (night / "work_old2" / "f").read_text() == "work_old" and (night / "work_old" / "f").read_text() == "work"
+
+
+def test_erase_takes_every_generation_and_never_raw(tmp_path):
+    night = _night(tmp_path, "work", "work_old", "lightcurves")
+    _apply(night, plan_actions(night, "erase"))
+    assert [p.name for p in night.iterdir()] == ["raw"]
+    assert (night / "raw" / "00000001LPE.fits").read_bytes() == b"raw"
+    assert plan_actions(night, "resume") == [] and plan_actions(night, "new") == []
+
+
+def test_actions_are_idempotent_and_finish_what_a_crash_left(tmp_path):
+    night = _night(tmp_path, "work", "lightcurves")
+    rename = JournalEntry("r1", "cn", "run", 0, str(night / "work"), str(night / "work_old"), "renamed",
+                          "intended", None)
+    assert execute_action(rename, night) is None
+    assert execute_action(rename, night) is None  # done before: nothing to do, no complaint
+    # a crash after the erase moved the directory to its bin: the next run removes the bin
+    erase = JournalEntry("e1", "cn", "run", 1, str(night / "lightcurves"), None, "erased", "intended", None)
+    (night / "lightcurves").rename(night / f"{BIN_PREFIX}e1")
+    assert execute_action(erase, night) is None
+    assert not (night / f"{BIN_PREFIX}e1").exists()
+    assert execute_action(erase, night) == "lightcurves was already gone"
+    # both ends of a rename present: nothing in the journal explains it, a person must look
+    (night / "work").mkdir()
+    with pytest.raises(LifecycleError, match="both exist"):
+        execute_action(rename, night)
+
+
+def _run(status: str, fp: str = "fp1") -> RunInfo:
+    t = datetime(2026, 3, 2, tzinfo=UTC)
+    return RunInfo(run_id="r0", camera_night_id="cn", status=status, fingerprint={}, fingerprint_key=fp,
+                   host="h", flow_run_id=None, started_at=t, heartbeat_at=t, finished_at=t, error=None,
+                   live=False, phase="reducing", decision="move")
+
+
+@pytest.mark.parametrize("previous, overwrite, current, anything, expected", [
+    (None, False, False, False, "new"),
+    (None, False, True, True, "move"),  # outputs without a catalog run are kept aside too
+    (_run("succeeded"), False, True, True, "move"),  # a completed reduction re-run
+    (_run("failed"), False, True, True, "resume"),  # an interrupted one, same fingerprint
+    (_run("failed"), False, False, True, "resume"),  # interrupted right after moving aside
+    (_run("failed", "fp2"), False, True, True, "move"),  # an interrupted *other* reduction
+    (_run("failed"), True, True, True, "erase"),  # -o: fresh, whatever the state
+    (_run("failed"), True, False, False, "new"),
+    (None, True, False, True, "erase"),  # only _old generations: -o erases them too
+])
+def test_decisions(previous, overwrite, current, anything, expected):
+    decision, resumed, _ = decide(previous, "fp1", overwrite, current, anything)
+    assert decision == expected
+    assert (resumed == "r0") == (expected == "resume")
+
+
+def test_run_info_is_plain_data():
+    assert dataclasses.asdict(_run("failed"))["decision"] == "move"
