@@ -101,12 +101,12 @@ def cli_mascprocess(args: argparse.Namespace) -> int:
     in progress is recorded as failed with ``interrupted (SIGTERM)``, Prefect's
     temporary server is stopped, and the exit code is 128 + the signal number.
     """
-    from flows._runs import interruption
-
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return _mascprocess(args)
     except BaseException as exc:  # noqa: BLE001 - only interruptions are handled here
+        from flows._runs import interruption  # here, not above: argument checks must not wait for imports
+
         name = interruption(exc)
         if name is None:
             raise

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 from sqlalchemy import create_engine, text
@@ -129,9 +129,12 @@ def _machine(pristine: Path, references: dict[str, Path], dead_pid: int, root: P
             flow_run_id = f"flow-{uuid.uuid4()}"
             try:
                 handle, _ = self._drive(where, variant, overwrite, keep_old, flow_run_id)
+                event("run ended: succeeded" + (f" (fault {fault[0]} never reached)" if fault else ""))
             except faults.Killed:
+                event(f"run ended: crashed at {fault[0]}")
                 return  # a crash: nothing recorded its end
             except faults.InjectedOSError:
+                event(f"run ended: {fault[0]} failed once, retried")
                 # Prefect retries the failed task with the same flow run, hence the same run id
                 faults.disarm()
                 handle, _ = self._drive(where, variant, overwrite, keep_old, flow_run_id)

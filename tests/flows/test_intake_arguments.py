@@ -14,7 +14,7 @@ _PROBE = """
 import sys
 from mascara.cli import mascprocess_main
 code = mascprocess_main(sys.argv[1:])
-print("imported:", " ".join(m for m in ("prefect", "numpy", "astropy") if m in sys.modules))
+print("imported:", " ".join(m for m in ("prefect", "numpy", "astropy", "sqlalchemy") if m in sys.modules))
 sys.exit(code)
 """
 
