@@ -9,8 +9,9 @@ test) or through the environment for subprocesses and Prefect workers::
 
 ``action`` is ``kill`` (SIGKILL this process, as a power cut or ``kill -9``
 would), ``oserror`` (raise :class:`InjectedOSError`, a failing filesystem
-call), or ``raise`` (raise :class:`Killed`, which no handler of the
-reduction catches: an in-process stand-in for ``kill``).  ``count`` limits
+call), ``raise`` (raise :class:`Killed`, which no handler of the reduction
+catches: an in-process stand-in for ``kill``) or ``hang`` (sleep until the
+process is stopped from outside, e.g. by a cancelled Prefect flow run).  ``count`` limits
 how many times the fault fires (default 1).
 
 ``MASCARA_FLOW_FAULT="<night_id>:<batch>:<n>[:<kind>]"`` makes the first ``n``
@@ -23,6 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 ENV = "MASCARA_FAULT"
 BATCH_ENV = "MASCARA_FLOW_FAULT"
@@ -39,7 +41,7 @@ POINTS = (
     "after_slc",           # both night files written, products and the run's end not recorded
 )
 
-ACTIONS = ("kill", "oserror", "raise")
+ACTIONS = ("kill", "oserror", "raise", "hang")
 
 
 class Killed(BaseException):
@@ -101,6 +103,9 @@ def checkpoint(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "oserror":
         raise InjectedOSError(f"injected failure of a filesystem call at {point}")
+    if action == "hang":
+        while True:
+            time.sleep(1.0)
     raise Killed(f"injected crash at {point}")
 
 

@@ -165,3 +165,56 @@ def test_ui_flow_run_page_shows_the_batch_task_runs(deployed_run, tmp_path):
     assert len(batch_names) == 3
     for name in batch_names | {f"combine-{NIGHT_ID}"}:
         assert name in dom, f"{name} not on the flow-run page"
+
+
+def test_a_cancelled_rerun_does_not_wedge_the_night(deployed_run, prefect_server, pristine_night, reference,
+                                                    tmp_path):
+    """Issue 9, 1 (cancel): a re-run cancelled with ``prefect flow-run cancel`` mid-batch; the next run succeeds."""
+    import re
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "catalog"))
+    from lifecycle_checks import check_invariants
+
+    from mascara.catalog import connect
+
+    api, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    prefect = str(BIN / "prefect")
+    params = ["--param", f"nights={NIGHT}", "--param", "cameras=E", "--param", "site=LP",
+              "--param", f"datadir={datadir}"]
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([prefect, "worker", "start", "--pool", "mascara"], env=env, cwd=tmp_path,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        watch = ["--watch", "--watch-timeout", "600"]
+        _run([prefect, "deployment", "run", "reduce-night/nightly", *params, *watch], env, timeout=700)
+        # the re-run hangs after its first batch file (moves aside done), as a long batch would
+        res = _run([prefect, "deployment", "run", "reduce-night/nightly", *params, "--job-variable",
+                    'env={"MASCARA_FAULT": "after_batch_file:hang"}'], env, timeout=120)
+        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", res.stdout).group(1)
+        t0 = time.perf_counter()
+        while not list((datadir / NIGHT_ID / "work" / "batches").glob("batch_*.h5")):
+            assert time.perf_counter() - t0 < 300, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(0.5)
+        _run([prefect, "flow-run", "cancel", flow_run_id], env, timeout=120)
+        while True:
+            state = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=30).json()["state_type"]
+            if state in ("CANCELLED", "CRASHED", "FAILED"):
+                break
+            assert time.perf_counter() - t0 < 400, f"flow run still {state}"
+            time.sleep(1)
+        assert (datadir / NIGHT_ID / "lightcurves_old" / f"fLC_{NIGHT_ID}.hdf5").is_file()
+        _run([prefect, "deployment", "run", "reduce-night/nightly", *params, *watch], env, timeout=700)
+    finally:
+        stop_process_group(worker)
+        log.close()
+    row = night_status(datadir)
+    assert row["state"] == "succeeded" and row["batches_done"] == row["batches_total"] == 3
+    assert_same_night_files(datadir / NIGHT_ID, reference)
+    finished = {r["id"] for r in runs(datadir) if r["status"] == "succeeded"}
+    assert len(finished) == 2
+    with connect(datadir=datadir) as cat:
+        check_invariants(cat, finished)
