@@ -37,6 +37,8 @@ NIGHT_ID = "20260301LPE"
 # fewer stars than the defaults keep a run at about 2 s; the lifecycle does not care about photometry
 SETTINGS = {"default": {"vmag_fast": 7.5, "vmag_slow": 8.0}, "changed": {"vmag_fast": 7.0, "vmag_slow": 8.0}}
 FAULTS = [None] + [(p, "raise") for p in faults.POINTS] + [(p, "oserror") for p in ("after_intent", "mid_move")]
+#: Faults that fired during the test, as (point, action) -> count: the test checks that every point was reached.
+FIRED: dict[tuple[str, str], int] = {}
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +134,11 @@ def _machine(pristine: Path, references: dict[str, Path], dead_pid: int, root: P
                 event("run ended: succeeded" + (f" (fault {fault[0]} never reached)" if fault else ""))
             except faults.Killed:
                 event(f"run ended: crashed at {fault[0]}")
+                FIRED[fault] = FIRED.get(fault, 0) + 1
                 return  # a crash: nothing recorded its end
             except faults.InjectedOSError:
                 event(f"run ended: {fault[0]} failed once, retried")
+                FIRED[fault] = FIRED.get(fault, 0) + 1
                 # Prefect retries the failed task with the same flow run, hence the same run id
                 faults.disarm()
                 handle, _ = self._drive(where, variant, overwrite, keep_old, flow_run_id)
@@ -200,7 +204,11 @@ def _run(machine, examples: int, steps: int) -> None:  # type: ignore[no-untyped
 
 
 def test_lifecycle_model_sqlite(pristine, references, dead_pid, tmp_path):
+    FIRED.clear()
     _run(_machine(pristine, references, dead_pid, tmp_path, _sqlite_db), _examples(10), 6)
+    print("faults that fired:", sorted(FIRED.items()))
+    # every named point was reached and crashed at least once (a moved or lost checkpoint fails here)
+    assert {p for p, a in FIRED if a == "raise"} == set(faults.POINTS), sorted(FIRED)
 
 
 @pytest.mark.postgres

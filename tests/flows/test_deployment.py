@@ -196,7 +196,8 @@ def test_a_cancelled_rerun_does_not_wedge_the_night(deployed_run, prefect_server
                     'env={"MASCARA_FAULT": "after_batch_file:hang"}'], env, timeout=120)
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", res.stdout).group(1)
         t0 = time.perf_counter()
-        while not list((datadir / NIGHT_ID / "work" / "batches").glob("batch_*.h5")):
+        night = datadir / NIGHT_ID
+        while not ((night / "lightcurves_old").is_dir() and list((night / "work" / "batches").glob("batch_*.h5"))):
             assert time.perf_counter() - t0 < 300, (tmp_path / "worker.log").read_text()[-3000:]
             time.sleep(0.5)
         _run([prefect, "flow-run", "cancel", flow_run_id], env, timeout=120)
