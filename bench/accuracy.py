@@ -238,6 +238,9 @@ def main() -> None:
         "bin_order": settings.bin_order, "bin_tile": settings.bin_tile,
         "simulate_s_per_frame": round((t1 - t0) / args.frames, 3),
         "reduce_wall_s_per_frame": round((t2 - t1) / args.frames, 3),
+        # CPU time of the stacker stage (shift computation, resampling, mean image) per accepted frame
+        "binning_cpu_ms_per_frame": round(1000 * sum(b.timings.get("binning", 0.0) for b in res.batches)
+                                          / max(sum(b.nframes for b in res.batches), 1), 1),
         "rejected_frames": len(res.rejected),
         "flagged_batches": sum(b.flagged for b in res.batches), "batches": len(res.batches),
         "astrometry_rms_px": [round(b.astro_rms, 4) for b in res.batches if b.astro_rms is not None],

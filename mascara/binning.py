@@ -11,16 +11,27 @@ image, reference pixel ``(x, y)`` takes the value of frame pixel
 ``p`` was at ``p + d`` in that frame. Pixels whose source falls outside the
 frame are not counted.
 
-Two resamplings:
+Three resamplings (the reduction uses ``Settings.bin_order``, 3 by default):
 
-- ``order=0`` (default): shifts rounded to the nearest pixel. Values are
-  copied, so the noise of the average is exactly ``sigma / sqrt(count)``; the
-  rounding moves a star by up to 0.5 px in one frame, which averages to a
-  blur of about 0.3 px rms over a batch and no systematic offset.
+- ``order=0``: shifts rounded to the nearest pixel. Values are copied, so
+  the noise of the average is exactly ``sigma / sqrt(count)``; the rounding
+  moves a star by up to 0.5 px in one frame, which averages to a blur of
+  about 0.3 px rms over a batch and no systematic offset (1.3 % of the light
+  of a 2.5 px aperture on a FWHM 2 px star).
 - ``order=1``: bilinear interpolation at the fractional shift. Centroids are
   preserved exactly, but each frame is smoothed by the interpolation kernel
-  (about 0.4 px rms for uniformly spread fractions) and pixel noise becomes
-  correlated.
+  (about 0.4 px rms for uniformly spread fractions: 2.6 % of the 2.5 px
+  light) and pixel noise becomes correlated.
+- ``order=3``: Keys cubic convolution (:func:`cubic_weights`), 4 x 4 taps.
+  Flux and centroid are kept and stars are not widened to second order; what
+  is left depends on where a star falls on the reference pixels (about
+  0.1 % rms of the 2.5 px light for FWHM 2-3 px stars). Pixel noise is
+  correlated as with bilinear weights. Cost about that of bilinear.
+
+Resampled pixels are less noisy one by one than aperture sums of them are:
+errors of the binned photometry come from the frames' noise
+(:class:`mascara.photometry.SkyNoiseModel`), not from the stack's scatter.
+See ``docs/binning.md`` for the comparison and figures.
 """
 
 from __future__ import annotations
