@@ -505,9 +505,6 @@ class SkyNoiseModel:
         var = self.c * np.asarray(sky, dtype=np.float64) + self.d
         return np.sqrt(np.maximum(var, 0.0) / self.nframes)
 
-    def to_dict(self) -> dict:
-        return {"c": self.c, "d": self.d, "nframes": self.nframes}
-
 
 def _positions(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.ascontiguousarray(np.atleast_1d(x), dtype=np.float64)
