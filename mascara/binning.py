@@ -23,10 +23,11 @@ Three resamplings (the reduction uses ``Settings.bin_order``, 3 by default):
   (about 0.4 px rms for uniformly spread fractions: 2.6 % of the 2.5 px
   light) and pixel noise becomes correlated.
 - ``order=3``: Keys cubic convolution (:func:`cubic_weights`), 4 x 4 taps.
-  Flux and centroid are kept and stars are not widened to second order; what
-  is left depends on where a star falls on the reference pixels (about
-  0.1 % rms of the 2.5 px light for FWHM 2-3 px stars). Pixel noise is
-  correlated as with bilinear weights. Cost about that of bilinear.
+  Flux and centroid are kept and stars are not widened to second order.
+  Pixel noise is correlated as with bilinear weights. Cost about that of
+  bilinear. (Any stack holds a star at the reference frame's sub-pixel
+  phase, so small-aperture sums keep that phase's pixelisation error, about
+  0.1-0.2 % rms at 2.5 px, which per-frame fluxes average away.)
 
 Resampled pixels are less noisy one by one than aperture sums of them are:
 errors of the binned photometry come from the frames' noise
