@@ -125,13 +125,14 @@ def simulate(args) -> dict:
 
 def _warm_jit() -> None:
     """Load the numba kernels (compiled or from the on-disk cache) so no batch pays for it."""
-    from mascara.binning import Stacker
+    from mascara.binning import ORDERS, Stacker
     from mascara.photometry import measure_apertures
 
     img = np.full((96, 96), 10.0, np.float32)
     measure_apertures(img, np.array([48.0]), np.array([48.0]), raw=img.astype(np.uint16))
-    st = Stacker(img.shape, tile=32)
-    st.add(img, np.zeros(st.tiles), np.zeros(st.tiles))
+    for order in ORDERS:
+        st = Stacker(img.shape, tile=32, order=order)
+        st.add(img, np.zeros(st.tiles), np.zeros(st.tiles))
 
 
 def reduce_child(night_dir: str, profile: bool, q) -> None:

@@ -22,6 +22,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clouds", action="store_true", help="add passing clouds")
     p.add_argument("--pointing-offset", type=float, default=0.0, help="deg; true pointing off nominal")
     p.add_argument("--bad-frames", type=int, default=0, help="number of deliberately broken frames")
+    p.add_argument("--psf", default="gaussian", choices=["gaussian", "moffat"],
+                   help="PSF model: Gaussian, or a field-dependent elliptical Moffat (beta 3, FWHM 2-3 px)")
     p.set_defaults(handler="mascara.simulate:cli_simulate")
 
 

@@ -32,7 +32,7 @@ Conventions
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from numba import njit
@@ -46,7 +46,7 @@ from mascara.lcformat import (
     FLAG_SKY_SATURATED,
 )
 
-__all__ = ["aperture_sums", "measure_apertures", "photometry_dtype"]
+__all__ = ["SkyNoiseModel", "aperture_sums", "measure_apertures", "photometry_dtype"]
 
 #: Fewer usable annulus pixels than this and the sky estimate has failed.
 MIN_SKY_PIXELS = 10
@@ -465,6 +465,47 @@ def _measure_kernel(
 # --------------------------------------------------------------------------- public API
 
 
+class SkyNoiseModel:
+    """Pixel noise of a mean of ``nframes`` frames as a function of its sky level: ``sqrt((c sky + d) / nframes)``.
+
+    ``c`` and ``d`` are fitted to the per-frame sky and sky scatter (``esky^2
+    = c sky + d``: photon noise of the sky plus read and dark noise), where
+    the scatter is a good measure of the noise (one frame's noise is far
+    above its fixed sky structure). Used for the binned image
+    (``measure_apertures(..., sky_noise=model)``).
+
+    Parameters
+    ----------
+    sky, esky : arrays
+        Per-frame sky levels and their scatter (ADU), any stars and frames of
+        the batch; non-finite or non-positive values are ignored.
+    nframes : int
+        Number of frames averaged.
+    """
+
+    def __init__(self, sky: np.ndarray, esky: np.ndarray, nframes: int) -> None:
+        sky = np.asarray(sky, dtype=np.float64).ravel()
+        esky = np.asarray(esky, dtype=np.float64).ravel()
+        ok = np.isfinite(sky) & np.isfinite(esky) & (sky > 0) & (esky > 0)
+        if not ok.any():
+            raise ValueError("no valid per-frame sky to fit the noise model")
+        sky, var = sky[ok], esky[ok] ** 2
+        self.nframes = int(nframes)
+        # medians in sky-quantile bins: robust to the odd crowded annulus
+        edges = np.unique(np.quantile(sky, np.linspace(0.0, 1.0, 21)))
+        which = np.clip(np.searchsorted(edges, sky, side="right") - 1, 0, max(len(edges) - 2, 0))
+        xs = np.array([np.median(sky[which == k]) for k in np.unique(which)])
+        ys = np.array([np.median(var[which == k]) for k in np.unique(which)])
+        if len(xs) >= 3 and xs.max() > 1.2 * xs.min():
+            self.c, self.d = (float(v) for v in np.polyfit(xs, ys, 1))
+        else:  # too narrow a range of sky levels to separate the terms: photon noise only
+            self.c, self.d = float(np.median(var / sky)), 0.0
+
+    def __call__(self, sky: np.ndarray) -> np.ndarray:
+        var = self.c * np.asarray(sky, dtype=np.float64) + self.d
+        return np.sqrt(np.maximum(var, 0.0) / self.nframes)
+
+
 def _positions(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.ascontiguousarray(np.atleast_1d(x), dtype=np.float64)
     y = np.ascontiguousarray(np.atleast_1d(y), dtype=np.float64)
@@ -525,6 +566,7 @@ def measure_apertures(
     raw: np.ndarray | None = None,
     saturation: float = 63000.0,
     edge_margin: float | None = None,
+    sky_noise: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Sky-subtracted aperture photometry of many stars on one image.
 
@@ -550,6 +592,14 @@ def measure_apertures(
         Half-size in pixels of the box that must lie on the image; at least
         the outer sky radius and the largest aperture. Default: the outer
         sky radius.
+    sky_noise : callable, optional
+        Maps the sky level of each star (ADU per pixel, array) to the pixel
+        noise (ADU) used as ``esky`` in ``eflux`` instead of the measured
+        scatter of the annulus. For a stack, whose pixel scatter is no
+        measure of its noise: resampling correlates the noise (the scatter
+        falls, aperture sums keep their variance) and fixed structure (sky
+        gradient, faint stars, wings) no longer averages away with the noise.
+        None (per-frame photometry): the measured scatter.
 
     Returns
     -------
@@ -602,6 +652,13 @@ def measure_apertures(
         image, raw_arr, x, y, order, r, r_in, r_out, box, float(gain), float(saturation),
         MIN_SKY_PIXELS, SKY_SIGMA, SKY_MAXITERS, flux, eflux, sky, esky, peak, flag, nsky,
     )
+    if sky_noise is not None:
+        # the kernel's error formula with the given pixel noise
+        esky = np.where(np.isfinite(sky), np.asarray(sky_noise(sky), dtype=np.float64), np.nan)
+        area = np.pi * r**2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            eflux = np.sqrt(area * esky[:, None] ** 2 + np.maximum(flux, 0.0) / gain
+                            + (esky[:, None] ** 2 / nsky[:, None]) * area**2)
     out = np.empty(n, dtype=photometry_dtype(nr))
     out["flag"] = flag
     for k in range(nr):

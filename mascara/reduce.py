@@ -45,7 +45,7 @@ from mascara.astrometry import AstrometryFailed, correct_batch, initial_solution
 from mascara.binning import Stacker, tile_grid
 from mascara.camera import CameraModel, nominal_camera
 from mascara.lightcurves import StarSplitter, combine_night, run_splitter_process, write_batch_file
-from mascara.photometry import measure_apertures
+from mascara.photometry import SkyNoiseModel, measure_apertures
 from mascara.rawio import (
     BadFrame,
     FrameFile,
@@ -534,6 +534,8 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
 
     pieces = []
     ccdtemps = []
+    jds: list[float] = []
+    lsts: list[float] = []
     for ff in sorted(frames, key=lambda f: f.lstseq):
         if ff.lstseq == ref.lstseq:
             frame, image, raw = ref, ref_image, ref_raw
@@ -551,6 +553,8 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
         h = frame.header
         jd = float(h["JD"])
         ccdtemps.append(float(h["CCDTEMP"]))
+        jds.append(jd)
+        lsts.append(float(h["LST"]))
         with sw("positions"):
             a, z = places.altaz(jd)
             fx, fy = model.to_pixels(a[fast_sel], z[fast_sel])
@@ -594,8 +598,17 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
             sx, sy = bmodel.to_pixels(alt[slow_sel], az[slow_sel])
             on = np.flatnonzero(np.isfinite(sx) & (sx >= 0) & (sx <= nx - 1) & (sy >= 0) & (sy <= ny - 1))
         with sw("binned_photometry"):
+            # the stack's pixel scatter is no measure of its noise (see SkyNoiseModel): errors from
+            # the noise of the frames averaged, fitted to their per-frame sky and esky
+            noise = None
+            if len(fast):
+                good = fast["flag"] == 0
+                try:
+                    noise = SkyNoiseModel(fast["sky"][good], fast["esky"][good], nf)
+                except ValueError:
+                    noise = None
             ph = measure_apertures(binned, sx[on], sy[on], s.binned_apertures, s.sky_radii, s.gain * nf,
-                                   saturation=s.saturation - ctx.master_level)
+                                   saturation=s.saturation - ctx.master_level, sky_noise=noise)
             slow = np.zeros(len(on), dtype=lcf.with_ascc(lcf.SLOW_DTYPE))
             slow["ascc"] = stars.ascc[near[slow_sel[on]]].astype(lcf.ASCC_DTYPE)
             for k in ph.dtype.names:
@@ -606,8 +619,10 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
             slow["alt"], slow["az"] = alt[slow_sel[on]], az[slow_sel[on]]
             slow["ccdtemp"] = float(np.mean(ccdtemps))
             slow["exptime"] = float(ref.header["EXPTIME"])
-            slow["jdmid"] = jd_ref
-            slow["lst"] = float(ref.header["LST"])
+            # the time of the frames averaged (a partial batch's mean is not its registration frame);
+            # positions stay those of the registration frame, lstseq/lstidx name that frame
+            slow["jdmid"] = float(np.mean(jds))
+            slow["lst"] = mean_lst(np.asarray(lsts))
             slow["lstidx"], slow["lstseq"] = int(ref.header["LSTIDX"]), ref.lstseq
 
     used = np.unique(np.concatenate([fast["ascc"], slow["ascc"]]))
@@ -615,6 +630,13 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     star_rows = _star_table(stars, np.array([index[a] for a in used], dtype=np.int64))
     return _finish(plan, batch, frames, rejected, accepted, fast, slow, star_rows, model, sw,
                    astro.message, astro=astro, binned_astro=binned_astro)
+
+
+def mean_lst(lst: np.ndarray) -> float:
+    """Mean of local sidereal times in hours, across the 24 h wrap (a batch spans 5 minutes)."""
+    lst = np.asarray(lst, dtype=np.float64)
+    unwrapped = lst[0] + (lst - lst[0] + 12.0) % 24.0 - 12.0
+    return float(np.mean(unwrapped) % 24.0)
 
 
 def _tile_places(model: CameraModel, x: np.ndarray, y: np.ndarray, site, jd: float) -> ApparentPlaces:

@@ -10,8 +10,10 @@ own solution.  Beside each night directory a truth file
 centroid and the true flux inside each aperture radius.
 
 Physics per frame: apparent places at three-point sub-exposure times (star
-trailing over the 6.4 s exposure), a Gaussian PSF whose width grows towards the
-field edges, atmospheric extinction, optional passing clouds (transmission map
+trailing over the 6.4 s exposure), a PSF whose width grows towards the field
+edges (``psf="gaussian"``, the default; or ``psf="moffat"``: a Moffat profile,
+beta about 3, elongated along the radius towards the corners, as wide-field
+lenses do), atmospheric extinction, optional passing clouds (transmission map
 moving over the field), sky background with a gradient, dark current, bias
 with column structure, Poisson and read noise, ADC clipping at 65535.
 
@@ -33,6 +35,7 @@ import h5py
 import numpy as np
 from astropy.io import fits
 from astropy.time import Time
+from numba import njit
 from scipy.special import erf
 
 from mascara import __version__
@@ -77,6 +80,11 @@ class SimConfig:
     gain: float = 0.62  # e-/ADU
     psf_sigma0: float = 0.85  # px at the optical centre
     psf_sigma_edge: float = 0.55  # extra sigma at the field corner, px
+    psf: str = "gaussian"  # "gaussian" (psf_sigma*) or "moffat" (moffat_*)
+    moffat_beta: float = 3.0
+    moffat_fwhm0: float = 2.0  # px, FWHM (geometric mean of the axes) at the optical centre
+    moffat_fwhm_corner: float = 3.0  # px, at the corner of the full CCD (grows as r^2)
+    moffat_axis_ratio_corner: float = 0.75  # minor/major axis at the corner (major axis radial)
     distortion_px: float = 4.0  # radial lens distortion at the corner of the full CCD, px
     ccdtemp: float = -15.0
     nbias: int = 3
@@ -225,16 +233,21 @@ class NightSimulator:
         if self.cloud_field is not None:
             flux *= self.transmission(lstseq, xc, yc)
         rc = np.hypot(xc - model.x0, yc - model.y0) / math.hypot(2004.0, 1336.0)
-        sigma = cfg.psf_sigma0 + cfg.psf_sigma_edge * rc**2
-
-        # stamps: pixel-integrated Gaussians averaged over the trail samples
         ax = np.rint(xc).astype(np.int64) - half
         ay = np.rint(yc).astype(np.int64) - half
-        grid = np.arange(STAMP)[None, None, :]
-        s2 = (np.sqrt(2.0) * sigma)[None, :, None]
-        ex = 0.5 * (erf((ax[None, :, None] + grid + 0.5 - xs[:, :, None]) / s2) - erf((ax[None, :, None] + grid - 0.5 - xs[:, :, None]) / s2))
-        ey = 0.5 * (erf((ay[None, :, None] + grid + 0.5 - ys[:, :, None]) / s2) - erf((ay[None, :, None] + grid - 0.5 - ys[:, :, None]) / s2))
-        stamps = np.einsum("kns,knt->nst", ey, ex) * (flux / NSUB)[:, None, None]  # (n, y, x)
+        if cfg.psf == "moffat":
+            stamps, sigma = self._moffat_stamps(xs, ys, ax, ay, rc, model)
+            stamps *= flux[:, None, None]
+        elif cfg.psf == "gaussian":
+            sigma = cfg.psf_sigma0 + cfg.psf_sigma_edge * rc**2
+            # stamps: pixel-integrated Gaussians averaged over the trail samples
+            grid = np.arange(STAMP)[None, None, :]
+            s2 = (np.sqrt(2.0) * sigma)[None, :, None]
+            ex = 0.5 * (erf((ax[None, :, None] + grid + 0.5 - xs[:, :, None]) / s2) - erf((ax[None, :, None] + grid - 0.5 - xs[:, :, None]) / s2))
+            ey = 0.5 * (erf((ay[None, :, None] + grid + 0.5 - ys[:, :, None]) / s2) - erf((ay[None, :, None] + grid - 0.5 - ys[:, :, None]) / s2))
+            stamps = np.einsum("kns,knt->nst", ey, ex) * (flux / NSUB)[:, None, None]  # (n, y, x)
+        else:
+            raise ValueError(f"unknown psf {cfg.psf!r}")
 
         # truth aperture fluxes with exact weights at the quantised centroid
         qx = np.clip(np.rint((xc - ax - (half - 0.5)) * QSTEP), 0, QSTEP).astype(np.int64)
@@ -267,6 +280,27 @@ class NightSimulator:
             **{f"flux_{r:.1f}": truth_flux[r] for r in TRUTH_RADII},
         }
         return raw, header, truth
+
+    def _moffat_stamps(self, xs, ys, ax, ay, rc, model) -> tuple[np.ndarray, np.ndarray]:
+        """Unit-flux elliptical Moffat stamps (n, STAMP, STAMP) averaged over the trail, and an equivalent sigma.
+
+        The FWHM (geometric mean of the two axes) grows as ``rc^2`` from the
+        centre to the corner, and so does the elongation; the major axis
+        points away from the optical centre.
+        """
+        cfg = self.cfg
+        beta = cfg.moffat_beta
+        fwhm = cfg.moffat_fwhm0 + (cfg.moffat_fwhm_corner - cfg.moffat_fwhm0) * rc**2
+        q = 1.0 - (1.0 - cfg.moffat_axis_ratio_corner) * rc**2  # minor / major
+        alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+        a_major = alpha / np.sqrt(q)
+        a_minor = alpha * np.sqrt(q)
+        xm, ym = xs.mean(axis=0), ys.mean(axis=0)
+        ang = np.arctan2(ym - model.y0, xm - model.x0)
+        stamps = np.empty((len(xm), STAMP, STAMP))
+        _render_moffat(np.ascontiguousarray(xs.T), np.ascontiguousarray(ys.T), ax, ay, np.cos(ang), np.sin(ang),
+                       a_major, a_minor, beta, stamps)
+        return stamps, fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
     def transmission(self, lstseq: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Cloud transmission (0..1) at pixel positions for a frame."""
@@ -327,6 +361,46 @@ class NightSimulator:
             "YSIZE": self.ny,
             "AVERSION": f"mascara-sim {__version__}",
         }
+
+
+#: Sub-pixel samples per axis when integrating a Moffat over a pixel (midpoint rule).
+MOFFAT_SUB = 3
+
+
+@njit(cache=True)
+def _render_moffat(xs, ys, ax, ay, cosa, sina, a_major, a_minor, beta, out):
+    """Fill ``out[n]`` with the unit-flux elliptical Moffat of star ``n`` integrated over pixels.
+
+    ``xs, ys`` are (n, ntrail) positions along the trail; the stamp's pixel
+    (0, 0) is image pixel ``(ax[n], ay[n])``. Each pixel is sampled on a
+    MOFFAT_SUB x MOFFAT_SUB midpoint grid for every trail position.
+    """
+    n, nt = xs.shape
+    ns = MOFFAT_SUB
+    w = 1.0 / (nt * ns * ns)
+    cube = beta == 3.0
+    for s in range(n):
+        norm = (beta - 1.0) / (math.pi * a_major[s] * a_minor[s])
+        ia2 = 1.0 / (a_major[s] * a_major[s])
+        ib2 = 1.0 / (a_minor[s] * a_minor[s])
+        c = cosa[s]
+        sn = sina[s]
+        for j in range(STAMP):
+            for i in range(STAMP):
+                acc = 0.0
+                for k in range(nt):
+                    for vj in range(ns):
+                        dy = ay[s] + j - 0.5 + (vj + 0.5) / ns - ys[s, k]
+                        for vi in range(ns):
+                            dx = ax[s] + i - 0.5 + (vi + 0.5) / ns - xs[s, k]
+                            u = dx * c + dy * sn
+                            v = -dx * sn + dy * c
+                            t = 1.0 + u * u * ia2 + v * v * ib2
+                            if cube:
+                                acc += 1.0 / (t * t * t)  # beta = 3 without a pow call
+                            else:
+                                acc += t ** (-beta)
+                out[s, j, i] = acc * norm * w
 
 
 def _cloud_field(rng: np.random.Generator, nx: int, ny: int, nseq: int) -> tuple[np.ndarray, float]:
@@ -512,6 +586,7 @@ def cli_simulate(args) -> int:
                 cfg = SimConfig(
                     site=args.site, camera=cam, size=args.size, nframes=args.frames, seed=args.seed,
                     clouds=args.clouds, pointing_offset=args.pointing_offset, bad_frames=args.bad_frames,
+                    psf=args.psf,
                 )
                 task = progress.add_task(f"simulating {night}{args.site}{cam}", total=None)
                 res = simulate_night(args.datadir, night, cfg, progress=lambda i, n: progress.update(task, completed=i, total=n))
