@@ -570,7 +570,8 @@ class Catalog:
                                                   Batch.fingerprint_key == run.fingerprint_key)
                               .values(status="pending", path=None, sha256=None, tries=0, error=None, timings=None,
                                       started_at=None, finished_at=None, run_id=run_id, astro_rms=None,
-                                      astro_nstars=None, flagged=None))
+                                      astro_nstars=None, flagged=None,
+                                      **{k: None for k in BATCH_FRAME_COUNTS if k != "frames_present"}))
                 run.phase = "reducing"
             self._register_batches(s, run.camera_night_id, run.fingerprint_key, run_id, batches)
 
@@ -810,11 +811,7 @@ class Catalog:
 
     def night_status(self, night: str | Iterable[str] | None = None) -> list[dict[str, Any]]:
         """Rows of the ``night_status`` view, optionally for nights ``YYYYMMDD[+...]``."""
-        nights = _nights(night)
-        where, params = "", {}
-        if nights is not None:
-            where = "WHERE night IN (" + ", ".join(f":n{i}" for i in range(len(nights))) + ")"
-            params = {f"n{i}": n for i, n in enumerate(nights)}
+        where, params = _where(night, None)
         rows = self._view(f"SELECT * FROM night_status {where} ORDER BY night, camera", params)
         for r in rows:  # JSON columns of a view: SQLite gives text, PostgreSQL parsed values
             if isinstance(r.get("missing_ranges"), str):
