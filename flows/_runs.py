@@ -117,6 +117,18 @@ def record_batch(handle: RunHandle, outcome: Any) -> None:
     cat.batch_succeeded(handle.run_id, outcome.batch, outcome.path, outcome.sha256, timings=outcome.timings,
                         astro_rms=outcome.astro_rms, astro_nstars=outcome.astro_nstars, flagged=outcome.flagged,
                         frames=counts)
+    record_quality(handle, outcome.path)
+
+
+def record_quality(handle: RunHandle, batch_path: str) -> dict:
+    """Sky quality of a reduced batch (:mod:`mascara.diagnostics`): ``work/quality/`` and the catalog."""
+    from mascara.diagnostics import write_batch_quality
+
+    q = write_batch_quality(handle.night_path, batch_path)
+    catalog(handle.db_url).record_quality(handle.run_id, q["batch"],
+                                          [(f["lstseq"], f["sky"], f["transparency"]) for f in q["frames"]],
+                                          q["transparency"], q["low_transparency"])
+    return q
 
 
 def record_intake(db_url: str, plan: Any, camera_night_id: str | None = None, run_id: str | None = None) -> str:

@@ -164,10 +164,10 @@ def split_task(night_id: str, handle: _runs.RunHandle, settings_json: str, batch
     the store lacks, so a failure here is logged and not raised.
     """
     from mascara.lightcurves import StarSplitter
-    from mascara.reduce import diagnostic_ids, load_stars
+    from mascara.diagnostics import diagnostic_stars
 
     plan = _plan(handle.night_path, settings_json)
-    splitter = StarSplitter(plan.workdir, diagnostic_ids(load_stars(plan.settings)))
+    splitter = StarSplitter(plan.workdir, diagnostic_stars(plan, _ctx(plan)))
     added = skipped = 0
     errors = []
     for path, sha in batches:
