@@ -96,13 +96,14 @@ def choose_diagnostic_stars(plan: Any, ctx: Any, n: int = DIAGNOSTIC_COUNT, samp
     """Diagnostic stars of a camera-night: ``[{"ascc", "vmag", "fraction_on", "peak"}]``, brightest first.
 
     Positions come from the night's camera model at ``samples`` times spread
-    over the night's lstseq span; peaks are measured on the frame the camera
+    over the night's lstseq span (stars that come near the Moon are left out);
+    peaks are measured on the frame the camera
     solution was found on (a star not on that frame is not chosen, its
     saturation being unknown).
     """
     from mascara.photometry import measure_apertures
     from mascara.rawio import calibrate, read_frame
-    from mascara.reduce import isolated_stars, load_stars
+    from mascara.reduce import isolated_stars, load_stars, moon_mask
     from mascara.sky import ApparentPlaces
     from mascara.timeindex import get_site, jd_start_of
 
@@ -118,8 +119,10 @@ def choose_diagnostic_stars(plan: Any, ctx: Any, n: int = DIAGNOSTIC_COUNT, samp
     bright = np.flatnonzero(stars.vmag <= DIAGNOSTIC_VMAG[1])
     places = ApparentPlaces(stars.ra[bright], stars.dec[bright], site, float(times[len(times) // 2]))
     xs, ys = [], []
+    moon = np.zeros(bright.size, bool)  # near the Moon at some time of the night: flagged, not diagnostic
     for jd in times:
         alt, az = places.altaz(float(jd))
+        moon |= moon_mask(alt, az, site, float(jd), s.moon_radius)
         x, y = model.to_pixels(alt, az)
         xs.append(np.where(alt > 5.0, x, np.nan))
         ys.append(y)
@@ -141,7 +144,7 @@ def choose_diagnostic_stars(plan: Any, ctx: Any, n: int = DIAGNOSTIC_COUNT, samp
             ph = measure_apertures(image, x[on], y[on], s.apertures, s.sky_radii, s.gain, raw=raw,
                                    saturation=s.saturation)
             peak[on] = np.where(ph["flag"] == 0, ph["peak"], np.nan)
-    peak_ok = np.isfinite(peak) & (peak < DIAGNOSTIC_MAX_PEAK * s.saturation)
+    peak_ok = np.isfinite(peak) & (peak < DIAGNOSTIC_MAX_PEAK * s.saturation) & ~moon
     iso = isolated_stars(s, model.scale)[bright]
     idx = pick_diagnostic(stars.vmag[bright], fraction, iso, peak_ok, n=n)
     return [{"ascc": str(stars.ascc[bright[i]]), "vmag": round(float(stars.vmag[bright[i]]), 3),
