@@ -144,6 +144,20 @@ def record_intake(db_url: str, plan: Any, camera_night_id: str | None = None, ru
     return cn_id
 
 
+def record_no_data(db_url: str, night_path: Path | str, reason: str) -> str:
+    """Record a camera-night that has no frames, not even a directory, as ``empty`` (no run); returns its id."""
+    from mascara.selection import NIGHT_DIR_RE
+
+    p = Path(night_path)
+    m = NIGHT_DIR_RE.match(p.name)
+    if m is None:
+        raise ValueError(f"{p}: not a night directory name (<YYYYMMDD><SITE><CAM>)")
+    cat = catalog(db_url)
+    cn_id = cat.register_camera_night(m["site"], m["camera"], m["night"], p)
+    cat.record_intake(cn_id, None, frames_present=0, slots_expected=0, frames_missing=0, empty_reason=reason)
+    return cn_id
+
+
 def record_calibration(db_url: str, camera_night_id: str, night_path: str, state: Mapping[str, Any]) -> None:
     """Record the master calibration of a night and a frame row per calibration file (used, unused, rejected)."""
     raw = Path(night_path) / "raw"

@@ -155,10 +155,14 @@ def _mascprocess(args: argparse.Namespace) -> int:
                 set_progress_sink(None)
     seconds = time.perf_counter() - t0
     if state.is_completed():
+        results = state.result()
+        empty = [r for r in results if r["state"] == "empty"]
+        for r in empty:  # the flow completes on nights without data; the command says so in its exit code
+            print(f"{r['night_id']}: not reduced: {r['message']}", file=sys.stderr)
         if not args.quiet:
-            print(f"reduced {len(state.result())} camera-night(s) in {seconds:.1f} s; "
+            print(f"reduced {len(results) - len(empty)} camera-night(s) in {seconds:.1f} s; "
                   f"see `mascara status {args.datadir}`")
-        return 0
+        return 1 if empty else 0
     print(f"reduction failed after {seconds:.1f} s: {state.message}", file=sys.stderr)
     return 1
 

@@ -16,8 +16,10 @@ and once more at the end of the night.  Per camera-night, in
 =====================  ===========================================================
 
 and per night and site, across cameras, ``<datadir>/quicklook/<night><site>.png``.
-Figures are 640 x 320 px or so and tens of kB; every file is written under a
-temporary name and renamed.
+Figures are 640 x 320 px or so, quantised to a 64-colour palette (10-40 kB);
+every file is written under a temporary name and renamed.  Figures are drawn
+with matplotlib's object interface on the Agg canvas, never through
+``pyplot``'s global state, so threads (Prefect's task runner) may draw at once.
 """
 
 from __future__ import annotations
@@ -29,12 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-import matplotlib
+import matplotlib.ticker
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-
-from mascara import diagnostics as dg  # noqa: E402
+from mascara import diagnostics as dg
 
 #: File names of the per-camera-night figures, in the order they are shown.
 FIGURES = ("lightcurves", "sky", "astrometry", "frames", "thumbnail")
@@ -63,11 +64,25 @@ def _hhmm(v: float, _pos: object = None) -> str:
     return f"{minutes // 60:02d}:{minutes % 60:02d}"
 
 
-def _save(fig, out: Path) -> Path:  # type: ignore[no-untyped-def]
+def _figure(nrows: int = 1, ncols: int = 1, **kw):  # type: ignore[no-untyped-def]
+    """A figure on its own Agg canvas and its axes (``Figure.subplots``), without pyplot."""
+    fig = Figure(figsize=kw.pop("figsize", SIZE), layout=kw.pop("layout", "constrained"))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kw)
+
+
+def _save(fig, out: Path, colours: int = 64) -> Path:  # type: ignore[no-untyped-def]
+    """Write a figure as a palette PNG (``colours`` colours: a third of the RGBA size), atomically."""
+    import io
+
+    from PIL import Image
+
     out.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI, format="png", metadata={"Software": None})
+    img = Image.open(buf).convert("RGB").quantize(colours, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, dpi=DPI, format="png", metadata={"Software": None})
-    plt.close(fig)
+    img.save(tmp, format="PNG", optimize=True)
     os.replace(tmp, out)
     return out
 
@@ -99,7 +114,7 @@ def plot_lightcurves(diagnostics_file: str | os.PathLike[str], out: str | os.Pat
     """Normalised flux (larger aperture / its median) of each diagnostic star against time, offset by star."""
     import h5py
 
-    fig, ax = plt.subplots(figsize=(SIZE[0], 4.2), layout="constrained")
+    fig, ax = _figure(figsize=(SIZE[0], 4.2), layout="constrained")
     n = 0
     path = Path(diagnostics_file)
     if path.is_file():
@@ -134,7 +149,7 @@ def plot_lightcurves(diagnostics_file: str | os.PathLike[str], out: str | os.Pat
 
 def plot_sky(qualities: Sequence[Mapping], out: str | os.PathLike[str], title: str = "") -> Path:
     """Median sky (ADU) and transparency of every frame against time; low-transparency batches shaded."""
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(SIZE[0], 4.0), sharex=True, layout="constrained")
+    fig, (a1, a2) = _figure(2, 1, figsize=(SIZE[0], 4.0), sharex=True, layout="constrained")
     frames = [f for q in qualities for f in q["frames"] if f.get("jd") is not None]
     if frames:
         t = ut_hours([f["jd"] for f in frames])
@@ -160,7 +175,7 @@ def plot_sky(qualities: Sequence[Mapping], out: str | os.PathLike[str], title: s
 
 def plot_astrometry(qualities: Sequence[Mapping], out: str | os.PathLike[str], title: str = "") -> Path:
     """Astrometric residual (frame and binned image) and pointing drift of every batch."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=SIZE, layout="constrained")
+    fig, (a1, a2) = _figure(1, 2, figsize=SIZE, layout="constrained")
     t = _batch_times(qualities)
     rms = np.array([np.nan if q.get("astro_rms") is None else q["astro_rms"] for q in qualities])
     brms = np.array([np.nan if q.get("binned_astro_rms") is None else q["binned_astro_rms"] for q in qualities])
@@ -187,7 +202,7 @@ def plot_astrometry(qualities: Sequence[Mapping], out: str | os.PathLike[str], t
 
 def plot_frames(qualities: Sequence[Mapping], out: str | os.PathLike[str], title: str = "") -> Path:
     """Frames accepted and rejected (by reason) per batch, stacked bars against time."""
-    fig, ax = plt.subplots(figsize=SIZE, layout="constrained")
+    fig, ax = _figure(figsize=SIZE, layout="constrained")
     t = _batch_times(qualities)
     if np.isfinite(t).any():
         fill = np.nanmedian(t)
@@ -221,7 +236,7 @@ def plot_thumbnail(preview: np.ndarray, stars_xy: Sequence[Sequence[float]], out
                    factor: int = 4, title: str = "") -> Path:
     """A binned image (``factor``-times reduced) with catalogue positions (circles, brighter larger)."""
     img = np.asarray(preview, np.float32)
-    fig, ax = plt.subplots(figsize=(6.0, 6.0 * img.shape[0] / max(img.shape[1], 1) + 0.4), layout="constrained")
+    fig, ax = _figure(figsize=(6.0, 6.0 * img.shape[0] / max(img.shape[1], 1) + 0.4), layout="constrained")
     finite = img[np.isfinite(img)]
     lo, hi = (np.percentile(finite, [5, 99.5]) if finite.size else (0.0, 1.0))
     ax.imshow(np.nan_to_num(img, nan=lo), cmap="gray", origin="lower", vmin=lo, vmax=hi, interpolation="nearest")
@@ -272,7 +287,7 @@ def plot_night_summary(nights: Mapping[str, str | os.PathLike[str]], out: str | 
 
     ``nights`` maps a label (e.g. the camera id ``LPE``) to its night directory.
     """
-    fig, axes = plt.subplots(1, 3, figsize=(SIZE[0] * 1.25, 3.0), layout="constrained")
+    fig, axes = _figure(1, 3, figsize=(SIZE[0] * 1.25, 3.0), layout="constrained")
     for k, (label, path) in enumerate(sorted(nights.items())):
         q = dg.read_qualities(path)
         frames = [f for x in q for f in x["frames"] if f.get("jd") is not None]
