@@ -24,8 +24,8 @@ CAPTIONS = {
     "thumbnail": "Binned image of one batch with catalogue positions",
 }
 #: Column headers that say what the star counts are.
-STARS_FLC = "stars in fLC (per-frame photometry, V <= {vmag_fast})"
-STARS_SLC = "stars in sLC (binned images, V <= {vmag_slow})"
+STARS_FLC = "fLC stars (per frame, V<={vmag_fast})"
+STARS_SLC = "sLC stars (binned, V<={vmag_slow})"
 
 
 def artifact_key(*parts: str) -> str:
@@ -74,20 +74,21 @@ def camera_night_row(night_id: str, state: str, summary: Mapping[str, Any] | Non
     q = quality or {}
     st = settings or {"vmag_fast": 8.4, "vmag_slow": 10.0}
     flc = next((f for f in files if f.get("kind") == "fLC"), None)
+    def pair(a: Any, b: Any) -> str | None:
+        return None if a is None else f"{a} / {b if b is not None else '-'}"
+
+    low = len(q.get("batches_low_transparency", [])) if q else None
     return {
         "camera-night": night_id,
         "state": state,
-        "frames accepted": s.get("frames"),
-        "frames rejected": s.get("rejected"),
-        "batches": s.get("batches"),
-        "batches on the night solution": s.get("batches_flagged"),
-        "transparency (median)": q.get("transparency_median"),
-        "batches with low transparency": len(q.get("batches_low_transparency", [])) if q else None,
-        "astrometric rms (px, median)": s.get("astro_rms_median_px"),
+        "frames ok / rejected": pair(s.get("frames"), s.get("rejected")),
+        "batches (low transparency)": None if s.get("batches") is None else f"{s['batches']} ({low or 0})",
+        "transparency": q.get("transparency_median"),
+        "astrometry rms (px)": s.get("astro_rms_median_px"),
         STARS_FLC.format(**st): s.get("stars_fLC"),
         STARS_SLC.format(**st): s.get("stars_sLC"),
         "fLC size": human_size(flc["size"]) if flc else None,
-        "note": message[:200] if state != "succeeded" else "",
+        "note": message[:160] if state != "succeeded" else "",
     }
 
 

@@ -111,3 +111,62 @@ def test_pick_diagnostic_prefers_stars_on_the_frame_all_night():
     peak_ok = np.array([True, False, True, True, True, True, True])
     assert list(dg.pick_diagnostic(vmag, fraction, iso, peak_ok, n=2)) == [3, 5]
     assert list(dg.pick_diagnostic(vmag, fraction, iso, peak_ok, n=1)) == [3]
+
+
+# --------------------------------------------------------------------------- quick-look figures (mascara.quicklook)
+
+
+def _png(path: Path) -> tuple[int, int]:
+    import struct
+
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_quicklook_figures_exist_are_small_and_change_when_a_batch_is_added(cloudy_night, tmp_path):
+    from mascara import quicklook as ql
+
+    src = cloudy_night / f"{NIGHT}LPE"
+    night = tmp_path / f"{NIGHT}LPE"
+    (night / "work" / dg.QUALITY_DIR).mkdir(parents=True)
+    ids = [s["ascc"] for s in json.loads((src / "work" / dg.STARS_FILE).read_text())["stars"]]
+    splitter = StarSplitter(night / "work", ids)
+    batches = sorted((src / "work" / "batches").glob("batch_*.h5"))
+    before: dict[str, bytes] = {}
+    for k, p in enumerate(batches[:3]):
+        b = int(p.stem.split("_")[1])
+        splitter.add(p)
+        for name in (dg.quality_path(src, b), dg.preview_path(src, b)):
+            shutil.copy(name, night / "work" / dg.QUALITY_DIR / name.name)
+        figs = ql.update_camera_night(night)
+        assert set(figs) == set(ql.FIGURES)
+        after = {n: Path(f).read_bytes() for n, f in figs.items()}
+        if before:  # every time-series figure shows the new batch
+            for n in ("lightcurves", "sky", "astrometry", "frames"):
+                assert after[n] != before[n], n
+        before = after
+    for name, path in figs.items():
+        assert path.parent == night / "quicklook" and 2_000 < path.stat().st_size < 60_000, (name, path.stat())
+        w, h = _png(path)
+        assert 300 < w <= 800 and 200 < h <= 600, (name, w, h)
+    out = ql.plot_night_summary({"LPE": src, "LPS": cloudy_night / f"{NIGHT}LPS"},
+                                ql.night_summary_path(tmp_path, NIGHT, "LP"), f"{NIGHT} LP")
+    assert out == tmp_path / "quicklook" / f"{NIGHT}LP.png" and out.stat().st_size < 60_000
+
+
+def test_quicklook_draws_an_empty_night_without_failing(tmp_path):
+    from mascara import quicklook as ql
+
+    night = tmp_path / f"{NIGHT}LPW"
+    (night / "work").mkdir(parents=True)
+    figs = ql.update_camera_night(night)
+    assert set(figs) == {"lightcurves", "sky", "astrometry", "frames"} and all(p.is_file() for p in figs.values())
+
+
+def test_short_reason_drops_details():
+    from mascara.quicklook import short_reason
+
+    assert short_reason("truncated file (2880 of 5760 bytes)") == "truncated file"
+    assert short_reason("mostly saturated (75% of the science pixels >= 63000 ADU)") == "mostly saturated"
+    assert short_reason("missing header keyword(s) JD") == "missing header keyword"

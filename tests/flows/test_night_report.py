@@ -44,8 +44,9 @@ def test_outputs_are_paths_as_text_with_sizes_and_what_star_counts_mean():
     assert "stars with per-frame photometry (V <= 8.4)" in md
     row = report.camera_night_row("20260301LPE", "succeeded", {"frames": 260, "stars_fLC": 428, "stars_sLC": 914},
                                   files)
-    assert row["stars in fLC (per-frame photometry, V <= 8.4)"] == 428
-    assert row["stars in sLC (binned images, V <= 10.0)"] == 914 and row["fLC size"] == "8.5 MB"
+    assert row["fLC stars (per frame, V<=8.4)"] == 428
+    assert row["sLC stars (binned, V<=10.0)"] == 914 and row["fLC size"] == "8.5 MB"
+    assert row["frames ok / rejected"] == "260 / -" and row["note"] == ""
 
 
 # --------------------------------------------------------------------------- with a server
