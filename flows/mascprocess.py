@@ -1,4 +1,4 @@
-"""``mascprocess``: reduce nights from the command line (SPEC §9) with the ``reduce-night`` flow.
+"""``mascprocess``: reduce nights from the command line with the ``reduce-night`` flow.
 
 Without ``PREFECT_API_URL`` Prefect starts a temporary local server for the
 run (ephemeral mode, about 20 s); with it, the run shows in that server's UI.

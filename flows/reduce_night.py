@@ -323,6 +323,26 @@ def _settings_json(settings: dict | str | None) -> str:
     return json.dumps(Settings.from_dict(settings or None).to_dict(), sort_keys=True, default=list)
 
 
+def worker_datadir(datadir: str | None) -> str:
+    """The data directory: the parameter, or ``$MASCARA_DATADIR`` of the worker when the parameter is empty.
+
+    A deployment whose ``datadir`` was templated from an unset
+    ``MASCARA_DATADIR`` at ``prefect deploy`` time gets ``""`` (or the
+    unrendered template); that must not silently mean the worker's working
+    directory (the checkout).
+    """
+    from mascara.selection import SelectionError
+
+    if datadir and str(datadir).strip() and "{{" not in str(datadir):
+        return str(datadir)
+    env = os.environ.get("MASCARA_DATADIR", "").strip()
+    if env:
+        return env
+    raise SelectionError("no data directory: the datadir parameter is empty (was MASCARA_DATADIR unset at "
+                         "`prefect deploy`?) and MASCARA_DATADIR is not set where this flow runs; pass "
+                         "--param datadir=/path or set MASCARA_DATADIR for the worker")
+
+
 def describe_request(nights: Any = None, cameras: Any = None, site: Any = None) -> str:
     """A short name of what a run reduces: ``20260301-LP-E+S``, ``20260301+20260302-all-E``, ``all-nights-LP-all``.
 
@@ -364,13 +384,14 @@ def reduce_night(
 
     Parameters
     ----------
-    datadir : directory holding ``<YYYYMMDD><SITE><CAM>/raw/`` night directories.
+    datadir : directory holding ``<YYYYMMDD><SITE><CAM>/raw/`` night directories; empty:
+        ``$MASCARA_DATADIR`` of the worker.
     nights : ``"20260301+20260302"``, ``20260301``, a list, ``"all"``; empty or
         ``"yesterday"``: the previous night (UTC date of yesterday).
     cameras : letters ``"E+S"`` or a list; empty: all cameras found.
     site : ``LP``/``LS``; empty: every site found.
     overwrite : start a fresh reduction whatever the state of the night, erasing
-        every earlier output instead of renaming it to ``<name>_old`` (SPEC §9).
+        every earlier output instead of renaming it to ``<name>_old``.
     db_url : catalog URL; default ``$MASCARA_DB_URL`` or ``<datadir>/catalog.sqlite``.
     settings : :class:`mascara.settings.Settings` overrides.
     keep_old : generations of earlier outputs kept (``_old``, ``_old2``...);
@@ -380,7 +401,10 @@ def reduce_night(
 
     Returns
     -------
-    One summary per camera-night; the flow fails if any camera-night failed.
+    One summary per camera-night. The flow fails if any camera-night failed;
+    camera-nights without frames (an empty ``raw/``, or no directory for a
+    requested night: the dome stayed closed) are recorded as ``empty`` and
+    named in a ``nodata-...`` artifact, and the run ends Completed.
     """
     from mascara.catalog._engine import resolve_url
     from mascara.rawio import parse_night_dir
@@ -389,6 +413,7 @@ def reduce_night(
     # the checks of mascprocess, first: a deployment run with a mistake fails at once with one line;
     # a night without any night directory is an ordinary night without data (dome closed)
     logger = get_run_logger()
+    datadir = worker_datadir(datadir)
     try:
         sel = select_nights(datadir, nights, cameras, site, settings=settings)
     except NoNightData as exc:

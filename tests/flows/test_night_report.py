@@ -112,3 +112,15 @@ def test_a_real_failure_still_fails(prefect_server, pristine_night, tmp_path):
     out = _probe(env, datadir, NIGHT)
     assert out["type"] == "FAILED", out
     assert NIGHT_ID in out["message"]
+
+
+def test_an_empty_datadir_parameter_means_the_workers_mascara_datadir(monkeypatch, tmp_path):
+    from flows.reduce_night import worker_datadir
+    from mascara.selection import SelectionError
+
+    monkeypatch.setenv("MASCARA_DATADIR", str(tmp_path))
+    assert worker_datadir("/data/mascara") == "/data/mascara"
+    assert worker_datadir("") == worker_datadir("{{ $MASCARA_DATADIR }}") == str(tmp_path)
+    monkeypatch.delenv("MASCARA_DATADIR")
+    with pytest.raises(SelectionError, match="MASCARA_DATADIR is not set where this flow runs"):
+        worker_datadir("")
