@@ -412,17 +412,18 @@ def reduce_night(
 
     # the checks of mascprocess, first: a deployment run with a mistake fails at once with one line;
     # a night without any night directory is an ordinary night without data (dome closed)
-    logger = get_run_logger()
     datadir = worker_datadir(datadir)
     try:
         sel = select_nights(datadir, nights, cameras, site, settings=settings)
     except NoNightData as exc:
+        logger = get_run_logger()
         datadir = str(Path(datadir).resolve())
         no_data = [(cn, f"no night directory {Path(datadir) / cn}") for cn in exc.expected] or [
             (n, f"no night directory for night {n} in {datadir}") for n in exc.nights]
         _record_no_data(resolve_url(db_url, datadir), datadir, no_data, logger)
         logger.info("reduce-night: no data: %s", exc)
         return [{"night_id": cn, "state": "empty", "message": why} for cn, why in no_data]
+    logger = get_run_logger()
     datadir = str(Path(datadir).resolve())
     db_url = resolve_url(db_url, datadir)
     missing_dirs = [(cn, f"no night directory {Path(datadir) / cn}") for cn in sel.not_found]
