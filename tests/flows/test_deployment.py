@@ -63,7 +63,7 @@ def deployed_run(prefect_server, pristine_night, tmp_path_factory):
     env = {**env, "MASCARA_DATADIR": str(datadir)}
     prefect = str(BIN / "prefect")
     _run([prefect, "work-pool", "create", "mascara", "--type", "process"], env)
-    _run([prefect, "--no-prompt", "deploy", "--name", "nightly"], env, cwd=REPO)
+    _run([prefect, "--no-prompt", "deploy", "--all"], env, cwd=REPO)
     worker_log = open(root / "worker.log", "w")
     worker = subprocess.Popen([prefect, "worker", "start", "--pool", "mascara"], env=env, cwd=root,
                               stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -98,6 +98,10 @@ def test_deployment_has_the_nightly_schedule(deployed_run):
     assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 12 * * *"]
     assert dep["parameters"]["nights"] == "yesterday"
     assert dep["work_pool_name"] == "mascara"
+    # on-demand runs (one per camera-night) are capped over all workers; each worker caps itself (--limit 1)
+    r = httpx.get(f"{deployed_run['api']}/deployments/name/reduce-night/on-demand", timeout=30)
+    r.raise_for_status()
+    assert r.json()["global_concurrency_limit"]["limit"] == 5
 
 
 @pytest.mark.parametrize("kind", ["fLC", "sLC"])
