@@ -278,6 +278,7 @@ def batch_quality(batch_path: str | os.PathLike[str], night_model: dict | None =
         "drift_px": None if drift is None else [round(drift[0], 3), round(drift[1], 3)],
         "stars_xy": overlay,
         "nstars_fast": int(np.unique(fast["ascc"]).size) if len(fast) else 0, "nstars_slow": int(len(slow)),
+        "image_nx": int(a["camera_model"]["nx"]) if a.get("camera_model") else None,
     }
 
 
@@ -312,6 +313,20 @@ def read_qualities(night_path: str | os.PathLike[str]) -> list[dict]:
 
 def preview_path(night_path: str | os.PathLike[str], batch: int) -> Path:
     return Path(night_path) / "work" / PREVIEW_DIR / f"binned_{int(batch):07d}.npy"
+
+
+def preview_batches(batches: Sequence[int]) -> set[int]:
+    """Batches whose binned image is kept small for the thumbnail: the first and the middle one of the night."""
+    b = sorted(batches)
+    return {b[0], b[len(b) // 2]} if b else set()
+
+
+def keep_binned_preview(plan: Any, batch: int, binned: np.ndarray) -> Path | None:
+    """:func:`save_binned_preview` for the batches of :func:`preview_batches` (a few 100 kB per night), else None."""
+    if batch not in preview_batches(list(plan.batches)):
+        return None
+    factor = max(4, int(np.ceil(binned.shape[1] / 600)))
+    return save_binned_preview(plan.night.path, batch, binned, factor)
 
 
 def save_binned_preview(night_path: str | os.PathLike[str], batch: int, binned: np.ndarray,

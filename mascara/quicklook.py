@@ -12,7 +12,7 @@ and once more at the end of the night.  Per camera-night, in
 ``sky.png``            sky level and transparency against time, low-transparency batches shaded
 ``astrometry.png``     astrometric residual and pointing drift per batch
 ``frames.png``         frames accepted and rejected per batch, by reason
-``thumbnail.png``      the binned image of one batch with catalogue positions
+``thumbnail.png``      the binned image of one batch (the middle one once it is reduced) with catalogue positions
 =====================  ===========================================================
 
 and per night and site, across cameras, ``<datadir>/quicklook/<night><site>.png``.
@@ -273,7 +273,8 @@ def update_camera_night(night_path: str | os.PathLike[str]) -> dict[str, Path]:
     if with_preview:
         mid = with_preview[len(with_preview) // 2]  # the middle batch: the night's typical sky
         img = np.load(dg.preview_path(night, mid["batch"]))
-        figs["thumbnail"] = plot_thumbnail(img, mid["stars_xy"], out / "thumbnail.png",
+        factor = (mid.get("image_nx") or 4 * img.shape[1]) // max(img.shape[1], 1)  # the preview's reduction
+        figs["thumbnail"] = plot_thumbnail(img, mid["stars_xy"], out / "thumbnail.png", factor=factor,
                                            title=f"{title} batch {mid['batch']}")
     return figs
 

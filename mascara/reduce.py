@@ -44,7 +44,7 @@ from mascara import lcformat as lcf
 from mascara.astrometry import AstrometryFailed, correct_batch, initial_solution
 from mascara.binning import Stacker, tile_grid
 from mascara.camera import CameraModel, nominal_camera
-from mascara.diagnostics import diagnostic_stars, save_binned_preview
+from mascara.diagnostics import diagnostic_stars, keep_binned_preview
 from mascara.lightcurves import StarSplitter, combine_night, run_splitter_process, write_batch_file
 from mascara.photometry import SkyNoiseModel, measure_apertures
 from mascara.rawio import (
@@ -590,7 +590,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
                 raise AssertionError(f"stacker holds {stacker.nframes} frames, the batch accepted {nf}")
             binned, count = stacker.result()
             binned[count < max(1, int(0.8 * nf))] = np.nan  # too few frames cover these pixels
-            save_binned_preview(plan.night.path, batch, binned)  # the quick-look thumbnail (mascara.diagnostics)
+            keep_binned_preview(plan, batch, binned)  # the quick-look thumbnail (mascara.diagnostics)
         with sw("binned_astrometry"):
             binned_fill = np.where(np.isfinite(binned), binned, 0.0).astype(np.float32)
             binned_astro = correct_batch(model, binned_fill, alt[astro_idx], az[astro_idx], vmag[astro_idx],
