@@ -46,6 +46,7 @@ from mascara.binning import Stacker, tile_grid
 from mascara.camera import CameraModel, nominal_camera
 from mascara.lightcurves import StarSplitter, combine_night, run_splitter_process, write_batch_file
 from mascara.photometry import SkyNoiseModel, measure_apertures
+from mascara.pixelphase import NTERMS, PixelPhaseModel, phase_terms
 from mascara.rawio import (
     BadFrame,
     FrameFile,
@@ -531,6 +532,10 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
         txc, tyc = tile_grid((ny, nx), s.bin_tile)
         tile_places = _tile_places(model, txc.ravel(), tyc.ravel(), site, jd_ref)
         stacker = Stacker((ny, nx), tile=s.bin_tile, order=s.bin_order)
+        # the pixel phases each binned star takes through the stack (mean over frames), for the
+        # pixel-phase correction of the binned fluxes (mascara.pixelphase)
+        phase_sum = np.zeros((len(slow_sel), NTERMS))
+        phase_n = np.zeros(len(slow_sel))
 
     pieces = []
     ccdtemps = []
@@ -577,11 +582,18 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
             ta, tz = tile_places.altaz(jd)
             px, py = model.to_pixels(ta, tz)
             stacker.add(image, (px - txc.ravel()).reshape(txc.shape), (py - tyc.ravel()).reshape(tyc.shape))
+            if s.bin_phase_correction:
+                bx, by = model.to_pixels(a[slow_sel], z[slow_sel])
+                t = phase_terms(bx, by)
+                seen = np.isfinite(t).all(axis=1)
+                phase_sum[seen] += t[seen]
+                phase_n += seen
     fast = np.concatenate(pieces) if pieces else lcf.fast_table(0)
 
     # -- the binned image: astrometry again, then the slow photometry --------------------
     slow = np.zeros(0, dtype=lcf.with_ascc(lcf.SLOW_DTYPE))
     binned_astro = None
+    phase_models: dict[str, dict] = {}
     if accepted:
         with sw("binning"):
             nf = len(accepted)
@@ -609,6 +621,10 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
                     noise = None
             ph = measure_apertures(binned, sx[on], sy[on], s.binned_apertures, s.sky_radii, s.gain * nf,
                                    saturation=s.saturation - ctx.master_level, sky_noise=noise)
+            if s.bin_phase_correction and len(fast):
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    mean_terms = phase_sum[on] / phase_n[on, None]
+                phase_models = correct_pixel_phase(ph, fast, sx[on], sy[on], mean_terms, s, (ny, nx))
             slow = np.zeros(len(on), dtype=lcf.with_ascc(lcf.SLOW_DTYPE))
             slow["ascc"] = stars.ascc[near[slow_sel[on]]].astype(lcf.ASCC_DTYPE)
             for k in ph.dtype.names:
@@ -629,7 +645,39 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     index = {a: i for i, a in enumerate(stars.ascc.astype(lcf.ASCC_DTYPE))}
     star_rows = _star_table(stars, np.array([index[a] for a in used], dtype=np.int64))
     return _finish(plan, batch, frames, rejected, accepted, fast, slow, star_rows, model, sw,
-                   astro.message, astro=astro, binned_astro=binned_astro)
+                   astro.message, astro=astro, binned_astro=binned_astro, phase_models=phase_models)
+
+
+def correct_pixel_phase(ph: np.ndarray, fast: np.ndarray, x_ref: np.ndarray, y_ref: np.ndarray,
+                        mean_terms: np.ndarray, s: Settings, shape: tuple[int, int]) -> dict[str, dict]:
+    """Undo the pixel phase of the binned image in the binned fluxes, in place (docs/binning.md).
+
+    Every per-frame aperture smaller than the largest one is fitted
+    (:class:`~mascara.pixelphase.PixelPhaseModel`) on the batch's unflagged
+    per-frame photometry, its flux over the largest aperture's; the binned
+    aperture of the same radius, if any, then has ``flux`` and ``eflux``
+    multiplied by the star's correction. Binned apertures without a
+    per-frame twin are left as measured. Returns the fitted models by binned
+    field name, for the batch record.
+    """
+    ref = int(np.argmax(s.apertures))
+    good = fast["flag"] == 0
+    f_ref, e_ref = fast[f"flux{ref}"][good], fast[f"eflux{ref}"][good]
+    models: dict[str, dict] = {}
+    for k, radius in enumerate(s.apertures):
+        if k == ref or radius not in s.binned_apertures:
+            continue
+        f, e = fast[f"flux{k}"][good], fast[f"eflux{k}"][good]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = f / f_ref
+            eratio = ratio * np.sqrt((e / f) ** 2 + (e_ref / f_ref) ** 2)
+        model = PixelPhaseModel.fit(fast["ascc"][good], fast["x"][good], fast["y"][good], ratio, eratio, shape)
+        factor = model.correction(x_ref, y_ref, mean_terms)
+        j = s.binned_apertures.index(radius)
+        ph[f"flux{j}"] *= factor
+        ph[f"eflux{j}"] *= factor
+        models[f"flux{j}"] = model.to_dict()
+    return models
 
 
 def mean_lst(lst: np.ndarray) -> float:
@@ -656,7 +704,7 @@ def moon_mask(alt: np.ndarray, az: np.ndarray, site, jd: float, radius: float) -
 
 
 def _finish(plan, batch, frames, rejected, accepted, fast, slow, star_rows, model, sw, message, *, astro,
-            binned_astro=None) -> BatchOutcome:
+            binned_astro=None, phase_models=None) -> BatchOutcome:
     """Write the batch file (empty tables when ``fast`` is None) and describe the outcome."""
     s = plan.settings
     if fast is None:
@@ -679,6 +727,7 @@ def _finish(plan, batch, frames, rejected, accepted, fast, slow, star_rows, mode
         "astro_nstars": int(astro.nstars) if astro is not None else 0,
         "binned_astro_rms": float(binned_astro.rms) if binned_astro is not None and binned_astro.rms is not None else float("nan"),
         "camera_model": outcome_model,
+        "pixel_phase": phase_models or {},
         "settings_hash": s.fingerprint(),
         "rversion": __version__,
     }
