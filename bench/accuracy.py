@@ -132,6 +132,7 @@ def binned_report(flc: str, slc: str, truth: dict, radii: tuple[float, ...], gai
                     fk = FAST_FIELD.get(r)
                     if fk is not None:  # against the measured per-frame flux: the photometry's own biases cancel
                         row[f"fratio{a}"] = point[f"flux{a}"] / float(fd[fk][m].mean())
+                        row[f"ftrue{a}"] = float(np.mean(fd[fk][m] / tr[f"flux_{r:.1f}"][m]))
                 star_rows.append(row)
             if len(star_rows) < 3:
                 continue
@@ -202,6 +203,16 @@ def binned_report(flc: str, slc: str, truth: dict, radii: tuple[float, ...], gai
             g = math.sqrt(fvar_pred / np.mean(bvar))
             rep["gain_by_v"][name] = round(g, 2)
             rep["gain_over_sqrt_n_by_v"][name] = round(g / sqrt_n, 3)
+            if f"ftrue{a}" in rows[0]:
+                # each star's constant offset from the truth, binned and per frame (mean over its batches)
+                stars_v = np.unique(st[m])
+                ft = np.array([row[f"ftrue{a}"] for row in rows])
+                ob = np.array([ratio[m & (st == s_)].mean() for s_ in stars_v])
+                of = np.array([ft[m & (st == s_)].mean() for s_ in stars_v])
+                if len(stars_v) > 2:
+                    rep.setdefault("star_offset_std_pct_by_v", {})[name] = {
+                        "binned": round(100 * float(np.std(ob)), 4), "per_frame": round(100 * float(np.std(of)), 4),
+                        "corr": round(float(np.corrcoef(ob, of)[0, 1]), 3), "stars": int(len(stars_v))}
             meas = [q for _, q in fv if q is not None]
             if meas:
                 rep.setdefault("gain_measured_fast_by_v", {})[name] = round(math.sqrt(np.mean(meas) / np.mean(bvar)), 2)
