@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +93,7 @@ class CameraNightPlan:
     rejected: list[Rejection] = dataclasses.field(default_factory=list)
     calib_files: dict[str, list[Path]] = dataclasses.field(default_factory=dict)
     other: list[str] = dataclasses.field(default_factory=list)
+    live: bool = False  # a night still being observed: its raw inventory is not final
 
     @property
     def workdir(self) -> Path:
@@ -112,7 +113,10 @@ class CameraNightPlan:
             "code_version": __version__,
             "settings_hash": self.settings.fingerprint(),
             "catalogue_hash": cat.fingerprint(),
-            "raw_inventory_hash": raw_inventory_hash(self.frames, self.calib, self.rejected),
+            # a live reduction cannot name the inventory it will end with: it registers a batch
+            # only once complete, and the catalog refuses a batch whose frames change later
+            "raw_inventory_hash": LIVE_INVENTORY if self.live
+            else raw_inventory_hash(self.frames, self.calib, self.rejected),
         }
 
     # -- gap accounting: lstseq slots expected, present, missing --------------------------
@@ -163,20 +167,30 @@ class CameraNightPlan:
                 + (f"; found {', '.join(what)})" if what else "; the directory is empty)"))
 
 
-def plan_camera_night(night_dir: Path | str | NightDir, settings: Settings | None = None) -> CameraNightPlan:
-    """Find the frames of a camera-night and group them in batches (partial and gappy ones allowed)."""
+#: ``raw_inventory_hash`` of a live reduction's fingerprint.
+LIVE_INVENTORY = "live"
+
+
+def plan_camera_night(night_dir: Path | str | NightDir, settings: Settings | None = None, *,
+                      only: Collection[str] | None = None, live: bool = False) -> CameraNightPlan:
+    """Find the frames of a camera-night and group them in batches (partial and gappy ones allowed).
+
+    ``only`` restricts the plan to these ``raw/`` file names, and ``live``
+    marks a plan of a night still being observed (:mod:`mascara.live`): its
+    fingerprint names no raw inventory, which grows while it runs.
+    """
     settings = settings or Settings()
     night = night_dir if isinstance(night_dir, NightDir) else parse_night_dir(night_dir)
     if night is None:
         raise ValueError(f"{night_dir}: not a night directory (<YYYYMMDD><SITE><CAM>)")
     if not night.raw.is_dir():
         raise FileNotFoundError(f"{night.path}: no raw/ subdirectory")
-    scan = scan_raw(night)
+    scan = scan_raw(night, only=only)
     calib = [p for files in scan.calib.values() for p in files]
     return CameraNightPlan(
         night=night, settings=settings, frames=scan.frames,
         batches=group_batches(scan.frames, settings.batch_size), calib=calib,
-        rejected=scan.rejected, calib_files=scan.calib, other=scan.other,
+        rejected=scan.rejected, calib_files=scan.calib, other=scan.other, live=live,
     )
 
 
@@ -852,6 +866,22 @@ def _remove(p: Path) -> None:
 # --------------------------------------------------------------------------- sequential driver
 
 
+def _start_splitter(plan: CameraNightPlan):
+    """The split by star in a separate process beside the reduction, as the original SaveItAll does.
+
+    Returns ``(queue, process)``: put batch file paths on the queue, then None to end it.
+    """
+    mpctx = mp.get_context("spawn")
+    queue = mpctx.Queue()
+    proc = mpctx.Process(
+        target=run_splitter_process,
+        args=(queue, str(plan.workdir), diagnostic_ids(load_stars(plan.settings))),
+        daemon=True,
+    )
+    proc.start()
+    return queue, proc
+
+
 @dataclasses.dataclass
 class NightResult:
     night_id: str
@@ -899,16 +929,7 @@ def reduce_camera_night(
         on_prepared(ctx)
     skip = set(skip)
     todo = [b for b in (plan.batches if batches is None else batches) if b in plan.batches]
-    queue = proc = None
-    if split_in_background:
-        mpctx = mp.get_context("spawn")
-        queue = mpctx.Queue()
-        proc = mpctx.Process(
-            target=run_splitter_process,
-            args=(queue, str(plan.workdir), diagnostic_ids(load_stars(plan.settings))),
-            daemon=True,
-        )
-        proc.start()
+    queue, proc = _start_splitter(plan) if split_in_background else (None, None)
     outcomes: list[BatchOutcome] = []
     done_frames = 0
     total_frames = sum(len(plan.batches[b]) for b in todo)
@@ -938,3 +959,112 @@ def reduce_camera_night(
         products = combine_camera_night(plan, ctx, paths)
     return NightResult(night_id=plan.night.night_id, batches=outcomes, products=products,
                        skipped=sorted(skip & set(todo)), seconds=time.perf_counter() - t0)
+
+
+def _restricted(plan: CameraNightPlan, batches: Iterable[int]) -> CameraNightPlan:
+    """The plan with only ``batches`` (and their frames)."""
+    keep = {b: plan.batches[b] for b in sorted(batches)}
+    frames = [f for fr in keep.values() for f in fr]
+    return dataclasses.replace(plan, batches=keep, frames=frames)
+
+
+def reduce_camera_night_live(
+    night_dir: Path | str,
+    settings: Settings | None = None,
+    *,
+    grace: float = 300.0,
+    idle_timeout: float | None = None,
+    until_jd: float | None = None,
+    poll: float = 2.0,
+    settle: float = 1.0,
+    on_start: Callable[[CameraNightPlan], Iterable[int]] | None = None,
+    on_ready: Callable[[CameraNightPlan], None] | None = None,
+    on_batch: Callable[[BatchOutcome], None] | None = None,
+    on_prepared: Callable[[NightContext], None] | None = None,
+    split_in_background: bool = True,
+    require_calibration: bool = False,
+    now_jd: Callable[[], float] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[NightResult, CameraNightPlan]:
+    """Reduce a camera-night while its frames arrive (issue 14); returns the result and the final plan.
+
+    Watches ``raw/`` (:class:`mascara.live.RawWatch`) every ``poll`` seconds
+    and reduces each batch as soon as it is ready
+    (:func:`mascara.live.ready_batches`), with the same :func:`reduce_batch`
+    as an offline reduction. Ends when the night is over (``until_jd``,
+    normally :func:`mascara.live.dawn_jd`) or after ``idle_timeout`` seconds
+    without a new frame, once every batch is reduced; the night files are
+    left to the caller (:func:`combine_camera_night` with the final plan).
+
+    Parameters
+    ----------
+    grace : float
+        Seconds without a new frame after which the last, incomplete batch
+        is reduced as it is (frames can be missing).
+    on_start : called once, with the plan of the batches ready at that time,
+        before anything is reduced; returns the batches already done (a
+        restarted run: their files are reused as they are).
+    on_ready : called with the plan of newly ready batches before they are reduced.
+    on_batch, on_prepared : as for :func:`reduce_camera_night`.
+    now_jd : current JD (UTC), replaceable in tests.
+    """
+    from mascara.live import RawWatch, ready_batches
+
+    t0 = time.perf_counter()
+    night = parse_night_dir(night_dir) if not isinstance(night_dir, NightDir) else night_dir
+    if night is None:
+        raise ValueError(f"{night_dir}: not a night directory (<YYYYMMDD><SITE><CAM>)")
+    s = settings or Settings()
+    now_jd = now_jd or (lambda: 2440587.5 + time.time() / 86400.0)
+    watch = RawWatch(night.raw, settle=settle)
+    done: set[int] = set()
+    handed: set[int] = set()  # batch files given to the splitter
+    outcomes: list[BatchOutcome] = []
+    ctx = None
+    queue = proc = None
+    skipped: list[int] = []
+    try:
+        while True:
+            names = watch.poll()
+            plan = plan_camera_night(night, s, only=names, live=True)
+            idle = watch.idle_for()
+            stop = (until_jd is not None and now_jd() >= until_jd) or (idle_timeout is not None and idle >= idle_timeout)
+            ready = ready_batches([f.lstseq for f in plan.frames], s.batch_size, idle=idle >= grace, night_over=stop)
+            new = sorted(ready - done)
+            if new and ctx is None:
+                if on_start is not None:
+                    done |= set(on_start(_restricted(plan, ready))) & ready
+                    skipped = sorted(done)
+                ctx = prepare_camera_night(plan, require_calibration=require_calibration)
+                if on_prepared:
+                    on_prepared(ctx)
+                if split_in_background:
+                    queue, proc = _start_splitter(plan)
+                new = sorted(ready - done)
+            if queue is not None:
+                for b in sorted(done - handed):  # done by an earlier run: split again (idempotent)
+                    if plan.batch_path(b).exists():
+                        queue.put(str(plan.batch_path(b)))
+                    handed.add(b)
+            if new and on_ready is not None:
+                on_ready(_restricted(plan, new))
+            for b in new:
+                outcome = reduce_batch(plan, ctx, b)
+                outcomes.append(outcome)
+                done.add(b)
+                handed.add(b)
+                if queue is not None:
+                    queue.put(outcome.path)
+                if on_batch:
+                    on_batch(outcome)
+            if stop and not new:
+                break
+            if not new:
+                sleep(poll)
+    finally:
+        if queue is not None:
+            queue.put(None)
+            proc.join()
+    final = plan_camera_night(night, s, only=watch.poll(), live=True)
+    return (NightResult(night_id=night.night_id, batches=outcomes, products={}, skipped=skipped,
+                        seconds=time.perf_counter() - t0), final)
