@@ -32,6 +32,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable
@@ -882,6 +883,23 @@ def _start_splitter(plan: CameraNightPlan):
     return queue, proc
 
 
+def _stop_splitter(queue, proc) -> None:
+    """End the splitter: let it finish its queue after a clean loop; stop it at once after an error.
+
+    After an error (a run that lost its lease, an interruption) nothing more
+    may be written under the night's ``work/``: the splitter is terminated,
+    which its atomic writes make safe (a batch it did not finish is split
+    again by the combine, which re-adds every batch its registry lacks).
+    """
+    if queue is None:
+        return
+    if sys.exc_info()[0] is None:
+        queue.put(None)
+    else:
+        proc.terminate()
+    proc.join()
+
+
 @dataclasses.dataclass
 class NightResult:
     night_id: str
@@ -942,17 +960,15 @@ def reduce_camera_night(
                 continue
             outcome = reduce_batch(plan, ctx, b)
             outcomes.append(outcome)
+            if on_batch:  # recorded first: a run that lost its lease stops here, before the split
+                on_batch(outcome)
             if queue is not None:
                 queue.put(outcome.path)
-            if on_batch:
-                on_batch(outcome)
             done_frames += len(plan.batches[b])
             if on_frame_progress:
                 on_frame_progress(done_frames, total_frames)
     finally:
-        if queue is not None:
-            queue.put(None)
-            proc.join()
+        _stop_splitter(queue, proc)
     products = {}
     if combine:
         paths = [plan.batch_path(b) for b in plan.batches if plan.batch_path(b).exists()]
@@ -1051,20 +1067,18 @@ def reduce_camera_night_live(
             for b in new:
                 outcome = reduce_batch(plan, ctx, b)
                 outcomes.append(outcome)
+                if on_batch:  # recorded first: a run that lost its lease stops here, before the split
+                    on_batch(outcome)
                 done.add(b)
                 handed.add(b)
                 if queue is not None:
                     queue.put(outcome.path)
-                if on_batch:
-                    on_batch(outcome)
             if stop and not new:
                 break
             if not new:
                 sleep(poll)
     finally:
-        if queue is not None:
-            queue.put(None)
-            proc.join()
+        _stop_splitter(queue, proc)
     final = plan_camera_night(night, s, only=watch.poll(), live=True)
     return (NightResult(night_id=night.night_id, batches=outcomes, products={}, skipped=skipped,
                         seconds=time.perf_counter() - t0), final)
