@@ -11,7 +11,8 @@ isolated, unflagged V 6-8.4 stars of full batches: binned flux / mean true
 flux of the frames in the batch (overall, per batch and its batch-to-batch
 spread), the noise gain (per-frame relative scatter / binned relative
 scatter, pooled per V range) against sqrt(N), and the robust std of the binned
-pulls (binned flux - mean true flux) / eflux.
+pulls (binned flux - mean true flux) / eflux, and the same pulls about each star's own
+mean binned / true ratio (its offset from the truth set aside).
 
     python bench/accuracy.py --size small --frames 300
     python bench/accuracy.py --size full --frames 300 --psf moffat --out /tmp/acc-full
@@ -127,9 +128,11 @@ def binned_report(flc: str, slc: str, truth: dict, radii: tuple[float, ...], gai
                     true = float(tr[f"flux_{r:.1f}"][m].mean())
                     row[f"ratio{a}"] = point[f"flux{a}"] / true
                     row[f"pull{a}"] = (point[f"flux{a}"] - true) / point[f"eflux{a}"]
+                    row[f"erel{a}"] = point[f"eflux{a}"] / true
                     fk = FAST_FIELD.get(r)
                     if fk is not None:  # against the measured per-frame flux: the photometry's own biases cancel
                         row[f"fratio{a}"] = point[f"flux{a}"] / float(fd[fk][m].mean())
+                        row[f"ftrue{a}"] = float(np.mean(fd[fk][m] / tr[f"flux_{r:.1f}"][m]))
                 star_rows.append(row)
             if len(star_rows) < 3:
                 continue
@@ -157,6 +160,14 @@ def binned_report(flc: str, slc: str, truth: dict, radii: tuple[float, ...], gai
     for a, r in enumerate(radii):
         ratio = np.array([row[f"ratio{a}"] for row in rows])
         pull = np.array([row[f"pull{a}"] for row in rows])
+        # pulls about each star's own mean (its offset from the truth, e.g. a sky biased by its
+        # neighbours, set aside as for the per-frame pulls), scaled for the mean's degree of freedom
+        erel = np.array([row[f"erel{a}"] for row in rows])
+        pull_own = np.full(len(rows), np.nan)
+        for s_ in np.unique(st):
+            m_ = st == s_
+            k_ = int(m_.sum())
+            pull_own[m_] = (ratio[m_] - ratio[m_].mean()) / erel[m_] * math.sqrt(k_ / (k_ - 1))
         per_batch = [float(np.median(ratio[bt == b])) for b in out["batches"]]
         rep = {
             "ratio_median": round(float(np.median(ratio)), 5),
@@ -166,6 +177,8 @@ def binned_report(flc: str, slc: str, truth: dict, radii: tuple[float, ...], gai
             "pull_robust_std": round(_robust_std(pull), 3),
             "pull_median": round(float(np.median(pull)), 3),
             "pull_robust_std_by_v": {},
+            "pull_own_mean_robust_std": round(_robust_std(pull_own), 3),
+            "pull_own_mean_robust_std_by_v": {},
             "gain_by_v": {}, "gain_over_sqrt_n_by_v": {},
         }
         if f"fratio{a}" in rows[0]:
@@ -182,6 +195,7 @@ def binned_report(flc: str, slc: str, truth: dict, radii: tuple[float, ...], gai
                 continue
             rep["ratio_median_by_v"][name] = round(float(np.median(ratio[m])), 5)
             rep["pull_robust_std_by_v"][name] = round(_robust_std(pull[m]), 3)
+            rep["pull_own_mean_robust_std_by_v"][name] = round(_robust_std(pull_own[m]), 3)
             # binned relative variance about each star's own mean (blends and crowding set aside), pooled
             bvar = [np.var(ratio[m & (st == s_)], ddof=1) for s_ in np.unique(st[m])]
             fv = [(p, q) for v_, p, q in fast_var[r] if (lo <= v_ < hi or (hi == 8.4 and v_ == hi))]
@@ -189,6 +203,16 @@ def binned_report(flc: str, slc: str, truth: dict, radii: tuple[float, ...], gai
             g = math.sqrt(fvar_pred / np.mean(bvar))
             rep["gain_by_v"][name] = round(g, 2)
             rep["gain_over_sqrt_n_by_v"][name] = round(g / sqrt_n, 3)
+            if f"ftrue{a}" in rows[0]:
+                # each star's constant offset from the truth, binned and per frame (mean over its batches)
+                stars_v = np.unique(st[m])
+                ft = np.array([row[f"ftrue{a}"] for row in rows])
+                ob = np.array([ratio[m & (st == s_)].mean() for s_ in stars_v])
+                of = np.array([ft[m & (st == s_)].mean() for s_ in stars_v])
+                if len(stars_v) > 2:
+                    rep.setdefault("star_offset_std_pct_by_v", {})[name] = {
+                        "binned": round(100 * float(np.std(ob)), 4), "per_frame": round(100 * float(np.std(of)), 4),
+                        "corr": round(float(np.corrcoef(ob, of)[0, 1]), 3), "stars": int(len(stars_v))}
             meas = [q for _, q in fv if q is not None]
             if meas:
                 rep.setdefault("gain_measured_fast_by_v", {})[name] = round(math.sqrt(np.mean(meas) / np.mean(bvar)), 2)

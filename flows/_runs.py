@@ -251,6 +251,90 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
     return handle, result
 
 
+def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, grace: float = 300.0,
+                            idle_timeout: float | None = None, until_jd: float | None = None, poll: float = 2.0,
+                            settle: float = 1.0, keep_old: int = KEEP_OLD, heartbeat: Heartbeat | None = None,
+                            split_in_background: bool = True, require_calibration: bool = False,
+                            flow_run_id: str | None = None, on_batch: Any = None) -> tuple[RunHandle, Any]:
+    """Reduce one camera-night while it is observed, recorded as an offline run is (issue 14).
+
+    The run opens (lease, decision, moves aside) when the first batch is
+    ready; a restarted live run of the same night and settings resumes it
+    (its fingerprint names no raw inventory, :data:`mascara.reduce.LIVE_INVENTORY`).
+    Each batch is registered in the catalog once complete and recorded when
+    reduced; at the end (``until_jd`` or ``idle_timeout``) the night files
+    are combined and the run ends ``succeeded``. ``on_batch`` is called
+    after each batch is recorded (a flow publishes progress there).
+
+    Raises
+    ------
+    NothingToReduce
+        no science frame arrived before the end.
+    LeaseHeld, LeaseLost
+        another run holds or took over the camera-night.
+    """
+    from mascara.reduce import combine_camera_night, prepare_camera_night, reduce_camera_night_live
+
+    state: dict[str, Any] = {}
+
+    def rows(plan: Any) -> list[tuple[int, int, int, int]]:
+        return [(b, min(f.lstseq for f in fr), max(f.lstseq for f in fr), len(fr)) for b, fr in plan.batches.items()]
+
+    def on_start(plan: Any) -> set[int]:
+        handle = open_run(db_url, plan, keep_old=keep_old, flow_run_id=flow_run_id)
+        state["handle"] = handle
+        record_intake(db_url, plan, handle.camera_night_id, handle.run_id)  # so far; again at the end
+        if heartbeat is not None:
+            heartbeat.run_ids.add(handle.run_id)
+        return set(handle.done)
+
+    def on_ready(plan: Any) -> None:
+        catalog(db_url).register_batches(state["handle"].run_id, rows(plan))
+
+    def on_prepared(ctx: Any) -> None:
+        h = state["handle"]
+        record_calibration(db_url, h.camera_night_id, h.night_path, ctx.calibration_state())
+
+    def on_reduced(outcome: Any) -> None:
+        h = state["handle"]
+        catalog(db_url).batch_started(h.run_id, outcome.batch)
+        record_batch(h, outcome)
+        if on_batch is not None:
+            on_batch(h, outcome)
+
+    cat = catalog(db_url)
+    try:
+        result, plan = reduce_camera_night_live(
+            night.path if hasattr(night, "path") else night, settings, grace=grace, idle_timeout=idle_timeout,
+            until_jd=until_jd, poll=poll, settle=settle, on_start=on_start, on_ready=on_ready,
+            on_batch=on_reduced, on_prepared=on_prepared, split_in_background=split_in_background,
+            require_calibration=require_calibration)
+        handle = state.get("handle")
+        if handle is None:
+            raise NothingToReduce(f"{night.path if hasattr(night, 'path') else night}: no science frame "
+                                  "arrived before the end of the live run")
+        record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
+        cat.set_phase(handle.run_id, "combining")
+        paths = [str(plan.batch_path(b)) for b in plan.batches]
+        lifecycle.check_batch_files(paths)
+        result.products = combine_camera_night(plan, prepare_camera_night(plan), paths)
+        finish_succeeded(handle, result.products)
+    except NothingToReduce:
+        raise
+    except KeyboardInterrupt as exc:
+        if "handle" in state:
+            cat.finish_run(state["handle"].run_id, "failed", error=f"interrupted ({interruption(exc)})")
+        raise
+    except Exception as exc:
+        if "handle" in state:
+            cat.finish_run(state["handle"].run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if heartbeat is not None and "handle" in state:
+            heartbeat.run_ids.discard(state["handle"].run_id)
+    return state["handle"], result
+
+
 class Heartbeat:
     """Heartbeats the leases of the open runs from a daemon thread until stopped."""
 

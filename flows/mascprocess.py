@@ -122,6 +122,8 @@ def _mascprocess(args: argparse.Namespace) -> int:
     """Handler of ``mascprocess`` and ``mascara process`` (arguments: mascara.cli.add_mascprocess_arguments)."""
     from mascara.selection import SelectionError, select_nights
 
+    if getattr(args, "live", False):
+        return run_live(args)
     try:  # before anything slow: a mistake costs a fraction of a second, not a server start
         sel = select_nights(args.datadir, args.night or "all", args.camera, args.site, settings_file=args.settings)
     except SelectionError as exc:
@@ -222,3 +224,82 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
                 print(f"{nd.night_id}: {handle.decision} run, {len(result.batches)} batches reduced, "
                       f"{len(result.skipped)} reused, {time.perf_counter() - t0:.1f} s")
     return status
+
+
+#: Seconds without a new frame that end a live run of a night whose dawn has passed.
+REPLAY_IDLE_TIMEOUT = 600.0
+
+
+def run_live(args: argparse.Namespace) -> int:
+    """``mascprocess --live``: one library-driver thread per camera-night of the night, until sunrise.
+
+    The night directories need not exist yet (the acquisition creates them
+    at dusk). Each camera-night is recorded as an offline run is; a killed
+    live run started again resumes where it was.
+    """
+    import threading
+
+    from mascara.selection import SelectionError, parse_cameras, parse_nights, parse_sites
+
+    try:
+        nights = parse_nights(args.night)
+        cams = parse_cameras(args.camera)
+        sites = parse_sites(args.site)
+        if args.night is None or len(nights) != 1 or not cams or not sites or len(sites) != 1:
+            raise SelectionError("--live needs one --night, one --site and --camera")
+        if not Path(args.datadir).is_dir():
+            raise SelectionError(f"data directory {args.datadir} does not exist")
+        settings = None
+        if args.settings:
+            from mascara.selection import load_settings_file
+
+            settings = load_settings_file(args.settings)
+    except SelectionError as exc:
+        print(f"mascprocess: {exc}", file=sys.stderr)
+        return 2
+    _prepare_environment(args)
+    from flows import _runs
+    from mascara.catalog._engine import resolve_url
+    from mascara.live import dawn_jd
+    from mascara.rawio import parse_night_dir
+    from mascara.settings import Settings
+
+    night, site = nights[0], sites[0]
+    datadir = Path(args.datadir).resolve()
+    db_url = resolve_url(args.db, str(datadir))
+    s = Settings.from_dict(settings)
+    until = dawn_jd(night, site)
+    idle_timeout = args.idle_timeout
+    if until <= 2440587.5 + time.time() / 86400.0:  # a past night replayed (a test, a demo, a copy)
+        until = None
+        if idle_timeout is None:
+            idle_timeout = REPLAY_IDLE_TIMEOUT
+        print(f"mascprocess: the night of {night} at {site} is already over; the live run ends after "
+              f"{idle_timeout:.0f} s without a new frame", file=sys.stderr)
+    status: dict[str, int] = {}
+
+    def one(cam: str) -> None:
+        nd = parse_night_dir(datadir / f"{night}{site}{cam}")
+        t0 = time.perf_counter()
+        try:
+            handle, result = _runs.drive_live_camera_night(
+                db_url, nd, s, grace=args.grace, idle_timeout=idle_timeout, until_jd=until, poll=args.poll,
+                keep_old=args.keep_old, heartbeat=heartbeat, require_calibration=args.require_calibration)
+        except Exception as exc:  # recorded as failed by the driver where a run was open
+            print(f"{nd.night_id}: live run ended without night files: {type(exc).__name__}: {exc}", file=sys.stderr)
+            status[cam] = 1
+            return
+        status[cam] = 0
+        if not args.quiet:
+            print(f"{nd.night_id}: live {handle.decision} run, {len(result.batches)} batches reduced, "
+                  f"{len(result.skipped)} reused, {time.perf_counter() - t0:.1f} s")
+
+    with _runs.Heartbeat(db_url) as heartbeat:
+        threads = [threading.Thread(target=one, args=(c,), name=f"live-{night}{site}{c}", daemon=True)
+                   for c in cams]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():  # join with a timeout, so that signals reach the main thread
+                t.join(0.5)
+    return max(status.values(), default=1)

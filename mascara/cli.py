@@ -24,6 +24,11 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bad-frames", type=int, default=0, help="number of deliberately broken frames")
     p.add_argument("--psf", default="gaussian", choices=["gaussian", "moffat"],
                    help="PSF model: Gaussian, or a field-dependent elliptical Moffat (beta 3, FWHM 2-3 px)")
+    p.add_argument("--live", action="store_true",
+                   help="write the frames as they would arrive during the night (calibration frames first)")
+    p.add_argument("--speed", type=float, default=1.0, help="with --live: times faster than real time (default 1)")
+    p.add_argument("--write-mode", default="rename", choices=["rename", "in-place"],
+                   help="how frames are written: a temporary name then a rename, or in place in two halves")
     p.set_defaults(handler="mascara.simulate:cli_simulate")
 
 
@@ -73,6 +78,16 @@ def add_mascprocess_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--require-calibration", action="store_true",
                    help="do not reduce a camera-night without a usable master dark (default: reduce it, "
                         "record and show the warning)")
+    live = p.add_argument_group("live mode (reduce a night while it is observed; needs --night, --site, --camera)")
+    live.add_argument("--live", action="store_true",
+                      help="watch each camera-night's raw/ and reduce every batch once its frames have arrived; "
+                           "the night files are written at sunrise (or after --idle-timeout)")
+    live.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
+                      help="end the live night after this long without a new frame (default: at sunrise)")
+    live.add_argument("--grace", type=float, default=300.0, metavar="SECONDS",
+                      help="reduce an incomplete batch after this long without a new frame (default 300)")
+    live.add_argument("--poll", type=float, default=2.0, metavar="SECONDS",
+                      help="how often raw/ is looked at (default 2)")
 
 
 def _dispatch(args: argparse.Namespace) -> int:

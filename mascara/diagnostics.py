@@ -96,7 +96,7 @@ def choose_diagnostic_stars(plan: Any, ctx: Any, n: int = DIAGNOSTIC_COUNT, samp
     """Diagnostic stars of a camera-night: ``[{"ascc", "vmag", "fraction_on", "peak"}]``, brightest first.
 
     Positions come from the night's camera model at ``samples`` times spread
-    over the night's lstseq span (stars that come near the Moon are left out);
+    over the night's lstseq span (for a live night, its whole dark time; stars that come near the Moon are left out);
     peaks are measured on the frame the camera
     solution was found on (a star not on that frame is not chosen, its
     saturation being unknown).
@@ -112,6 +112,10 @@ def choose_diagnostic_stars(plan: Any, ctx: Any, n: int = DIAGNOSTIC_COUNT, samp
     model = ctx.camera_model()
     site = get_site(ctx.site)
     seqs = [f.lstseq for f in plan.frames]
+    if getattr(plan, "live", False):  # a night still being observed: its whole dark time, not the frames so far
+        from mascara.timeindex import night_lstseqs
+
+        seqs = [int(x) for x in night_lstseqs(plan.night.night, site)] or seqs
     if not seqs:
         return []
     lo, hi = min(seqs), max(seqs)

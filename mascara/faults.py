@@ -10,8 +10,10 @@ test) or through the environment for subprocesses and Prefect workers::
 ``action`` is ``kill`` (SIGKILL this process, as a power cut or ``kill -9``
 would), ``oserror`` (raise :class:`InjectedOSError`, a failing filesystem
 call), ``raise`` (raise :class:`Killed`, which no handler of the reduction
-catches: an in-process stand-in for ``kill``) or ``hang`` (sleep until the
-process is stopped from outside, e.g. by a cancelled Prefect flow run).  ``count`` limits
+catches: an in-process stand-in for ``kill``), ``hang`` (sleep until the
+process is stopped from outside, e.g. by a cancelled Prefect flow run) or
+``stop`` (SIGSTOP to itself: the whole process, heartbeat thread included,
+freezes like a suspended machine until someone sends SIGCONT).  ``count`` limits
 how many times the fault fires (default 1).
 
 ``MASCARA_FLOW_FAULT="<night_id>:<batch>:<n>[:<kind>]"`` makes the first ``n``
@@ -41,7 +43,7 @@ POINTS = (
     "after_slc",           # both night files written, products and the run's end not recorded
 )
 
-ACTIONS = ("kill", "oserror", "raise", "hang")
+ACTIONS = ("kill", "oserror", "raise", "hang", "stop")
 
 
 class Killed(BaseException):
@@ -106,6 +108,9 @@ def checkpoint(point: str) -> None:
     if action == "hang":
         while True:
             time.sleep(1.0)
+    if action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
     raise Killed(f"injected crash at {point}")
 
 

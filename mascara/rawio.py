@@ -32,7 +32,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -215,10 +215,12 @@ def _file_problem(p: Path) -> str | None:
     return None
 
 
-def scan_raw(night: NightDir) -> RawScan:
+def scan_raw(night: NightDir, only: Collection[str] | None = None) -> RawScan:
     """Apply the name and one-file-per-lstseq checks of the intake to a night's ``raw/``.
 
     Never raises on what it finds: a file it cannot use is a :class:`Rejection`.
+    ``only`` restricts the scan to these file names (a live reduction passes
+    the files that have fully arrived, :class:`mascara.live.RawWatch`).
     """
     by_seq: dict[int, list[Path]] = {}
     rejected: list[Rejection] = []
@@ -226,6 +228,8 @@ def scan_raw(night: NightDir) -> RawScan:
     other: list[str] = []
     for p in sorted(night.raw.iterdir()):
         name = p.name
+        if only is not None and name not in only:
+            continue
         if name.startswith("calib_"):
             kind = next((k for k in calib if name.startswith(f"calib_{k}")), None)
             if kind is not None and ".fits" in name:

@@ -32,9 +32,10 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,7 @@ from mascara.camera import CameraModel, nominal_camera
 from mascara.diagnostics import diagnostic_stars, keep_binned_preview
 from mascara.lightcurves import StarSplitter, combine_night, run_splitter_process, write_batch_file
 from mascara.photometry import SkyNoiseModel, measure_apertures
+from mascara.pixelphase import NTERMS, PixelPhaseModel, phase_terms
 from mascara.rawio import (
     BadFrame,
     FrameFile,
@@ -93,6 +95,7 @@ class CameraNightPlan:
     rejected: list[Rejection] = dataclasses.field(default_factory=list)
     calib_files: dict[str, list[Path]] = dataclasses.field(default_factory=dict)
     other: list[str] = dataclasses.field(default_factory=list)
+    live: bool = False  # a night still being observed: its raw inventory is not final
 
     @property
     def workdir(self) -> Path:
@@ -112,7 +115,10 @@ class CameraNightPlan:
             "code_version": __version__,
             "settings_hash": self.settings.fingerprint(),
             "catalogue_hash": cat.fingerprint(),
-            "raw_inventory_hash": raw_inventory_hash(self.frames, self.calib, self.rejected),
+            # a live reduction cannot name the inventory it will end with: it registers a batch
+            # only once complete, and the catalog refuses a batch whose frames change later
+            "raw_inventory_hash": LIVE_INVENTORY if self.live
+            else raw_inventory_hash(self.frames, self.calib, self.rejected),
         }
 
     # -- gap accounting: lstseq slots expected, present, missing --------------------------
@@ -163,20 +169,30 @@ class CameraNightPlan:
                 + (f"; found {', '.join(what)})" if what else "; the directory is empty)"))
 
 
-def plan_camera_night(night_dir: Path | str | NightDir, settings: Settings | None = None) -> CameraNightPlan:
-    """Find the frames of a camera-night and group them in batches (partial and gappy ones allowed)."""
+#: ``raw_inventory_hash`` of a live reduction's fingerprint.
+LIVE_INVENTORY = "live"
+
+
+def plan_camera_night(night_dir: Path | str | NightDir, settings: Settings | None = None, *,
+                      only: Collection[str] | None = None, live: bool = False) -> CameraNightPlan:
+    """Find the frames of a camera-night and group them in batches (partial and gappy ones allowed).
+
+    ``only`` restricts the plan to these ``raw/`` file names, and ``live``
+    marks a plan of a night still being observed (:mod:`mascara.live`): its
+    fingerprint names no raw inventory, which grows while it runs.
+    """
     settings = settings or Settings()
     night = night_dir if isinstance(night_dir, NightDir) else parse_night_dir(night_dir)
     if night is None:
         raise ValueError(f"{night_dir}: not a night directory (<YYYYMMDD><SITE><CAM>)")
     if not night.raw.is_dir():
         raise FileNotFoundError(f"{night.path}: no raw/ subdirectory")
-    scan = scan_raw(night)
+    scan = scan_raw(night, only=only)
     calib = [p for files in scan.calib.values() for p in files]
     return CameraNightPlan(
         night=night, settings=settings, frames=scan.frames,
         batches=group_batches(scan.frames, settings.batch_size), calib=calib,
-        rejected=scan.rejected, calib_files=scan.calib, other=scan.other,
+        rejected=scan.rejected, calib_files=scan.calib, other=scan.other, live=live,
     )
 
 
@@ -532,6 +548,10 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
         txc, tyc = tile_grid((ny, nx), s.bin_tile)
         tile_places = _tile_places(model, txc.ravel(), tyc.ravel(), site, jd_ref)
         stacker = Stacker((ny, nx), tile=s.bin_tile, order=s.bin_order)
+        # the pixel phases each binned star takes through the stack (mean over frames), for the
+        # pixel-phase correction of the binned fluxes (mascara.pixelphase)
+        phase_sum = np.zeros((len(slow_sel), NTERMS))
+        phase_n = np.zeros(len(slow_sel))
 
     pieces = []
     ccdtemps = []
@@ -578,11 +598,18 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
             ta, tz = tile_places.altaz(jd)
             px, py = model.to_pixels(ta, tz)
             stacker.add(image, (px - txc.ravel()).reshape(txc.shape), (py - tyc.ravel()).reshape(tyc.shape))
+            if s.bin_phase_correction:
+                bx, by = model.to_pixels(a[slow_sel], z[slow_sel])
+                t = phase_terms(bx, by)
+                seen = np.isfinite(t).all(axis=1)
+                phase_sum[seen] += t[seen]
+                phase_n += seen
     fast = np.concatenate(pieces) if pieces else lcf.fast_table(0)
 
     # -- the binned image: astrometry again, then the slow photometry --------------------
     slow = np.zeros(0, dtype=lcf.with_ascc(lcf.SLOW_DTYPE))
     binned_astro = None
+    phase_models: dict[str, dict] = {}
     if accepted:
         with sw("binning"):
             nf = len(accepted)
@@ -611,6 +638,10 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
                     noise = None
             ph = measure_apertures(binned, sx[on], sy[on], s.binned_apertures, s.sky_radii, s.gain * nf,
                                    saturation=s.saturation - ctx.master_level, sky_noise=noise)
+            if s.bin_phase_correction and len(fast):
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    mean_terms = phase_sum[on] / phase_n[on, None]
+                phase_models = correct_pixel_phase(ph, fast, sx[on], sy[on], mean_terms, s, (ny, nx))
             slow = np.zeros(len(on), dtype=lcf.with_ascc(lcf.SLOW_DTYPE))
             slow["ascc"] = stars.ascc[near[slow_sel[on]]].astype(lcf.ASCC_DTYPE)
             for k in ph.dtype.names:
@@ -631,7 +662,39 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     index = {a: i for i, a in enumerate(stars.ascc.astype(lcf.ASCC_DTYPE))}
     star_rows = _star_table(stars, np.array([index[a] for a in used], dtype=np.int64))
     return _finish(plan, batch, frames, rejected, accepted, fast, slow, star_rows, model, sw,
-                   astro.message, astro=astro, binned_astro=binned_astro)
+                   astro.message, astro=astro, binned_astro=binned_astro, phase_models=phase_models)
+
+
+def correct_pixel_phase(ph: np.ndarray, fast: np.ndarray, x_ref: np.ndarray, y_ref: np.ndarray,
+                        mean_terms: np.ndarray, s: Settings, shape: tuple[int, int]) -> dict[str, dict]:
+    """Undo the pixel phase of the binned image in the binned fluxes, in place (docs/binning.md).
+
+    Every per-frame aperture smaller than the largest one is fitted
+    (:class:`~mascara.pixelphase.PixelPhaseModel`) on the batch's unflagged
+    per-frame photometry, its flux over the largest aperture's; the binned
+    aperture of the same radius, if any, then has ``flux`` and ``eflux``
+    multiplied by the star's correction. Binned apertures without a
+    per-frame twin are left as measured. Returns the fitted models by binned
+    field name, for the batch record.
+    """
+    ref = int(np.argmax(s.apertures))
+    good = fast["flag"] == 0
+    f_ref, e_ref = fast[f"flux{ref}"][good], fast[f"eflux{ref}"][good]
+    models: dict[str, dict] = {}
+    for k, radius in enumerate(s.apertures):
+        if k == ref or radius not in s.binned_apertures:
+            continue
+        f, e = fast[f"flux{k}"][good], fast[f"eflux{k}"][good]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = f / f_ref
+            eratio = ratio * np.sqrt((e / f) ** 2 + (e_ref / f_ref) ** 2)
+        model = PixelPhaseModel.fit(fast["ascc"][good], fast["x"][good], fast["y"][good], ratio, eratio, shape)
+        factor = model.correction(x_ref, y_ref, mean_terms)
+        j = s.binned_apertures.index(radius)
+        ph[f"flux{j}"] *= factor
+        ph[f"eflux{j}"] *= factor
+        models[f"flux{j}"] = model.to_dict()
+    return models
 
 
 def mean_lst(lst: np.ndarray) -> float:
@@ -658,7 +721,7 @@ def moon_mask(alt: np.ndarray, az: np.ndarray, site, jd: float, radius: float) -
 
 
 def _finish(plan, batch, frames, rejected, accepted, fast, slow, star_rows, model, sw, message, *, astro,
-            binned_astro=None) -> BatchOutcome:
+            binned_astro=None, phase_models=None) -> BatchOutcome:
     """Write the batch file (empty tables when ``fast`` is None) and describe the outcome."""
     s = plan.settings
     if fast is None:
@@ -681,6 +744,7 @@ def _finish(plan, batch, frames, rejected, accepted, fast, slow, star_rows, mode
         "astro_nstars": int(astro.nstars) if astro is not None else 0,
         "binned_astro_rms": float(binned_astro.rms) if binned_astro is not None and binned_astro.rms is not None else float("nan"),
         "camera_model": outcome_model,
+        "pixel_phase": phase_models or {},
         "settings_hash": s.fingerprint(),
         "rversion": __version__,
     }
@@ -805,6 +869,41 @@ def _remove(p: Path) -> None:
 # --------------------------------------------------------------------------- sequential driver
 
 
+def _start_splitter(plan: CameraNightPlan, ctx: NightContext):
+    """The split by star in a separate process beside the reduction, as the original SaveItAll does.
+
+    It keeps the light curves of the night's diagnostic stars (:func:`mascara.diagnostics.diagnostic_stars`).
+
+    Returns ``(queue, process)``: put batch file paths on the queue, then None to end it.
+    """
+    mpctx = mp.get_context("spawn")
+    queue = mpctx.Queue()
+    proc = mpctx.Process(
+        target=run_splitter_process,
+        args=(queue, str(plan.workdir), diagnostic_stars(plan, ctx)),
+        daemon=True,
+    )
+    proc.start()
+    return queue, proc
+
+
+def _stop_splitter(queue, proc) -> None:
+    """End the splitter: let it finish its queue after a clean loop; stop it at once after an error.
+
+    After an error (a run that lost its lease, an interruption) nothing more
+    may be written under the night's ``work/``: the splitter is terminated,
+    which its atomic writes make safe (a batch it did not finish is split
+    again by the combine, which re-adds every batch its registry lacks).
+    """
+    if queue is None:
+        return
+    if sys.exc_info()[0] is None:
+        queue.put(None)
+    else:
+        proc.terminate()
+    proc.join()
+
+
 @dataclasses.dataclass
 class NightResult:
     night_id: str
@@ -852,16 +951,7 @@ def reduce_camera_night(
         on_prepared(ctx)
     skip = set(skip)
     todo = [b for b in (plan.batches if batches is None else batches) if b in plan.batches]
-    queue = proc = None
-    if split_in_background:
-        mpctx = mp.get_context("spawn")
-        queue = mpctx.Queue()
-        proc = mpctx.Process(
-            target=run_splitter_process,
-            args=(queue, str(plan.workdir), diagnostic_stars(plan, ctx)),
-            daemon=True,
-        )
-        proc.start()
+    queue, proc = _start_splitter(plan, ctx) if split_in_background else (None, None)
     outcomes: list[BatchOutcome] = []
     done_frames = 0
     total_frames = sum(len(plan.batches[b]) for b in todo)
@@ -874,20 +964,125 @@ def reduce_camera_night(
                 continue
             outcome = reduce_batch(plan, ctx, b)
             outcomes.append(outcome)
+            if on_batch:  # recorded first: a run that lost its lease stops here, before the split
+                on_batch(outcome)
             if queue is not None:
                 queue.put(outcome.path)
-            if on_batch:
-                on_batch(outcome)
             done_frames += len(plan.batches[b])
             if on_frame_progress:
                 on_frame_progress(done_frames, total_frames)
     finally:
-        if queue is not None:
-            queue.put(None)
-            proc.join()
+        _stop_splitter(queue, proc)
     products = {}
     if combine:
         paths = [plan.batch_path(b) for b in plan.batches if plan.batch_path(b).exists()]
         products = combine_camera_night(plan, ctx, paths)
     return NightResult(night_id=plan.night.night_id, batches=outcomes, products=products,
                        skipped=sorted(skip & set(todo)), seconds=time.perf_counter() - t0)
+
+
+def _restricted(plan: CameraNightPlan, batches: Iterable[int]) -> CameraNightPlan:
+    """The plan with only ``batches`` (and their frames)."""
+    keep = {b: plan.batches[b] for b in sorted(batches)}
+    frames = [f for fr in keep.values() for f in fr]
+    return dataclasses.replace(plan, batches=keep, frames=frames)
+
+
+def reduce_camera_night_live(
+    night_dir: Path | str,
+    settings: Settings | None = None,
+    *,
+    grace: float = 300.0,
+    idle_timeout: float | None = None,
+    until_jd: float | None = None,
+    poll: float = 2.0,
+    settle: float = 1.0,
+    on_start: Callable[[CameraNightPlan], Iterable[int]] | None = None,
+    on_ready: Callable[[CameraNightPlan], None] | None = None,
+    on_batch: Callable[[BatchOutcome], None] | None = None,
+    on_prepared: Callable[[NightContext], None] | None = None,
+    split_in_background: bool = True,
+    require_calibration: bool = False,
+    now_jd: Callable[[], float] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[NightResult, CameraNightPlan]:
+    """Reduce a camera-night while its frames arrive (issue 14); returns the result and the final plan.
+
+    Watches ``raw/`` (:class:`mascara.live.RawWatch`) every ``poll`` seconds
+    and reduces each batch as soon as it is ready
+    (:func:`mascara.live.ready_batches`), with the same :func:`reduce_batch`
+    as an offline reduction. Ends when the night is over (``until_jd``,
+    normally :func:`mascara.live.dawn_jd`) or after ``idle_timeout`` seconds
+    without a new frame, once every batch is reduced; the night files are
+    left to the caller (:func:`combine_camera_night` with the final plan).
+
+    Parameters
+    ----------
+    grace : float
+        Seconds without a new frame after which the last, incomplete batch
+        is reduced as it is (frames can be missing).
+    on_start : called once, with the plan of the batches ready at that time,
+        before anything is reduced; returns the batches already done (a
+        restarted run: their files are reused as they are).
+    on_ready : called with the plan of newly ready batches before they are reduced.
+    on_batch, on_prepared : as for :func:`reduce_camera_night`.
+    now_jd : current JD (UTC), replaceable in tests.
+    """
+    from mascara.live import RawWatch, ready_batches
+
+    t0 = time.perf_counter()
+    night = parse_night_dir(night_dir) if not isinstance(night_dir, NightDir) else night_dir
+    if night is None:
+        raise ValueError(f"{night_dir}: not a night directory (<YYYYMMDD><SITE><CAM>)")
+    s = settings or Settings()
+    now_jd = now_jd or (lambda: 2440587.5 + time.time() / 86400.0)
+    watch = RawWatch(night.raw, settle=settle)
+    done: set[int] = set()
+    handed: set[int] = set()  # batch files given to the splitter
+    outcomes: list[BatchOutcome] = []
+    ctx = None
+    queue = proc = None
+    skipped: list[int] = []
+    try:
+        while True:
+            names = watch.poll()
+            plan = plan_camera_night(night, s, only=names, live=True)
+            idle = watch.idle_for()
+            stop = (until_jd is not None and now_jd() >= until_jd) or (idle_timeout is not None and idle >= idle_timeout)
+            ready = ready_batches([f.lstseq for f in plan.frames], s.batch_size, idle=idle >= grace, night_over=stop)
+            new = sorted(ready - done)
+            if new and ctx is None:
+                if on_start is not None:
+                    done |= set(on_start(_restricted(plan, ready))) & ready
+                    skipped = sorted(done)
+                ctx = prepare_camera_night(plan, require_calibration=require_calibration)
+                if on_prepared:
+                    on_prepared(ctx)
+                if split_in_background:
+                    queue, proc = _start_splitter(plan, ctx)
+                new = sorted(ready - done)
+            if queue is not None:
+                for b in sorted(done - handed):  # done by an earlier run: split again (idempotent)
+                    if plan.batch_path(b).exists():
+                        queue.put(str(plan.batch_path(b)))
+                    handed.add(b)
+            if new and on_ready is not None:
+                on_ready(_restricted(plan, new))
+            for b in new:
+                outcome = reduce_batch(plan, ctx, b)
+                outcomes.append(outcome)
+                if on_batch:  # recorded first: a run that lost its lease stops here, before the split
+                    on_batch(outcome)
+                done.add(b)
+                handed.add(b)
+                if queue is not None:
+                    queue.put(outcome.path)
+            if stop and not new:
+                break
+            if not new:
+                sleep(poll)
+    finally:
+        _stop_splitter(queue, proc)
+    final = plan_camera_night(night, s, only=watch.poll(), live=True)
+    return (NightResult(night_id=night.night_id, batches=outcomes, products={}, skipped=skipped,
+                        seconds=time.perf_counter() - t0), final)

@@ -33,6 +33,10 @@ class Settings:
     # bilinear weights widen every star by a fraction-dependent amount (2.5 % of the light of a
     # 2.5 px aperture lost on a FWHM 2 px Moffat); cubic weights keep the width (docs/binning.md).
     bin_order: int = 3
+    # Binned fluxes of apertures with a per-frame twin (2.5 px) are corrected for the pixel phase
+    # the binned image holds each star at, fitted per batch on the per-frame photometry
+    # (mascara.pixelphase, docs/binning.md).
+    bin_phase_correction: bool = True
     moon_radius: float = 10.0  # deg; stars closer to the Moon (when it is up) get flag 32
     catalogue: str | None = None  # path of a user catalogue; None = shipped default
     cversion: str = "none"  # calibration version written to files

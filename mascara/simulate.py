@@ -24,6 +24,7 @@ density), so the science behaves identically at both sizes.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -431,6 +432,24 @@ def _write_fits(path: Path, data: np.ndarray, header: dict) -> None:
     os.replace(tmp, path)
 
 
+def _write_fits_in_place(path: Path, data: np.ndarray, header: dict, pause: float) -> None:
+    """Write a frame under its final name in two halves ``pause`` seconds apart, as an acquisition
+    writing in place does: a reader that looks in between sees a half-written file."""
+    import io
+
+    hdu = fits.PrimaryHDU(data)
+    for k, v in header.items():
+        hdu.header[k] = v
+    buf = io.BytesIO()
+    hdu.writeto(buf)
+    blob = buf.getvalue()
+    with open(path, "wb") as fh:
+        fh.write(blob[: len(blob) // 2])
+        fh.flush()
+        time.sleep(pause)
+        fh.write(blob[len(blob) // 2:])
+
+
 def _break_frame(path: Path, kind: str, data: np.ndarray, header: dict) -> None:
     """Deliberately damage a frame the way real ones get damaged."""
     if kind == "truncated":
@@ -448,11 +467,20 @@ def _break_frame(path: Path, kind: str, data: np.ndarray, header: dict) -> None:
         raise ValueError(kind)
 
 
-def simulate_night(datadir: Path | str, night: str, cfg: SimConfig, progress=None) -> dict:
+def simulate_night(datadir: Path | str, night: str, cfg: SimConfig, progress=None, live_speed: float | None = None,
+                   write_mode: str = "rename") -> dict:
     """Write one simulated camera-night and its truth file.
 
-    Returns a summary dict (night_dir, truth path, frames written, bad frames, seconds per frame).
+    ``live_speed`` writes the frames as they would arrive during the night,
+    that many times faster than real time (one frame per 6.4 s / speed,
+    calibration frames first); ``write_mode`` is how each frame is written:
+    ``rename`` (a temporary name, then a rename) or ``in-place`` (under its
+    final name, in two halves a fifth of a frame interval apart). Returns a
+    summary dict (night_dir, truth path, frames written, bad frames, seconds
+    per frame).
     """
+    if write_mode not in ("rename", "in-place"):
+        raise ValueError(f"write_mode must be 'rename' or 'in-place', not {write_mode!r}")
     datadir = Path(datadir)
     sim = NightSimulator(cfg, night)
     night_id = f"{night}{cfg.site}{cfg.camera}"
@@ -476,14 +504,19 @@ def simulate_night(datadir: Path | str, night: str, cfg: SimConfig, progress=Non
     tmp_truth = truth_path.with_name(truth_path.name + ".part")
     rows: list[dict] = []
     t0 = time.perf_counter()
+    interval = EXPTIME / live_speed if live_speed else 0.0
     for i, seq in enumerate(sim.lstseqs):
         frng = np.random.default_rng([cfg.seed, int(seq)])
         raw, header, truth = sim.render(int(seq), frng)
         path = raw_dir / f"{int(seq):08d}{cfg.site}{cfg.camera}.fits"
+        if live_speed:  # the frame's exposure ends at its slot's end
+            time.sleep(max(0.0, t0 + (i + 1) * interval - time.perf_counter()))
         if i in bad_idx:
             kind = _BAD_KINDS[len(bad) % len(_BAD_KINDS)]
             _break_frame(path, kind, raw, header)
             bad[int(seq)] = kind
+        elif write_mode == "in-place":
+            _write_fits_in_place(path, raw, header, pause=0.2 * interval)
         else:
             _write_fits(path, raw, header)
         rows.append(truth)
@@ -580,6 +613,19 @@ def cli_simulate(args) -> int:
 
     nights = args.night.split("+")
     cameras = args.camera.split("+")
+    if args.live and len(cameras) > 1:  # the cameras of a station observe at the same time
+        import threading
+
+        threads = []
+        for night in nights:
+            for cam in cameras:
+                one = argparse.Namespace(**{**vars(args), "night": night, "camera": cam})
+                threads.append(threading.Thread(target=cli_simulate, args=(one,)))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return 0
     with Progress(transient=False) as progress:
         for night in nights:
             for cam in cameras:
@@ -589,7 +635,8 @@ def cli_simulate(args) -> int:
                     psf=args.psf,
                 )
                 task = progress.add_task(f"simulating {night}{args.site}{cam}", total=None)
-                res = simulate_night(args.datadir, night, cfg, progress=lambda i, n: progress.update(task, completed=i, total=n))
+                res = simulate_night(args.datadir, night, cfg, progress=lambda i, n: progress.update(task, completed=i, total=n),
+                                     live_speed=args.speed if args.live else None, write_mode=args.write_mode)
                 progress.console.print(
                     f"{Path(res['night_dir']).name}: {res['frames']} frames, "
                     f"{res['seconds_per_frame'] * 1000:.0f} ms/frame, truth in {res['truth']}"

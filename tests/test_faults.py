@@ -48,3 +48,28 @@ def test_unknown_points_and_actions_are_refused():
         faults.arm("nowhere")
     with pytest.raises(ValueError, match="unknown fault action"):
         faults.arm("mid_move", "explode")
+
+
+def test_stop_freezes_the_whole_process_until_sigcont(tmp_path):
+    """``stop``: the process (every thread) is stopped at the point and carries on after SIGCONT."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    done = tmp_path / "done"
+    code = (f"from mascara import faults; faults.checkpoint('after_move'); "
+            f"open({str(done)!r}, 'w').write('after the stop')")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, faults.ENV: "after_move:stop"})
+    try:
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{proc.pid}/stat").read_text().split()[2] != "T":
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert not done.exists()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert proc.wait(timeout=60) == 0 and done.read_text() == "after the stop"

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from mascara.lcformat import CALIBRATION_ATTRS, GLOBAL_ATTRS
+from mascara.lightcurves import read_batch_file
 from mascara.reduce import move_outputs_aside, plan_camera_night, reduce_camera_night
 from mascara.rawio import parse_night_dir
 from mascara.simulate import SimConfig, join_with_truth, load_truth, simulate_night
@@ -293,3 +294,24 @@ def test_binned_time_is_the_mean_of_the_frames_it_contains(moffat_night):
         assert abs(row["lst"] - lst) < 1e-5
         partial += len(accepted[batch]) < 45
     assert partial >= 1 and len(points) >= 3
+
+
+def test_binned_pixel_phase_model_is_fitted_and_recorded(moffat_night):
+    """Every full batch of the Moffat night records a pixel-phase model of the 2.5 px aperture fitted
+    on its per-frame photometry: more light on a pixel centre (c1, c2 > 0 at the image centre), the
+    same within errors from batch to batch (the PSF does not change through the night)."""
+    res = moffat_night["result"]
+    centre = []
+    for b in res.batches:
+        if b.nframes < 45:
+            continue
+        model = read_batch_file(b.path).attrs["pixel_phase"]["flux0"]
+        assert model["npoints"] >= 5000, model["npoints"]
+        coef, err = np.array(model["coef"]), np.array(model["error"])
+        assert np.all(coef[0, :2] > 2 * err[0, :2]), (coef[0], err[0])
+        centre.append((coef[0, :2], err[0, :2]))
+    assert len(centre) >= 2
+    c = np.array([v for v, _ in centre])
+    e = np.array([v for _, v in centre])
+    assert np.all(np.abs(c - c.mean(axis=0)) < 4 * e + 2e-4), (c, e)
+    assert np.all(c.mean(axis=0) > 4 * np.sqrt(np.mean(e**2, axis=0) / len(c))), (c, e)

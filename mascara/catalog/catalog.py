@@ -342,6 +342,20 @@ class Catalog:
         return LeaseHeld(msg, run_id=lease.run_id, host=lease.host,
                          since=_aware(lease.acquired_at), expires_at=_aware(lease.expires_at))
 
+    @staticmethod
+    def _fence(s: Session, run_id: str) -> None:
+        """Raise :class:`LeaseLost` unless ``run_id`` holds its camera-night's lease (the row stays locked).
+
+        Every write a run makes about its own reduction goes through this
+        check in the same transaction, so a run that lost its lease (stalled
+        past its expiry while another run took over) cannot record batches,
+        phases, decisions or products over the new holder's.
+        """
+        held = s.execute(select(Lease.run_id).where(Lease.run_id == run_id).with_for_update()).scalar_one_or_none()
+        if held is None:
+            raise LeaseLost(f"run {run_id} no longer holds the lease of its camera-night (it finished, or it "
+                            f"stalled past its lease and another run took over): it must stop writing")
+
     def heartbeat(self, run_id: str) -> None:
         """Extend the run's lease by its original length.
 
@@ -384,6 +398,15 @@ class Catalog:
             run = s.get(ReductionRun, run_id)
             if run is None:
                 raise CatalogError(f"unknown run {run_id}")
+            if run.finished_at is not None and run.status == status:
+                return  # a retried finish: already recorded
+            holds = s.execute(select(Lease.run_id).where(Lease.run_id == run_id).with_for_update()
+                              ).scalar_one_or_none() is not None
+            if not holds:
+                if status == "succeeded":
+                    self._fence(s, run_id)  # raises: a run that lost its lease records no products
+                if run.finished_at is not None:
+                    return  # ended by the run that took its lease over ("abandoned ..."): keep that record
             run.status, run.finished_at, run.heartbeat_at, run.error = status, now, now, error
             if status == "succeeded":
                 run.phase = "finished"
@@ -452,8 +475,10 @@ class Catalog:
             raise ValueError(f"phase must be one of {RUN_PHASES}, not {phase!r}")
 
         def fn(s: Session) -> None:
-            if not s.execute(update(ReductionRun).where(ReductionRun.id == run_id).values(phase=phase)).rowcount:
+            if s.get(ReductionRun, run_id) is None:
                 raise CatalogError(f"unknown run {run_id}")
+            self._fence(s, run_id)
+            s.execute(update(ReductionRun).where(ReductionRun.id == run_id).values(phase=phase))
 
         self._tx(fn)
 
@@ -479,6 +504,7 @@ class Catalog:
                             ).scalar_one_or_none()
             if run is None:
                 raise CatalogError(f"unknown run {run_id}")
+            self._fence(s, run_id)
             if run.decision is None:
                 now = _now()
                 run.decision, run.resumed_run_id = decision, resumed_run_id
@@ -564,6 +590,7 @@ class Catalog:
                             ).scalar_one_or_none()
             if run is None:
                 raise CatalogError(f"unknown run {run_id}")
+            self._fence(s, run_id)
             if run.phase in ("registered", "moving"):
                 if fresh:
                     s.execute(update(Batch).where(Batch.camera_night_id == run.camera_night_id,
@@ -624,6 +651,7 @@ class Catalog:
     def _set_batch(self, run_id: str, batch_index: int, **values: Any) -> None:
         def fn(s: Session) -> None:
             cn_id, fp = self._run_key(s, run_id)
+            self._fence(s, run_id)
             bid = make_id("batch", cn_id, fp, int(batch_index))
             vals = {k: (v(Batch) if callable(v) else v) for k, v in values.items()}
             n = s.execute(update(Batch).where(Batch.id == bid).values(run_id=run_id, **vals)).rowcount
@@ -665,12 +693,18 @@ class Catalog:
         Frames are the accepted science frames of the camera-night, found by
         lstseq (their rows exist: :meth:`record_frames` first). Returns the
         number of frame rows updated.
+
+        Raises
+        ------
+        LeaseLost
+            The run no longer holds its camera-night's lease.
         """
         def num(v: Any) -> float | None:
             return None if v is None or v != v else float(v)
 
         def fn(s: Session) -> int:
             cn_id, fp = self._run_key(s, run_id)
+            self._fence(s, run_id)
             n = 0
             for lstseq, sky, tr in frames:
                 n += s.execute(update(Frame).where(

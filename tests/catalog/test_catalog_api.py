@@ -149,6 +149,46 @@ def test_expired_lease_is_taken_over(catalog):
     assert catalog.done_batches(cn, fingerprint("other settings")) == {}
 
 
+def test_a_run_that_lost_its_lease_cannot_write(catalog):
+    """A run stalled past its lease (a suspended process, a network partition) while a run on another
+    host took the camera-night over: when it wakes up, every write about its reduction is refused
+    (batches, phase, decision, products), its "abandoned" record stays, and the new run's stands."""
+    cn = catalog.register_camera_night("LP", "E", "20260301", "/d")
+    rows = [(7, 350, 399, 50), (8, 400, 449, 50)]
+    zombie = catalog.start_run(cn, fingerprint(), {}, VERSIONS, "station-a", lease_seconds=0.5)
+    catalog.decide(zombie, "new", None, [])
+    catalog.begin_reducing(zombie, rows, fresh=True)
+    catalog.batch_started(zombie, 7)
+    time.sleep(0.7)  # station-a stalls; its lease runs out
+    taker = catalog.start_run(cn, fingerprint(), {}, VERSIONS, "station-b")
+    catalog.decide(taker, "resume", zombie, [])
+    catalog.begin_reducing(taker, rows, fresh=False)
+    catalog.batch_started(taker, 7)
+    catalog.batch_succeeded(taker, 7, "/b/b7.h5", "b" * 64, {}, 0.2, 100, False)
+
+    for write in (lambda: catalog.batch_succeeded(zombie, 7, "/a/b7.h5", "a" * 64, {}, 0.2, 100, False),
+                  lambda: catalog.batch_started(zombie, 8),
+                  lambda: catalog.batch_failed(zombie, 8, "late"),
+                  lambda: catalog.set_phase(zombie, "combining"),
+                  lambda: catalog.decide(zombie, "new", None, []),
+                  lambda: catalog.begin_reducing(zombie, rows, fresh=True),
+                  lambda: catalog.finish_run(zombie, "succeeded", products=[
+                      {"kind": "fLC", "path": "/d/lightcurves/fLC.h5", "sha256": "a" * 64, "size": 1}])):
+        with pytest.raises(LeaseLost, match="another run took over"):
+            write()
+    catalog.finish_run(zombie, "failed", error="LeaseLost")  # its own end: the takeover's record stays
+    with Session(catalog.engine) as s:
+        z = s.get(ReductionRun, zombie)
+        assert z.status == "failed" and "taken over by run " + taker in z.error
+        b7 = s.execute(select(Batch).where(Batch.batch_index == 7)).scalar_one()
+        assert (b7.run_id, b7.path, b7.status) == (taker, "/b/b7.h5", "succeeded")
+    assert count(catalog, Product) == 0 and catalog.last_run(cn).run_id == taker
+    catalog.finish_run(taker, "succeeded", products=[
+        {"kind": "fLC", "path": "/d/lightcurves/fLC.h5", "sha256": "b" * 64, "size": 2}])
+    catalog.finish_run(taker, "succeeded")  # a retried finish changes nothing
+    assert [(p["run_id"], p["sha256"]) for p in catalog.live_products(cn)] == [(taker, "b" * 64)]
+
+
 def test_catalog_pickles_by_url(catalog):
     cn = catalog.register_camera_night("LP", "E", "20260301", "/d")
     clone = pickle.loads(pickle.dumps(catalog))

@@ -225,3 +225,49 @@ def test_status_and_failed_runs_say_why(pristine_night, tmp_path, prefect_server
     assert (row["phase"], row["batches_failed"], row["is_latest"]) == ("combining", 0, 1)
     assert "injected failure" in row["error"]
     shutil.rmtree(datadir)
+
+
+def test_a_stalled_run_that_lost_its_lease_stops_and_the_takeover_stands(db_url, pristine_night, reference,
+                                                                         tmp_path, prefect_server):
+    """Two runs of one camera-night over one catalog (SQLite and PostgreSQL): run A freezes after its
+    first batch file (SIGSTOP, heartbeat thread included) past its lease; run B takes the night over and
+    finishes it; A, woken up, is refused by the catalog at its next write and exits without recording
+    anything, and the night is exactly the uninterrupted reduction, recorded as B's."""
+    from mascara.catalog import connect
+
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    env = {**env, "MASCARA_DB_URL": db_url, "MASCARA_LEASE_SECONDS": "3"}
+    cmd = [str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--camera", "E", "--site", "LP",
+           "--no-prefect", "-q"]
+    a = subprocess.Popen(cmd, env={**env, "MASCARA_FAULT": "after_batch_file:stop"}, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # wait until A has frozen itself
+            state = Path(f"/proc/{a.pid}/stat").read_text().split()[2]
+            if state == "T":
+                break
+            assert a.poll() is None and time.monotonic() < deadline, a.communicate()
+            time.sleep(0.1)
+        time.sleep(3.5)  # A's lease runs out: no heartbeat from a stopped process
+        b = mascprocess(datadir, env, "--no-prefect", "-q")
+        assert b.returncode == 0
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    out, err = a.communicate(timeout=300)
+    assert a.returncode not in (0, None), out + err
+    assert "no longer holds the lease" in err, err[-3000:]
+
+    with connect(db_url) as cat:
+        rows = cat.night_status(NIGHT)
+        [status] = [r for r in rows if r["camera"] == "LPE"]
+        assert status["state"] == "succeeded" and status["decision"] == "resume"
+        runs_ = cat.failed_runs(NIGHT)
+        assert len(runs_) == 1 and "taken over by run " + status["last_run_id"] in runs_[0]["error"], runs_
+        products = cat.live_products()
+        assert {p["run_id"] for p in products} == {status["last_run_id"]}
+        for p in products:
+            assert sha256(Path(p["path"])) == p["sha256"]
+        check_invariants(cat, {status["last_run_id"]})
+    assert_same_night_files(datadir / NIGHT_ID, reference)

@@ -1,0 +1,207 @@
+"""Pixel-phase correction of binned aperture fluxes (issue 11, docs/binning.md).
+
+An exact-overlap aperture sum of an undersampled star depends on where the
+star falls on the pixel grid: with FWHM 2-3 px and a 2.5 px aperture, a star
+on a pixel centre gives 0.5-0.9 % more than one on a pixel corner. A mean of
+per-frame fluxes averages this over the phases the star takes while it moves
+through the batch; a binned image holds the star at a single phase, that of
+the registration frame, so its flux carries the whole effect (0.1-0.2 % rms
+per star and batch), and no stacker can avoid it.
+
+This module measures the effect on the batch's own per-frame photometry and
+undoes it on the binned fluxes. The response of an aperture to the phase is
+modelled as
+
+    P(x, y) = 1 + c1 cx + c2 cy + c3 cx cy + c4 cos(4 pi x) + c5 cos(4 pi y),
+    cx = cos(2 pi x), cy = cos(2 pi y)
+
+(pixel centres at integer coordinates, so ``cx`` is 1 on a centre and -1
+between pixels; a PSF symmetric about its centre has no sine terms). On
+noise-free pixel-integrated Moffat stars (FWHM 2.4 px) the first three terms
+take up 92 % of the variance of the 2.5 px sum over phases, the second
+harmonics most of the rest (rms 0.15 % -> 0.04 % -> 0.024 %). The
+coefficients vary over the field as a quadratic in the position (the PSF
+widens and turns elliptical towards the corners) and are fitted to the
+ratio of a small per-frame aperture to the largest one (whose own phase
+response is far smaller), each star's ratio
+divided by its mean over the batch, so neither the star's brightness nor its
+PSF's mean shape enters. A binned flux is then multiplied by
+``mean_i P(x_i, y_i) / P(x_ref, y_ref)``: the phases of the frames averaged
+over the phase of the binned image.
+
+Arrays in, arrays out: no files, no database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+__all__ = ["PixelPhaseModel", "field_basis", "phase_terms"]
+
+#: Number of phase terms of the model (see module notes).
+NTERMS = 5
+
+
+def phase_terms(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The model's terms ``cx, cy, cx cy, cos 4pi x, cos 4pi y`` as an ``(n, 5)`` array."""
+    cx = np.cos(2.0 * np.pi * np.asarray(x, dtype=np.float64))
+    cy = np.cos(2.0 * np.pi * np.asarray(y, dtype=np.float64))
+    # cos 4 pi x = 2 cx^2 - 1
+    return np.stack([cx, cy, cx * cy, 2.0 * cx * cx - 1.0, 2.0 * cy * cy - 1.0], axis=-1)
+
+
+def field_basis(x: np.ndarray, y: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Quadratic basis ``1, u, v, u^2, u v, v^2`` in the position, ``u, v`` in [-1, 1] over the image: ``(n, 6)``."""
+    ny, nx = shape
+    u = (np.asarray(x, dtype=np.float64) - 0.5 * (nx - 1)) / (0.5 * nx)
+    v = (np.asarray(y, dtype=np.float64) - 0.5 * (ny - 1)) / (0.5 * ny)
+    return np.stack([np.ones_like(u), u, v, u * u, u * v, v * v], axis=-1)
+
+
+#: Number of terms of :func:`field_basis`.
+NFIELD = 6
+
+#: (at least this many measurements, field terms fitted): a small frame's few stars
+#: support a constant or a plane, a full frame's about 190,000 points the quadratic.
+FIELD_TERMS = ((60_000, 6), (20_000, 3), (0, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelPhaseModel:
+    """Phase response of one aperture over a ``(ny, nx)`` CCD.
+
+    Attributes
+    ----------
+    shape : (int, int)
+        ``(ny, nx)`` of the image.
+    coef : (k, 5) array
+        Row ``j`` holds the :func:`field_basis` term ``j`` of each phase
+        coefficient ``c1 .. c5``; row 0 is their value at the image centre.
+        ``k`` is 6 (quadratic in the position), 3 (linear) or 1 (constant),
+        as many as the number of measurements supports (``FIELD_TERMS``).
+        Zeros (no correction) when the fit had too few measurements.
+    error : (k, 5) array
+        Their standard errors.
+    npoints : int
+        Measurements that entered the fit.
+    """
+
+    shape: tuple[int, int]
+    coef: np.ndarray
+    error: np.ndarray
+    npoints: int
+
+    @classmethod
+    def fit(
+        cls,
+        star: np.ndarray,
+        x: np.ndarray,
+        y: np.ndarray,
+        ratio: np.ndarray,
+        eratio: np.ndarray,
+        shape: tuple[int, int],
+        min_frames: int = 10,
+        min_points: int = 2000,
+        floor: float = 2e-3,
+    ) -> PixelPhaseModel:
+        """Fit the model to per-frame flux ratios of many stars.
+
+        Parameters
+        ----------
+        star : (n,) array
+            Identifier of the star of each measurement (any hashable dtype).
+        x, y : (n,) arrays
+            Position of the star in that frame, pixels.
+        ratio, eratio : (n,) arrays
+            Small-aperture flux over reference-aperture flux, and its error.
+            Non-finite or non-positive ratios are ignored.
+        shape : (int, int)
+            ``(ny, nx)`` of the image.
+        min_frames : int
+            Stars measured in fewer frames are left out (their mean ratio is
+            too noisy a reference).
+        min_points : int
+            With fewer measurements the model is left at zero (no correction).
+        floor : float
+            Relative error added in quadrature to ``eratio``, so that the
+            brightest stars, whose ratios carry PSF changes rather than
+            noise, do not dominate.
+
+        Notes
+        -----
+        Each star's ratios are divided by their weighted mean and the terms
+        reduced by theirs (a fixed-effects fit), so a star's brightness and
+        mean PSF drop out. The field dependence is evaluated at the star's
+        mean position (a star moves about 80 px in a batch). The errors are
+        scaled by the reduced chi-square when it exceeds 1.
+        """
+        coef = np.zeros((NFIELD, NTERMS))
+        error = np.zeros((NFIELD, NTERMS))
+        star, x, y, ratio, eratio = (np.asarray(a) for a in (star, x, y, ratio, eratio))
+        ok = np.isfinite(ratio) & np.isfinite(eratio) & (ratio > 0) & (eratio > 0) & np.isfinite(x) & np.isfinite(y)
+        star, x, y, ratio, eratio = star[ok], x[ok], y[ok], ratio[ok], eratio[ok]
+        if len(ratio) < min_points:
+            return cls(shape, coef, error, 0)
+        _, inv, counts = np.unique(star, return_inverse=True, return_counts=True)
+        keep = counts[inv] >= min_frames
+        inv, x, y, ratio, eratio = inv[keep], x[keep], y[keep], ratio[keep], eratio[keep]
+        n = len(ratio)
+        if n < min_points:
+            return cls(shape, coef, error, 0)
+        _, inv = np.unique(inv, return_inverse=True)  # number the stars kept 0..m-1
+        nfield = next(k for least, k in FIELD_TERMS if n >= least)
+        nstar = int(inv.max()) + 1
+        w = 1.0 / ((eratio / ratio) ** 2 + floor**2)
+        wsum = np.bincount(inv, w, nstar)
+        mean_ratio = np.bincount(inv, w * ratio, nstar) / wsum
+        t = phase_terms(x, y)
+        tmean = np.stack([np.bincount(inv, w * t[:, k], nstar) / wsum for k in range(NTERMS)], axis=-1)
+        resid = ratio / mean_ratio[inv] - 1.0
+        count = np.bincount(inv, minlength=nstar)
+        field = field_basis(np.bincount(inv, x, nstar) / count, np.bincount(inv, y, nstar) / count,
+                            shape)[inv, :nfield]
+        design = (field[:, :, None] * (t - tmean[inv])[:, None, :]).reshape(n, nfield * NTERMS)
+        sw = np.sqrt(w)
+        a = design * sw[:, None]
+        b = resid * sw
+        try:
+            cov = np.linalg.inv(a.T @ a)
+        except np.linalg.LinAlgError:
+            return cls(shape, coef, error, 0)
+        c = cov @ (a.T @ b)
+        chi2 = float(np.sum((b - a @ c) ** 2)) / max(n - c.size, 1)
+        err = np.sqrt(np.diag(cov) * max(chi2, 1.0))
+        return cls(shape, c.reshape(nfield, NTERMS), err.reshape(nfield, NTERMS), n)
+
+    def coef_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Phase coefficients ``c1 .. c5`` at positions ``(x, y)``: ``(n, 5)``."""
+        return field_basis(x, y, self.shape)[..., :len(self.coef)] @ self.coef
+
+    def response(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """``P(x, y)``: relative aperture sum of a star at ``(x, y)``, 1 on average over phases."""
+        return 1.0 + np.sum(self.coef_at(x, y) * phase_terms(x, y), axis=-1)
+
+    def correction(self, x_ref: np.ndarray, y_ref: np.ndarray, mean_terms: np.ndarray) -> np.ndarray:
+        """Factor that turns a flux measured at phase ``(x_ref, y_ref)`` into the mean over frames.
+
+        Parameters
+        ----------
+        x_ref, y_ref : (n,) arrays
+            Positions of the stars on the binned image.
+        mean_terms : (n, 5) array
+            :func:`phase_terms` of each star's per-frame positions, averaged
+            over the frames of the stack; NaN rows give a factor of 1.
+        """
+        c = self.coef_at(x_ref, y_ref)
+        num = 1.0 + np.sum(c * mean_terms, axis=-1)
+        den = 1.0 + np.sum(c * phase_terms(x_ref, y_ref), axis=-1)
+        f = num / den
+        return np.where(np.isfinite(f), f, 1.0)
+
+    def to_dict(self) -> dict:
+        """Plain values for a batch record: coefficients, their errors, the points fitted."""
+        return {"basis": " ".join("1 u v u2 uv v2".split()[:len(self.coef)]), "terms": "cx cy cxcy c2x c2y",
+                "coef": np.round(self.coef, 7).tolist(), "error": np.round(self.error, 7).tolist(),
+                "npoints": int(self.npoints)}

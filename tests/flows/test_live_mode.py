@@ -1,0 +1,69 @@
+"""Live mode end to end (issue 14): the live simulator writes a night while ``mascprocess --live`` reduces it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from flowkit import BIN, NIGHT, NIGHT_ID, assert_same_night_files
+
+from mascara.catalog import connect
+
+
+def _succeeded_batches(datadir: Path) -> int:
+    if not (datadir / "catalog.sqlite").exists():
+        return 0
+    try:
+        with connect(datadir=datadir) as cat:
+            rows = cat.night_status(NIGHT)
+    except Exception:  # noqa: BLE001 - the catalog may still be being created by the other process
+        return 0
+    return sum(int(r.get("batches_done") or 0) for r in rows)
+
+
+def _wait(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_live_reduction_of_an_arriving_night_equals_offline_and_survives_a_kill(tmp_path, reference):
+    """Frames written in place at 15x real time (a reader can see half-written files): batches are
+    recorded while frames still arrive; a live run killed mid-night and started again resumes; the
+    night files equal the offline reduction of the same frames (the session's reference)."""
+    datadir = tmp_path / "data"
+    datadir.mkdir()
+    sim = subprocess.Popen([str(BIN / "mascara"), "simulate", str(datadir), "--night", NIGHT, "--site", "LP",
+                            "--camera", "E", "--size", "small", "--frames", "120", "--seed", "3", "--live",
+                            "--speed", "15", "--write-mode", "in-place"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    live = [str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--site", "LP", "--camera", "E", "--live",
+            "--idle-timeout", "8", "--grace", "4", "--poll", "0.3", "-q"]
+    raw = datadir / NIGHT_ID / "raw"
+    _wait(lambda: raw.is_dir() and any(p.name.startswith("calib_dark") for p in raw.iterdir()), 120,
+          "the calibration frames")
+    first = subprocess.Popen(live, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: _succeeded_batches(datadir) >= 1, 120, "the first batch in the catalog")
+        assert sim.poll() is None, "the night was over before a batch was recorded: not live"
+        first.kill()  # mid-night, frames still arriving
+        first.wait(timeout=30)
+        frames_at_kill = len(list(raw.glob("*LPE.fits")))
+        second = subprocess.run(live, capture_output=True, text=True, timeout=600)
+    finally:
+        for p in (first, sim):
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+    assert sim.wait(timeout=60) == 0, sim.stderr.read()
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert frames_at_kill < 120
+
+    with connect(datadir=datadir) as cat:
+        [status] = [r for r in cat.night_status(NIGHT) if r["camera"] == "LPE"]
+        assert status["state"] == "succeeded" and status["decision"] == "resume", status
+        [killed] = cat.failed_runs(NIGHT)
+        assert "abandoned" in killed["error"]
+    assert_same_night_files(datadir / NIGHT_ID, reference)
