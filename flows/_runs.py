@@ -235,6 +235,7 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
         lifecycle.check_batch_files(paths)
         result.products = combine_camera_night(plan, prepare_camera_night(plan), paths)
         finish_succeeded(handle, result.products)
+        draw_quicklook(handle.night_path)
     except CalibrationRequired as exc:
         record_calibration(db_url, handle.camera_night_id, handle.night_path, exc.state)
         cat.finish_run(handle.run_id, "failed", error=str(exc))
@@ -299,6 +300,7 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
         h = state["handle"]
         catalog(db_url).batch_started(h.run_id, outcome.batch)
         record_batch(h, outcome)
+        draw_quicklook(h.night_path)  # a night being observed: its figures follow it
         if on_batch is not None:
             on_batch(h, outcome)
 
@@ -319,6 +321,7 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
         lifecycle.check_batch_files(paths)
         result.products = combine_camera_night(plan, prepare_camera_night(plan), paths)
         finish_succeeded(handle, result.products)
+        draw_quicklook(handle.night_path)
     except NothingToReduce:
         raise
     except KeyboardInterrupt as exc:
@@ -333,6 +336,36 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
         if heartbeat is not None and "handle" in state:
             heartbeat.run_ids.discard(state["handle"].run_id)
     return state["handle"], result
+
+
+def draw_quicklook(night_path: str | Path) -> dict[str, Path]:
+    """Redraw a camera-night's quick-look figures (:mod:`mascara.quicklook`); a figure never fails a reduction."""
+    from mascara.quicklook import update_camera_night
+
+    try:
+        return update_camera_night(night_path)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("quick-look figures of %s not drawn: %s: %s", night_path, type(exc).__name__, exc)
+        return {}
+
+
+def draw_night_summaries(datadir: str | Path, night_paths: list[Path]) -> list[Path]:
+    """The summary figure across cameras of every night and site among ``night_paths`` (reduced ones only)."""
+    from mascara.diagnostics import read_qualities
+    from mascara.quicklook import night_summary_path, plot_night_summary
+
+    groups: dict[tuple[str, str], dict[str, Path]] = {}
+    for p in night_paths:
+        p = Path(p)
+        if read_qualities(p):
+            groups.setdefault((p.name[:8], p.name[8:10]), {})[p.name[8:]] = p
+    out = []
+    for (night, site), members in sorted(groups.items()):
+        try:
+            out.append(plot_night_summary(members, night_summary_path(datadir, night, site), f"{night} {site}"))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("summary figure of %s %s not drawn: %s", night, site, exc)
+    return out
 
 
 class Heartbeat:

@@ -223,6 +223,7 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
             if not quiet:
                 print(f"{nd.night_id}: {handle.decision} run, {len(result.batches)} batches reduced, "
                       f"{len(result.skipped)} reused, {time.perf_counter() - t0:.1f} s")
+    _runs.draw_night_summaries(datadir, sel.night_dirs)
     return status
 
 
@@ -302,4 +303,5 @@ def run_live(args: argparse.Namespace) -> int:
         for t in threads:
             while t.is_alive():  # join with a timeout, so that signals reach the main thread
                 t.join(0.5)
+    _runs.draw_night_summaries(datadir, [datadir / f"{night}{site}{c}" for c in cams])
     return max(status.values(), default=1)

@@ -50,6 +50,9 @@ def test_diagnostic_light_curves_exist_for_every_camera_and_differ(cloudy_night)
             good = rows["flag"] == 0
             assert good.mean() > 0.75 and np.all(rows["peak"][good] < 0.7 * 63000)  # unsaturated
     assert not set(lcs["E"]) & set(lcs["S"])  # another camera looks elsewhere
+    for cam in ("E", "S"):  # the library driver draws the quick-look figures at the end
+        assert sorted(p.name for p in (cloudy_night / f"{NIGHT}LP{cam}" / "quicklook").iterdir()) == [
+            "astrometry.png", "frames.png", "lightcurves.png", "sky.png", "thumbnail.png"]
     chosen = json.loads((cloudy_night / f"{NIGHT}LPE" / "work" / dg.STARS_FILE).read_text())["stars"]
     assert [s["ascc"] for s in chosen] and all(s["fraction_on"] >= 0.5 for s in chosen)
     assert [s["vmag"] for s in chosen] == sorted(s["vmag"] for s in chosen)
