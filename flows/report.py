@@ -136,11 +136,13 @@ def night_markdown(night: str, site: str, rows: Sequence[Mapping[str, Any]], fig
     return "\n".join(lines)
 
 
-def no_data_markdown(entries: Sequence[tuple[str, str]]) -> str:
-    """Camera-nights without frames: ``[(camera-night, why)]``."""
+def no_data_markdown(entries: Sequence[tuple[str, str]], limit: int = 30) -> str:
+    """Camera-nights without frames: ``[(camera-night, why)]``; the first ``limit`` of them listed."""
     lines = ["# No data", "", "These camera-nights have no frames to reduce (not a failure: e.g. the dome "
              "stayed closed); each is recorded in the catalog as `empty` where the camera is known.", ""]
-    lines += [f"- **{cn}**: {why}" for cn, why in entries]
+    lines += [f"- **{cn}**: {why}" for cn, why in entries[:limit]]
+    if len(entries) > limit:
+        lines.append(f"- ... and {len(entries) - limit} more (`mascara status` lists them)")
     return "\n".join(lines)
 
 

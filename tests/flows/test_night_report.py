@@ -124,3 +124,9 @@ def test_an_empty_datadir_parameter_means_the_workers_mascara_datadir(monkeypatc
     monkeypatch.delenv("MASCARA_DATADIR")
     with pytest.raises(SelectionError, match="MASCARA_DATADIR is not set where this flow runs"):
         worker_datadir("")
+
+
+def test_the_no_data_artifact_stays_short_for_a_long_range():
+    entries = [(f"202601{d:02d}LP{c}", "no night directory") for d in range(1, 32) for c in "ES"]
+    md = report.no_data_markdown(entries)
+    assert md.count("- **") == 30 and "... and 32 more" in md and "20260101LPE" in md
