@@ -286,6 +286,27 @@ def _require(plan: CameraNightPlan, state: dict) -> None:
                                   f"but {state['note']}", state)
 
 
+_BLAS_LIMITED = False
+
+
+def one_blas_thread() -> None:
+    """Put BLAS on one thread for the rest of this process (once; called by every reducing entry point).
+
+    A reduction's numbers must not depend on where it ran: OpenBLAS on two
+    threads sums in another order than on one, and a camera solution fitted
+    in a Dask worker (one thread) differed in the last bit from one fitted in
+    the main process (two threads). The work is spread over batches, not
+    inside BLAS calls, so nothing is lost.
+    """
+    global _BLAS_LIMITED
+    if not _BLAS_LIMITED:
+        import scipy.linalg  # noqa: F401 - loads scipy's own OpenBLAS, so that the limit covers it too
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="blas")
+        _BLAS_LIMITED = True
+
+
 def prepare_camera_night(plan: CameraNightPlan, require_calibration: bool = False) -> NightContext:
     """Master calibration and the camera solution of a night; cached in ``work/context.json``.
 
@@ -303,6 +324,7 @@ def prepare_camera_night(plan: CameraNightPlan, require_calibration: bool = Fals
     AstrometryFailed
         when no frame of the night yields a camera solution.
     """
+    one_blas_thread()
     ctx_path = plan.workdir / "context.json"
     if ctx_path.exists():
         d = json.loads(ctx_path.read_text())
@@ -490,6 +512,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     photometry or the stacker.  A batch with no good frame writes an empty
     batch file (it is finished, there is nothing in it).
     """
+    one_blas_thread()
     s = plan.settings
     frames = plan.batches[batch]
     sw = _Stopwatch()
@@ -790,6 +813,7 @@ def global_attrs(plan: CameraNightPlan, ctx: NightContext) -> dict:
 
 def combine_camera_night(plan: CameraNightPlan, ctx: NightContext, batch_paths: Iterable[str | Path]) -> dict:
     """Write ``lightcurves/fLC_<night_id>.hdf5`` and ``sLC_...`` from the batch files (idempotent)."""
+    one_blas_thread()
     batch_paths = sorted(str(p) for p in batch_paths)
     # the split store of the night, if a splitter ran beside the batches (the driver's or the flow's)
     split = plan.workdir if (plan.workdir / StarSplitter.REGISTRY).exists() else None
