@@ -154,6 +154,10 @@ def _aware(value: Any) -> Any:
 def _nights(night: str | Iterable[str] | None) -> list[str] | None:
     if night is None:
         return None
+    if isinstance(night, str) and ".." in night:  # a range, as mascprocess takes it
+        from mascara.selection import parse_nights
+
+        return parse_nights(night)
     items = night.split("+") if isinstance(night, str) else list(night)
     return [str(n) for n in items]
 
