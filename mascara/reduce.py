@@ -1008,6 +1008,72 @@ def _restricted(plan: CameraNightPlan, batches: Iterable[int]) -> CameraNightPla
     return dataclasses.replace(plan, batches=keep, frames=frames)
 
 
+class LiveNight:
+    """A camera-night being observed, reduced step by step (issue 14; :mod:`mascara.live`).
+
+    Each :meth:`step` looks at ``raw/`` once and returns the batches that
+    became ready (complete, :func:`mascara.live.ready_batches`) and are not
+    done; the caller reduces them with :func:`reduce_batch` (``self.plan``,
+    :meth:`context`), in any order or in parallel, and calls :meth:`done` for
+    each. :attr:`over` tells when the night has ended (``until_jd``, or
+    ``idle_timeout`` seconds without a new frame) and nothing is left to
+    reduce. The library driver (:func:`reduce_camera_night_live`) and the
+    Prefect flow (``flows/live.py``) both drive it.
+
+    Parameters
+    ----------
+    grace : float
+        Seconds without a new frame after which the last, incomplete batch
+        is reduced as it is (frames can be missing).
+    now_jd : callable
+        Current JD (UTC), replaceable in tests.
+    """
+
+    def __init__(self, night_dir: Path | str | NightDir, settings: Settings | None = None, *,
+                 grace: float = 300.0, idle_timeout: float | None = None, until_jd: float | None = None,
+                 settle: float = 1.0, now_jd: Callable[[], float] | None = None):
+        from mascara.live import RawWatch
+
+        night = night_dir if isinstance(night_dir, NightDir) else parse_night_dir(night_dir)
+        if night is None:
+            raise ValueError(f"{night_dir}: not a night directory (<YYYYMMDD><SITE><CAM>)")
+        self.night, self.settings = night, settings or Settings()
+        self.grace, self.idle_timeout, self.until_jd = grace, idle_timeout, until_jd
+        self.now_jd = now_jd or (lambda: 2440587.5 + time.time() / 86400.0)
+        self.watch = RawWatch(night.raw, settle=settle)
+        self.plan = plan_camera_night(night, self.settings, only=set(), live=True)
+        self.finished: set[int] = set()
+        self.ending = False  # the night is over: every batch is ready
+
+    def step(self) -> list[int]:
+        """Look at ``raw/`` once; the batches newly ready and not done, in time order."""
+        from mascara.live import ready_batches
+
+        self.plan = plan_camera_night(self.night, self.settings, only=self.watch.poll(), live=True)
+        idle = self.watch.idle_for()
+        self.ending = self.ending or (self.until_jd is not None and self.now_jd() >= self.until_jd) or (
+            self.idle_timeout is not None and idle >= self.idle_timeout)
+        ready = ready_batches([f.lstseq for f in self.plan.frames], self.settings.batch_size,
+                              idle=idle >= self.grace, night_over=self.ending)
+        return sorted(ready - self.finished)
+
+    def ready_plan(self, batches: Iterable[int]) -> CameraNightPlan:
+        """The current plan restricted to ``batches`` (what a run registers in the catalog)."""
+        return _restricted(self.plan, batches)
+
+    def context(self, require_calibration: bool = False) -> NightContext:
+        """The night's calibration and camera solution (:func:`prepare_camera_night`; cached on disk)."""
+        return prepare_camera_night(self.plan, require_calibration=require_calibration)
+
+    def done(self, batch: int) -> None:
+        self.finished.add(int(batch))
+
+    @property
+    def over(self) -> bool:
+        """The night has ended and every batch of it is done."""
+        return self.ending and set(self.plan.batches) <= self.finished
+
+
 def reduce_camera_night_live(
     night_dir: Path | str,
     settings: Settings | None = None,
@@ -1028,81 +1094,60 @@ def reduce_camera_night_live(
 ) -> tuple[NightResult, CameraNightPlan]:
     """Reduce a camera-night while its frames arrive (issue 14); returns the result and the final plan.
 
-    Watches ``raw/`` (:class:`mascara.live.RawWatch`) every ``poll`` seconds
-    and reduces each batch as soon as it is ready
-    (:func:`mascara.live.ready_batches`), with the same :func:`reduce_batch`
-    as an offline reduction. Ends when the night is over (``until_jd``,
-    normally :func:`mascara.live.dawn_jd`) or after ``idle_timeout`` seconds
-    without a new frame, once every batch is reduced; the night files are
-    left to the caller (:func:`combine_camera_night` with the final plan).
+    Drives a :class:`LiveNight`: every ``poll`` seconds, reduces the batches
+    that became ready with the same :func:`reduce_batch` as an offline
+    reduction, until the night is over; the night files are left to the
+    caller (:func:`combine_camera_night` with the final plan).
 
     Parameters
     ----------
-    grace : float
-        Seconds without a new frame after which the last, incomplete batch
-        is reduced as it is (frames can be missing).
     on_start : called once, with the plan of the batches ready at that time,
         before anything is reduced; returns the batches already done (a
         restarted run: their files are reused as they are).
     on_ready : called with the plan of newly ready batches before they are reduced.
     on_batch, on_prepared : as for :func:`reduce_camera_night`.
-    now_jd : current JD (UTC), replaceable in tests.
+    grace, idle_timeout, until_jd, now_jd : see :class:`LiveNight`.
     """
-    from mascara.live import RawWatch, ready_batches
-
     t0 = time.perf_counter()
-    night = parse_night_dir(night_dir) if not isinstance(night_dir, NightDir) else night_dir
-    if night is None:
-        raise ValueError(f"{night_dir}: not a night directory (<YYYYMMDD><SITE><CAM>)")
-    s = settings or Settings()
-    now_jd = now_jd or (lambda: 2440587.5 + time.time() / 86400.0)
-    watch = RawWatch(night.raw, settle=settle)
-    done: set[int] = set()
-    handed: set[int] = set()  # batch files given to the splitter
+    live = LiveNight(night_dir, settings, grace=grace, idle_timeout=idle_timeout, until_jd=until_jd,
+                     settle=settle, now_jd=now_jd)
     outcomes: list[BatchOutcome] = []
     ctx = None
     queue = proc = None
     skipped: list[int] = []
     try:
         while True:
-            names = watch.poll()
-            plan = plan_camera_night(night, s, only=names, live=True)
-            idle = watch.idle_for()
-            stop = (until_jd is not None and now_jd() >= until_jd) or (idle_timeout is not None and idle >= idle_timeout)
-            ready = ready_batches([f.lstseq for f in plan.frames], s.batch_size, idle=idle >= grace, night_over=stop)
-            new = sorted(ready - done)
+            new = live.step()
             if new and ctx is None:
                 if on_start is not None:
-                    done |= set(on_start(_restricted(plan, ready))) & ready
-                    skipped = sorted(done)
-                ctx = prepare_camera_night(plan, require_calibration=require_calibration)
+                    ready = set(new)
+                    skipped = sorted(set(on_start(live.ready_plan(ready))) & ready)
+                    for b in skipped:
+                        live.done(b)
+                ctx = live.context(require_calibration)
                 if on_prepared:
                     on_prepared(ctx)
                 if split_in_background:
-                    queue, proc = _start_splitter(plan)
-                new = sorted(ready - done)
-            if queue is not None:
-                for b in sorted(done - handed):  # done by an earlier run: split again (idempotent)
-                    if plan.batch_path(b).exists():
-                        queue.put(str(plan.batch_path(b)))
-                    handed.add(b)
+                    queue, proc = _start_splitter(live.plan)
+                    for b in skipped:  # done by an earlier run: split again (idempotent)
+                        if live.plan.batch_path(b).exists():
+                            queue.put(str(live.plan.batch_path(b)))
+                new = [b for b in new if b not in live.finished]
             if new and on_ready is not None:
-                on_ready(_restricted(plan, new))
+                on_ready(live.ready_plan(new))
             for b in new:
-                outcome = reduce_batch(plan, ctx, b)
+                outcome = reduce_batch(live.plan, ctx, b)
                 outcomes.append(outcome)
                 if on_batch:  # recorded first: a run that lost its lease stops here, before the split
                     on_batch(outcome)
-                done.add(b)
-                handed.add(b)
+                live.done(b)
                 if queue is not None:
                     queue.put(outcome.path)
-            if stop and not new:
+            if live.over:
                 break
             if not new:
                 sleep(poll)
     finally:
         _stop_splitter(queue, proc)
-    final = plan_camera_night(night, s, only=watch.poll(), live=True)
-    return (NightResult(night_id=night.night_id, batches=outcomes, products={}, skipped=skipped,
-                        seconds=time.perf_counter() - t0), final)
+    return (NightResult(night_id=live.night.night_id, batches=outcomes, products={}, skipped=skipped,
+                        seconds=time.perf_counter() - t0), live.plan)
