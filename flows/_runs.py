@@ -117,6 +117,18 @@ def record_batch(handle: RunHandle, outcome: Any) -> None:
     cat.batch_succeeded(handle.run_id, outcome.batch, outcome.path, outcome.sha256, timings=outcome.timings,
                         astro_rms=outcome.astro_rms, astro_nstars=outcome.astro_nstars, flagged=outcome.flagged,
                         frames=counts)
+    record_quality(handle, outcome.path)
+
+
+def record_quality(handle: RunHandle, batch_path: str) -> dict:
+    """Sky quality of a reduced batch (:mod:`mascara.diagnostics`): ``work/quality/`` and the catalog."""
+    from mascara.diagnostics import write_batch_quality
+
+    q = write_batch_quality(handle.night_path, batch_path)
+    catalog(handle.db_url).record_quality(handle.run_id, q["batch"],
+                                          [(f["lstseq"], f["sky"], f["transparency"]) for f in q["frames"]],
+                                          q["transparency"], q["low_transparency"])
+    return q
 
 
 def record_intake(db_url: str, plan: Any, camera_night_id: str | None = None, run_id: str | None = None) -> str:
@@ -129,6 +141,20 @@ def record_intake(db_url: str, plan: Any, camera_night_id: str | None = None, ru
     cn_id = camera_night_id or cat.register_camera_night(night.site, night.camera, night.night, night.path)
     cat.record_intake(cn_id, run_id, **plan.intake_summary())
     cat.record_frames(cn_id, [(r.lstseq, r.filename, r.size, "rejected", r.reason) for r in plan.rejected])
+    return cn_id
+
+
+def record_no_data(db_url: str, night_path: Path | str, reason: str) -> str:
+    """Record a camera-night that has no frames, not even a directory, as ``empty`` (no run); returns its id."""
+    from mascara.selection import NIGHT_DIR_RE
+
+    p = Path(night_path)
+    m = NIGHT_DIR_RE.match(p.name)
+    if m is None:
+        raise ValueError(f"{p}: not a night directory name (<YYYYMMDD><SITE><CAM>)")
+    cat = catalog(db_url)
+    cn_id = cat.register_camera_night(m["site"], m["camera"], m["night"], p)
+    cat.record_intake(cn_id, None, frames_present=0, slots_expected=0, frames_missing=0, empty_reason=reason)
     return cn_id
 
 
@@ -209,6 +235,7 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
         lifecycle.check_batch_files(paths)
         result.products = combine_camera_night(plan, prepare_camera_night(plan), paths)
         finish_succeeded(handle, result.products)
+        draw_quicklook(handle.night_path)
     except CalibrationRequired as exc:
         record_calibration(db_url, handle.camera_night_id, handle.night_path, exc.state)
         cat.finish_run(handle.run_id, "failed", error=str(exc))
@@ -273,6 +300,7 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
         h = state["handle"]
         catalog(db_url).batch_started(h.run_id, outcome.batch)
         record_batch(h, outcome)
+        draw_quicklook(h.night_path)  # a night being observed: its figures follow it
         if on_batch is not None:
             on_batch(h, outcome)
 
@@ -293,6 +321,7 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
         lifecycle.check_batch_files(paths)
         result.products = combine_camera_night(plan, prepare_camera_night(plan), paths)
         finish_succeeded(handle, result.products)
+        draw_quicklook(handle.night_path)
     except NothingToReduce:
         raise
     except KeyboardInterrupt as exc:
@@ -307,6 +336,36 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
         if heartbeat is not None and "handle" in state:
             heartbeat.run_ids.discard(state["handle"].run_id)
     return state["handle"], result
+
+
+def draw_quicklook(night_path: str | Path) -> dict[str, Path]:
+    """Redraw a camera-night's quick-look figures (:mod:`mascara.quicklook`); a figure never fails a reduction."""
+    from mascara.quicklook import update_camera_night
+
+    try:
+        return update_camera_night(night_path)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("quick-look figures of %s not drawn: %s: %s", night_path, type(exc).__name__, exc)
+        return {}
+
+
+def draw_night_summaries(datadir: str | Path, night_paths: list[Path]) -> list[Path]:
+    """The summary figure across cameras of every night and site among ``night_paths`` (reduced ones only)."""
+    from mascara.diagnostics import read_qualities
+    from mascara.quicklook import night_summary_path, plot_night_summary
+
+    groups: dict[tuple[str, str], dict[str, Path]] = {}
+    for p in night_paths:
+        p = Path(p)
+        if read_qualities(p):
+            groups.setdefault((p.name[:8], p.name[8:10]), {})[p.name[8:]] = p
+    out = []
+    for (night, site), members in sorted(groups.items()):
+        try:
+            out.append(plot_night_summary(members, night_summary_path(datadir, night, site), f"{night} {site}"))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("summary figure of %s %s not drawn: %s", night, site, exc)
+    return out
 
 
 class Heartbeat:

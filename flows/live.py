@@ -149,7 +149,7 @@ def reduce_night_live(datadir: str | None = None, nights: str = "tonight", camer
                         cam.ctx = cam.live.context()
                         _runs.record_calibration(url, cam.handle.camera_night_id, cam.handle.night_path,
                                                  cam.ctx.calibration_state())
-                        cam.queue, cam.proc = _start_splitter(cam.live.plan)
+                        cam.queue, cam.proc = _start_splitter(cam.live.plan, cam.ctx)
                         for b in sorted(set(cam.handle.done) & set(new)):  # an earlier live run did these
                             cam.live.done(b)
                             cam.queue.put(str(cam.live.plan.batch_path(b)))

@@ -1,4 +1,4 @@
-"""``mascprocess``: reduce nights from the command line (SPEC §9) with the ``reduce-night`` flow.
+"""``mascprocess``: reduce nights from the command line with the ``reduce-night`` flow.
 
 Without ``PREFECT_API_URL`` Prefect starts a temporary local server for the
 run (ephemeral mode, about 20 s); with it, the run shows in that server's UI.
@@ -162,10 +162,14 @@ def _mascprocess(args: argparse.Namespace) -> int:
                 set_progress_sink(None)
     seconds = time.perf_counter() - t0
     if state.is_completed():
+        results = state.result()
+        empty = [r for r in results if r["state"] == "empty"]
+        for r in empty:  # the flow completes on nights without data; the command says so in its exit code
+            print(f"{r['night_id']}: not reduced: {r['message']}", file=sys.stderr)
         if not args.quiet:
-            print(f"reduced {len(state.result())} camera-night(s) in {seconds:.1f} s; "
+            print(f"reduced {len(results) - len(empty)} camera-night(s) in {seconds:.1f} s; "
                   f"see `mascara status {args.datadir}`")
-        return 0
+        return 1 if empty else 0
     print(f"reduction failed after {seconds:.1f} s: {state.message}", file=sys.stderr)
     return 1
 
@@ -224,6 +228,7 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
             if not quiet:
                 print(f"{nd.night_id}: {handle.decision} run, {len(result.batches)} batches reduced, "
                       f"{len(result.skipped)} reused, {time.perf_counter() - t0:.1f} s")
+    _runs.draw_night_summaries(datadir, sel.night_dirs)
     return status
 
 
@@ -303,4 +308,5 @@ def run_live(args: argparse.Namespace) -> int:
         for t in threads:
             while t.is_alive():  # join with a timeout, so that signals reach the main thread
                 t.join(0.5)
+    _runs.draw_night_summaries(datadir, [datadir / f"{night}{site}{c}" for c in cams])
     return max(status.values(), default=1)

@@ -31,12 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run as runtime_flow_run
@@ -45,7 +40,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
-from flows import _runs
+from flows import _runs, report
 from mascara import faults
 
 #: Exceptions worth retrying: I/O trouble and lost database connections.
@@ -141,6 +136,10 @@ def batch_task(night_id: str, batch: int, handle: _runs.RunHandle, settings_json
     path = plan.batch_path(batch)
     if known is not None and path.is_file() and _runs.file_sha256(path) == known:
         # done before, but Prefect's result of it was lost (e.g. killed before persisting)
+        from mascara.diagnostics import quality_path
+
+        if not quality_path(handle.night_path, batch).is_file():  # killed before its quality was recorded
+            _runs.record_quality(handle, str(path))
         return {"batch": batch, "path": str(path), "sha256": known, "nframes": len(plan.batches[batch]),
                 "reused": True}
     cat.batch_started(handle.run_id, batch)
@@ -164,10 +163,10 @@ def split_task(night_id: str, handle: _runs.RunHandle, settings_json: str, batch
     the store lacks, so a failure here is logged and not raised.
     """
     from mascara.lightcurves import StarSplitter
-    from mascara.reduce import diagnostic_ids, load_stars
+    from mascara.diagnostics import diagnostic_stars
 
     plan = _plan(handle.night_path, settings_json)
-    splitter = StarSplitter(plan.workdir, diagnostic_ids(load_stars(plan.settings)))
+    splitter = StarSplitter(plan.workdir, diagnostic_stars(plan, _ctx(plan)))
     added = skipped = 0
     errors = []
     for path, sha in batches:
@@ -179,7 +178,19 @@ def split_task(night_id: str, handle: _runs.RunHandle, settings_json: str, batch
         except Exception as exc:  # noqa: BLE001 - the combine re-adds it
             get_run_logger().warning("splitting %s failed: %s", path, exc)
             errors.append(f"{Path(path).name}: {exc}")
+    _redraw_quicklook(plan.night.path)
     return {"added": added, "skipped": skipped, "errors": errors}
+
+
+def _redraw_quicklook(night_path: Any) -> dict[str, Path]:
+    """Redraw a camera-night's quick-look PNGs; a figure never breaks a reduction (logged, not raised)."""
+    from mascara.quicklook import update_camera_night
+
+    try:
+        return update_camera_night(night_path)
+    except Exception as exc:  # noqa: BLE001
+        get_run_logger().warning("quick-look figures of %s not drawn: %s: %s", night_path, type(exc).__name__, exc)
+        return {}
 
 
 @task(name="combine", task_run_name="combine-{night_id}", cache_policy=NO_CACHE, **_transient_task)
@@ -196,8 +207,16 @@ def combine_task(night_id: str, handle: _runs.RunHandle, settings_json: str) -> 
     products = combine_camera_night(plan, _ctx(plan), paths)
     files = _runs.finish_succeeded(handle, products)
     summary = night_summary(plan, paths, files)
-    _publish_summary(handle, summary, files)
-    return {"night_id": night_id, "summary": summary, "files": files}
+    figures = _redraw_quicklook(plan.night.path)
+    quality = _quality_summary(plan.night.path)
+    _publish_summary(handle, summary, files, figures, quality, plan.settings.to_dict())
+    return {"night_id": night_id, "summary": summary, "files": files, "quality": quality}
+
+
+def _quality_summary(night_path: Any) -> dict:
+    from mascara.diagnostics import read_qualities, summarise
+
+    return summarise(read_qualities(night_path))
 
 
 # --------------------------------------------------------------------------- summaries and artifacts
@@ -233,20 +252,19 @@ def _artifact_key(night_id: str, what: str) -> str:
     return f"{night_id.lower()}-{what}"
 
 
-def _publish_summary(handle: _runs.RunHandle, summary: dict, files: list[dict]) -> None:
-    create_table_artifact(key=_artifact_key(handle.night_id, "summary"), table=[summary],
-                          description=f"Reduction of {handle.night_id} ({handle.decision} run {handle.run_id})")
-    lines = [f"# {handle.night_id}: output files", ""]
-    lines += [f"- **{f['kind']}**: [{f['path']}](file://{f['path']}) ({f['size'] / 1e6:.1f} MB, "
-              f"{f['nstars']} stars, sha256 `{f['sha256'][:16]}...`)" for f in files]
-    night = Path(handle.night_path)
-    for sub in ("astrometry", "work"):
-        lines.append(f"- {sub}/: [{night / sub}](file://{night / sub})")
-    if handle.moves:
-        lines += ["", "Old outputs moved aside before this run:", ""]
-        lines += [f"- `{src}` -> `{dst or 'erased'}`" for src, dst in handle.moves]
-    create_markdown_artifact(key=_artifact_key(handle.night_id, "outputs"), markdown="\n".join(lines),
-                             description=f"Output files of {handle.night_id}")
+def _publish_summary(handle: _runs.RunHandle, summary: dict, files: list[dict], figures: dict, quality: dict,
+                     settings: dict) -> None:
+    """Three artifacts per camera-night: a one-row table, the output files, the quick-look figures."""
+    row = report.camera_night_row(handle.night_id, "succeeded", summary, files, quality, settings)
+    report.publish_table(_artifact_key(handle.night_id, "summary"), [row],
+                         f"Reduction of {handle.night_id} ({handle.decision} run {handle.run_id})")
+    report.publish_markdown(_artifact_key(handle.night_id, "outputs"),
+                            report.outputs_markdown(handle.night_id, handle.night_path, files, handle.moves, settings),
+                            f"Output files of {handle.night_id}")
+    if figures:
+        report.publish_markdown(_artifact_key(handle.night_id, "quicklook"),
+                                report.quicklook_markdown(handle.night_id, figures, handle.night_path),
+                                f"Quick-look figures of {handle.night_id}")
 
 
 # --------------------------------------------------------------------------- progress reporting
@@ -309,7 +327,52 @@ def _settings_json(settings: dict | str | None) -> str:
     return json.dumps(Settings.from_dict(settings or None).to_dict(), sort_keys=True, default=list)
 
 
-@flow(name="reduce-night", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2))
+def worker_datadir(datadir: str | None) -> str:
+    """The data directory: the parameter, or ``$MASCARA_DATADIR`` of the worker when the parameter is empty.
+
+    A deployment whose ``datadir`` was templated from an unset
+    ``MASCARA_DATADIR`` at ``prefect deploy`` time gets ``""`` (or the
+    unrendered template); that must not silently mean the worker's working
+    directory (the checkout).
+    """
+    from mascara.selection import SelectionError
+
+    if datadir and str(datadir).strip() and "{{" not in str(datadir):
+        return str(datadir)
+    env = os.environ.get("MASCARA_DATADIR", "").strip()
+    if env:
+        return env
+    raise SelectionError("no data directory: the datadir parameter is empty (was MASCARA_DATADIR unset at "
+                         "`prefect deploy`?) and MASCARA_DATADIR is not set where this flow runs; pass "
+                         "--param datadir=/path or set MASCARA_DATADIR for the worker")
+
+
+def describe_request(nights: Any = None, cameras: Any = None, site: Any = None) -> str:
+    """A short name of what a run reduces: ``20260301-LP-E+S``, ``20260301+20260302-all-E``, ``all-nights-LP-all``.
+
+    ``yesterday`` (and the empty default) is resolved to its date; more than
+    three nights are written ``first..last(n)``.
+    """
+    from mascara.selection import SelectionError, parse_letters, parse_nights
+
+    try:
+        ns = parse_nights(nights)
+        n = "all-nights" if ns is None else ("+".join(ns) if len(ns) <= 3 else f"{ns[0]}..{ns[-1]}({len(ns)})")
+    except SelectionError:
+        n = str(nights)
+    cams = parse_letters(cameras)
+    sites = parse_letters(site)
+    return f"{n}-{'+'.join(sites) if sites else 'all'}-{'+'.join(cams) if cams else 'all'}"
+
+
+def flow_run_name() -> str:
+    """The flow run's name from its parameters (:func:`describe_request`), instead of a random one."""
+    p = runtime_flow_run.parameters or {}
+    return describe_request(p.get("nights"), p.get("cameras"), p.get("site"))
+
+
+@flow(name="reduce-night", log_prints=True, flow_run_name=flow_run_name,
+      task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2))
 def reduce_night(
     datadir: str,
     nights: str | int | list[str | int] | None = None,
@@ -325,13 +388,14 @@ def reduce_night(
 
     Parameters
     ----------
-    datadir : directory holding ``<YYYYMMDD><SITE><CAM>/raw/`` night directories.
+    datadir : directory holding ``<YYYYMMDD><SITE><CAM>/raw/`` night directories; empty:
+        ``$MASCARA_DATADIR`` of the worker.
     nights : ``"20260301+20260302"``, ``20260301``, a list, ``"all"``; empty or
         ``"yesterday"``: the previous night (UTC date of yesterday).
     cameras : letters ``"E+S"`` or a list; empty: all cameras found.
     site : ``LP``/``LS``; empty: every site found.
     overwrite : start a fresh reduction whatever the state of the night, erasing
-        every earlier output instead of renaming it to ``<name>_old`` (SPEC §9).
+        every earlier output instead of renaming it to ``<name>_old``.
     db_url : catalog URL; default ``$MASCARA_DB_URL`` or ``<datadir>/catalog.sqlite``.
     settings : :class:`mascara.settings.Settings` overrides.
     keep_old : generations of earlier outputs kept (``_old``, ``_old2``...);
@@ -341,19 +405,34 @@ def reduce_night(
 
     Returns
     -------
-    One summary per camera-night; the flow fails if any camera-night failed.
+    One summary per camera-night. The flow fails if any camera-night failed;
+    camera-nights without frames (an empty ``raw/``, or no directory for a
+    requested night: the dome stayed closed) are recorded as ``empty`` and
+    named in a ``nodata-...`` artifact, and the run ends Completed.
     """
     from mascara.catalog._engine import resolve_url
     from mascara.rawio import parse_night_dir
-    from mascara.selection import select_nights
+    from mascara.selection import NoNightData, select_nights
 
-    # the checks of mascprocess, first: a deployment run with a mistake fails at once with one line
-    sel = select_nights(datadir, nights, cameras, site, settings=settings)
+    # the checks of mascprocess, first: a deployment run with a mistake fails at once with one line;
+    # a night without any night directory is an ordinary night without data (dome closed)
+    datadir = worker_datadir(datadir)
+    try:
+        sel = select_nights(datadir, nights, cameras, site, settings=settings)
+    except NoNightData as exc:
+        logger = get_run_logger()
+        datadir = str(Path(datadir).resolve())
+        no_data = [(cn, f"no night directory {Path(datadir) / cn}") for cn in exc.expected] or [
+            (n, f"no night directory for night {n} in {datadir}") for n in exc.nights]
+        _record_no_data(resolve_url(db_url, datadir), datadir, no_data, logger)
+        logger.info("reduce-night: no data: %s", exc)
+        return [{"night_id": cn, "state": "empty", "message": why} for cn, why in no_data]
     logger = get_run_logger()
-    for missing in sel.not_found:
-        logger.warning("no night directory %s in %s", missing, datadir)
     datadir = str(Path(datadir).resolve())
     db_url = resolve_url(db_url, datadir)
+    missing_dirs = [(cn, f"no night directory {Path(datadir) / cn}") for cn in sel.not_found]
+    for cn, why in missing_dirs:
+        logger.warning("%s: %s", cn, why)
     sjson = _settings_json(sel.settings)
     found = [parse_night_dir(p) for p in sel.night_dirs]
     flow_run_id = str(runtime_flow_run.id) if runtime_flow_run.id else None
@@ -373,7 +452,7 @@ def reduce_night(
         if plan.empty_reason():
             n.state, n.message = "empty", plan.empty_reason()
             _runs.record_intake(db_url, plan)
-            logger.error("%s: not reduced: %s", n.night_id, n.message)
+            logger.warning("%s: no data: %s", n.night_id, n.message)
             continue
         _notify("night_planned", n.night_id, n.nframes, len(n.batches))
         n.progress_id = create_progress_artifact(0.0, key=_artifact_key(n.night_id, "progress"),
@@ -479,11 +558,71 @@ def reduce_night(
 
     results = [{"night_id": n.night_id, "state": n.state, "message": n.message,
                 **(n.result or {})} for n in nights_.values()]
-    bad = [r for r in results if r["state"] != "succeeded"]
+    _record_no_data(db_url, datadir, missing_dirs, logger, publish=False)
+    results += [{"night_id": cn, "state": "empty", "message": why} for cn, why in missing_dirs]
+    _publish_nights(datadir, nights_, missing_dirs, sjson, logger)
+    # a camera-night without frames is an ordinary night (dome closed), not a failure
+    bad = [r for r in results if r["state"] not in ("succeeded", "empty")]
     if bad:
         raise RuntimeError("camera-nights not reduced: " + "; ".join(f"{r['night_id']} {r['state']}: "
                                                                      f"{r['message'][:300]}" for r in bad))
     return results
+
+
+def _record_no_data(db_url: str, datadir: str, entries: list[tuple[str, str]], logger: Any,
+                    publish: bool = True) -> None:
+    """Camera-nights without a directory: recorded as ``empty`` in the catalog (where the camera is known);
+    with ``publish``, one artifact naming them."""
+    if not entries:
+        return
+    for cn, why in entries:
+        if len(cn) == 11:  # <night><site><cam>; a bare night names no camera to record
+            try:
+                _runs.record_no_data(db_url, Path(datadir) / cn, why)
+            except Exception as exc:  # noqa: BLE001 - the artifact still says it
+                logger.warning("%s: not recorded in the catalog: %s", cn, exc)
+    if not publish:
+        return
+    nights = sorted({cn[:8] for cn, _ in entries})
+    report.publish_markdown(report.artifact_key("nodata", *nights[:3]), report.no_data_markdown(entries),
+                            f"No data: {', '.join(cn for cn, _ in entries)[:200]}")
+
+
+def _publish_nights(datadir: str, nights_: dict[str, _Night], missing: list[tuple[str, str]], sjson: str,
+                    logger: Any) -> None:
+    """Per night and site: the summary figure across cameras and one table of its camera-nights, and
+    an artifact naming the camera-nights without frames (empty ``raw/`` or ``missing`` directories)."""
+    from mascara.quicklook import night_summary_path, plot_night_summary
+
+    settings = json.loads(sjson)
+    empty = [(n.night_id, n.message) for n in nights_.values() if n.state == "empty"] + list(missing)
+    if empty:
+        report.publish_markdown(report.artifact_key("nodata", *sorted({e[0][:8] for e in empty})[:3]),
+                                report.no_data_markdown(empty), "No data: " + ", ".join(e[0] for e in empty)[:200])
+    groups: dict[tuple[str, str], list[_Night]] = {}
+    for n in nights_.values():
+        groups.setdefault((n.night_id[:8], n.night_id[8:10]), []).append(n)
+    for (night, site), members in sorted(groups.items()):
+        rows = []
+        for n in sorted(members, key=lambda m: m.night_id):
+            r = n.result or {}
+            rows.append(report.camera_night_row(n.night_id, n.state, r.get("summary"), r.get("files", ()),
+                                                r.get("quality"), settings, n.message))
+        reduced = {n.night_id[8:]: n.night_path for n in members if n.state == "succeeded"}
+        figure = None
+        if reduced:
+            try:
+                figure = plot_night_summary(reduced, night_summary_path(datadir, night, site), f"{night} {site}")
+            except Exception as exc:  # noqa: BLE001 - a figure never fails a night
+                logger.warning("summary figure of %s %s not drawn: %s", night, site, exc)
+        try:
+            report.publish_table(report.artifact_key(night, site, "cameras"), rows,
+                                 f"Night {night} at {site}: every camera")
+            report.publish_markdown(report.artifact_key(night, site, "night"),
+                                    report.night_markdown(night, site, rows, figure),
+                                    f"Night {night} at {site}: summary figure and table")
+        except Exception as exc:  # noqa: BLE001 - reporting never fails a reduced night
+            logger.warning("night artifacts of %s %s not published: %s", night, site, exc)
 
 
 def _state_error(state: Any) -> str:

@@ -1,4 +1,4 @@
-"""Command line: ``mascara <subcommand>`` and ``mascprocess`` (SPEC §9).
+"""Command line: ``mascara <subcommand>`` and ``mascprocess``.
 
 A thin layer: every subcommand parses its arguments and calls one function of
 the library; the handlers live with the code they drive.
@@ -12,7 +12,7 @@ import sys
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="write simulated raw nights with truth files")
-    p.add_argument("datadir")
+    p.add_argument("datadir", help="data directory to write <YYYYMMDD><SITE><CAM>/raw/ into (created if missing)")
     p.add_argument("--night", required=True, help="YYYYMMDD[+YYYYMMDD...]")
     p.add_argument("--site", default="LP", choices=["LP", "LS"])
     p.add_argument("--camera", default="E", help="camera letters joined by +, e.g. E+S")
@@ -34,8 +34,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="show what was reduced (the night_status view)")
-    p.add_argument("datadir", nargs="?", default=".")
-    p.add_argument("--db", default=None, help="catalog URL (default: MASCARA_DB_URL or <datadir>/catalog.sqlite)")
+    p.add_argument("datadir", nargs="?", default=".", help="data directory whose catalog to show (default: .)")
+    p.add_argument("--db", default=None, help=DB_HELP)
     p.add_argument("--night", default=None, help="YYYYMMDD[+YYYYMMDD...]")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler="mascara.catalog.commands:cli_status")
@@ -45,23 +45,33 @@ def _add_db(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("db", help="catalog maintenance")
     dsub = p.add_subparsers(dest="db_command", required=True)
     up = dsub.add_parser("upgrade", help="apply Alembic migrations")
-    up.add_argument("datadir", nargs="?", default=".")
-    up.add_argument("--db", default=None)
-    up.add_argument("--revision", default="head")
+    up.add_argument("datadir", nargs="?", default=".", help="data directory whose catalog to upgrade (default: .)")
+    up.add_argument("--db", default=None, help=DB_HELP)
+    up.add_argument("--revision", default="head", help="Alembic revision to upgrade to (default: head)")
     up.set_defaults(handler="mascara.catalog.commands:cli_db_upgrade")
 
 
+#: Help of every ``--db`` option.
+DB_HELP = ("catalog URL, e.g. postgresql+psycopg://user@host/mascara (default: $MASCARA_DB_URL, "
+           "else the SQLite file <datadir>/catalog.sqlite)")
+MASCPROCESS_HELP = ("Reduce MASCARA camera-nights into fLC/sLC light curves with the Prefect flow reduce-night "
+                    "(or the plain driver with --no-prefect), recording everything in the catalog.")
+MASCPROCESS_EPILOG = ("exit codes: 0 every selected camera-night reduced; 1 at least one not reduced (failed, no "
+                      "frames, no master dark with --require-calibration, or held by another run; see mascara "
+                      "status); 2 a command-line mistake, nothing started; 128+N interrupted by signal N.")
+
+
 def add_mascprocess_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("datadir")
+    p.add_argument("datadir", help="data directory holding the night directories <YYYYMMDD><SITE><CAM>/raw/")
     p.add_argument("--night", default=None, help="YYYYMMDD[+YYYYMMDD...]; default: every night found")
     p.add_argument("--camera", default=None, help="camera letters joined by +, default: all found")
     p.add_argument("--site", default=None, help="LP or LS; default: every site found")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors: no progress bars, no summary line")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the flow's log (Prefect INFO) and the reduction's debug messages")
     p.add_argument("-o", "--overwrite", action="store_true", help="erase old outputs instead of moving them to _old")
     p.add_argument("--keep-old", type=int, default=1, metavar="N",
                    help="generations of earlier outputs to keep (<name>_old, _old2, ...; default 1)")
-    p.add_argument("--db", default=None)
+    p.add_argument("--db", default=None, help=DB_HELP)
     p.add_argument("--settings", default=None, help="JSON file of settings overrides")
     p.add_argument("--dask-address", default=None, help="run batches on a Dask cluster (tcp://... or 'local')")
     p.add_argument("--no-prefect", action="store_true", help="plain sequential driver without Prefect")
@@ -88,19 +98,21 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mascara", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mascara", description="MASCARA all-sky camera reduction: simulate "
+                                     "nights, reduce them (process, same as mascprocess), show and upgrade the catalog.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
     _add_status(sub)
     _add_db(sub)
-    p = sub.add_parser("process", help="same as mascprocess")
+    p = sub.add_parser("process", help="same as mascprocess", description=MASCPROCESS_HELP,
+                       epilog=MASCPROCESS_EPILOG)
     add_mascprocess_arguments(p)
     p.set_defaults(handler="flows.mascprocess:cli_mascprocess")
     return _dispatch(parser.parse_args(argv))
 
 
 def mascprocess_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mascprocess", description="reduce MASCARA nights (SPEC §9)")
+    parser = argparse.ArgumentParser(prog="mascprocess", description=MASCPROCESS_HELP, epilog=MASCPROCESS_EPILOG)
     add_mascprocess_arguments(parser)
     parser.set_defaults(handler="flows.mascprocess:cli_mascprocess")
     return _dispatch(parser.parse_args(argv))

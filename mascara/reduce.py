@@ -45,6 +45,7 @@ from mascara import lcformat as lcf
 from mascara.astrometry import AstrometryFailed, correct_batch, initial_solution
 from mascara.binning import Stacker, tile_grid
 from mascara.camera import CameraModel, nominal_camera
+from mascara.diagnostics import diagnostic_stars, keep_binned_preview
 from mascara.lightcurves import StarSplitter, combine_night, run_splitter_process, write_batch_file
 from mascara.photometry import SkyNoiseModel, measure_apertures
 from mascara.pixelphase import NTERMS, PixelPhaseModel, phase_terms
@@ -639,6 +640,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
                 raise AssertionError(f"stacker holds {stacker.nframes} frames, the batch accepted {nf}")
             binned, count = stacker.result()
             binned[count < max(1, int(0.8 * nf))] = np.nan  # too few frames cover these pixels
+            keep_binned_preview(plan, batch, binned)  # the quick-look thumbnail (mascara.diagnostics)
         with sw("binned_astrometry"):
             binned_fill = np.where(np.isfinite(binned), binned, 0.0).astype(np.float32)
             binned_astro = correct_batch(model, binned_fill, alt[astro_idx], az[astro_idx], vmag[astro_idx],
@@ -891,8 +893,10 @@ def _remove(p: Path) -> None:
 # --------------------------------------------------------------------------- sequential driver
 
 
-def _start_splitter(plan: CameraNightPlan):
+def _start_splitter(plan: CameraNightPlan, ctx: NightContext):
     """The split by star in a separate process beside the reduction, as the original SaveItAll does.
+
+    It keeps the light curves of the night's diagnostic stars (:func:`mascara.diagnostics.diagnostic_stars`).
 
     Returns ``(queue, process)``: put batch file paths on the queue, then None to end it.
     """
@@ -900,7 +904,7 @@ def _start_splitter(plan: CameraNightPlan):
     queue = mpctx.Queue()
     proc = mpctx.Process(
         target=run_splitter_process,
-        args=(queue, str(plan.workdir), diagnostic_ids(load_stars(plan.settings))),
+        args=(queue, str(plan.workdir), diagnostic_stars(plan, ctx)),
         daemon=True,
     )
     proc.start()
@@ -971,7 +975,7 @@ def reduce_camera_night(
         on_prepared(ctx)
     skip = set(skip)
     todo = [b for b in (plan.batches if batches is None else batches) if b in plan.batches]
-    queue, proc = _start_splitter(plan) if split_in_background else (None, None)
+    queue, proc = _start_splitter(plan, ctx) if split_in_background else (None, None)
     outcomes: list[BatchOutcome] = []
     done_frames = 0
     total_frames = sum(len(plan.batches[b]) for b in todo)
@@ -1128,7 +1132,7 @@ def reduce_camera_night_live(
                 if on_prepared:
                     on_prepared(ctx)
                 if split_in_background:
-                    queue, proc = _start_splitter(live.plan)
+                    queue, proc = _start_splitter(live.plan, ctx)
                     for b in skipped:  # done by an earlier run: split again (idempotent)
                         if live.plan.batch_path(b).exists():
                             queue.put(str(live.plan.batch_path(b)))

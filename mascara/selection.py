@@ -27,6 +27,21 @@ class SelectionError(ValueError):
     """Arguments that select nothing, or nothing sensible; the message is one line for the user."""
 
 
+class NoNightData(SelectionError):
+    """Well-formed arguments naming nights for which the data directory holds no night directory.
+
+    For a scheduled run this is an ordinary night without data (dome closed),
+    not a mistake. ``expected`` lists the camera-nights that were asked for
+    and are missing, as far as they are known: the requested site and camera
+    letters, or else the cameras seen on other nights (empty when the data
+    directory holds no night at all).
+    """
+
+    def __init__(self, message: str, nights: list[str], expected: list[str]):
+        super().__init__(message)
+        self.nights, self.expected = nights, expected
+
+
 @dataclasses.dataclass(frozen=True)
 class Selection:
     """The validated request: the night directories to reduce and what was asked but is not there."""
@@ -238,6 +253,13 @@ def select_nights(datadir: str | Path, nights: Any = None, cameras: Any = None, 
             there = "no <YYYYMMDD><SITE><CAM>/raw/ directories there at all"
         if without_raw:
             there += f"; without raw/: {', '.join(without_raw[:5])}"
-        raise SelectionError(f"no night directory in {datadir} for {looked}; {there}")
+        message = f"no night directory in {datadir} for {looked}; {there}"
+        if night_list:
+            known = sorted({c for v in existing.values() for c in v})
+            if cams:
+                known = sorted({f"{s}{c}" for s in (sites or sorted({k[:2] for k in known}) or []) for c in cams})
+            known = [k for k in known if (sites is None or k[:2] in sites) and (cams is None or k[2] in cams)]
+            raise NoNightData(message, night_list, [f"{n}{k}" for n in night_list for k in known])
+        raise SelectionError(message)
     return Selection(datadir=datadir, nights=night_list, cameras=cams, sites=sites, settings=loaded,
                      night_dirs=chosen, not_found=not_found)

@@ -690,6 +690,37 @@ class Catalog:
                         astro_nstars=None if astro_nstars is None else int(astro_nstars),
                         flagged=bool(flagged), **counts)
 
+    def record_quality(self, run_id: str, batch_index: int, frames: Iterable[Sequence[Any]],
+                       transparency: float | None, low_transparency: bool) -> int:
+        """Record the sky quality of a reduced batch: per frame ``(lstseq, sky, transparency)``, and the batch's.
+
+        Frames are the accepted science frames of the camera-night, found by
+        lstseq (their rows exist: :meth:`record_frames` first). Returns the
+        number of frame rows updated.
+
+        Raises
+        ------
+        LeaseLost
+            The run no longer holds its camera-night's lease.
+        """
+        def num(v: Any) -> float | None:
+            return None if v is None or v != v else float(v)
+
+        def fn(s: Session) -> int:
+            cn_id, fp = self._run_key(s, run_id)
+            self._fence(s, run_id)
+            n = 0
+            for lstseq, sky, tr in frames:
+                n += s.execute(update(Frame).where(
+                    Frame.camera_night_id == cn_id, Frame.lstseq == int(lstseq), Frame.status == "ok"
+                ).values(sky=num(sky), transparency=num(tr))).rowcount
+            bid = make_id("batch", cn_id, fp, int(batch_index))
+            s.execute(update(Batch).where(Batch.id == bid).values(
+                transparency=num(transparency), low_transparency=bool(low_transparency)))
+            return n
+
+        return self._tx(fn)
+
     def batch_failed(self, run_id: str, batch_index: int, error: str) -> None:
         """Record a failed batch with its error text (a traceback is fine)."""
         self._set_batch(run_id, batch_index, status="failed", finished_at=_now(), error=str(error))

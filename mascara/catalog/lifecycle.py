@@ -403,8 +403,12 @@ def describe_products(night_path: str | Path, products: Mapping[str, Any]) -> li
     for kind, path in (("solution", night / "astrometry" / "camera_solution.json"),
                        ("diagnostics", night / "work" / "diagnostics.hdf5")):
         if path.is_file():
+            nstars = None
+            if kind == "diagnostics":  # the diagnostic stars it holds
+                with h5py.File(path, "r") as f:
+                    nstars = len(f["fast"]) if "fast" in f else None
             out.append({"kind": kind, "path": str(path), "sha256": file_sha256(path), "size": path.stat().st_size,
-                        "nstars": None})
+                        "nstars": nstars})
     return out
 
 

@@ -170,6 +170,8 @@ class Batch(SQLModel, table=True):
     flagged: bool | None = None  # astrometry kept the previous solution
     path: str | None = None  # temporary batch file
     sha256: str | None = Field(default=None, max_length=64)
+    transparency: float | None = None  # median of its frames' (mascara.diagnostics.frame_quality)
+    low_transparency: bool | None = None  # below mascara.diagnostics.LOW_TRANSPARENCY: clouds
 
 
 class Frame(SQLModel, table=True):
@@ -187,6 +189,8 @@ class Frame(SQLModel, table=True):
     size: int | None = None  # bytes
     status: str = Field(max_length=16)
     reason: str | None = None
+    sky: float | None = None  # median sky of the frame's stars, ADU per pixel (accepted frames)
+    transparency: float | None = None  # median measured / expected flux of bright stars; 1 = clear
 
 
 class Product(SQLModel, table=True):

@@ -63,7 +63,7 @@ def deployed_run(prefect_server, pristine_night, tmp_path_factory):
     env = {**env, "MASCARA_DATADIR": str(datadir)}
     prefect = str(BIN / "prefect")
     _run([prefect, "work-pool", "create", "mascara", "--type", "process"], env)
-    _run([prefect, "--no-prompt", "deploy", "--name", "nightly"], env, cwd=REPO)
+    _run([prefect, "--no-prompt", "deploy", "--all"], env, cwd=REPO)
     worker_log = open(root / "worker.log", "w")
     worker = subprocess.Popen([prefect, "worker", "start", "--pool", "mascara"], env=env, cwd=root,
                               stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -98,6 +98,10 @@ def test_deployment_has_the_nightly_schedule(deployed_run):
     assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 12 * * *"]
     assert dep["parameters"]["nights"] == "yesterday"
     assert dep["work_pool_name"] == "mascara"
+    # on-demand runs (one per camera-night) are capped over all workers; each worker caps itself (--limit 1)
+    r = httpx.get(f"{deployed_run['api']}/deployments/name/reduce-night/on-demand", timeout=30)
+    r.raise_for_status()
+    assert r.json()["global_concurrency_limit"]["limit"] == 5
 
 
 @pytest.mark.parametrize("kind", ["fLC", "sLC"])
@@ -126,12 +130,39 @@ def test_artifacts_summarise_the_camera_night(deployed_run):
     (run,) = runs(deployed_run["datadir"])
     arts = artifacts(deployed_run["api"], run["flow_run_id"])
     key = NIGHT_ID.lower()
-    assert {f"{key}-summary", f"{key}-progress", f"{key}-outputs"} <= set(arts)
+    night_key = f"{NIGHT}-lp"
+    assert {f"{key}-summary", f"{key}-progress", f"{key}-outputs", f"{key}-quicklook",
+            f"{night_key}-cameras", f"{night_key}-night"} <= set(arts)
     assert arts[f"{key}-progress"]["data"] == pytest.approx(100.0)
     (summary,) = json.loads(arts[f"{key}-summary"]["data"])
-    assert summary["frames"] == 120 and summary["batches"] == 3 and summary["rejected"] == 0
-    assert summary["stars_fLC"] > 100 and 0 < summary["astro_rms_median_px"] < 0.5
-    assert f"fLC_{NIGHT_ID}.hdf5" in arts[f"{key}-outputs"]["data"]
+    assert summary["state"] == "succeeded" and summary["frames ok / rejected"] == "120 / 0"
+    assert summary["batches (low transparency)"] == "3 (0)" and 0.9 < summary["transparency"] < 1.1
+    assert summary["fLC stars (per frame, V<=8.4)"] > 100 and 0 < summary["astrometry rms (px)"] < 0.5
+    assert summary["sLC stars (binned, V<=10.0)"] > summary["fLC stars (per frame, V<=8.4)"]
+    outputs = arts[f"{key}-outputs"]["data"]
+    assert f"`{deployed_run['datadir'] / NIGHT_ID / 'lightcurves' / f'fLC_{NIGHT_ID}.hdf5'}`" in outputs
+    assert "file://" not in outputs and "None" not in outputs and " 0.0 MB" not in outputs
+    # one table per night across cameras (here one camera), and the figures embedded
+    assert [r["camera-night"] for r in json.loads(arts[f"{night_key}-cameras"]["data"])] == [NIGHT_ID]
+    quicklook = arts[f"{key}-quicklook"]["data"]
+    assert quicklook.count("](data:image/png;base64,") == 5 and len(quicklook) < 200_000
+    assert arts[f"{night_key}-night"]["data"].count("](data:image/png;base64,") == 1
+
+
+def test_flow_run_is_named_after_its_parameters(deployed_run):
+    (run,) = runs(deployed_run["datadir"])
+    r = httpx.get(f"{deployed_run['api']}/flow_runs/{run['flow_run_id']}", timeout=30)
+    assert r.json()["name"] == f"{NIGHT}-LP-E"
+
+
+def test_quicklook_pngs_are_beside_the_night_files(deployed_run):
+    ql = deployed_run["datadir"] / NIGHT_ID / "quicklook"
+    assert sorted(p.name for p in ql.iterdir()) == sorted(f"{n}.png" for n in
+                                                          ("lightcurves", "sky", "astrometry", "frames", "thumbnail"))
+    assert all(2_000 < p.stat().st_size < 60_000 for p in ql.iterdir())
+    assert (deployed_run["datadir"] / "quicklook" / f"{NIGHT}LP.png").is_file()
+    with h5py.File(deployed_run["datadir"] / NIGHT_ID / "work" / "diagnostics.hdf5", "r") as f:
+        assert len(f["fast"]) == 10 and all(len(f["fast"][s]) > 80 for s in f["fast"])
 
 
 def _png_size(path) -> tuple[int, int]:
@@ -165,6 +196,43 @@ def test_ui_flow_run_page_shows_the_batch_task_runs(deployed_run, tmp_path):
     assert len(batch_names) == 3
     for name in batch_names | {f"combine-{NIGHT_ID}"}:
         assert name in dom, f"{name} not on the flow-run page"
+
+
+def _screenshot(url: str, png, height: int = 1800) -> str:  # type: ignore[no-untyped-def]
+    """Headless Chromium: a screenshot of ``url`` into ``png``; returns the page's DOM after its scripts ran."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--window-size=1400,{height}", "--virtual-time-budget=20000"]
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run([*flags, f"--user-data-dir={profile}", f"--screenshot={png}", url],
+                       capture_output=True, timeout=120, check=True)
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run([*flags, f"--user-data-dir={profile}", "--dump-dom", url],
+                              capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+@pytest.mark.browser
+def test_ui_artifact_page_shows_the_quicklook_figures(deployed_run, tmp_path):
+    """The quick-look artifact, opened in the UI as a person would, renders its embedded PNGs."""
+    from PIL import Image
+
+    api = deployed_run["api"]
+    (run,) = runs(deployed_run["datadir"])
+    art = artifacts(api, run["flow_run_id"])[f"{NIGHT_ID.lower()}-quicklook"]
+    png = tmp_path / "quicklook-artifact.png"
+    dom = _screenshot(f"{api.removesuffix('/api')}/artifacts/artifact/{art['id']}", png)
+    # the sanitiser kept the images: five <img> with data URIs in the rendered page
+    assert dom.count('src="data:image/png;base64,') == 5, dom[:2000]
+    assert f"{NIGHT_ID} at a glance" in dom and f"{NIGHT}-LP-E" in dom  # the heading and the run's name
+    # and they are drawn: the figures' white backgrounds and the orange transparency points cover the dark page
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    assert img.shape == (1800, 1400, 3)
+    white = (img.min(axis=2) > 245).mean()
+    orange = ((abs(img[..., 0] - 255) < 30) & (abs(img[..., 1] - 127) < 40) & (img[..., 2] < 60)).sum()
+    assert white > 0.15 and orange > 50, (white, orange)
 
 
 def test_a_cancelled_rerun_does_not_wedge_the_night(deployed_run, prefect_server, pristine_night, reference,

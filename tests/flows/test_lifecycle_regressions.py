@@ -88,7 +88,7 @@ def test_a_failed_move_aside_is_retried_not_skipped(prefect_server, pristine_nig
     moves = _rows(datadir, "SELECT src, dst, action, state FROM directory_move WHERE run_id = ?", second[0]["id"])
     assert sorted((Path(s).name, Path(d).name, a, st) for s, d, a, st in moves) == [
         ("astrometry", "astrometry_old", "renamed", "done"), ("lightcurves", "lightcurves_old", "renamed", "done"),
-        ("work", "work_old", "renamed", "done")]
+        ("quicklook", "quicklook_old", "renamed", "done"), ("work", "work_old", "renamed", "done")]
     old_rows = _rows(datadir, "SELECT path, sha256 FROM product WHERE run_id = ? AND kind = 'fLC'", first_run)
     assert old_rows == [(str(datadir / NIGHT_ID / "lightcurves_old" / f"fLC_{NIGHT_ID}.hdf5"), old_flc)]
     _check(datadir)

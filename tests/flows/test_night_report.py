@@ -1,0 +1,132 @@
+"""Runs a person can read: flow-run names from parameters, nights without data end Completed, artifacts in words."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+from flowkit import NIGHT
+
+from flows import report
+from flows.reduce_night import describe_request
+
+
+@pytest.mark.parametrize("nights, cameras, site, name", [
+    (NIGHT, "E+S", "LP", f"{NIGHT}-LP-E+S"),
+    (int(NIGHT), ["E"], None, f"{NIGHT}-all-E"),
+    ("20260301+20260302", None, "LP", "20260301+20260302-LP-all"),
+    ("20260301+20260302+20260303+20260304", "W", "LS", "20260301..20260304(4)-LS-W"),
+    ("all", None, None, "all-nights-all-all"),
+])
+def test_flow_run_names_say_what_a_run_reduces(nights, cameras, site, name):
+    assert describe_request(nights, cameras, site) == name
+
+
+def test_yesterday_is_named_by_its_date():
+    yesterday = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)).strftime("%Y%m%d")
+    assert describe_request("yesterday", None, None) == f"{yesterday}-all-all"
+    assert describe_request(None, "E", "LP") == f"{yesterday}-LP-E"
+
+
+def test_outputs_are_paths_as_text_with_sizes_and_what_star_counts_mean():
+    files = [{"kind": "fLC", "path": "/d/20260301LPE/lightcurves/fLC_20260301LPE.hdf5", "size": 8_512_000,
+              "nstars": 428, "sha256": "a" * 64},
+             {"kind": "solution", "path": "/d/20260301LPE/astrometry/camera_solution.json", "size": 2_300,
+              "nstars": None, "sha256": "b" * 64}]
+    md = report.outputs_markdown("20260301LPE", "/d/20260301LPE", files, [("/d/x/work", "/d/x/work_old")])
+    assert "file://" not in md and "None" not in md
+    assert "`/d/20260301LPE/lightcurves/fLC_20260301LPE.hdf5`" in md
+    assert "| 8.5 MB | 428 |" in md and "| 2 kB | - |" in md
+    assert "stars with per-frame photometry (V <= 8.4)" in md
+    row = report.camera_night_row("20260301LPE", "succeeded", {"frames": 260, "stars_fLC": 428, "stars_sLC": 914},
+                                  files)
+    assert row["fLC stars (per frame, V<=8.4)"] == 428
+    assert row["sLC stars (binned, V<=10.0)"] == 914 and row["fLC size"] == "8.5 MB"
+    assert row["frames ok / rejected"] == "260 / -" and row["note"] == ""
+
+
+# --------------------------------------------------------------------------- with a server
+
+_PROBE = """
+import json, sys
+from flows.reduce_night import reduce_night
+state = reduce_night(datadir=sys.argv[1], nights=sys.argv[2], return_state=True)
+print(json.dumps({"type": state.type.value, "message": state.message, "flow_run_id": str(state.state_details.flow_run_id)}))
+"""
+
+
+def _probe(env, datadir, nights):  # type: ignore[no-untyped-def]
+    res = subprocess.run([sys.executable, "-c", _PROBE, str(datadir), nights], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.prefect
+@pytest.mark.slow
+def test_a_nightly_run_without_data_ends_completed_and_says_so(prefect_server, tmp_path):
+    """The nightly default (``yesterday``) when the dome stayed closed: Completed, an artifact, ``empty`` rows."""
+    from mascara.catalog import connect
+
+    api, env = prefect_server
+    datadir = tmp_path / "data"
+    (datadir / f"{NIGHT}LPE" / "raw").mkdir(parents=True)  # an older night: cameras LPE and LPS are known
+    (datadir / f"{NIGHT}LPS" / "raw").mkdir(parents=True)
+    yesterday = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)).strftime("%Y%m%d")
+    out = _probe(env, datadir, "yesterday")
+    assert out["type"] == "COMPLETED", out
+    run = httpx.get(f"{api}/flow_runs/{out['flow_run_id']}", timeout=30).json()
+    assert run["name"] == f"{yesterday}-all-all"
+    arts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [out["flow_run_id"]]}}},
+                      timeout=30).json()
+    (nodata,) = [a for a in arts if (a["key"] or "").startswith("nodata")]
+    assert f"{yesterday}LPE" in nodata["data"] and f"{yesterday}LPS" in nodata["data"]
+    with connect(datadir=datadir) as cat:
+        rows = {r["camera"]: r for r in cat.night_status(yesterday)}
+    assert set(rows) == {"LPE", "LPS"} and {r["state"] for r in rows.values()} == {"empty"}
+    assert "no night directory" in rows["LPE"]["error"]
+
+    # an empty raw/ of a night that has a directory: Completed as well, recorded empty
+    out = _probe(env, datadir, NIGHT)
+    assert out["type"] == "COMPLETED", out
+    with connect(datadir=datadir) as cat:
+        assert {r["state"] for r in cat.night_status(NIGHT)} == {"empty"}
+
+
+@pytest.mark.prefect
+@pytest.mark.slow
+def test_a_real_failure_still_fails(prefect_server, pristine_night, tmp_path):
+    """A camera-night whose frames cannot be read at all (no camera solution) fails the flow run."""
+    from flowkit import NIGHT_ID, fresh_copy
+
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    broken = sorted((datadir / NIGHT_ID / "raw").glob(f"*{NIGHT_ID[-3:]}.fits*"))
+    assert len(broken) == 120
+    for p in broken:
+        p.write_bytes(b"SIMPLE  =                    T" + b" " * 50)  # named like frames, unreadable
+    out = _probe(env, datadir, NIGHT)
+    assert out["type"] == "FAILED", out
+    assert NIGHT_ID in out["message"]
+
+
+def test_an_empty_datadir_parameter_means_the_workers_mascara_datadir(monkeypatch, tmp_path):
+    from flows.reduce_night import worker_datadir
+    from mascara.selection import SelectionError
+
+    monkeypatch.setenv("MASCARA_DATADIR", str(tmp_path))
+    assert worker_datadir("/data/mascara") == "/data/mascara"
+    assert worker_datadir("") == worker_datadir("{{ $MASCARA_DATADIR }}") == str(tmp_path)
+    monkeypatch.delenv("MASCARA_DATADIR")
+    with pytest.raises(SelectionError, match="MASCARA_DATADIR is not set where this flow runs"):
+        worker_datadir("")
+
+
+def test_the_no_data_artifact_stays_short_for_a_long_range():
+    entries = [(f"202601{d:02d}LP{c}", "no night directory") for d in range(1, 32) for c in "ES"]
+    md = report.no_data_markdown(entries)
+    assert md.count("- **") == 30 and "... and 32 more" in md and "20260101LPE" in md

@@ -1,0 +1,178 @@
+"""Diagnostic stars, transparency and batch quality (mascara.diagnostics) on a simulated cloudy two-camera night."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from sqlalchemy import select
+from sqlmodel import Session
+
+from mascara import diagnostics as dg
+from mascara.catalog import connect
+from mascara.catalog.models import Batch, CameraNight, Frame
+from mascara.lightcurves import StarSplitter
+from mascara.simulate import SimConfig, simulate_night
+
+NIGHT = "20260301"
+
+
+@pytest.fixture(scope="module")
+def cloudy_night(tmp_path_factory) -> Path:
+    """150 frames of LPE and LPS with clouds passing mid-run, reduced by the library driver (SQLite catalog)."""
+    from flows._runs import drive_camera_night
+
+    datadir = tmp_path_factory.mktemp("cloudy")
+    db = f"sqlite:///{datadir / 'catalog.sqlite'}"
+    for cam in ("E", "S"):
+        simulate_night(datadir, NIGHT, SimConfig(site="LP", camera=cam, size="small", nframes=150, seed=1,
+                                                 clouds=True))
+        drive_camera_night(db, datadir / f"{NIGHT}LP{cam}", split_in_background=True)
+    return datadir
+
+
+def _diagnostics(workdir: Path) -> dict[str, np.ndarray]:
+    with h5py.File(workdir / "diagnostics.hdf5", "r") as f:
+        return {sid: f["fast"][sid][()] for sid in f["fast"]}
+
+
+def test_diagnostic_light_curves_exist_for_every_camera_and_differ(cloudy_night):
+    lcs = {cam: _diagnostics(cloudy_night / f"{NIGHT}LP{cam}" / "work") for cam in ("E", "S")}
+    for cam, stars in lcs.items():
+        assert len(stars) == dg.DIAGNOSTIC_COUNT, cam
+        # on the frame most of the night: most of the 150 frames for every star
+        assert all(len(rows) >= 0.8 * 150 for rows in stars.values()), {s: len(r) for s, r in stars.items()}
+        for rows in stars.values():
+            good = rows["flag"] == 0
+            assert good.mean() > 0.75 and np.all(rows["peak"][good] < 0.7 * 63000)  # unsaturated
+    assert not set(lcs["E"]) & set(lcs["S"])  # another camera looks elsewhere
+    for cam in ("E", "S"):  # the library driver draws the quick-look figures at the end
+        assert sorted(p.name for p in (cloudy_night / f"{NIGHT}LP{cam}" / "quicklook").iterdir()) == [
+            "astrometry.png", "frames.png", "lightcurves.png", "sky.png", "thumbnail.png"]
+    chosen = json.loads((cloudy_night / f"{NIGHT}LPE" / "work" / dg.STARS_FILE).read_text())["stars"]
+    assert [s["ascc"] for s in chosen] and all(s["fraction_on"] >= 0.5 for s in chosen)
+    assert [s["vmag"] for s in chosen] == sorted(s["vmag"] for s in chosen)
+
+
+def test_diagnostic_light_curves_grow_batch_by_batch(cloudy_night, tmp_path):
+    night = cloudy_night / f"{NIGHT}LPS"
+    ids = [s["ascc"] for s in json.loads((night / "work" / dg.STARS_FILE).read_text())["stars"]]
+    splitter = StarSplitter(tmp_path / "store", ids)
+    lengths = []
+    for p in sorted((night / "work" / "batches").glob("batch_*.h5")):
+        splitter.add(p)
+        lengths.append(sum(len(r) for r in _diagnostics(tmp_path / "store").values()))
+    assert len(lengths) == 4 and all(b > a for a, b in zip(lengths, lengths[1:])) and lengths[0] > 0
+
+
+def test_a_cloudy_batch_is_recorded_as_low_transparency(cloudy_night):
+    with connect(f"sqlite:///{cloudy_night / 'catalog.sqlite'}") as cat, Session(cat.engine) as s:
+        for cam in ("E", "S"):
+            (cn,) = s.execute(select(CameraNight.id).where(CameraNight.camera_id == f"LP{cam}")).scalars()
+            batches = {b.batch_index: b for b in s.execute(select(Batch).where(Batch.camera_night_id == cn)).scalars()}
+            tr = {i: b.transparency for i, b in batches.items()}
+            low = {i for i, b in batches.items() if b.low_transparency}
+            first, last = min(tr), max(tr)
+            # clouds pass in the middle: the edges of the run are clear, a middle batch is marked
+            assert tr[first] > 0.9 and tr[last] > 0.9, tr
+            assert low and low <= set(tr) - {first, last}, tr
+            assert min(tr.values()) < dg.LOW_TRANSPARENCY
+            frames = s.execute(select(Frame.lstseq, Frame.sky, Frame.transparency).where(
+                Frame.camera_night_id == cn, Frame.status == "ok", Frame.lstseq.is_not(None))).all()
+            assert len(frames) == 150 and all(t is not None and sky > 0 for _, sky, t in frames)
+            assert min(t for _, _, t in frames) < 0.4 < 0.95 < max(t for _, _, t in frames)
+    q = dg.read_qualities(cloudy_night / f"{NIGHT}LPS")  # the last camera of the loop
+    assert [x["batch"] for x in q] == sorted(tr) and all(x["astro_ok"] and x["drift_px"] is not None for x in q)
+    previews = sorted(p.name for p in (cloudy_night / f"{NIGHT}LPS" / "work" / dg.QUALITY_DIR).glob("binned_*"))
+    assert previews == [f"binned_{b:07d}.npy" for b in sorted(dg.preview_batches(sorted(tr)))]
+    assert dg.summarise(q)["batches_low_transparency"] == sorted(low)
+
+
+def test_frame_quality_is_the_median_ratio_of_bright_unflagged_stars():
+    from mascara import lcformat as lcf
+
+    rows = lcf.fast_table(6)
+    rows["lstseq"] = [10, 10, 10, 11, 11, 11]
+    rows["alt"] = 90.0
+    rows["jdmid"] = [1.0, 1.0, 1.0, 2.0, 2.0, 2.0]
+    rows["sky"] = [100, 110, 120, 50, 50, 50]
+    vmag = np.array([5.0, 6.0, 7.0, 5.0, 6.0, 9.0])  # the V 9 star is too faint to count
+    clear = dg.expected_flux(vmag, rows["alt"])
+    rows["flux1"] = clear * np.array([1.0, 1.0, 0.2, 0.5, 0.5, 0.01])
+    rows["flag"] = [0, 0, 0, 0, 8, 0]  # a saturated peak does not count
+    q = dg.frame_quality(rows, vmag)
+    assert list(q["lstseq"]) == [10, 11] and list(q["nstars"]) == [3, 1]
+    assert q["transparency"] == pytest.approx([1.0, 0.5]) and list(q["sky"]) == [110.0, 50.0]
+
+
+def test_pick_diagnostic_prefers_stars_on_the_frame_all_night():
+    vmag = np.array([3.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.2])
+    fraction = np.array([1.0, 1.0, 0.3, 0.9, 1.0, 0.6, 1.0])
+    iso = np.array([True, True, True, True, False, True, True])
+    peak_ok = np.array([True, False, True, True, True, True, True])
+    assert list(dg.pick_diagnostic(vmag, fraction, iso, peak_ok, n=2)) == [3, 5]
+    assert list(dg.pick_diagnostic(vmag, fraction, iso, peak_ok, n=1)) == [3]
+
+
+# --------------------------------------------------------------------------- quick-look figures (mascara.quicklook)
+
+
+def _png(path: Path) -> tuple[int, int]:
+    import struct
+
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_quicklook_figures_exist_are_small_and_change_when_a_batch_is_added(cloudy_night, tmp_path):
+    from mascara import quicklook as ql
+
+    src = cloudy_night / f"{NIGHT}LPE"
+    night = tmp_path / f"{NIGHT}LPE"
+    (night / "work" / dg.QUALITY_DIR).mkdir(parents=True)
+    ids = [s["ascc"] for s in json.loads((src / "work" / dg.STARS_FILE).read_text())["stars"]]
+    splitter = StarSplitter(night / "work", ids)
+    batches = sorted((src / "work" / "batches").glob("batch_*.h5"))
+    before: dict[str, bytes] = {}
+    for k, p in enumerate(batches[:3]):
+        b = int(p.stem.split("_")[1])
+        splitter.add(p)
+        for name in (dg.quality_path(src, b), dg.preview_path(src, b)):
+            if name.exists():  # previews are kept for the first and the middle batch only
+                shutil.copy(name, night / "work" / dg.QUALITY_DIR / name.name)
+        figs = ql.update_camera_night(night)
+        assert set(figs) == set(ql.FIGURES)
+        after = {n: Path(f).read_bytes() for n, f in figs.items()}
+        if before:  # every time-series figure shows the new batch
+            for n in ("lightcurves", "sky", "astrometry", "frames"):
+                assert after[n] != before[n], n
+        before = after
+    for name, path in figs.items():
+        assert path.parent == night / "quicklook" and 2_000 < path.stat().st_size < 60_000, (name, path.stat())
+        w, h = _png(path)
+        assert 300 < w <= 800 and 200 < h <= 600, (name, w, h)
+    out = ql.plot_night_summary({"LPE": src, "LPS": cloudy_night / f"{NIGHT}LPS"},
+                                ql.night_summary_path(tmp_path, NIGHT, "LP"), f"{NIGHT} LP")
+    assert out == tmp_path / "quicklook" / f"{NIGHT}LP.png" and out.stat().st_size < 60_000
+
+
+def test_quicklook_draws_an_empty_night_without_failing(tmp_path):
+    from mascara import quicklook as ql
+
+    night = tmp_path / f"{NIGHT}LPW"
+    (night / "work").mkdir(parents=True)
+    figs = ql.update_camera_night(night)
+    assert set(figs) == {"lightcurves", "sky", "astrometry", "frames"} and all(p.is_file() for p in figs.values())
+
+
+def test_short_reason_drops_details():
+    from mascara.quicklook import short_reason
+
+    assert short_reason("truncated file (2880 of 5760 bytes)") == "truncated file"
+    assert short_reason("mostly saturated (75% of the science pixels >= 63000 ADU)") == "mostly saturated"
+    assert short_reason("missing header keyword(s) JD") == "missing header keyword"
