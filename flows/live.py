@@ -15,7 +15,6 @@ camera-night is combined and its run ends ``succeeded``, exactly as
 from __future__ import annotations
 
 import datetime as dt
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import _runs
-from flows.reduce_night import _transient_task
+from flows.reduce_night import _transient_task, worker_datadir
 
 #: Seconds between two updates of a night's progress artifact.
 PROGRESS_INTERVAL = 30.0
@@ -108,7 +107,7 @@ def reduce_night_live(datadir: str | None = None, nights: str = "tonight", camer
         raise SelectionError("the live flow takes one night and one site")
     night, site = night_list[0], sites[0]
     cams = parse_cameras(cameras) or list(CAMERAS)
-    root = Path(datadir or os.environ.get("MASCARA_DATADIR") or ".").resolve()
+    root = Path(worker_datadir(datadir)).resolve()
     url = resolve_url(db_url, str(root))
     s = Settings.from_dict(settings)
     until: float | None = dawn_jd(night, site)
