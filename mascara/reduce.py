@@ -421,6 +421,8 @@ class BatchOutcome:
 
 
 class _Stopwatch:
+    """CPU seconds per stage of this thread (batches may run side by side in threads)."""
+
     def __init__(self) -> None:
         self.cpu: dict[str, float] = defaultdict(float)
 
@@ -429,10 +431,10 @@ class _Stopwatch:
 
         class _Ctx:
             def __enter__(self):
-                self.t = time.process_time()
+                self.t = time.thread_time()
 
             def __exit__(self, *exc):
-                sw.cpu[stage] += time.process_time() - self.t
+                sw.cpu[stage] += time.thread_time() - self.t
 
         return _Ctx()
 
