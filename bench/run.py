@@ -489,10 +489,12 @@ def render(res: dict, s: dict) -> str:
     full = s["full_batch"]
     L = []
     L.append("# Performance\n")
-    L.append("Written by `bench/run.py` (issue 5); re-run with the command below (`make bench`). "
-             "CPU seconds are `time.process_time()` of the reducing process with BLAS/numba limited "
-             "to one thread, so they are single-core figures; the machine is shared, so read ratios "
-             "more than absolutes.\n")
+    L.append("Written by `bench/run.py` (issues 5 and 12); re-run with the command below (`make bench`; "
+             "`python bench/run.py --render-only` rewrites this file from the last run's results). Section 0 "
+             "runs whole `mascprocess` processes as a user does (imports, numba cache loads, prepare, the "
+             "batches on 2 cores, the splitter, the combine, Prefect): the targets are taken there. Sections "
+             "1-3 are in-process figures with BLAS/numba limited to one thread (stage CPU is the thread's CPU "
+             "time). The machine is shared: read the load average, and ratios more than absolutes.\n")
     L.append("## Machine and command\n")
     L.append(f"- CPU: {m['cpu']}; {m['cores']} cores; {m['memory']}; load average at the end "
              f"{', '.join(f'{v:.2f}' for v in m['loadavg'])}")
@@ -646,7 +648,7 @@ def render_process(pr: dict) -> list[str]:
     L.append("|---|---:|---:|---:|---:|")
     for key, d in pr["drivers"].items():
         for n in (n1, n2):
-            r = d["runs"][n]
+            r = d["runs"].get(n, d["runs"].get(str(n)))  # int keys, or str keys read back from results.json
             L.append(f"| {key} | {n} | {r['wall']['min']:.1f} / {r['wall']['median']:.1f} | "
                      f"{r['cpu']['min']:.1f} / {r['cpu']['median']:.1f} | {r['rss_mb']:.0f} |")
     L.append("")
@@ -707,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="add a cProfile of the full batch to the report")
     ap.add_argument("--notes", default=str(HERE / "perf_notes.md"),
                     help="markdown appended as the analysis section (default bench/perf_notes.md)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite the report from --out/results.json (e.g. after editing the notes); no runs")
     ap.add_argument("--no-cache", action="store_true")
     ap.add_argument("--keep-combine", action="store_true")
     args = ap.parse_args(argv)
@@ -720,6 +724,13 @@ def main(argv: list[str] | None = None) -> int:
         args.photutils_frames = min(args.photutils_frames, 1)
         args.combine_frames, args.combine_stars, args.combine_per_frame = 200, 1500, 300
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.render_only:
+        res = json.loads((Path(args.out) / "results.json").read_text())["results"]
+        if args.notes and Path(args.notes).exists():
+            res["notes"] = Path(args.notes).read_text()
+        Path(args.report).write_text(render(res, summarise(res)))
+        print(f"[bench] report {args.report} rewritten from {Path(args.out) / 'results.json'}")
+        return 0
 
     res: dict = {}
     t0 = time.perf_counter()
