@@ -34,8 +34,9 @@ import os
 import shutil
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Collection, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ from mascara.photometry import SkyNoiseModel, measure_apertures
 from mascara.pixelphase import NTERMS, PixelPhaseModel, phase_terms
 from mascara.rawio import (
     BadFrame,
+    FrameBuffers,
     FrameFile,
     MasterCalibration,
     NightDir,
@@ -61,6 +63,7 @@ from mascara.rawio import (
     night_frame_shape,
     parse_night_dir,
     raw_inventory_hash,
+    read_calibrated,
     read_frame,
     scan_raw,
 )
@@ -457,6 +460,8 @@ class BatchOutcome:
 
 
 class _Stopwatch:
+    """CPU seconds per stage of this thread (batches may run side by side in threads)."""
+
     def __init__(self) -> None:
         self.cpu: dict[str, float] = defaultdict(float)
 
@@ -465,10 +470,10 @@ class _Stopwatch:
 
         class _Ctx:
             def __enter__(self):
-                self.t = time.process_time()
+                self.t = time.thread_time()
 
             def __exit__(self, *exc):
-                sw.cpu[stage] += time.process_time() - self.t
+                sw.cpu[stage] += time.thread_time() - self.t
 
         return _Ctx()
 
@@ -530,18 +535,18 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     # -- the middle frame first: astrometry of the batch --------------------------------
     order = _middle_first(frames, batch, s.batch_size)
     ref = None
+    # read + calibrate is one pass into buffers reused from frame to frame (the reference frame keeps its own)
+    ref_buffers, buffers = FrameBuffers(), FrameBuffers()
     for ff in order:
         try:
             with sw("read"):
-                ref = read_frame(ff.path, ctx.raw_shape)
+                ref, ref_image, ref_raw = read_calibrated(ff.path, master, ctx.raw_shape, ref_buffers)
             break
         except BadFrame as exc:
             rejected.append((ff.lstseq, ff.path.name, exc.reason))
     if ref is None:
         return _finish(plan, batch, frames, rejected, accepted, None, None, None, night_model, sw,
                        "no readable frame", astro=None)
-    with sw("calibrate"):
-        ref_image, ref_raw = calibrate(ref, master)
     jd_ref = float(ref.header["JD"])
     with sw("positions"):
         places0 = ApparentPlaces(stars.ra, stars.dec, site, jd_ref)
@@ -586,13 +591,11 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
         else:
             try:
                 with sw("read"):
-                    frame = read_frame(ff.path, ctx.raw_shape)
+                    frame, image, raw = read_calibrated(ff.path, master, ctx.raw_shape, buffers)
             except BadFrame as exc:
                 if not any(r[1] == ff.path.name for r in rejected):  # refused once already as reference
                     rejected.append((ff.lstseq, ff.path.name, exc.reason))
                 continue
-            with sw("calibrate"):
-                image, raw = calibrate(frame, master)
         accepted.append((ff.lstseq, ff.path.name, ff.size))
         h = frame.header
         jd = float(h["JD"])
@@ -928,6 +931,19 @@ def _stop_splitter(queue, proc) -> None:
     proc.join()
 
 
+class _Done:
+    """A finished result with the face of a future (the serial path of :func:`reduce_camera_night`)."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        return self.value
+
+
 @dataclasses.dataclass
 class NightResult:
     night_id: str
@@ -953,8 +969,9 @@ def reduce_camera_night(
     split_in_background: bool = True,
     combine: bool = True,
     require_calibration: bool = False,
+    workers: int | None = None,
 ) -> NightResult:
-    """Reduce one camera-night sequentially (the library driver).
+    """Reduce one camera-night (the library driver), ``workers`` batches at a time.
 
     Parameters
     ----------
@@ -967,6 +984,9 @@ def reduce_camera_night(
         reduction, as the original SaveItAll does.
     combine : write the night files at the end.
     require_calibration : raise :class:`CalibrationRequired` rather than reduce without a master dark.
+    workers : batches reduced at once, in threads (the kernels release the GIL); default
+        ``$MASCARA_WORKERS`` or the number of cores. Batches are independent and their
+        outcomes are handed to ``on_batch`` in batch order, so the result equals a serial run's.
     """
     t0 = time.perf_counter()
     plan = plan_camera_night(night_dir, settings)
@@ -979,23 +999,41 @@ def reduce_camera_night(
     outcomes: list[BatchOutcome] = []
     done_frames = 0
     total_frames = sum(len(plan.batches[b]) for b in todo)
+    nworkers = max(1, int(workers if workers is not None else os.environ.get("MASCARA_WORKERS", os.cpu_count() or 1)))
+    pool = ThreadPoolExecutor(max_workers=nworkers, thread_name_prefix="batch") if nworkers > 1 else None
+    pending: deque = deque()  # (batch, future or None), in batch order; at most nworkers running
     try:
-        for b in todo:
+        for i, b in enumerate(todo):
             if b in skip and plan.batch_path(b).exists():
+                pending.append((b, None))
+            elif pool is None:
+                pending.append((b, _Done(reduce_batch(plan, ctx, b))))
+            else:
+                pending.append((b, pool.submit(reduce_batch, plan, ctx, b)))
+            # hand over finished batches in order; keep at most nworkers batches in flight
+            while pending and (i == len(todo) - 1 or pending[0][1] is None or pending[0][1].done()
+                               or sum(f is not None and not f.done() for _, f in pending) >= nworkers):
+                b0, fut = pending.popleft()
+                if fut is None:
+                    if queue is not None:
+                        queue.put(str(plan.batch_path(b0)))
+                    done_frames += len(plan.batches[b0])
+                    continue
+                outcome = fut.result()
+                outcomes.append(outcome)
+                if on_batch:  # recorded first: a run that lost its lease stops here, before the split
+                    on_batch(outcome)
                 if queue is not None:
-                    queue.put(str(plan.batch_path(b)))
-                done_frames += len(plan.batches[b])
-                continue
-            outcome = reduce_batch(plan, ctx, b)
-            outcomes.append(outcome)
-            if on_batch:  # recorded first: a run that lost its lease stops here, before the split
-                on_batch(outcome)
-            if queue is not None:
-                queue.put(outcome.path)
-            done_frames += len(plan.batches[b])
-            if on_frame_progress:
-                on_frame_progress(done_frames, total_frames)
+                    queue.put(outcome.path)
+                done_frames += len(plan.batches[b0])
+                if on_frame_progress:
+                    on_frame_progress(done_frames, total_frames)
     finally:
+        if pool is not None:
+            for _, fut in pending:
+                if fut is not None:
+                    fut.cancel()
+            pool.shutdown(wait=True)
         _stop_splitter(queue, proc)
     products = {}
     if combine:
