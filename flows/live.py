@@ -24,7 +24,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import _runs
-from flows.reduce_night import _transient_task, worker_datadir
+from flows import report
+from flows.reduce_night import _redraw_quicklook, _transient_task, worker_datadir
 
 #: Seconds between two updates of a night's progress artifact.
 PROGRESS_INTERVAL = 30.0
@@ -122,11 +123,17 @@ def reduce_night_live(datadir: str | None = None, nights: str = "tonight", camer
                 for c in cams}
 
     def publish(cam: _Camera, state: str, force: bool = False) -> None:
+        """The night's progress and its quick-look figures (redrawn), at most every PROGRESS_INTERVAL s."""
         if not force and time.monotonic() - cam.published < PROGRESS_INTERVAL:
             return
         nid = cam.night_dir.night_id
         create_markdown_artifact(key=f"{nid.lower()}-live", markdown=_progress_markdown(nid, cam.done, 0, state),
                                  description=f"{nid}: live progress")
+        figures = _redraw_quicklook(cam.night_dir.path)
+        if figures:
+            report.publish_markdown(f"{nid.lower()}-quicklook",
+                                    report.quicklook_markdown(nid, figures, str(cam.night_dir.path)),
+                                    f"Quick-look figures of {nid} ({state})")
         cam.published = time.monotonic()
 
     with _runs.Heartbeat(url) as heartbeat:

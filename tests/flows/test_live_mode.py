@@ -106,3 +106,13 @@ def test_live_flow_shows_each_batch_as_a_task_run_while_the_night_goes_on(tmp_pa
     first_done = min(dt.datetime.fromisoformat(t["end_time"]).timestamp() for t in batches)
     assert first_done < last_frame < sim_end, (first_done, last_frame)
     assert_same_night_files(datadir / NIGHT_ID, reference)
+    # the progress and the quick-look figures of the night, as artifacts of the flow run
+    r = httpx.post(f"{api}/artifacts/filter", timeout=30, json={
+        "artifacts": {"flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}}})
+    r.raise_for_status()
+    versions: dict[str, list[str]] = {}
+    for a in r.json():
+        versions.setdefault(a["key"] or "", []).append(str(a["data"]))
+    assert {f"{NIGHT_ID.lower()}-live", f"{NIGHT_ID.lower()}-quicklook"} <= set(versions), sorted(versions)
+    assert any("3 batches reduced" in d for d in versions[f"{NIGHT_ID.lower()}-live"])
+    assert any("data:image/png;base64," in d for d in versions[f"{NIGHT_ID.lower()}-quicklook"])
