@@ -129,9 +129,14 @@ def _mascprocess(args: argparse.Namespace) -> int:
     except SelectionError as exc:
         print(f"mascprocess: {exc}", file=sys.stderr)
         return 2
-    for missing in sel.not_found:
-        print(f"mascprocess: no night directory {missing} in {sel.datadir}; going on with the others",
-              file=sys.stderr)
+    if len(sel.not_found) > 3:  # a range: nights without data are ordinary
+        print(f"mascprocess: no night directory for {len(sel.not_found)} of the requested camera-nights in "
+              f"{sel.datadir} ({', '.join(sel.not_found[:3])}, ...); going on with the "
+              f"{len(sel.night_dirs)} found", file=sys.stderr)
+    else:
+        for missing in sel.not_found:
+            print(f"mascprocess: no night directory {missing} in {sel.datadir}; going on with the others",
+                  file=sys.stderr)
     _prepare_environment(args)
     settings = sel.settings
     if args.no_prefect:

@@ -26,6 +26,7 @@ import os
 import queue
 import socket
 import sys
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,6 +50,8 @@ TRANSIENT = (OSError, TimeoutError, OperationalError, InterfaceError, Disconnect
 #: Retries of a task on a transient error, with exponential backoff from RETRY_BACKOFF seconds.
 RETRIES = 3
 RETRY_BACKOFF = float(os.environ.get("MASCARA_RETRY_BACKOFF", "10"))
+#: Seconds between two updates of a night's progress artifact (each is an API call); the last is always sent.
+PROGRESS_INTERVAL = 5.0
 
 
 # --------------------------------------------------------------------------- task policies
@@ -316,6 +319,7 @@ class _Night:
     state: str = "pending"  # pending, running, succeeded, failed, locked, empty
     message: str = ""
     progress_id: Any = None
+    progress_at: float = 0.0  # monotonic time of the last progress-artifact update
     result: dict | None = None
 
 
@@ -537,6 +541,11 @@ def reduce_night(
                     n.split_pending.append((res["path"], res["sha256"]))
                     _notify("batch_done", n.night_id, n.batches[payload], True)
                     done = len(n.batches) - len(n.left)
+                    now = time.monotonic()
+                    if n.left and now - n.progress_at < PROGRESS_INTERVAL:
+                        maybe_split_or_combine(n)  # at most one progress API call every few seconds
+                        continue
+                    n.progress_at = now
                     try:
                         update_progress_artifact(n.progress_id, 100.0 * done / len(n.batches),
                                                  description=f"{n.night_id}: {done}/{len(n.batches)} batches, "

@@ -15,7 +15,7 @@ import math
 from numba import njit
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _segment_integral(t: float, r: float) -> float:
     """Integral of sqrt(r^2 - u^2) du from 0 to t, for 0 <= t <= r."""
     s = r * r - t * t
@@ -27,7 +27,7 @@ def _segment_integral(t: float, r: float) -> float:
     return 0.5 * (t * math.sqrt(s) + r * r * math.asin(q))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _corner_area(x: float, y: float, r: float) -> float:
     """Signed area of the circle (centre 0, radius r) inside [0, x] x [0, y]."""
     sign = 1.0
@@ -48,7 +48,7 @@ def _corner_area(x: float, y: float, r: float) -> float:
     return sign * (y * xc + _segment_integral(x, r) - _segment_integral(xc, r))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def rect_circle_overlap(x0: float, x1: float, y0: float, y1: float, r: float) -> float:
     """Area of the circle (centre 0, radius r) inside [x0, x1] x [y0, y1]."""
     return (
@@ -59,7 +59,7 @@ def rect_circle_overlap(x0: float, x1: float, y0: float, y1: float, r: float) ->
     )
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def pixel_weight(dx: float, dy: float, near2: float, far2: float, r: float) -> float:
     """Fraction of the unit pixel centred at (dx, dy) from the circle centre inside radius r.
 

@@ -82,7 +82,7 @@ def tile_grid(shape: tuple[int, int], tile: int = 32) -> tuple[np.ndarray, np.nd
     return xx, yy
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _add_nearest(frame, dx, dy, tile, acc, full, partial):
     """Add ``frame`` shifted by the rounded per-tile shifts.
 
@@ -152,7 +152,7 @@ def _add_nearest(frame, dx, dy, tile, acc, full, partial):
                         p[k] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _add_linear(frame, dx, dy, tile, acc, full, partial):
     """Bilinear variant of :func:`_add_nearest` (same counting scheme)."""
     ny, nx = frame.shape
@@ -248,7 +248,7 @@ def cubic_weights(frac: np.ndarray) -> np.ndarray:
     ], axis=-1)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _add_cubic(frame, ix, iy, wx, wy, tile, acc, full, partial, hbuf, wcol):
     """Separable 4 x 4-tap resampling of each tile (see :func:`cubic_weights`), same counting as the others.
 

@@ -36,8 +36,11 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="show what was reduced (the night_status view)")
     p.add_argument("datadir", nargs="?", default=".", help="data directory whose catalog to show (default: .)")
     p.add_argument("--db", default=None, help=DB_HELP)
-    p.add_argument("--night", default=None, help="YYYYMMDD[+YYYYMMDD...]")
+    p.add_argument("--night", default=None, help="YYYYMMDD, several joined by +, or a range YYYYMMDD..YYYYMMDD")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--season", action="store_true",
+                   help="monthly totals per site and camera instead (the season view): camera-nights done, "
+                        "failed, running, pending, empty; frames; CPU hours")
     p.set_defaults(handler="mascara.catalog.commands:cli_status")
 
 
@@ -63,7 +66,7 @@ MASCPROCESS_EPILOG = ("exit codes: 0 every selected camera-night reduced; 1 at l
 
 def add_mascprocess_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("datadir", help="data directory holding the night directories <YYYYMMDD><SITE><CAM>/raw/")
-    p.add_argument("--night", default=None, help="YYYYMMDD[+YYYYMMDD...]; default: every night found")
+    p.add_argument("--night", default=None, help="YYYYMMDD, several joined by +, or a range YYYYMMDD..YYYYMMDD (nights without data in a range are skipped); default: every night found")
     p.add_argument("--camera", default=None, help="camera letters joined by +, default: all found")
     p.add_argument("--site", default=None, help="LP or LS; default: every site found")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors: no progress bars, no summary line")

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
+from numba import njit
 
 from mascara.selection import NIGHT_DIR_RE
 
@@ -328,11 +329,14 @@ def night_frame_shape(frames: Sequence[FrameFile], sample: int = 9) -> tuple[int
     return votes.most_common(1)[0][0]
 
 
-def _open_image(path: Path, allow_float: bool, memmap: bool) -> tuple[fits.Header, np.ndarray]:
+def _open_image(path: Path, allow_float: bool, memmap: bool,
+                decode=None) -> tuple[fits.Header, np.ndarray]:
     """Header and pixels of a FITS file's primary image, after the file and FITS checks.
 
     Integer images come back as uint16; floating-point ones (calibration
     masters only, ``allow_float``) as float32 when every pixel is finite.
+    ``decode(hdu)``, when given, replaces the conversion of the pixels (it
+    runs while the file is open).
     """
     problem = _file_problem(path)
     if problem:
@@ -347,7 +351,7 @@ def _open_image(path: Path, allow_float: bool, memmap: bool) -> tuple[fits.Heade
                 truncated = [w for w in caught if "truncated" in str(w.message)]
                 if truncated:
                     raise BadFrame(path, f"truncated file ({truncated[0].message})")
-                data = _pixels(hdu, path, allow_float)
+                data = _pixels(hdu, path, allow_float) if decode is None else decode(hdu)
             truncated = [w for w in caught if "truncated" in str(w.message)]
             if truncated:  # some truncations only show when the data are read
                 raise BadFrame(path, f"truncated file ({truncated[0].message})")
@@ -400,16 +404,26 @@ def read_frame(path: Path | str, expected_shape: tuple[int, int] | None = None) 
     """
     path = Path(path)
     header, data = _open_image(path, allow_float=False, memmap=True)
+    return validate_frame(Frame(path=path, data=data, header=_header_values(path, header)), expected_shape)
+
+
+def _header_values(path: Path, header: fits.Header) -> dict:
+    """The required keywords of a science frame (and AVERSION) as a dict; BadFrame if any is missing."""
     missing = [k for k in REQUIRED_KEYWORDS if k not in header]
     if missing:
         raise BadFrame(path, f"missing header keyword(s) {', '.join(missing)}")
     hdict = {k: header[k] for k in REQUIRED_KEYWORDS}
     hdict["AVERSION"] = header.get("AVERSION", "unknown")
-    return validate_frame(Frame(path=path, data=data, header=hdict), expected_shape)
+    return hdict
 
 
-def validate_frame(frame: Frame, expected_shape: tuple[int, int] | None = None) -> Frame:
-    """The header-value and pixel checks of the intake; raise :class:`BadFrame` with the reason."""
+def validate_frame(frame: Frame, expected_shape: tuple[int, int] | None = None,
+                   pixel_stats: tuple[int, int, float] | None = None) -> Frame:
+    """The header-value and pixel checks of the intake; raise :class:`BadFrame` with the reason.
+
+    ``pixel_stats``: ``(min, max, saturated fraction)`` of the pixels when
+    already computed (:func:`read_calibrated`), else computed here.
+    """
     path, h, data = frame.path, frame.header, frame.data
     if data.ndim != 2:
         raise BadFrame(path, f"image has {data.ndim} dimensions, expected 2")
@@ -448,11 +462,14 @@ def validate_frame(frame: Frame, expected_shape: tuple[int, int] | None = None) 
     if x0 < 0 or y0 < 0 or nx <= 0 or ny <= 0 or y0 + ny > data.shape[0] or x0 + nx > data.shape[1]:
         raise BadFrame(path, f"science region X0={x0} Y0={y0} {nx}x{ny} does not fit the "
                              f"{data.shape[1]}x{data.shape[0]} image")
-    lo, hi = int(data.min()), int(data.max())
+    if pixel_stats is None:
+        lo, hi = int(data.min()), int(data.max())
+        sci = data[y0:y0 + ny:2, x0:x0 + nx:2]  # every 4th pixel is plenty for a fraction
+        saturated = float(np.count_nonzero(sci >= SATURATION_ADU)) / sci.size
+    else:
+        lo, hi, saturated = pixel_stats
     if lo == hi:
         raise BadFrame(path, f"constant image (every pixel is {lo})")
-    sci = data[y0:y0 + ny:2, x0:x0 + nx:2]  # every 4th pixel is plenty for a fraction
-    saturated = float(np.count_nonzero(sci >= SATURATION_ADU)) / sci.size
     if saturated > MAX_SATURATED_FRACTION:
         raise BadFrame(path, f"mostly saturated ({saturated:.0%} of the science pixels >= {SATURATION_ADU} ADU)")
     return frame
@@ -569,3 +586,135 @@ def calibrate(frame: Frame, master: MasterCalibration) -> tuple[np.ndarray, np.n
     image = raw.astype(np.float32)
     image -= master.level[sl]
     return image, raw
+
+
+# --------------------------------------------------------------------------- read + calibrate in one pass
+
+
+class FrameBuffers:
+    """Arrays reused by :func:`read_calibrated` from one frame to the next (one set per frame kept alive).
+
+    ``raw`` holds the whole raw frame (uint16), ``image`` the calibrated
+    science region (float32); both are overwritten by the next read.
+    """
+
+    def __init__(self) -> None:
+        self.raw: np.ndarray | None = None
+        self.image: np.ndarray | None = None
+
+    def get(self, shape: tuple[int, int], sci_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        if self.raw is None or self.raw.shape != shape:
+            self.raw = np.empty(shape, dtype=np.uint16)
+        if self.image is None or self.image.shape != sci_shape:
+            self.image = np.empty(sci_shape, dtype=np.float32)
+        return self.raw, self.image
+
+
+@njit(cache=True, nogil=True)
+def _decode_calibrate(src, master, use_master, y0, y1, x0, x1, saturation, raw_out, image_out):
+    """One pass over a BZERO = 32768 int16 frame: raw uint16 pixels, the calibrated science region, statistics.
+
+    ``src`` is the file's big-endian int16 pixels viewed as native uint16:
+    swapping the bytes and flipping the sign bit gives the unsigned value.
+    Each row is decoded into ``raw_out`` and, while it is in cache,
+    ``float32(raw) - master`` (float32 arithmetic, as numpy's) is written into
+    ``image_out``. Returns the minimum and maximum raw value and the number
+    of saturated pixels among every second row and column of the science
+    region (the sample of :func:`validate_frame`).
+    """
+    ny, nx = src.shape
+    lo = np.uint16(65535)
+    hi = np.uint16(0)
+    nsat = 0
+    for j in range(ny):
+        s = src[j]
+        r = raw_out[j]
+        rlo = np.uint16(65535)
+        rhi = np.uint16(0)
+        for i in range(nx):
+            w = np.uint32(s[i])
+            r[i] = np.uint16(((w >> np.uint32(8)) | (w << np.uint32(8))) ^ np.uint32(0x8000))
+        for i in range(nx):
+            u = r[i]
+            rlo = min(rlo, u)
+            rhi = max(rhi, u)
+        lo = min(lo, rlo)
+        hi = max(hi, rhi)
+        if y0 <= j < y1:
+            im = image_out[j - y0]
+            if use_master:
+                m = master[j]
+                for i in range(x0, x1):
+                    im[i - x0] = np.float32(r[i]) - m[i]
+            else:
+                for i in range(x0, x1):
+                    im[i - x0] = np.float32(r[i])
+            if (j - y0) % 2 == 0:
+                for i in range(x0, x1, 2):
+                    nsat += r[i] >= saturation
+    return lo, hi, nsat
+
+
+def _science_region(header: fits.Header, shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1) of the science region when the header gives a sane one inside ``shape``, else None."""
+    try:
+        x0, y0, nx, ny = (int(header[k]) for k in ("X0", "Y0", "XSIZE", "YSIZE"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if len(shape) != 2 or x0 < 0 or y0 < 0 or nx <= 0 or ny <= 0 or y0 + ny > shape[0] or x0 + nx > shape[1]:
+        return None
+    return y0, y0 + ny, x0, x0 + nx
+
+
+def read_calibrated(path: Path | str, master: MasterCalibration, expected_shape: tuple[int, int] | None = None,
+                    buffers: FrameBuffers | None = None) -> tuple[Frame, np.ndarray, np.ndarray]:
+    """:func:`read_frame` then :func:`calibrate`, in one pass over the pixels into reused buffers.
+
+    The same intake checks with the same reasons, and the same arrays,
+    bit for bit. Frames the one-pass decoder does not handle (other than
+    BZERO-scaled 16-bit integers, a shape other than ``expected_shape`` or
+    the master's, an odd science region) take the two-step path.
+
+    Returns
+    -------
+    frame : the :class:`Frame`; ``frame.data`` is ``buffers.raw`` when the one-pass path was taken
+    image : float32 (YSIZE, XSIZE), calibrated ADU (``buffers.image``)
+    raw : uint16 (YSIZE, XSIZE) view of the raw science region
+
+    Raises
+    ------
+    BadFrame
+        the first intake check the frame fails, as :func:`read_frame` and :func:`calibrate`.
+    """
+    path = Path(path)
+    buffers = buffers if buffers is not None else FrameBuffers()
+    level = master.level
+    done: dict = {}
+
+    def decode(hdu):
+        h = hdu.header
+        data = hdu.data
+        region = _science_region(h, np.shape(data)) if data is not None else None
+        if (data is None or region is None or data.dtype != np.dtype(">i2") or not data.flags.c_contiguous
+                or int(h.get("BITPIX", 0)) != 16 or h.get("BZERO", 0) != 32768 or h.get("BSCALE", 1) != 1
+                or (expected_shape is not None and data.shape != tuple(expected_shape))
+                or (level is not None and level.shape != data.shape) or np.little_endian is False):
+            return _pixels(hdu, path, False)
+        y0, y1, x0, x1 = region
+        raw, image = buffers.get(data.shape, (y1 - y0, x1 - x0))
+        use = level is not None
+        lvl = level if use else np.zeros((1, 1), np.float32)
+        lo, hi, nsat = _decode_calibrate(data.view(np.uint16), lvl, use, y0, y1, x0, x1, SATURATION_ADU,
+                                         raw, image)
+        nsample = ((y1 - y0 + 1) // 2) * ((x1 - x0 + 1) // 2)
+        done.update(stats=(int(lo), int(hi), float(nsat) / nsample), image=image)
+        return raw
+
+    header, data = _open_image(path, allow_float=False, memmap=True, decode=decode)
+    frame = Frame(path=path, data=data, header=_header_values(path, header))
+    if "image" not in done:
+        validate_frame(frame, expected_shape)
+        image, raw = calibrate(frame, master)
+        return frame, image, raw
+    validate_frame(frame, expected_shape, pixel_stats=done["stats"])
+    return frame, done["image"], frame.data[frame.science_slice]

@@ -34,8 +34,9 @@ import os
 import shutil
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Collection, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ from mascara.photometry import SkyNoiseModel, measure_apertures
 from mascara.pixelphase import NTERMS, PixelPhaseModel, phase_terms
 from mascara.rawio import (
     BadFrame,
+    FrameBuffers,
     FrameFile,
     MasterCalibration,
     NightDir,
@@ -61,6 +63,7 @@ from mascara.rawio import (
     night_frame_shape,
     parse_night_dir,
     raw_inventory_hash,
+    read_calibrated,
     read_frame,
     scan_raw,
 )
@@ -287,6 +290,27 @@ def _require(plan: CameraNightPlan, state: dict) -> None:
                                   f"but {state['note']}", state)
 
 
+_BLAS_LIMITED = False
+
+
+def one_blas_thread() -> None:
+    """Put BLAS on one thread for the rest of this process (once; called by every reducing entry point).
+
+    A reduction's numbers must not depend on where it ran: OpenBLAS on two
+    threads sums in another order than on one, and a camera solution fitted
+    in a Dask worker (one thread) differed in the last bit from one fitted in
+    the main process (two threads). The work is spread over batches, not
+    inside BLAS calls, so nothing is lost.
+    """
+    global _BLAS_LIMITED
+    if not _BLAS_LIMITED:
+        import scipy.linalg  # noqa: F401 - loads scipy's own OpenBLAS, so that the limit covers it too
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=1, user_api="blas")
+        _BLAS_LIMITED = True
+
+
 def prepare_camera_night(plan: CameraNightPlan, require_calibration: bool = False) -> NightContext:
     """Master calibration and the camera solution of a night; cached in ``work/context.json``.
 
@@ -304,6 +328,7 @@ def prepare_camera_night(plan: CameraNightPlan, require_calibration: bool = Fals
     AstrometryFailed
         when no frame of the night yields a camera solution.
     """
+    one_blas_thread()
     ctx_path = plan.workdir / "context.json"
     if ctx_path.exists():
         d = json.loads(ctx_path.read_text())
@@ -435,6 +460,8 @@ class BatchOutcome:
 
 
 class _Stopwatch:
+    """CPU seconds per stage of this thread (batches may run side by side in threads)."""
+
     def __init__(self) -> None:
         self.cpu: dict[str, float] = defaultdict(float)
 
@@ -443,10 +470,10 @@ class _Stopwatch:
 
         class _Ctx:
             def __enter__(self):
-                self.t = time.process_time()
+                self.t = time.thread_time()
 
             def __exit__(self, *exc):
-                sw.cpu[stage] += time.process_time() - self.t
+                sw.cpu[stage] += time.thread_time() - self.t
 
         return _Ctx()
 
@@ -491,6 +518,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     photometry or the stacker.  A batch with no good frame writes an empty
     batch file (it is finished, there is nothing in it).
     """
+    one_blas_thread()
     s = plan.settings
     frames = plan.batches[batch]
     sw = _Stopwatch()
@@ -507,18 +535,18 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     # -- the middle frame first: astrometry of the batch --------------------------------
     order = _middle_first(frames, batch, s.batch_size)
     ref = None
+    # read + calibrate is one pass into buffers reused from frame to frame (the reference frame keeps its own)
+    ref_buffers, buffers = FrameBuffers(), FrameBuffers()
     for ff in order:
         try:
             with sw("read"):
-                ref = read_frame(ff.path, ctx.raw_shape)
+                ref, ref_image, ref_raw = read_calibrated(ff.path, master, ctx.raw_shape, ref_buffers)
             break
         except BadFrame as exc:
             rejected.append((ff.lstseq, ff.path.name, exc.reason))
     if ref is None:
         return _finish(plan, batch, frames, rejected, accepted, None, None, None, night_model, sw,
                        "no readable frame", astro=None)
-    with sw("calibrate"):
-        ref_image, ref_raw = calibrate(ref, master)
     jd_ref = float(ref.header["JD"])
     with sw("positions"):
         places0 = ApparentPlaces(stars.ra, stars.dec, site, jd_ref)
@@ -563,13 +591,11 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
         else:
             try:
                 with sw("read"):
-                    frame = read_frame(ff.path, ctx.raw_shape)
+                    frame, image, raw = read_calibrated(ff.path, master, ctx.raw_shape, buffers)
             except BadFrame as exc:
                 if not any(r[1] == ff.path.name for r in rejected):  # refused once already as reference
                     rejected.append((ff.lstseq, ff.path.name, exc.reason))
                 continue
-            with sw("calibrate"):
-                image, raw = calibrate(frame, master)
         accepted.append((ff.lstseq, ff.path.name, ff.size))
         h = frame.header
         jd = float(h["JD"])
@@ -792,6 +818,7 @@ def global_attrs(plan: CameraNightPlan, ctx: NightContext) -> dict:
 
 def combine_camera_night(plan: CameraNightPlan, ctx: NightContext, batch_paths: Iterable[str | Path]) -> dict:
     """Write ``lightcurves/fLC_<night_id>.hdf5`` and ``sLC_...`` from the batch files (idempotent)."""
+    one_blas_thread()
     batch_paths = sorted(str(p) for p in batch_paths)
     # the split store of the night, if a splitter ran beside the batches (the driver's or the flow's)
     split = plan.workdir if (plan.workdir / StarSplitter.REGISTRY).exists() else None
@@ -904,6 +931,19 @@ def _stop_splitter(queue, proc) -> None:
     proc.join()
 
 
+class _Done:
+    """A finished result with the face of a future (the serial path of :func:`reduce_camera_night`)."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        return self.value
+
+
 @dataclasses.dataclass
 class NightResult:
     night_id: str
@@ -929,8 +969,9 @@ def reduce_camera_night(
     split_in_background: bool = True,
     combine: bool = True,
     require_calibration: bool = False,
+    workers: int | None = None,
 ) -> NightResult:
-    """Reduce one camera-night sequentially (the library driver).
+    """Reduce one camera-night (the library driver), ``workers`` batches at a time.
 
     Parameters
     ----------
@@ -943,6 +984,9 @@ def reduce_camera_night(
         reduction, as the original SaveItAll does.
     combine : write the night files at the end.
     require_calibration : raise :class:`CalibrationRequired` rather than reduce without a master dark.
+    workers : batches reduced at once, in threads (the kernels release the GIL); default
+        ``$MASCARA_WORKERS`` or the number of cores. Batches are independent and their
+        outcomes are handed to ``on_batch`` in batch order, so the result equals a serial run's.
     """
     t0 = time.perf_counter()
     plan = plan_camera_night(night_dir, settings)
@@ -955,23 +999,41 @@ def reduce_camera_night(
     outcomes: list[BatchOutcome] = []
     done_frames = 0
     total_frames = sum(len(plan.batches[b]) for b in todo)
+    nworkers = max(1, int(workers if workers is not None else os.environ.get("MASCARA_WORKERS", os.cpu_count() or 1)))
+    pool = ThreadPoolExecutor(max_workers=nworkers, thread_name_prefix="batch") if nworkers > 1 else None
+    pending: deque = deque()  # (batch, future or None), in batch order; at most nworkers running
     try:
-        for b in todo:
+        for i, b in enumerate(todo):
             if b in skip and plan.batch_path(b).exists():
+                pending.append((b, None))
+            elif pool is None:
+                pending.append((b, _Done(reduce_batch(plan, ctx, b))))
+            else:
+                pending.append((b, pool.submit(reduce_batch, plan, ctx, b)))
+            # hand over finished batches in order; keep at most nworkers batches in flight
+            while pending and (i == len(todo) - 1 or pending[0][1] is None or pending[0][1].done()
+                               or sum(f is not None and not f.done() for _, f in pending) >= nworkers):
+                b0, fut = pending.popleft()
+                if fut is None:
+                    if queue is not None:
+                        queue.put(str(plan.batch_path(b0)))
+                    done_frames += len(plan.batches[b0])
+                    continue
+                outcome = fut.result()
+                outcomes.append(outcome)
+                if on_batch:  # recorded first: a run that lost its lease stops here, before the split
+                    on_batch(outcome)
                 if queue is not None:
-                    queue.put(str(plan.batch_path(b)))
-                done_frames += len(plan.batches[b])
-                continue
-            outcome = reduce_batch(plan, ctx, b)
-            outcomes.append(outcome)
-            if on_batch:  # recorded first: a run that lost its lease stops here, before the split
-                on_batch(outcome)
-            if queue is not None:
-                queue.put(outcome.path)
-            done_frames += len(plan.batches[b])
-            if on_frame_progress:
-                on_frame_progress(done_frames, total_frames)
+                    queue.put(outcome.path)
+                done_frames += len(plan.batches[b0])
+                if on_frame_progress:
+                    on_frame_progress(done_frames, total_frames)
     finally:
+        if pool is not None:
+            for _, fut in pending:
+                if fut is not None:
+                    fut.cancel()
+            pool.shutdown(wait=True)
         _stop_splitter(queue, proc)
     products = {}
     if combine:
@@ -986,6 +1048,72 @@ def _restricted(plan: CameraNightPlan, batches: Iterable[int]) -> CameraNightPla
     keep = {b: plan.batches[b] for b in sorted(batches)}
     frames = [f for fr in keep.values() for f in fr]
     return dataclasses.replace(plan, batches=keep, frames=frames)
+
+
+class LiveNight:
+    """A camera-night being observed, reduced step by step (issue 14; :mod:`mascara.live`).
+
+    Each :meth:`step` looks at ``raw/`` once and returns the batches that
+    became ready (complete, :func:`mascara.live.ready_batches`) and are not
+    done; the caller reduces them with :func:`reduce_batch` (``self.plan``,
+    :meth:`context`), in any order or in parallel, and calls :meth:`done` for
+    each. :attr:`over` tells when the night has ended (``until_jd``, or
+    ``idle_timeout`` seconds without a new frame) and nothing is left to
+    reduce. The library driver (:func:`reduce_camera_night_live`) and the
+    Prefect flow (``flows/live.py``) both drive it.
+
+    Parameters
+    ----------
+    grace : float
+        Seconds without a new frame after which the last, incomplete batch
+        is reduced as it is (frames can be missing).
+    now_jd : callable
+        Current JD (UTC), replaceable in tests.
+    """
+
+    def __init__(self, night_dir: Path | str | NightDir, settings: Settings | None = None, *,
+                 grace: float = 300.0, idle_timeout: float | None = None, until_jd: float | None = None,
+                 settle: float = 1.0, now_jd: Callable[[], float] | None = None):
+        from mascara.live import RawWatch
+
+        night = night_dir if isinstance(night_dir, NightDir) else parse_night_dir(night_dir)
+        if night is None:
+            raise ValueError(f"{night_dir}: not a night directory (<YYYYMMDD><SITE><CAM>)")
+        self.night, self.settings = night, settings or Settings()
+        self.grace, self.idle_timeout, self.until_jd = grace, idle_timeout, until_jd
+        self.now_jd = now_jd or (lambda: 2440587.5 + time.time() / 86400.0)
+        self.watch = RawWatch(night.raw, settle=settle)
+        self.plan = plan_camera_night(night, self.settings, only=set(), live=True)
+        self.finished: set[int] = set()
+        self.ending = False  # the night is over: every batch is ready
+
+    def step(self) -> list[int]:
+        """Look at ``raw/`` once; the batches newly ready and not done, in time order."""
+        from mascara.live import ready_batches
+
+        self.plan = plan_camera_night(self.night, self.settings, only=self.watch.poll(), live=True)
+        idle = self.watch.idle_for()
+        self.ending = self.ending or (self.until_jd is not None and self.now_jd() >= self.until_jd) or (
+            self.idle_timeout is not None and idle >= self.idle_timeout)
+        ready = ready_batches([f.lstseq for f in self.plan.frames], self.settings.batch_size,
+                              idle=idle >= self.grace, night_over=self.ending)
+        return sorted(ready - self.finished)
+
+    def ready_plan(self, batches: Iterable[int]) -> CameraNightPlan:
+        """The current plan restricted to ``batches`` (what a run registers in the catalog)."""
+        return _restricted(self.plan, batches)
+
+    def context(self, require_calibration: bool = False) -> NightContext:
+        """The night's calibration and camera solution (:func:`prepare_camera_night`; cached on disk)."""
+        return prepare_camera_night(self.plan, require_calibration=require_calibration)
+
+    def done(self, batch: int) -> None:
+        self.finished.add(int(batch))
+
+    @property
+    def over(self) -> bool:
+        """The night has ended and every batch of it is done."""
+        return self.ending and set(self.plan.batches) <= self.finished
 
 
 def reduce_camera_night_live(
@@ -1008,81 +1136,60 @@ def reduce_camera_night_live(
 ) -> tuple[NightResult, CameraNightPlan]:
     """Reduce a camera-night while its frames arrive (issue 14); returns the result and the final plan.
 
-    Watches ``raw/`` (:class:`mascara.live.RawWatch`) every ``poll`` seconds
-    and reduces each batch as soon as it is ready
-    (:func:`mascara.live.ready_batches`), with the same :func:`reduce_batch`
-    as an offline reduction. Ends when the night is over (``until_jd``,
-    normally :func:`mascara.live.dawn_jd`) or after ``idle_timeout`` seconds
-    without a new frame, once every batch is reduced; the night files are
-    left to the caller (:func:`combine_camera_night` with the final plan).
+    Drives a :class:`LiveNight`: every ``poll`` seconds, reduces the batches
+    that became ready with the same :func:`reduce_batch` as an offline
+    reduction, until the night is over; the night files are left to the
+    caller (:func:`combine_camera_night` with the final plan).
 
     Parameters
     ----------
-    grace : float
-        Seconds without a new frame after which the last, incomplete batch
-        is reduced as it is (frames can be missing).
     on_start : called once, with the plan of the batches ready at that time,
         before anything is reduced; returns the batches already done (a
         restarted run: their files are reused as they are).
     on_ready : called with the plan of newly ready batches before they are reduced.
     on_batch, on_prepared : as for :func:`reduce_camera_night`.
-    now_jd : current JD (UTC), replaceable in tests.
+    grace, idle_timeout, until_jd, now_jd : see :class:`LiveNight`.
     """
-    from mascara.live import RawWatch, ready_batches
-
     t0 = time.perf_counter()
-    night = parse_night_dir(night_dir) if not isinstance(night_dir, NightDir) else night_dir
-    if night is None:
-        raise ValueError(f"{night_dir}: not a night directory (<YYYYMMDD><SITE><CAM>)")
-    s = settings or Settings()
-    now_jd = now_jd or (lambda: 2440587.5 + time.time() / 86400.0)
-    watch = RawWatch(night.raw, settle=settle)
-    done: set[int] = set()
-    handed: set[int] = set()  # batch files given to the splitter
+    live = LiveNight(night_dir, settings, grace=grace, idle_timeout=idle_timeout, until_jd=until_jd,
+                     settle=settle, now_jd=now_jd)
     outcomes: list[BatchOutcome] = []
     ctx = None
     queue = proc = None
     skipped: list[int] = []
     try:
         while True:
-            names = watch.poll()
-            plan = plan_camera_night(night, s, only=names, live=True)
-            idle = watch.idle_for()
-            stop = (until_jd is not None and now_jd() >= until_jd) or (idle_timeout is not None and idle >= idle_timeout)
-            ready = ready_batches([f.lstseq for f in plan.frames], s.batch_size, idle=idle >= grace, night_over=stop)
-            new = sorted(ready - done)
+            new = live.step()
             if new and ctx is None:
                 if on_start is not None:
-                    done |= set(on_start(_restricted(plan, ready))) & ready
-                    skipped = sorted(done)
-                ctx = prepare_camera_night(plan, require_calibration=require_calibration)
+                    ready = set(new)
+                    skipped = sorted(set(on_start(live.ready_plan(ready))) & ready)
+                    for b in skipped:
+                        live.done(b)
+                ctx = live.context(require_calibration)
                 if on_prepared:
                     on_prepared(ctx)
                 if split_in_background:
-                    queue, proc = _start_splitter(plan, ctx)
-                new = sorted(ready - done)
-            if queue is not None:
-                for b in sorted(done - handed):  # done by an earlier run: split again (idempotent)
-                    if plan.batch_path(b).exists():
-                        queue.put(str(plan.batch_path(b)))
-                    handed.add(b)
+                    queue, proc = _start_splitter(live.plan, ctx)
+                    for b in skipped:  # done by an earlier run: split again (idempotent)
+                        if live.plan.batch_path(b).exists():
+                            queue.put(str(live.plan.batch_path(b)))
+                new = [b for b in new if b not in live.finished]
             if new and on_ready is not None:
-                on_ready(_restricted(plan, new))
+                on_ready(live.ready_plan(new))
             for b in new:
-                outcome = reduce_batch(plan, ctx, b)
+                outcome = reduce_batch(live.plan, ctx, b)
                 outcomes.append(outcome)
                 if on_batch:  # recorded first: a run that lost its lease stops here, before the split
                     on_batch(outcome)
-                done.add(b)
-                handed.add(b)
+                live.done(b)
                 if queue is not None:
                     queue.put(outcome.path)
-            if stop and not new:
+            if live.over:
                 break
             if not new:
                 sleep(poll)
     finally:
         _stop_splitter(queue, proc)
-    final = plan_camera_night(night, s, only=watch.poll(), live=True)
-    return (NightResult(night_id=night.night_id, batches=outcomes, products={}, skipped=skipped,
-                        seconds=time.perf_counter() - t0), final)
+    return (NightResult(night_id=live.night.night_id, batches=outcomes, products={}, skipped=skipped,
+                        seconds=time.perf_counter() - t0), live.plan)

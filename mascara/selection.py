@@ -61,35 +61,56 @@ def previous_night(today: dt.date | None = None) -> str:
     return (today - dt.timedelta(days=1)).strftime("%Y%m%d")
 
 
+#: Longest night range accepted (days): ten years.
+MAX_RANGE_DAYS = 3660
+
+
+def _real_date(n: str) -> dt.date:
+    if not (len(n) == 8 and n.isdigit()):
+        raise SelectionError(f"night {n!r} is not YYYYMMDD (e.g. 20260301; several: 20260301+20260302; "
+                             f"a range: 20260101..20260331)")
+    try:
+        return dt.datetime.strptime(n, "%Y%m%d").date()
+    except ValueError:
+        raise SelectionError(f"night {n!r} is not a real date (YYYYMMDD)") from None
+
+
 def parse_nights(nights: str | int | Iterable[str | int] | None, today: dt.date | None = None) -> list[str] | None:
-    """Nights as ``YYYYMMDD`` strings of real dates, from ``"a+b"``, an int, a list, or ``None``.
+    """Nights as ``YYYYMMDD`` strings of real dates, from ``"a+b"``, ``"a..b"``, an int, a list, or ``None``.
 
     ``None``, ``""`` and ``"yesterday"`` mean the previous night (UTC date of
-    yesterday); ``"all"`` returns None (every night found).
+    yesterday); ``"all"`` returns None (every night found). ``a..b`` is every
+    night from ``a`` to ``b``, both included; items mix freely
+    (``20260101..20260131+20260215``). The result is sorted, without repeats.
 
     Raises
     ------
     SelectionError
-        an item that is not a real date written ``YYYYMMDD``.
+        an item that is not a real date written ``YYYYMMDD``, or a range
+        that runs backwards or spans more than ten years.
     """
     if nights is None or (isinstance(nights, str) and nights.strip().lower() in ("", "yesterday")):
         return [previous_night(today)]
     if isinstance(nights, str) and nights.strip().lower() == "all":
         return None
     items = str(nights).split("+") if isinstance(nights, (int, str)) else [str(n) for n in nights]
-    out = []
+    out: set[str] = set()
     for n in items:
         n = n.strip()
         if n.lower() == "yesterday":
             n = previous_night(today)
-        if not (len(n) == 8 and n.isdigit()):
-            raise SelectionError(f"night {n!r} is not YYYYMMDD (e.g. 20260301; several: 20260301+20260302)")
-        try:
-            dt.datetime.strptime(n, "%Y%m%d")
-        except ValueError:
-            raise SelectionError(f"night {n!r} is not a real date (YYYYMMDD)") from None
-        out.append(n)
-    return out
+        if ".." in n:
+            first, _, last = n.partition("..")
+            a, b = _real_date(first.strip()), _real_date(last.strip())
+            if b < a:
+                raise SelectionError(f"night range {n!r} runs backwards (write the earlier night first)")
+            if (b - a).days >= MAX_RANGE_DAYS:
+                raise SelectionError(f"night range {n!r} spans more than {MAX_RANGE_DAYS} days")
+            out.update((a + dt.timedelta(days=k)).strftime("%Y%m%d") for k in range((b - a).days + 1))
+            continue
+        _real_date(n)
+        out.add(n)
+    return sorted(out)
 
 
 def parse_letters(value: str | Iterable[str] | None) -> list[str] | None:

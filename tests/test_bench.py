@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("read", "calibrate", "positions", "astrometry", "photometry", "binning",
+STAGES = ("read", "positions", "astrometry", "photometry", "binning",
           "binned_astrometry", "binned_photometry", "write", "split (beside)", "combine (night end)")
 
 

@@ -204,3 +204,60 @@ def test_no_stars_and_bad_input():
         measure_apertures(img, [1.0, 2.0], [1.0])
     with pytest.raises(ValueError):
         measure_apertures(img, [25.0], [25.0], raw=np.zeros((10, 10)))
+
+
+def _bucket_sky(values):
+    """Run the bucketed sky estimator on one annulus; (median, std, nkept, ok)."""
+    from mascara import photometry as P
+
+    a = np.ascontiguousarray(values, dtype=np.float64)
+    n = a.size
+    ws = (np.empty(2 * P.NSAMPLE), np.empty(n, np.int32), np.empty(n), np.empty(P.NBUCKETS + 3, np.int64),
+          np.empty(P.NBUCKETS + 2, np.int64), np.empty(P.NBUCKETS + 2, np.bool_))
+    before = a.copy()
+    res = P._bucket_clipped_median(a, n, P.SKY_SIGMA, P.SKY_MAXITERS, *ws)
+    np.testing.assert_array_equal(a, before)  # the annulus is not reordered
+    return res
+
+
+def _reference_sky(values):
+    from mascara import photometry as P
+
+    a = np.array(values, dtype=np.float64)
+    return P._clipped_median(a, a.size, P.SKY_SIGMA, P.SKY_MAXITERS)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_bucketed_sky_equals_plain_sigma_clipping(case):
+    """The sorted-once sky estimator gives the plain clipping loop's median and count exactly, std to rounding."""
+    rng = np.random.default_rng(100 + case)
+    n = int(rng.integers(10, 1400))
+    kind = case % 6
+    if kind == 0:  # Gaussian sky
+        v = rng.normal(700.0, 30.0, n)
+    elif kind == 1:  # a star's wing and hot pixels in the annulus
+        v = rng.normal(700.0, 30.0, n)
+        v[: n // 10] += 10 ** rng.uniform(1.5, 4.5, n // 10)
+    elif kind == 2:  # integer ADU minus a float32 master: many ties
+        v = (np.round(rng.normal(500.0, 3.0, n)).astype(np.float32) - np.float32(319.5)).astype(np.float64)
+    elif kind == 3:  # two populations: the guess of the spread is poor
+        v = np.concatenate([rng.normal(100.0, 1.0, n // 2), rng.normal(160.0, 40.0, n - n // 2)])
+    elif kind == 4:  # heavy tails on both sides
+        v = rng.standard_t(2, n) * 20.0 + 300.0
+    else:  # negative sky, tiny spread
+        v = rng.normal(-5.0, 1e-3, n)
+    rng.shuffle(v)
+    med, std, k, ok = _bucket_sky(v)
+    assert ok
+    rmed, rstd, rk = _reference_sky(v)
+    assert med == rmed and k == rk
+    np.testing.assert_allclose(std, rstd, rtol=1e-12, atol=0)
+
+
+def test_bucketed_sky_declines_without_spread():
+    """A sample without spread (most values equal) leaves the sky to the fallback estimators."""
+    v = np.full(200, 42.0)
+    v[:5] = [1.0, 2.0, 100.0, 43.0, 41.0]
+    assert not _bucket_sky(v)[3]
+    res = measure_apertures(np.full((80, 80), 42.0), [40.0], [40.0], sky_radii=SKY)
+    assert res["sky"][0] == 42.0 and res["esky"][0] == 0.0

@@ -71,3 +71,50 @@ def test_raw_files_are_not_touched_by_reading(small_night):
     master_calibration(night)
     after = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in night.raw.iterdir()}
     assert before == after
+
+
+def test_read_calibrated_equals_read_frame_then_calibrate(small_night, tmp_path):
+    """The one-pass reader gives the same pixels bit for bit, the same header and the same refusals."""
+    from astropy.io import fits
+
+    from mascara.rawio import FrameBuffers, MasterCalibration, read_calibrated
+
+    night = parse_night_dir(small_night["night_dir"])
+    master = master_calibration(night)
+    frames = list_frames(night)
+    shape = next(read_frame(f.path).data.shape for f in frames if f.lstseq not in small_night["bad_frames"])
+    # a frame written without BZERO scaling takes the two-step path and must agree too
+    good = next(f.path for f in frames if f.lstseq not in small_night["bad_frames"])
+    with fits.open(good) as h:
+        plain = tmp_path / good.name
+        fits.PrimaryHDU(h[0].data.astype(np.int32), h[0].header).writeto(plain)
+    paths = [f.path for f in frames] + [plain]
+    for m in (master, MasterCalibration(level=None, kind="none", files=[], rejected=[])):
+        buffers = FrameBuffers()
+        for p in paths:
+            try:
+                fr = read_frame(p, shape)
+                image, raw = calibrate(fr, m)
+            except BadFrame as exc:
+                with pytest.raises(BadFrame) as got:
+                    read_calibrated(p, m, shape, buffers)
+                assert got.value.reason == exc.reason
+                continue
+            fr2, image2, raw2 = read_calibrated(p, m, shape, buffers)
+            assert fr2.header == fr.header
+            for a, b in ((fr.data, fr2.data), (image, image2), (raw, raw2)):
+                assert a.dtype == b.dtype and a.shape == b.shape
+                assert a.tobytes() == b.tobytes()
+        assert buffers.image is not None  # the one-pass path was taken
+
+
+def test_read_calibrated_reuses_its_buffers(small_night):
+    from mascara.rawio import FrameBuffers, read_calibrated
+
+    night = parse_night_dir(small_night["night_dir"])
+    master = master_calibration(night)
+    good = [f.path for f in list_frames(night) if f.lstseq not in small_night["bad_frames"]][:2]
+    buffers = FrameBuffers()
+    _, im1, _ = read_calibrated(good[0], master, None, buffers)
+    _, im2, _ = read_calibrated(good[1], master, None, buffers)
+    assert im1 is im2 is buffers.image

@@ -154,6 +154,10 @@ def _aware(value: Any) -> Any:
 def _nights(night: str | Iterable[str] | None) -> list[str] | None:
     if night is None:
         return None
+    if isinstance(night, str) and ".." in night:  # a range, as mascprocess takes it
+        from mascara.selection import parse_nights
+
+        return parse_nights(night)
     items = night.split("+") if isinstance(night, str) else list(night)
     return [str(n) for n in items]
 
@@ -682,6 +686,7 @@ class Catalog:
             raise ValueError(f"unknown frame counts {sorted(unknown)}; known: {BATCH_FRAME_COUNTS}")
         self._set_batch(run_id, batch_index, status="succeeded", finished_at=_now(), error=None,
                         path=str(path), sha256=sha256, timings=dict(timings or {}),
+                        cpu_s=float(sum(float(v) for v in (timings or {}).values())),
                         astro_rms=None if astro_rms is None else float(astro_rms),
                         astro_nstars=None if astro_nstars is None else int(astro_nstars),
                         flagged=bool(flagged), **counts)
@@ -867,6 +872,23 @@ class Catalog:
             return [{k: _aware(v) for k, v in row.items()} for row in result.mappings()]
 
         return self._tx(fn, readonly=True)
+
+    def season(self, night: str | Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Rows of the ``season`` view (monthly totals per site and camera); ``night`` selects months.
+
+        With ``night`` (nights or a range, as for :meth:`night_status`), only
+        the months those nights fall in are returned.
+        """
+        rows = self._view("SELECT * FROM season ORDER BY month, site, camera", {})
+        nights = _nights(night)
+        if nights is not None:
+            months = {n[:6] for n in nights}
+            rows = [r for r in rows if r["month"] in months]
+        for r in rows:  # SUM gives Decimal on PostgreSQL, int/float on SQLite
+            for k, v in r.items():
+                if k not in ("site", "camera", "month") and v is not None:
+                    r[k] = float(v) if k == "cpu_seconds" else int(v)
+        return rows
 
     def night_status(self, night: str | Iterable[str] | None = None) -> list[dict[str, Any]]:
         """Rows of the ``night_status`` view, optionally for nights ``YYYYMMDD[+...]``."""

@@ -70,6 +70,8 @@ def cli_status(args: argparse.Namespace) -> int:
     if missing is not None:
         print(f"no catalog at {missing}: nothing was reduced in {args.datadir}", file=sys.stderr)
         return 1
+    if getattr(args, "season", False):
+        return _print_season(url, args)
     with connect(url) as cat:
         rows = cat.night_status(args.night)
     if args.json:
@@ -131,4 +133,32 @@ def cli_db_upgrade(args: argparse.Namespace) -> int:
         engine.dispose()
     shown = make_url(url).render_as_string(hide_password=True)
     print(f"{shown}: revision {before or '(empty)'} -> {after}")
+    return 0
+
+
+def _print_season(url: str, args: argparse.Namespace) -> int:
+    """``mascara status --season``: the season view, one row per month, site and camera, and the totals."""
+    with connect(url) as cat:
+        rows = cat.season(args.night)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = ("camera_nights", "done", "failed", "running", "pending", "empty", "frames", "frames_rejected")
+    table = Table(title="Season: the latest reduction of every camera-night, by month")
+    for h in ("month", "site", "camera", "camera-nights", "done", "failed", "running", "pending", "empty",
+              "frames", "rejected", "CPU h"):
+        table.add_column(h, justify="left" if h in ("month", "site", "camera") else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(r["month"], r["site"], r["camera"], *(str(r[k]) for k in keys), f"{r['cpu_seconds'] / 3600:.2f}")
+    if rows:
+        table.add_row("all", "", "", *(str(sum(r[k] for r in rows)) for k in keys),
+                      f"{sum(r['cpu_seconds'] for r in rows) / 3600:.2f}", style="bold")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 160))
+    console.print(table if rows else "no camera-nights registered")
     return 0

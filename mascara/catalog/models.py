@@ -165,6 +165,7 @@ class Batch(SQLModel, table=True):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     timings: dict[str, Any] | None = Field(default=None, sa_type=JSON)  # seconds per step
+    cpu_s: float | None = None  # CPU seconds of the batch: the sum of its timings
     astro_rms: float | None = None  # px
     astro_nstars: int | None = None
     flagged: bool | None = None  # astrometry kept the previous solution

@@ -252,3 +252,11 @@ def test_moves_rewrite_product_paths(catalog):
     assert rows[f"{base}/lightcurves/fLC_20260301LPE.hdf5"] == (new, True)
     assert rows[f"{base}/lightcurves_old/fLC_20260301LPE.hdf5"] == (old, False)
     assert count(catalog, DirectoryMove) == 4  # the lightcurves move was recorded twice; only the first moved rows
+
+
+def test_status_takes_night_ranges(catalog):
+    for night in ("20260228", "20260301", "20260302", "20260305"):
+        catalog.register_camera_night("LP", "E", night, f"/d/{night}LPE")
+    assert sorted(r["night"] for r in catalog.night_status("20260301..20260304")) == ["20260301", "20260302"]
+    assert sorted(r["night"] for r in catalog.night_status("20260228..20260301+20260305")) == [
+        "20260228", "20260301", "20260305"]

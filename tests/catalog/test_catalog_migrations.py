@@ -13,7 +13,7 @@ from mascara.catalog.commands import cli_db_upgrade
 from mascara.catalog.models import TABLES, SQLModel
 
 OURS = {m.__tablename__ for m in TABLES}
-VIEWS = {"night_status", "failed_batches", "failed_runs"}
+VIEWS = {"night_status", "failed_batches", "failed_runs", "season"}
 
 
 def _diffs(engine) -> list:  # type: ignore[no-untyped-def]

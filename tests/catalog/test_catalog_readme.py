@@ -28,7 +28,7 @@ def readme_queries() -> list[str]:
 
 def test_readme_has_the_promised_queries():
     queries = readme_queries()
-    assert len(queries) == 6
+    assert len(queries) == 7
     assert "night_status" in queries[0] and "failed_batches" in queries[1] and "failed_runs" in queries[2]
     assert "package_version" in queries[3] and "erased_at IS NULL" in queries[3]
 
@@ -47,7 +47,7 @@ def test_readme_queries_run(catalog):
         for r in rows:
             print("  ", " | ".join(str(v) for v in r))
 
-    status, failures, failed_runs, software, moves, astrometry = (rows for _, rows in out)
+    status, failures, failed_runs, software, moves, astrometry, season = (rows for _, rows in out)
     assert [r[:4] for r in status] == [("LPE", "succeeded", 12, 12), ("LPS", "failed", 8, 10),
                                        ("LPW", "pending", 0, 0)]
     assert [r[:3] for r in status][0] and status[0][4:6] == (597, 3)
@@ -68,3 +68,6 @@ def test_readme_queries_run(catalog):
         ("20260215", "LSC", 2, 0), ("20260301", "LPE", 24, 2), ("20260301", "LPS", 8, 1)]
     rms_lpe = [0.21 + 0.01 * (k % 3) for k in range(12)]
     assert abs(float(astrometry[1][3]) - sum(rms_lpe) / 12) < 5e-4
+    # the season: one row per month, site and camera, by the state of the latest run
+    assert [r[:9] for r in season] == [("202602", "LS", "LSC", 1, 0, 1, 0, 0, 0), ("202603", "LP", "LPE", 1, 1, 0, 0, 0, 0),
+                                       ("202603", "LP", "LPS", 1, 0, 1, 0, 0, 0), ("202603", "LP", "LPW", 1, 0, 0, 0, 1, 0)]

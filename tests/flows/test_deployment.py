@@ -102,6 +102,12 @@ def test_deployment_has_the_nightly_schedule(deployed_run):
     r = httpx.get(f"{deployed_run['api']}/deployments/name/reduce-night/on-demand", timeout=30)
     r.raise_for_status()
     assert r.json()["global_concurrency_limit"]["limit"] == 5
+    # the live deployment: before dusk, tonight, one at a time; its schedule is switched on at a station
+    r = httpx.get(f"{deployed_run['api']}/deployments/name/reduce-night/live", timeout=30)
+    r.raise_for_status()
+    live = r.json()
+    assert [s["schedule"]["cron"] for s in live["schedules"]] == ["0 16 * * *"]
+    assert live["parameters"]["nights"] == "tonight" and live["entrypoint"] == "flows/live.py:reduce_night_live"
 
 
 @pytest.mark.parametrize("kind", ["fLC", "sLC"])

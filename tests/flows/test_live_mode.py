@@ -67,3 +67,52 @@ def test_live_reduction_of_an_arriving_night_equals_offline_and_survives_a_kill(
         [killed] = cat.failed_runs(NIGHT)
         assert "abandoned" in killed["error"]
     assert_same_night_files(datadir / NIGHT_ID, reference)
+
+
+def test_live_flow_shows_each_batch_as_a_task_run_while_the_night_goes_on(tmp_path, reference, prefect_server,
+                                                                          monkeypatch):
+    """The live flow (deployment reduce-night/live) against the session's Prefect server, on a night
+    written at 15x real time: every batch is its own task run, the first ones finish before the last
+    frame is written, and the night files equal the offline reduction's."""
+    import datetime as dt
+
+    import httpx
+
+    from flows.live import reduce_night_live
+
+    api, env = prefect_server
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    datadir = tmp_path / "data"
+    datadir.mkdir()
+    sim = subprocess.Popen([str(BIN / "mascara"), "simulate", str(datadir), "--night", NIGHT, "--site", "LP",
+                            "--camera", "E", "--size", "small", "--frames", "120", "--seed", "3", "--live",
+                            "--speed", "15"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        state = reduce_night_live(datadir=str(datadir), nights=NIGHT, cameras="E", site="LP", idle_timeout=8,
+                                  grace=4, poll=0.3, return_state=True)
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+    sim_end = time.time()
+    assert state.is_completed(), state.message
+    assert state.result() == {NIGHT_ID: "succeeded"}
+    r = httpx.post(f"{api}/task_runs/filter", timeout=30, json={
+        "flow_runs": {"id": {"any_": [str(state.state_details.flow_run_id)]}}, "limit": 200})
+    r.raise_for_status()
+    batches = [t for t in r.json() if t["name"].startswith(f"batch-{NIGHT_ID}-")]
+    assert len(batches) == 3 and all(t["state_type"] == "COMPLETED" for t in batches), [t["name"] for t in r.json()]
+    last_frame = max(p.stat().st_mtime for p in (datadir / NIGHT_ID / "raw").glob("*LPE.fits"))
+    first_done = min(dt.datetime.fromisoformat(t["end_time"]).timestamp() for t in batches)
+    assert first_done < last_frame < sim_end, (first_done, last_frame)
+    assert_same_night_files(datadir / NIGHT_ID, reference)
+    # the progress and the quick-look figures of the night, as artifacts of the flow run
+    r = httpx.post(f"{api}/artifacts/filter", timeout=30, json={
+        "artifacts": {"flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}}})
+    r.raise_for_status()
+    versions: dict[str, list[str]] = {}
+    for a in r.json():
+        versions.setdefault(a["key"] or "", []).append(str(a["data"]))
+    assert {f"{NIGHT_ID.lower()}-live", f"{NIGHT_ID.lower()}-quicklook"} <= set(versions), sorted(versions)
+    assert any("3 batches reduced" in d for d in versions[f"{NIGHT_ID.lower()}-live"])
+    assert any("data:image/png;base64," in d for d in versions[f"{NIGHT_ID.lower()}-quicklook"])

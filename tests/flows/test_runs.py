@@ -26,7 +26,31 @@ def test_empty_nights_mean_the_previous_night():
     assert previous_night(today) == "20260228"
     for value in (None, "", "yesterday", "YESTERDAY"):
         assert parse_nights(value, today=today) == ["20260228"]
-    assert parse_nights("yesterday+20260101", today=today) == ["20260228", "20260101"]
+    assert parse_nights("yesterday+20260101", today=today) == ["20260101", "20260228"]
+
+
+def test_night_ranges_mix_with_lists():
+    assert parse_nights("20260227..20260302") == ["20260227", "20260228", "20260301", "20260302"]
+    assert parse_nights("20251230..20260101+20260301+20251231") == ["20251230", "20251231", "20260101", "20260301"]
+    assert parse_nights(["20260301..20260302", 20260310]) == ["20260301", "20260302", "20260310"]
+    assert len(parse_nights("20260101..20261231")) == 365
+
+
+@pytest.mark.parametrize("bad, why", [("20260302..20260301", "backwards"), ("20260101..20370101", "more than"),
+                                      ("2026..20260301", "YYYYMMDD"), ("20260230..20260301", "real date")])
+def test_malformed_ranges_are_refused(bad, why):
+    with pytest.raises(ValueError, match=why):
+        parse_nights(bad)
+
+
+def test_a_range_reduces_the_nights_it_finds_and_reports_the_others(tmp_path):
+    from mascara.selection import select_nights
+
+    for n in ("20260301", "20260303"):
+        (tmp_path / f"{n}LPE" / "raw").mkdir(parents=True)
+    sel = select_nights(tmp_path, "20260301..20260304", "E", "LP")
+    assert [p.name for p in sel.night_dirs] == ["20260301LPE", "20260303LPE"]
+    assert sel.not_found == ["20260302LPE", "20260304LPE"]
 
 
 @pytest.mark.parametrize("bad", ["2026031", "2026-03-01", "20260301+x"])

@@ -1,0 +1,159 @@
+"""Whole-process runs of ``mascprocess``: what a user waits for (issue 12).
+
+Each run is a fresh ``mascprocess`` process on a fresh data directory whose
+``raw/`` holds symbolic links to the calibration files and the first frames of
+one simulated night, so every run reduces the same pixels from scratch
+(catalog, work files, outputs). Measured per run, from outside the process:
+
+- wall time (``time.perf_counter`` around the process);
+- CPU seconds of the process and of every process it waited for (the splitter
+  beside the reduction, Prefect's temporary server), user + system, from
+  ``getrusage(RUSAGE_CHILDREN)``: imports, numba cache loads, prepare, the
+  batches, the combine and Prefect all included;
+- the largest peak RSS among those processes.
+
+Runs cover two night lengths (the slope between them is the cost of an extra
+frame, the intercept the fixed cost of a night), the library driver
+(``--no-prefect``) and the Prefect flow, interleaved and repeated. One
+untimed warm-up run first loads (or compiles) every numba kernel into the
+on-disk cache; its extra CPU is reported as the JIT charge.
+
+    python bench/process.py NIGHT_DIR --frames 100 550 --repeat 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+_WRAPPER = """
+import json, resource, subprocess, sys
+rc = subprocess.run(sys.argv[2:]).returncode
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write(json.dumps({"user": u.ru_utime, "sys": u.ru_stime, "maxrss_kb": u.ru_maxrss}))
+sys.exit(rc)
+"""
+
+
+def night_subset(night_dir: Path, dest: Path, nframes: int) -> Path:
+    """``dest/<night_id>/raw`` with links to the calibration files and the first ``nframes`` frames."""
+    raw = dest / night_dir.name / "raw"
+    if dest.exists():
+        shutil.rmtree(dest)
+    raw.mkdir(parents=True)
+    names = sorted(os.listdir(night_dir / "raw"))
+    sci = [n for n in names if not n.startswith("calib_")][:nframes]
+    for n in [n for n in names if n.startswith("calib_")] + sci:
+        (raw / n).symlink_to(night_dir / "raw" / n)
+    return dest
+
+
+def run_once(night_dir: Path, workdir: Path, nframes: int, prefect: bool, workers: int) -> dict:
+    """One ``mascprocess`` run on a fresh copy of the first ``nframes`` frames; its wall, CPU and peak RSS.
+
+    Prefect keeps its home (its database) in ``workdir/../prefect-home`` across runs, as a user's does.
+    """
+    datadir = night_subset(night_dir, workdir, nframes)
+    name = night_dir.name
+    cmd = [str(BIN / "mascprocess"), str(datadir), "--night", name[:8], "--site", name[8:10], "--camera", name[10:],
+           "--quiet"]
+    if not prefect:
+        cmd.append("--no-prefect")
+    env = dict(os.environ, MASCARA_WORKERS=str(workers), MASCARA_FLOW_WORKERS=str(workers),
+               PREFECT_HOME=str(workdir.parent / "prefect-home"))
+    env.pop("PREFECT_API_URL", None)  # the temporary server, as a user without a server gets
+    usage = workdir.parent / "usage.json"
+    load = os.getloadavg()
+    w = time.perf_counter()
+    # a small wrapper process reports the usage of its children alone (ru_maxrss never resets in this one)
+    proc = subprocess.run([sys.executable, "-c", _WRAPPER, str(usage), *cmd], env=env, capture_output=True,
+                          text=True, cwd=str(workdir))
+    wall = time.perf_counter() - w
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    u = json.loads(usage.read_text())
+    res = {"frames": nframes, "prefect": prefect, "workers": workers, "wall": wall, "cpu": u["user"] + u["sys"],
+           "user": u["user"], "sys": u["sys"], "rss_mb": u["maxrss_kb"] / 1024, "load_before": load[0],
+           "load_after": os.getloadavg()[0]}
+    shutil.rmtree(datadir, ignore_errors=True)
+    return res
+
+
+def _stats(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "n": len(values), "all": values}
+
+
+def measure(night_dir: Path | str, workdir: Path | str, frames: tuple[int, int], repeat: int = 2,
+            workers: int = 2, prefect: bool = True, progress=print) -> dict:
+    """Interleaved, repeated runs at two night lengths with both drivers; slopes, intercepts, projections."""
+    night_dir, workdir = Path(night_dir), Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    n1, n2 = sorted(frames)
+    drivers = [False, True] if prefect else [False]
+    progress(f"[process] warm-up run (numba cache), {n1} frames ...")
+    warm = run_once(night_dir, workdir / "warm", n1, False, workers)
+    runs: list[dict] = []
+    for r in range(repeat):
+        for n in (n2, n1) if r % 2 == 0 else (n1, n2):
+            for pf in drivers if r % 2 == 0 else drivers[::-1]:
+                progress(f"[process] repeat {r + 1}/{repeat}: {n} frames, {'Prefect flow' if pf else 'library driver'}"
+                         " ...")
+                runs.append(run_once(night_dir, workdir / "run", n, pf, workers))
+                progress(f"[process]   wall {runs[-1]['wall']:.1f} s, CPU {runs[-1]['cpu']:.1f} s, "
+                         f"RSS {runs[-1]['rss_mb']:.0f} MB, load {runs[-1]['load_before']:.2f}")
+    out: dict = {"night": night_dir.name, "frames": [n1, n2], "repeat": repeat, "workers": workers,
+                 "warmup": warm, "runs": runs, "drivers": {}}
+    for pf in drivers:
+        key = "prefect" if pf else "library"
+        d: dict = {}
+        for n in (n1, n2):
+            sel = [x for x in runs if x["prefect"] == pf and x["frames"] == n]
+            d[n] = {"wall": _stats([x["wall"] for x in sel]), "cpu": _stats([x["cpu"] for x in sel]),
+                    "rss_mb": max(x["rss_mb"] for x in sel)}
+        for what in ("cpu", "wall"):
+            for agg in ("min", "median"):
+                slope = (d[n2][what][agg] - d[n1][what][agg]) / (n2 - n1)
+                d[f"{what}_slope_{agg}"] = slope
+                d[f"{what}_fixed_{agg}"] = d[n1][what][agg] - slope * n1
+        # a 5,000-frame night from the measured long run plus the measured slope
+        for agg in ("min", "median"):
+            d[f"wall_5000_{agg}"] = d[n2]["wall"][agg] + (5000 - n2) * d[f"wall_slope_{agg}"]
+            d[f"cpu_5000_{agg}"] = d[n2]["cpu"][agg] + (5000 - n2) * d[f"cpu_slope_{agg}"]
+        d["runs"] = {n1: d.pop(n1), n2: d.pop(n2)}
+        out["drivers"][key] = d
+    if prefect:
+        lib, pf = out["drivers"]["library"], out["drivers"]["prefect"]
+        out["prefect_over_library"] = {
+            f"{what}_{agg}": pf["runs"][n2][what][agg] / lib["runs"][n2][what][agg] - 1.0
+            for what in ("wall", "cpu") for agg in ("min", "median")}
+    out["jit_charge_cpu"] = warm["cpu"] - out["drivers"]["library"]["runs"][n1]["cpu"]["median"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("night_dir", type=Path)
+    ap.add_argument("--frames", type=int, nargs=2, default=[100, 550])
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-prefect", action="store_true")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench-data/process"))
+    args = ap.parse_args()
+    res = measure(args.night_dir.resolve(), args.work, tuple(args.frames), args.repeat, args.workers,
+                  not args.no_prefect)
+    print(json.dumps(res, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
