@@ -106,7 +106,8 @@ def test_a_second_rerun_records_the_erase_of_the_oldest_outputs(pristine_night, 
     rows = _rows(datadir, "SELECT kind, erased_at, erased_by FROM product WHERE run_id = ?", first)
     assert rows and all(e is not None and by for _, e, by in rows)
     erases = _rows(datadir, "SELECT src, state FROM directory_move WHERE action = 'erased'")
-    assert sorted(Path(s).name for s, _ in erases) == ["astrometry_old", "lightcurves_old", "work_old"]
+    assert sorted(Path(s).name for s, _ in erases) == ["astrometry_old", "lightcurves_old", "quicklook_old",
+                                                                "work_old"]
     # one live row per path
     live = _rows(datadir, "SELECT path, COUNT(*) FROM product WHERE erased_at IS NULL GROUP BY path")
     assert all(n == 1 for _, n in live)
