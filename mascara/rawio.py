@@ -30,6 +30,7 @@ import hashlib
 import math
 import os
 import re
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
@@ -329,6 +330,9 @@ def night_frame_shape(frames: Sequence[FrameFile], sample: int = 9) -> tuple[int
     return votes.most_common(1)[0][0]
 
 
+_WARNINGS_LOCK = threading.Lock()
+
+
 def _open_image(path: Path, allow_float: bool, memmap: bool,
                 decode=None) -> tuple[fits.Header, np.ndarray]:
     """Header and pixels of a FITS file's primary image, after the file and FITS checks.
@@ -342,7 +346,10 @@ def _open_image(path: Path, allow_float: bool, memmap: bool,
     if problem:
         raise BadFrame(path, problem)
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        # The warnings machinery is process-wide: with batches read in two threads, one thread's
+        # catch_warnings recorded the other's "truncated" warning and refused a good frame. One file
+        # at a time goes through it.
+        with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", AstropyUserWarning)  # every file's truncation is seen
             hdul = fits.open(path, do_not_scale_image_data=True, memmap=memmap)
             with hdul:

@@ -118,3 +118,29 @@ def test_read_calibrated_reuses_its_buffers(small_night):
     _, im1, _ = read_calibrated(good[0], master, None, buffers)
     _, im2, _ = read_calibrated(good[1], master, None, buffers)
     assert im1 is im2 is buffers.image
+
+
+def test_reading_in_two_threads_never_refuses_a_good_frame(small_night):
+    """A truncated frame read in one thread while good frames are read in another: the good ones
+    are never refused (the warnings capture is process-wide; a good frame was once refused as
+    truncated because the other thread's warning was recorded in its list)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    night = parse_night_dir(small_night["night_dir"])
+    frames = {f.lstseq: f for f in list_frames(night)}
+    kinds = small_night["bad_frames"]
+    [truncated] = [frames[s].path for s, k in kinds.items() if k == "truncated"]
+    good = [f.path for s, f in frames.items() if s not in kinds]
+
+    def read(i):  # even: the truncated frame, odd: a good one; the two threads interleave them
+        path = truncated if i % 2 == 0 else good[i % len(good)]
+        try:
+            read_frame(path)
+        except BadFrame as exc:
+            return path, exc.reason
+        return path, None
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(read, range(400)))
+    assert all(reason is not None for path, reason in results if path == truncated)
+    assert [(p.name, reason) for p, reason in results if p != truncated and reason is not None] == []
