@@ -174,6 +174,19 @@ def finish_succeeded(handle: RunHandle, products: Mapping[str, Any]) -> list[dic
     return lifecycle.finish_succeeded(catalog(handle.db_url), handle, products)
 
 
+def combine_and_finish(handle: RunHandle, plan: Any) -> dict[str, Any]:
+    """The end of every driver's run: enter ``combining``, check that every batch file is there, write the
+    night files, then record the products and the run's ``succeeded`` (one transaction); returns the products."""
+    from mascara.reduce import combine_camera_night, prepare_camera_night
+
+    catalog(handle.db_url).set_phase(handle.run_id, "combining")
+    paths = [str(plan.batch_path(b)) for b in plan.batches]
+    lifecycle.check_batch_files(paths)
+    products = combine_camera_night(plan, prepare_camera_night(plan), paths)
+    finish_succeeded(handle, products)
+    return products
+
+
 class NothingToReduce(RuntimeError):
     """A camera-night whose ``raw/`` holds no usable science frame (recorded by the intake)."""
 
@@ -202,9 +215,7 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
     """
     from mascara.reduce import (
         CalibrationRequired,
-        combine_camera_night,
         plan_camera_night,
-        prepare_camera_night,
         reduce_camera_night,
     )
 
@@ -230,11 +241,7 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
         result = reduce_camera_night(plan.night, plan.settings, skip=handle.done, on_batch=on_batch,
                                      on_prepared=on_prepared, require_calibration=require_calibration,
                                      split_in_background=split_in_background, combine=False)
-        cat.set_phase(handle.run_id, "combining")
-        paths = [str(plan.batch_path(b)) for b in plan.batches]
-        lifecycle.check_batch_files(paths)
-        result.products = combine_camera_night(plan, prepare_camera_night(plan), paths)
-        finish_succeeded(handle, result.products)
+        result.products = combine_and_finish(handle, plan)
         draw_quicklook(handle.night_path)
     except CalibrationRequired as exc:
         record_calibration(db_url, handle.camera_night_id, handle.night_path, exc.state)
@@ -274,7 +281,7 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
     LeaseHeld, LeaseLost
         another run holds or took over the camera-night.
     """
-    from mascara.reduce import combine_camera_night, prepare_camera_night, reduce_camera_night_live
+    from mascara.reduce import reduce_camera_night_live
 
     state: dict[str, Any] = {}
 
@@ -316,11 +323,7 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
             raise NothingToReduce(f"{night.path if hasattr(night, 'path') else night}: no science frame "
                                   "arrived before the end of the live run")
         record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
-        cat.set_phase(handle.run_id, "combining")
-        paths = [str(plan.batch_path(b)) for b in plan.batches]
-        lifecycle.check_batch_files(paths)
-        result.products = combine_camera_night(plan, prepare_camera_night(plan), paths)
-        finish_succeeded(handle, result.products)
+        result.products = combine_and_finish(handle, plan)
         draw_quicklook(handle.night_path)
     except NothingToReduce:
         raise

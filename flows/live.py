@@ -96,7 +96,7 @@ def reduce_night_live(datadir: str | None = None, nights: str = "tonight", camer
     from mascara.catalog._engine import resolve_url
     from mascara.live import dawn_jd
     from mascara.rawio import parse_night_dir
-    from mascara.reduce import LiveNight, _start_splitter, _stop_splitter, combine_camera_night, prepare_camera_night
+    from mascara.reduce import LiveNight, _start_splitter, _stop_splitter
     from mascara.selection import CAMERAS, SelectionError, parse_cameras, parse_nights, parse_sites
     from mascara.settings import Settings
 
@@ -196,11 +196,7 @@ def reduce_night_live(datadir: str | None = None, nights: str = "tonight", camer
                     raise RuntimeError(cam.error)
                 plan = cam.live.plan
                 _runs.record_intake(url, plan, cam.handle.camera_night_id, cam.handle.run_id)
-                cat.set_phase(cam.handle.run_id, "combining")
-                paths = [str(plan.batch_path(b)) for b in plan.batches]
-                _runs.lifecycle.check_batch_files(paths)
-                products = combine_camera_night(plan, prepare_camera_night(plan), paths)
-                _runs.finish_succeeded(cam.handle, products)
+                _runs.combine_and_finish(cam.handle, plan)
                 states[nid] = "succeeded"
                 publish(cam, "finished", force=True)
             except Exception as exc:  # noqa: BLE001 - recorded; the flow fails below
