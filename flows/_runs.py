@@ -92,6 +92,18 @@ def open_run(db_url: str, plan: Any, overwrite: bool = False, flow_run_id: str |
                               flow_run_id=flow_run_id, lease_seconds=lease_seconds, host=host, pid=pid)
 
 
+def already_done(db_url: str, plan: Any) -> str | None:
+    """Why a planned camera-night needs no reduction (:func:`mascara.catalog.lifecycle.up_to_date`), or None.
+
+    A camera-night the catalog has never seen is not registered by asking.
+    """
+    cat = catalog(db_url)
+    cn_id = cat.find_camera_night(plan.night.path)
+    if cn_id is None:
+        return None
+    return lifecycle.up_to_date(cat, cn_id, lifecycle.fingerprint_key(plan.fingerprint()))
+
+
 # --------------------------------------------------------------------------- recording
 
 

@@ -142,14 +142,14 @@ def _mascprocess(args: argparse.Namespace) -> int:
     if args.no_prefect:
         return run_without_prefect(args.datadir, args.night, args.camera, args.site, args.overwrite, args.db,
                                    settings, quiet=args.quiet, keep_old=args.keep_old,
-                                   require_calibration=args.require_calibration)
+                                   require_calibration=args.require_calibration, skip_done=args.skip_done)
 
     from flows.reduce_night import flow_with_runner, set_progress_sink
 
     flow_obj = flow_with_runner(args.dask_address)
     params = dict(datadir=args.datadir, nights=args.night or "all", cameras=args.camera, site=args.site,
                   overwrite=args.overwrite, db_url=args.db, settings=settings, keep_old=args.keep_old,
-                  require_calibration=args.require_calibration)
+                  require_calibration=args.require_calibration, skip_done=args.skip_done)
     t0 = time.perf_counter()
     if args.quiet:
         state = flow_obj(**params, return_state=True)
@@ -166,9 +166,12 @@ def _mascprocess(args: argparse.Namespace) -> int:
         empty = [r for r in results if r["state"] == "empty"]
         for r in empty:  # the flow completes on nights without data; the command says so in its exit code
             print(f"{r['night_id']}: not reduced: {r['message']}", file=sys.stderr)
+        current = [r for r in results if r["state"] == "up-to-date"]
+        for r in current:
+            print(f"{r['night_id']}: {r['message']}")
         if not args.quiet:
-            print(f"reduced {len(results) - len(empty)} camera-night(s) in {seconds:.1f} s; "
-                  f"see `mascara status {args.datadir}`")
+            print(f"reduced {len(results) - len(empty) - len(current)} camera-night(s) in {seconds:.1f} s"
+                  f"{f' ({len(current)} up to date)' if current else ''}; see `mascara status {args.datadir}`")
         return 1 if empty else 0
     print(f"reduction failed after {seconds:.1f} s: {state.message}", file=sys.stderr)
     return 1
@@ -176,7 +179,8 @@ def _mascprocess(args: argparse.Namespace) -> int:
 
 def run_without_prefect(datadir: str, night: str | None, camera: str | None, site: str | None,
                         overwrite: bool = False, db: str | None = None, settings: dict | None = None,
-                        quiet: bool = False, keep_old: int = 1, require_calibration: bool = False) -> int:
+                        quiet: bool = False, keep_old: int = 1, require_calibration: bool = False,
+                        skip_done: bool = False) -> int:
     """Reduce with :func:`mascara.reduce.reduce_camera_night`, one camera-night after the other.
 
     The catalog is kept exactly as the flow keeps it (runs, batches, frames,
@@ -202,6 +206,13 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
     with _runs.Heartbeat(db_url) as heartbeat:
         for nd in (parse_night_dir(p) for p in sel.night_dirs):
             t0 = time.perf_counter()
+            if skip_done and not overwrite:
+                from mascara.reduce import plan_camera_night
+
+                why = _runs.already_done(db_url, plan_camera_night(nd, s))
+                if why is not None:
+                    print(f"{nd.night_id}: {why}")
+                    continue
             try:
                 handle, result = _runs.drive_camera_night(db_url, nd, s, overwrite=overwrite, keep_old=keep_old,
                                                           pid=os.getpid(), host=socket.gethostname(),

@@ -316,7 +316,7 @@ class _Night:
     split_pending: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     split_busy: bool = False
     combine_submitted: bool = False
-    state: str = "pending"  # pending, running, succeeded, failed, locked, empty
+    state: str = "pending"  # pending, running, succeeded, failed, locked, empty, up-to-date
     message: str = ""
     progress_id: Any = None
     progress_at: float = 0.0  # monotonic time of the last progress-artifact update
@@ -387,6 +387,7 @@ def reduce_night(
     settings: dict[str, Any] | None = None,
     keep_old: int = 1,
     require_calibration: bool = False,
+    skip_done: bool = False,
 ) -> list[dict]:
     """Reduce camera-nights of ``datadir``: one task per 50-frame batch, all cameras at once.
 
@@ -406,6 +407,10 @@ def reduce_night(
         the oldest beyond that is erased, with a record.
     require_calibration : fail a camera-night without a usable master dark
         instead of reducing it with a recorded warning.
+    skip_done : leave alone a camera-night whose latest reduction succeeded
+        under the same fingerprint (code version, settings, star catalogue,
+        raw files) with its files in place, or that another run is reducing
+        (state ``up-to-date``); the backfill's runs set it.
 
     Returns
     -------
@@ -458,6 +463,12 @@ def reduce_night(
             _runs.record_intake(db_url, plan)
             logger.warning("%s: no data: %s", n.night_id, n.message)
             continue
+        if skip_done and not overwrite:
+            why = _runs.already_done(db_url, plan)
+            if why is not None:
+                n.state, n.message = "up-to-date", why
+                logger.info("%s: not reduced again: %s", n.night_id, why)
+                continue
         _notify("night_planned", n.night_id, n.nframes, len(n.batches))
         n.progress_id = create_progress_artifact(0.0, key=_artifact_key(n.night_id, "progress"),
                                                  description=f"{n.night_id}: batches reduced")
@@ -507,7 +518,7 @@ def reduce_night(
                 fut.wait()
                 st = fut.state
                 if not st.is_completed():
-                    err = _state_error(st)
+                    err = _state_error(st, fut)
                     if kind == "start":
                         end_night(n, "locked" if "LeaseHeld" in err else "failed", err)
                     elif kind == "batch":
@@ -571,7 +582,7 @@ def reduce_night(
     results += [{"night_id": cn, "state": "empty", "message": why} for cn, why in missing_dirs]
     _publish_nights(datadir, nights_, missing_dirs, sjson, logger)
     # a camera-night without frames is an ordinary night (dome closed), not a failure
-    bad = [r for r in results if r["state"] not in ("succeeded", "empty")]
+    bad = [r for r in results if r["state"] not in ("succeeded", "empty", "up-to-date")]
     if bad:
         raise RuntimeError("camera-nights not reduced: " + "; ".join(f"{r['night_id']} {r['state']}: "
                                                                      f"{r['message'][:300]}" for r in bad))
@@ -634,7 +645,16 @@ def _publish_nights(datadir: str, nights_: dict[str, _Night], missing: list[tupl
             logger.warning("night artifacts of %s %s not published: %s", night, site, exc)
 
 
-def _state_error(state: Any) -> str:
+def _state_error(state: Any, fut: Any = None) -> str:
+    if fut is not None and not state.is_final():
+        # a task runner that could not run the task at all (a Dask worker that cannot unpickle it) leaves
+        # the task run Pending; its own future holds the reason
+        try:
+            fut.result(timeout=0, raise_on_failure=False)
+        except TimeoutError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            return f"{type(exc).__name__}: {exc} (task run left {state.type.value})"
     try:
         exc = state.result(raise_on_failure=False)
     except Exception as e:  # noqa: BLE001
@@ -665,3 +685,10 @@ def flow_with_runner(dask_address: str | None = None) -> Any:
 # Deployments pick the runner from the environment of the worker (see prefect.yaml).
 if os.environ.get("MASCARA_DASK_ADDRESS"):
     reduce_night = flow_with_runner(os.environ["MASCARA_DASK_ADDRESS"])
+
+# Prefect runs a deployment's entrypoint (``flows/reduce_night.py:reduce_night``) as a script, under the
+# module name ``reduce_night``. Tasks defined under that name cannot be unpickled by a Dask worker (it
+# imports them by module name, and ``reduce_night`` is no module there), so the flow handed to Prefect is
+# the one of the installed package, ``flows.reduce_night``, whose tasks every process can import.
+if __name__ not in ("flows.reduce_night", "__main__"):
+    from flows.reduce_night import reduce_night  # noqa: E402,F811

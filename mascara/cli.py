@@ -54,6 +54,44 @@ def _add_db(sub: argparse._SubParsersAction) -> None:
     up.set_defaults(handler="mascara.catalog.commands:cli_db_upgrade")
 
 
+def _add_backfill(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "backfill", help="reprocess a range of nights: one Prefect flow run per camera-night, for the pool's workers",
+        description="Submit one run of the deployment reduce-night/backfill-night per camera-night of the "
+                    "nights given that needs it, to the Prefect server of PREFECT_API_URL; the workers of "
+                    "the pool reduce them (one each with `prefect worker start --pool mascara --limit 1`), "
+                    "the nightly queue first. Camera-nights whose latest reduction succeeded with the same "
+                    "code version, settings, star catalogue and raw files are skipped unless --force.",
+        epilog="exit codes: 0 submitted or nothing to do (with --wait: every run completed); 1 with --wait, a "
+               "run did not complete; 2 a mistake in the request, or no server or deployment to submit to.")
+    p.add_argument("datadir", help="data directory holding <YYYYMMDD><SITE><CAM>/raw/ (as the workers see it)")
+    p.add_argument("--night", required=True,
+                   help="YYYYMMDD, a range YYYYMMDD..YYYYMMDD, or several joined by + (nights without data "
+                        "are listed and skipped)")
+    p.add_argument("--camera", default=None, help="camera letters joined by +, default: all found")
+    p.add_argument("--site", default=None, help="LP or LS; default: every site found")
+    p.add_argument("--force", action="store_true",
+                   help="submit up-to-date camera-nights too (their outputs are moved to _old)")
+    p.add_argument("--settings", default=None, help="JSON file of settings overrides (a change reprocesses)")
+    p.add_argument("--db", default=None, help=DB_HELP)
+    p.add_argument("--keep-old", type=int, default=1, metavar="N", help="generations of earlier outputs to keep")
+    p.add_argument("--backfill-limit", type=int, default=None, metavar="N",
+                   help="at most N backfill runs at once over all workers (the backfill work queue's "
+                        "concurrency limit; 0 removes it; default: leave it as it is)")
+    p.add_argument("--deployment", default="reduce-night/backfill-night",
+                   help="deployment of one camera-night (default: reduce-night/backfill-night)")
+    p.add_argument("--pool", default="mascara", help="work pool whose queues are ordered (default: mascara)")
+    p.add_argument("--dask-address", default=None, metavar="tcp://HOST:PORT",
+                   help="run the batches of every submitted camera-night on this Dask cluster (started with "
+                        "`dask scheduler` and `dask worker`; its workers need PREFECT_API_URL and the code)")
+    p.add_argument("--dry-run", action="store_true", help="only show what would be submitted")
+    p.add_argument("--wait", action="store_true", help="wait until every submitted run has finished")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="with --wait: stop waiting after")
+    p.add_argument("--json", action="store_true", help="print the camera-nights as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="only the summary line")
+    p.set_defaults(handler="flows.backfill:cli_backfill")
+
+
 #: Help of every ``--db`` option.
 DB_HELP = ("catalog URL, e.g. postgresql+psycopg://user@host/mascara (default: $MASCARA_DB_URL, "
            "else the SQLite file <datadir>/catalog.sqlite)")
@@ -78,6 +116,10 @@ def add_mascprocess_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", default=None, help="JSON file of settings overrides")
     p.add_argument("--dask-address", default=None, help="run batches on a Dask cluster (tcp://... or 'local')")
     p.add_argument("--no-prefect", action="store_true", help="plain sequential driver without Prefect")
+    p.add_argument("--skip-done", action="store_true",
+                   help="leave alone camera-nights whose latest reduction succeeded with the same code version, "
+                        "settings, star catalogue and raw files, its files in place (default: reduce them again, "
+                        "moving the earlier outputs to _old)")
     p.add_argument("--require-calibration", action="store_true",
                    help="do not reduce a camera-night without a usable master dark (default: reduce it, "
                         "record and show the warning)")
@@ -107,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_simulate(sub)
     _add_status(sub)
     _add_db(sub)
+    _add_backfill(sub)
     p = sub.add_parser("process", help="same as mascprocess", description=MASCPROCESS_HELP,
                        epilog=MASCPROCESS_EPILOG)
     add_mascprocess_arguments(p)

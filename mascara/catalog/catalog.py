@@ -271,6 +271,15 @@ class Catalog:
 
         return self._tx(fn)
 
+    def find_camera_night(self, night_dir: str | Path) -> str | None:
+        """The id of the camera-night of this directory, or None if the catalog never saw it."""
+        night_dir = str(Path(night_dir).absolute())
+
+        def fn(s: Session) -> str | None:
+            return s.execute(select(CameraNight.id).where(CameraNight.night_dir == night_dir)).scalar_one_or_none()
+
+        return self._tx(fn, readonly=True)
+
     # -- runs and leases ---------------------------------------------------
     def start_run(self, camera_night_id: str, fingerprint: Mapping[str, str], settings: Mapping[str, Any],
                   versions: Mapping[str, str], host: str, flow_run_id: str | None = None,

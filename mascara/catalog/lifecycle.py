@@ -235,6 +235,35 @@ def decide(previous: RunInfo | None, fp_key: str, overwrite: bool, has_current: 
     return "new", None, None
 
 
+def up_to_date(cat: Catalog, camera_night_id: str, fp_key: str) -> str | None:
+    """Why a camera-night needs no reduction under ``fp_key``, or None when it does (a backfill's test).
+
+    It is up to date when its latest run that acted succeeded under the same
+    fingerprint (same code version, settings, star catalogue and raw
+    inventory) and every file that run recorded is still where the catalog
+    says, with the recorded size (sizes, not checksums: a season holds
+    terabytes). A run in progress is reported too, so nobody starts a second.
+    """
+    latest = cat.last_run(camera_night_id)
+    if latest is not None and latest.live:
+        return f"in progress: run {latest.run_id} on {latest.host} holds the lease"
+    last = cat.last_run(camera_night_id, decided=True)
+    if last is None or last.status != "succeeded" or last.fingerprint_key != fp_key:
+        return None
+    products = [p for p in cat.live_products(camera_night_id) if p["run_id"] == last.run_id]
+    if not any(p["kind"] == "fLC" for p in products):
+        return None
+    for p in products:
+        path = Path(p["path"])
+        try:
+            if path.stat().st_size != int(p["size"]):
+                return None
+        except OSError:
+            return None
+    when = last.finished_at.strftime("%Y-%m-%d %H:%M UTC") if last.finished_at else "earlier"
+    return f"up to date: run {last.run_id} finished {when} with the same fingerprint; its files are in place"
+
+
 # --------------------------------------------------------------------------- opening a run
 
 
