@@ -1,0 +1,111 @@
+"""What a backfill submits (issue 15), on SQLite and PostgreSQL, without a Prefect server.
+
+A camera-night is up to date when its latest reduction succeeded under the
+same fingerprint with its files in place; anything else is submitted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from flowkit import BIN
+
+from flows.backfill import plan_backfill
+from mascara.catalog import connect
+from mascara.rawio import parse_night_dir
+from mascara.reduce import plan_camera_night
+
+pytestmark = pytest.mark.slow
+
+NIGHTS = ("20260301", "20260302")
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("pristine-season")
+    subprocess.run([str(BIN / "mascara"), "simulate", str(d), "--night", "+".join(NIGHTS), "--site", "LP",
+                    "--camera", "E", "--size", "small", "--frames", "60", "--seed", "21"],
+                   check=True, capture_output=True)
+    return d
+
+
+def _mascprocess(data: Path, db: str, *args: str) -> subprocess.CompletedProcess:
+    res = subprocess.run([str(BIN / "mascprocess"), str(data), "--site", "LP", "--camera", "E", "--db", db,
+                          "--no-prefect", *args], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def _states(entries) -> dict[str, str]:
+    return {e.night_id: e.state for e in entries}
+
+
+def test_only_what_changed_is_submitted(pristine, tmp_path, db_url):
+    data = tmp_path / "data"
+    shutil.copytree(pristine, data)
+    _mascprocess(data, db_url, "--night", NIGHTS[0], "-q")
+    rng = "20260301..20260303"
+
+    plan = plan_backfill(data, rng, site="LP", db_url=db_url)
+    assert _states(plan) == {"20260301LPE": "up-to-date", "20260302LPE": "submit", "20260303": "no-data"}
+    done = next(e for e in plan if e.night_id == "20260301LPE")
+    assert "same fingerprint" in done.reason and done.frames == 60
+
+    # asked to, or after a change of settings, it is submitted again
+    assert _states(plan_backfill(data, rng, site="LP", db_url=db_url, force=True))["20260301LPE"] == "submit"
+    changed = plan_backfill(data, rng, site="LP", db_url=db_url, settings={"vmag_slow": 9.5})
+    assert _states(changed)["20260301LPE"] == "submit"
+
+    # a night file that is not what the catalog recorded: not up to date
+    flc = data / "20260301LPE" / "lightcurves" / "fLC_20260301LPE.hdf5"
+    saved = flc.read_bytes()
+    flc.write_bytes(saved + b"\0")
+    assert _states(plan_backfill(data, rng, site="LP", db_url=db_url))["20260301LPE"] == "submit"
+    flc.write_bytes(saved)
+
+    # a reduction holding the camera-night's lease: in progress, not submitted twice
+    with connect(db_url) as cat:
+        cn = cat.find_camera_night(data / "20260302LPE")
+        assert cn is None  # never reduced, and asking did not register it
+        p = plan_camera_night(parse_night_dir(data / "20260302LPE"))
+        cn = cat.register_camera_night("LP", "E", NIGHTS[1], data / "20260302LPE")
+        run = cat.start_run(cn, fingerprint=p.fingerprint(), settings={}, versions={}, host="elsewhere",
+                            lease_seconds=600)
+        state = plan_backfill(data, rng, site="LP", db_url=db_url)
+        cat.finish_run(run, "failed", error="test: released")
+    assert _states(state)["20260302LPE"] == "in-progress"
+
+    # mascprocess --skip-done: the same rule from the command line, a range given
+    res = _mascprocess(data, db_url, "--night", "20260301..20260302", "--skip-done")
+    assert "20260301LPE: up to date" in res.stdout
+    with connect(db_url) as cat:
+        rows = {r["night"]: r for r in cat.night_status()}
+        runs = cat.failed_runs()
+    assert rows[NIGHTS[0]]["state"] == rows[NIGHTS[1]]["state"] == "succeeded"
+    assert [r["error"] for r in runs] == ["test: released"]
+    assert _states(plan_backfill(data, rng, site="LP", db_url=db_url)) == {
+        "20260301LPE": "up-to-date", "20260302LPE": "up-to-date", "20260303": "no-data"}
+
+
+def test_backfill_command_checks_its_arguments_before_anything(pristine, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(pristine, data)
+    env_no_server = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PREFECT_API")}
+    bad = subprocess.run([str(BIN / "mascara"), "backfill", str(data), "--night", "20260302..20260301"],
+                         capture_output=True, text=True, env=env_no_server)
+    assert bad.returncode == 2 and "runs backwards" in bad.stderr
+    noserver = subprocess.run([str(BIN / "mascara"), "backfill", str(data), "--night", "20260301..20260310"],
+                              capture_output=True, text=True, env=env_no_server)
+    assert noserver.returncode == 2 and "PREFECT_API_URL" in noserver.stderr
+    dry = subprocess.run([str(BIN / "mascara"), "backfill", str(data), "--night", "20260301..20260310",
+                          "--dry-run", "--json"], capture_output=True, text=True, env=env_no_server)
+    assert dry.returncode == 0, dry.stderr
+    rows = json.loads(dry.stdout[dry.stdout.index("["):dry.stdout.rindex("]") + 1])
+    states = {r["camera_night"]: r["state"] for r in rows}
+    assert states["20260301LPE"] == states["20260302LPE"] == "submit"
+    assert sum(s == "no-data" for s in states.values()) == 8
+    assert "would submit 2 camera-night(s)" in dry.stdout
