@@ -108,6 +108,16 @@ def test_deployment_has_the_nightly_schedule(deployed_run):
     live = r.json()
     assert [s["schedule"]["cron"] for s in live["schedules"]] == ["0 16 * * *"]
     assert live["parameters"]["nights"] == "tonight" and live["entrypoint"] == "flows/live.py:reduce_night_live"
+    # the season: the submitter, and one camera-night per run from the lowest-priority queue, skipping done ones
+    queues = {}
+    for name in ("nightly", "live", "backfill", "backfill-night"):
+        r = httpx.get(f"{deployed_run['api']}/deployments/name/reduce-night/{name}", timeout=30)
+        r.raise_for_status()
+        queues[name] = r.json()
+    assert {k: v["work_queue_name"] for k, v in queues.items()} == {
+        "nightly": "nightly", "live": "live", "backfill": "default", "backfill-night": "backfill"}
+    assert queues["backfill-night"]["parameters"]["skip_done"] is True
+    assert queues["backfill"]["entrypoint"] == "flows/backfill.py:reduce_night_backfill"
 
 
 @pytest.mark.parametrize("kind", ["fLC", "sLC"])
