@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from flowkit import BIN, REPO, stop_process_group
+from flowkit import BIN, REPO, artifacts, stop_process_group
 from sqlalchemy import create_engine, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "catalog"))
@@ -177,6 +177,15 @@ def test_a_season_backfill_shares_two_workers_puts_nightly_first_and_redoes_only
         rows = {r["camera_night"]: r for r in _submitted(res.stdout)}
         assert sorted(k for k, r in rows.items() if r["state"] == "up-to-date") == expected, rows
         assert not [r for r in rows.values() if r["state"] == "submitted"]
+        # the same from the UI: the reduce-night/backfill deployment, run by a worker, submits nothing either
+        res = _run([BIN / "prefect", "deployment", "run", "reduce-night/backfill", "--param", f"nights={RANGE}",
+                    "--param", f"datadir={season['data']}", "--param", f"db_url={db}", "--param", "site=LP",
+                    "--watch", "--watch-timeout", "300"], env, timeout=400)
+        submitter = re.search(r"UUID: ([0-9a-f-]{36})", res.stdout).group(1)
+        art = artifacts(api, submitter)["backfill-20260301-20260303"]
+        table = json.loads(art["data"]) if isinstance(art["data"], str) else art["data"]
+        assert sorted((r["camera_night"], r["state"]) for r in table) == sorted(
+            [(k, "up-to-date") for k in expected] + [("20260303", "no-data")])
 
         # 3. a changed setting reprocesses every camera-night, spread over both workers
         settings = season["root"] / "settings.json"
