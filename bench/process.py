@@ -13,8 +13,17 @@ one simulated night, so every run reduces the same pixels from scratch
 - the largest peak RSS among those processes.
 
 Runs cover two night lengths (the slope between them is the cost of an extra
-frame, the intercept the fixed cost of a night), the library driver
-(``--no-prefect``) and the Prefect flow, interleaved and repeated. One
+frame, the intercept the fixed cost of a night) and three drivers,
+interleaved and repeated:
+
+- ``library``: ``mascprocess --no-prefect``;
+- ``prefect``: ``mascprocess`` without ``PREFECT_API_URL``, so the flow starts
+  Prefect's temporary server (a user without a server);
+- ``prefect-server``: the same flow against a Prefect server that is already
+  running (a station's server, as the nightly deployment runs); the server's
+  own CPU during the run is added to the run's.
+
+The start of a Prefect server is measured apart (``server_start``). One
 untimed warm-up run first loads (or compiles) every numba kernel into the
 on-disk cache; its extra CPU is reported as the JIT charge.
 
@@ -59,11 +68,76 @@ def night_subset(night_dir: Path, dest: Path, nframes: int) -> Path:
     return dest
 
 
-def run_once(night_dir: Path, workdir: Path, nframes: int, prefect: bool, workers: int) -> dict:
+DRIVERS = ("library", "prefect", "prefect-server")
+
+
+class PrefectServer:
+    """A ``prefect server start`` process for the ``prefect-server`` runs; how long it took to answer."""
+
+    def __init__(self, home: Path) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/api"
+        env = dict(os.environ, PREFECT_HOME=str(home))
+        env.pop("PREFECT_API_URL", None)
+        t = time.perf_counter()
+        self.proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                                      str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        import urllib.request
+
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prefect server start exited {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.perf_counter() - t > 180:
+                raise RuntimeError("prefect server did not answer in 180 s")
+            time.sleep(0.2)
+        self.start_wall = time.perf_counter() - t
+        self.start_cpu = self.cpu()
+
+    def cpu(self) -> float:
+        """User + system CPU seconds of the server and every process under it, so far."""
+        import psutil
+
+        total = 0.0
+        try:
+            root = psutil.Process(self.proc.pid)
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    t = p.cpu_times()
+                    total += t.user + t.system
+                except psutil.NoSuchProcess:
+                    pass
+        except psutil.NoSuchProcess:
+            pass
+        return total
+
+    def stop(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def run_once(night_dir: Path, workdir: Path, nframes: int, driver: str, workers: int,
+             server: PrefectServer | None = None) -> dict:
     """One ``mascprocess`` run on a fresh copy of the first ``nframes`` frames; its wall, CPU and peak RSS.
 
     Prefect keeps its home (its database) in ``workdir/../prefect-home`` across runs, as a user's does.
     """
+    prefect = driver != "library"
     datadir = night_subset(night_dir, workdir, nframes)
     name = night_dir.name
     cmd = [str(BIN / "mascprocess"), str(datadir), "--night", name[:8], "--site", name[8:10], "--camera", name[10:],
@@ -73,18 +147,22 @@ def run_once(night_dir: Path, workdir: Path, nframes: int, prefect: bool, worker
     env = dict(os.environ, MASCARA_WORKERS=str(workers), MASCARA_FLOW_WORKERS=str(workers),
                PREFECT_HOME=str(workdir.parent / "prefect-home"))
     env.pop("PREFECT_API_URL", None)  # the temporary server, as a user without a server gets
+    if driver == "prefect-server":
+        env["PREFECT_API_URL"] = server.url
     usage = workdir.parent / "usage.json"
     load = os.getloadavg()
+    server_cpu = server.cpu() if driver == "prefect-server" else 0.0
     w = time.perf_counter()
     # a small wrapper process reports the usage of its children alone (ru_maxrss never resets in this one)
     proc = subprocess.run([sys.executable, "-c", _WRAPPER, str(usage), *cmd], env=env, capture_output=True,
                           text=True, cwd=str(workdir))
     wall = time.perf_counter() - w
+    server_cpu = server.cpu() - server_cpu if driver == "prefect-server" else 0.0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     u = json.loads(usage.read_text())
-    res = {"frames": nframes, "prefect": prefect, "workers": workers, "wall": wall, "cpu": u["user"] + u["sys"],
-           "user": u["user"], "sys": u["sys"], "rss_mb": u["maxrss_kb"] / 1024, "load_before": load[0],
+    res = {"frames": nframes, "driver": driver, "prefect": prefect, "workers": workers, "wall": wall,
+           "cpu": u["user"] + u["sys"] + server_cpu, "user": u["user"], "sys": u["sys"], "server_cpu": server_cpu, "rss_mb": u["maxrss_kb"] / 1024, "load_before": load[0],
            "load_after": os.getloadavg()[0]}
     shutil.rmtree(datadir, ignore_errors=True)
     return res
@@ -96,29 +174,38 @@ def _stats(values: list[float]) -> dict:
 
 def measure(night_dir: Path | str, workdir: Path | str, frames: tuple[int, int], repeat: int = 2,
             workers: int = 2, prefect: bool = True, progress=print) -> dict:
-    """Interleaved, repeated runs at two night lengths with both drivers; slopes, intercepts, projections."""
+    """Interleaved, repeated runs at two night lengths with every driver; slopes, intercepts, projections."""
     night_dir, workdir = Path(night_dir), Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     n1, n2 = sorted(frames)
-    drivers = [False, True] if prefect else [False]
+    drivers = list(DRIVERS) if prefect else ["library"]
     progress(f"[process] warm-up run (numba cache), {n1} frames ...")
-    warm = run_once(night_dir, workdir / "warm", n1, False, workers)
+    warm = run_once(night_dir, workdir / "warm", n1, "library", workers)
+    server = None
+    if prefect:
+        shutil.rmtree(workdir / "server-home", ignore_errors=True)
+        server = PrefectServer(workdir / "server-home")
+        progress(f"[process] a Prefect server answered after {server.start_wall:.1f} s ({server.start_cpu:.1f} CPU-s)")
     runs: list[dict] = []
-    for r in range(repeat):
-        for n in (n2, n1) if r % 2 == 0 else (n1, n2):
-            for pf in drivers if r % 2 == 0 else drivers[::-1]:
-                progress(f"[process] repeat {r + 1}/{repeat}: {n} frames, {'Prefect flow' if pf else 'library driver'}"
-                         " ...")
-                runs.append(run_once(night_dir, workdir / "run", n, pf, workers))
-                progress(f"[process]   wall {runs[-1]['wall']:.1f} s, CPU {runs[-1]['cpu']:.1f} s, "
-                         f"RSS {runs[-1]['rss_mb']:.0f} MB, load {runs[-1]['load_before']:.2f}")
+    try:
+        for r in range(repeat):
+            for n in (n2, n1) if r % 2 == 0 else (n1, n2):
+                for drv in drivers if r % 2 == 0 else drivers[::-1]:
+                    progress(f"[process] repeat {r + 1}/{repeat}: {n} frames, {drv} ...")
+                    runs.append(run_once(night_dir, workdir / "run", n, drv, workers, server))
+                    progress(f"[process]   wall {runs[-1]['wall']:.1f} s, CPU {runs[-1]['cpu']:.1f} s, "
+                             f"RSS {runs[-1]['rss_mb']:.0f} MB, load {runs[-1]['load_before']:.2f}")
+    finally:
+        if server is not None:
+            server.stop()
     out: dict = {"night": night_dir.name, "frames": [n1, n2], "repeat": repeat, "workers": workers,
                  "warmup": warm, "runs": runs, "drivers": {}}
-    for pf in drivers:
-        key = "prefect" if pf else "library"
+    if server is not None:
+        out["server_start"] = {"wall": server.start_wall, "cpu": server.start_cpu}
+    for key in drivers:
         d: dict = {}
         for n in (n1, n2):
-            sel = [x for x in runs if x["prefect"] == pf and x["frames"] == n]
+            sel = [x for x in runs if x["driver"] == key and x["frames"] == n]
             d[n] = {"wall": _stats([x["wall"] for x in sel]), "cpu": _stats([x["cpu"] for x in sel]),
                     "rss_mb": max(x["rss_mb"] for x in sel)}
         for what in ("cpu", "wall"):
@@ -132,11 +219,12 @@ def measure(night_dir: Path | str, workdir: Path | str, frames: tuple[int, int],
             d[f"cpu_5000_{agg}"] = d[n2]["cpu"][agg] + (5000 - n2) * d[f"cpu_slope_{agg}"]
         d["runs"] = {n1: d.pop(n1), n2: d.pop(n2)}
         out["drivers"][key] = d
-    if prefect:
-        lib, pf = out["drivers"]["library"], out["drivers"]["prefect"]
-        out["prefect_over_library"] = {
-            f"{what}_{agg}": pf["runs"][n2][what][agg] / lib["runs"][n2][what][agg] - 1.0
-            for what in ("wall", "cpu") for agg in ("min", "median")}
+    lib = out["drivers"]["library"]
+    for key, name in (("prefect", "prefect_over_library"), ("prefect-server", "prefect_server_over_library")):
+        if key in out["drivers"]:
+            pf = out["drivers"][key]
+            out[name] = {f"{what}_{agg}": pf["runs"][n2][what][agg] / lib["runs"][n2][what][agg] - 1.0
+                         for what in ("wall", "cpu") for agg in ("min", "median")}
     out["jit_charge_cpu"] = warm["cpu"] - out["drivers"]["library"]["runs"][n1]["cpu"]["median"]
     return out
 

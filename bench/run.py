@@ -443,6 +443,10 @@ def _met(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+DRIVER_NAMES = {"library": "library driver", "prefect": "Prefect flow, temporary server",
+                "prefect-server": "Prefect flow, running server"}
+
+
 def summarise(res: dict) -> dict:
     """Derived figures: per-stage CPU per frame of the full batch, end to end, targets."""
     red = res["reduce"]
@@ -470,8 +474,9 @@ def summarise(res: dict) -> dict:
             s["targets"][f"slope_{key}"] = d["cpu_slope_median"] <= TARGET_CPU_PER_FRAME
         lib = pr["drivers"]["library"]
         s["targets"]["night_wall"] = lib["wall_5000_median"] <= TARGET_NIGHT_WALL_S
-        if "prefect_over_library" in pr:
-            s["targets"]["prefect_overhead"] = pr["prefect_over_library"]["wall_median"] <= TARGET_PREFECT_OVERHEAD
+        for name in ("prefect_over_library", "prefect_server_over_library"):
+            if name in pr:
+                s["targets"][name] = pr[name]["wall_median"] <= TARGET_PREFECT_OVERHEAD
         s["process_rss_gb"] = max(r["rss_mb"] for r in pr["runs"]) / 1024
         s["targets"]["process_memory"] = s["process_rss_gb"] <= TARGET_MEMORY_GB
     if ns:
@@ -512,18 +517,19 @@ def render(res: dict, s: dict) -> str:
         n1, n2 = pr["frames"]
         for key, d in pr["drivers"].items():
             L.append(f"| <= {TARGET_CPU_PER_FRAME:.2f} CPU-s per extra full frame, whole `mascprocess` process, "
-                     f"{'Prefect flow' if key == 'prefect' else 'library driver'} ({n1} -> {n2} frames) | "
+                     f"{DRIVER_NAMES.get(key, key)} ({n1} -> {n2} frames) | "
                      f"{d['cpu_slope_median']:.3f} median, {d['cpu_slope_min']:.3f} from the minima | "
                      f"{_met(t[f'slope_{key}'])} |")
         lib = pr["drivers"]["library"]
         L.append(f"| 5,000-frame night < {TARGET_NIGHT_WALL_S / 60:.0f} min wall on {pr['workers']} cores "
                  f"(measured {n2} frames + measured slope) | {lib['wall_5000_median'] / 60:.1f} min median "
                  f"({lib['wall_5000_min'] / 60:.1f} from the minima) | {_met(t['night_wall'])} |")
-        if "prefect_over_library" in pr:
-            po = pr["prefect_over_library"]
-            L.append(f"| Prefect flow within {100 * TARGET_PREFECT_OVERHEAD:.0f} % of the library driver's wall "
-                     f"({n2} frames) | {100 * po['wall_median']:+.1f} % median ({100 * po['wall_min']:+.1f} % of "
-                     f"the minima) | {_met(t['prefect_overhead'])} |")
+        for name, key in (("prefect_server_over_library", "prefect-server"), ("prefect_over_library", "prefect")):
+            if name in pr:
+                po = pr[name]
+                L.append(f"| {DRIVER_NAMES[key]} within {100 * TARGET_PREFECT_OVERHEAD:.0f} % of the library "
+                         f"driver's wall ({n2} frames) | {100 * po['wall_median']:+.1f} % median "
+                         f"({100 * po['wall_min']:+.1f} % of the minima) | {_met(t[name])} |")
         L.append(f"| peak RSS of a `mascprocess` process < {TARGET_MEMORY_GB:.0f} GB | {s['process_rss_gb']:.2f} GB | "
                  f"{_met(t['process_memory'])} |")
     L.append(f"| sum of the per-stage CPU in one process <= {TARGET_CPU_PER_FRAME:.2f} s per frame | "
@@ -642,8 +648,13 @@ def render_process(pr: dict) -> list[str]:
     L.append(f"Night `{pr['night']}`, the first {n1} and {n2} frames (links to the same files), each run a fresh "
              f"`mascprocess` process on a fresh data directory and catalog, {pr['workers']} batches at once "
              f"(`MASCARA_WORKERS`, `MASCARA_FLOW_WORKERS`). CPU is user + system of the process and every process "
-             f"it waited for (the splitter beside the reduction, Prefect's temporary server), wall from outside; "
-             f"{pr['repeat']} repeats, interleaved (long/short, library/Prefect alternating).\n")
+             f"it waited for (the splitter beside the reduction, Prefect's temporary server), plus, for "
+             f"`prefect-server`, the CPU the already running Prefect server spent during the run; wall from "
+             f"outside; {pr['repeat']} repeats, interleaved (long/short, drivers alternating). Drivers: "
+             f"`library` is `mascprocess --no-prefect`; `prefect` is `mascprocess` without `PREFECT_API_URL` "
+             f"(the flow starts Prefect's temporary server, as for a user without a server); `prefect-server` is "
+             f"the same flow against a Prefect server already running, as the station's nightly deployment "
+             f"runs.\n")
     L.append("| driver | frames | wall s (min / median) | CPU s (min / median) | peak RSS MB |")
     L.append("|---|---:|---:|---:|---:|")
     for key, d in pr["drivers"].items():
@@ -668,12 +679,17 @@ def render_process(pr: dict) -> list[str]:
              f"{pr['jit_charge_cpu']:+.1f} CPU-s against the median timed run of the same length "
              "(numba compiles into its on-disk cache there when the code changed; loading the cache is part "
              "of every run's fixed cost).")
-    if "prefect_over_library" in pr:
-        po = pr["prefect_over_library"]
-        L.append(f"- Prefect flow against the library driver, {n2} frames: wall {100 * po['wall_median']:+.1f} % "
-                 f"(median), {100 * po['wall_min']:+.1f} % (minima); CPU {100 * po['cpu_median']:+.1f} % / "
-                 f"{100 * po['cpu_min']:+.1f} %. The temporary Prefect server's start is in the fixed cost "
-                 "(the intercept) of the flow.")
+    for name, key in (("prefect_server_over_library", "prefect-server"), ("prefect_over_library", "prefect")):
+        if name in pr:
+            po = pr[name]
+            L.append(f"- {DRIVER_NAMES[key]} against the library driver, {n2} frames: wall "
+                     f"{100 * po['wall_median']:+.1f} % (median), {100 * po['wall_min']:+.1f} % (minima); CPU "
+                     f"{100 * po['cpu_median']:+.1f} % / {100 * po['cpu_min']:+.1f} %.")
+    if "server_start" in pr:
+        ss = pr["server_start"]
+        L.append(f"- Starting a Prefect server (`prefect server start`, fresh database) until it answers: "
+                 f"{ss['wall']:.1f} s wall, {ss['cpu']:.1f} CPU-s. The `prefect` driver pays a start like it "
+                 "(its temporary server) in its fixed cost; the `prefect-server` driver does not.")
     loads = [r["load_before"] for r in pr["runs"]]
     L.append(f"- 1-minute load average before the runs: {min(loads):.2f} to {max(loads):.2f} (2 cores, shared).")
     L.append("")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
+import time
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -353,14 +355,30 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
     return state["handle"], result
 
 
-def draw_quicklook(night_path: str | Path) -> dict[str, Path]:
-    """Redraw a camera-night's quick-look figures (:mod:`mascara.quicklook`); a figure never fails a reduction."""
+_drawn_at: dict[str, float] = {}
+_drawn_lock = threading.Lock()
+
+
+def draw_quicklook(night_path: str | Path, logger: Any = None, *, every: float = 0.0) -> dict[str, Path]:
+    """Redraw a camera-night's quick-look figures (:mod:`mascara.quicklook`); a figure never fails a reduction.
+
+    With ``every`` > 0 the figures are redrawn only if the last redraw of this
+    night in this process is at least ``every`` seconds old (``{}`` otherwise):
+    while a night is reduced, its figures follow it without costing a redraw per
+    batch. Failures are logged on ``logger`` (a Prefect run logger in the flows).
+    """
     from mascara.quicklook import update_camera_night
 
+    key = str(night_path)
+    now = time.monotonic()
+    with _drawn_lock:
+        if every > 0 and now - _drawn_at.get(key, -math.inf) < every:
+            return {}
+        _drawn_at[key] = now
     try:
         return update_camera_night(night_path)
     except Exception as exc:  # noqa: BLE001
-        log.warning("quick-look figures of %s not drawn: %s: %s", night_path, type(exc).__name__, exc)
+        (logger or log).warning("quick-look figures of %s not drawn: %s: %s", night_path, type(exc).__name__, exc)
         return {}
 
 

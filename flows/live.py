@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import _runs
 from flows import report
-from flows.reduce_night import _redraw_quicklook, _transient_task, worker_datadir
+from flows.reduce_night import _transient_task, worker_datadir
 
 #: Seconds between two updates of a night's progress artifact.
 PROGRESS_INTERVAL = 30.0
@@ -129,7 +129,7 @@ def reduce_night_live(datadir: str | None = None, nights: str = "tonight", camer
         nid = cam.night_dir.night_id
         create_markdown_artifact(key=f"{nid.lower()}-live", markdown=_progress_markdown(nid, cam.done, 0, state),
                                  description=f"{nid}: live progress")
-        figures = _redraw_quicklook(cam.night_dir.path)
+        figures = _runs.draw_quicklook(cam.night_dir.path, get_run_logger())
         if figures:
             report.publish_markdown(f"{nid.lower()}-quicklook",
                                     report.quicklook_markdown(nid, figures, str(cam.night_dir.path)),

@@ -52,6 +52,8 @@ RETRIES = 3
 RETRY_BACKOFF = float(os.environ.get("MASCARA_RETRY_BACKOFF", "10"))
 #: Seconds between two updates of a night's progress artifact (each is an API call); the last is always sent.
 PROGRESS_INTERVAL = 5.0
+#: While batches are split, quick-look figures are redrawn at most this often (seconds); always at the end.
+QUICKLOOK_INTERVAL = float(os.environ.get("MASCARA_QUICKLOOK_INTERVAL", "60"))
 
 
 # --------------------------------------------------------------------------- task policies
@@ -181,19 +183,8 @@ def split_task(night_id: str, handle: _runs.RunHandle, settings_json: str, batch
         except Exception as exc:  # noqa: BLE001 - the combine re-adds it
             get_run_logger().warning("splitting %s failed: %s", path, exc)
             errors.append(f"{Path(path).name}: {exc}")
-    _redraw_quicklook(plan.night.path)
+    _runs.draw_quicklook(plan.night.path, get_run_logger(), every=QUICKLOOK_INTERVAL)
     return {"added": added, "skipped": skipped, "errors": errors}
-
-
-def _redraw_quicklook(night_path: Any) -> dict[str, Path]:
-    """Redraw a camera-night's quick-look PNGs; a figure never breaks a reduction (logged, not raised)."""
-    from mascara.quicklook import update_camera_night
-
-    try:
-        return update_camera_night(night_path)
-    except Exception as exc:  # noqa: BLE001
-        get_run_logger().warning("quick-look figures of %s not drawn: %s: %s", night_path, type(exc).__name__, exc)
-        return {}
 
 
 @task(name="combine", task_run_name="combine-{night_id}", cache_policy=NO_CACHE, **_transient_task)
@@ -210,7 +201,7 @@ def combine_task(night_id: str, handle: _runs.RunHandle, settings_json: str) -> 
     products = combine_camera_night(plan, _ctx(plan), paths)
     files = _runs.finish_succeeded(handle, products)
     summary = night_summary(plan, paths, files)
-    figures = _redraw_quicklook(plan.night.path)
+    figures = _runs.draw_quicklook(plan.night.path, get_run_logger())
     quality = _quality_summary(plan.night.path)
     _publish_summary(handle, summary, files, figures, quality, plan.settings.to_dict())
     return {"night_id": night_id, "summary": summary, "files": files, "quality": quality}

@@ -143,3 +143,26 @@ def test_the_lease_of_a_dead_process_on_this_host_is_taken_over(night):
     second = open_run(url, plan)
     assert second.decision == "resume" and second.run_id != first.run_id
     assert catalog(url).last_run(second.camera_night_id).run_id == second.run_id
+
+
+# --------------------------------------------------------------------------- quick-look figures during a run
+
+
+def test_quicklook_figures_follow_a_run_at_most_once_per_interval_and_always_at_the_end(tmp_path, caplog):
+    from flows._runs import draw_quicklook
+
+    night = tmp_path / "20260301LPW"
+    (night / "work").mkdir(parents=True)
+    first = draw_quicklook(night, every=3600.0)
+    assert set(first) == {"lightcurves", "sky", "astrometry", "frames"}
+    stamps = {k: p.stat().st_mtime_ns for k, p in first.items()}
+    assert draw_quicklook(night, every=3600.0) == {}  # redrawn less than an interval ago: skipped
+    assert {k: p.stat().st_mtime_ns for k, p in first.items()} == stamps
+    assert set(draw_quicklook(night)) == set(first)  # the end of a run always redraws
+
+    broken = tmp_path / "20260301LPN"
+    (broken / "work").mkdir(parents=True)
+    (broken / "quicklook").write_text("a file where the figures' directory belongs")
+    with caplog.at_level("WARNING"):
+        assert draw_quicklook(broken) == {}  # a figure never fails a reduction
+    assert "quick-look figures of" in caplog.text and str(broken) in caplog.text
