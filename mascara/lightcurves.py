@@ -399,6 +399,8 @@ class StarSplitter:
         else:
             self._registry = {"format": "mascara-splitter", "version": FORMAT_VERSION, "nbuckets": int(nbuckets), "batches": {}}
             _write_json_atomic(reg_path, self._registry)
+        # the diagnostic stars' rows of each batch, by batch: (sha256, {"fast", "slow", "stars"})
+        self._diag_cache: dict[int, tuple[str, dict[str, np.ndarray]]] = {}
 
     # -- registry ---------------------------------------------------------
     @property
@@ -532,23 +534,61 @@ class StarSplitter:
         ascc, rows = self.bucket_rows(bucket, kind, batches)
         return rows[ascc == sid[0]]
 
+    def _diagnostic_rows(self, batch: int) -> dict[str, np.ndarray]:
+        """The diagnostic stars' piece rows (``fast``, ``slow``) and catalogue rows (``stars``) of one batch.
+
+        Read from the batch's pieces (only the buckets of those stars) once per
+        batch content and kept, so that refreshing the diagnostics after every
+        batch costs one batch's worth of reading, not the whole night's.
+        """
+        e = self.entry(batch)
+        hit = self._diag_cache.get(batch)
+        if hit is not None and hit[0] == e["sha256"]:
+            return hit[1]
+        ids = np.array(self.diagnostic_ids, dtype=ASCC_DTYPE)
+        buckets = sorted({int(k) for k in _star_key(ids) % np.uint64(self.nbuckets)})
+        out: dict[str, np.ndarray] = {}
+        for kind in _KINDS:
+            with _PieceReader(self, kind, [batch]) as reader:
+                rows = np.concatenate([reader.raw(bk) for bk in buckets])
+            out[kind] = rows[np.isin(rows["ascc"], ids)]
+        stars = np.load(self.splitdir / e["files"]["stars"])
+        out["stars"] = stars[np.isin(stars["ascc"], ids)]
+        self._diag_cache[batch] = (e["sha256"], out)
+        return out
+
     def write_diagnostics(self) -> str:
         """Rewrite ``diagnostics.hdf5`` from the store (atomic).
 
         Layout: ``fast/<ascc>`` and ``slow/<ascc>`` light curves sorted by lstseq,
         ``header/<ascc>`` one HEADER_DTYPE row, root attrs ``nbatches``, ``last_batch``.
+        The same content as :meth:`star_rows` and :meth:`stars` give for these stars.
         """
         path = self.workdir / self.DIAGNOSTICS
         batches = sorted(self.batches)
-        stars = self.stars(batches) if batches else np.empty(0, STAR_DTYPE)
+        parts = [self._diagnostic_rows(b) for b in batches]
+        for b in list(self._diag_cache):
+            if str(b) not in self._registry["batches"]:
+                del self._diag_cache[b]
+        if parts:
+            allstars = np.concatenate([p["stars"] for p in parts])
+            _, first = np.unique(allstars["ascc"], return_index=True)  # first occurrence = lowest batch
+            stars = allstars[np.sort(first)]
+        else:
+            stars = np.empty(0, STAR_DTYPE)
+        curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for kind in _KINDS:
+            rows = np.concatenate([p[kind] for p in parts]) if parts else np.empty(0, _PIECE_DTYPES[kind])
+            curves[kind] = _group_runs(rows, kind)
         with _atomic_path(path) as tmp:
             with h5py.File(tmp, "w") as f:
                 f.attrs["nbatches"] = len(batches)
                 f.attrs["last_batch"] = batches[-1] if batches else -1
                 for kind in _KINDS:
                     g = f.create_group(kind)
+                    ascc, plain = curves[kind]
                     for sid in self.diagnostic_ids:
-                        g.create_dataset(sid, data=self.star_rows(sid, kind, batches))
+                        g.create_dataset(sid, data=plain[ascc == sid.encode()])
                 h = f.create_group("header")
                 for sid in self.diagnostic_ids:
                     rows = f["fast"][sid][()]
@@ -600,6 +640,10 @@ class _PieceReader:
 
         Returns ``(ascc, rows)`` as :func:`_group_runs`.
         """
+        return _group_runs(self.raw(bucket), self.kind)
+
+    def raw(self, bucket: int) -> np.ndarray:
+        """Piece rows of ``bucket`` over all batches, concatenated in batch order (not grouped)."""
         counts = [off[bucket + 1] - off[bucket] for _, _, off in self.files]
         rows = np.empty(sum(counts), self.dtype)
         at = 0
@@ -608,7 +652,7 @@ class _PieceReader:
                 f.seek(data_start + off[bucket] * self.dtype.itemsize)
                 f.readinto(memoryview(rows[at : at + n].view(np.uint8)))
                 at += n
-        return _group_runs(rows, self.kind)
+        return rows
 
 
 def _group_runs(rows: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -664,7 +708,8 @@ def run_splitter_process(
     Parameters
     ----------
     queue : multiprocessing.Queue-like
-        Yields batch-file paths; ``None`` ends the loop.
+        Yields batch-file paths, or ``(path, sha256)`` pairs when the sha256 is
+        known; ``None`` ends the loop.
     workdir : path-like
         The :class:`StarSplitter` store.
     diagnostic_ids : iterable of str
@@ -679,8 +724,9 @@ def run_splitter_process(
     """
     splitter = StarSplitter(workdir, diagnostic_ids)
     while (item := queue.get()) is not None:
+        item, sha = item if isinstance(item, tuple) else (item, None)
         try:
-            status = "added" if splitter.add(item) else "skipped"
+            status = "added" if splitter.add(item, sha) else "skipped"
         except Exception as exc:  # noqa: BLE001 - keep splitting the rest of the night
             log.exception("splitting %s failed", item)
             status = f"error: {exc}"

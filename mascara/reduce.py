@@ -1024,7 +1024,7 @@ def reduce_camera_night(
                 if on_batch:  # recorded first: a run that lost its lease stops here, before the split
                     on_batch(outcome)
                 if queue is not None:
-                    queue.put(outcome.path)
+                    queue.put((outcome.path, outcome.sha256))  # the splitter need not hash it again
                 done_frames += len(plan.batches[b0])
                 if on_frame_progress:
                     on_frame_progress(done_frames, total_frames)
@@ -1184,7 +1184,7 @@ def reduce_camera_night_live(
                     on_batch(outcome)
                 live.done(b)
                 if queue is not None:
-                    queue.put(outcome.path)
+                    queue.put((outcome.path, outcome.sha256))  # the splitter need not hash it again
             if live.over:
                 break
             if not new:

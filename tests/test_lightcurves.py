@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -331,6 +332,50 @@ def test_splitter_resume_no_duplicates_and_same_content(tmp_path, night, referen
     via_split = lc.combine_night(paths, tmp_path / "a", NIGHT, global_attrs(), workdir=work)
     assert via_split["sha256_fLC"] == reference["sha256_fLC"] == lc.file_sha256(via_split["fLC"])
     assert via_split["sha256_sLC"] == reference["sha256_sLC"]
+
+
+def _diagnostics_from_the_store(sp, ids):
+    """What ``diagnostics.hdf5`` must hold, read the slow way: whole buckets over every batch."""
+    stars = sp.stars()
+    out = {}
+    for sid in ids:
+        fast, slow = sp.star_rows(sid, "fast"), sp.star_rows(sid, "slow")
+        sel = stars[stars["ascc"] == sid.encode()]
+        out[sid] = (fast, slow, {n: sel[n][0] for n in sel.dtype.names[1:]} if sel.size else {}, fast.size)
+    return out
+
+
+def test_splitter_diagnostics_follow_out_of_order_and_replaced_batches(tmp_path, night):
+    """Diagnostics refreshed from the new batch only give what reading the whole store gives."""
+    paths, _, truth = night
+    in_batch2 = np.unique(lc.read_batch_file(paths[2]).fast["ascc"])
+    ids = sorted({sorted(truth)[i].decode() for i in (0, 7)} | {a.decode() for a in in_batch2[:2]})
+    sp = lc.StarSplitter(tmp_path / "work", ids)
+    order = [paths[i] for i in np.random.default_rng(3).permutation(len(paths))]
+    # batch 2 again with other content (a re-reduced batch): its pieces and diagnostics are replaced
+    changed = tmp_path / "changed.h5"
+    shutil.copy(paths[2], changed)
+    with h5py.File(changed, "r+") as f:
+        fast = f["fast"][()]
+        fast["flux0"] *= 1.5
+        f["fast"][...] = fast
+    for p in order + [changed]:
+        assert sp.add(p)
+        want = _diagnostics_from_the_store(sp, ids)
+        with h5py.File(tmp_path / "work" / "diagnostics.hdf5", "r") as f:
+            assert f.attrs["nbatches"] == len(sp.batches)
+            for sid, (fast, slow, star, nobs) in want.items():
+                np.testing.assert_array_equal(f["fast"][sid][()], fast)
+                np.testing.assert_array_equal(f["slow"][sid][()], slow)
+                hdr = f["header"][sid][()]
+                assert hdr["nobs"][0] == nobs and all(hdr[n][0] == v for n, v in star.items()), sid
+    # a fresh splitter (another process) on the same store writes the same file
+    before = h5py.File(tmp_path / "work" / "diagnostics.hdf5", "r")
+    snapshot = {k: before[k][sid][()].tobytes() for k in ("fast", "slow", "header") for sid in ids}
+    before.close()
+    lc.StarSplitter(tmp_path / "work", ids).write_diagnostics()
+    with h5py.File(tmp_path / "work" / "diagnostics.hdf5", "r") as f:
+        assert {k: f[k][sid][()].tobytes() for k in ("fast", "slow", "header") for sid in ids} == snapshot
 
 
 def test_splitter_crash_before_commit(tmp_path, night, reference, monkeypatch):
