@@ -216,13 +216,36 @@ def _star_key(ascc: np.ndarray) -> np.ndarray:
     combine checks that no two ids of a bucket share a key (and falls back to a
     string sort if they ever do).
     """
-    uniq, inverse = np.unique(ascc, return_inverse=True)
+    ascc = np.ascontiguousarray(ascc, dtype=ASCC_DTYPE)
+    halves = ascc.view(np.dtype([("head", "<u8"), ("tail", "<u4")]))
+    if not halves["tail"].any():
+        # ids of at most 8 bytes (all of the ASCC): find the distinct ones as integers, 4x faster
+        # than comparing strings; each id is then the bytes of its integer, without the trailing NULs
+        heads, inverse = np.unique(halves["head"], return_inverse=True)
+        uniq = heads.view("S8").tolist()
+    else:
+        found, inverse = np.unique(ascc, return_inverse=True)
+        uniq = found.tolist()
     per_star = np.fromiter(
-        (int.from_bytes(hashlib.blake2b(a, digest_size=8).digest(), "little") for a in uniq.tolist()),
+        (int.from_bytes(hashlib.blake2b(a, digest_size=8).digest(), "little") for a in uniq),
         dtype=np.uint64,
-        count=uniq.size,
+        count=len(uniq),
     )
-    return per_star[inverse]
+    return per_star[inverse.reshape(-1)]
+
+
+def _piece_order(lstseq: np.ndarray, key: np.ndarray, bucket: np.ndarray, nbuckets: int) -> np.ndarray:
+    """Row order of a piece: by (bucket, key, lstseq), ties in input order (``np.lexsort``'s order).
+
+    With rows already in lstseq order (as batch files write them) and a power-of-two
+    bucket count, one stable sort of the key with its bucket bits rotated to the
+    top gives the same order at a third of the cost.
+    """
+    shift = int(nbuckets).bit_length() - 1
+    if nbuckets == 1 << shift and shift and np.all(np.diff(lstseq.astype(np.int64)) >= 0):
+        k = key.astype(np.uint64, copy=False)
+        return np.argsort((k << np.uint64(64 - shift)) | (k >> np.uint64(shift)), kind="stable")
+    return np.lexsort((lstseq, key, bucket))
 
 
 def batch_index(fast: np.ndarray, slow: np.ndarray, attrs: Mapping[str, Any]) -> int:
@@ -459,18 +482,18 @@ class StarSplitter:
         files: dict[str, str] = {}
         offsets: dict[str, list[int]] = {}
         for kind, table in (("fast", pieces.fast), ("slow", pieces.slow)):
-            table = _coerce(table, _ROW_DTYPES[kind], kind)
+            table = np.ascontiguousarray(_coerce(table, _ROW_DTYPES[kind], kind))
             if table.size and np.any(table["lstseq"].astype(np.int64) // BATCH_SIZE != b):
                 raise ValueError(f"{batch_path}: {kind} rows outside batch {b} (lstseq // {BATCH_SIZE})")
             key = _star_key(table["ascc"])
             bucket = key % np.uint64(self.nbuckets)
             # Sorted by (bucket, star, lstseq): a bucket is one slice, and within it each
             # star is a sorted run, so the combine only merges runs.
-            order = np.lexsort((table["lstseq"], key, bucket))
+            order = _piece_order(table["lstseq"], key, bucket, self.nbuckets)
             piece = np.empty(table.size, _PIECE_DTYPES[kind])
             piece["key"] = key[order]
-            for n in table.dtype.names:
-                piece[n] = table[n][order]
+            # the row after the key has the batch row's layout: one gather of whole rows
+            piece.view(np.uint8).reshape(table.size, -1)[:, 8:] = table.view(np.uint8).reshape(table.size, -1)[order]
             files[kind] = f"{stem}.{kind}.npy"
             self._save(files[kind], piece)
             offsets[kind] = np.searchsorted(bucket[order], np.arange(self.nbuckets + 1)).tolist()

@@ -378,6 +378,34 @@ def test_splitter_diagnostics_follow_out_of_order_and_replaced_batches(tmp_path,
         assert {k: f[k][sid][()].tobytes() for k in ("fast", "slow", "header") for sid in ids} == snapshot
 
 
+def test_star_key_is_the_blake2b_of_each_id_whatever_its_length():
+    import hashlib
+
+    rng = np.random.default_rng(5)
+    ids = [b"1468368", b"143497", b"12345678", b"123456789", b"HD 12345678X", b"7", b"A1B2C3D4"]
+    for pool in (ids[:3] + ids[5:], ids):  # ids of <= 8 bytes only (the integer path), then mixed lengths
+        ascc = np.array([pool[i] for i in rng.integers(0, len(pool), 5000)], dtype="S12")
+        want = [int.from_bytes(hashlib.blake2b(a, digest_size=8).digest(), "little") for a in ascc.tolist()]
+        np.testing.assert_array_equal(lc._star_key(ascc), np.array(want, np.uint64))
+        assert lc._star_key(ascc[::-1][::2]).tolist() == want[::-1][::2]  # a strided field view as given by tables
+
+
+def test_piece_order_is_lexsort_order_and_piece_rows_are_batch_rows_behind_the_key():
+    rng = np.random.default_rng(9)
+    for kind, d in lc._ROW_DTYPES.items():
+        p = lc._PIECE_DTYPES[kind]
+        assert p.itemsize == 8 + d.itemsize and all(p.fields[n][1] == 8 + d.fields[n][1] for n in d.names)
+    for sorted_lstseq in (True, False):
+        for nb in (128, 100, 1):
+            key = rng.integers(0, 2**64, 40, dtype=np.uint64)[rng.integers(0, 40, 3000)]
+            lstseq = rng.integers(0, 50, 3000)
+            if sorted_lstseq:
+                lstseq.sort()
+            bucket = key % np.uint64(nb)
+            np.testing.assert_array_equal(lc._piece_order(lstseq, key, bucket, nb),
+                                          np.lexsort((lstseq, key, bucket)))
+
+
 def test_splitter_crash_before_commit(tmp_path, night, reference, monkeypatch):
     """A crash after the pieces were written but before the registry: the re-add redoes it once."""
     paths, _, truth = night
