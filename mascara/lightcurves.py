@@ -493,7 +493,10 @@ class StarSplitter:
             piece = np.empty(table.size, _PIECE_DTYPES[kind])
             piece["key"] = key[order]
             # the row after the key has the batch row's layout: one gather of whole rows
-            piece.view(np.uint8).reshape(table.size, -1)[:, 8:] = table.view(np.uint8).reshape(table.size, -1)[order]
+            if table.size:
+                width = table.dtype.itemsize
+                piece.view(np.uint8).reshape(table.size, 8 + width)[:, 8:] = \
+                    table.view(np.uint8).reshape(table.size, width)[order]
             files[kind] = f"{stem}.{kind}.npy"
             self._save(files[kind], piece)
             offsets[kind] = np.searchsorted(bucket[order], np.arange(self.nbuckets + 1)).tolist()
