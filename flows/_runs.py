@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Mapping
@@ -362,17 +361,18 @@ _drawn_lock = threading.Lock()
 def draw_quicklook(night_path: str | Path, logger: Any = None, *, every: float = 0.0) -> dict[str, Path]:
     """Redraw a camera-night's quick-look figures (:mod:`mascara.quicklook`); a figure never fails a reduction.
 
-    With ``every`` > 0 the figures are redrawn only if the last redraw of this
-    night in this process is at least ``every`` seconds old (``{}`` otherwise):
-    while a night is reduced, its figures follow it without costing a redraw per
-    batch. Failures are logged on ``logger`` (a Prefect run logger in the flows).
+    With ``every`` > 0 the figures are redrawn only if the first such call for
+    this night in this process, or the last redraw, is at least ``every``
+    seconds old (``{}`` otherwise): while a night is reduced its figures follow
+    it without a redraw per batch, and a short night is drawn once, at its end.
+    Failures are logged on ``logger`` (a Prefect run logger in the flows).
     """
     from mascara.quicklook import update_camera_night
 
     key = str(night_path)
     now = time.monotonic()
     with _drawn_lock:
-        if every > 0 and now - _drawn_at.get(key, -math.inf) < every:
+        if every > 0 and now - _drawn_at.setdefault(key, now) < every:
             return {}
         _drawn_at[key] = now
     try:

@@ -6,6 +6,7 @@ import datetime as dt
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,12 +154,16 @@ def test_quicklook_figures_follow_a_run_at_most_once_per_interval_and_always_at_
 
     night = tmp_path / "20260301LPW"
     (night / "work").mkdir(parents=True)
-    first = draw_quicklook(night, every=3600.0)
+    assert draw_quicklook(night, every=0.5) == {}  # the first call starts the clock: a short night draws once
+    assert not (night / "quicklook").exists()
+    time.sleep(0.6)
+    first = draw_quicklook(night, every=0.5)  # an interval later: drawn
     assert set(first) == {"lightcurves", "sky", "astrometry", "frames"}
     stamps = {k: p.stat().st_mtime_ns for k, p in first.items()}
     assert draw_quicklook(night, every=3600.0) == {}  # redrawn less than an interval ago: skipped
     assert {k: p.stat().st_mtime_ns for k, p in first.items()} == stamps
     assert set(draw_quicklook(night)) == set(first)  # the end of a run always redraws
+    assert {k: p.stat().st_mtime_ns for k, p in first.items()} != stamps
 
     broken = tmp_path / "20260301LPN"
     (broken / "work").mkdir(parents=True)
