@@ -53,7 +53,7 @@ RETRY_BACKOFF = float(os.environ.get("MASCARA_RETRY_BACKOFF", "10"))
 #: Seconds between two updates of a night's progress artifact (each is an API call); the last is always sent.
 PROGRESS_INTERVAL = 5.0
 #: While batches are split, quick-look figures are redrawn at most this often (seconds); always at the end.
-QUICKLOOK_INTERVAL = float(os.environ.get("MASCARA_QUICKLOOK_INTERVAL", "60"))
+QUICKLOOK_INTERVAL = float(os.environ.get("MASCARA_QUICKLOOK_INTERVAL", "300"))
 
 
 # --------------------------------------------------------------------------- task policies
