@@ -33,6 +33,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Collection, Iterable
@@ -44,7 +45,7 @@ import numpy as np
 from mascara import __version__
 from mascara import lcformat as lcf
 from mascara.astrometry import AstrometryFailed, correct_batch, initial_solution
-from mascara.binning import Stacker, tile_grid
+from mascara.binning import thread_stacker, tile_grid
 from mascara.camera import CameraModel, nominal_camera
 from mascara.diagnostics import diagnostic_stars, keep_binned_preview
 from mascara.lightcurves import StarSplitter, combine_night, run_splitter_process, write_batch_file
@@ -508,6 +509,21 @@ def isolated_stars(settings: Settings, scale: float) -> np.ndarray:
     return _ISOLATED[key]
 
 
+_PER_THREAD = threading.local()
+
+
+def _thread_frame_buffers() -> tuple[FrameBuffers, FrameBuffers]:
+    """This thread's two sets of frame buffers (reference frame, the others), kept from batch to batch.
+
+    A batch-reducing thread needs them for one batch at a time; fresh ones per batch (about 130 MB of
+    full frames) cost page faults and system time for nothing.
+    """
+    pair = getattr(_PER_THREAD, "frame_buffers", None)
+    if pair is None:
+        pair = _PER_THREAD.frame_buffers = (FrameBuffers(), FrameBuffers())
+    return pair
+
+
 def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchOutcome:
     """Reduce one batch: calibrate, astrometry, photometry per frame, binning, binned photometry.
 
@@ -535,8 +551,9 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     # -- the middle frame first: astrometry of the batch --------------------------------
     order = _middle_first(frames, batch, s.batch_size)
     ref = None
-    # read + calibrate is one pass into buffers reused from frame to frame (the reference frame keeps its own)
-    ref_buffers, buffers = FrameBuffers(), FrameBuffers()
+    # read + calibrate is one pass into buffers reused from frame to frame (the reference frame keeps its own),
+    # and from batch to batch in this thread
+    ref_buffers, buffers = _thread_frame_buffers()
     for ff in order:
         try:
             with sw("read"):
@@ -575,7 +592,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     with sw("binning"):
         txc, tyc = tile_grid((ny, nx), s.bin_tile)
         tile_places = _tile_places(model, txc.ravel(), tyc.ravel(), site, jd_ref)
-        stacker = Stacker((ny, nx), tile=s.bin_tile, order=s.bin_order)
+        stacker = thread_stacker((ny, nx), tile=s.bin_tile, order=s.bin_order)  # this thread's, reused
         # the pixel phases each binned star takes through the stack (mean over frames), for the
         # pixel-phase correction of the binned fluxes (mascara.pixelphase)
         phase_sum = np.zeros((len(slow_sel), NTERMS))
@@ -641,8 +658,8 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
             nf = len(accepted)
             if stacker.nframes != nf:
                 raise AssertionError(f"stacker holds {stacker.nframes} frames, the batch accepted {nf}")
-            binned, count = stacker.result()
-            binned[count < max(1, int(0.8 * nf))] = np.nan  # too few frames cover these pixels
+            # in the stacker's buffers; NaN where too few frames cover the pixel
+            binned, count = stacker.finish(min_count=max(1, int(0.8 * nf)))
             keep_binned_preview(plan, batch, binned)  # the quick-look thumbnail (mascara.diagnostics)
         with sw("binned_astrometry"):
             binned_fill = np.where(np.isfinite(binned), binned, 0.0).astype(np.float32)
