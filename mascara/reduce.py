@@ -587,6 +587,11 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     fast_sel = np.flatnonzero(vmag <= s.vmag_fast)
     slow_sel = np.flatnonzero(vmag <= s.vmag_slow)
     nx, ny = model.nx, model.ny
+    # one to_pixels per frame for the stars of both selections (the fast ones are the slow ones' bright end
+    # when vmag_fast <= vmag_slow), sliced into each; the binned stars' positions only for the phase terms
+    framed = np.union1d(fast_sel, slow_sel) if s.bin_phase_correction else fast_sel
+    fast_at = np.searchsorted(framed, fast_sel)
+    slow_at = np.searchsorted(framed, slow_sel)
 
     # tile centres of the reference frame as fixed directions on the sky, for the stacker
     with sw("binning"):
@@ -621,7 +626,8 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
         lsts.append(float(h["LST"]))
         with sw("positions"):
             a, z = places.altaz(jd)
-            fx, fy = model.to_pixels(a[fast_sel], z[fast_sel])
+            px_all, py_all = model.to_pixels(a[framed], z[framed])
+            fx, fy = px_all[fast_at], py_all[fast_at]
             on = np.flatnonzero(np.isfinite(fx) & (fx >= 0) & (fx <= nx - 1) & (fy >= 0) & (fy <= ny - 1))
         with sw("photometry"):
             ph = measure_apertures(image, fx[on], fy[on], s.apertures, s.sky_radii, s.gain, raw=raw,
@@ -642,8 +648,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
             px, py = model.to_pixels(ta, tz)
             stacker.add(image, (px - txc.ravel()).reshape(txc.shape), (py - tyc.ravel()).reshape(tyc.shape))
             if s.bin_phase_correction:
-                bx, by = model.to_pixels(a[slow_sel], z[slow_sel])
-                t = phase_terms(bx, by)
+                t = phase_terms(px_all[slow_at], py_all[slow_at])
                 seen = np.isfinite(t).all(axis=1)
                 phase_sum[seen] += t[seen]
                 phase_n += seen
