@@ -58,8 +58,8 @@ SKY_SIGMA = 3.0
 SKY_MAXITERS = 10
 #: Height in pixels of the bands of rows in which stars are visited left to right.
 VISIT_BAND = 64
-#: While one star's sky is clipped, the box of the star this many places later in the visiting
-#: order is prefetched.
+#: When a star's measurement starts, the box of the star this many places later in the visiting
+#: order is prefetched (its loads then overlap this star's aperture sums and sky clipping).
 PREFETCH_AHEAD = 1
 
 
