@@ -38,12 +38,13 @@ See ``docs/binning.md`` for the comparison and figures.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 from numba import njit
 
-__all__ = ["ORDERS", "Stacker", "cubic_weights", "stack_frames", "tile_grid", "tile_shape"]
+__all__ = ["ORDERS", "Stacker", "cubic_weights", "stack_frames", "thread_stacker", "tile_grid", "tile_shape"]
 
 
 def tile_shape(shape: tuple[int, int], tile: int = 32) -> tuple[int, int]:
@@ -347,6 +348,24 @@ def _add_cubic(frame, ix, iy, wx, wy, tile, acc, full, partial, hbuf, wcol):
                         p[k] += 1
 
 
+@njit(cache=True, nogil=True)
+def _mean_in_place(acc, full, partial, tile, min_count):
+    """``acc /= count`` and ``partial = count`` in place, count = the tile's full count + the pixel's partial one.
+
+    float32 division as numpy's ``sum / count.astype(float32)``; NaN where ``count < min_count``.
+    """
+    ny, nx = acc.shape
+    nan = np.float32(np.nan)
+    for y in range(ny):
+        frow = full[y // tile]
+        a = acc[y]
+        p = partial[y]
+        for x in range(nx):
+            c = frow[x // tile] + p[x]
+            p[x] = c
+            a[x] = a[x] / np.float32(c) if c >= min_count else nan
+
+
 #: Resampling orders of the stacker: 0 nearest pixel, 1 bilinear, 3 Keys cubic.
 ORDERS = (0, 1, 3)
 
@@ -395,12 +414,23 @@ class Stacker:
             self._hbuf = np.empty((self.tile + 3, self.shape[1]), dtype=np.float32)
             self._wcol = np.empty((8, self.shape[1]), dtype=np.float32)
         self.nframes = 0
+        self._finished = False
+
+    def reset(self) -> None:
+        """Start a new stack in the same buffers (no new memory: a reused stacker costs no page faults)."""
+        self.sum.fill(0.0)
+        self._full.fill(0)
+        self._partial.fill(0)
+        self.nframes = 0
+        self._finished = False
 
     def add(self, frame: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> None:
         """Add one frame with per-tile shifts ``dx, dy`` of shape ``self.tiles`` (pixels).
 
         Non-finite shifts skip that tile of this frame.
         """
+        if self._finished:
+            raise RuntimeError("the stacker's sum became the mean (finish()); reset() it first")
         frame = np.asarray(frame)
         if frame.shape != self.shape:
             raise ValueError(f"frame shape {frame.shape} != {self.shape}")
@@ -444,6 +474,51 @@ class Stacker:
             binned = self.sum / count.astype(np.float32)
         binned[count == 0] = np.nan
         return binned, count
+
+    def finish(self, min_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """``(binned, count)`` as :meth:`result`, computed in place in the stacker's own buffers.
+
+        The sum becomes the mean (float32 ``sum / float32(count)``, bit for
+        bit :meth:`result`'s) and the per-pixel counts are written over the
+        partial counts, in one pass and without new arrays. The returned
+        arrays are those buffers: they stay valid until :meth:`reset`, and
+        no frame can be added before it.
+
+        Parameters
+        ----------
+        min_count : int
+            Pixels covered by fewer frames than this are NaN in ``binned``
+            (``count`` is unchanged). The default NaNs only uncovered pixels.
+        """
+        if not self._finished:
+            _mean_in_place(self.sum, self._full, self._partial, self.tile, max(int(min_count), 1))
+            self._finished = True
+        elif min_count > 1:
+            self.sum[self._partial < min_count] = np.nan
+        return self.sum, self._partial
+
+
+_PER_THREAD = threading.local()
+
+
+def thread_stacker(shape: tuple[int, int], tile: int = 32, order: int = 0) -> Stacker:
+    """An empty :class:`Stacker` of this thread, reused from the thread's previous batch when it has the same geometry.
+
+    A full-frame stacker holds about 90 MB (sum and counts) and its result as
+    much again; allocating them for every batch costs page faults and system
+    time, while a batch-reducing thread only ever needs one at a time. The
+    stacker (and the arrays :meth:`Stacker.finish` returned) belong to the
+    calling thread and are reset by its next call.
+    """
+    key = (int(shape[0]), int(shape[1]), int(tile), int(order))
+    st = getattr(_PER_THREAD, "stacker", None)
+    if st is None or (st.shape[0], st.shape[1], st.tile, st.order) != key:
+        _PER_THREAD.stacker = None  # drop the old buffers before the new ones are allocated
+        st = Stacker(key[:2], tile=key[2], order=key[3])
+        _PER_THREAD.stacker = st
+    else:
+        st.reset()
+    return st
 
 
 def stack_frames(

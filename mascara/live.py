@@ -39,51 +39,20 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from mascara.rawio import FRAME_RE
+from mascara.rawio import FRAME_RE, primary_header_layout
 
 __all__ = ["RawWatch", "dawn_jd", "fits_declared_size", "ready_batches"]
-
-FITS_BLOCK = 2880
-CARD = 80
 
 
 def fits_declared_size(path: Path | str) -> int | None:
     """Bytes a plain FITS file with one image HDU needs: header blocks plus data, or None.
 
     None when the header is not complete yet (no ``END`` card in what is on
-    disk), or is not a FITS header at all. The data part is not rounded up
-    to a whole block (writers that do not pad are accepted).
+    disk), or is not a FITS header at all (:func:`mascara.rawio.primary_header_layout`).
+    The data part is not rounded up to a whole block (writers that do not pad are accepted).
     """
-    try:
-        with open(path, "rb") as fh:
-            head = b""
-            while True:
-                block = fh.read(FITS_BLOCK)
-                if len(block) < FITS_BLOCK:
-                    return None
-                if not head and not block.startswith(b"SIMPLE  ="):
-                    return None
-                head += block
-                cards = [head[i:i + CARD] for i in range(len(head) - FITS_BLOCK, len(head), CARD)]
-                if any(c[:8] == b"END     " for c in cards):
-                    break
-                if len(head) > 200 * FITS_BLOCK:
-                    return None
-    except OSError:
-        return None
-    values: dict[str, str] = {}
-    for i in range(0, len(head), CARD):
-        card = head[i:i + CARD].decode("ascii", "replace")
-        if card[8:10] == "= ":
-            values[card[:8].strip()] = card[10:].split("/")[0].strip()
-    try:
-        naxis = int(values.get("NAXIS", "0"))
-        nbytes = abs(int(values["BITPIX"])) // 8
-        for k in range(1, naxis + 1):
-            nbytes *= int(values[f"NAXIS{k}"])
-    except (KeyError, ValueError):
-        return None
-    return len(head) + (nbytes if naxis else 0)
+    layout = primary_header_layout(path)
+    return None if layout is None else layout[0] + layout[1]
 
 
 @dataclasses.dataclass

@@ -40,7 +40,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from numba import njit
 
-from mascara._overlap import pixel_weight
+from mascara._overlap import corner_table, table_weight
+from mascara._prefetch import prefetch
 from mascara.lcformat import (
     FLAG_EDGE,
     FLAG_NEGATIVE_FLUX,
@@ -57,6 +58,9 @@ SKY_SIGMA = 3.0
 SKY_MAXITERS = 10
 #: Height in pixels of the bands of rows in which stars are visited left to right.
 VISIT_BAND = 64
+#: When a star's measurement starts, the box of the star this many places later in the visiting
+#: order is prefetched (its loads then overlap this star's aperture sums and sky clipping).
+PREFETCH_AHEAD = 1
 
 
 def photometry_dtype(naper: int) -> np.dtype:
@@ -500,11 +504,22 @@ def _bucket_clipped_median(a, n, nsigma, maxiters, sample, code, sbuf, start, fi
 
 
 @njit(cache=True, nogil=True)
-def _box_sums(image, raw, xs, ys, radii, rmax, sums):
+def _corner_work(radii, rmax):
+    """Work arrays of :func:`_box_sums`: a corner table per radius and two column arrays."""
+    nq = 2 * int(math.ceil(rmax)) + 6  # corners across the widest box, with room to spare
+    return (np.empty((radii.shape[0], nq, nq), dtype=np.float64), np.empty(nq, dtype=np.float64),
+            np.empty(nq, dtype=np.float64))
+
+
+@njit(cache=True, nogil=True)
+def _box_sums(image, raw, xs, ys, radii, rmax, sums, qtab, colx, segx):
     """Exact-overlap sums of ``image`` around (xs, ys) into ``sums``; returns the highest
     ``raw`` value among the pixels that overlap the largest aperture.
 
-    Pixels outside the image count as zero (as photutils).
+    Pixels outside the image count as zero (as photutils). The weights of the
+    pixels on a circle come from a table of the circle's corner areas over the
+    box (:func:`mascara._overlap.corner_table`, work arrays from
+    :func:`_corner_work`); pixels wholly inside weigh 1 without it.
     """
     ny, nx = image.shape
     nr = radii.shape[0]
@@ -515,11 +530,16 @@ def _box_sums(image, raw, xs, ys, radii, rmax, sums):
     i1 = min(int(math.ceil(xs + rmax + 0.5)), nx - 1)
     j0 = max(int(math.floor(ys - rmax - 0.5)), 0)
     j1 = min(int(math.ceil(ys + rmax + 0.5)), ny - 1)
+    if i1 < i0 or j1 < j0:
+        return pk
+    for k in range(nr):
+        corner_table(i0, j0, xs, ys, radii[k], qtab[k, :j1 - j0 + 2, :i1 - i0 + 2], colx, segx)
     for j in range(j0, j1 + 1):
         dy = j - ys
         ady = abs(dy)
         ny2 = max(ady - 0.5, 0.0) ** 2
         fy2 = (ady + 0.5) ** 2
+        b = j - j0
         for i in range(i0, i1 + 1):
             dx = i - xs
             adx = abs(dx)
@@ -529,7 +549,7 @@ def _box_sums(image, raw, xs, ys, radii, rmax, sums):
             far2 = (adx + 0.5) ** 2 + fy2
             v = image[j, i]
             for k in range(nr):
-                w = pixel_weight(dx, dy, near2, far2, radii[k])
+                w = table_weight(qtab[k], i - i0, b, near2, far2, radii[k])
                 if w > 0.0:
                     sums[k] += w * v
             rv = raw[j, i]
@@ -547,6 +567,7 @@ def _sums_kernel(image, x, y, radii, out):
     for k in range(nr):
         rmax = max(rmax, radii[k])
     sums = np.empty(nr, dtype=np.float64)
+    qtab, colx, segx = _corner_work(radii, rmax)
     for s in range(x.shape[0]):
         xs = x[s]
         ys = y[s]
@@ -554,13 +575,42 @@ def _sums_kernel(image, x, y, radii, out):
             for k in range(nr):
                 out[s, k] = np.nan
             continue
-        _box_sums(image, image, xs, ys, radii, rmax, sums)
+        _box_sums(image, image, xs, ys, radii, rmax, sums, qtab, colx, segx)
         for k in range(nr):
             r = radii[k]
             if xs + r <= -0.5 or xs - r >= nx - 0.5 or ys + r <= -0.5 or ys - r >= ny - 0.5:
                 out[s, k] = np.nan
             else:
                 out[s, k] = sums[k]
+
+
+@njit(cache=True, nogil=True)
+def _prefetch_box(image, raw, xs, ys, half):
+    """Prefetch the rows of ``image`` and ``raw`` in the box of half-size ``half`` around (xs, ys).
+
+    One request per cache line of each row piece (64 bytes: 16 float32 or 32 uint16 pixels, fewer
+    for wider types), first and last pixel included.
+    """
+    ny, nx = image.shape
+    if not (math.isfinite(xs) and math.isfinite(ys)):
+        return
+    j0 = max(int(math.ceil(ys - half)), 0)
+    j1 = min(int(math.floor(ys + half)), ny - 1)
+    i0 = max(int(math.ceil(xs - half)), 0)
+    i1 = min(int(math.floor(xs + half)), nx - 1)
+    if i0 > i1:
+        return
+    si = max(64 // image.itemsize, 1)
+    sr = max(64 // raw.itemsize, 1)
+    for j in range(j0, j1 + 1):
+        row = image[j]
+        for i in range(i0, i1 + 1, si):
+            prefetch(row, i)
+        prefetch(row, i1)
+        rrow = raw[j]
+        for i in range(i0, i1 + 1, sr):
+            prefetch(rrow, i)
+        prefetch(rrow, i1)
 
 
 @njit(cache=True, nogil=True)
@@ -594,9 +644,14 @@ def _measure_kernel(
     fill = np.empty(NBUCKETS + 2, dtype=np.int64)
     done = np.empty(NBUCKETS + 2, dtype=np.bool_)
     sums = np.empty(nr, dtype=np.float64)
+    qtab, colx, segx = _corner_work(radii, rmax)
     ri2 = r_in * r_in
     ro2 = r_out * r_out
     for t in range(order.shape[0]):
+        # a later star's rows are fetched from memory while this one is measured
+        if t + PREFETCH_AHEAD < order.shape[0]:
+            nxt = order[t + PREFETCH_AHEAD]
+            _prefetch_box(image, raw, x[nxt], y[nxt], r_out)
         s = order[t]
         xs = x[s]
         ys = y[s]
@@ -617,7 +672,7 @@ def _measure_kernel(
             continue
 
         # Apertures: exact weights on the box of the largest aperture; peak from raw.
-        pk = _box_sums(image, raw, xs, ys, radii, rmax, sums)
+        pk = _box_sums(image, raw, xs, ys, radii, rmax, sums, qtab, colx, segx)
         peak[s] = pk
         if pk >= saturation:
             f |= FLAG_PEAK_SATURATED

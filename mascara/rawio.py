@@ -332,6 +332,76 @@ def night_frame_shape(frames: Sequence[FrameFile], sample: int = 9) -> tuple[int
 
 _WARNINGS_LOCK = threading.Lock()
 
+#: FITS files are written in blocks of this many bytes; a header is 80-byte cards up to ``END``.
+FITS_BLOCK = 2880
+FITS_CARD = 80
+
+
+def primary_header_layout(path: Path | str) -> tuple[int, int] | None:
+    """``(header bytes, data bytes)`` of a plain FITS file's primary HDU, from its header alone.
+
+    The header bytes are whole blocks up to the one holding ``END``; the data
+    bytes are ``|BITPIX|/8 * NAXIS1 * ... * NAXISn`` (0 without axes), not
+    rounded up to a block. None when what is on disk holds no complete header
+    (not written yet, not FITS, compressed) or a layout this does not know
+    (random groups, ``PCOUNT``/``GCOUNT`` other than 0 and 1).
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = b""
+            while True:
+                block = fh.read(FITS_BLOCK)
+                if len(block) < FITS_BLOCK:
+                    return None
+                if not head and not block.startswith(b"SIMPLE  ="):
+                    return None
+                head += block
+                cards = [head[i:i + FITS_CARD] for i in range(len(head) - FITS_BLOCK, len(head), FITS_CARD)]
+                if any(c[:8] == b"END     " for c in cards):
+                    break
+                if len(head) > 200 * FITS_BLOCK:
+                    return None
+    except OSError:
+        return None
+    values: dict[str, str] = {}
+    for i in range(0, len(head), FITS_CARD):
+        card = head[i:i + FITS_CARD].decode("ascii", "replace")
+        if card[:8] == "END     ":
+            break
+        if card[8:10] == "= ":
+            values[card[:8].strip()] = card[10:].split("/")[0].strip()
+    try:
+        if "GROUPS" in values or int(values.get("PCOUNT", "0")) != 0 or int(values.get("GCOUNT", "1")) != 1:
+            return None
+        naxis = int(values.get("NAXIS", "0"))
+        nbytes = abs(int(values["BITPIX"])) // 8
+        for k in range(1, naxis + 1):
+            nbytes *= int(values[f"NAXIS{k}"])
+    except (KeyError, ValueError):
+        return None
+    return len(head), (nbytes if naxis else 0)
+
+
+def _complete_by_size(path: Path) -> bool:
+    """True when ``path`` is a plain FITS file at least as long as its header says; BadFrame when shorter.
+
+    Astropy's own test, without its warning: the header blocks plus the data
+    padded to whole blocks must be on disk. False when the header cannot
+    tell (compressed files, no complete or an unusual header): the caller
+    then lets astropy decide.
+    """
+    if path.name.endswith(".gz"):
+        return False
+    layout = primary_header_layout(path)
+    if layout is None:
+        return False
+    head, data = layout
+    need = head + -(-data // FITS_BLOCK) * FITS_BLOCK
+    size = path.stat().st_size
+    if size < need:
+        raise BadFrame(path, f"truncated file ({size} of {need} bytes)")
+    return True
+
 
 def _open_image(path: Path, allow_float: bool, memmap: bool,
                 decode=None) -> tuple[fits.Header, np.ndarray]:
@@ -345,10 +415,19 @@ def _open_image(path: Path, allow_float: bool, memmap: bool,
     problem = _file_problem(path)
     if problem:
         raise BadFrame(path, problem)
+
     try:
-        # The warnings machinery is process-wide: with batches read in two threads, one thread's
-        # catch_warnings recorded the other's "truncated" warning and refused a good frame. One file
-        # at a time goes through it.
+        if _complete_by_size(path):
+            # Every byte the header promises is on disk, so astropy cannot find the file truncated:
+            # no need for the warnings capture, which is process-wide and so one file at a time.
+            with fits.open(path, do_not_scale_image_data=True, memmap=memmap) as hdul:
+                hdu = hdul[0]
+                header = hdu.header.copy()
+                data = _pixels(hdu, path, allow_float) if decode is None else decode(hdu)
+            return header, data
+        # Compressed or unusual files: astropy tells truncation by a warning. The warnings machinery
+        # is process-wide: with batches read in two threads, one thread's catch_warnings recorded the
+        # other's "truncated" warning and refused a good frame. One file at a time goes through it.
         with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", AstropyUserWarning)  # every file's truncation is seen
             hdul = fits.open(path, do_not_scale_image_data=True, memmap=memmap)

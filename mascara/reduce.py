@@ -33,6 +33,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Collection, Iterable
@@ -44,7 +45,7 @@ import numpy as np
 from mascara import __version__
 from mascara import lcformat as lcf
 from mascara.astrometry import AstrometryFailed, correct_batch, initial_solution
-from mascara.binning import Stacker, tile_grid
+from mascara.binning import thread_stacker, tile_grid
 from mascara.camera import CameraModel, nominal_camera
 from mascara.diagnostics import diagnostic_stars, keep_binned_preview
 from mascara.lightcurves import StarSplitter, combine_night, run_splitter_process, write_batch_file
@@ -508,6 +509,21 @@ def isolated_stars(settings: Settings, scale: float) -> np.ndarray:
     return _ISOLATED[key]
 
 
+_PER_THREAD = threading.local()
+
+
+def _thread_frame_buffers() -> tuple[FrameBuffers, FrameBuffers]:
+    """This thread's two sets of frame buffers (reference frame, the others), kept from batch to batch.
+
+    A batch-reducing thread needs them for one batch at a time; fresh ones per batch (about 130 MB of
+    full frames) cost page faults and system time for nothing.
+    """
+    pair = getattr(_PER_THREAD, "frame_buffers", None)
+    if pair is None:
+        pair = _PER_THREAD.frame_buffers = (FrameBuffers(), FrameBuffers())
+    return pair
+
+
 def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchOutcome:
     """Reduce one batch: calibrate, astrometry, photometry per frame, binning, binned photometry.
 
@@ -535,8 +551,9 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     # -- the middle frame first: astrometry of the batch --------------------------------
     order = _middle_first(frames, batch, s.batch_size)
     ref = None
-    # read + calibrate is one pass into buffers reused from frame to frame (the reference frame keeps its own)
-    ref_buffers, buffers = FrameBuffers(), FrameBuffers()
+    # read + calibrate is one pass into buffers reused from frame to frame (the reference frame keeps its own),
+    # and from batch to batch in this thread
+    ref_buffers, buffers = _thread_frame_buffers()
     for ff in order:
         try:
             with sw("read"):
@@ -570,12 +587,17 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     fast_sel = np.flatnonzero(vmag <= s.vmag_fast)
     slow_sel = np.flatnonzero(vmag <= s.vmag_slow)
     nx, ny = model.nx, model.ny
+    # one to_pixels per frame for the stars of both selections (the fast ones are the slow ones' bright end
+    # when vmag_fast <= vmag_slow), sliced into each; the binned stars' positions only for the phase terms
+    framed = np.union1d(fast_sel, slow_sel) if s.bin_phase_correction else fast_sel
+    fast_at = np.searchsorted(framed, fast_sel)
+    slow_at = np.searchsorted(framed, slow_sel)
 
     # tile centres of the reference frame as fixed directions on the sky, for the stacker
     with sw("binning"):
         txc, tyc = tile_grid((ny, nx), s.bin_tile)
         tile_places = _tile_places(model, txc.ravel(), tyc.ravel(), site, jd_ref)
-        stacker = Stacker((ny, nx), tile=s.bin_tile, order=s.bin_order)
+        stacker = thread_stacker((ny, nx), tile=s.bin_tile, order=s.bin_order)  # this thread's, reused
         # the pixel phases each binned star takes through the stack (mean over frames), for the
         # pixel-phase correction of the binned fluxes (mascara.pixelphase)
         phase_sum = np.zeros((len(slow_sel), NTERMS))
@@ -604,7 +626,8 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
         lsts.append(float(h["LST"]))
         with sw("positions"):
             a, z = places.altaz(jd)
-            fx, fy = model.to_pixels(a[fast_sel], z[fast_sel])
+            px_all, py_all = model.to_pixels(a[framed], z[framed])
+            fx, fy = px_all[fast_at], py_all[fast_at]
             on = np.flatnonzero(np.isfinite(fx) & (fx >= 0) & (fx <= nx - 1) & (fy >= 0) & (fy <= ny - 1))
         with sw("photometry"):
             ph = measure_apertures(image, fx[on], fy[on], s.apertures, s.sky_radii, s.gain, raw=raw,
@@ -625,8 +648,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
             px, py = model.to_pixels(ta, tz)
             stacker.add(image, (px - txc.ravel()).reshape(txc.shape), (py - tyc.ravel()).reshape(tyc.shape))
             if s.bin_phase_correction:
-                bx, by = model.to_pixels(a[slow_sel], z[slow_sel])
-                t = phase_terms(bx, by)
+                t = phase_terms(px_all[slow_at], py_all[slow_at])
                 seen = np.isfinite(t).all(axis=1)
                 phase_sum[seen] += t[seen]
                 phase_n += seen
@@ -641,8 +663,8 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
             nf = len(accepted)
             if stacker.nframes != nf:
                 raise AssertionError(f"stacker holds {stacker.nframes} frames, the batch accepted {nf}")
-            binned, count = stacker.result()
-            binned[count < max(1, int(0.8 * nf))] = np.nan  # too few frames cover these pixels
+            # in the stacker's buffers; NaN where too few frames cover the pixel
+            binned, count = stacker.finish(min_count=max(1, int(0.8 * nf)))
             keep_binned_preview(plan, batch, binned)  # the quick-look thumbnail (mascara.diagnostics)
         with sw("binned_astrometry"):
             binned_fill = np.where(np.isfinite(binned), binned, 0.0).astype(np.float32)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
-from mascara.binning import Stacker, cubic_weights, stack_frames, tile_grid, tile_shape
+from mascara.binning import Stacker, cubic_weights, stack_frames, thread_stacker, tile_grid, tile_shape
 from mascara.photometry import SkyNoiseModel, measure_apertures
 
 from starfield import gaussian_stars, moffat_stars
@@ -159,6 +161,71 @@ def test_stacker_incremental_equals_stack_frames_and_checks_shapes():
         st.add(frames[0], dx[0][:1], dy[0])
     with pytest.raises(ValueError):
         st.add(np.zeros((5, 5)), dx[0], dy[0])
+
+
+def _random_batch(rng, shape, tile, n, spread=6.0):
+    """Frames and per-tile shifts large enough to leave partly covered tiles at every border."""
+    frames = [rng.normal(100.0, 10.0, shape).astype(np.float32) for _ in range(n)]
+    nt = tile_shape(shape, tile)
+    dx = rng.uniform(-spread, spread, (n, *nt))
+    dy = rng.uniform(-spread, spread, (n, *nt))
+    dx[0, 0, 0] = np.nan  # a skipped tile
+    return frames, dx, dy
+
+
+@pytest.mark.parametrize("order", [0, 1, 3])
+def test_finish_in_place_equals_result(order):
+    """The in-place mean is the fresh-array mean bit for bit; min_count NaNs the thinly covered pixels."""
+    rng = np.random.default_rng(order + 20)
+    shape, tile = (70, 90), 16
+    frames, dx, dy = _random_batch(rng, shape, tile, 5)
+    st = Stacker(shape, tile, order)
+    for n in range(5):
+        st.add(frames[n], dx[n], dy[n])
+    ref_binned, ref_count = st.result()
+    assert (ref_count == 0).any() and (ref_count < 5).any()
+    binned, count = st.finish(min_count=4)
+    np.testing.assert_array_equal(count, ref_count)
+    want = np.where(ref_count >= 4, ref_binned, np.nan)
+    np.testing.assert_array_equal(binned, want)
+    assert binned is st.sum  # no new arrays
+    with pytest.raises(RuntimeError):
+        st.add(frames[0], dx[0], dy[0])
+    # uncovered pixels only, as result()
+    st2 = Stacker(shape, tile, order)
+    for n in range(5):
+        st2.add(frames[n], dx[n], dy[n])
+    b2, _ = st2.finish()
+    np.testing.assert_array_equal(b2, ref_binned)
+
+
+def test_thread_stacker_reused_and_reset_per_thread():
+    """A thread's second batch gets the same (emptied) buffers and the same result as a fresh stacker."""
+    rng = np.random.default_rng(31)
+    shape, tile = (64, 80), 16
+    first = _random_batch(rng, shape, tile, 4)
+    second = _random_batch(rng, shape, tile, 3)
+    st = thread_stacker(shape, tile, 3)
+    for n in range(4):
+        st.add(first[0][n], first[1][n], first[2][n])
+    st.finish(min_count=3)
+    again = thread_stacker(shape, tile, 3)
+    assert again is st and again.nframes == 0
+    for n in range(3):
+        again.add(second[0][n], second[1][n], second[2][n])
+    got = [np.array(a) for a in again.finish()]
+    fresh = Stacker(shape, tile, 3)
+    for n in range(3):
+        fresh.add(second[0][n], second[1][n], second[2][n])
+    want = fresh.result()
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    other = []
+    t = threading.Thread(target=lambda: other.append(thread_stacker(shape, tile, 3)))
+    t.start()
+    t.join()
+    assert other[0] is not st  # each thread has its own
+    assert thread_stacker(shape, tile, 0) is not st  # another geometry: a new stacker
 
 
 def test_cubic_weights_keep_flux_and_width():

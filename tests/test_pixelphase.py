@@ -86,3 +86,43 @@ def test_correction_turns_a_single_phase_into_the_mean_over_phases_for_moffat_st
     assert before.max() > 1.5e-3, before.max()
     assert np.sqrt(np.mean(after**2)) < 0.25 * np.sqrt(np.mean(before**2)), (after.std(), before.std())
     assert after.max() < 0.5 * before.max()
+
+
+def _dense_fit(star, x, y, ratio, eratio, shape, nfield, floor=2e-3):
+    """The fit written out with the whole design matrix (the reference for the per-star sums)."""
+    from mascara.pixelphase import NTERMS, field_basis
+
+    _, inv = np.unique(star, return_inverse=True)
+    nstar = inv.max() + 1
+    w = 1.0 / ((eratio / ratio) ** 2 + floor**2)
+    wsum = np.bincount(inv, w, nstar)
+    mean_ratio = np.bincount(inv, w * ratio, nstar) / wsum
+    t = phase_terms(x, y)
+    tmean = np.stack([np.bincount(inv, w * t[:, k], nstar) / wsum for k in range(NTERMS)], axis=-1)
+    count = np.bincount(inv, minlength=nstar)
+    field = field_basis(np.bincount(inv, x, nstar) / count, np.bincount(inv, y, nstar) / count, shape)[inv, :nfield]
+    design = (field[:, :, None] * (t - tmean[inv])[:, None, :]).reshape(len(x), -1)
+    a = design * np.sqrt(w)[:, None]
+    b = (ratio / mean_ratio[inv] - 1.0) * np.sqrt(w)
+    cov = np.linalg.inv(a.T @ a)
+    c = cov @ (a.T @ b)
+    chi2 = np.sum((b - a @ c) ** 2) / (len(x) - c.size)
+    return c.reshape(nfield, NTERMS), np.sqrt(np.diag(cov) * max(chi2, 1.0)).reshape(nfield, NTERMS)
+
+
+def test_fit_from_per_star_sums_equals_the_design_matrix_fit():
+    """The normal equations summed per star give the least-squares solution of the whole design matrix."""
+    rng = np.random.default_rng(17)
+    shape = (600, 900)
+    for nstar, nframes, nfield in ((1500, 45, 6), (500, 45, 3), (60, 40, 1)):
+        ids = np.array([f"{i:08d}".encode() for i in rng.permutation(10**6)[:nstar]], dtype="S12")
+        star = np.tile(ids, nframes)
+        x = (rng.uniform(5, 850, nstar)[None, :] + 1.3 * np.arange(nframes)[:, None]).ravel()
+        y = (rng.uniform(5, 590, nstar)[None, :] - 0.4 * np.arange(nframes)[:, None]).ravel()
+        ratio = 0.8 * (1 + 0.004 * np.cos(2 * np.pi * x) * np.cos(2 * np.pi * y)) + rng.normal(0, 0.003, x.size)
+        eratio = rng.uniform(0.002, 0.006, x.size)
+        model = PixelPhaseModel.fit(star, x, y, ratio, eratio, shape)
+        assert model.npoints == x.size and model.coef.shape == (nfield, 5)
+        coef, err = _dense_fit(star, x, y, ratio, eratio, shape, nfield)
+        np.testing.assert_allclose(model.coef, coef, rtol=0, atol=1e-12 * np.abs(coef).max())
+        np.testing.assert_allclose(model.error, err, rtol=1e-10)

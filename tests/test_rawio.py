@@ -144,3 +144,59 @@ def test_reading_in_two_threads_never_refuses_a_good_frame(small_night):
         results = list(pool.map(read, range(400)))
     assert all(reason is not None for path, reason in results if path == truncated)
     assert [(p.name, reason) for p, reason in results if p != truncated and reason is not None] == []
+
+
+def _good_frame(small_night):
+    night = parse_night_dir(small_night["night_dir"])
+    return next(f.path for f in list_frames(night) if f.lstseq not in small_night["bad_frames"])
+
+
+def test_truncation_found_from_the_sizes_alone(small_night, tmp_path):
+    """A plain FITS file shorter than its header promises (header blocks + data padded to whole blocks) is
+    refused from the sizes alone, astropy's criterion: cut in the data, in the padding, in the header."""
+    import gzip
+
+    from mascara.rawio import FITS_BLOCK, primary_header_layout
+
+    good = _good_frame(small_night)
+    blob = good.read_bytes()
+    head, data = primary_header_layout(good)
+    need = head + -(-data // FITS_BLOCK) * FITS_BLOCK
+    assert len(blob) == need and data % FITS_BLOCK != 0  # the padding case below is a real one
+    for cut in (need // 2, head + data, need - 1):
+        p = tmp_path / f"cut{cut}.fits"
+        p.write_bytes(blob[:cut])
+        with pytest.raises(BadFrame) as got:
+            read_frame(p)
+        assert got.value.reason == f"truncated file ({cut} of {need} bytes)"
+    p = tmp_path / "header_only.fits"
+    p.write_bytes(blob[:FITS_BLOCK])  # no END yet: astropy decides (locked path), still refused
+    with pytest.raises(BadFrame):
+        read_frame(p)
+    gz = tmp_path / "cut.fits.gz"  # compressed: the sizes say nothing, astropy decides (locked path)
+    gz.write_bytes(gzip.compress(blob[:need // 2]))
+    with pytest.raises(BadFrame):
+        read_frame(gz)
+    longer = tmp_path / "longer.fits"  # bytes after the data are no truncation
+    longer.write_bytes(blob + b"\0" * 100)
+    assert read_frame(longer).data.tobytes() == read_frame(good).data.tobytes()
+
+
+def test_a_complete_frame_is_read_without_the_warnings_lock(small_night):
+    """Good plain frames do not wait for the process-wide warnings capture (held here by another reader)."""
+    import threading
+
+    from mascara.rawio import _WARNINGS_LOCK
+
+    good = _good_frame(small_night)
+    done = threading.Event()
+
+    def read():
+        read_frame(good)
+        done.set()
+
+    with _WARNINGS_LOCK:
+        t = threading.Thread(target=read)
+        t.start()
+        assert done.wait(30.0)
+    t.join()
