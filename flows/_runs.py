@@ -239,9 +239,6 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
     handle = open_run(db_url, plan, overwrite=overwrite, keep_old=keep_old, pid=pid, host=host,
                       flow_run_id=flow_run_id)
     cat = catalog(db_url)
-    record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
-    if heartbeat is not None:
-        heartbeat.run_ids.add(handle.run_id)
 
     def on_prepared(ctx: Any) -> None:
         record_calibration(db_url, handle.camera_night_id, handle.night_path, ctx.calibration_state())
@@ -250,7 +247,10 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
         cat.batch_started(handle.run_id, outcome.batch)
         record_batch(handle, outcome)
 
-    try:
+    try:  # from here on the run is reducing: whatever stops it (a signal included) is recorded
+        if heartbeat is not None:
+            heartbeat.run_ids.add(handle.run_id)
+        record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
         result = reduce_camera_night(plan.night, plan.settings, skip=handle.done, on_batch=on_batch,
                                      on_prepared=on_prepared, require_calibration=require_calibration,
                                      split_in_background=split_in_background, combine=False)
