@@ -69,6 +69,8 @@ def night_subset(night_dir: Path, dest: Path, nframes: int) -> Path:
 
 
 DRIVERS = ("library", "prefect", "prefect-server")
+#: Each Prefect driver and the key of its comparison with the library driver in the results.
+OVER_LIBRARY = {"prefect-server": "prefect_server_over_library", "prefect": "prefect_over_library"}
 
 
 class PrefectServer:
@@ -220,7 +222,7 @@ def measure(night_dir: Path | str, workdir: Path | str, frames: tuple[int, int],
         d["runs"] = {n1: d.pop(n1), n2: d.pop(n2)}
         out["drivers"][key] = d
     lib = out["drivers"]["library"]
-    for key, name in (("prefect", "prefect_over_library"), ("prefect-server", "prefect_server_over_library")):
+    for key, name in OVER_LIBRARY.items():
         if key in out["drivers"]:
             pf = out["drivers"][key]
             out[name] = {f"{what}_{agg}": pf["runs"][n2][what][agg] / lib["runs"][n2][what][agg] - 1.0

@@ -53,6 +53,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from process import OVER_LIBRARY  # noqa: E402
+
 REAL_TIME = 6.4  # s per frame, one camera
 # "read" is read + calibrate since issue 12 (one pass, mascara.rawio.read_calibrated)
 STAGES = ("read", "positions", "astrometry", "photometry", "binning",
@@ -474,7 +476,7 @@ def summarise(res: dict) -> dict:
             s["targets"][f"slope_{key}"] = d["cpu_slope_median"] <= TARGET_CPU_PER_FRAME
         lib = pr["drivers"]["library"]
         s["targets"]["night_wall"] = lib["wall_5000_median"] <= TARGET_NIGHT_WALL_S
-        for name in ("prefect_over_library", "prefect_server_over_library"):
+        for name in OVER_LIBRARY.values():
             if name in pr:
                 s["targets"][name] = pr[name]["wall_median"] <= TARGET_PREFECT_OVERHEAD
         s["process_rss_gb"] = max(r["rss_mb"] for r in pr["runs"]) / 1024
@@ -524,7 +526,7 @@ def render(res: dict, s: dict) -> str:
         L.append(f"| 5,000-frame night < {TARGET_NIGHT_WALL_S / 60:.0f} min wall on {pr['workers']} cores "
                  f"(measured {n2} frames + measured slope) | {lib['wall_5000_median'] / 60:.1f} min median "
                  f"({lib['wall_5000_min'] / 60:.1f} from the minima) | {_met(t['night_wall'])} |")
-        for name, key in (("prefect_server_over_library", "prefect-server"), ("prefect_over_library", "prefect")):
+        for key, name in OVER_LIBRARY.items():
             if name in pr:
                 po = pr[name]
                 L.append(f"| {DRIVER_NAMES[key]} within {100 * TARGET_PREFECT_OVERHEAD:.0f} % of the library "
@@ -679,7 +681,7 @@ def render_process(pr: dict) -> list[str]:
              f"{pr['jit_charge_cpu']:+.1f} CPU-s against the median timed run of the same length "
              "(numba compiles into its on-disk cache there when the code changed; loading the cache is part "
              "of every run's fixed cost).")
-    for name, key in (("prefect_server_over_library", "prefect-server"), ("prefect_over_library", "prefect")):
+    for key, name in OVER_LIBRARY.items():
         if name in pr:
             po = pr[name]
             L.append(f"- {DRIVER_NAMES[key]} against the library driver, {n2} frames: wall "
