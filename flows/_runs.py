@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from flows import _signals
 from mascara import faults, selection
 from mascara.catalog import Catalog, connect
 from mascara.catalog import lifecycle
@@ -91,6 +92,31 @@ def open_run(db_url: str, plan: Any, overwrite: bool = False, flow_run_id: str |
     """Register, lease, decide and move aside: :func:`mascara.catalog.lifecycle.open_run` on this URL."""
     return lifecycle.open_run(catalog(db_url), db_url, plan, overwrite=overwrite, keep_old=keep_old,
                               flow_run_id=flow_run_id, lease_seconds=lease_seconds, host=host, pid=pid)
+
+
+def end_unreturned_run(db_url: str, night_path: str | Path, flow_run_id: str | None, error: str) -> str | None:
+    """End as failed the run a flow run was opening when it stopped (its start task returned no handle).
+
+    The run id derives from the flow run (:meth:`mascara.catalog.Catalog.start_run`),
+    so it is found without the handle; a run that was never registered, or is
+    already finished, is left alone. Returns the id of the run ended, or None.
+    """
+    from mascara.catalog.catalog import CatalogError, make_id
+
+    if not flow_run_id:
+        return None
+    cat = catalog(db_url)
+    cn_id = cat.find_camera_night(night_path)
+    if cn_id is None:
+        return None
+    run_id = make_id("run", cn_id, flow_run_id)
+    try:
+        if cat.run_info(run_id).finished_at is not None:
+            return None
+    except CatalogError:
+        return None
+    cat.finish_run(run_id, "failed", error=error[:2000])
+    return run_id
 
 
 def already_done(db_url: str, plan: Any) -> str | None:
@@ -236,8 +262,9 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
     if plan.empty_reason():
         record_intake(db_url, plan)
         raise NothingToReduce(plan.empty_reason())
-    handle = open_run(db_url, plan, overwrite=overwrite, keep_old=keep_old, pid=pid, host=host,
-                      flow_run_id=flow_run_id)
+    with _signals.Hold() as hold:  # a signal while the run opens is raised inside the try below
+        handle = open_run(db_url, plan, overwrite=overwrite, keep_old=keep_old, pid=pid, host=host,
+                          flow_run_id=flow_run_id)
     cat = catalog(db_url)
 
     def on_prepared(ctx: Any) -> None:
@@ -248,6 +275,7 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
         record_batch(handle, outcome)
 
     try:  # from here on the run is reducing: whatever stops it (a signal included) is recorded
+        hold.release()
         if heartbeat is not None:
             heartbeat.run_ids.add(handle.run_id)
         record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
@@ -261,7 +289,8 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
         cat.finish_run(handle.run_id, "failed", error=str(exc))
         raise
     except KeyboardInterrupt as exc:
-        cat.finish_run(handle.run_id, "failed", error=f"interrupted ({interruption(exc)})")
+        with _signals.shielded():  # a second Ctrl-C does not cut this record short
+            cat.finish_run(handle.run_id, "failed", error=f"interrupted ({interruption(exc)})")
         raise
     except Exception as exc:
         cat.finish_run(handle.run_id, "failed", error=f"{type(exc).__name__}: {exc}")
@@ -302,8 +331,10 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
         return [(b, min(f.lstseq for f in fr), max(f.lstseq for f in fr), len(fr)) for b, fr in plan.batches.items()]
 
     def on_start(plan: Any) -> set[int]:
-        handle = open_run(db_url, plan, keep_old=keep_old, flow_run_id=flow_run_id)
-        state["handle"] = handle
+        with _signals.Hold() as hold:
+            handle = open_run(db_url, plan, keep_old=keep_old, flow_run_id=flow_run_id)
+            state["handle"] = handle
+        hold.release()  # the handle is known: an interruption is recorded from here on
         record_intake(db_url, plan, handle.camera_night_id, handle.run_id)  # so far; again at the end
         if heartbeat is not None:
             heartbeat.run_ids.add(handle.run_id)
@@ -342,7 +373,8 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
         raise
     except KeyboardInterrupt as exc:
         if "handle" in state:
-            cat.finish_run(state["handle"].run_id, "failed", error=f"interrupted ({interruption(exc)})")
+            with _signals.shielded():
+                cat.finish_run(state["handle"].run_id, "failed", error=f"interrupted ({interruption(exc)})")
         raise
     except Exception as exc:
         if "handle" in state:

@@ -86,14 +86,6 @@ class RichProgress:
         self.progress.update(self.tasks[night_id], state=f"[{colour}]{state}")
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, handled like Ctrl-C: runs end recorded as interrupted, the temporary server stops."""
-
-
-def _raise_interrupted(signum: int, _frame: Any) -> None:
-    raise Interrupted(signal.Signals(signum).name)
-
-
 def cli_mascprocess(args: argparse.Namespace) -> int:
     """Handler of ``mascprocess`` and ``mascara process`` (arguments: mascara.cli.add_mascprocess_arguments).
 
@@ -101,9 +93,11 @@ def cli_mascprocess(args: argparse.Namespace) -> int:
     in progress is recorded as failed with ``interrupted (SIGTERM)``, Prefect's
     temporary server is stopped, and the exit code is 128 + the signal number.
     """
-    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    from flows import _signals
+
     try:
-        return _mascprocess(args)
+        with _signals.handled():
+            return _mascprocess(args)
     except BaseException as exc:  # noqa: BLE001 - only interruptions are handled here
         from flows._runs import interruption  # here, not above: argument checks must not wait for imports
 
@@ -113,9 +107,6 @@ def cli_mascprocess(args: argparse.Namespace) -> int:
         print(f"mascprocess: interrupted by {name}; camera-nights in progress are recorded as failed "
               f"(interrupted) and resume on the next run", file=sys.stderr)
         return 128 + int(getattr(signal.Signals, name, signal.SIGINT))
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _mascprocess(args: argparse.Namespace) -> int:

@@ -473,9 +473,12 @@ def reduce_night(
 
     def end_night(n: _Night, state: str, message: str) -> None:
         n.state, n.message = state, message
-        if n.handle is not None and state == "failed":
+        if state == "failed":
             try:
-                _runs.catalog(db_url).finish_run(n.handle.run_id, "failed", error=message[:2000])
+                if n.handle is not None:
+                    _runs.catalog(db_url).finish_run(n.handle.run_id, "failed", error=message[:2000])
+                else:  # stopped while its start task opened the run: found by the flow run's id
+                    _runs.end_unreturned_run(db_url, n.night_path, flow_run_id, message)
             except Exception as exc:  # noqa: BLE001
                 logger.warning("%s: could not end run in the catalog: %s", n.night_id, exc)
         if n.handle is not None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -338,9 +337,12 @@ def save_binned_preview(night_path: str | os.PathLike[str], batch: int, binned: 
     """A ``factor``-times smaller float16 copy of a batch's binned image (mean of blocks, NaN kept)."""
     ny, nx = (binned.shape[0] // factor) * factor, (binned.shape[1] // factor) * factor
     blocks = np.asarray(binned[:ny, :nx], np.float32).reshape(ny // factor, factor, nx // factor, factor)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks stay NaN
-        small = np.nanmean(blocks, axis=(1, 3)).astype(np.float16)
+    # the mean of each block's finite pixels; an all-NaN block stays NaN. Not np.nanmean under
+    # warnings.catch_warnings: that state is process-wide and batches run in threads (see rawio).
+    finite = np.isfinite(blocks)
+    count = finite.sum(axis=(1, 3))
+    total = np.where(finite, blocks, np.float32(0)).sum(axis=(1, 3), dtype=np.float64)
+    small = np.divide(total, count, out=np.full(count.shape, np.nan), where=count > 0).astype(np.float16)
     path = preview_path(night_path, batch)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -13,7 +13,9 @@ call), ``raise`` (raise :class:`Killed`, which no handler of the reduction
 catches: an in-process stand-in for ``kill``), ``hang`` (sleep until the
 process is stopped from outside, e.g. by a cancelled Prefect flow run) or
 ``stop`` (SIGSTOP to itself: the whole process, heartbeat thread included,
-freezes like a suspended machine until someone sends SIGCONT).  ``count`` limits
+freezes like a suspended machine until someone sends SIGCONT), ``sigint``,
+``sigterm`` or ``sighup`` (send that signal to this process, as an operator's
+Ctrl-C, ``kill`` or a closed terminal would, and go on).  ``count`` limits
 how many times the fault fires (default 1).
 
 ``MASCARA_FLOW_FAULT="<night_id>:<batch>:<n>[:<kind>]"`` makes the first ``n``
@@ -37,13 +39,14 @@ POINTS = (
     "after_intent",        # moves aside journaled, none done
     "mid_move",            # one directory renamed (or moved to the bin), its row not yet confirmed
     "after_move",          # every move confirmed, batches not yet registered
+    "after_begin",         # the run is 'reducing', its batches registered; the driver has no handle yet
     "after_batch_file",    # a batch file written, its catalog row not yet updated
     "combine_before_flc",  # the combine has read the batches, no night file written
     "combine_after_flc",   # the fLC is in place, the sLC is not
     "after_slc",           # both night files written, products and the run's end not recorded
 )
 
-ACTIONS = ("kill", "oserror", "raise", "hang", "stop")
+ACTIONS = ("kill", "oserror", "raise", "hang", "stop", "sigint", "sigterm", "sighup")
 
 
 class Killed(BaseException):
@@ -110,6 +113,9 @@ def checkpoint(point: str) -> None:
             time.sleep(1.0)
     if action == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)
+        return
+    if action.startswith("sig"):
+        os.kill(os.getpid(), getattr(signal, action.upper()))
         return
     raise Killed(f"injected crash at {point}")
 

@@ -300,7 +300,7 @@ def raw_inventory_hash(frames: Sequence[FrameFile], calib: Sequence[Path] = (),
 def frame_shape(path: Path | str) -> tuple[int, int] | None:
     """(ny, nx) of a FITS file's primary image from its header alone, or None if unreadable."""
     try:
-        with warnings.catch_warnings():
+        with _WARNINGS_LOCK, warnings.catch_warnings():  # process-wide state: one thread at a time
             warnings.simplefilter("ignore")
             h = fits.getheader(path)
         if int(h.get("NAXIS", 0)) != 2:

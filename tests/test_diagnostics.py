@@ -176,3 +176,19 @@ def test_short_reason_drops_details():
     assert short_reason("truncated file (2880 of 5760 bytes)") == "truncated file"
     assert short_reason("mostly saturated (75% of the science pixels >= 63000 ADU)") == "mostly saturated"
     assert short_reason("missing header keyword(s) JD") == "missing header keyword"
+
+
+@pytest.mark.filterwarnings("error")  # no warning, and none silenced through process-wide warning filters
+def test_binned_preview_is_the_mean_of_finite_pixels_per_block(tmp_path):
+    rng = np.random.default_rng(3)
+    binned = rng.normal(1000.0, 30.0, (41, 58)).astype(np.float32)
+    binned[:8, :8] = np.nan  # a whole block without data (outside the horizon)
+    binned[10:12, 20:23] = np.nan  # some pixels of a block
+    path = dg.save_binned_preview(tmp_path, 7, binned, factor=4)
+    small = np.load(path)
+    assert small.shape == (10, 14) and small.dtype == np.float16
+    blocks = binned[:40, :56].reshape(10, 4, 14, 4).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        want = np.nansum(blocks, axis=(1, 3)) / np.isfinite(blocks).sum(axis=(1, 3))
+    assert np.isnan(small[:2, :2]).all() and np.isfinite(small[2:, :]).all()
+    np.testing.assert_allclose(small[2:], want[2:], rtol=1e-3)

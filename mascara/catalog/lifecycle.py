@@ -402,6 +402,7 @@ def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, 
 
     cat.begin_reducing(run_id, [(b, min(f.lstseq for f in fr), max(f.lstseq for f in fr), len(fr))
                                 for b, fr in plan.batches.items()], fresh=decision != "resume")
+    faults.checkpoint("after_begin")
     batch_dir = Path(plan.batch_path(0)).parent
     done = verified_done(cat, cn_id, fp_key, batch_dir)
     log.info("%s: %s run %s, %d of %d batches already done", night.night_id, decision, run_id,

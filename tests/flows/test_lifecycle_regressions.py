@@ -207,6 +207,51 @@ def test_sighup_is_handled_like_sigint(pristine_night, tmp_path, prefect_server)
     assert [(r["status"], r["error"]) for r in runs(datadir)] == [("failed", "interrupted (SIGHUP)")]
 
 
+@pytest.mark.parametrize("fault,signame", [("after_begin:sighup", "SIGHUP"), ("mid_move:sigterm", "SIGTERM"),
+                                           ("after_register:sigint", "SIGINT")])
+def test_a_signal_while_the_run_opens_is_recorded_and_the_night_resumes(fault, signame, pristine_night, reference,
+                                                                         tmp_path, prefect_server):
+    """A signal at a named point of the opening (lease taken, outputs being moved aside, batches
+    registered but no handle returned yet) ends the run recorded as interrupted, the lease released,
+    exit code 128+N; the next plain run finishes the night, equal to an uninterrupted reduction."""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    if fault.startswith("mid_move"):  # something to move aside: a finished reduction first
+        mascprocess(datadir, env, "--no-prefect", "-q")
+    raw = tree_digest(datadir / NIGHT_ID / "raw")
+    res = mascprocess(datadir, {**env, "MASCARA_FAULT": fault}, "--no-prefect", "-q", check=False)
+    assert res.returncode == 128 + signal.Signals[signame], res.stderr[-3000:]
+    assert f"interrupted by {signame}" in res.stderr
+    latest = runs(datadir)[-1]
+    assert (latest["status"], latest["error"]) == ("failed", f"interrupted ({signame})")
+    assert _rows(datadir, "SELECT COUNT(*) FROM lease") == [(0,)]
+    _check(datadir)
+
+    again = mascprocess(datadir, env, "--no-prefect", "-q")  # at once: no lease to wait out
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert night_status(datadir)["state"] == "succeeded"
+    assert_same_night_files(datadir / NIGHT_ID, reference)
+    _check(datadir)
+    assert tree_digest(datadir / NIGHT_ID / "raw") == raw
+
+
+def test_a_signal_while_the_flow_opens_the_run_is_recorded(pristine_night, reference, tmp_path, prefect_server):
+    """The Prefect flow, SIGTERM while its start task is opening the run (no handle returned yet): the
+    flow ends the run it was opening, found by the flow run's id, as interrupted; the next run resumes."""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    res = mascprocess(datadir, {**env, "MASCARA_FAULT": "after_begin:sigterm"}, "-q", check=False)
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr[-3000:]
+    (run,) = runs(datadir)
+    assert (run["status"], run["error"], run["phase"]) == ("failed", "interrupted (SIGTERM)", "reducing")
+    assert run["flow_run_id"]
+    assert _rows(datadir, "SELECT COUNT(*) FROM lease") == [(0,)]
+    _check(datadir)
+    assert mascprocess(datadir, env, "-q").returncode == 0
+    assert night_status(datadir)["state"] == "succeeded"
+    assert_same_night_files(datadir / NIGHT_ID, reference)
+
+
 def test_status_and_failed_runs_say_why(pristine_night, tmp_path, prefect_server):
     """Issue 9, 6: a combine that fails has no failed batch; status and failed_runs still say why."""
     _, env = prefect_server
