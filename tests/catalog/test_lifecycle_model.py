@@ -220,3 +220,60 @@ def test_lifecycle_model_postgresql(pristine, references, dead_pid, tmp_path, pg
 def test_lifecycle_model_long_exploration(pristine, references, dead_pid, tmp_path):
     """A longer exploration (not in the default run): ``pytest -m lifecycle_long``."""
     _run(_machine(pristine, references, dead_pid, tmp_path, _sqlite_db), _examples(200), 12)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_signal_at_every_named_point_is_recorded_and_the_next_run_finishes(backend, pristine, references, dead_pid,
+                                                                             tmp_path, request):
+    """SIGTERM at each fault point in turn, under mascprocess' signal handling, in this process: the run
+    ends recorded as ``interrupted (SIGTERM)`` with its lease released (never left ``running``), the
+    invariants hold, and the next plain run finishes the night as an uninterrupted reduction would."""
+    from flows import _runs, _signals
+    from mascara.catalog.models import Lease, ReductionRun
+    from mascara.rawio import parse_night_dir
+    from mascara.settings import Settings
+    from sqlmodel import Session, select
+
+    if backend == "sqlite":
+        url, drop = _sqlite_db(tmp_path / "db")
+    else:
+        url, drop = _pg_db_factory(request.getfixturevalue("pg_database"))(tmp_path / "db")
+    night = tmp_path / "data" / NIGHT_ID
+    shutil.copytree(pristine, night)
+    raw = tree_digest(night / "raw")
+    settings_ = Settings.from_dict(SETTINGS["default"])
+    finished: set[str] = set()
+
+    def drive():  # type: ignore[no-untyped-def]
+        return _runs.drive_camera_night(url, parse_night_dir(night), settings_, pid=dead_pid,
+                                        split_in_background=False)
+
+    try:
+        handle, _ = drive()  # a finished reduction first: later runs have outputs to move aside
+        finished.add(handle.run_id)
+        for point in faults.POINTS:
+            faults.disarm()
+            faults.arm(point, "sigterm")
+            try:
+                with pytest.raises(_signals.Interrupted, match="SIGTERM"), _signals.handled():
+                    drive()
+            finally:
+                faults.disarm()
+            cat = _runs.catalog(url)
+            with Session(cat.engine) as s:
+                last = s.execute(select(ReductionRun).order_by(ReductionRun.started_at.desc())).scalars().first()
+                leases = s.execute(select(Lease)).scalars().all()
+            assert (last.status, last.error) == ("failed", "interrupted (SIGTERM)"), point
+            assert not leases, point
+            check_invariants(cat, finished)
+            handle, _ = drive()  # at once: nothing to wait out
+            finished.add(handle.run_id)
+            problems = same_night_files(night, references["default"])
+            assert not problems, f"after SIGTERM at {point}: {problems}"
+            check_night_dir(night)
+            check_invariants(cat, finished)
+        assert tree_digest(night / "raw") == raw
+    finally:
+        _runs.catalog(url).close()
+        _runs.catalog.cache_clear()
+        drop()
