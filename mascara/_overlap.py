@@ -25,7 +25,7 @@ from numba import njit
 @njit(cache=True, nogil=True, inline="always")
 def _segment_integral(t: float, r: float) -> float:
     """Integral of sqrt(r^2 - u^2) du from 0 to t, for 0 <= t <= r."""
-    s = r * r - t * t
+    s = (r - t) * (r + t)  # not r*r - t*t: no cancellation, and exactly 0 at t == r even where LLVM fuses a*b - c*d
     if s < 0.0:
         s = 0.0
     q = t / r
@@ -51,7 +51,7 @@ def _corner_area(x: float, y: float, r: float) -> float:
     if x * x + y * y <= r * r:
         return sign * x * y
     # The arc enters the box through its top edge at xc < x.
-    xc = math.sqrt(r * r - y * y)
+    xc = math.sqrt((r - y) * (r + y))
     return sign * (y * xc + _segment_integral(x, r) - _segment_integral(xc, r))
 
 
@@ -109,7 +109,7 @@ def corner_table(i0: int, j0: int, xs: float, ys: float, r: float, q, colx, segx
             y = r
         sy = -1.0 if yv < 0.0 else 1.0
         # where the arc crosses this row's height, and its arcsine term, for the corners outside the circle
-        xc = math.sqrt(r2 - y * y)
+        xc = math.sqrt((r - y) * (r + y))  # see _segment_integral
         segc = _segment_integral(xc, r)
         row = q[b]
         for a in range(ncol):
