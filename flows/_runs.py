@@ -119,6 +119,23 @@ def end_unreturned_run(db_url: str, night_path: str | Path, flow_run_id: str | N
     return run_id
 
 
+def end_runs_of_this_process(db_url: str, error: str) -> list[str]:
+    """End as failed every run this process started and has not finished (returns their ids).
+
+    For a process about to exit on a signal while runs go on in threads it
+    cannot wait for (``mascprocess --live``): each is recorded with ``error``
+    and its lease released, as the library driver records its own run.
+    """
+    import os
+    import socket
+
+    cat = catalog(db_url)
+    ended = cat.running_runs_of(socket.gethostname(), os.getpid())
+    for run_id in ended:
+        cat.finish_run(run_id, "failed", error=error[:2000])
+    return ended
+
+
 def already_done(db_url: str, plan: Any) -> str | None:
     """Why a planned camera-night needs no reduction (:func:`mascara.catalog.lifecycle.up_to_date`), or None.
 

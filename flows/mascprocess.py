@@ -307,8 +307,17 @@ def run_live(args: argparse.Namespace) -> int:
                    for c in cams]
         for t in threads:
             t.start()
-        for t in threads:
-            while t.is_alive():  # join with a timeout, so that signals reach the main thread
-                t.join(0.5)
+        try:
+            for t in threads:
+                while t.is_alive():  # join with a timeout, so that signals reach the main thread
+                    t.join(0.5)
+        except KeyboardInterrupt as exc:
+            # the camera threads cannot be stopped from here and die with the process: their runs
+            # are recorded now (a thread's later catalog write is refused, its lease being gone)
+            from flows import _signals
+
+            with _signals.shielded():
+                _runs.end_runs_of_this_process(db_url, f"interrupted ({_runs.interruption(exc)})")
+            raise
     _runs.draw_night_summaries(datadir, [datadir / f"{night}{site}{c}" for c in cams])
     return max(status.values(), default=1)

@@ -389,6 +389,15 @@ class Catalog:
 
         self._tx(fn)
 
+    def running_runs_of(self, host: str, pid: int) -> list[str]:
+        """Ids of the runs still ``running`` that the process ``pid`` on ``host`` started."""
+        def fn(s: Session) -> list[str]:
+            return list(s.execute(select(ReductionRun.id).where(
+                ReductionRun.host == host, ReductionRun.pid == pid, ReductionRun.status == "running")
+                .order_by(ReductionRun.started_at)).scalars())
+
+        return self._tx(fn, readonly=True)
+
     def finish_run(self, run_id: str, status: str, error: str | None = None,
                    products: Iterable[Mapping[str, Any]] = ()) -> None:
         """End a run with ``succeeded``, ``failed`` or ``skipped`` and release its lease.

@@ -260,3 +260,17 @@ def test_status_takes_night_ranges(catalog):
     assert sorted(r["night"] for r in catalog.night_status("20260301..20260304")) == ["20260301", "20260302"]
     assert sorted(r["night"] for r in catalog.night_status("20260228..20260301+20260305")) == [
         "20260228", "20260301", "20260305"]
+
+
+def test_running_runs_of_a_process(catalog):
+    """The runs a process started and has not ended: what a signal handler ends before the process exits."""
+    a = catalog.register_camera_night("LP", "E", "20260301", "/data/20260301LPE")
+    b = catalog.register_camera_night("LP", "S", "20260301", "/data/20260301LPS")
+    c = catalog.register_camera_night("LP", "W", "20260301", "/data/20260301LPW")
+    ra = catalog.start_run(a, fingerprint(), {}, VERSIONS, "station", pid=4711)
+    rb = catalog.start_run(b, fingerprint(), {}, VERSIONS, "station", pid=4711)
+    catalog.start_run(c, fingerprint(), {}, VERSIONS, "station", pid=4712)  # another process
+    assert sorted(catalog.running_runs_of("station", 4711)) == sorted([ra, rb])
+    assert catalog.running_runs_of("laptop", 4711) == []
+    catalog.finish_run(ra, "failed", error="interrupted (SIGTERM)")
+    assert catalog.running_runs_of("station", 4711) == [rb]

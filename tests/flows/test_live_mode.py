@@ -116,3 +116,34 @@ def test_live_flow_shows_each_batch_as_a_task_run_while_the_night_goes_on(tmp_pa
     assert {f"{NIGHT_ID.lower()}-live", f"{NIGHT_ID.lower()}-quicklook"} <= set(versions), sorted(versions)
     assert any("3 batches reduced" in d for d in versions[f"{NIGHT_ID.lower()}-live"])
     assert any("data:image/png;base64," in d for d in versions[f"{NIGHT_ID.lower()}-quicklook"])
+
+
+def test_a_signal_to_a_live_run_is_recorded_and_the_night_resumes(tmp_path, pristine_night, reference):
+    """SIGTERM to ``mascprocess --live`` while its camera thread reduces: the signal reaches the main
+    thread only, which records the thread's run as interrupted and releases its lease before the
+    process exits (not left ``running`` for the next run to find abandoned); the next run resumes."""
+    from flowkit import fresh_copy, runs
+
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    live = [str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--site", "LP", "--camera", "E", "--live",
+            "--idle-timeout", "30", "--grace", "2", "--poll", "0.3", "-q"]
+    proc = subprocess.Popen(live, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: _succeeded_batches(datadir) >= 1, 180, "the first batch in the catalog")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    [run] = runs(datadir)
+    assert (run["status"], run["error"]) == ("failed", "interrupted (SIGTERM)"), run
+    with connect(datadir=datadir) as cat:
+        assert not cat.running_runs_of(run["host"], run["pid"])
+    again = subprocess.run(live[:-7] + ["--idle-timeout", "3", "--grace", "2", "--poll", "0.3", "-q"],
+                           capture_output=True, text=True, timeout=600)  # live again: a live run resumes
+    assert again.returncode == 0, again.stderr[-3000:]
+    with connect(datadir=datadir) as cat:
+        [status] = [r for r in cat.night_status(NIGHT) if r["camera"] == "LPE"]
+        assert status["state"] == "succeeded" and status["decision"] == "resume", status
+    assert_same_night_files(datadir / NIGHT_ID, reference)
