@@ -32,6 +32,7 @@ import os
 import re
 import threading
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
@@ -443,9 +444,35 @@ def _open_image(path: Path, allow_float: bool, memmap: bool,
                 raise BadFrame(path, f"truncated file ({truncated[0].message})")
     except BadFrame:
         raise
-    except (OSError, ValueError, TypeError, IndexError, EOFError, KeyError) as exc:
-        raise BadFrame(path, f"unreadable FITS file ({type(exc).__name__}: {exc})") from exc
+    except (OSError, ValueError, TypeError, IndexError, EOFError, KeyError, zlib.error) as exc:
+        gz = _gzip_problem(path) if path.name.endswith(".gz") else None
+        raise BadFrame(path, gz or f"unreadable FITS file ({type(exc).__name__}: {exc})") from exc
     return header, data
+
+
+def _gzip_problem(path: Path) -> str | None:
+    """What is wrong with a ``.gz`` file's compressed stream, or None if it decompresses to its end.
+
+    Asked only after astropy refused the file, whose own message for a cut
+    stream ("Empty or corrupt FITS file") does not tell a transfer that
+    stopped early from a bad FITS file inside a good stream.
+    """
+    import gzip
+
+    size = path.stat().st_size
+    out = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                out += len(chunk)
+    except EOFError:
+        return (f"truncated compressed file (the gzip stream stops early: {size} bytes on disk, "
+                f"{out} bytes decompressed)")
+    except gzip.BadGzipFile as exc:
+        return f"not a gzip file ({exc})"
+    except (zlib.error, OSError) as exc:
+        return f"corrupt compressed data ({type(exc).__name__}: {exc})"
+    return None
 
 
 def _pixels(hdu: fits.PrimaryHDU | fits.ImageHDU, path: Path, allow_float: bool) -> np.ndarray:

@@ -177,6 +177,17 @@ def test_truncation_found_from_the_sizes_alone(small_night, tmp_path):
     gz.write_bytes(gzip.compress(blob[:need // 2]))
     with pytest.raises(BadFrame):
         read_frame(gz)
+    whole = gzip.compress(blob)
+    for frac in (0.05, 0.5, 0.999):  # a transfer that stopped: the gzip stream itself is cut
+        gz.write_bytes(whole[:int(len(whole) * frac)])
+        with pytest.raises(BadFrame) as got:
+            read_frame(gz)
+        assert got.value.reason.startswith("truncated compressed file (the gzip stream stops early: "
+                                           f"{int(len(whole) * frac)} bytes on disk"), got.value.reason
+    gz.write_bytes(whole[:10] + bytes(len(whole) - 10))  # a good gzip header over zeroed data
+    with pytest.raises(BadFrame) as got:
+        read_frame(gz)
+    assert got.value.reason.startswith("corrupt compressed data"), got.value.reason
     longer = tmp_path / "longer.fits"  # bytes after the data are no truncation
     longer.write_bytes(blob + b"\0" * 100)
     assert read_frame(longer).data.tobytes() == read_frame(good).data.tobytes()

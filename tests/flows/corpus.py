@@ -177,6 +177,25 @@ def junk_bytes(raw: Path) -> Expect:
     return Expect(rejected={name(seq): "unreadable FITS file"}, not_reduced={seq})
 
 
+def cut_gz_frame(raw: Path) -> Expect:
+    """A frame that arrived as ``.fits.gz`` and whose transfer stopped: the gzip stream ends early."""
+    seq = _middle(raw)
+    whole = gzip.compress((raw / name(seq)).read_bytes())
+    (raw / name(seq)).unlink()
+    (raw / name(seq, ".fits.gz")).write_bytes(whole[: int(len(whole) * 0.6)])
+    return Expect(rejected={name(seq, ".fits.gz"): "truncated compressed file (the gzip stream stops early"},
+                  not_reduced={seq})
+
+
+def corrupt_gz_frame(raw: Path) -> Expect:
+    """A ``.fits.gz`` whose compressed data are damaged (a valid gzip header over garbage)."""
+    seq = _middle(raw)
+    whole = gzip.compress((raw / name(seq)).read_bytes())
+    (raw / name(seq)).unlink()
+    (raw / name(seq, ".fits.gz")).write_bytes(whole[:10] + bytes(len(whole) - 10))
+    return Expect(rejected={name(seq, ".fits.gz"): "corrupt compressed data"}, not_reduced={seq})
+
+
 def zero_byte_file(raw: Path) -> Expect:
     seq = _middle(raw)
     _replace(raw / name(seq), b"")
@@ -254,6 +273,6 @@ def empty_raw(raw: Path) -> Expect:
 
 FRAME_CASES = [first_frame_wrong_shape, dangling_symlink, all_nan_float_frame, all_zero_frame,
                mostly_saturated_frame, truncated_frame, missing_keyword, lstseq_disagrees_with_name, junk_bytes,
-               zero_byte_file, directory_named_like_a_frame]
+               zero_byte_file, directory_named_like_a_frame, cut_gz_frame, corrupt_gz_frame]
 NIGHT_CASES = [gz_beside_fits_with_other_pixels, truncated_fits_beside_good_gz, missing_frames,
                no_calibration_files, no_darks, truncated_dark, calibration_required_but_missing, empty_raw]
