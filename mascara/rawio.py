@@ -422,7 +422,7 @@ def _open_image(path: Path, allow_float: bool, memmap: bool,
             # Every byte the header promises is on disk, so astropy cannot find the file truncated:
             # no need for the warnings capture, which is process-wide and so one file at a time.
             with fits.open(path, do_not_scale_image_data=True, memmap=memmap) as hdul:
-                hdu = hdul[0]
+                hdu = _primary(path, hdul)
                 header = hdu.header.copy()
                 data = _pixels(hdu, path, allow_float) if decode is None else decode(hdu)
             return header, data
@@ -433,7 +433,7 @@ def _open_image(path: Path, allow_float: bool, memmap: bool,
             warnings.simplefilter("always", AstropyUserWarning)  # every file's truncation is seen
             hdul = fits.open(path, do_not_scale_image_data=True, memmap=memmap)
             with hdul:
-                hdu = hdul[0]
+                hdu = _primary(path, hdul)
                 header = hdu.header.copy()
                 truncated = [w for w in caught if "truncated" in str(w.message)]
                 if truncated:
@@ -444,10 +444,19 @@ def _open_image(path: Path, allow_float: bool, memmap: bool,
                 raise BadFrame(path, f"truncated file ({truncated[0].message})")
     except BadFrame:
         raise
-    except (OSError, ValueError, TypeError, IndexError, EOFError, KeyError, zlib.error) as exc:
+    except (OSError, ValueError, TypeError, IndexError, EOFError, KeyError, zlib.error, fits.VerifyError) as exc:
         gz = _gzip_problem(path) if path.name.endswith(".gz") else None
         raise BadFrame(path, gz or f"unreadable FITS file ({type(exc).__name__}: {exc})") from exc
     return header, data
+
+
+def _primary(path: Path, hdul: fits.HDUList) -> fits.PrimaryHDU:
+    """The primary HDU; BadFrame when astropy could only read it as a corrupted HDU (no data)."""
+    hdu = hdul[0]
+    if not hasattr(hdu, "data"):  # astropy's _CorruptedHDU: a structural card (BITPIX, NAXIS...) is unreadable
+        raise BadFrame(path, "corrupted primary header (a structural keyword such as BITPIX or NAXIS "
+                             "cannot be parsed)")
+    return hdu
 
 
 def _gzip_problem(path: Path) -> str | None:
@@ -525,8 +534,19 @@ def _header_values(path: Path, header: fits.Header) -> dict:
     missing = [k for k in REQUIRED_KEYWORDS if k not in header]
     if missing:
         raise BadFrame(path, f"missing header keyword(s) {', '.join(missing)}")
-    hdict = {k: header[k] for k in REQUIRED_KEYWORDS}
-    hdict["AVERSION"] = header.get("AVERSION", "unknown")
+    hdict: dict = {}
+    garbled = []
+    for k in REQUIRED_KEYWORDS:
+        try:
+            hdict[k] = header[k]
+        except (fits.VerifyError, ValueError) as exc:  # a card astropy cannot parse (damaged bytes)
+            garbled.append(f"{k} ({exc})" if len(garbled) == 0 else k)
+    if garbled:
+        raise BadFrame(path, f"unparsable header card(s) {', '.join(garbled)}")
+    try:
+        hdict["AVERSION"] = header.get("AVERSION", "unknown")
+    except (fits.VerifyError, ValueError):
+        hdict["AVERSION"] = "unparsable"
     return hdict
 
 
@@ -772,7 +792,7 @@ def _science_region(header: fits.Header, shape: tuple[int, ...]) -> tuple[int, i
     """(y0, y1, x0, x1) of the science region when the header gives a sane one inside ``shape``, else None."""
     try:
         x0, y0, nx, ny = (int(header[k]) for k in ("X0", "Y0", "XSIZE", "YSIZE"))
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, fits.VerifyError):  # the two-step path then says why
         return None
     if len(shape) != 2 or x0 < 0 or y0 < 0 or nx <= 0 or ny <= 0 or y0 + ny > shape[0] or x0 + nx > shape[1]:
         return None

@@ -211,3 +211,54 @@ def test_a_complete_frame_is_read_without_the_warnings_lock(small_night):
         t.start()
         assert done.wait(30.0)
     t.join()
+
+
+def test_damaged_bytes_anywhere_in_a_header_give_a_refusal_never_a_crash(small_night, tmp_path):
+    """Property (hypothesis): a frame whose header bytes are damaged (any bytes, anywhere in the header
+    blocks), plain or gzip-compressed, is either read or refused with BadFrame, by both readers and with
+    the same reason; no other exception escapes (one such escape, a garbled card's VerifyError or a
+    corrupted primary HDU, failed the whole camera-night before)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from mascara.rawio import FITS_BLOCK, FrameBuffers, primary_header_layout, read_calibrated
+
+    night = parse_night_dir(small_night["night_dir"])
+    master = master_calibration(night)
+    good = _good_frame(small_night)
+    blob = good.read_bytes()
+    head, _ = primary_header_layout(good)
+    shape = read_frame(good).data.shape
+    buffers = FrameBuffers()
+    seen: dict[str, int] = {}
+
+    @settings(max_examples=150, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(edits=st.lists(st.tuples(st.integers(0, head - 1), st.integers(0, 255)), min_size=1, max_size=8),
+           compressed=st.booleans())
+    def check(edits, compressed):
+        import gzip
+
+        b = bytearray(blob)
+        for pos, val in edits:
+            b[pos] = val
+        p = tmp_path / (good.name + (".gz" if compressed else ""))
+        p.write_bytes(gzip.compress(bytes(b), compresslevel=1) if compressed else bytes(b))
+        try:
+            read_frame(p, shape)
+            first = None
+        except BadFrame as exc:
+            first = exc.reason
+        try:
+            read_calibrated(p, master, shape, buffers)
+            second = None
+        except BadFrame as exc:
+            second = exc.reason
+        assert first == second
+        key = "read" if first is None else first.split(" (")[0].split(" ")[0:3]
+        seen[str(key)] = seen.get(str(key), 0) + 1
+        p.unlink()
+
+    assert head % FITS_BLOCK == 0
+    check()
+    assert len(seen) >= 3, seen  # the damage reached several different checks
