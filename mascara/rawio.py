@@ -641,9 +641,12 @@ def read_calibration(path: Path | str, kind: str, shape: tuple[int, int] | None 
     """
     path = Path(path)
     header, data = _open_image(path, allow_float=True, memmap=False)
-    typ = str(header.get("IMAGETYP", kind)).strip().lower()
-    if typ != kind:
-        raise BadFrame(path, f"IMAGETYP is {header.get('IMAGETYP')!r}, not {kind}")
+    try:
+        imagetyp = header.get("IMAGETYP", kind)
+    except (fits.VerifyError, ValueError) as exc:  # a damaged card
+        raise BadFrame(path, f"unparsable header card(s) IMAGETYP ({exc})") from exc
+    if str(imagetyp).strip().lower() != kind:
+        raise BadFrame(path, f"IMAGETYP is {imagetyp!r}, not {kind}")
     if shape is not None and data.shape != tuple(shape):
         raise BadFrame(path, f"shape {data.shape} differs from the night's frames {tuple(shape)}")
     if float(data.min()) == float(data.max()):

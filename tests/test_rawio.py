@@ -262,3 +262,34 @@ def test_damaged_bytes_anywhere_in_a_header_give_a_refusal_never_a_crash(small_n
     assert head % FITS_BLOCK == 0
     check()
     assert len(seen) >= 3, seen  # the damage reached several different checks
+
+    # the same for a calibration frame (read_calibration: a failure there failed the night's master)
+    from mascara.rawio import calibration_files, read_calibration
+
+    dark = calibration_files(night)["dark"][0]
+    dblob = dark.read_bytes()
+    dhead, _ = primary_header_layout(dark)
+    read_calibration(dark, "dark", shape)
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(edits=st.lists(st.tuples(st.integers(0, dhead - 1), st.integers(0, 255)), min_size=1, max_size=8))
+    def check_dark(edits):
+        b = bytearray(dblob)
+        for pos, val in edits:
+            b[pos] = val
+        p = tmp_path / dark.name
+        p.write_bytes(bytes(b))
+        try:
+            read_calibration(p, "dark", shape)
+        except BadFrame:
+            pass
+        p.unlink()
+
+    check_dark()
+    at = dblob.index(b"IMAGETYP") + 12  # inside the card's quoted value
+    p = tmp_path / dark.name
+    p.write_bytes(dblob[:at] + b"\0" + dblob[at + 1:])
+    with pytest.raises(BadFrame) as got:
+        read_calibration(p, "dark", shape)
+    assert got.value.reason.startswith("unparsable header card(s) IMAGETYP"), got.value.reason
