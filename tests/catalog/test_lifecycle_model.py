@@ -4,7 +4,9 @@ hypothesis drives sequences of reductions of a small simulated night in two
 data directories sharing one catalog: plain re-runs, ``-o``, changed settings,
 ``--keep-old 2``, a crash at any named fault point (in-process: an exception no
 handler catches, so nothing cleans up, as after ``kill -9``), a failing
-filesystem call followed by a Prefect-style retry of the same run. After every
+filesystem call followed by a Prefect-style retry of the same run, an
+operator's signal (SIGTERM, SIGINT, SIGHUP under ``mascprocess``' handling:
+the run must end recorded as interrupted, its lease released). After every
 step the invariants of ``lifecycle_checks`` hold and ``raw/`` is untouched;
 every run that is not interrupted must succeed and give the night files of an
 uninterrupted reduction; at the end a plain run of each directory succeeds.
@@ -37,6 +39,10 @@ NIGHT_ID = "20260301LPE"
 # fewer stars than the defaults keep a run at about 2 s; the lifecycle does not care about photometry
 SETTINGS = {"default": {"vmag_fast": 7.5, "vmag_slow": 8.0}, "changed": {"vmag_fast": 7.0, "vmag_slow": 8.0}}
 FAULTS = [None] + [(p, "raise") for p in faults.POINTS] + [(p, "oserror") for p in ("after_intent", "mid_move")]
+#: An operator's signal at a few points (every point in turn: test_a_signal_at_every_named_point...).
+SIGNALS = [("after_begin", "sigterm"), ("mid_move", "sigint"), ("after_batch_file", "sighup")]
+#: What a step draws: the crashes weigh three times as much, so that every point still crashes in a short run.
+DRAWS = FAULTS * 3 + SIGNALS
 #: Faults that fired during the test, as (point, action) -> count: the test checks that every point was reached.
 FIRED: dict[tuple[str, str], int] = {}
 
@@ -82,7 +88,7 @@ def _examples(default: int) -> int:
 
 
 def _machine(pristine: Path, references: dict[str, Path], dead_pid: int, root: Path, make_db):  # type: ignore[no-untyped-def]
-    from flows import _runs
+    from flows import _runs, _signals
     from mascara.catalog import LeaseHeld
     from mascara.rawio import parse_night_dir
     from mascara.settings import Settings
@@ -122,7 +128,7 @@ def _machine(pristine: Path, references: dict[str, Path], dead_pid: int, root: P
 
         @rule(where=st.sampled_from(["a", "a", "a", "b"]), variant=st.sampled_from(sorted(SETTINGS)),
               overwrite=st.sampled_from([False, False, False, True]),
-              keep_old=st.sampled_from([1, 1, 2]), fault=st.sampled_from(FAULTS))
+              keep_old=st.sampled_from([1, 1, 2]), fault=st.sampled_from(DRAWS))
         def reduce(self, where, variant, overwrite, keep_old, fault) -> None:  # type: ignore[no-untyped-def]
             self.log.append(f"reduce {where} {variant} -o={overwrite} keep={keep_old} fault={fault}")
             faults.disarm()
@@ -130,8 +136,19 @@ def _machine(pristine: Path, references: dict[str, Path], dead_pid: int, root: P
                 faults.arm(fault[0], fault[1])
             flow_run_id = f"flow-{uuid.uuid4()}"
             try:
-                handle, _ = self._drive(where, variant, overwrite, keep_old, flow_run_id)
+                with _signals.handled():  # as under mascprocess: signals become Interrupted
+                    handle, _ = self._drive(where, variant, overwrite, keep_old, flow_run_id)
                 event("run ended: succeeded" + (f" (fault {fault[0]} never reached)" if fault else ""))
+            except _signals.Interrupted as exc:
+                event(f"run ended: {exc} at {fault[0]}")
+                FIRED[fault] = FIRED.get(fault, 0) + 1
+                # recorded as interrupted, its lease released: the next run need not wait
+                from mascara.catalog.catalog import make_id
+
+                cat = _runs.catalog(self.db_url)
+                run = cat.run_info(make_id("run", cat.find_camera_night(self.night(where)), flow_run_id))
+                assert (run.status, run.error, run.live) == ("failed", f"interrupted ({exc})", False), run
+                return
             except faults.Killed:
                 event(f"run ended: crashed at {fault[0]}")
                 FIRED[fault] = FIRED.get(fault, 0) + 1
