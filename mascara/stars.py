@@ -196,12 +196,24 @@ def _load_npz(path: Path) -> StarCatalogue:
 
 
 def _load_fits(path: Path) -> StarCatalogue:
+    """Read a catalogue FITS file; ValueError naming the file for anything wrong with it."""
     from astropy.io import fits
 
     try:
-        hdul = fits.open(path, memmap=False)
-    except (OSError, TypeError) as e:
-        raise ValueError(f"{path}: not a readable FITS catalogue ({e})") from e
+        return _read_fits_table(path)
+    except ValueError as e:
+        if str(e).startswith(f"{path}:"):
+            raise
+        raise ValueError(f"{path}: damaged FITS catalogue ({type(e).__name__}: {e})") from e
+    except (OSError, TypeError, KeyError, IndexError, AttributeError, EOFError, fits.VerifyError) as e:
+        # a damaged card or table header: astropy raises these while it parses the table
+        raise ValueError(f"{path}: not a readable FITS catalogue ({type(e).__name__}: {e})") from e
+
+
+def _read_fits_table(path: Path) -> StarCatalogue:
+    from astropy.io import fits
+
+    hdul = fits.open(path, memmap=False)
     with hdul:
         tables = [h for h in hdul if isinstance(h, fits.BinTableHDU)]
         if not tables:

@@ -194,6 +194,38 @@ def test_unreadable_files(tmp_path):
         load_catalogue(img)
 
 
+def test_a_damaged_catalogue_file_is_named_in_a_value_error(tmp_path):
+    """Damaged bytes in a user catalogue's headers (hypothesis, derandomised): loaded or refused with a
+    ValueError naming the file, never astropy's VerifyError or a KeyError from deep inside it."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    good = tmp_path / "good.fits"
+    _write_fits(good, np.array([100007, 2, 333]))
+    blob = good.read_bytes()
+
+    @settings(max_examples=120, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(edits=st.lists(st.tuples(st.integers(0, 2 * 2880 - 1), st.integers(0, 255)), min_size=1, max_size=4))
+    def check(edits):
+        b = bytearray(blob)
+        for pos, val in edits:
+            b[pos] = val
+        p = tmp_path / "cat.fits"
+        p.write_bytes(bytes(b))
+        try:
+            load_catalogue(p)
+        except ValueError as e:
+            assert str(e).startswith(f"{p}:"), e
+
+    check()
+    p = tmp_path / "cat.fits"
+    at = blob.index(b"TFORM1") + 12  # one byte of a column's format card
+    p.write_bytes(blob[:at] + b"\0" + blob[at + 1:])
+    with pytest.raises(ValueError, match="cat.fits: not a readable FITS catalogue"):
+        load_catalogue(p)
+
+
 def test_build_reproduces_shipped_file(tmp_path, cat):
     built = stars.build_default_catalogue(tmp_path / "x.npz")
     assert built.fingerprint() == cat.fingerprint()
