@@ -279,10 +279,12 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
     if plan.empty_reason():
         record_intake(db_url, plan)
         raise NothingToReduce(plan.empty_reason())
-    with _signals.Hold() as hold:  # a signal while the run opens is raised inside the try below
+    cat = catalog(db_url)
+    # a signal while the run opens is raised inside the try below; nothing between the two can fail,
+    # or the hold would never be released
+    with _signals.Hold() as hold:
         handle = open_run(db_url, plan, overwrite=overwrite, keep_old=keep_old, pid=pid, host=host,
                           flow_run_id=flow_run_id)
-    cat = catalog(db_url)
 
     def on_prepared(ctx: Any) -> None:
         record_calibration(db_url, handle.camera_night_id, handle.night_path, ctx.calibration_state())
