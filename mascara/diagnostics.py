@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from mascara.lcformat import ASCC_DTYPE
+
 #: V of a star giving 1 ADU per exposure above the atmosphere (simulated cameras).
 ZEROPOINT = 18.0
 #: Atmospheric extinction, mag per airmass.
@@ -203,16 +205,37 @@ def frame_quality(fast: np.ndarray, vmag: np.ndarray, zeropoint: float = ZEROPOI
         return out
     use = (fast["flag"] == 0) & (vmag > vmag_range[0]) & (vmag <= vmag_range[1]) & (fast["flux1"] > 0)
     ratio = fast["flux1"] / expected_flux(vmag, fast["alt"], zeropoint, extinction)
-    for i in range(seqs.size):
-        rows = inv == i
-        out["jd"][i] = float(np.median(fast["jdmid"][rows]))
-        sky = fast["sky"][rows & (fast["flag"] == 0)]
-        if sky.size:
-            out["sky"][i] = float(np.median(sky))
-        r = ratio[rows & use]
-        out["nstars"][i] = r.size
-        if r.size:
-            out["transparency"][i] = float(np.median(r))
+    out["jd"] = group_medians(inv, np.asarray(fast["jdmid"], float), seqs.size)
+    out["sky"] = group_medians(inv, np.asarray(fast["sky"], float), seqs.size, fast["flag"] == 0)
+    out["transparency"] = group_medians(inv, ratio, seqs.size, use)
+    out["nstars"] = np.bincount(inv[use], minlength=seqs.size).astype(np.int64)
+    return out
+
+
+def group_medians(group: np.ndarray, values: np.ndarray, ngroups: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """``np.median(values[mask & (group == g)])`` for every ``g < ngroups``, in one sort; NaN for empty groups.
+
+    As ``np.median``: the mean of the two middle values of an even count,
+    and NaN for a group holding a NaN. (A loop of masks over a batch's
+    320,000 rows took 1.3 s per batch.)
+    """
+    group = np.asarray(group)
+    values = np.asarray(values, float)
+    if mask is not None:
+        group, values = group[mask], values[mask]
+    out = np.full(ngroups, np.nan)
+    if not values.size:
+        return out
+    order = np.lexsort((values, group))  # by group, then value; NaN last within its group
+    g, v = group[order], values[order]
+    counts = np.bincount(g, minlength=ngroups)
+    start = np.cumsum(counts) - counts
+    has = counts > 0
+    lo = start[has] + (counts[has] - 1) // 2
+    hi = start[has] + counts[has] // 2
+    med = 0.5 * (v[lo] + v[hi])
+    last = v[start[has] + counts[has] - 1]
+    out[has] = np.where(np.isnan(last), np.nan, med)
     return out
 
 
@@ -225,6 +248,21 @@ def pointing_drift(night_model: Any, batch_model: Any) -> tuple[float, float]:
     alt, az = night_model.to_altaz(np.array([cx]), np.array([cy]))
     x, y = batch_model.to_pixels(alt, az)
     return float(x[0] - cx), float(y[0] - cy)
+
+
+def _vmag_of(stars: np.ndarray, ascc: np.ndarray) -> np.ndarray:
+    """V of each id in ``ascc`` from the batch file's star table; NaN for an id it lacks."""
+    out = np.full(len(ascc), np.nan)
+    if not len(ascc) or not len(stars):
+        return out
+    ids = np.asarray(stars["ascc"]).astype(ASCC_DTYPE)
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    want = np.asarray(ascc).astype(ASCC_DTYPE)
+    at = np.minimum(np.searchsorted(sorted_ids, want), ids.size - 1)
+    found = sorted_ids[at] == want
+    out[found] = np.asarray(stars["vmag"], float)[order[at[found]]]
+    return out
 
 
 def batch_quality(batch_path: str | os.PathLike[str], night_model: dict | None = None,
@@ -243,9 +281,8 @@ def batch_quality(batch_path: str | os.PathLike[str], night_model: dict | None =
 
     pieces = read_batch_file(batch_path)
     a = pieces.attrs
-    vm = {bytes(k) if not isinstance(k, bytes) else k: v for k, v in zip(pieces.stars["ascc"], pieces.stars["vmag"])}
     fast = pieces.fast
-    vmag = np.array([vm.get(k, np.nan) for k in fast["ascc"]], float) if len(fast) else np.zeros(0)
+    vmag = _vmag_of(pieces.stars, fast["ascc"])
     fq = frame_quality(fast, vmag, zeropoint, extinction)
     finite = fq["transparency"][np.isfinite(fq["transparency"])]
     transparency = float(np.median(finite)) if finite.size else None
@@ -255,7 +292,7 @@ def batch_quality(batch_path: str | os.PathLike[str], night_model: dict | None =
     slow = pieces.slow
     overlay: list[list[float]] = []
     if len(slow):
-        sv = np.array([vm.get(k, np.nan) for k in slow["ascc"]], float)
+        sv = _vmag_of(pieces.stars, slow["ascc"])
         order = np.argsort(sv, kind="stable")[:nstars_overlay]
         overlay = [[round(float(slow["x"][i]), 1), round(float(slow["y"][i]), 1), round(float(sv[i]), 2)]
                    for i in order]

@@ -192,3 +192,17 @@ def test_binned_preview_is_the_mean_of_finite_pixels_per_block(tmp_path):
         want = np.nansum(blocks, axis=(1, 3)) / np.isfinite(blocks).sum(axis=(1, 3))
     assert np.isnan(small[:2, :2]).all() and np.isfinite(small[2:, :]).all()
     np.testing.assert_allclose(small[2:], want[2:], rtol=1e-3)
+
+
+def test_group_medians_equal_numpy_median_per_group():
+    rng = np.random.default_rng(5)
+    group = rng.integers(0, 7, 500)  # group 6 may be empty after masking, group 7 never occurs
+    values = rng.normal(size=500)
+    values[rng.integers(0, 500, 3)] = np.nan
+    mask = rng.random(500) < 0.8
+    mask[group == 6] = False
+    got = dg.group_medians(group, values, 8, mask)
+    for g in range(8):
+        sel = values[mask & (group == g)]
+        want = np.median(sel) if sel.size else np.nan
+        assert np.array_equal(got[g], want, equal_nan=True), (g, got[g], want)
