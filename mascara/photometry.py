@@ -178,7 +178,7 @@ def _clipped_median(a, n, nsigma, maxiters):
 
 #: Floating-point licence for the hot loops: reassociation (vectorised sums) and
 #: fused multiply-add, but no assumptions about NaN or infinity, which are tested.
-_REASSOC = {"reassoc", "contract"}
+_REASSOC = {"reassoc"}
 
 #: Half-width (ranks) of the sorted window kept around the median; clipping
 #: that moves the median further than this falls back to :func:`_clipped_median`.
@@ -518,14 +518,14 @@ def _bucket_clipped_median(a, n, nsigma, maxiters, sample, code, sbuf, start, fi
 
 @njit(cache=True, nogil=True)
 def _corner_work(radii, rmax):
-    """Work arrays of :func:`_box_sums`: a corner table per radius and two column arrays."""
+    """Work arrays of :func:`_box_sums`: a corner table per radius, two column arrays, the tables' origins."""
     nq = 2 * int(math.ceil(rmax)) + 6  # corners across the widest box, with room to spare
     return (np.empty((radii.shape[0], nq, nq), dtype=np.float64), np.empty(nq, dtype=np.float64),
-            np.empty(nq, dtype=np.float64))
+            np.empty(nq, dtype=np.float64), np.empty((2, radii.shape[0]), dtype=np.int64))
 
 
 @njit(cache=True, nogil=True)
-def _box_sums(image, raw, xs, ys, radii, rmax, sums, qtab, colx, segx):
+def _box_sums(image, raw, xs, ys, radii, rmax, sums, qtab, colx, segx, orig):
     """Exact-overlap sums of ``image`` around (xs, ys) into ``sums``; returns the highest
     ``raw`` value among the pixels that overlap the largest aperture.
 
@@ -545,14 +545,25 @@ def _box_sums(image, raw, xs, ys, radii, rmax, sums, qtab, colx, segx):
     j1 = min(int(math.ceil(ys + rmax + 0.5)), ny - 1)
     if i1 < i0 or j1 < j0:
         return pk
+    # each radius tabulates only its own box: a pixel outside it lies wholly outside that circle, which
+    # table_weight decides from near2 before looking at the table (the 2.5 px table is a third the size)
+    oi = orig[0]
+    oj = orig[1]
     for k in range(nr):
-        corner_table(i0, j0, xs, ys, radii[k], qtab[k, :j1 - j0 + 2, :i1 - i0 + 2], colx, segx)
+        r = radii[k]
+        a0 = max(int(math.floor(xs - r - 0.5)), 0)
+        a1 = min(int(math.ceil(xs + r + 0.5)), nx - 1)
+        b0 = max(int(math.floor(ys - r - 0.5)), 0)
+        b1 = min(int(math.ceil(ys + r + 0.5)), ny - 1)
+        oi[k] = a0
+        oj[k] = b0
+        if a1 >= a0 and b1 >= b0:
+            corner_table(a0, b0, xs, ys, r, qtab[k, :b1 - b0 + 2, :a1 - a0 + 2], colx, segx)
     for j in range(j0, j1 + 1):
         dy = j - ys
         ady = abs(dy)
         ny2 = max(ady - 0.5, 0.0) ** 2
         fy2 = (ady + 0.5) ** 2
-        b = j - j0
         for i in range(i0, i1 + 1):
             dx = i - xs
             adx = abs(dx)
@@ -562,7 +573,7 @@ def _box_sums(image, raw, xs, ys, radii, rmax, sums, qtab, colx, segx):
             far2 = (adx + 0.5) ** 2 + fy2
             v = image[j, i]
             for k in range(nr):
-                w = table_weight(qtab[k], i - i0, b, near2, far2, radii[k])
+                w = table_weight(qtab[k], i - oi[k], j - oj[k], near2, far2, radii[k])
                 if w > 0.0:
                     sums[k] += w * v
             rv = raw[j, i]
@@ -580,7 +591,7 @@ def _sums_kernel(image, x, y, radii, out):
     for k in range(nr):
         rmax = max(rmax, radii[k])
     sums = np.empty(nr, dtype=np.float64)
-    qtab, colx, segx = _corner_work(radii, rmax)
+    qtab, colx, segx, orig = _corner_work(radii, rmax)
     for s in range(x.shape[0]):
         xs = x[s]
         ys = y[s]
@@ -588,7 +599,7 @@ def _sums_kernel(image, x, y, radii, out):
             for k in range(nr):
                 out[s, k] = np.nan
             continue
-        _box_sums(image, image, xs, ys, radii, rmax, sums, qtab, colx, segx)
+        _box_sums(image, image, xs, ys, radii, rmax, sums, qtab, colx, segx, orig)
         for k in range(nr):
             r = radii[k]
             if xs + r <= -0.5 or xs - r >= nx - 0.5 or ys + r <= -0.5 or ys - r >= ny - 0.5:
@@ -657,7 +668,7 @@ def _measure_kernel(
     fill = np.empty(NBUCKETS + 2, dtype=np.int64)
     done = np.empty(NBUCKETS + 2, dtype=np.bool_)
     sums = np.empty(nr, dtype=np.float64)
-    qtab, colx, segx = _corner_work(radii, rmax)
+    qtab, colx, segx, orig = _corner_work(radii, rmax)
     ri2 = r_in * r_in
     ro2 = r_out * r_out
     for t in range(order.shape[0]):
@@ -685,7 +696,7 @@ def _measure_kernel(
             continue
 
         # Apertures: exact weights on the box of the largest aperture; peak from raw.
-        pk = _box_sums(image, raw, xs, ys, radii, rmax, sums, qtab, colx, segx)
+        pk = _box_sums(image, raw, xs, ys, radii, rmax, sums, qtab, colx, segx, orig)
         peak[s] = pk
         if pk >= saturation:
             f |= FLAG_PEAK_SATURATED

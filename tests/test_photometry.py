@@ -349,3 +349,43 @@ def test_measure_apertures_fluxes_equal_photutils_exact_on_a_crowded_frame():
     for k, r in enumerate(RADII):
         ref = photutils_sums(image, x, y, r) - np.pi * r * r * res["sky"]
         np.testing.assert_allclose(res[f"flux{k}"], ref, rtol=1e-9, atol=1e-9 * np.abs(ref).max())
+
+
+_SAME_IN_EVERY_PROCESS = """
+import hashlib, sys
+import numpy as np
+from mascara.photometry import measure_apertures
+rng = np.random.default_rng(11)
+ny, nx = 400, 600
+image = rng.normal(1000.0, 30.0, (ny, nx)).astype(np.float32)
+x = rng.uniform(25, nx - 25, 400)
+y = rng.uniform(25, ny - 25, 400)
+jj, ii = np.mgrid[:ny, :nx]
+for xs, ys, f in zip(x[:60], y[:60], rng.uniform(1e3, 1e5, 60)):
+    box = (slice(int(ys) - 6, int(ys) + 7), slice(int(xs) - 6, int(xs) + 7))
+    image[box] += (f / (2 * np.pi) * np.exp(-0.5 * ((ii[box] - xs) ** 2 + (jj[box] - ys) ** 2))).astype(np.float32)
+raw = np.clip(image + 250, 0, 65535).astype(np.uint16)
+out = measure_apertures(image, x, y, raw=raw)
+from mascara.binning import Stacker
+st = Stacker(image.shape, tile=32, order=3)
+for n in range(3):
+    st.add(image, rng.uniform(-3, 3, st.tiles), rng.uniform(-3, 3, st.tiles))
+binned, _ = st.finish(min_count=1)
+print(hashlib.sha256(out.tobytes() + binned.tobytes()).hexdigest())
+"""
+
+
+def test_a_fresh_compile_and_the_cached_kernels_give_the_same_bits(tmp_path):
+    """Photometry and the stacker, in a process that compiles them and in one that loads them."""
+    # Resumed nights mix batches of processes that compiled the kernels and of processes that loaded
+    # them from numba's cache. With fused multiply-adds allowed ('contract'), LLVM fused differently in
+    # the two cases and fluxes differed at 1e-15 between them (seen on the benchmark night).
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    digests = [subprocess.run([sys.executable, "-c", _SAME_IN_EVERY_PROCESS], env=env, check=True,
+                              capture_output=True, text=True).stdout.strip() for _ in range(2)]
+    assert list((tmp_path / "numba").rglob("*.nbi")), "the second process should have loaded the cache"
+    assert digests[0] == digests[1]
