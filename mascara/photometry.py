@@ -176,8 +176,10 @@ def _clipped_median(a, n, nsigma, maxiters):
     return med, std, n
 
 
-#: Floating-point licence for the hot loops: reassociation (vectorised sums) and
-#: fused multiply-add, but no assumptions about NaN or infinity, which are tested.
+#: Floating-point licence for the hot loops: reassociation (vectorised sums), no assumptions
+#: about NaN or infinity (they are tested), and no fused multiply-add ('contract'): LLVM fused
+#: differently when it compiled the kernels and when numba loaded them from its cache, so two
+#: processes gave fluxes 1e-15 apart (tests/test_photometry.py checks both give the same bits).
 _REASSOC = {"reassoc"}
 
 #: Half-width (ranks) of the sorted window kept around the median; clipping
