@@ -196,6 +196,12 @@ def record_intake(db_url: str, plan: Any, camera_night_id: str | None = None, ru
     night = plan.night
     cn_id = camera_night_id or cat.register_camera_night(night.site, night.camera, night.night, night.path)
     cat.record_intake(cn_id, run_id, **plan.intake_summary())
+    present = plan.raw_filenames()
+    if present is not None:  # files recorded by an earlier reduction that have left raw/ since
+        gone = cat.mark_gone_frames(cn_id, present)
+        if gone:
+            log.warning("%s: %d recorded file(s) no longer in raw/ (now 'gone' in the catalog), e.g. %s",
+                        night.path, len(gone), ", ".join(gone[:3]))
     cat.record_frames(cn_id, [(r.lstseq, r.filename, r.size, "rejected", r.reason) for r in plan.rejected])
     return cn_id
 

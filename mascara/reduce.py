@@ -158,6 +158,18 @@ class CameraNightPlan:
             "empty_reason": self.empty_reason(),
         }
 
+    def raw_filenames(self) -> set[str] | None:
+        """Names of every file the planning saw in ``raw/`` (frames, refused ones, calibration, others).
+
+        None for a live night, whose plan holds only the batches ready so far (and for the
+        plans restricted to some batches, which are all live).
+        """
+        if self.live:
+            return None
+        names = {f.path.name for f in self.frames} | {r.filename for r in self.rejected} | set(self.other)
+        names |= {p.name for p in self.calib} | {p.name for ps in self.calib_files.values() for p in ps}
+        return names
+
     def empty_reason(self) -> str | None:
         """Why the night has nothing to reduce (no file named like a frame), or None."""
         if self.frames:
@@ -1069,7 +1081,9 @@ def reduce_camera_night(
 
 
 def _restricted(plan: CameraNightPlan, batches: Iterable[int]) -> CameraNightPlan:
-    """The plan with only ``batches`` (and their frames)."""
+    """The plan with only ``batches`` (and their frames). Only live plans are restricted (see :meth:`raw_filenames`)."""
+    if not plan.live:
+        raise ValueError("only the plan of a live night is restricted to some batches")
     keep = {b: plan.batches[b] for b in sorted(batches)}
     frames = [f for fr in keep.values() for f in fr]
     return dataclasses.replace(plan, batches=keep, frames=frames)

@@ -786,6 +786,28 @@ class Catalog:
 
         return self._tx(fn)
 
+    def mark_gone_frames(self, camera_night_id: str, present: Iterable[str]) -> list[str]:
+        """Frames of the camera-night whose file is not among ``present`` (the names now in ``raw/``) become ``gone``.
+
+        Their rows stay, with the earlier status and reason kept in the new
+        reason; a file that comes back is recorded again by the reduction
+        that reads it. Returns the names marked.
+        """
+        keep = set(present)
+        when = _now().strftime("%Y-%m-%d %H:%M UTC")
+
+        def fn(s: Session) -> list[str]:
+            rows = s.execute(select(Frame.id, Frame.filename, Frame.status, Frame.reason).where(
+                Frame.camera_night_id == camera_night_id, Frame.status != "gone")).all()
+            gone = [(fid, name, status, reason) for fid, name, status, reason in rows if name not in keep]
+            for fid, _name, status, reason in gone:
+                was = status + (f": {reason}" if reason else "")
+                s.execute(update(Frame).where(Frame.id == fid).values(
+                    status="gone", reason=f"not in raw/ at the intake of {when} (was {was})"))
+            return sorted(name for _fid, name, _status, _reason in gone)
+
+        return self._tx(fn)
+
     def record_intake(self, camera_night_id: str, run_id: str | None, frames_present: int,
                       slots_expected: int, frames_missing: int, missing_ranges: Sequence[Sequence[int]] = (),
                       lstseq_first: int | None = None, lstseq_last: int | None = None,

@@ -21,7 +21,7 @@ from sqlmodel import Field, SQLModel
 #: Status of runs and batches.
 STATUSES: tuple[str, ...] = ("pending", "running", "succeeded", "failed", "skipped")
 #: Status of raw frames.
-FRAME_STATUSES: tuple[str, ...] = ("ok", "rejected")
+FRAME_STATUSES: tuple[str, ...] = ("ok", "rejected", "gone")
 #: Kinds of products.
 PRODUCT_KINDS: tuple[str, ...] = ("fLC", "sLC", "binned", "diagnostics", "solution")
 #: What happened to an old output directory.

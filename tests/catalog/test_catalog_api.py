@@ -274,3 +274,30 @@ def test_running_runs_of_a_process(catalog):
     assert catalog.running_runs_of("laptop", 4711) == []
     catalog.finish_run(ra, "failed", error="interrupted (SIGTERM)")
     assert catalog.running_runs_of("station", 4711) == [rb]
+
+
+def test_frames_that_left_raw_are_marked_gone_and_no_longer_counted(catalog):
+    """A file replaced by its .fits.gz (or archived) stops counting as an accepted frame; its row stays."""
+    cn = catalog.register_camera_night("LP", "E", "20260301", "/data/20260301LPE")
+    catalog.record_intake(cn, None, frames_present=3, slots_expected=3, frames_missing=0)
+    catalog.record_frames(cn, [(100, "00000100LPE.fits", 10, "ok", None),
+                               (101, "00000101LPE.fits", 10, "ok", None),
+                               (102, "00000102LPE.fits", 10, "rejected", "truncated file"),
+                               (None, "darks_0001.fits", 10, "ok", None)])
+    ns = next(r for r in catalog.night_status("20260301") if r["camera_night_id"] == cn)
+    assert (ns["frames_ok"], ns["frames_rejected"]) == (2, 1)
+    present = {"00000100LPE.fits", "00000101LPE.fits.gz", "darks_0001.fits"}
+    assert catalog.mark_gone_frames(cn, present) == ["00000101LPE.fits", "00000102LPE.fits"]
+    catalog.record_frames(cn, [(101, "00000101LPE.fits.gz", 9, "ok", None)])
+    ns = next(r for r in catalog.night_status("20260301") if r["camera_night_id"] == cn)
+    assert (ns["frames_ok"], ns["frames_rejected"]) == (2, 0)
+    with Session(catalog.engine) as s:
+        rows = {f.filename: (f.status, f.reason) for f in s.execute(select(Frame)).scalars()}
+    assert rows["00000101LPE.fits"][0] == "gone" and rows["00000101LPE.fits"][1].endswith("(was ok)")
+    assert rows["00000102LPE.fits"][0] == "gone" and "(was rejected: truncated file)" in rows["00000102LPE.fits"][1]
+    assert rows["00000100LPE.fits"] == ("ok", None) and rows["darks_0001.fits"] == ("ok", None)
+    assert catalog.mark_gone_frames(cn, present) == []  # marked once
+    # a file that comes back is recorded again by the reduction that reads it
+    catalog.record_frames(cn, [(102, "00000102LPE.fits", 10, "ok", None)])
+    ns = next(r for r in catalog.night_status("20260301") if r["camera_night_id"] == cn)
+    assert ns["frames_ok"] == 3

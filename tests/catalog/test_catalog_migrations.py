@@ -100,3 +100,35 @@ def test_upgrade_from_0002_carries_a_catalog_over(db_url):
             assert cat.night_status()[0]["state"] == "succeeded"
     finally:
         engine.dispose()
+
+
+def test_0007_keeps_frames_and_views_and_goes_back(db_url):
+    """The frame status ``gone`` (0007): rows and views survive the table copy, and a downgrade restores statuses."""
+    from sqlalchemy import text
+
+    engine = _engine.make_engine(db_url)
+    try:
+        _engine.upgrade(engine, "0006")
+        with engine.begin() as c:
+            c.execute(text("INSERT INTO site (code) VALUES ('LP')"))
+            c.execute(text("INSERT INTO camera (id, site, letter) VALUES ('LPE', 'LP', 'E')"))
+            c.execute(text("INSERT INTO camera_night (id, camera_id, night, night_dir, datadir, registered_at) "
+                           "VALUES ('cn', 'LPE', '20260301', '/data/20260301LPE', '/data', CURRENT_TIMESTAMP)"))
+            for i, status in enumerate(("ok", "ok", "rejected")):
+                c.execute(text("INSERT INTO frame (id, camera_night_id, lstseq, filename, status) "
+                               f"VALUES ('f{i}', 'cn', {i}, '{i}LPE.fits', '{status}')"))
+        _engine.upgrade(engine)
+        assert _diffs(engine) == [] and _objects(engine)[1] == VIEWS
+        with connect(db_url) as cat:
+            assert cat.mark_gone_frames("cn", {"0LPE.fits"}) == ["1LPE.fits", "2LPE.fits"]
+            assert cat.night_status()[0]["frames_ok"] == 1 and cat.night_status()[0]["frames_rejected"] == 0
+        _engine.downgrade(engine, "0006")
+        with engine.connect() as c:
+            rows = dict(c.execute(text("SELECT filename, status FROM frame")).all())
+            assert rows == {"0LPE.fits": "ok", "1LPE.fits": "ok", "2LPE.fits": "rejected"}
+            assert c.execute(text("SELECT frames_ok, frames_rejected FROM night_status")).one() == (2, 1)
+        assert _objects(engine)[1] == VIEWS
+        _engine.upgrade(engine)
+        assert _diffs(engine) == []
+    finally:
+        engine.dispose()

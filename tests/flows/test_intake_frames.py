@@ -16,3 +16,38 @@ from intakekit import check, run_case
 def test_bad_frame_is_refused_and_the_night_reduces(case, pristine_night, tmp_path, capsys):
     datadir, expect, code, err = run_case(case, pristine_night, tmp_path, capsys)
     check(datadir, expect, code, err)
+
+
+def test_a_frame_replaced_by_its_gz_counts_once(pristine_night, tmp_path, caplog):
+    """An operator compresses a frame after a reduction; the re-run counts the night's frames once.
+
+    The row of the vanished ``.fits`` used to stay ``ok`` beside the ``.gz``'s
+    (status showed one frame more than the night has); it is now ``gone``.
+    """
+    import gzip
+
+    from corpus import linked_copy
+    from flowkit import NIGHT, NIGHT_ID
+    from intakekit import frame_rows, status_row
+
+    from mascara.cli import mascprocess_main
+
+    datadir = linked_copy(pristine_night, tmp_path / "data")
+    raw = datadir / NIGHT_ID / "raw"
+    args = [str(datadir), "--night", NIGHT, "--camera", "E", "--site", "LP", "--no-prefect", "-q"]
+    assert mascprocess_main(args) == 0
+    nframes = len([p for p in raw.iterdir() if p.name.endswith(f"{NIGHT_ID[-3:]}.fits")])
+    assert status_row(datadir)["frames_ok"] == nframes
+    frame = sorted(p for p in raw.iterdir() if p.name.endswith(f"{NIGHT_ID[-3:]}.fits"))[60]
+    data = frame.read_bytes()
+    frame.unlink()  # a hard link of the pristine night: unlinking leaves the original alone
+    with gzip.open(raw / (frame.name + ".gz"), "wb") as f:
+        f.write(data)
+    caplog.clear()
+    assert mascprocess_main(args) == 0
+    assert any("no longer in raw/" in r.getMessage() and frame.name in r.getMessage() for r in caplog.records)
+    row = status_row(datadir)
+    assert (row["frames_ok"], row["frames_rejected"]) == (nframes, 0)
+    rows = frame_rows(datadir)
+    assert rows[frame.name][1] == "gone" and rows[frame.name][2].startswith("not in raw/ at the intake of")
+    assert rows[frame.name + ".gz"][1] == "ok"
