@@ -52,3 +52,23 @@ def test_quick_bench_reports_every_stage(tmp_path):
     assert pu["pipeline_rel_max"] < 1e-3
     night = res["results"]["night"]
     assert night["combine"]["nstars_fast"] > 0 and night["read"]["n"] > 0
+
+
+@pytest.mark.slow
+def test_kernel_bench_runs_on_the_quick_night_and_compares_tables(tmp_path):
+    """``bench/kernels.py`` on a small night: both figures, and a table compared with itself is equal."""
+    from mascara.simulate import SimConfig, simulate_night
+
+    res = simulate_night(tmp_path / "data", "20260301", SimConfig(size="small", nframes=60, seed=2))
+    saved = tmp_path / "tables.npy"
+    out = []
+    for extra in (["--save", str(saved)], ["--compare", str(saved), "--no-batch"]):
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py"), "--night-dir", res["night_dir"],
+                               "--frames", "3", "--repeat", "1", *extra],
+                              capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out.append(json.loads(proc.stdout))
+    stages = out[0]["reduce_batch_ms_per_frame"]
+    assert stages["total"][0] > 0 and {"read", "photometry", "binning"} <= set(stages)
+    assert out[1]["measure_apertures_ms_per_frame"][0] > 0 and out[1]["stars_per_frame"] > 10
+    assert out[1]["compared"]["rows"] > 30 and out[1]["compared"]["fields_differing"] == {}
