@@ -196,8 +196,10 @@ def record_intake(db_url: str, plan: Any, camera_night_id: str | None = None, ru
     night = plan.night
     cn_id = camera_night_id or cat.register_camera_night(night.site, night.camera, night.night, night.path)
     cat.record_intake(cn_id, run_id, **plan.intake_summary())
-    present = plan.raw_filenames()
-    if present is not None:  # files recorded by an earlier reduction that have left raw/ since
+    # files recorded by an earlier reduction that have left raw/ since; only when a reduction starts, which
+    # records the files it reads (a night whose frames were all archived keeps its last reduction's record)
+    present = plan.raw_filenames() if run_id is not None else None
+    if present is not None:
         gone = cat.mark_gone_frames(cn_id, present)
         if gone:
             log.warning("%s: %d recorded file(s) no longer in raw/ (now 'gone' in the catalog), e.g. %s",

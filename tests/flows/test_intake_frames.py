@@ -51,3 +51,26 @@ def test_a_frame_replaced_by_its_gz_counts_once(pristine_night, tmp_path, caplog
     rows = frame_rows(datadir)
     assert rows[frame.name][1] == "gone" and rows[frame.name][2].startswith("not in raw/ at the intake of")
     assert rows[frame.name + ".gz"][1] == "ok"
+
+
+def test_archiving_every_frame_keeps_the_last_reduction_s_record(pristine_night, tmp_path):
+    """A night whose frames were all moved to an archive is not reduced again, and its record stays as it was."""
+    from corpus import linked_copy
+    from flowkit import NIGHT, NIGHT_ID
+    from intakekit import frame_rows, status_row
+
+    from mascara.cli import mascprocess_main
+
+    datadir = linked_copy(pristine_night, tmp_path / "data")
+    raw = datadir / NIGHT_ID / "raw"
+    args = [str(datadir), "--night", NIGHT, "--camera", "E", "--site", "LP", "--no-prefect", "-q"]
+    assert mascprocess_main(args) == 0
+    before = status_row(datadir)["frames_ok"]
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for p in raw.iterdir():
+        if p.name.endswith(f"{NIGHT_ID[-3:]}.fits"):
+            p.rename(archive / p.name)
+    mascprocess_main(args)  # nothing to reduce
+    assert status_row(datadir)["frames_ok"] == before > 0
+    assert not [f for f, (_seq, st, _r) in frame_rows(datadir).items() if st == "gone"]
