@@ -80,8 +80,20 @@ _transient_task = dict(retries=RETRIES, retry_delay_seconds=exponential_backoff(
                        retry_jitter_factor=0.2, retry_condition_fn=retry_on_transient)
 
 
-@lru_cache(maxsize=32)
 def _plan(night_path: str, settings_json: str) -> Any:
+    """The night's plan, made once per flow run: its tasks share one view of ``raw/``.
+
+    Keyed by the flow run, so that a process that outlives a run (a Dask
+    worker, a served flow, a test) plans the night again for the next run
+    instead of reusing an old inventory of ``raw/``.
+    """
+    from prefect.runtime import flow_run
+
+    return _plan_of_run(night_path, settings_json, str(flow_run.id))
+
+
+@lru_cache(maxsize=32)
+def _plan_of_run(night_path: str, settings_json: str, flow_run_id: str) -> Any:
     from mascara.reduce import plan_camera_night
     from mascara.settings import Settings
 

@@ -843,7 +843,8 @@ def _image(image: np.ndarray, name: str, rows_only: bool = False) -> np.ndarray:
         raise TypeError(f"{name} must be numeric, got {image.dtype}")
     if image.dtype.kind == "f" and image.dtype.itemsize < 4:
         image = image.astype(np.float32)
-    if rows_only and image.strides[1] == image.itemsize and image.strides[0] >= image.shape[1] * image.itemsize:
+    if (rows_only and image.dtype.isnative and image.flags.aligned and image.strides[1] == image.itemsize
+            and image.strides[0] >= image.shape[1] * image.itemsize):
         return image
     return np.ascontiguousarray(image)
 

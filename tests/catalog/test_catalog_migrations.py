@@ -117,15 +117,18 @@ def test_0007_keeps_frames_and_views_and_goes_back(db_url):
             for i, status in enumerate(("ok", "ok", "rejected")):
                 c.execute(text("INSERT INTO frame (id, camera_night_id, lstseq, filename, status) "
                                f"VALUES ('f{i}', 'cn', {i}, '{i}LPE.fits', '{status}')"))
+            # a calibration file is ok with a reason
+            c.execute(text("INSERT INTO frame (id, camera_night_id, filename, status, reason) "
+                           "VALUES ('d0', 'cn', 'darks_0001.fits', 'ok', 'combined into the master dark')"))
         _engine.upgrade(engine)
         assert _diffs(engine) == [] and _objects(engine)[1] == VIEWS
         with connect(db_url) as cat:
-            assert cat.mark_gone_frames("cn", {"0LPE.fits"}) == ["1LPE.fits", "2LPE.fits"]
+            assert cat.mark_gone_frames("cn", {"0LPE.fits"}) == ["1LPE.fits", "2LPE.fits", "darks_0001.fits"]
             assert cat.night_status()[0]["frames_ok"] == 1 and cat.night_status()[0]["frames_rejected"] == 0
         _engine.downgrade(engine, "0006")
         with engine.connect() as c:
             rows = dict(c.execute(text("SELECT filename, status FROM frame")).all())
-            assert rows == {"0LPE.fits": "ok", "1LPE.fits": "ok", "2LPE.fits": "rejected"}
+            assert rows == {"0LPE.fits": "ok", "1LPE.fits": "ok", "2LPE.fits": "rejected", "darks_0001.fits": "ok"}
             assert c.execute(text("SELECT frames_ok, frames_rejected FROM night_status")).one() == (2, 1)
         assert _objects(engine)[1] == VIEWS
         _engine.upgrade(engine)

@@ -50,6 +50,25 @@ def test_retry_only_on_transient_errors(exc, retry):
     assert retry_on_transient(None, None, Failed(data=exc)) is retry
 
 
+def test_a_process_that_outlives_a_flow_run_plans_the_night_again_for_the_next(pristine_night, tmp_path, monkeypatch):
+    """The plan is shared by one flow run's tasks, not by every run of a long-lived process (a Dask worker)."""
+    from corpus import linked_copy
+    from flowkit import NIGHT_ID
+
+    from flows.reduce_night import _plan, _settings_json
+
+    night = linked_copy(pristine_night, tmp_path / "data") / NIGHT_ID
+    sjson = _settings_json(None)
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "run-1")
+    first = _plan(str(night), sjson)
+    assert _plan(str(night), sjson) is first  # the run's tasks share it
+    last = sorted(p for p in (night / "raw").iterdir() if p.name.endswith(f"{NIGHT_ID[-3:]}.fits"))[-1]
+    last.rename(last.with_name(last.name + ".archived"))  # the inventory changes between two runs
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "run-2")
+    second = _plan(str(night), sjson)
+    assert len(second.frames) == len(first.frames) - 1
+
+
 def test_completed_states_are_not_retried():
     assert retry_on_transient(None, None, Completed(data=1)) is False
 
