@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from mascara.lcformat import ASCC_DTYPE
+from mascara.stars import find_ids
 
 #: V of a star giving 1 ADU per exposure above the atmosphere (simulated cameras).
 ZEROPOINT = 18.0
@@ -252,16 +253,9 @@ def pointing_drift(night_model: Any, batch_model: Any) -> tuple[float, float]:
 
 def _vmag_of(stars: np.ndarray, ascc: np.ndarray) -> np.ndarray:
     """V of each id in ``ascc`` from the batch file's star table; NaN for an id it lacks."""
+    at = find_ids(np.asarray(stars["ascc"]).astype(ASCC_DTYPE), np.asarray(ascc).astype(ASCC_DTYPE))
     out = np.full(len(ascc), np.nan)
-    if not len(ascc) or not len(stars):
-        return out
-    ids = np.asarray(stars["ascc"]).astype(ASCC_DTYPE)
-    order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order]
-    want = np.asarray(ascc).astype(ASCC_DTYPE)
-    at = np.minimum(np.searchsorted(sorted_ids, want), ids.size - 1)
-    found = sorted_ids[at] == want
-    out[found] = np.asarray(stars["vmag"], float)[order[at[found]]]
+    out[at >= 0] = np.asarray(stars["vmag"], float)[at[at >= 0]]
     return out
 
 

@@ -89,6 +89,22 @@ def v_from_hp(hp: npt.ArrayLike, b_v: npt.ArrayLike) -> np.ndarray:
     return np.asarray(hp, float) + np.interp(np.asarray(b_v, float), bv_table, _BESSELL_VHP)
 
 
+
+def find_ids(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Position in ``table`` of each of ``ids`` (ids of one kind: both str or both bytes); -1 where absent.
+
+    One sort of the table and a binary search per id; with repeated ids in
+    the table, the first one's position.
+    """
+    table = np.asarray(table)
+    ids = np.asarray(ids)
+    if not table.size:
+        return np.full(ids.shape, -1, dtype=np.intp)
+    order = np.argsort(table, kind="stable")
+    pos = np.minimum(np.searchsorted(table, ids, sorter=order), table.size - 1)
+    at = order[pos]
+    return np.where(table[at] == ids, at, -1)
+
 @dataclass
 class StarCatalogue:
     """A star catalogue: one entry per star, all arrays of equal length.
@@ -145,13 +161,7 @@ class StarCatalogue:
 
     def index_of(self, ids: npt.ArrayLike) -> np.ndarray:
         """Positions of the given ids in this catalogue; -1 for ids not present."""
-        ids = np.asarray(ids).astype(str)
-        order = np.argsort(self.ascc)
-        pos = np.searchsorted(self.ascc, ids, sorter=order)
-        pos = np.clip(pos, 0, max(len(self) - 1, 0))
-        out = order[pos] if len(self) else np.zeros(len(ids), dtype=np.intp)
-        found = len(self) > 0 and self.ascc[out] == ids
-        return np.where(found, out, -1)
+        return find_ids(self.ascc, np.asarray(ids).astype(str))
 
     def fingerprint(self) -> str:
         """sha256 over ids, values and dtypes: equal content, equal fingerprint."""

@@ -229,3 +229,12 @@ def test_a_damaged_catalogue_file_is_named_in_a_value_error(tmp_path):
 def test_build_reproduces_shipped_file(tmp_path, cat):
     built = stars.build_default_catalogue(tmp_path / "x.npz")
     assert built.fingerprint() == cat.fingerprint()
+
+
+def test_find_ids_gives_positions_or_minus_one_for_str_and_bytes():
+    from mascara.stars import find_ids
+
+    table = np.array(["HIP 3", "HIP 1", "HIP 2"])
+    np.testing.assert_array_equal(find_ids(table, np.array(["HIP 2", "HIP 9", "HIP 3"])), [2, -1, 0])
+    np.testing.assert_array_equal(find_ids(table.astype("S12"), np.array([b"HIP 1", b"HIP 0"])), [1, -1])
+    np.testing.assert_array_equal(find_ids(np.array([], dtype="S12"), np.array([b"HIP 1"])), [-1])
