@@ -332,12 +332,14 @@ def _bucket_codes(a, n, left, inv, nb, code):
 
     ``floor`` clamped to ``[-1, nb]`` gives bucket 0 below the range and
     ``nb + 1`` at or above it, as :func:`_bucket_of` (about 1 us less per
-    annulus of 1,270 pixels than the branching loop; same buckets).
+    annulus of 1,270 pixels than the branching loop; same buckets). ``code``
+    is unsigned: numba tests a signed index for wrap-around at every use,
+    and the codes index the bucket counts in the loops that follow.
     """
     top = float(nb)
     for t in range(n):
         u = math.floor((a[t] - left) * inv)
-        code[t] = np.int32(min(max(u, -1.0), top)) + 1
+        code[t] = np.uint32(min(max(u, -1.0), top) + 1.0)
 
 
 @njit(cache=True, nogil=True)
@@ -415,10 +417,13 @@ def _split_at(sbuf, start, done, b, bound, upper, ilo, ihi):
 
 @njit(cache=True, nogil=True, fastmath=_REASSOC)
 def _window_sums(sbuf, s, e, ref):
+    # over a slice from 0: with ``range(s, e)`` numba cannot prove the index >= 0, tests it for
+    # wrap-around, and the loop did not vectorise (measure_apertures 79.5 -> 72 ms per full frame)
     s1 = 0.0
     s2 = 0.0
-    for t in range(s, e):
-        d = sbuf[t] - ref
+    seg = sbuf[s:e]
+    for t in range(e - s):
+        d = seg[t] - ref
         s1 += d
         s2 += d * d
     return s1, s2
@@ -475,7 +480,7 @@ def _bucket_clipped_median(a, n, nsigma, maxiters, sample, code, sbuf, start, fi
     start[nb + 2] = acc
     for t in range(n):
         b = code[t]
-        sbuf[fill[b]] = a[t]
+        sbuf[np.uint64(fill[b])] = a[t]
         fill[b] += 1
 
     ref = _value_of_rank(sbuf, start, done, nb, (n - 1) // 2)
@@ -664,7 +669,7 @@ def _measure_kernel(
     counts = np.empty(NBINS + 1, dtype=np.int64)
     work = np.empty(WINDOW_CAP, dtype=np.float64)
     sample = np.empty(2 * NSAMPLE, dtype=np.float64)
-    code = np.empty(nb * nb, dtype=np.int32)
+    code = np.empty(nb * nb, dtype=np.uint32)
     sbuf = np.empty(nb * nb, dtype=np.float64)
     start = np.empty(NBUCKETS + 3, dtype=np.int64)
     fill = np.empty(NBUCKETS + 2, dtype=np.int64)

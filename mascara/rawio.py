@@ -762,6 +762,7 @@ def _decode_calibrate(src, master, use_master, y0, y1, x0, x1, saturation, raw_o
     lo = np.uint16(65535)
     hi = np.uint16(0)
     nsat = 0
+    width = x1 - x0
     for j in range(ny):
         s = src[j]
         r = raw_out[j]
@@ -777,17 +778,23 @@ def _decode_calibrate(src, master, use_master, y0, y1, x0, x1, saturation, raw_o
         lo = min(lo, rlo)
         hi = max(hi, rhi)
         if y0 <= j < y1:
+            # Loops over slices from 0: an index such as ``i - x0`` that numba cannot prove
+            # non-negative gets a wrap-around test, and the loop then does not vectorise (this
+            # kernel took 2.6 times as long, 17.7 against 6.9 ms per full frame).
             im = image_out[j - y0]
+            rs = r[x0:x1]
             if use_master:
-                m = master[j]
-                for i in range(x0, x1):
-                    im[i - x0] = np.float32(r[i]) - m[i]
+                m = master[j, x0:x1]
+                for i in range(width):
+                    im[i] = np.float32(rs[i]) - m[i]
             else:
-                for i in range(x0, x1):
-                    im[i - x0] = np.float32(r[i])
+                for i in range(width):
+                    im[i] = np.float32(rs[i])
             if (j - y0) % 2 == 0:
-                for i in range(x0, x1, 2):
-                    nsat += r[i] >= saturation
+                c = 0
+                for i in range(0, width, 2):
+                    c += rs[i] >= saturation
+                nsat += c
     return lo, hi, nsat
 
 
