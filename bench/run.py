@@ -149,6 +149,8 @@ def _warm_jit() -> None:
         st = Stacker(img.shape, tile=32, order=order)
         st.add(img, np.zeros(st.tiles), np.zeros(st.tiles))
         st.finish(min_count=1)  # the binned mean in place (_mean_in_place)
+        if hasattr(st, "filled"):  # (absent from checkouts before it, compared with PYTHONPATH)
+            st.filled()  # its NaN-free copy for the binned astrometry (_finite_or_zero)
     src = np.zeros((8, 8), np.uint16)
     _decode_calibrate(src, np.zeros((8, 8), np.float32), True, 1, 7, 1, 7, 63000, np.empty((8, 8), np.uint16),
                       np.empty((6, 6), np.float32))

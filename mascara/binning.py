@@ -366,6 +366,19 @@ def _mean_in_place(acc, full, partial, tile, min_count):
             a[x] = a[x] / np.float32(c) if c >= min_count else nan
 
 
+@njit(cache=True, nogil=True)
+def _finite_or_zero(src, out):
+    """``out = src`` where finite, else 0 (same shape, float32)."""
+    ny, nx = src.shape
+    zero = np.float32(0.0)
+    for y in range(ny):
+        a = src[y]
+        b = out[y]
+        for x in range(nx):
+            v = a[x]
+            b[x] = v if math.isfinite(v) else zero
+
+
 #: Resampling orders of the stacker: 0 nearest pixel, 1 bilinear, 3 Keys cubic.
 ORDERS = (0, 1, 3)
 
@@ -415,6 +428,7 @@ class Stacker:
             self._wcol = np.empty((8, self.shape[1]), dtype=np.float32)
         self.nframes = 0
         self._finished = False
+        self._filled: np.ndarray | None = None
 
     def reset(self) -> None:
         """Start a new stack in the same buffers (no new memory: a reused stacker costs no page faults)."""
@@ -496,6 +510,20 @@ class Stacker:
         elif min_count > 1:
             self.sum[self._partial < min_count] = np.nan
         return self.sum, self._partial
+
+    def filled(self) -> np.ndarray:
+        """The binned image of :meth:`finish` with 0 for NaN, float32, in a buffer of the stacker's.
+
+        For code that cannot take NaN pixels (the astrometry's centroids).
+        The buffer is allocated once and overwritten by the next call: it
+        costs no new memory per batch (no page faults).
+        """
+        if not self._finished:
+            raise RuntimeError("filled() needs the finished stack: call finish() first")
+        if self._filled is None:
+            self._filled = np.empty(self.shape, dtype=np.float32)
+        _finite_or_zero(self.sum, self._filled)
+        return self._filled
 
 
 _PER_THREAD = threading.local()

@@ -68,6 +68,23 @@ NFIELD = 6
 FIELD_TERMS = ((60_000, 6), (20_000, 3), (0, 1))
 
 
+def _number(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(ids, return_inverse=True, return_counts=True)[1:]``: each id's rank among the distinct ids, and their counts.
+
+    Small non-negative integers (catalogue indices, as the reduction passes)
+    are counted with ``bincount`` instead of sorted: the same numbers, without
+    the sort of some 300,000 ids per batch.
+    """
+    ids = np.asarray(ids).ravel()
+    if ids.dtype.kind in "iu" and ids.size and 0 <= ids.min() and ids.max() <= 4 * ids.size + 1024:
+        counts = np.bincount(ids)
+        present = counts > 0
+        rank = np.cumsum(present) - 1
+        return rank[ids], counts[present]
+    _, inv, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    return inv.ravel(), counts
+
+
 @dataclasses.dataclass(frozen=True)
 class PixelPhaseModel:
     """Phase response of one aperture over a ``(ny, nx)`` CCD.
@@ -144,13 +161,13 @@ class PixelPhaseModel:
         star, x, y, ratio, eratio = star[ok], x[ok], y[ok], ratio[ok], eratio[ok]
         if len(ratio) < min_points:
             return cls(shape, coef, error, 0)
-        _, inv, counts = np.unique(star, return_inverse=True, return_counts=True)
+        inv, counts = _number(star)
         keep = counts[inv] >= min_frames
         inv, x, y, ratio, eratio = inv[keep], x[keep], y[keep], ratio[keep], eratio[keep]
         n = len(ratio)
         if n < min_points:
             return cls(shape, coef, error, 0)
-        _, inv = np.unique(inv, return_inverse=True)  # number the stars kept 0..m-1
+        inv, _ = _number(inv)  # number the stars kept 0..m-1
         nfield = next(k for least, k in FIELD_TERMS if n >= least)
         nstar = int(inv.max()) + 1
         w = 1.0 / ((eratio / ratio) ** 2 + floor**2)

@@ -619,6 +619,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
         phase_n = np.zeros(len(slow_sel))
 
     pieces = []
+    piece_stars = []  # catalogue index of each fast row, piece by piece
     ccdtemps = []
     jds: list[float] = []
     lsts: list[float] = []
@@ -658,6 +659,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
             rows["jdmid"], rows["lst"] = jd, float(h["LST"])
             rows["lstidx"], rows["lstseq"] = int(h["LSTIDX"]), int(h["LSTSEQ"])
             pieces.append(rows)
+            piece_stars.append(near[fast_sel[on]])
         with sw("binning"):  # only frames that passed the intake reach the stacker
             ta, tz = tile_places.altaz(jd)
             px, py = model.to_pixels(ta, tz)
@@ -668,6 +670,8 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
                 phase_sum[seen] += t[seen]
                 phase_n += seen
     fast = np.concatenate(pieces) if pieces else lcf.fast_table(0)
+    fast_star = np.concatenate(piece_stars) if piece_stars else np.zeros(0, np.intp)
+    slow_star = np.zeros(0, np.intp)
 
     # -- the binned image: astrometry again, then the slow photometry --------------------
     slow = np.zeros(0, dtype=lcf.with_ascc(lcf.SLOW_DTYPE))
@@ -682,7 +686,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
             binned, count = stacker.finish(min_count=max(1, int(0.8 * nf)))
             keep_binned_preview(plan, batch, binned)  # the quick-look thumbnail (mascara.diagnostics)
         with sw("binned_astrometry"):
-            binned_fill = np.where(np.isfinite(binned), binned, 0.0).astype(np.float32)
+            binned_fill = stacker.filled()  # 0 where NaN, in a buffer of the stacker's
             binned_astro = correct_batch(model, binned_fill, alt[astro_idx], az[astro_idx], vmag[astro_idx],
                                          np.ones(len(astro_idx), bool), min_stars=s.astro_min_stars,
                                          max_rms=s.astro_max_rms)
@@ -704,9 +708,11 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
             if s.bin_phase_correction and len(fast):
                 with np.errstate(invalid="ignore", divide="ignore"):
                     mean_terms = phase_sum[on] / phase_n[on, None]
-                phase_models = correct_pixel_phase(ph, fast, sx[on], sy[on], mean_terms, s, (ny, nx))
+                phase_models = correct_pixel_phase(ph, fast, sx[on], sy[on], mean_terms, s, (ny, nx),
+                                                   star=fast_star)
+            slow_star = near[slow_sel[on]]
             slow = np.zeros(len(on), dtype=lcf.with_ascc(lcf.SLOW_DTYPE))
-            slow["ascc"] = stars.ascc[near[slow_sel[on]]].astype(lcf.ASCC_DTYPE)
+            slow["ascc"] = stars.ascc[slow_star].astype(lcf.ASCC_DTYPE)
             for k in ph.dtype.names:
                 if k in slow.dtype.names:
                     slow[k] = ph[k]
@@ -721,15 +727,18 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
             slow["lst"] = mean_lst(np.asarray(lsts))
             slow["lstidx"], slow["lstseq"] = int(ref.header["LSTIDX"]), ref.lstseq
 
-    used = np.unique(np.concatenate([fast["ascc"], slow["ascc"]]))
-    index = {a: i for i, a in enumerate(stars.ascc.astype(lcf.ASCC_DTYPE))}
-    star_rows = _star_table(stars, np.array([index[a] for a in used], dtype=np.int64))
+    # the stars measured, in the order of their ids (from catalogue indices: no pass over the
+    # catalogue's or the rows' id strings)
+    used = np.unique(np.concatenate([fast_star, slow_star]))
+    _, first = np.unique(stars.ascc[used].astype(lcf.ASCC_DTYPE), return_index=True)
+    star_rows = _star_table(stars, used[first])
     return _finish(plan, batch, frames, rejected, accepted, fast, slow, star_rows, model, sw,
                    astro.message, astro=astro, binned_astro=binned_astro, phase_models=phase_models)
 
 
 def correct_pixel_phase(ph: np.ndarray, fast: np.ndarray, x_ref: np.ndarray, y_ref: np.ndarray,
-                        mean_terms: np.ndarray, s: Settings, shape: tuple[int, int]) -> dict[str, dict]:
+                        mean_terms: np.ndarray, s: Settings, shape: tuple[int, int],
+                        star: np.ndarray | None = None) -> dict[str, dict]:
     """Undo the pixel phase of the binned image in the binned fluxes, in place (docs/binning.md).
 
     Every per-frame aperture smaller than the largest one is fitted
@@ -738,10 +747,13 @@ def correct_pixel_phase(ph: np.ndarray, fast: np.ndarray, x_ref: np.ndarray, y_r
     aperture of the same radius, if any, then has ``flux`` and ``eflux``
     multiplied by the star's correction. Binned apertures without a
     per-frame twin are left as measured. Returns the fitted models by binned
-    field name, for the batch record.
+    field name, for the batch record. ``star`` identifies the star of each
+    row of ``fast`` (default its ``ascc``; integers are numbered faster than
+    id strings).
     """
     ref = int(np.argmax(s.apertures))
     good = fast["flag"] == 0
+    star = (fast["ascc"] if star is None else np.asarray(star))[good]
     f_ref, e_ref = fast[f"flux{ref}"][good], fast[f"eflux{ref}"][good]
     models: dict[str, dict] = {}
     for k, radius in enumerate(s.apertures):
@@ -751,7 +763,7 @@ def correct_pixel_phase(ph: np.ndarray, fast: np.ndarray, x_ref: np.ndarray, y_r
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = f / f_ref
             eratio = ratio * np.sqrt((e / f) ** 2 + (e_ref / f_ref) ** 2)
-        model = PixelPhaseModel.fit(fast["ascc"][good], fast["x"][good], fast["y"][good], ratio, eratio, shape)
+        model = PixelPhaseModel.fit(star, fast["x"][good], fast["y"][good], ratio, eratio, shape)
         factor = model.correction(x_ref, y_ref, mean_terms)
         j = s.binned_apertures.index(radius)
         ph[f"flux{j}"] *= factor

@@ -199,6 +199,28 @@ def test_finish_in_place_equals_result(order):
     np.testing.assert_array_equal(b2, ref_binned)
 
 
+def test_filled_is_the_finished_stack_with_zero_for_nan_in_one_reused_buffer():
+    rng = np.random.default_rng(23)
+    shape, tile = (70, 90), 16
+    frames, dx, dy = _random_batch(rng, shape, tile, 5)
+    st = Stacker(shape, tile, 3)
+    for n in range(5):
+        st.add(frames[n], dx[n], dy[n])
+    with pytest.raises(RuntimeError):
+        st.filled()  # not before finish()
+    binned, _ = st.finish(min_count=4)
+    assert np.isnan(binned).any()
+    filled = st.filled()
+    assert filled.dtype == np.float32 and filled is not binned
+    np.testing.assert_array_equal(filled, np.where(np.isfinite(binned), binned, 0.0).astype(np.float32))
+    st.reset()
+    for n in range(2):
+        st.add(frames[n], dx[n], dy[n])
+    binned, _ = st.finish()
+    assert st.filled() is filled  # the same buffer, overwritten
+    np.testing.assert_array_equal(filled, np.where(np.isfinite(binned), binned, 0.0).astype(np.float32))
+
+
 def test_thread_stacker_reused_and_reset_per_thread():
     """A thread's second batch gets the same (emptied) buffers and the same result as a fresh stacker."""
     rng = np.random.default_rng(31)

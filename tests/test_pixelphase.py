@@ -126,3 +126,29 @@ def test_fit_from_per_star_sums_equals_the_design_matrix_fit():
         coef, err = _dense_fit(star, x, y, ratio, eratio, shape, nfield)
         np.testing.assert_allclose(model.coef, coef, rtol=0, atol=1e-12 * np.abs(coef).max())
         np.testing.assert_allclose(model.error, err, rtol=1e-10)
+
+
+def test_star_numbering_by_counting_equals_numpy_unique():
+    """Catalogue indices are numbered by counting (bincount), other ids by np.unique: the same
+    ranks and counts either way, and a fit on integer ids equals the fit on the same stars named
+    by id strings."""
+    from mascara.pixelphase import _number
+
+    rng = np.random.default_rng(5)
+    cases = [rng.integers(0, 50_000, 30_000), rng.integers(0, 10, 50).astype(np.uint32), np.array([7]),
+             rng.integers(-5, 5, 100), np.array([3, 10**12, 3]), np.array(["b", "a", "b"])]
+    for ids in cases:
+        inv, counts = _number(ids)
+        _, want_inv, want_counts = np.unique(ids, return_inverse=True, return_counts=True)
+        np.testing.assert_array_equal(inv, want_inv)
+        np.testing.assert_array_equal(counts, want_counts)
+
+    shape = (300, 400)
+    ids = np.repeat(rng.permutation(900)[:300] * 37, 20)  # 300 stars of 20 points, sparse indices
+    x, y = rng.uniform(10, 390, ids.size), rng.uniform(10, 290, ids.size)
+    ratio = 0.7 * (1 + phase_terms(x, y) @ np.array([0.004, 0.003, 0.001, 0.0, 0.0])) * (1 + rng.normal(0, 1e-3, ids.size))
+    by_int = PixelPhaseModel.fit(ids, x, y, ratio, 1e-3 * ratio, shape)
+    by_str = PixelPhaseModel.fit(np.char.zfill(ids.astype(str), 8).astype("S12"), x, y, ratio, 1e-3 * ratio, shape)
+    assert by_int.npoints == by_str.npoints == ids.size
+    np.testing.assert_allclose(by_int.coef, by_str.coef, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(by_int.error, by_str.error, rtol=1e-10)

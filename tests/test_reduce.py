@@ -58,6 +58,26 @@ def test_night_files_exist_and_raw_is_untouched(reduced):
     assert _raw_digest(reduced["night_dir"] / "raw") == reduced["raw_before"]
 
 
+def test_batch_star_tables_hold_each_measured_star_once_in_id_order(reduced):
+    """A batch file's star table: every star of its fast and slow rows, once, sorted by id, with the
+    catalogue's values (the reduction builds it from catalogue indices, not from the id strings)."""
+    from mascara.reduce import load_stars
+    from mascara.settings import Settings
+
+    stars = load_stars(Settings())
+    checked = 0
+    for b in reduced["result"].batches:
+        pieces = read_batch_file(b.path)
+        ids = pieces.stars["ascc"]
+        np.testing.assert_array_equal(ids, np.unique(np.concatenate([pieces.fast["ascc"], pieces.slow["ascc"]])))
+        at = stars.index_of(ids)
+        assert np.all(at >= 0)
+        np.testing.assert_array_equal(pieces.stars["ra"], stars.ra[at])
+        np.testing.assert_array_equal(pieces.stars["vmag"], stars.vmag[at])
+        checked += len(ids) > 0
+    assert checked >= 2
+
+
 def test_bad_frames_rejected_with_reasons(reduced):
     rejected = {seq: reason for seq, _, reason in reduced["result"].rejected}
     bad = reduced["truth"]["bad_frames"]
