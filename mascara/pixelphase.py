@@ -77,6 +77,7 @@ def _number(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     ids = np.asarray(ids).ravel()
     if ids.dtype.kind in "iu" and ids.size and 0 <= ids.min() and ids.max() <= 4 * ids.size + 1024:
+        ids = ids.astype(np.intp, copy=False)  # bounded above, so any integer type converts
         counts = np.bincount(ids)
         present = counts > 0
         rank = np.cumsum(present) - 1

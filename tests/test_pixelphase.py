@@ -136,6 +136,7 @@ def test_star_numbering_by_counting_equals_numpy_unique():
 
     rng = np.random.default_rng(5)
     cases = [rng.integers(0, 50_000, 30_000), rng.integers(0, 10, 50).astype(np.uint32), np.array([7]),
+             rng.integers(0, 300, 500).astype(np.uint64), rng.integers(0, 100, 200).astype(np.int16),
              rng.integers(-5, 5, 100), np.array([3, 10**12, 3]), np.array(["b", "a", "b"])]
     for ids in cases:
         inv, counts = _number(ids)
