@@ -263,7 +263,8 @@ def _add_cubic(frame, ix, iy, wx, wy, tile, acc, full, partial, hbuf, wcol):
     filtered along x into ``hbuf`` (its rows plus the 3 extra the y taps
     need), then along y into ``acc``: 8 multiply-adds per pixel in loops as
     long as the run, instead of 16 in loops one tile long (whose overhead
-    doubled the cost at 32 px tiles).
+    doubled the cost at 32 px tiles). The x pass does two rows at a time and
+    the y pass four, so each per-column weight is loaded once for them.
     """
     ny, nx = frame.shape
     nty, ntx = ix.shape
@@ -329,12 +330,61 @@ def _add_cubic(frame, ix, iy, wx, wy, tile, acc, full, partial, hbuf, wcol):
             b1 = wcol[5, xa:xb]
             b2 = wcol[6, xa:xb]
             b3 = wcol[7, xa:xb]
-            for j in range(yb - ya + 3):
+            # several rows per pass: each weight is loaded once for two rows along x and for four
+            # along y (which also shares the intermediate rows between them): 16.1-17.9 -> 12.4-13.1
+            # ms per full frame with a batch's shifts, against one row per pass
+            nh = yb - ya + 3
+            j = 0
+            while j + 1 < nh:
+                src = frame[ys + j, xs:xs + n + 3]
+                sr2 = frame[ys + j + 1, xs:xs + n + 3]
+                h = hbuf[j]
+                g = hbuf[j + 1]
+                for k in range(n):
+                    w0 = a0[k]
+                    w1 = a1[k]
+                    w2 = a2[k]
+                    w3 = a3[k]
+                    h[k] = w0 * src[k] + w1 * src[k + 1] + w2 * src[k + 2] + w3 * src[k + 3]
+                    g[k] = w0 * sr2[k] + w1 * sr2[k + 1] + w2 * sr2[k + 2] + w3 * sr2[k + 3]
+                j += 2
+            if j < nh:
                 src = frame[ys + j, xs:xs + n + 3]
                 h = hbuf[j]
                 for k in range(n):
                     h[k] = a0[k] * src[k] + a1[k] * src[k + 1] + a2[k] * src[k + 2] + a3[k] * src[k + 3]
-            for j in range(yb - ya):
+            nv = yb - ya
+            j = 0
+            while j + 3 < nv:  # four output rows from seven intermediate ones
+                o0 = acc[ya + j, xa:xb]
+                o1 = acc[ya + j + 1, xa:xb]
+                o2 = acc[ya + j + 2, xa:xb]
+                o3 = acc[ya + j + 3, xa:xb]
+                h0 = hbuf[j]
+                h1 = hbuf[j + 1]
+                h2 = hbuf[j + 2]
+                h3 = hbuf[j + 3]
+                h4 = hbuf[j + 4]
+                h5 = hbuf[j + 5]
+                h6 = hbuf[j + 6]
+                for k in range(n):
+                    w0 = b0[k]
+                    w1 = b1[k]
+                    w2 = b2[k]
+                    w3 = b3[k]
+                    v0 = h0[k]
+                    v1 = h1[k]
+                    v2 = h2[k]
+                    v3 = h3[k]
+                    v4 = h4[k]
+                    v5 = h5[k]
+                    v6 = h6[k]
+                    o0[k] += w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3
+                    o1[k] += w0 * v1 + w1 * v2 + w2 * v3 + w3 * v4
+                    o2[k] += w0 * v2 + w1 * v3 + w2 * v4 + w3 * v5
+                    o3[k] += w0 * v3 + w1 * v4 + w2 * v5 + w3 * v6
+                j += 4
+            while j < nv:
                 out = acc[ya + j, xa:xb]
                 h0 = hbuf[j]
                 h1 = hbuf[j + 1]
@@ -342,7 +392,9 @@ def _add_cubic(frame, ix, iy, wx, wy, tile, acc, full, partial, hbuf, wcol):
                 h3 = hbuf[j + 3]
                 for k in range(n):
                     out[k] += b0[k] * h0[k] + b1[k] * h1[k] + b2[k] * h2[k] + b3[k] * h3[k]
-                if not rfull[r]:
+                j += 1
+            if not rfull[r]:
+                for j in range(nv):
                     p = partial[ya + j, xa:xb]
                     for k in range(n):
                         p[k] += 1
