@@ -255,7 +255,8 @@ def _vmag_of(stars: np.ndarray, ascc: np.ndarray) -> np.ndarray:
     """V of each id in ``ascc`` from the batch file's star table; NaN for an id it lacks."""
     at = find_ids(np.asarray(stars["ascc"]).astype(ASCC_DTYPE), np.asarray(ascc).astype(ASCC_DTYPE))
     out = np.full(len(ascc), np.nan)
-    out[at >= 0] = np.asarray(stars["vmag"], float)[at[at >= 0]]
+    hit = at >= 0
+    out[hit] = np.asarray(stars["vmag"], float)[at[hit]]
     return out
 
 

@@ -89,7 +89,6 @@ def v_from_hp(hp: npt.ArrayLike, b_v: npt.ArrayLike) -> np.ndarray:
     return np.asarray(hp, float) + np.interp(np.asarray(b_v, float), bv_table, _BESSELL_VHP)
 
 
-
 def find_ids(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Position in ``table`` of each of ``ids`` (ids of one kind: both str or both bytes); -1 where absent.
 
@@ -104,6 +103,7 @@ def find_ids(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     pos = np.minimum(np.searchsorted(table, ids, sorter=order), table.size - 1)
     at = order[pos]
     return np.where(table[at] == ids, at, -1)
+
 
 @dataclass
 class StarCatalogue:
