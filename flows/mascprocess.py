@@ -1,7 +1,9 @@
 """``mascprocess``: reduce nights from the command line with the ``reduce-night`` flow.
 
-Without ``PREFECT_API_URL`` Prefect starts a temporary local server for the
-run (ephemeral mode, about 20 s); with it, the run shows in that server's UI.
+Without ``PREFECT_API_URL`` the command starts a temporary local server for
+the run, Prefect's own ephemeral server, as its first step, so that it boots
+while the flow and the science modules are imported (:mod:`flows._tempserver`);
+with it, the run shows in that server's UI.
 ``--no-prefect`` runs the library's sequential driver instead, with the same
 catalog bookkeeping.
 
@@ -86,6 +88,22 @@ class RichProgress:
         self.progress.update(self.tasks[night_id], state=f"[{colour}]{state}")
 
 
+def _load_ahead() -> None:
+    """What the run would load on first use, loaded while the temporary Prefect server boots.
+
+    The IERS table and astropy's coordinates (the first camera-night's
+    preparation), the quick-look figures (matplotlib) and the JSON encoder
+    Prefect imports when it creates the flow run (FastAPI's): 2-3 s that
+    would otherwise come after the wait.
+    """
+    import fastapi.encoders  # noqa: F401
+
+    import mascara.quicklook  # noqa: F401
+    from mascara.sky import load_ahead
+
+    load_ahead()
+
+
 def cli_mascprocess(args: argparse.Namespace) -> int:
     """Handler of ``mascprocess`` and ``mascara process`` (arguments: mascara.cli.add_mascprocess_arguments).
 
@@ -135,22 +153,35 @@ def _mascprocess(args: argparse.Namespace) -> int:
                                    settings, quiet=args.quiet, keep_old=args.keep_old,
                                    require_calibration=args.require_calibration, skip_done=args.skip_done)
 
-    from flows.reduce_night import flow_with_runner, set_progress_sink
+    from flows._tempserver import early_server
 
-    flow_obj = flow_with_runner(args.dask_address)
-    params = dict(datadir=args.datadir, nights=args.night or "all", cameras=args.camera, site=args.site,
-                  overwrite=args.overwrite, db_url=args.db, settings=settings, keep_old=args.keep_old,
-                  require_calibration=args.require_calibration, skip_done=args.skip_done)
-    t0 = time.perf_counter()
-    if args.quiet:
-        state = flow_obj(**params, return_state=True)
-    else:
-        with RichProgress() as bars:
-            set_progress_sink(bars)
-            try:
+    with early_server() as server:  # without an API URL, a temporary server boots while the rest is imported
+        from contextlib import nullcontext
+
+        import mascara.reduce  # noqa: F401 - the science modules load while the server boots
+        from flows.reduce_night import flow_with_runner, set_progress_sink
+        from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+        flow_obj = flow_with_runner(args.dask_address)
+        params = dict(datadir=args.datadir, nights=args.night or "all", cameras=args.camera, site=args.site,
+                      overwrite=args.overwrite, db_url=args.db, settings=settings, keep_old=args.keep_old,
+                      require_calibration=args.require_calibration, skip_done=args.skip_done)
+        t0 = time.perf_counter()
+        api = nullcontext()
+        if server is not None:
+            _load_ahead()
+            server.wait(get_current_settings().server.ephemeral.startup_timeout_seconds)
+            api = temporary_settings(updates={PREFECT_API_URL: server.api_url})
+        with api:
+            if args.quiet:
                 state = flow_obj(**params, return_state=True)
-            finally:
-                set_progress_sink(None)
+            else:
+                with RichProgress() as bars:
+                    set_progress_sink(bars)
+                    try:
+                        state = flow_obj(**params, return_state=True)
+                    finally:
+                        set_progress_sink(None)
     seconds = time.perf_counter() - t0
     if state.is_completed():
         results = state.result()

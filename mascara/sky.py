@@ -101,6 +101,19 @@ def radec_of_altaz(alt: npt.ArrayLike, az: npt.ArrayLike, site: Site | str,
         return np.asarray(c.ra.deg), np.asarray(c.dec.deg)
 
 
+def load_ahead() -> None:
+    """Load now what the first camera-night loads on first use: astropy's coordinates and its IERS table.
+
+    For a caller with time to spare (``mascprocess`` while its temporary
+    Prefect server boots): only when the loading happens changes.
+    """
+    from astropy.coordinates import get_body  # noqa: F401 - moon_altaz's import
+    from astropy.utils import iers
+
+    with offline_iers():
+        iers.earth_orientation_table.get()
+
+
 def moon_altaz(site: Site | str, jd: float) -> tuple[float, float]:
     """Observed (alt, az) of the Moon in degrees at one UTC JD (astropy ephemeris)."""
     from astropy.coordinates import get_body

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 
 import pytest
@@ -25,6 +26,13 @@ def test_mascprocess_runs_without_a_server_and_status_shows_it(prefect_server, p
     (row,) = json.loads(status.stdout)
     assert (row["camera"], row["state"], row["batches_done"], row["frames_ok"]) == ("LPE", "succeeded", 3, 120)
     assert_same_night_files(datadir / NIGHT_ID, reference)
+    # the run went to the temporary server mascprocess started, whose database is Prefect's own in PREFECT_HOME
+    with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as db:
+        flows = db.execute("SELECT fr.state_type FROM flow_run fr JOIN flow f ON f.id = fr.flow_id "
+                           "WHERE f.name = 'reduce-night'").fetchall()
+        batches = db.execute("SELECT COUNT(*) FROM task_run WHERE name LIKE 'batch-%' "
+                             "AND state_type = 'COMPLETED'").fetchone()[0]
+    assert flows == [("COMPLETED",)] and batches == 3
 
 
 def test_missing_data_directory_is_reported(tmp_path):

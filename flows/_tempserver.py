@@ -1,0 +1,143 @@
+"""The temporary Prefect server of ``mascprocess``, started before the slow imports so that it boots meanwhile.
+
+Without an API URL, Prefect starts a temporary server (its ephemeral mode) when
+the flow is first called: it imports its server module in the calling process
+(about 3 s here), starts ``uvicorn`` on its application factory and waits
+until the server answers (7 s with an existing database on the benchmark's
+machine, 13-17 s on a fresh one), and only then runs the flow. None of that
+overlaps with anything.
+
+:class:`TemporaryServer` starts the same server with the same command and
+environment as Prefect does, first thing when the environment names no API
+URL (and stops it if Prefect's settings, read next, name one after all);
+``mascprocess`` then imports Prefect, the flow and the science modules while
+the server boots, waits for it to answer, and runs the flow against its URL
+(``prefect.settings.temporary_settings``), as against any server. The server
+is in the process group of ``mascprocess``, as Prefect's own (a Ctrl-C in the
+terminal reaches both), and is stopped when the block ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+#: The exit code of uvicorn when its port is taken between choosing it and binding it (then another is chosen).
+_PORT_TAKEN = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def configured_api_url() -> str | None:
+    """The API URL Prefect's settings give (environment, profile, ``prefect.toml``, ``.env``), or None."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url
+
+
+class TemporaryServer:
+    """A Prefect API server for one command, started at once and waited for later (:meth:`wait`).
+
+    The command and environment are those of Prefect's ephemeral mode
+    (``prefect.server.api.server.SubprocessASGIServer``): ``uvicorn`` on
+    ``prefect.server.api.server:create_app`` with the UI off and the server
+    marked ephemeral, so it runs the same services on the same database
+    (``PREFECT_HOME``) as the server Prefect would have started.
+    """
+
+    def __init__(self) -> None:
+        import importlib.util
+
+        # where prefect is, without importing it (that takes 1.5-2 s, which the server's boot now covers)
+        self._app_dir = str(Path(importlib.util.find_spec("prefect").origin).resolve().parent.parent)
+        # The server reads the same profile, prefect.toml and .env as this process would (same environment,
+        # PREFECT_HOME and working directory); Prefect passes its settings in the environment as well.
+        self._env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                     "PREFECT__SERVER_FINAL": "1"}
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self._start()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _start(self) -> None:
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", self._app_dir, "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "error", "--lifespan", "on"],
+            env=self._env,
+        )
+
+    def wait(self, timeout: float) -> None:
+        """Return once the server answers its health check; RuntimeError after ``timeout`` s or if it exits."""
+        t0 = time.monotonic()
+        retries = 0
+        while True:
+            code = self.proc.poll()
+            if code == _PORT_TAKEN and retries < 3:
+                retries += 1
+                self._start()
+                continue
+            if code is not None:
+                raise RuntimeError(f"the temporary Prefect server exited with code {code} before it answered")
+            try:
+                with urllib.request.urlopen(self.api_url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() - t0 > timeout:
+                self.stop()
+                raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f} s "
+                                   "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Terminate the server (SIGTERM, then SIGKILL after 5 s) and reap it."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def early_server() -> Iterator[TemporaryServer | None]:
+    """A :class:`TemporaryServer` when Prefect's settings give no API URL, else None; stopped on leaving.
+
+    Without ``PREFECT_API_URL`` in the environment the server is started
+    first, then Prefect's settings are read (importing Prefect): if they name
+    an API URL after all (a profile, ``prefect.toml``), the server is stopped
+    before it has done more than import, and None is given.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        yield None
+        return
+    server = TemporaryServer()
+    try:
+        if configured_api_url():
+            server.stop()
+            yield None
+        else:
+            yield server
+    finally:
+        server.stop()
