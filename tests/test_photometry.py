@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
-from astropy.stats import SigmaClip
+from astropy.stats import SigmaClip, sigma_clip
 from photutils.aperture import (
     ApertureStats,
     CircularAnnulus,
@@ -102,6 +104,32 @@ def test_sky_agrees_with_photutils_sigma_clipped_median():
     # the same estimator on the same pixels: equal to rounding
     np.testing.assert_allclose(res["sky"], stats.median, rtol=1e-12)
     np.testing.assert_allclose(res["esky"], stats.std, rtol=1e-9)
+
+
+def test_non_finite_annulus_pixels_are_left_out_as_photutils_does():
+    # bad pixels and columns (NaN, inf) in some annuli: the sky of the finite ones, as photutils masks them
+    rng = np.random.default_rng(12)
+    img = crowded_sky_image(rng)
+    bad = rng.integers(0, img.size, 600)
+    img.flat[bad[:500]] = np.nan
+    img.flat[bad[500:]] = np.inf
+    img[:, 131] = np.nan  # a dead column through several annuli
+    n = 60
+    x = rng.uniform(22, 300 - 23, n)
+    y = rng.uniform(22, 220 - 23, n)
+    x[:6] = 131.0 + rng.uniform(-15, 15, 6)
+    res = measure_apertures(img, x, y, sky_radii=SKY)
+    ann = CircularAnnulus(np.column_stack([x, y]), SKY[0], SKY[1])
+    finite = np.array([np.isfinite(m.get_values(img)).sum() for m in ann.to_mask(method="center")])
+    assert (finite < np.array([m.data.sum() for m in ann.to_mask(method="center")])).sum() >= 20  # many hit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # photutils warns that it masks the non-finite values
+        stats = ApertureStats(img, ann, sigma_clip=SigmaClip(sigma=3.0, maxiters=10))
+    np.testing.assert_allclose(res["sky"], stats.median, rtol=1e-12)
+    np.testing.assert_allclose(res["esky"], stats.std, rtol=1e-9)
+    kept = [np.ma.count(sigma_clip(v[np.isfinite(v)], sigma=3.0, maxiters=10))
+            for v in (m.get_values(img) for m in ann.to_mask(method="center"))]
+    np.testing.assert_array_equal(res["nsky"], kept)
 
 
 def test_sky_recovers_background_despite_stars_and_outliers():
