@@ -483,7 +483,8 @@ def summarise(res: dict) -> dict:
         s["targets"]["night_wall"] = lib["wall_5000_median"] <= TARGET_NIGHT_WALL_S
         for name in OVER_LIBRARY.values():
             if name in pr:
-                s["targets"][name] = pr[name]["wall_median"] <= TARGET_PREFECT_OVERHEAD
+                # runs of the same code differ by more than 5 % here: met only when medians and minima agree
+                s["targets"][name] = max(pr[name]["wall_median"], pr[name]["wall_min"]) <= TARGET_PREFECT_OVERHEAD
         s["process_rss_gb"] = max(r["rss_mb"] for r in pr["runs"]) / 1024
         s["targets"]["process_memory"] = s["process_rss_gb"] <= TARGET_MEMORY_GB
     if ns:
@@ -535,7 +536,7 @@ def render(res: dict, s: dict) -> str:
             if name in pr:
                 po = pr[name]
                 L.append(f"| {DRIVER_NAMES[key]} within {100 * TARGET_PREFECT_OVERHEAD:.0f} % of the library "
-                         f"driver's wall ({n2} frames) | {100 * po['wall_median']:+.1f} % median "
+                         f"driver's wall ({n2} frames; medians and minima) | {100 * po['wall_median']:+.1f} % median "
                          f"({100 * po['wall_min']:+.1f} % of the minima) | {_met(t[name])} |")
         L.append(f"| peak RSS of a `mascprocess` process < {TARGET_MEMORY_GB:.0f} GB | {s['process_rss_gb']:.2f} GB | "
                  f"{_met(t['process_memory'])} |")
