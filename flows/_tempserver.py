@@ -14,7 +14,9 @@ URL (and stops it if Prefect's settings, read next, name one after all);
 the server boots, waits for it to answer, and runs the flow against its URL
 (``prefect.settings.temporary_settings``), as against any server. The server
 is in the process group of ``mascprocess``, as Prefect's own (a Ctrl-C in the
-terminal reaches both), and is stopped when the block ends, however it ends.
+terminal reaches both), is stopped when the block ends, however it ends, and
+on Linux also goes when ``mascprocess`` is killed outright (``kill -9``, the
+out-of-memory killer), which Prefect's own does not.
 """
 
 from __future__ import annotations
@@ -30,8 +32,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-#: The exit code of uvicorn when its port is taken between choosing it and binding it (then another is chosen).
+#: The exit code of uvicorn when it cannot start, as when its port was taken between choosing it and binding it
+#: (then another is chosen, as Prefect does).
 _PORT_TAKEN = 3
+
+#: ``python -m uvicorn`` that ends with the process that started it (Linux): SIGTERM when that thread exits,
+#: also after a SIGKILL, which no handler in ``mascprocess`` sees (Prefect's own server then lives on).
+_LAUNCH = """\
+import ctypes, os, runpy, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):  # the parent went before the line above
+    sys.exit(0)
+sys.argv = ["uvicorn", *sys.argv[2:]]
+runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+"""
 
 
 def _free_port() -> int:
@@ -76,12 +90,13 @@ class TemporaryServer:
 
     def _start(self) -> None:
         self.port = _free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", self._app_dir, "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "error", "--lifespan", "on"],
-            env=self._env,
-        )
+        args = ["--app-dir", self._app_dir, "--factory", "prefect.server.api.server:create_app", "--host",
+                "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+        if sys.platform.startswith("linux"):
+            cmd = [sys.executable, "-c", _LAUNCH, str(os.getpid()), *args]
+        else:
+            cmd = [sys.executable, "-m", "uvicorn", *args]
+        self.proc = subprocess.Popen(cmd, env=self._env)
 
     def wait(self, timeout: float) -> None:
         """Return once the server answers its health check; RuntimeError after ``timeout`` s or if it exits."""

@@ -170,7 +170,12 @@ def _mascprocess(args: argparse.Namespace) -> int:
         api = nullcontext()
         if server is not None:
             _load_ahead()
-            server.wait(get_current_settings().server.ephemeral.startup_timeout_seconds)
+            try:
+                server.wait(get_current_settings().server.ephemeral.startup_timeout_seconds)
+            except RuntimeError as exc:  # nothing has started: no run to record
+                print(f"mascprocess: {exc}; its own messages, if any, are above. Point PREFECT_API_URL at a "
+                      f"running server, or reduce without Prefect (--no-prefect)", file=sys.stderr)
+                return 1
             api = temporary_settings(updates={PREFECT_API_URL: server.api_url})
         with api:
             if args.quiet:

@@ -10,8 +10,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,3 +78,69 @@ def test_an_api_url_in_the_active_profile_stops_the_server_started_first(tmp_pat
                                         'PREFECT_API_URL = "http://127.0.0.1:9/api"\n')
     out = _probe(_env(home))
     assert out == {"server": False, "children_after": []}  # started on the environment's word, then stopped
+
+
+@pytest.mark.prefect
+def test_a_server_that_cannot_start_is_a_clear_error_and_starts_nothing(pristine_night, tmp_path):
+    """Its database cannot be opened: exit 1 with a message that says what to do; no run, no process left."""
+    from flowkit import fresh_copy, mascprocess
+
+    env = _env(tmp_path / "home")
+    env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'x.db'}"
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    before = sorted(p.relative_to(datadir) for p in datadir.rglob("*"))
+    t0 = time.perf_counter()
+    res = mascprocess(datadir, env, "-q", check=False, timeout=600)
+    print(f"failed after {time.perf_counter() - t0:.1f} s")
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "the temporary Prefect server exited with code" in res.stderr and "--no-prefect" in res.stderr
+    assert "Traceback" not in res.stderr.split("mascprocess:")[-1]
+    assert sorted(p.relative_to(datadir) for p in datadir.rglob("*")) == before  # nothing written, nothing moved
+    assert _servers_of(tmp_path / "home") == []
+
+
+def _servers_of(home: Path) -> list[int]:
+    """Pids of Prefect server processes with this PREFECT_HOME."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "prefect.server.api.server:create_app" in " ".join(p.info["cmdline"] or []) \
+                    and p.environ().get("PREFECT_HOME") == str(home):
+                out.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
+@pytest.mark.prefect
+def test_the_server_goes_when_mascprocess_is_killed_outright(pristine_night, tmp_path):
+    """SIGKILL reaches no handler: the server must not outlive mascprocess (Prefect's own does)."""
+    from flowkit import BIN, NIGHT, fresh_copy
+
+    home = tmp_path / "home"
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    cmd = [str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--camera", "E", "--site", "LP", "-q"]
+    proc = subprocess.Popen(cmd, env=_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    t0 = time.perf_counter()
+    while not _batch_started(datadir):  # the server answered and the flow is reducing
+        assert proc.poll() is None and time.perf_counter() - t0 < 300
+        time.sleep(0.3)
+    (server,) = _servers_of(home)
+    proc.kill()
+    proc.wait()
+    t0 = time.perf_counter()
+    while psutil.pid_exists(server) and psutil.Process(server).status() != psutil.STATUS_ZOMBIE:
+        assert time.perf_counter() - t0 < 30, "the temporary server outlived mascprocess"
+        time.sleep(0.2)
+    print(f"server gone {time.perf_counter() - t0:.1f} s after mascprocess was killed")
+
+
+def _batch_started(datadir: Path) -> bool:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{datadir / 'catalog.sqlite'}?mode=ro", uri=True) as db:
+            return db.execute("SELECT COUNT(*) FROM batch WHERE status IN ('running', 'succeeded')").fetchone()[0] > 0
+    except sqlite3.OperationalError:  # not created yet
+        return False
