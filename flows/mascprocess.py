@@ -14,7 +14,8 @@ before Prefect or the science modules are imported.  Exit codes:
   gaps are recorded in the catalog and shown by ``mascara status``);
 - 1: at least one camera-night was not reduced: it failed, was empty, lacked
   the calibration ``--require-calibration`` asks for, or another run holds it;
-  each is recorded in the catalog where the camera-night exists;
+  each is recorded in the catalog where the camera-night exists; also when
+  the temporary Prefect server could not start (nothing started);
 - 2: a command-line mistake (a malformed or unknown night, camera or site, a
   missing data directory or settings file, nothing matching); nothing started.
 """
