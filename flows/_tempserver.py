@@ -21,6 +21,8 @@ out-of-memory killer), which Prefect's own does not.
 
 from __future__ import annotations
 
+import http.client
+import logging
 import os
 import socket
 import subprocess
@@ -54,11 +56,51 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def drain_prefect_queues(timeout: float = 5.0) -> None:
+    """Send the logs and events Prefect still holds (it sends them in the background every few seconds).
+
+    Prefect's own temporary server stops at interpreter exit, after its queues
+    were sent; this one stops earlier, so the queues are sent first. At most
+    ``timeout`` s for each; a failure here loses only those messages.
+    """
+    if "prefect" not in sys.modules:
+        return
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=timeout)
+        EventsWorker.drain_all(timeout=timeout)
+    except Exception:  # noqa: BLE001 - never fail the command for its last log lines
+        logging.getLogger(__name__).debug("sending Prefect's last logs and events failed", exc_info=True)
+
+
 def configured_api_url() -> str | None:
     """The API URL Prefect's settings give (environment, profile, ``prefect.toml``, ``.env``), or None."""
     from prefect.settings import get_current_settings
 
     return get_current_settings().api.url
+
+
+def ephemeral_allowed() -> bool:
+    """Whether Prefect's settings allow a temporary server (``PREFECT_SERVER_EPHEMERAL_ENABLED``).
+
+    Prefect's shipped ``ephemeral`` profile turns it on; without it, and
+    without an API URL, Prefect refuses to run a flow with a clear error, and
+    so does ``mascprocess``.
+    """
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().server.ephemeral.enabled)
 
 
 class TemporaryServer:
@@ -104,7 +146,7 @@ class TemporaryServer:
         retries = 0
         while True:
             code = self.proc.poll()
-            if code == _PORT_TAKEN and retries < 3:
+            if code == _PORT_TAKEN and retries < 3 and not _bindable(self.port):  # taken meanwhile, not a failure
                 retries += 1
                 self._start()
                 continue
@@ -114,7 +156,7 @@ class TemporaryServer:
                 with urllib.request.urlopen(self.api_url + "/health", timeout=2) as r:
                     if r.status == 200:
                         return
-            except (urllib.error.URLError, OSError):
+            except (urllib.error.URLError, OSError, http.client.HTTPException):
                 pass
             if time.monotonic() - t0 > timeout:
                 self.stop()
@@ -124,15 +166,17 @@ class TemporaryServer:
 
     def stop(self) -> None:
         """Terminate the server (SIGTERM, then SIGKILL after 5 s) and reap it."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
+        proc = self.proc
+        if proc is None:
             return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.proc = None  # only once reaped: a stop interrupted by a signal is done again by the caller's finally
 
 
 @contextmanager
@@ -141,18 +185,23 @@ def early_server() -> Iterator[TemporaryServer | None]:
 
     Without ``PREFECT_API_URL`` in the environment the server is started
     first, then Prefect's settings are read (importing Prefect): if they name
-    an API URL after all (a profile, ``prefect.toml``), the server is stopped
-    before it has done more than import, and None is given.
+    an API URL after all (a profile, ``prefect.toml``) or do not allow a
+    temporary server, it is stopped before it has done more than import, and
+    None is given. Before the server stops, Prefect's queued logs and events
+    are sent to it (:func:`drain_prefect_queues`).
     """
     if os.environ.get("PREFECT_API_URL"):
         yield None
         return
     server = TemporaryServer()
     try:
-        if configured_api_url():
+        if configured_api_url() or not ephemeral_allowed():
             server.stop()
             yield None
         else:
-            yield server
+            try:
+                yield server
+            finally:
+                drain_prefect_queues()
     finally:
         server.stop()

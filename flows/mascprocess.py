@@ -170,7 +170,10 @@ def _mascprocess(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         api = nullcontext()
         if server is not None:
-            _load_ahead()
+            try:
+                _load_ahead()
+            except Exception:  # noqa: BLE001 - only a head start: the run loads it again and reports failures
+                logging.getLogger(__name__).debug("loading ahead failed", exc_info=True)
             try:
                 server.wait(get_current_settings().server.ephemeral.startup_timeout_seconds)
             except RuntimeError as exc:  # nothing has started: no run to record
@@ -188,9 +191,9 @@ def _mascprocess(args: argparse.Namespace) -> int:
                         state = flow_obj(**params, return_state=True)
                     finally:
                         set_progress_sink(None)
+            results = state.result() if state.is_completed() else None  # while the server is up
     seconds = time.perf_counter() - t0
-    if state.is_completed():
-        results = state.result()
+    if results is not None:
         empty = [r for r in results if r["state"] == "empty"]
         for r in empty:  # the flow completes on nights without data; the command says so in its exit code
             print(f"{r['night_id']}: not reduced: {r['message']}", file=sys.stderr)

@@ -17,7 +17,7 @@ def test_mascprocess_runs_without_a_server_and_status_shows_it(prefect_server, p
     env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}  # Prefect starts a temporary server itself
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     datadir = fresh_copy(pristine_night, tmp_path / "data")
-    res = mascprocess(datadir, env)
+    res = mascprocess(datadir, env, "-v")  # -v: Prefect's INFO logs go to the server too, up to the flow's last
     print(f"mascprocess in ephemeral mode: {res.seconds:.1f} s")
     assert "120/120" in res.stdout and "3/3 batches" in res.stdout  # the progress bar's last state
     assert night_status(datadir)["state"] == "succeeded"
@@ -32,7 +32,11 @@ def test_mascprocess_runs_without_a_server_and_status_shows_it(prefect_server, p
                            "WHERE f.name = 'reduce-night'").fetchall()
         batches = db.execute("SELECT COUNT(*) FROM task_run WHERE name LIKE 'batch-%' "
                              "AND state_type = 'COMPLETED'").fetchone()[0]
+        last = db.execute("SELECT message FROM log ORDER BY timestamp DESC LIMIT 1").fetchone()
     assert flows == [("COMPLETED",)] and batches == 3
+    # the logs Prefect still held when the flow ended were sent before the server stopped
+    assert "Error logging to API" not in res.stderr
+    assert last is not None and "Finished in state Completed" in last[0]
 
 
 def test_missing_data_directory_is_reported(tmp_path):

@@ -20,8 +20,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 _PROBE = """
 import json, os, urllib.request
+import subprocess
 import psutil
+import flows._tempserver as ts
 from flows._tempserver import early_server
+
+spawned = []
+_popen = subprocess.Popen
+def counting_popen(*a, **k):
+    spawned.append(a[0])
+    return _popen(*a, **k)
+ts.subprocess.Popen = counting_popen
 
 me = psutil.Process()
 out = {}
@@ -38,6 +47,7 @@ with early_server() as server:
             with get_client(sync_client=True) as client:
                 out["api_answers"] = client.api_healthcheck() is None
 out["children_after"] = [p.pid for p in me.children(recursive=True)]
+out["spawned"] = len(spawned)
 print(json.dumps(out))
 """
 
@@ -59,7 +69,7 @@ def _env(home: Path) -> dict:
 @pytest.mark.prefect
 def test_without_an_api_url_a_server_starts_answers_and_is_gone_after(tmp_path):
     out = _probe(_env(tmp_path / "home"))
-    assert out["server"] and out["health"] == 200 and out["api_answers"]
+    assert out["server"] and out["health"] == 200 and out["api_answers"] and out["spawned"] == 1
     assert out["children_after"] == []  # stopped and reaped
     assert not Path(f"/proc/{out['pid']}").exists()
     assert (tmp_path / "home" / "prefect.db").exists()  # its database is the one Prefect's own would use
@@ -68,7 +78,7 @@ def test_without_an_api_url_a_server_starts_answers_and_is_gone_after(tmp_path):
 def test_an_api_url_in_the_environment_starts_no_server(tmp_path):
     env = _env(tmp_path / "home")
     env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"
-    assert _probe(env) == {"server": False, "children_after": []}
+    assert _probe(env) == {"server": False, "children_after": [], "spawned": 0}
 
 
 def test_an_api_url_in_the_active_profile_stops_the_server_started_first(tmp_path):
@@ -77,7 +87,14 @@ def test_an_api_url_in_the_active_profile_stops_the_server_started_first(tmp_pat
     (home / "profiles.toml").write_text('active = "station"\n\n[profiles.station]\n'
                                         'PREFECT_API_URL = "http://127.0.0.1:9/api"\n')
     out = _probe(_env(home))
-    assert out == {"server": False, "children_after": []}  # started on the environment's word, then stopped
+    assert out == {"server": False, "children_after": [], "spawned": 1}  # started on the environment's word, stopped
+
+
+def test_a_profile_that_allows_no_temporary_server_gets_none(tmp_path):
+    """``PREFECT_SERVER_EPHEMERAL_ENABLED`` false and no URL: no server (Prefect then refuses, as it always did)."""
+    env = _env(tmp_path / "home")
+    env["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
+    assert _probe(env) == {"server": False, "children_after": [], "spawned": 1}
 
 
 @pytest.mark.prefect
@@ -126,14 +143,30 @@ def test_the_server_goes_when_mascprocess_is_killed_outright(pristine_night, tmp
     while not _batch_started(datadir):  # the server answered and the flow is reducing
         assert proc.poll() is None and time.perf_counter() - t0 < 300
         time.sleep(0.3)
-    (server,) = _servers_of(home)
-    proc.kill()
-    proc.wait()
-    t0 = time.perf_counter()
-    while psutil.pid_exists(server) and psutil.Process(server).status() != psutil.STATUS_ZOMBIE:
-        assert time.perf_counter() - t0 < 30, "the temporary server outlived mascprocess"
-        time.sleep(0.2)
-    print(f"server gone {time.perf_counter() - t0:.1f} s after mascprocess was killed")
+    try:
+        (server,) = _servers_of(home)
+        proc.kill()
+        proc.wait()
+        t0 = time.perf_counter()
+        while _alive(server):
+            assert time.perf_counter() - t0 < 30, "the temporary server outlived mascprocess"
+            time.sleep(0.2)
+        print(f"server gone {time.perf_counter() - t0:.1f} s after mascprocess was killed")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+        for pid in _servers_of(home):
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _batch_started(datadir: Path) -> bool:
