@@ -92,14 +92,15 @@ class RichProgress:
 def _load_ahead() -> None:
     """What the run would load on first use, loaded while the temporary Prefect server boots.
 
-    The IERS table and astropy's coordinates (the first camera-night's
-    preparation), the quick-look figures (matplotlib) and the JSON encoder
-    Prefect imports when it creates the flow run (FastAPI's): 2-3 s that
-    would otherwise come after the wait.
+    The science modules, the IERS table and astropy's coordinates (the
+    first camera-night's preparation), the quick-look figures (matplotlib)
+    and the JSON encoder Prefect imports when it creates the flow run
+    (FastAPI's): 2-3 s that would otherwise come after the wait.
     """
     import fastapi.encoders  # noqa: F401
 
     import mascara.quicklook  # noqa: F401
+    import mascara.reduce  # noqa: F401
     from mascara.sky import load_ahead
 
     load_ahead()
@@ -159,7 +160,6 @@ def _mascprocess(args: argparse.Namespace) -> int:
     with early_server() as server:  # without an API URL, a temporary server boots while the rest is imported
         from contextlib import nullcontext
 
-        import mascara.reduce  # noqa: F401 - the science modules load while the server boots
         from flows.reduce_night import flow_with_runner, set_progress_sink
         from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
