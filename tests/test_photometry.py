@@ -6,6 +6,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from astropy.stats import SigmaClip, sigma_clip
 from photutils.aperture import (
     ApertureStats,
@@ -417,3 +419,37 @@ def test_a_fresh_compile_and_the_cached_kernels_give_the_same_bits(tmp_path):
                               capture_output=True, text=True).stdout.strip() for _ in range(2)]
     assert list((tmp_path / "numba").rglob("*.nbi")), "the second process should have loaded the cache"
     assert digests[0] == digests[1]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), nsat=st.integers(0, 12), saturation=st.sampled_from([63000.0, 62999.5, 1e9]),
+       dtype=st.sampled_from(["uint16", "int32"]))
+def test_saturated_sky_flags_skip_no_saturated_pixel(seed, nsat, saturation, dtype):
+    """Stars whose annulus crosses no saturated tile skip the raw annulus: the flags are still exact.
+
+    Integer raw frames go through the tile map; the same values as float64 are checked pixel by
+    pixel everywhere. Both must equal a direct count of saturated annulus pixels, whatever the
+    positions of the saturated pixels relative to the tiles' edges.
+    """
+    from mascara import photometry as P
+
+    rng = np.random.default_rng(seed)
+    ny, nx = 150, 260  # several tiles each way, partial tiles at the far edges
+    raw = rng.integers(200, 400, (ny, nx)).astype(dtype)
+    sj = rng.integers(0, ny, nsat)
+    si = rng.integers(0, nx, nsat)
+    raw[sj, si] = 63000 + rng.integers(0, 2, nsat)  # 63000 counts at 62999.5 and 63000, not at 1e9
+    x = rng.uniform(22.0, nx - 23.0, 40)
+    y = rng.uniform(22.0, ny - 23.0, 40)
+    image = raw.astype(np.float32) - 250.0
+    got = measure_apertures(image, x, y, raw=raw, saturation=saturation)
+    every = measure_apertures(image, x, y, raw=raw.astype(np.float64), saturation=saturation)
+    np.testing.assert_array_equal(got, every)
+    jj, ii = np.mgrid[0:ny, 0:nx]
+    for k in range(x.size):
+        d2 = (ii - x[k]) ** 2 + (jj - y[k]) ** 2
+        ann = (d2 >= SKY[0] ** 2) & (d2 < SKY[1] ** 2)
+        want = bool((raw[ann] >= saturation).any())
+        assert bool(got["flag"][k] & lcformat.FLAG_SKY_SATURATED) == want
+    th, tw = P.SAT_TILE
+    assert ny > 2 * th and nx > 2 * tw
