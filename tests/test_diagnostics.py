@@ -107,6 +107,11 @@ def test_frame_quality_is_the_median_ratio_of_bright_unflagged_stars():
     q = dg.frame_quality(rows, vmag)
     assert list(q["lstseq"]) == [10, 11] and list(q["nstars"]) == [3, 1]
     assert q["transparency"] == pytest.approx([1.0, 0.5]) and list(q["sky"]) == [110.0, 50.0]
+    # rows frame by frame (as a batch file holds them) or in any order: the same figures
+    perm = np.array([4, 0, 5, 2, 3, 1])
+    shuffled = dg.frame_quality(rows[perm], vmag[perm])
+    for k in q:
+        np.testing.assert_array_equal(shuffled[k], q[k])
 
 
 def test_pick_diagnostic_prefers_stars_on_the_frame_all_night():
@@ -194,9 +199,12 @@ def test_binned_preview_is_the_mean_of_finite_pixels_per_block(tmp_path):
     np.testing.assert_allclose(small[2:], want[2:], rtol=1e-3)
 
 
-def test_group_medians_equal_numpy_median_per_group():
+@pytest.mark.parametrize("runs", [False, True], ids=["shuffled", "in-runs"])
+def test_group_medians_equal_numpy_median_per_group(runs):
     rng = np.random.default_rng(5)
     group = rng.integers(0, 7, 500)  # group 6 may be empty after masking, group 7 never occurs
+    if runs:  # a batch file's rows: frame after frame (the path without the sort)
+        group = np.sort(group)
     values = rng.normal(size=500)
     values[rng.integers(0, 500, 3)] = np.nan
     mask = rng.random(500) < 0.8
