@@ -154,3 +154,21 @@ def test_star_numbering_by_counting_equals_numpy_unique():
     assert by_int.npoints == by_str.npoints == ids.size
     np.testing.assert_allclose(by_int.coef, by_str.coef, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(by_int.error, by_str.error, rtol=1e-10)
+
+
+def test_normal_sums_equal_the_bincounts_bit_for_bit():
+    from mascara.pixelphase import NTERMS, _normal_sums
+
+    rng = np.random.default_rng(11)
+    n, nstar = 20000, 700
+    inv = rng.integers(0, nstar, n)
+    w = rng.uniform(0.1, 5.0, n)
+    dt = rng.normal(size=(n, NTERMS))
+    resid = rng.normal(scale=1e-3, size=n)
+    m, v = _normal_sums(inv, w, dt, resid, nstar)
+    for k in range(NTERMS):
+        wd = w * dt[:, k]
+        np.testing.assert_array_equal(v[:, k], np.bincount(inv, wd * resid, nstar))
+        for j in range(NTERMS):
+            want = np.bincount(inv, wd * dt[:, j], nstar) if j >= k else np.bincount(inv, w * dt[:, j] * dt[:, k], nstar)
+            np.testing.assert_array_equal(m[:, k, j], want)
