@@ -19,6 +19,7 @@ done are submitted with ``refresh_cache`` and always run.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -304,6 +305,40 @@ def _notify(method: str, *args: Any) -> None:
 # --------------------------------------------------------------------------- the flow
 
 
+def flow_workers() -> int:
+    """Batches reduced at once by the flow's threads: ``$MASCARA_FLOW_WORKERS``, else the number of cores."""
+    return max(1, int(os.environ.get("MASCARA_FLOW_WORKERS") or os.cpu_count() or 2))
+
+
+class BatchThreadPool(ThreadPoolTaskRunner):
+    """Threads for ``batches`` batch tasks at once, and one more for a night's other tasks.
+
+    The flow keeps at most ``batch_slots`` batch tasks submitted (it submits the
+    next one when one ends), so the split of a finished batch, a night's
+    combine or another camera's start and prepare never queue behind the
+    night's remaining batches: with every batch submitted at once, a thread
+    pool runs them first in first out, and the batches were split only when
+    the last ones were running (the star-by-star pieces and the diagnostic
+    light curves came at the end of the night instead of along it) while a
+    core idled at the end.
+    """
+
+    def __init__(self, batches: int | None = None, max_workers: int | None = None) -> None:
+        if batches is None:  # Prefect's duplicate() passes max_workers
+            batches = max_workers - 1 if max_workers else flow_workers()
+        self.batch_slots = max(1, int(batches))
+        super().__init__(max_workers=self.batch_slots + 1)
+
+
+def _batch_slots() -> int | None:
+    """How many batch tasks the flow keeps submitted: the pool's batch threads; None (all) on other runners."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    runner = getattr(ctx, "task_runner", None)
+    return runner.batch_slots if isinstance(runner, BatchThreadPool) else None
+
+
 @dataclasses.dataclass
 class _Night:
     """Book-keeping of one camera-night inside the flow."""
@@ -378,8 +413,7 @@ def flow_run_name() -> str:
     return describe_request(p.get("nights"), p.get("cameras"), p.get("site"))
 
 
-@flow(name="reduce-night", log_prints=True, flow_run_name=flow_run_name,
-      task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 2))
+@flow(name="reduce-night", log_prints=True, flow_run_name=flow_run_name, task_runner=BatchThreadPool())
 def reduce_night(
     datadir: str,
     nights: str | int | list[str | int] | None = None,
@@ -456,6 +490,21 @@ def reduce_night(
     def track(fut: Any, kind: str, night_id: str, payload: Any = None) -> None:
         fut.add_done_callback(lambda f: events.put((kind, night_id, payload, f)))
 
+    # batches wait here and are submitted as batch threads free up (BatchThreadPool), nights in the order
+    # their prepare ended; on other runners (Dask) all at once
+    slots = _batch_slots()
+    waiting: collections.deque[tuple[_Night, int]] = collections.deque()
+    in_flight = [0]
+
+    def submit_batches() -> None:
+        while waiting and (slots is None or in_flight[0] < slots):
+            n, b = waiting.popleft()
+            if n.state != "running":
+                continue
+            t = batch_task if b in n.handle.done else batch_task.with_options(refresh_cache=True)
+            track(t.submit(n.night_id, b, n.handle, sjson), "batch", n.night_id, b)
+            in_flight[0] += 1
+
     for nd in found:
         plan = _plan(str(nd.path), sjson)
         n = _Night(night_id=nd.night_id, night_path=str(nd.path), nframes=len(plan.frames),
@@ -523,6 +572,9 @@ def reduce_night(
                 n = nights_[night_id]
                 fut.wait()
                 st = fut.state
+                if kind == "batch":  # its thread is free: the next batch, behind any split already queued
+                    in_flight[0] -= 1
+                    submit_batches()
                 if not st.is_completed():
                     err = _state_error(st, fut)
                     if kind == "start":
@@ -546,10 +598,9 @@ def reduce_night(
                           n.night_id)
                 elif kind == "prepare":
                     n.left = set(n.batches)
-                    for b in n.batches:
-                        t = batch_task if b in n.handle.done else batch_task.with_options(refresh_cache=True)
-                        track(t.submit(n.night_id, b, n.handle, sjson), "batch", n.night_id, b)
-                    logger.info("%s: %s run, %d batches submitted (%d already done)", n.night_id,
+                    waiting.extend((n, b) for b in sorted(n.batches))
+                    submit_batches()
+                    logger.info("%s: %s run, %d batches (%d already done)", n.night_id,
                                 n.handle.decision, len(n.batches), len(n.handle.done))
                 elif kind == "batch":
                     res = fut.result()
@@ -673,11 +724,11 @@ def _state_error(state: Any, fut: Any = None) -> str:
 def task_runner_for(dask_address: str | None) -> Any:
     """The task runner: threads (default), or Dask at ``tcp://...`` or on a ``local`` cluster."""
     if not dask_address:
-        return ThreadPoolTaskRunner(max_workers=int(os.environ.get("MASCARA_FLOW_WORKERS", os.cpu_count() or 2)))
+        return BatchThreadPool(flow_workers())
     from prefect_dask import DaskTaskRunner
 
     if dask_address == "local":
-        nworkers = int(os.environ.get("MASCARA_FLOW_WORKERS", os.cpu_count() or 2))
+        nworkers = flow_workers()
         return DaskTaskRunner(cluster_kwargs={"n_workers": nworkers, "threads_per_worker": 1, "processes": True,
                                               "dashboard_address": None})
     return DaskTaskRunner(address=dask_address)

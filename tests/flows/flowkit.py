@@ -84,14 +84,15 @@ def night_status(datadir: Path) -> dict:
 
 
 def task_runs(api: str, flow_run_id: str) -> dict[str, dict]:
-    """Task runs of a flow run by name: state type/name and run count (from the server's REST API)."""
+    """Task runs of a flow run by name: state type/name, run count, start and end (the server's REST API)."""
     r = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200},
                    timeout=30)
     r.raise_for_status()
     out = {}
     for t in r.json():
         out.setdefault(t["name"], []).append({"state_type": t["state_type"], "state_name": t["state_name"],
-                                              "run_count": t["run_count"]})
+                                              "run_count": t["run_count"], "start_time": t["start_time"],
+                                              "end_time": t["end_time"]})
     return out
 
 

@@ -154,6 +154,38 @@ def test_transient_failure_is_retried_and_the_night_completes(prefect_server, pr
 
 @pytest.mark.prefect
 @pytest.mark.slow
+def test_batches_are_split_while_the_night_goes_on(prefect_server, pristine_night, reference, tmp_path):
+    """One batch thread: each finished batch is split beside the next one, not after the night's last batch."""
+    from datetime import datetime
+
+    from mascara.reduce import plan_camera_night
+
+    api, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    batches = sorted(plan_camera_night(datadir / NIGHT_ID).batches)
+    assert len(batches) >= 3
+    mascprocess(datadir, {**env, "MASCARA_FLOW_WORKERS": "1"}, "-q")
+    (run,) = runs(datadir)
+    tr = task_runs(api, run["flow_run_id"])
+
+    def span(name):
+        (st,) = tr[name]
+        assert st["state_type"] == "COMPLETED", (name, st)
+        return datetime.fromisoformat(st["start_time"]), datetime.fromisoformat(st["end_time"])
+
+    spans = [span(_batch_name(b)) for b in batches]
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start >= end  # one batch at a time
+    splits = sorted(datetime.fromisoformat(st["start_time"]) for st in tr[f"split-{NIGHT_ID}"])
+    # the first batch's split starts as the second batch does, long before the last one starts
+    assert splits[0] < spans[-1][0], (splits, spans)
+    assert len(splits) >= 2
+    assert night_status(datadir)["state"] == "succeeded"
+    assert_same_night_files(datadir / NIGHT_ID, reference)
+
+
+@pytest.mark.prefect
+@pytest.mark.slow
 def test_dask_runner_on_a_local_cluster_gives_the_same_result(prefect_server, pristine_night, reference, tmp_path,
                                                              monkeypatch):
     from distributed import Client, LocalCluster
