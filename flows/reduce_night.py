@@ -28,6 +28,7 @@ import queue
 import socket
 import sys
 import time
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -306,21 +307,39 @@ def _notify(method: str, *args: Any) -> None:
 
 
 def flow_workers() -> int:
-    """Batches reduced at once by the flow's threads: ``$MASCARA_FLOW_WORKERS``, else the number of cores."""
-    return max(1, int(os.environ.get("MASCARA_FLOW_WORKERS") or os.cpu_count() or 2))
+    """Batches reduced at once by the flow's threads: ``$MASCARA_FLOW_WORKERS``, else the number of cores.
+
+    Read when this module is imported (the flow's default runner), also by a
+    deployment's worker: a value that is not a positive integer is reported
+    and the number of cores used, rather than failing the import.
+    """
+    cores = os.cpu_count() or 2
+    value = os.environ.get("MASCARA_FLOW_WORKERS", "").strip()
+    if not value:
+        return cores
+    try:
+        n = int(value)
+        if n < 1:
+            raise ValueError
+    except ValueError:
+        warnings.warn(f"MASCARA_FLOW_WORKERS={value!r} is not a positive integer; using {cores} (the cores)",
+                      stacklevel=2)
+        return cores
+    return n
 
 
 class BatchThreadPool(ThreadPoolTaskRunner):
     """Threads for ``batches`` batch tasks at once, and one more for a night's other tasks.
 
     The flow keeps at most ``batch_slots`` batch tasks submitted (it submits the
-    next one when one ends), so the split of a finished batch, a night's
-    combine or another camera's start and prepare never queue behind the
-    night's remaining batches: with every batch submitted at once, a thread
-    pool runs them first in first out, and the batches were split only when
-    the last ones were running (the star-by-star pieces and the diagnostic
-    light curves came at the end of the night instead of along it) while a
-    core idled at the end.
+    next one when one ends), so the split of a finished batch or a night's
+    combine does not queue behind the night's remaining batches: with every
+    batch submitted at once, a thread pool runs them first in first out, and
+    the batches were split only when the last ones were running (the
+    star-by-star pieces and the diagnostic light curves came at the end of
+    the night instead of along it). The extra thread is not reserved: with
+    several cameras, their start, prepare and split tasks share it and the
+    batch threads, and a batch submitted after them waits for them.
     """
 
     def __init__(self, batches: int | None = None, max_workers: int | None = None) -> None:

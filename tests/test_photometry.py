@@ -453,3 +453,17 @@ def test_saturated_sky_flags_skip_no_saturated_pixel(seed, nsat, saturation, dty
         assert bool(got["flag"][k] & lcformat.FLAG_SKY_SATURATED) == want
     th, tw = P.SAT_TILE
     assert ny > 2 * th and nx > 2 * tw
+
+
+def test_saturation_of_wide_integer_raw_frames_is_decided_as_the_kernel_compares():
+    """64-bit raw values round when compared in float64: such frames are checked pixel by pixel (review)."""
+    x, y = np.array([40.0]), np.array([32.0])
+    for dtype, value, saturation in ((np.int64, 2**53 + 3, float(2**53 + 4)), (np.uint64, 2**64 - 1, 2.0**64)):
+        raw = np.full((64, 128), 300, dtype=dtype)
+        raw[32, 20] = value  # in the annulus of the star; float64(value) >= saturation
+        image = np.full(raw.shape, 50.0, dtype=np.float32)
+        res = measure_apertures(image, x, y, raw=raw, saturation=saturation)
+        assert res["flag"][0] & lcformat.FLAG_SKY_SATURATED, dtype
+    # an empty frame: every star is off it, as before the tile map
+    res = measure_apertures(np.zeros((10, 0), np.float32), x, y, raw=np.zeros((10, 0), np.uint16))
+    assert res["flag"][0] & lcformat.FLAG_EDGE

@@ -69,6 +69,19 @@ def test_a_process_that_outlives_a_flow_run_plans_the_night_again_for_the_next(p
     assert len(second.frames) == len(first.frames) - 1
 
 
+def test_batch_threads_from_the_environment(monkeypatch):
+    from flows.reduce_night import BatchThreadPool, flow_workers, task_runner_for
+
+    monkeypatch.setenv("MASCARA_FLOW_WORKERS", "3")
+    runner = task_runner_for(None)
+    assert isinstance(runner, BatchThreadPool) and runner.batch_slots == 3
+    assert runner.duplicate().batch_slots == 3  # Prefect copies the runner for each flow run
+    for bad in ("1.5", "0", "two"):
+        monkeypatch.setenv("MASCARA_FLOW_WORKERS", bad)
+        with pytest.warns(UserWarning, match="MASCARA_FLOW_WORKERS"):
+            assert flow_workers() == (os.cpu_count() or 2)
+
+
 def test_completed_states_are_not_retried():
     assert retry_on_transient(None, None, Completed(data=1)) is False
 
