@@ -40,11 +40,13 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from numba import njit
 
-__all__ = ["ORDERS", "Stacker", "cubic_weights", "stack_frames", "thread_stacker", "tile_grid", "tile_shape"]
+__all__ = ["ORDERS", "Stacker", "cubic_weights", "reuse_stacker", "stack_frames", "thread_stacker", "tile_grid",
+           "tile_shape"]
 
 
 def tile_shape(shape: tuple[int, int], tile: int = 32) -> tuple[int, int]:
@@ -590,12 +592,17 @@ def thread_stacker(shape: tuple[int, int], tile: int = 32, order: int = 0) -> St
     stacker (and the arrays :meth:`Stacker.finish` returned) belong to the
     calling thread and are reset by its next call.
     """
+    return reuse_stacker(_PER_THREAD, shape, tile, order)
+
+
+def reuse_stacker(holder: Any, shape: tuple[int, int], tile: int = 32, order: int = 0) -> Stacker:
+    """``holder.stacker`` emptied when it has this geometry, else a new one put there (the old one dropped first)."""
     key = (int(shape[0]), int(shape[1]), int(tile), int(order))
-    st = getattr(_PER_THREAD, "stacker", None)
+    st = getattr(holder, "stacker", None)
     if st is None or (st.shape[0], st.shape[1], st.tile, st.order) != key:
-        _PER_THREAD.stacker = None  # drop the old buffers before the new ones are allocated
+        holder.stacker = None  # drop the old buffers before the new ones are allocated
         st = Stacker(key[:2], tile=key[2], order=key[3])
-        _PER_THREAD.stacker = st
+        holder.stacker = st
     else:
         st.reset()
     return st

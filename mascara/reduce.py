@@ -26,6 +26,7 @@ solution but never on another batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -36,7 +37,7 @@ import sys
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,7 +46,7 @@ import numpy as np
 from mascara import __version__
 from mascara import lcformat as lcf
 from mascara.astrometry import AstrometryFailed, correct_batch, initial_solution
-from mascara.binning import thread_stacker, tile_grid
+from mascara.binning import reuse_stacker, tile_grid
 from mascara.camera import CameraModel, nominal_camera
 from mascara.diagnostics import diagnostic_stars, keep_binned_preview
 from mascara.lightcurves import StarSplitter, combine_night, run_splitter_process, write_batch_file
@@ -521,19 +522,35 @@ def isolated_stars(settings: Settings, scale: float) -> np.ndarray:
     return _ISOLATED[key]
 
 
-_PER_THREAD = threading.local()
+class _Workspace:
+    """The large buffers of one batch being reduced: two sets of frame buffers (the reference frame, the
+    others) and a stacker, reused by the next batch that checks the workspace out (:func:`_batch_workspace`).
 
-
-def _thread_frame_buffers() -> tuple[FrameBuffers, FrameBuffers]:
-    """This thread's two sets of frame buffers (reference frame, the others), kept from batch to batch.
-
-    A batch-reducing thread needs them for one batch at a time; fresh ones per batch (about 130 MB of
-    full frames) cost page faults and system time for nothing.
+    Fresh ones per batch (about 300 MB of full frames) cost page faults and system time for nothing.
+    Workspaces were once kept per thread; a Prefect flow's pool has a thread more than it reduces
+    batches at once, and each of its threads then kept a set (RSS 1.37 -> 1.6 GB on the benchmark
+    night); checked out from a pool there are as many as batches ever ran at once.
     """
-    pair = getattr(_PER_THREAD, "frame_buffers", None)
-    if pair is None:
-        pair = _PER_THREAD.frame_buffers = (FrameBuffers(), FrameBuffers())
-    return pair
+
+    def __init__(self) -> None:
+        self.frame_buffers = (FrameBuffers(), FrameBuffers())
+        self.stacker = None
+
+
+_FREE_WORKSPACES: list[_Workspace] = []
+_WORKSPACES_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _batch_workspace() -> Iterator[_Workspace]:
+    """A free workspace (a new one when none is free), given back when the batch is done, however it ends."""
+    with _WORKSPACES_LOCK:
+        ws = _FREE_WORKSPACES.pop() if _FREE_WORKSPACES else _Workspace()
+    try:
+        yield ws
+    finally:
+        with _WORKSPACES_LOCK:
+            _FREE_WORKSPACES.append(ws)
 
 
 def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchOutcome:
@@ -546,6 +563,11 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     photometry or the stacker.  A batch with no good frame writes an empty
     batch file (it is finished, there is nothing in it).
     """
+    with _batch_workspace() as ws:
+        return _reduce_batch(plan, ctx, batch, ws)
+
+
+def _reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int, ws: _Workspace) -> BatchOutcome:
     one_blas_thread()
     s = plan.settings
     frames = plan.batches[batch]
@@ -564,8 +586,8 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     order = _middle_first(frames, batch, s.batch_size)
     ref = None
     # read + calibrate is one pass into buffers reused from frame to frame (the reference frame keeps its own),
-    # and from batch to batch in this thread
-    ref_buffers, buffers = _thread_frame_buffers()
+    # and from batch to batch (the workspace)
+    ref_buffers, buffers = ws.frame_buffers
     for ff in order:
         try:
             with sw("read"):
@@ -612,7 +634,7 @@ def reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int) -> BatchO
     with sw("binning"):
         txc, tyc = tile_grid((ny, nx), s.bin_tile)
         tile_places = _tile_places(model, txc.ravel(), tyc.ravel(), site, jd_ref)
-        stacker = thread_stacker((ny, nx), tile=s.bin_tile, order=s.bin_order)  # this thread's, reused
+        stacker = reuse_stacker(ws, (ny, nx), tile=s.bin_tile, order=s.bin_order)
         # the pixel phases each binned star takes through the stack (mean over frames), for the
         # pixel-phase correction of the binned fluxes (mascara.pixelphase)
         phase_sum = np.zeros((len(slow_sel), NTERMS))

@@ -364,3 +364,45 @@ def test_batches_in_threads_equal_a_serial_reduction(tmp_path):
             assert names
             for n in names:
                 assert a[n][()].tobytes() == b[n][()].tobytes(), (kind, n)
+
+
+def test_batch_workspaces_are_as_many_as_batches_ever_ran_at_once():
+    """Workspaces (frame buffers, stacker) go back to a pool: threads that never overlap share one."""
+    import threading
+
+    from mascara import reduce as R
+
+    R._FREE_WORKSPACES.clear()
+    seen = []
+
+    def one():
+        with R._batch_workspace() as ws:
+            seen.append(ws)
+
+    for _ in range(3):  # three threads one after the other, as a thread pool larger than the batches runs them
+        t = threading.Thread(target=one)
+        t.start()
+        t.join()
+    assert len({id(w) for w in seen}) == 1 and len(R._FREE_WORKSPACES) == 1
+    inside, release = threading.Event(), threading.Event()
+
+    def held():
+        with R._batch_workspace() as ws:
+            seen.append(ws)
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=held)
+    t.start()
+    inside.wait(10)
+    with R._batch_workspace() as mine:  # while another batch holds one: a second workspace
+        assert mine is not seen[-1]
+    release.set()
+    t.join()
+    assert len(R._FREE_WORKSPACES) == 2
+    try:
+        with R._batch_workspace():
+            raise RuntimeError("a batch that fails")
+    except RuntimeError:
+        pass
+    assert len(R._FREE_WORKSPACES) == 2  # given back all the same
