@@ -332,7 +332,8 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
                             idle_timeout: float | None = None, until_jd: float | None = None, poll: float = 2.0,
                             settle: float = 1.0, keep_old: int = KEEP_OLD, heartbeat: Heartbeat | None = None,
                             split_in_background: bool = True, require_calibration: bool = False,
-                            flow_run_id: str | None = None, on_batch: Any = None) -> tuple[RunHandle, Any]:
+                            flow_run_id: str | None = None, on_batch: Any = None,
+                            stop: threading.Event | None = None) -> tuple[RunHandle, Any]:
     """Reduce one camera-night while it is observed, recorded as an offline run is (issue 14).
 
     The run opens (lease, decision, moves aside) when the first batch is
@@ -341,7 +342,10 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
     Each batch is registered in the catalog once complete and recorded when
     reduced; at the end (``until_jd`` or ``idle_timeout``) the night files
     are combined and the run ends ``succeeded``. ``on_batch`` is called
-    after each batch is recorded (a flow publishes progress there).
+    after each batch is recorded (a flow publishes progress there). Setting
+    ``stop`` ends the run before its next batch with
+    :class:`mascara.reduce.LiveStopped`, recorded as failed unless the run was
+    ended already (``mascprocess --live`` records the interruption first).
 
     Raises
     ------
@@ -388,7 +392,7 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
             night.path if hasattr(night, "path") else night, settings, grace=grace, idle_timeout=idle_timeout,
             until_jd=until_jd, poll=poll, settle=settle, on_start=on_start, on_ready=on_ready,
             on_batch=on_reduced, on_prepared=on_prepared, split_in_background=split_in_background,
-            require_calibration=require_calibration)
+            require_calibration=require_calibration, stop=stop)
         handle = state.get("handle")
         if handle is None:
             raise NothingToReduce(f"{night.path if hasattr(night, 'path') else night}: no science frame "

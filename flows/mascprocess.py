@@ -278,6 +278,10 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
 REPLAY_IDLE_TIMEOUT = 600.0
 
 
+#: Seconds an interrupted ``mascprocess --live`` waits for its camera threads to finish their batch.
+STOP_WAIT = 60.0
+
+
 def run_live(args: argparse.Namespace) -> int:
     """``mascprocess --live``: one library-driver thread per camera-night of the night, until sunrise.
 
@@ -326,14 +330,20 @@ def run_live(args: argparse.Namespace) -> int:
               f"{idle_timeout:.0f} s without a new frame", file=sys.stderr)
     status: dict[str, int] = {}
 
+    stop = threading.Event()
+
     def one(cam: str) -> None:
         nd = parse_night_dir(datadir / f"{night}{site}{cam}")
         t0 = time.perf_counter()
         try:
             handle, result = _runs.drive_live_camera_night(
                 db_url, nd, s, grace=args.grace, idle_timeout=idle_timeout, until_jd=until, poll=args.poll,
-                keep_old=args.keep_old, heartbeat=heartbeat, require_calibration=args.require_calibration)
+                keep_old=args.keep_old, heartbeat=heartbeat, require_calibration=args.require_calibration,
+                stop=stop)
         except Exception as exc:  # recorded as failed by the driver where a run was open
+            if stop.is_set():  # LiveStopped, or a write refused after the lease was released
+                status[cam] = 1  # the main thread reports the interruption
+                return
             print(f"{nd.night_id}: live run ended without night files: {type(exc).__name__}: {exc}", file=sys.stderr)
             status[cam] = 1
             return
@@ -352,12 +362,33 @@ def run_live(args: argparse.Namespace) -> int:
                 while t.is_alive():  # join with a timeout, so that signals reach the main thread
                     t.join(0.5)
         except KeyboardInterrupt as exc:
-            # the camera threads cannot be stopped from here and die with the process: their runs
-            # are recorded now (a thread's later catalog write is refused, its lease being gone)
+            # the runs are recorded first, then the camera threads are asked to stop (a thread's later
+            # catalog write is refused, its lease being gone) and waited for: a thread still reducing
+            # when the interpreter shuts down can abort the process ("terminate called without an
+            # active exception", SIGABRT) instead of letting it exit with 128 + N
             from flows import _signals
 
             with _signals.shielded():
                 _runs.end_runs_of_this_process(db_url, f"interrupted ({_runs.interruption(exc)})")
+            stop.set()
+            deadline = time.monotonic() + STOP_WAIT
+            try:
+                for t in threads:
+                    while t.is_alive() and time.monotonic() < deadline:
+                        t.join(0.5)
+            except KeyboardInterrupt:
+                pass  # a second signal: do not wait
+            left = [t.name for t in threads if t.is_alive()]
+            if left:  # the runs are recorded; leave without an interpreter shutdown these threads could abort
+                print(f"mascprocess: {', '.join(left)} still reducing after {STOP_WAIT:.0f} s; exiting without "
+                      "waiting", file=sys.stderr)
+                import multiprocessing
+
+                for child in multiprocessing.active_children():  # the splitters: they would wait for ever
+                    child.terminate()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(128 + int(getattr(signal.Signals, _runs.interruption(exc) or "SIGINT", signal.SIGINT)))
             raise
     _runs.draw_night_summaries(datadir, [datadir / f"{night}{site}{c}" for c in cams])
     return max(status.values(), default=1)

@@ -1189,6 +1189,10 @@ class LiveNight:
         return self.ending and set(self.plan.batches) <= self.finished
 
 
+class LiveStopped(Exception):
+    """A live reduction asked to stop (:func:`reduce_camera_night_live`'s ``stop``) before its night was over."""
+
+
 def reduce_camera_night_live(
     night_dir: Path | str,
     settings: Settings | None = None,
@@ -1206,6 +1210,7 @@ def reduce_camera_night_live(
     require_calibration: bool = False,
     now_jd: Callable[[], float] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    stop: threading.Event | None = None,
 ) -> tuple[NightResult, CameraNightPlan]:
     """Reduce a camera-night while its frames arrive (issue 14); returns the result and the final plan.
 
@@ -1222,7 +1227,17 @@ def reduce_camera_night_live(
     on_ready : called with the plan of newly ready batches before they are reduced.
     on_batch, on_prepared : as for :func:`reduce_camera_night`.
     grace, idle_timeout, until_jd, now_jd : see :class:`LiveNight`.
+    stop : once set, :class:`LiveStopped` is raised before the next batch or poll
+        (a batch being reduced is finished first; the splitter is stopped as
+        after any error). A process that must end while its live runs go on in
+        threads stops them this way: a thread left running into interpreter
+        shutdown can abort the process.
     """
+
+    def check() -> None:
+        if stop is not None and stop.is_set():
+            raise LiveStopped(f"{night_dir}: the live reduction was asked to stop")
+
     t0 = time.perf_counter()
     live = LiveNight(night_dir, settings, grace=grace, idle_timeout=idle_timeout, until_jd=until_jd,
                      settle=settle, now_jd=now_jd)
@@ -1232,6 +1247,7 @@ def reduce_camera_night_live(
     skipped: list[int] = []
     try:
         while True:
+            check()
             new = live.step()
             if new and ctx is None:
                 if on_start is not None:
@@ -1251,6 +1267,7 @@ def reduce_camera_night_live(
             if new and on_ready is not None:
                 on_ready(live.ready_plan(new))
             for b in new:
+                check()
                 outcome = reduce_batch(live.plan, ctx, b)
                 outcomes.append(outcome)
                 if on_batch:  # recorded first: a run that lost its lease stops here, before the split
@@ -1261,7 +1278,10 @@ def reduce_camera_night_live(
             if live.over:
                 break
             if not new:
-                sleep(poll)
+                if stop is None:
+                    sleep(poll)
+                else:
+                    stop.wait(poll)
     finally:
         _stop_splitter(queue, proc)
     return (NightResult(night_id=live.night.night_id, batches=outcomes, products={}, skipped=skipped,

@@ -121,7 +121,9 @@ def test_live_flow_shows_each_batch_as_a_task_run_while_the_night_goes_on(tmp_pa
 def test_a_signal_to_a_live_run_is_recorded_and_the_night_resumes(tmp_path, pristine_night, reference):
     """SIGTERM to ``mascprocess --live`` while its camera thread reduces: the signal reaches the main
     thread only, which records the thread's run as interrupted and releases its lease before the
-    process exits (not left ``running`` for the next run to find abandoned); the next run resumes."""
+    process exits (not left ``running`` for the next run to find abandoned), then stops the thread
+    (a daemon thread still reducing at shutdown once aborted the process: exit -6, not 143); the
+    next run resumes."""
     from flowkit import fresh_copy, runs
 
     datadir = fresh_copy(pristine_night, tmp_path / "data")
@@ -136,6 +138,7 @@ def test_a_signal_to_a_live_run_is_recorded_and_the_night_resumes(tmp_path, pris
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "still reducing" not in err, err[-3000:]  # the camera thread stopped before the interpreter's shutdown
     [run] = runs(datadir)
     assert (run["status"], run["error"]) == ("failed", "interrupted (SIGTERM)"), run
     with connect(datadir=datadir) as cat:
@@ -147,3 +150,39 @@ def test_a_signal_to_a_live_run_is_recorded_and_the_night_resumes(tmp_path, pris
         [status] = [r for r in cat.night_status(NIGHT) if r["camera"] == "LPE"]
         assert status["state"] == "succeeded" and status["decision"] == "resume", status
     assert_same_night_files(datadir / NIGHT_ID, reference)
+
+
+def test_a_stopped_live_run_ends_before_its_next_batch_and_stops_its_splitter(tmp_path, pristine_night):
+    """``stop`` set while the first batch is recorded (``mascprocess --live`` sets it on a signal, so
+    that no camera thread is still reducing when the interpreter shuts down): the run raises
+    ``LiveStopped`` before its next batch, is recorded as failed with that reason, and leaves no
+    splitter process behind."""
+    import multiprocessing
+    import threading
+
+    import pytest
+    from flowkit import fresh_copy, runs
+
+    from flows import _runs
+    from mascara.catalog._engine import resolve_url
+    from mascara.rawio import parse_night_dir
+    from mascara.reduce import LiveStopped
+
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    stop = threading.Event()
+    recorded: list[int] = []
+
+    def on_batch(_handle, outcome) -> None:  # type: ignore[no-untyped-def]
+        recorded.append(outcome.batch)
+        stop.set()
+
+    with pytest.raises(LiveStopped):
+        _runs.drive_live_camera_night(resolve_url(None, str(datadir)), parse_night_dir(datadir / NIGHT_ID),
+                                      grace=2, idle_timeout=3, poll=0.3, on_batch=on_batch, stop=stop)
+    assert len(recorded) == 1
+    assert not multiprocessing.active_children()
+    [run] = runs(datadir)
+    assert run["status"] == "failed" and run["error"].startswith("LiveStopped: "), run
+    with connect(datadir=datadir) as cat:
+        [status] = [r for r in cat.night_status(NIGHT) if r["camera"] == "LPE"]
+    assert status["batches_done"] == 1, status
