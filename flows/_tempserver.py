@@ -138,7 +138,10 @@ class TemporaryServer:
             cmd = [sys.executable, "-c", _LAUNCH, str(os.getpid()), *args]
         else:
             cmd = [sys.executable, "-m", "uvicorn", *args]
-        self.proc = subprocess.Popen(cmd, env=self._env)
+        # its own session: a signal to the terminal's process group (Ctrl-C, `timeout`, `systemctl stop`) reaches
+        # mascprocess, which records the interruption through this server and then stops it; in the same group
+        # the server died first and the flow crashed on a refused connection (exit 1 after a minute, not 130)
+        self.proc = subprocess.Popen(cmd, env=self._env, start_new_session=True)
 
     def wait(self, timeout: float) -> None:
         """Return once the server answers its health check; RuntimeError after ``timeout`` s or if it exits."""

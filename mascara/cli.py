@@ -10,6 +10,17 @@ import argparse
 import sys
 
 
+
+def _at_least_one(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a refused value is a command-line mistake, exit 2)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n} (-o erases earlier outputs instead)")
+    return n
+
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="write simulated raw nights with truth files")
     p.add_argument("datadir", help="data directory to write <YYYYMMDD><SITE><CAM>/raw/ into (created if missing)")
@@ -74,7 +85,8 @@ def _add_backfill(sub: argparse._SubParsersAction) -> None:
                    help="submit up-to-date camera-nights too (their outputs are moved to _old)")
     p.add_argument("--settings", default=None, help="JSON file of settings overrides (a change reprocesses)")
     p.add_argument("--db", default=None, help=DB_HELP)
-    p.add_argument("--keep-old", type=int, default=1, metavar="N", help="generations of earlier outputs to keep")
+    p.add_argument("--keep-old", type=_at_least_one, default=1, metavar="N",
+                   help="generations of earlier outputs to keep")
     p.add_argument("--backfill-limit", type=int, default=None, metavar="N",
                    help="at most N backfill runs at once over all workers (the backfill work queue's "
                         "concurrency limit; 0 removes it; default: leave it as it is)")
@@ -110,8 +122,9 @@ def add_mascprocess_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors: no progress bars, no summary line")
     p.add_argument("-v", "--verbose", action="store_true", help="show the flow's log (Prefect INFO) and the reduction's debug messages")
     p.add_argument("-o", "--overwrite", action="store_true", help="erase old outputs instead of moving them to _old")
-    p.add_argument("--keep-old", type=int, default=1, metavar="N",
-                   help="generations of earlier outputs to keep (<name>_old, _old2, ...; default 1)")
+    p.add_argument("--keep-old", type=_at_least_one, default=1, metavar="N",
+                   help="generations of earlier outputs to keep (<name>_old, _old2, ...; default 1; -o erases "
+                        "instead)")
     p.add_argument("--db", default=None, help=DB_HELP)
     p.add_argument("--settings", default=None, help="JSON file of settings overrides")
     p.add_argument("--dask-address", default=None, help="run batches on a Dask cluster (tcp://... or 'local')")

@@ -730,6 +730,10 @@ def _group_runs(rows: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     return ascc, plain
 
 
+#: How often an idle splitter process checks that the process that started it is still there (s).
+PARENT_CHECK_SECONDS = 1.0
+
+
 def run_splitter_process(
     queue: Any,
     workdir: str | os.PathLike[str],
@@ -753,10 +757,25 @@ def run_splitter_process(
     Notes
     -----
     A batch that fails to split is logged and reported, and the loop goes on:
-    :func:`combine_night` re-adds every batch the registry lacks.
+    :func:`combine_night` re-adds every batch the registry lacks. The loop
+    also ends when the process that started this one is gone (killed: no
+    None will ever come); it would otherwise wait for ever, holding the
+    killed command's output pipes open.
     """
+    from queue import Empty
+
+    parent = os.getppid()
     splitter = StarSplitter(workdir, diagnostic_ids)
-    while (item := queue.get()) is not None:
+    while True:
+        try:
+            item = queue.get(timeout=PARENT_CHECK_SECONDS)
+        except Empty:
+            if os.getppid() != parent:
+                log.warning("the process that started the splitter of %s is gone; stopping", workdir)
+                return
+            continue
+        if item is None:
+            return
         item, sha = item if isinstance(item, tuple) else (item, None)
         try:
             status = "added" if splitter.add(item, sha) else "skipped"

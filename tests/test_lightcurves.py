@@ -484,3 +484,43 @@ def test_combine_from_splitter_uses_only_given_batches(tmp_path, night):
     with h5py.File(via_split["fLC"], "r") as f:
         for sid in list(f["data"])[::100]:
             assert set(f["data"][sid]["lstseq"] // 50) <= batches
+
+
+def test_a_splitter_process_ends_when_the_process_that_started_it_is_killed(tmp_path):
+    """``kill -9`` of ``mascprocess --no-prefect`` (a stranger's trial): its splitter waited on its queue
+    for ever, holding the command's output pipes open; now it notices the parent is gone and ends."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import multiprocessing as mp, sys, time\n"
+        "from mascara.lightcurves import run_splitter_process\n"
+        "if __name__ == '__main__':\n"
+        "    ctx = mp.get_context('spawn')\n"
+        "    q = ctx.Queue()\n"
+        "    p = ctx.Process(target=run_splitter_process, args=(q, sys.argv[1]), daemon=True)\n"
+        "    p.start()\n"
+        "    print(p.pid, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "work")], stdout=subprocess.PIPE,
+                              text=True)
+    child = int(parent.stdout.readline())
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+        except (FileNotFoundError, IndexError):
+            return False
+
+    time.sleep(2)
+    assert alive(child)  # idle, waiting for batch files
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(child), "the splitter outlived the process that started it"
+    assert parent.stdout.read() == ""  # and the pipe closed: nothing holds it open any more

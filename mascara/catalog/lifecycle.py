@@ -61,6 +61,9 @@ KEEP_OLD = 1
 PROVENANCE_PACKAGES = ("mascara", "numpy", "scipy", "astropy", "photutils", "h5py", "numba", "prefect",
                        "prefect-dask", "dask", "distributed", "sqlalchemy", "sqlmodel", "alembic")
 
+#: The directories a reduction writes beside ``raw/``.
+PIPELINE_OUTPUTS = ("work", "lightcurves", "astrometry", "quicklook")
+
 _OLD_RE = re.compile(r"^(?P<base>.+?)_old(?P<gen>[2-9]|[1-9]\d+)?$")
 BIN_PREFIX = ".mascara-erasing-"
 
@@ -111,13 +114,23 @@ def current_outputs(night_path: str | Path) -> list[Path]:
     return [g[0] for g in output_generations(night_path).values() if 0 in g]
 
 
+def holds_night_files(path: str | Path) -> bool:
+    """Whether a ``lightcurves`` directory holds both night files (fLC and sLC): a finished reduction."""
+    p = Path(path)
+    return p.is_dir() and any(p.glob("fLC_*.hdf5")) and any(p.glob("sLC_*.hdf5"))
+
+
 def plan_actions(night_path: str | Path, decision: str, keep_old: int = KEEP_OLD,
                  reason: str | None = None) -> list[tuple[str, str | None, str, str | None]]:
     """Filesystem actions ``(src, dst, action, reason)`` of a decision, in the order they must run.
 
     ``move``: every generation shifts by one; those that would exceed
-    ``keep_old`` are erased first. ``erase``: every output, all generations.
-    ``new``/``resume``: nothing.
+    ``keep_old`` are erased first. Current outputs of a reduction that never
+    finished (no fLC and sLC files in ``lightcurves/``) do not push a kept generation
+    out: when older generations exist, the unfinished reduction's directories
+    are erased instead (recorded like any erase) and the older ones stay where
+    they are, so that failed runs in a row never erase the last finished
+    reduction. ``erase``: every output, all generations. ``new``/``resume``: nothing.
     """
     gens = output_generations(night_path)
     if decision == "erase":
@@ -126,7 +139,14 @@ def plan_actions(night_path: str | Path, decision: str, keep_old: int = KEEP_OLD
         return []
     if keep_old < 1:
         raise ValueError("keep_old must be at least 1 (use overwrite to erase instead)")
+    finished = 0 in gens.get("lightcurves", {}) and holds_night_files(gens["lightcurves"][0])
+    older = any(gen > 0 for g in gens.values() for gen in g)
     erases, renames = [], []
+    if not finished and older:
+        unfinished = {b for b in PIPELINE_OUTPUTS if 0 in gens.get(b, {})}
+        erases = [(str(gens[b][0]), None, "erased", f"{b} of a reduction that never finished (no night files); "
+                   "the older generations are kept") for b in sorted(unfinished)]
+        gens = {b: g for b, g in gens.items() if b not in PIPELINE_OUTPUTS}  # their older generations stay
     for base, g in gens.items():
         for gen, p in g.items():
             if gen >= keep_old:
@@ -245,7 +265,8 @@ def up_to_date(cat: Catalog, camera_night_id: str, fp_key: str) -> str | None:
     terabytes). A run in progress is reported too, so nobody starts a second.
     """
     latest = cat.last_run(camera_night_id)
-    if latest is not None and latest.live:
+    if latest is not None and latest.live and _gone_on_this_host(cat, latest.run_id, latest.host) is None:
+        # (a holder killed on this host is not in progress: the run that starts takes its lease over at once)
         return f"in progress: run {latest.run_id} on {latest.host} holds the lease"
     last = cat.last_run(camera_night_id, decided=True)
     if last is None or last.status != "succeeded" or last.fingerprint_key != fp_key:
@@ -328,22 +349,30 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _gone_on_this_host(cat: Catalog, run_id: str, host: str) -> int | None:
+    """The pid of run ``run_id`` if it ran on this host in a process that no longer exists, else None."""
+    if host != socket.gethostname():
+        return None
+    from sqlmodel import Session
+
+    from mascara.catalog.models import ReductionRun
+
+    with Session(cat.engine) as s:
+        run = s.get(ReductionRun, run_id)
+        pid = run.pid if run is not None else None
+    if pid is None or _pid_alive(pid):
+        return None
+    return pid
+
+
 def _release_dead_lease(cat: Catalog, exc: LeaseHeld) -> bool:
     """End the holder's run when it ran on this host in a process that no longer exists.
 
     A killed run keeps its lease until it expires; on the same host the process
     table tells for sure that it is gone, so a re-run need not wait.
     """
-    if exc.host != socket.gethostname():
-        return False
-    from sqlmodel import Session
-
-    from mascara.catalog.models import ReductionRun
-
-    with Session(cat.engine) as s:
-        run = s.get(ReductionRun, exc.run_id)
-        pid = run.pid if run is not None else None
-    if pid is None or _pid_alive(pid):
+    pid = _gone_on_this_host(cat, exc.run_id, exc.host)
+    if pid is None:
         return False
     log.warning("run %s (pid %d on this host) is gone; ending it and taking over its lease", exc.run_id, pid)
     cat.finish_run(exc.run_id, "failed", error=f"abandoned: process {pid} on {exc.host} no longer exists")
@@ -362,6 +391,8 @@ def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, 
     LifecycleError
         the night directory contradicts the journal.
     """
+    if keep_old < 1:  # before anything is registered: a refused argument must not leave a run holding the lease
+        raise ValueError("keep_old must be at least 1 (use overwrite to erase instead)")
     night = plan.night
     night_path = Path(night.path).absolute()
     cn_id = cat.register_camera_night(night.site, night.camera, night.night, night_path)

@@ -34,8 +34,15 @@ def _apply(night: Path, actions) -> None:  # type: ignore[no-untyped-def]
         execute_action(JournalEntry(f"id{i}", "cn", "run", i, src, dst, action, "intended", reason), night)
 
 
+def _finished(night: Path, gen: str = "lightcurves") -> None:
+    """Night files in ``gen``: the mark of a finished reduction."""
+    for kind in ("fLC", "sLC"):
+        (night / gen / f"{kind}_{night.name}.hdf5").write_bytes(kind.encode())
+
+
 def test_generations_rotate_and_the_oldest_makes_room(tmp_path):
     night = _night(tmp_path, "work", "lightcurves", "work_old", "lightcurves_old", "astrometry_old")
+    _finished(night)
     assert {b: sorted(g) for b, g in output_generations(night).items()} == {
         "astrometry": [1], "lightcurves": [0, 1], "work": [0, 1]}
     actions = plan_actions(night, "move", keep_old=1, reason="re-run")
@@ -48,12 +55,40 @@ def test_generations_rotate_and_the_oldest_makes_room(tmp_path):
 
 
 def test_keep_old_two_shifts_generations_oldest_first(tmp_path):
-    night = _night(tmp_path, "work", "work_old", "work_old2")
+    night = _night(tmp_path, "work", "work_old", "work_old2", "lightcurves")
+    _finished(night)
     actions = plan_actions(night, "move", keep_old=2)
     assert [(Path(s).name, d and Path(d).name, a) for s, d, a, _ in actions] == [
-        ("work_old2", None, "erased"), ("work_old", "work_old2", "renamed"), ("work", "work_old", "renamed")]
+        ("work_old2", None, "erased"), ("work_old", "work_old2", "renamed"),
+        ("lightcurves", "lightcurves_old", "renamed"), ("work", "work_old", "renamed")]
     _apply(night, actions)
     assert (night / "work_old2" / "f").read_text() == "work_old" and (night / "work_old" / "f").read_text() == "work"
+
+
+@pytest.mark.parametrize("keep_old", [1, 2])
+def test_an_unfinished_reduction_never_pushes_a_finished_one_out(tmp_path, keep_old):
+    """Runs that fail in a row under new settings (the trial: gain 0, then gain -1): the first moves
+    the finished reduction aside and leaves unfinished outputs; the second must erase those, not the
+    finished generation, which would leave the night without any night files."""
+    night = _night(tmp_path, "work", "lightcurves", "astrometry")
+    _finished(night)
+    _apply(night, plan_actions(night, "move", keep_old=keep_old))  # the first failed run moves it aside ...
+    (night / "work").mkdir()  # ... and leaves outputs of its own, without night files
+    (night / "astrometry").mkdir()
+    # killed before its combine: no lightcurves/ at all; the second run
+    assert sorted((Path(s).name, a) for s, _, a, _ in plan_actions(night, "move", keep_old=keep_old)) == [
+        ("astrometry", "erased"), ("work", "erased")]
+    (night / "lightcurves").mkdir()
+    (night / "lightcurves" / "fLC_20260301LPE.hdf5").write_bytes(b"half")  # killed between the two files
+    actions = plan_actions(night, "move", keep_old=keep_old)  # the second run
+    assert sorted((Path(s).name, a) for s, _, a, _ in actions) == [
+        ("astrometry", "erased"), ("lightcurves", "erased"), ("work", "erased")]
+    _apply(night, actions)
+    assert sorted(p.name for p in night.iterdir()) == ["astrometry_old", "lightcurves_old", "raw", "work_old"]
+    assert (night / "lightcurves_old" / "sLC_20260301LPE.hdf5").read_bytes() == b"sLC"
+    # with nothing older to protect, an unfinished reduction is kept as a generation like any other
+    fresh = _night(tmp_path / "fresh", "work")
+    assert [(Path(s).name, a) for s, _, a, _ in plan_actions(fresh, "move")] == [("work", "renamed")]
 
 
 def test_erase_takes_every_generation_and_never_raw(tmp_path):

@@ -49,6 +49,14 @@ def test_a_mistake_is_refused_before_prefect_or_numpy_is_imported(two_cameras, a
     assert not (two_cameras / "catalog.sqlite").exists()
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_keep_old_must_be_a_whole_number_of_at_least_one(two_cameras, value):
+    res = subprocess.run([sys.executable, "-c", _PROBE, str(two_cameras), "--keep-old", value], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2 and "argument --keep-old:" in res.stderr, res.stderr
+    assert not (two_cameras / "catalog.sqlite").exists()
+
+
 def test_missing_data_directory(tmp_path):
     res = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path / "nowhere")], capture_output=True, text=True,
                          timeout=60)

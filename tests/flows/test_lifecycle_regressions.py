@@ -128,6 +128,37 @@ def test_a_second_rerun_records_the_erase_of_the_oldest_outputs(pristine_night, 
     _check(datadir)
 
 
+def test_failed_reruns_in_a_row_keep_the_last_finished_reduction(pristine_night, tmp_path, prefect_server):
+    """A stranger's trial: two re-runs under new settings, each dying after its first batch file (the
+    trial's were settings the reduction refused). The first moves the finished reduction aside; the
+    second used to erase that ``_old`` to make room for its predecessor's unfinished outputs, leaving
+    no night files anywhere. Now the unfinished outputs are erased (recorded) and the finished
+    reduction stays, checksum and catalog rows intact, until a run finishes."""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    night = datadir / NIGHT_ID
+    mascprocess(datadir, env, "--no-prefect", "-q")
+    first_flc = sha256(night / "lightcurves" / f"fLC_{NIGHT_ID}.hdf5")
+    for i, vmag in enumerate((7.0, 6.5)):
+        settings = tmp_path / f"settings{i}.json"
+        settings.write_text(f'{{"vmag_fast": {vmag}, "vmag_slow": 8.0}}')
+        killed = mascprocess(datadir, {**env, "MASCARA_FAULT": "after_batch_file:kill"}, "--no-prefect", "-q",
+                             "--settings", str(settings), check=False)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        assert sha256(night / "lightcurves_old" / f"fLC_{NIGHT_ID}.hdf5") == first_flc
+    assert not (night / "lightcurves").exists()
+    erased = _rows(datadir, "SELECT src, reason FROM directory_move WHERE action = 'erased'")
+    assert sorted(Path(s).name for s, _ in erased) == ["astrometry", "work"], erased
+    assert all("never finished" in r for _, r in erased)
+    first = runs(datadir)[0]["id"]
+    assert not _rows(datadir, "SELECT path FROM product WHERE run_id = ? AND erased_at IS NOT NULL", first)
+    _check(datadir)
+    mascprocess(datadir, env, "--no-prefect", "-q")  # a run that finishes: new night files, the kept ones stay
+    assert sha256(night / "lightcurves_old" / f"fLC_{NIGHT_ID}.hdf5") == first_flc
+    assert (night / "lightcurves" / f"fLC_{NIGHT_ID}.hdf5").is_file()
+    _check(datadir)
+
+
 def test_two_data_directories_with_the_same_night(db_url, pristine_night, tmp_path):
     """Issue 9, 4: one catalog, the same night in two data directories: two camera-nights, two leases."""
     from flows import _runs
@@ -164,9 +195,27 @@ def _group_alive(pgid: int) -> list[int]:
     return out
 
 
+def _servers_of(pid: int) -> list[int]:
+    """Temporary Prefect servers that ``mascprocess`` ``pid`` started (in a session of their own)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        try:
+            args = (p / "cmdline").read_bytes().split(b"\0") if p.name.isdigit() else []
+        except OSError:
+            continue
+        if b"prefect.server.api.server:create_app" in args and str(pid).encode() in args:
+            out.append(int(p.name))
+    return out
+
+
 @pytest.mark.prefect
-def test_sigterm_stops_the_temporary_server_and_records_the_interruption(pristine_night, tmp_path, prefect_server):
-    """Issue 9, 5: SIGTERM to mascprocess in ephemeral mode: exit 143, no orphan server, run 'interrupted'."""
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-process", "to-group"])
+def test_sigterm_stops_the_temporary_server_and_records_the_interruption(pristine_night, tmp_path, prefect_server,
+                                                                         to_group):
+    """Issue 9, 5: SIGTERM to mascprocess in ephemeral mode: exit 143, no orphan server, run 'interrupted'.
+
+    Also to the whole process group, as a terminal's Ctrl-C, ``timeout`` or ``systemctl stop`` do: the
+    temporary server once shared the group, died first, and the flow crashed (exit 1 after a minute)."""
     _, env = prefect_server
     env = {k: v for k, v in env.items() if k not in ("PREFECT_API_URL",)}  # a temporary server of its own
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
@@ -180,11 +229,16 @@ def test_sigterm_stops_the_temporary_server_and_records_the_interruption(pristin
             break
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    [server] = _servers_of(proc.pid)
+    if to_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     time.sleep(2)
-    assert _group_alive(proc.pid) == [], "processes of mascprocess outlived it (the temporary server?)"
+    assert _group_alive(proc.pid) == [], "processes of mascprocess outlived it"
+    assert _servers_of(proc.pid) == [] and not Path(f"/proc/{server}").exists(), "the temporary server outlived it"
     (run,) = runs(datadir)
     assert run["status"] == "failed" and run["error"] == "interrupted (SIGTERM)"
     assert "interrupted by SIGTERM" in err

@@ -123,6 +123,17 @@ def test_new_then_resume_then_move_aside_then_erase(night):
         ("work", "work_old", "renamed"), ("lightcurves", None, "erased"), ("work_old", None, "erased")]
 
 
+def test_keep_old_below_one_is_refused_before_a_run_is_registered(night):
+    """A refused argument must not leave a run ``running`` with the lease (a stranger's trial: --keep-old 0)."""
+    from flows._runs import catalog, open_run
+
+    plan, url = night
+    with pytest.raises(ValueError, match="keep_old must be at least 1"):
+        open_run(url, plan, keep_old=0)
+    cn = catalog(url).find_camera_night(plan.night.path)
+    assert cn is None or catalog(url).last_run(cn) is None
+
+
 def test_a_live_run_holds_the_camera_night(night):
     from flows._runs import open_run
 
@@ -138,10 +149,16 @@ def test_the_lease_of_a_dead_process_on_this_host_is_taken_over(night):
     from flows._runs import catalog, open_run
 
     plan, url = night
+    from flows._runs import already_done
+
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     first = open_run(url, plan, pid=dead.pid)
+    # --skip-done and the backfill: a holder killed on this host is not "in progress" (a stranger's trial:
+    # a crashed night was skipped for the rest of the lease, 5 minutes)
+    assert already_done(url, plan) is None
     second = open_run(url, plan)
+    assert already_done(url, plan).startswith("in progress")  # a live holder is
     assert second.decision == "resume" and second.run_id != first.run_id
     assert catalog(url).last_run(second.camera_night_id).run_id == second.run_id
 
