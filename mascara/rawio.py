@@ -225,6 +225,12 @@ def scan_raw(night: NightDir, only: Collection[str] | None = None) -> RawScan:
     ``only`` restricts the scan to these file names (a live reduction passes
     the files that have fully arrived, :class:`mascara.live.RawWatch`).
     """
+    from mascara.timeindex import night_slot_window
+
+    try:
+        window: tuple[int, int] | None = night_slot_window(night.night, night.site)
+    except (ValueError, KeyError):  # not a date, or a site this package does not know: no window to check
+        window = None
     by_seq: dict[int, list[Path]] = {}
     rejected: list[Rejection] = []
     calib: dict[str, list[Path]] = {"bias": [], "dark": [], "flat": []}
@@ -248,6 +254,11 @@ def scan_raw(night: NightDir, only: Collection[str] | None = None) -> RawScan:
         if m["site"] != night.site or m["camera"] != night.camera:
             rejected.append(Rejection(seq, name, _regular_size(p),
                                       f"file name is of camera {m['site']}{m['camera']}, not {night.site}{night.camera}"))
+            continue
+        if window is not None and not window[0] <= seq <= window[1]:
+            rejected.append(Rejection(seq, name, _regular_size(p),
+                                      f"lstseq {seq} is not a slot of the night {night.night} at {night.site} "
+                                      f"(its slots run from {window[0]} to {window[1]}, local noon to noon)"))
             continue
         by_seq.setdefault(seq, []).append(p)
     frames = []

@@ -237,6 +237,21 @@ def _crossings(jd0: float, step: float, alt: np.ndarray, sun_alt: float) -> list
     return [jd0 + step * k for k in edges]
 
 
+def night_slot_window(night: str, site: Site | str) -> tuple[int, int]:
+    """First and last lstseq a frame of ``night`` can have: the slots from local mean noon of the date to the next.
+
+    Wider than any night (whatever the Sun's altitude that bounds it), so the
+    intake can tell a frame of another night, or a file with an absurd
+    lstseq in its name, from a frame of this one. ``ValueError`` if ``night``
+    is not a ``YYYYMMDD`` date.
+    """
+    s = get_site(site)
+    date = _dt.datetime.strptime(night, "%Y%m%d").replace(tzinfo=_dt.timezone.utc)
+    jd0 = 2440587.5 + date.timestamp() / 86400.0 + 0.5 - s.lon / 360.0  # local mean noon
+    first, last = lstseq_from_jd(np.array([jd0, jd0 + 1.0]))
+    return int(first), int(last)
+
+
 def night_lstseqs(night: str, site: Site | str, sun_alt: float = -12.0) -> np.ndarray:
     """All slots of one night during which the Sun is below ``sun_alt``.
 

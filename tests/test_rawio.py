@@ -293,3 +293,26 @@ def test_damaged_bytes_anywhere_in_a_header_give_a_refusal_never_a_crash(small_n
     with pytest.raises(BadFrame) as got:
         read_calibration(p, "dark", shape)
     assert got.value.reason.startswith("unparsable header card(s) IMAGETYP"), got.value.reason
+
+
+def test_a_frame_of_another_night_is_rejected_by_its_lstseq(tmp_path):
+    """A stranger's trial: a valid frame of the next night copied into this night's raw/ was reduced with
+    it (280 of 420 stars got a point from the next night), and a file named 99999999LPE.fits, refused by
+    its header, still stretched the night to 35 million missing slots. The intake now names both."""
+    from mascara.rawio import parse_night_dir, scan_raw
+    from mascara.timeindex import night_lstseqs, night_slot_window
+
+    night = tmp_path / "20260301LPE"
+    (night / "raw").mkdir(parents=True)
+    first, last = night_slot_window("20260301", "LP")
+    slots = night_lstseqs("20260301", "LP", sun_alt=0.0)  # from sunset to sunrise
+    assert first < slots[0] and slots[-1] < last
+    before, after = night_lstseqs("20260228", "LP", sun_alt=0.0)[-1], night_lstseqs("20260302", "LP", sun_alt=0.0)[0]
+    assert before < first and last < after
+    for seq in (before, slots[0], slots[-1], after, 99999999):
+        (night / "raw" / f"{seq:08d}LPE.fits").write_bytes(b"not read by the scan")
+    scan = scan_raw(parse_night_dir(night))
+    assert [f.lstseq for f in scan.frames] == [slots[0], slots[-1]]
+    assert sorted(r.lstseq for r in scan.rejected) == [before, after, 99999999]
+    assert all(f"is not a slot of the night 20260301 at LP (its slots run from {first} to {last}" in r.reason
+               for r in scan.rejected)

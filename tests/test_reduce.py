@@ -207,14 +207,17 @@ def test_failed_astrometry_falls_back_on_the_night_solution_and_flags_the_batch(
 
 
 def test_camera_solution_is_reused_by_later_nights(night_copy):
-    import shutil
-
     from mascara.reduce import prepare_camera_night
 
     first = prepare_camera_night(plan_camera_night(night_copy))
     assert first.solution_start == "nominal"
-    later = night_copy.with_name("20260302LPE")
-    shutil.copytree(night_copy / "raw", later / "raw")
+    from mascara.simulate import SimConfig, simulate_night
+
+    # the next night, simulated (a copy of this night's frames under the next date is refused by the intake:
+    # their lstseqs are not slots of that night)
+    later = Path(simulate_night(night_copy.parent, "20260302",
+                                SimConfig(site="LP", camera="E", size="small", nframes=12, seed=5))["night_dir"])
+    assert later.name == "20260302LPE"
     second = prepare_camera_night(plan_camera_night(later))
     assert second.solution_start == f"solution of {night_copy.name}"
     a, b = first.camera_model(), second.camera_model()
