@@ -262,6 +262,13 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
                 status = 1
                 continue
             except Exception as exc:  # recorded as failed by drive_camera_night; go on with the next night
+                from sqlalchemy.exc import DatabaseError, OperationalError
+
+                if isinstance(exc, DatabaseError) and not isinstance(exc, OperationalError):
+                    # not a catalog (a damaged or foreign file): every night would fail alike; name it and stop
+                    print(f"{nd.night_id}: failed: the catalog {db_url} cannot be used: {exc.orig or exc}",
+                          file=sys.stderr)
+                    return 1
                 print(f"{nd.night_id}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 status = 1
                 continue

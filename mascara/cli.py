@@ -148,11 +148,25 @@ def add_mascprocess_arguments(p: argparse.ArgumentParser) -> None:
                       help="how often raw/ is looked at (default 2)")
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace, prog: str = "mascara") -> int:
     import importlib
 
     module, func = args.handler.split(":")
-    return int(getattr(importlib.import_module(module), func)(args) or 0)
+    try:
+        return int(getattr(importlib.import_module(module), func)(args) or 0)
+    except Exception as exc:
+        sqlalchemy = sys.modules.get("sqlalchemy.exc")
+        if sqlalchemy is None or not isinstance(exc, sqlalchemy.DatabaseError) or not getattr(args, "datadir", None):
+            raise
+        # a catalog that is not one (a damaged or foreign file): name it, without a page of traceback
+        from mascara.catalog._engine import resolve_url
+
+        try:
+            url = resolve_url(getattr(args, "db", None), str(args.datadir))
+        except Exception:  # noqa: BLE001 - the message goes out without the URL
+            url = "the catalog"
+        print(f"{prog}: the catalog {url} cannot be used: {getattr(exc, 'orig', None) or exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +188,7 @@ def mascprocess_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mascprocess", description=MASCPROCESS_HELP, epilog=MASCPROCESS_EPILOG)
     add_mascprocess_arguments(parser)
     parser.set_defaults(handler="flows.mascprocess:cli_mascprocess")
-    return _dispatch(parser.parse_args(argv))
+    return _dispatch(parser.parse_args(argv), "mascprocess")
 
 
 if __name__ == "__main__":

@@ -176,12 +176,18 @@ def check_settings(d: Any, where: str = "settings") -> dict[str, Any] | None:
         raise SelectionError(f"{where} must be a JSON object of settings, not {type(d).__name__}")
     import dataclasses as _dc
 
-    from mascara.settings import Settings  # stdlib-only module
+    from mascara.settings import Settings, value_problems  # stdlib-only module
 
     known = {f.name for f in _dc.fields(Settings)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise SelectionError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    problems = value_problems(d)
+    cat = d.get("catalogue")
+    if isinstance(cat, str) and not Path(cat).is_file():
+        problems.append(f"catalogue={cat!r}: no such file")
+    if problems:
+        raise SelectionError(f"{where}: " + "; ".join(problems))
     return d
 
 

@@ -59,3 +59,69 @@ class Settings:
             raise ValueError(f"unknown settings: {sorted(unknown)}")
         conv = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**conv)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def value_problems(d: dict[str, Any]) -> list[str]:
+    """What is wrong with the values of a settings overrides dict (names are checked elsewhere), one line each.
+
+    Checked before anything starts, so that a mistake costs a refusal and
+    not a run that moved the night's outputs aside and then failed.
+    """
+    out: list[str] = []
+
+    def bad(name: str, why: str) -> None:
+        out.append(f"{name}={d[name]!r}: {why}")
+
+    def numbers(name: str, n: int | None = None) -> list[float] | None:
+        v = d[name]
+        if not isinstance(v, (list, tuple)) or not v or not all(_number(x) for x in v) or (n and len(v) != n):
+            bad(name, f"must be a list of {n or 'one or more'} numbers")
+            return None
+        return [float(x) for x in v]
+
+    positive_int = {"batch_size", "astro_min_stars", "bin_tile"}
+    positive = {"gain", "saturation", "astro_max_rms"}
+    non_negative = {"astro_isolation_px", "moon_radius"}
+    for name in d:
+        v = d[name]
+        if name in positive_int:
+            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+                bad(name, "must be a whole number > 0")
+        elif name in positive:
+            if not (_number(v) and v > 0):
+                bad(name, "must be a number > 0")
+        elif name in non_negative:
+            if not (_number(v) and v >= 0):
+                bad(name, "must be a number >= 0")
+        elif name in ("vmag_fast", "vmag_slow"):
+            if not _number(v):
+                bad(name, "must be a number (a V magnitude)")
+        elif name in ("apertures", "binned_apertures"):
+            r = numbers(name)
+            if r is not None and min(r) <= 0:
+                bad(name, "radii must be > 0")
+        elif name == "sky_radii":
+            r = numbers(name, 2)
+            if r is not None and not 0 < r[0] < r[1]:
+                bad(name, "must be [inner, outer] with 0 < inner < outer")
+        elif name == "vmag_astro":
+            r = numbers(name, 2)
+            if r is not None and not r[0] < r[1]:
+                bad(name, "must be [lo, hi] with lo < hi")
+        elif name == "bin_order":
+            if v not in (0, 1, 3) or isinstance(v, bool):
+                bad(name, "must be 3 (cubic), 1 (bilinear) or 0 (nearest)")
+        elif name == "bin_phase_correction":
+            if not isinstance(v, bool):
+                bad(name, "must be true or false")
+        elif name == "catalogue":
+            if v is not None and not isinstance(v, str):
+                bad(name, "must be the path of a catalogue file, or null")
+        elif name == "cversion":
+            if not isinstance(v, str):
+                bad(name, "must be a string")
+    return out

@@ -43,3 +43,26 @@ def test_db_upgrade_creates_embedded_catalog(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "catalog.sqlite").exists()
     assert main(["status", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_a_damaged_catalog_is_named_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """A stranger's trial: garbage in catalog.sqlite gave ``mascara status`` a page of SQLAlchemy traceback
+    and ``mascprocess`` a bare "file is not a database"; both now name the catalog in one line."""
+    from mascara.cli import mascprocess_main
+
+    monkeypatch.delenv("MASCARA_DB_URL", raising=False)
+    (tmp_path / "20260301LPE" / "raw").mkdir(parents=True)
+    (tmp_path / "catalog.sqlite").write_bytes(bytes(range(256)) * 20)
+    assert main(["status", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"mascara: the catalog sqlite:///{tmp_path}/catalog.sqlite cannot be used: " \
+                          "file is not a database", err
+    # mascprocess, on a night with one frame (it fails at the catalog, before any frame is read)
+    from mascara.simulate import SimConfig, simulate_night
+
+    simulate_night(tmp_path, "20260302", SimConfig(site="LP", camera="E", size="small", nframes=1, seed=1))
+    assert mascprocess_main([str(tmp_path), "--night", "20260302", "--no-prefect", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"20260302LPE: failed: the catalog sqlite:///{tmp_path}/catalog.sqlite cannot be used: file is not a " \
+           "database" in err, err
+    assert "Traceback" not in err

@@ -71,6 +71,27 @@ def test_unknown_setting_is_refused(two_cameras, tmp_path):
     assert res.returncode == 2 and "unknown setting(s) apertures_px" in res.stderr
 
 
+@pytest.mark.parametrize("settings, words", [
+    ('{"gain": 0}', "gain=0: must be a number > 0"),
+    ('{"gain": -1}', "gain=-1: must be a number > 0"),
+    ('{"vmag_fast": "abc"}', "vmag_fast='abc': must be a number"),
+    ('{"catalogue": "/nonexistent.fits"}', "catalogue='/nonexistent.fits': no such file"),
+    ('{"sky_radii": [21, 6]}', "sky_radii=[21, 6]: must be [inner, outer] with 0 < inner < outer"),
+    ('{"apertures": []}', "apertures=[]: must be a list of one or more numbers"),
+    ('{"bin_order": 2}', "bin_order=2: must be 3 (cubic), 1 (bilinear) or 0 (nearest)"),
+])
+def test_a_bad_setting_value_is_refused_before_anything_moves(two_cameras, tmp_path, settings, words):
+    """A stranger's trial: gain 0 moved the night's outputs aside, then failed deep in the photometry
+    (exit 1); "abc" for a magnitude failed with a TypeError. Now a refusal (exit 2) naming the value."""
+    bad = tmp_path / "settings.json"
+    bad.write_text(settings)
+    res = subprocess.run([sys.executable, "-c", _PROBE, str(two_cameras), "--settings", str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and words in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (two_cameras / "catalog.sqlite").exists()
+
+
 def test_the_flow_refuses_the_same_mistakes_first(two_cameras):
     """``reduce_night`` (deployment runs) calls the same checks before anything else."""
     from flows.reduce_night import reduce_night
