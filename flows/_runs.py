@@ -344,8 +344,10 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
     are combined and the run ends ``succeeded``. ``on_batch`` is called
     after each batch is recorded (a flow publishes progress there). Setting
     ``stop`` ends the run before its next batch with
-    :class:`mascara.reduce.LiveStopped`, recorded as failed unless the run was
-    ended already (``mascprocess --live`` records the interruption first).
+    :class:`mascara.reduce.LiveStopped`, recorded as failed with the event's
+    ``reason`` attribute when it has one (``mascprocess --live`` sets
+    ``interrupted (SIGTERM)``), after the run's writes have stopped and before
+    its lease is released.
 
     Raises
     ------
@@ -354,7 +356,7 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
     LeaseHeld, LeaseLost
         another run holds or took over the camera-night.
     """
-    from mascara.reduce import reduce_camera_night_live
+    from mascara.reduce import LiveStopped, reduce_camera_night_live
 
     state: dict[str, Any] = {}
 
@@ -409,7 +411,8 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
         raise
     except Exception as exc:
         if "handle" in state:
-            cat.finish_run(state["handle"].run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+            reason = getattr(stop, "reason", None) if isinstance(exc, LiveStopped) else None
+            cat.finish_run(state["handle"].run_id, "failed", error=reason or f"{type(exc).__name__}: {exc}")
         raise
     finally:
         if heartbeat is not None and "handle" in state:

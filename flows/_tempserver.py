@@ -13,10 +13,12 @@ URL (and stops it if Prefect's settings, read next, name one after all);
 ``mascprocess`` then imports Prefect, the flow and the science modules while
 the server boots, waits for it to answer, and runs the flow against its URL
 (``prefect.settings.temporary_settings``), as against any server. The server
-is in the process group of ``mascprocess``, as Prefect's own (a Ctrl-C in the
-terminal reaches both), is stopped when the block ends, however it ends, and
-on Linux also goes when ``mascprocess`` is killed outright (``kill -9``, the
-out-of-memory killer), which Prefect's own does not.
+runs in a session (and process group) of its own, unlike Prefect's: a signal
+to the terminal's process group (Ctrl-C, ``timeout``) reaches ``mascprocess``
+only, which records the interruption through the server and then stops it.
+It is stopped when the block ends, however it ends, and on Linux also goes
+when ``mascprocess`` is killed outright (``kill -9``, the out-of-memory
+killer), which Prefect's own does not.
 """
 
 from __future__ import annotations
@@ -138,9 +140,9 @@ class TemporaryServer:
             cmd = [sys.executable, "-c", _LAUNCH, str(os.getpid()), *args]
         else:
             cmd = [sys.executable, "-m", "uvicorn", *args]
-        # its own session: a signal to the terminal's process group (Ctrl-C, `timeout`, `systemctl stop`) reaches
-        # mascprocess, which records the interruption through this server and then stops it; in the same group
-        # the server died first and the flow crashed on a refused connection (exit 1 after a minute, not 130)
+        # its own session: a signal to the terminal's process group (Ctrl-C, `timeout`) reaches mascprocess only,
+        # which records the interruption through this server and then stops it; in the same group the server
+        # died first and the flow crashed on a refused connection (exit 1 after a minute, not 130)
         self.proc = subprocess.Popen(cmd, env=self._env, start_new_session=True)
 
     def wait(self, timeout: float) -> None:

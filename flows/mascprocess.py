@@ -369,14 +369,15 @@ def run_live(args: argparse.Namespace) -> int:
                 while t.is_alive():  # join with a timeout, so that signals reach the main thread
                     t.join(0.5)
         except KeyboardInterrupt as exc:
-            # the runs are recorded first, then the camera threads are asked to stop (a thread's later
-            # catalog write is refused, its lease being gone) and waited for: a thread still reducing
-            # when the interpreter shuts down can abort the process ("terminate called without an
-            # active exception", SIGABRT) instead of letting it exit with 128 + N
+            # The camera threads are asked to stop and waited for: each ends its run before its next batch,
+            # recorded with the interruption once its writes (batch file, splitter) have stopped, and only
+            # then releases the lease. A thread still reducing when the interpreter shuts down can abort the
+            # process ("terminate called without an active exception", SIGABRT) instead of letting it exit
+            # with 128 + N; so the process leaves without a shutdown if one does not stop in time.
             from flows import _signals
 
-            with _signals.shielded():
-                _runs.end_runs_of_this_process(db_url, f"interrupted ({_runs.interruption(exc)})")
+            reason = f"interrupted ({_runs.interruption(exc)})"
+            stop.reason = reason  # type: ignore[attr-defined]
             stop.set()
             deadline = time.monotonic() + STOP_WAIT
             try:
@@ -385,17 +386,19 @@ def run_live(args: argparse.Namespace) -> int:
                         t.join(0.5)
             except KeyboardInterrupt:
                 pass  # a second signal: do not wait
-            left = [t.name for t in threads if t.is_alive()]
-            if left:  # the runs are recorded; leave without an interpreter shutdown these threads could abort
-                print(f"mascprocess: {', '.join(left)} still reducing after {STOP_WAIT:.0f} s; exiting without "
-                      "waiting", file=sys.stderr)
-                import multiprocessing
+            with _signals.shielded():  # a thread that did not stop, or one that opened its run meanwhile
+                _runs.end_runs_of_this_process(db_url, reason)
+                left = [t.name for t in threads if t.is_alive()]
+                if left:  # recorded; leave without an interpreter shutdown these threads could abort
+                    import multiprocessing
 
-                for child in multiprocessing.active_children():  # the splitters: they would wait for ever
-                    child.terminate()
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(128 + int(getattr(signal.Signals, _runs.interruption(exc) or "SIGINT", signal.SIGINT)))
+                    print(f"mascprocess: {', '.join(left)} still reducing after {STOP_WAIT:.0f} s; exiting "
+                          "without waiting", file=sys.stderr)
+                    for child in multiprocessing.active_children():  # the splitters: they would wait for ever
+                        child.terminate()
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(128 + int(getattr(signal.Signals, _runs.interruption(exc) or "SIGINT", signal.SIGINT)))
             raise
     _runs.draw_night_summaries(datadir, [datadir / f"{night}{site}{c}" for c in cams])
     return max(status.values(), default=1)

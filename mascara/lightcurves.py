@@ -739,6 +739,7 @@ def run_splitter_process(
     workdir: str | os.PathLike[str],
     diagnostic_ids: Iterable[str] = (),
     results: Any = None,
+    parent_pid: int | None = None,
 ) -> None:
     """Split batch files named on ``queue`` until it yields None (a Process target).
 
@@ -753,6 +754,10 @@ def run_splitter_process(
         Stars kept in ``workdir/diagnostics.hdf5``.
     results : Queue-like, optional
         Receives ``(path, "added" | "skipped" | "error: <msg>")`` per item.
+    parent_pid : int, optional
+        The pid of the process that started this one (``os.getpid()`` there);
+        default: the parent when this function starts, which misses a parent
+        killed while the new process was still starting.
 
     Notes
     -----
@@ -764,7 +769,7 @@ def run_splitter_process(
     """
     from queue import Empty
 
-    parent = os.getppid()
+    parent = os.getppid() if parent_pid is None else parent_pid
     splitter = StarSplitter(workdir, diagnostic_ids)
     while True:
         try:

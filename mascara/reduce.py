@@ -978,7 +978,7 @@ def _start_splitter(plan: CameraNightPlan, ctx: NightContext):
     queue = mpctx.Queue()
     proc = mpctx.Process(
         target=run_splitter_process,
-        args=(queue, str(plan.workdir), diagnostic_stars(plan, ctx)),
+        args=(queue, str(plan.workdir), diagnostic_stars(plan, ctx), None, os.getpid()),
         daemon=True,
     )
     proc.start()
@@ -1249,6 +1249,7 @@ def reduce_camera_night_live(
         while True:
             check()
             new = live.step()
+            check()  # before a run is opened for what the step found
             if new and ctx is None:
                 if on_start is not None:
                     ready = set(new)

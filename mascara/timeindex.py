@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -237,6 +238,7 @@ def _crossings(jd0: float, step: float, alt: np.ndarray, sun_alt: float) -> list
     return [jd0 + step * k for k in edges]
 
 
+@functools.lru_cache(maxsize=256)
 def night_slot_window(night: str, site: Site | str) -> tuple[int, int]:
     """First and last lstseq a frame of ``night`` can have: the slots from local mean noon of the date to the next.
 

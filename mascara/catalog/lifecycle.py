@@ -27,7 +27,8 @@ it never takes its own half-done state for a resume.
 Output generations of a night directory: ``work``, ``lightcurves``,
 ``astrometry`` (and anything else beside ``raw/``) are the current outputs;
 ``<name>_old`` the previous reduction, ``<name>_old2`` the one before, and so
-on up to ``keep_old`` generations. ``raw/`` is never touched. An erase first
+on up to ``keep_old`` generations; the current outputs of a reduction that never
+finished do not push a finished one out (:func:`plan_actions`). ``raw/`` is never touched. An erase first
 renames the directory to a hidden bin (``.mascara-erasing-<id>``) so that it
 disappears at once; a crash during the removal leaves only the bin, which the
 next run removes.
@@ -426,7 +427,7 @@ def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, 
         entries = cat.decide(run_id, decision, info.resumed_run_id, [])  # the journal of the first try
     for e in entries:
         if e.action == "erased" and decision == "move":
-            warnings.append(f"{night.night_id}: erasing {Path(e.src).name} to make room ({e.reason})")
+            warnings.append(f"{night.night_id}: erasing {Path(e.src).name} ({e.reason})")
             log.warning(warnings[-1])
     recover(cat, cn_id, night_path)
     faults.checkpoint("after_move")

@@ -101,7 +101,7 @@ def test_a_second_rerun_records_the_erase_of_the_oldest_outputs(pristine_night, 
     for _ in range(2):
         mascprocess(datadir, env, "--no-prefect", "-q")
     third = mascprocess(datadir, env, "--no-prefect", "-q")
-    assert "erasing lightcurves_old to make room" in third.stderr
+    assert "erasing lightcurves_old (generation 1 of lightcurves makes room (keep_old=1))" in third.stderr
     first = runs(datadir)[0]["id"]
     rows = _rows(datadir, "SELECT kind, erased_at, erased_by FROM product WHERE run_id = ?", first)
     assert rows and all(e is not None and by for _, e, by in rows)

@@ -155,8 +155,8 @@ def test_a_signal_to_a_live_run_is_recorded_and_the_night_resumes(tmp_path, pris
 def test_a_stopped_live_run_ends_before_its_next_batch_and_stops_its_splitter(tmp_path, pristine_night):
     """``stop`` set while the first batch is recorded (``mascprocess --live`` sets it on a signal, so
     that no camera thread is still reducing when the interpreter shuts down): the run raises
-    ``LiveStopped`` before its next batch, is recorded as failed with that reason, and leaves no
-    splitter process behind."""
+    ``LiveStopped`` before its next batch, is recorded as failed with the stop's reason (its writes
+    stopped, before its lease is released), and leaves no splitter process behind."""
     import multiprocessing
     import threading
 
@@ -174,6 +174,7 @@ def test_a_stopped_live_run_ends_before_its_next_batch_and_stops_its_splitter(tm
 
     def on_batch(_handle, outcome) -> None:  # type: ignore[no-untyped-def]
         recorded.append(outcome.batch)
+        stop.reason = "interrupted (SIGTERM)"  # type: ignore[attr-defined]  # as mascprocess --live sets it
         stop.set()
 
     with pytest.raises(LiveStopped):
@@ -182,7 +183,7 @@ def test_a_stopped_live_run_ends_before_its_next_batch_and_stops_its_splitter(tm
     assert len(recorded) == 1
     assert not multiprocessing.active_children()
     [run] = runs(datadir)
-    assert run["status"] == "failed" and run["error"].startswith("LiveStopped: "), run
+    assert (run["status"], run["error"]) == ("failed", "interrupted (SIGTERM)"), run
     with connect(datadir=datadir) as cat:
         [status] = [r for r in cat.night_status(NIGHT) if r["camera"] == "LPE"]
     assert status["batches_done"] == 1, status
