@@ -194,6 +194,9 @@ def _mascprocess(args: argparse.Namespace) -> int:
             results = state.result() if state.is_completed() else None  # while the server is up
     seconds = time.perf_counter() - t0
     if results is not None:
+        from mascara.catalog._engine import resolve_url
+
+        report_rejected(resolve_url(args.db, args.datadir), sel.night_dirs, args.datadir)
         empty = [r for r in results if r["state"] == "empty"]
         for r in empty:  # the flow completes on nights without data; the command says so in its exit code
             print(f"{r['night_id']}: not reduced: {r['message']}", file=sys.stderr)
@@ -206,6 +209,31 @@ def _mascprocess(args: argparse.Namespace) -> int:
         return 1 if empty else 0
     print(f"reduction failed after {seconds:.1f} s: {state.message}", file=sys.stderr)
     return 1
+
+
+#: Rejected raw files named per camera-night at the end of a reduction (``mascara status --rejected`` lists all).
+REJECTED_SHOWN = 3
+
+
+def report_rejected(db_url: str, night_dirs: Any, datadir: str | Path) -> None:
+    """Name the raw files each camera-night's reduction refused, with the reason, on stderr (a few per night)."""
+    try:
+        from flows._runs import catalog
+
+        cat = catalog(db_url)
+        for nd in night_dirs:
+            rows = cat.rejected_frames(night_dir=Path(nd))
+            if not rows:
+                continue
+            name = Path(nd).name
+            print(f"{name}: {len(rows)} raw file(s) rejected:", file=sys.stderr)
+            for r in rows[:REJECTED_SHOWN]:
+                print(f"  {r['filename']}: {r['reason']}", file=sys.stderr)
+            if len(rows) > REJECTED_SHOWN:
+                print(f"  ... and {len(rows) - REJECTED_SHOWN} more: mascara status {datadir} --rejected "
+                      f"--night {name[:8]}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - a report, never a failure of the reduction
+        logging.getLogger(__name__).debug("rejected files not reported: %s", exc)
 
 
 def run_without_prefect(datadir: str, night: str | None, camera: str | None, site: str | None,
@@ -277,6 +305,7 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
             if not quiet:
                 print(f"{nd.night_id}: {handle.decision} run, {len(result.batches)} batches reduced, "
                       f"{len(result.skipped)} reused, {time.perf_counter() - t0:.1f} s")
+    report_rejected(db_url, sel.night_dirs, datadir)
     _runs.draw_night_summaries(datadir, sel.night_dirs)
     return status
 

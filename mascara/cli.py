@@ -52,6 +52,8 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--season", action="store_true",
                    help="monthly totals per site and camera instead (the season view): camera-nights done, "
                         "failed, running, pending, empty; frames; CPU hours")
+    p.add_argument("--rejected", action="store_true",
+                   help="the raw files refused by the intake or the reduction instead, each with the reason")
     p.set_defaults(handler="mascara.catalog.commands:cli_status")
 
 

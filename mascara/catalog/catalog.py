@@ -939,6 +939,26 @@ class Catalog:
                 r["missing_ranges"] = json.loads(r["missing_ranges"])
         return rows
 
+    def rejected_frames(self, night: str | Iterable[str] | None = None,
+                        night_dir: str | Path | None = None) -> list[dict[str, Any]]:
+        """Raw files refused by the intake or the reduction, with why: ``night camera night_dir filename lstseq
+        reason``, by night, camera and file name; optionally for some nights or one night directory."""
+        nights = _nights(night)
+
+        def fn(s: Session) -> list[dict[str, Any]]:
+            q = (select(CameraNight.night, CameraNight.camera_id.label("camera"), CameraNight.night_dir,
+                        Frame.filename, Frame.lstseq, Frame.reason)
+                 .join(CameraNight, CameraNight.id == Frame.camera_night_id)
+                 .where(Frame.status == "rejected"))
+            if nights is not None:
+                q = q.where(CameraNight.night.in_(nights))
+            if night_dir is not None:
+                q = q.where(CameraNight.night_dir == str(Path(night_dir).absolute()))
+            q = q.order_by(CameraNight.night, CameraNight.camera_id, Frame.filename)
+            return [dict(r._mapping) for r in s.execute(q)]
+
+        return self._tx(fn, readonly=True)
+
     def failed_batches(self, night: str | Iterable[str] | None = None,
                        since_days: float | None = None) -> list[dict[str, Any]]:
         """Rows of the ``failed_batches`` view, optionally for some nights or the last days."""

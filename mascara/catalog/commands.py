@@ -72,6 +72,8 @@ def cli_status(args: argparse.Namespace) -> int:
         return 1
     if getattr(args, "season", False):
         return _print_season(url, args)
+    if getattr(args, "rejected", False):
+        return _print_rejected(url, args)
     with connect(url) as cat:
         rows = cat.night_status(args.night)
     if args.json:
@@ -133,6 +135,30 @@ def cli_db_upgrade(args: argparse.Namespace) -> int:
         engine.dispose()
     shown = make_url(url).render_as_string(hide_password=True)
     print(f"{shown}: revision {before or '(empty)'} -> {after}")
+    return 0
+
+
+def _print_rejected(url: str, args: argparse.Namespace) -> int:
+    """``mascara status --rejected``: every refused raw file of the selected nights and why."""
+    with connect(url) as cat:
+        rows = cat.rejected_frames(args.night)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Rejected raw files in {make_url(url).render_as_string(hide_password=True)}")
+    several_datadirs = len({str(Path(r["night_dir"]).parent) for r in rows}) > 1
+    for header in ("night", "camera", *(("night directory",) if several_datadirs else ()), "file", "reason"):
+        table.add_column(header, no_wrap=header != "reason")
+    for r in rows:
+        table.add_row(r["night"], r["camera"], *((r["night_dir"],) if several_datadirs else ()), r["filename"],
+                      r["reason"] or "")
+    Console(width=max(120, Console().width)).print(table)
+    if not rows:
+        print("no rejected raw files" + (f" for night(s) {args.night}" if args.night else ""))
     return 0
 
 

@@ -56,6 +56,13 @@ def check(datadir: Path, expect: Expect, code: int, err: str) -> dict:
     if expect.error:
         assert expect.error in (row["error"] or ""), row
     frames = frame_rows(datadir)
+    # the command names the refused files with their reasons (the first few; mascara status --rejected has all)
+    from flows.mascprocess import REJECTED_SHOWN
+
+    refused = sorted((f, r[2]) for f, r in frames.items() if r[1] == "rejected")
+    for fname, reason in refused[:REJECTED_SHOWN]:
+        assert f"  {fname}: {reason}\n" in err, (fname, err)
+    assert (f"... and {len(refused) - REJECTED_SHOWN} more" in err) == (len(refused) > REJECTED_SHOWN), err
     for fname, words in {**expect.rejected, **expect.calib_rejected}.items():
         assert fname in frames, f"{fname} not recorded; frames recorded: {len(frames)}"
         assert frames[fname][1] == "rejected" and words in frames[fname][2], frames[fname]

@@ -74,3 +74,27 @@ def test_archiving_every_frame_keeps_the_last_reduction_s_record(pristine_night,
     mascprocess_main(args)  # nothing to reduce
     assert status_row(datadir)["frames_ok"] == before > 0
     assert not [f for f, (_seq, st, _r) in frame_rows(datadir).items() if st == "gone"]
+
+
+def test_status_lists_every_rejected_file_with_its_reason(pristine_night, tmp_path, capsys):
+    """``mascara status --rejected``: what a stranger had to ask sqlite3 for (the JSON equals the catalog's
+    frame rows; the table names the files)."""
+    import json
+
+    from intakekit import frame_rows
+
+    from mascara.cli import main
+
+    datadir, expect, code, err = run_case(FRAME_CASES[0], pristine_night, tmp_path, capsys)
+    check(datadir, expect, code, err)
+    refused = {f: r[2] for f, r in frame_rows(datadir).items() if r[1] == "rejected"}
+    assert refused
+    assert main(["status", str(datadir), "--rejected", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["filename"]: r["reason"] for r in rows} == refused
+    assert {(r["night"], r["camera"]) for r in rows} == {("20260301", "LPE")}
+    assert main(["status", str(datadir), "--rejected", "--night", "20260302"]) == 0
+    assert "no rejected raw files for night(s) 20260302" in capsys.readouterr().out
+    assert main(["status", str(datadir), "--rejected"]) == 0
+    table = capsys.readouterr().out
+    assert all(f in table for f in refused), table
