@@ -148,6 +148,8 @@ def _mascprocess(args: argparse.Namespace) -> int:
         for missing in sel.not_found:
             print(f"mascprocess: no night directory {missing} in {sel.datadir}; going on with the others",
                   file=sys.stderr)
+    for why in sel.ignored:
+        print(f"mascprocess: ignoring {why}", file=sys.stderr)
     _prepare_environment(args)
     settings = sel.settings
     if args.no_prefect:

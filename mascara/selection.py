@@ -53,6 +53,8 @@ class Selection:
     settings: dict[str, Any] | None
     night_dirs: list[Path]
     not_found: list[str]  # explicitly requested camera-nights without a directory, e.g. "20260301LPS"
+    #: directories holding a raw/ that are not reduced, with why: "2026031LPE: not <YYYYMMDD><SITE><CAM>"
+    ignored: list[str] = dataclasses.field(default_factory=list)
 
 
 def previous_night(today: dt.date | None = None) -> str:
@@ -227,12 +229,26 @@ def select_nights(datadir: str | Path, nights: Any = None, cameras: Any = None, 
 
     existing: dict[str, list[str]] = {}  # night -> camera ids with a raw/ directory
     without_raw: list[str] = []
+    ignored: list[str] = []
     for p in sorted(datadir.iterdir()):
         m = NIGHT_DIR_RE.match(p.name)
-        if not m or not p.is_dir():
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        if not m:
+            if (p / "raw").is_dir():  # meant as a night, perhaps: say why it is not one
+                ignored.append(f"{p.name}: not a night directory name <YYYYMMDD><SITE><CAM> "
+                               f"(site {'+'.join(SITES)}, camera one of {' '.join(CAMERAS)})")
             continue
         if not (p / "raw").is_dir():
             without_raw.append(p.name)
+            continue
+        try:
+            _real_date(m["night"])
+        except SelectionError:
+            ignored.append(f"{p.name}: {m['night']} is not a real date")
+            continue
+        if m["site"] not in SITES:
+            ignored.append(f"{p.name}: site {m['site']} is not one of {', '.join(SITES)}")
             continue
         existing.setdefault(m["night"], []).append(m["site"] + m["camera"])
 
@@ -259,6 +275,8 @@ def select_nights(datadir: str | Path, nights: Any = None, cameras: Any = None, 
             there = "no <YYYYMMDD><SITE><CAM>/raw/ directories there at all"
         if without_raw:
             there += f"; without raw/: {', '.join(without_raw[:5])}"
+        if ignored:
+            there += f"; ignored: {'; '.join(ignored[:3])}"
         message = f"no night directory in {datadir} for {looked}; {there}"
         if night_list:
             known = sorted({c for v in existing.values() for c in v})
@@ -267,5 +285,7 @@ def select_nights(datadir: str | Path, nights: Any = None, cameras: Any = None, 
             known = [k for k in known if (sites is None or k[:2] in sites) and (cams is None or k[2] in cams)]
             raise NoNightData(message, night_list, [f"{n}{k}" for n in night_list for k in known])
         raise SelectionError(message)
+    if night_list is not None:  # only what concerns the nights asked for
+        ignored = [i for i in ignored if any(n in i.split(":")[0] for n in night_list)]
     return Selection(datadir=datadir, nights=night_list, cameras=cams, sites=sites, settings=loaded,
-                     night_dirs=chosen, not_found=not_found)
+                     night_dirs=chosen, not_found=not_found, ignored=ignored)

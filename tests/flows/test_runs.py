@@ -54,6 +54,28 @@ def test_a_range_reduces_the_nights_it_finds_and_reports_the_others(tmp_path):
     assert sel.not_found == ["20260302LPE", "20260304LPE"]
 
 
+def test_directories_that_look_like_nights_but_are_not_are_named(tmp_path):
+    """A stranger's trial: 2026031LPE, 20260301LPX and 20260301LPE_copy (each with frames in raw/) were
+    skipped without a word, and 20261399LPE was reduced as an empty night while --night 20261399 was
+    refused as not a real date. Each is now ignored with the reason; without raw/ it is not a night."""
+    from mascara.selection import select_nights
+
+    for name in ("20260301LPE", "2026031LPE", "20260301LPX", "20260301LPE_copy", "20261399LPE", "20260301XXE"):
+        (tmp_path / name / "raw").mkdir(parents=True)
+    (tmp_path / "notes").mkdir()
+    sel = select_nights(tmp_path, "all", None, None)
+    assert [p.name for p in sel.night_dirs] == ["20260301LPE"]
+    assert sorted(i.split(":")[0] for i in sel.ignored) == ["20260301LPE_copy", "20260301LPX", "20260301XXE",
+                                                            "2026031LPE", "20261399LPE"]
+    why = dict(i.split(": ", 1) for i in sel.ignored)
+    assert why["20261399LPE"] == "20261399 is not a real date"
+    assert why["20260301XXE"] == "site XX is not one of LP, LS"
+    assert why["2026031LPE"].startswith("not a night directory name <YYYYMMDD><SITE><CAM>")
+    # asked for one night: only what concerns it
+    sel = select_nights(tmp_path, "20260301", None, None)
+    assert sorted(i.split(":")[0] for i in sel.ignored) == ["20260301LPE_copy", "20260301LPX", "20260301XXE"]
+
+
 @pytest.mark.parametrize("bad", ["2026031", "2026-03-01", "20260301+x"])
 def test_malformed_nights_are_refused(bad):
     with pytest.raises(ValueError):
