@@ -302,8 +302,7 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
                 print(f"{nd.night_id}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 status = 1
                 continue
-            for w in handle.warnings:
-                print(f"warning: {w}", file=sys.stderr)
+            # handle.warnings (outputs erased to make room) were logged as they happened: not printed twice
             if not quiet:
                 print(f"{nd.night_id}: {handle.decision} run, {len(result.batches)} batches reduced, "
                       f"{len(result.skipped)} reused, {time.perf_counter() - t0:.1f} s")

@@ -769,6 +769,10 @@ def run_splitter_process(
     """
     from queue import Empty
 
+    if parent_pid is not None:  # a process of its own: Ctrl-C at the terminal is the parent's to handle
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (it stops this process; no traceback from here)
     parent = os.getppid() if parent_pid is None else parent_pid
     splitter = StarSplitter(workdir, diagnostic_ids)
     while True:

@@ -102,6 +102,7 @@ def test_a_second_rerun_records_the_erase_of_the_oldest_outputs(pristine_night, 
         mascprocess(datadir, env, "--no-prefect", "-q")
     third = mascprocess(datadir, env, "--no-prefect", "-q")
     assert "erasing lightcurves_old (generation 1 of lightcurves makes room (keep_old=1))" in third.stderr
+    assert third.stderr.count("erasing lightcurves_old") == 1, third.stderr  # said once (it was logged and printed)
     first = runs(datadir)[0]["id"]
     rows = _rows(datadir, "SELECT kind, erased_at, erased_by FROM product WHERE run_id = ?", first)
     assert rows and all(e is not None and by for _, e, by in rows)
