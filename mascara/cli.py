@@ -11,6 +11,17 @@ import sys
 
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a duration in seconds, a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text}")
+    return v
+
+
 def _at_least_one(text: str) -> int:
     """An argparse type: a whole number >= 1 (a refused value is a command-line mistake, exit 2)."""
     try:
@@ -142,11 +153,11 @@ def add_mascprocess_arguments(p: argparse.ArgumentParser) -> None:
     live.add_argument("--live", action="store_true",
                       help="watch each camera-night's raw/ and reduce every batch once its frames have arrived; "
                            "the night files are written at sunrise (or after --idle-timeout)")
-    live.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
+    live.add_argument("--idle-timeout", type=_seconds, default=None, metavar="SECONDS",
                       help="end the live night after this long without a new frame (default: at sunrise)")
-    live.add_argument("--grace", type=float, default=300.0, metavar="SECONDS",
+    live.add_argument("--grace", type=_seconds, default=300.0, metavar="SECONDS",
                       help="reduce an incomplete batch after this long without a new frame (default 300)")
-    live.add_argument("--poll", type=float, default=2.0, metavar="SECONDS",
+    live.add_argument("--poll", type=_seconds, default=2.0, metavar="SECONDS",
                       help="how often raw/ is looked at (default 2)")
 
 

@@ -49,11 +49,15 @@ def test_a_mistake_is_refused_before_prefect_or_numpy_is_imported(two_cameras, a
     assert not (two_cameras / "catalog.sqlite").exists()
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "two"])
-def test_keep_old_must_be_a_whole_number_of_at_least_one(two_cameras, value):
-    res = subprocess.run([sys.executable, "-c", _PROBE, str(two_cameras), "--keep-old", value], capture_output=True,
+@pytest.mark.parametrize("args", [["--keep-old", "0"], ["--keep-old", "-1"], ["--keep-old", "two"],
+                                  ["--live", "--idle-timeout", "-5"], ["--live", "--poll", "0"],
+                                  ["--live", "--grace", "nan"]])
+def test_counts_and_durations_are_checked_as_arguments(two_cameras, args):
+    """--keep-old 0 left a run holding the lease; --idle-timeout -5 ended a live run at once with "no
+    science frame arrived" though every frame was there (a stranger's trial): command-line mistakes now."""
+    res = subprocess.run([sys.executable, "-c", _PROBE, str(two_cameras), *args], capture_output=True,
                          text=True, timeout=60)
-    assert res.returncode == 2 and "argument --keep-old:" in res.stderr, res.stderr
+    assert res.returncode == 2 and f"argument {args[-2]}:" in res.stderr, res.stderr
     assert not (two_cameras / "catalog.sqlite").exists()
 
 
