@@ -198,7 +198,9 @@ def _mascprocess(args: argparse.Namespace) -> int:
     if results is not None:
         from mascara.catalog._engine import resolve_url
 
-        report_rejected(resolve_url(args.db, args.datadir), sel.night_dirs, args.datadir)
+        acted = {r["night_id"] for r in results if r["state"] not in ("up-to-date", "empty")}
+        report_rejected(resolve_url(args.db, args.datadir), [p for p in sel.night_dirs if Path(p).name in acted],
+                        args.datadir)
         empty = [r for r in results if r["state"] == "empty"]
         for r in empty:  # the flow completes on nights without data; the command says so in its exit code
             print(f"{r['night_id']}: not reduced: {r['message']}", file=sys.stderr)
@@ -264,6 +266,7 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
     db_url = resolve_url(db, datadir)
     s = Settings.from_dict(settings)
     status = 0
+    attempted: list[Path] = []  # not those --skip-done found up to date
     with _runs.Heartbeat(db_url) as heartbeat:
         for nd in (parse_night_dir(p) for p in sel.night_dirs):
             t0 = time.perf_counter()
@@ -274,6 +277,7 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
                 if why is not None:
                     print(f"{nd.night_id}: {why}")
                     continue
+            attempted.append(nd.path)
             try:
                 handle, result = _runs.drive_camera_night(db_url, nd, s, overwrite=overwrite, keep_old=keep_old,
                                                           pid=os.getpid(), host=socket.gethostname(),
@@ -306,7 +310,7 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
             if not quiet:
                 print(f"{nd.night_id}: {handle.decision} run, {len(result.batches)} batches reduced, "
                       f"{len(result.skipped)} reused, {time.perf_counter() - t0:.1f} s")
-    report_rejected(db_url, sel.night_dirs, datadir)
+    report_rejected(db_url, attempted, datadir)
     _runs.draw_night_summaries(datadir, sel.night_dirs)
     return status
 
