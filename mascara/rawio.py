@@ -225,12 +225,6 @@ def scan_raw(night: NightDir, only: Collection[str] | None = None) -> RawScan:
     ``only`` restricts the scan to these file names (a live reduction passes
     the files that have fully arrived, :class:`mascara.live.RawWatch`).
     """
-    from mascara.timeindex import night_slot_window
-
-    try:
-        window: tuple[int, int] | None = night_slot_window(night.night, night.site)
-    except (ValueError, KeyError):  # not a date, or a site this package does not know: no window to check
-        window = None
     by_seq: dict[int, list[Path]] = {}
     rejected: list[Rejection] = []
     calib: dict[str, list[Path]] = {"bias": [], "dark": [], "flat": []}
@@ -255,12 +249,14 @@ def scan_raw(night: NightDir, only: Collection[str] | None = None) -> RawScan:
             rejected.append(Rejection(seq, name, _regular_size(p),
                                       f"file name is of camera {m['site']}{m['camera']}, not {night.site}{night.camera}"))
             continue
-        if window is not None and not window[0] <= seq <= window[1]:
-            rejected.append(Rejection(seq, name, _regular_size(p),
-                                      f"lstseq {seq} is not a slot of the night {night.night} at {night.site} "
-                                      f"(its slots run from {window[0]} to {window[1]}, local noon to noon)"))
-            continue
         by_seq.setdefault(seq, []).append(p)
+    window = _night_window(night, sorted(by_seq))
+    if window is not None:
+        for seq in [q for q in by_seq if not window[0] <= q <= window[1]]:
+            for q in by_seq.pop(seq):
+                rejected.append(Rejection(seq, q.name, _regular_size(q),
+                                          f"lstseq {seq} is not a slot of the night {night.night} at {night.site} "
+                                          f"(its slots run from {window[0]} to {window[1]}, local noon to noon)"))
     frames = []
     for seq in sorted(by_seq):
         paths = sorted(by_seq[seq], key=lambda q: (q.name.endswith(".gz"), q.name))  # .fits first
@@ -281,6 +277,28 @@ def scan_raw(night: NightDir, only: Collection[str] | None = None) -> RawScan:
                     rejected.append(Rejection(seq, q.name, _regular_size(q), why))
         frames.append(FrameFile(path=keep, lstseq=seq, size=_regular_size(keep)))
     return RawScan(frames=frames, rejected=rejected, calib=calib, other=other)
+
+
+def _night_window(night: NightDir, seqs: Sequence[int]) -> tuple[int, int] | None:
+    """The lstseq range of the night's frames: local mean noon to noon of the directory's date.
+
+    If most frames fall outside it, the directory was dated by another
+    convention (the UTC date at the start of acquisition is a day later at
+    La Silla in summer): then the window is the noon-to-noon night of the
+    median frame, so that a whole night is never refused for its name while
+    frames of other nights still are. None when there is nothing to check
+    against (not a date, an unknown site).
+    """
+    from mascara.timeindex import night_slot_window, slot_window_around
+
+    try:
+        window = night_slot_window(night.night, night.site)
+    except (ValueError, KeyError):
+        return None
+    inside = sum(window[0] <= q <= window[1] for q in seqs)
+    if seqs and 2 * inside < len(seqs):
+        window = slot_window_around(int(seqs[len(seqs) // 2]), night.site)
+    return window
 
 
 def list_frames(night: NightDir) -> list[FrameFile]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import functools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -251,6 +252,19 @@ def night_slot_window(night: str, site: Site | str) -> tuple[int, int]:
     date = _dt.datetime.strptime(night, "%Y%m%d").replace(tzinfo=_dt.timezone.utc)
     jd0 = 2440587.5 + date.timestamp() / 86400.0 + 0.5 - s.lon / 360.0  # local mean noon
     first, last = lstseq_from_jd(np.array([jd0, jd0 + 1.0]))
+    return int(first), int(last)
+
+
+def slot_window_around(lstseq: int, site: Site | str) -> tuple[int, int]:
+    """First and last lstseq from the local mean noon before slot ``lstseq`` starts to the next local mean noon.
+
+    The night a frame belongs to, whatever the date its directory was given
+    (:func:`night_slot_window` is the same window found from that date).
+    """
+    s = get_site(site)
+    jd = float(jd_start_of(np.array([lstseq]))[0])
+    noon = math.floor(jd + s.lon / 360.0) - s.lon / 360.0  # JD integers fall at 12h UTC
+    first, last = lstseq_from_jd(np.array([noon, noon + 1.0]))
     return int(first), int(last)
 
 

@@ -316,3 +316,24 @@ def test_a_frame_of_another_night_is_rejected_by_its_lstseq(tmp_path):
     assert sorted(r.lstseq for r in scan.rejected) == [before, after, 99999999]
     assert all(f"is not a slot of the night 20260301 at LP (its slots run from {first} to {last}" in r.reason
                for r in scan.rejected)
+
+
+def test_a_night_dated_by_another_convention_is_not_refused_whole(tmp_path):
+    """If a station dates its directories by the UTC date at the start of acquisition (at La Silla in
+    summer, dusk falls after 00:00 UTC), most frames lie outside the directory date's noon-to-noon
+    window: the window is then the night of the median frame, so the night is reduced and a frame of
+    another night is still refused."""
+    from mascara.rawio import parse_night_dir, scan_raw
+    from mascara.timeindex import night_lstseqs, night_slot_window
+
+    slots = night_lstseqs("20260115", "LS", sun_alt=0.0)  # the local evening of 15 January
+    night = tmp_path / "20260116LSE"  # dated a day later
+    (night / "raw").mkdir(parents=True)
+    other = night_lstseqs("20260117", "LS", sun_alt=0.0)[10]
+    for seq in (*slots[::500], other):
+        (night / "raw" / f"{seq:08d}LSE.fits").write_bytes(b"not read by the scan")
+    assert not any(night_slot_window("20260116", "LS")[0] <= q <= night_slot_window("20260116", "LS")[1]
+                   for q in slots)
+    scan = scan_raw(parse_night_dir(night))
+    assert [f.lstseq for f in scan.frames] == list(slots[::500])
+    assert [r.lstseq for r in scan.rejected] == [other]
