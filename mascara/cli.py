@@ -10,7 +10,6 @@ import argparse
 import sys
 
 
-
 def _seconds(text: str) -> float:
     """An argparse type: a duration in seconds, a finite number > 0."""
     try:
@@ -31,6 +30,7 @@ def _at_least_one(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {n} (-o erases earlier outputs instead)")
     return n
+
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="write simulated raw nights with truth files")

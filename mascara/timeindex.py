@@ -248,11 +248,7 @@ def night_slot_window(night: str, site: Site | str) -> tuple[int, int]:
     lstseq in its name, from a frame of this one. ``ValueError`` if ``night``
     is not a ``YYYYMMDD`` date.
     """
-    s = get_site(site)
-    date = _dt.datetime.strptime(night, "%Y%m%d").replace(tzinfo=_dt.timezone.utc)
-    jd0 = 2440587.5 + date.timestamp() / 86400.0 + 0.5 - s.lon / 360.0  # local mean noon
-    first, last = lstseq_from_jd(np.array([jd0, jd0 + 1.0]))
-    return int(first), int(last)
+    return _noon_to_noon(_local_mean_noon(night, get_site(site)))
 
 
 def slot_window_around(lstseq: int, site: Site | str) -> tuple[int, int]:
@@ -263,7 +259,17 @@ def slot_window_around(lstseq: int, site: Site | str) -> tuple[int, int]:
     """
     s = get_site(site)
     jd = float(jd_start_of(np.array([lstseq]))[0])
-    noon = math.floor(jd + s.lon / 360.0) - s.lon / 360.0  # JD integers fall at 12h UTC
+    return _noon_to_noon(math.floor(jd + s.lon / 360.0) - s.lon / 360.0)  # JD integers fall at 12h UTC
+
+
+def _local_mean_noon(night: str, s: Site) -> float:
+    """JD of local mean noon at ``s`` on the UTC date ``night`` (``YYYYMMDD``); ValueError if not a date."""
+    date = _dt.datetime.strptime(night, "%Y%m%d").replace(tzinfo=_dt.timezone.utc)
+    return 2440587.5 + date.timestamp() / 86400.0 + 0.5 - s.lon / 360.0
+
+
+def _noon_to_noon(noon: float) -> tuple[int, int]:
+    """First and last lstseq of the slots from ``noon`` (a JD) to a day later."""
     first, last = lstseq_from_jd(np.array([noon, noon + 1.0]))
     return int(first), int(last)
 
@@ -293,9 +299,7 @@ def night_lstseqs(night: str, site: Site | str, sun_alt: float = -12.0) -> np.nd
     second around each crossing.
     """
     s = get_site(site)
-    date = _dt.datetime.strptime(night, "%Y%m%d").replace(tzinfo=_dt.timezone.utc)
-    jd_date = 2440587.5 + date.timestamp() / 86400.0  # 0h UTC of the date
-    jd0 = jd_date + 0.5 - s.lon / 360.0  # local mean noon
+    jd0 = _local_mean_noon(night, s)
     coarse = 600.0 / 86400.0
     grid = jd0 + coarse * np.arange(145)
     alt = _sun_alt(grid, s)

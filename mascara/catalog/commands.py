@@ -63,6 +63,13 @@ def status_rows(datadir: str | Path = ".", db: str | None = None, night: str | N
         return cat.night_status(night)
 
 
+def _print_json(rows: list[dict[str, Any]]) -> int:
+    """``--json`` of the status commands: the rows on stdout (times in ISO 8601); exit code 0."""
+    json.dump(rows, sys.stdout, default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v), indent=1)
+    sys.stdout.write("\n")
+    return 0
+
+
 def cli_status(args: argparse.Namespace) -> int:
     """``mascara status``: the night_status table, or JSON with ``--json``."""
     url = _engine.resolve_url(args.db, args.datadir)
@@ -77,10 +84,7 @@ def cli_status(args: argparse.Namespace) -> int:
     with connect(url) as cat:
         rows = cat.night_status(args.night)
     if args.json:
-        json.dump(rows, sys.stdout, default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v),
-                  indent=1)
-        sys.stdout.write("\n")
-        return 0
+        return _print_json(rows)
 
     from rich.console import Console
     from rich.table import Table
@@ -143,9 +147,7 @@ def _print_rejected(url: str, args: argparse.Namespace) -> int:
     with connect(url) as cat:
         rows = cat.rejected_frames(args.night)
     if args.json:
-        json.dump(rows, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-        return 0
+        return _print_json(rows)
     from rich.console import Console
     from rich.table import Table
 
@@ -167,9 +169,7 @@ def _print_season(url: str, args: argparse.Namespace) -> int:
     with connect(url) as cat:
         rows = cat.season(args.night)
     if args.json:
-        json.dump(rows, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-        return 0
+        return _print_json(rows)
     from rich.console import Console
     from rich.table import Table
 

@@ -28,10 +28,10 @@ Output generations of a night directory: ``work``, ``lightcurves``,
 ``astrometry`` (and anything else beside ``raw/``) are the current outputs;
 ``<name>_old`` the previous reduction, ``<name>_old2`` the one before, and so
 on up to ``keep_old`` generations; the current outputs of a reduction that never
-finished do not push a finished one out (:func:`plan_actions`). ``raw/`` is never touched. An erase first
-renames the directory to a hidden bin (``.mascara-erasing-<id>``) so that it
-disappears at once; a crash during the removal leaves only the bin, which the
-next run removes.
+finished do not push a finished one out (:func:`plan_actions`). ``raw/`` is never
+touched. An erase first renames the directory to a hidden bin
+(``.mascara-erasing-<id>``) so that it disappears at once; a crash during the
+removal leaves only the bin, which the next run removes.
 """
 
 from __future__ import annotations
@@ -121,14 +121,19 @@ def holds_night_files(path: str | Path) -> bool:
     return p.is_dir() and any(p.glob("fLC_*.hdf5")) and any(p.glob("sLC_*.hdf5"))
 
 
+def _check_keep_old(keep_old: int) -> None:
+    if keep_old < 1:
+        raise ValueError("keep_old must be at least 1 (use overwrite to erase instead)")
+
+
 def plan_actions(night_path: str | Path, decision: str, keep_old: int = KEEP_OLD,
                  reason: str | None = None) -> list[tuple[str, str | None, str, str | None]]:
     """Filesystem actions ``(src, dst, action, reason)`` of a decision, in the order they must run.
 
     ``move``: every generation shifts by one; those that would exceed
     ``keep_old`` are erased first. Current outputs of a reduction that never
-    finished (no fLC and sLC files in ``lightcurves/``) do not push a kept generation
-    out: when older generations exist, the unfinished reduction's directories
+    finished (no fLC and sLC files in ``lightcurves/``) do not push a kept
+    generation out: when older generations exist, the unfinished reduction's directories
     are erased instead (recorded like any erase) and the older ones stay where
     they are, so that failed runs in a row never erase the last finished
     reduction. ``erase``: every output, all generations. ``new``/``resume``: nothing.
@@ -138,8 +143,7 @@ def plan_actions(night_path: str | Path, decision: str, keep_old: int = KEEP_OLD
         return [(str(p), None, "erased", reason) for g in gens.values() for _, p in sorted(g.items())]
     if decision != "move":
         return []
-    if keep_old < 1:
-        raise ValueError("keep_old must be at least 1 (use overwrite to erase instead)")
+    _check_keep_old(keep_old)
     finished = 0 in gens.get("lightcurves", {}) and holds_night_files(gens["lightcurves"][0])
     older = any(gen > 0 for g in gens.values() for gen in g)
     erases, renames = [], []
@@ -392,8 +396,7 @@ def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, 
     LifecycleError
         the night directory contradicts the journal.
     """
-    if keep_old < 1:  # before anything is registered: a refused argument must not leave a run holding the lease
-        raise ValueError("keep_old must be at least 1 (use overwrite to erase instead)")
+    _check_keep_old(keep_old)  # before anything is registered: a refusal must not leave a run holding the lease
     night = plan.night
     night_path = Path(night.path).absolute()
     cn_id = cat.register_camera_night(night.site, night.camera, night.night, night_path)
