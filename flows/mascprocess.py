@@ -251,6 +251,7 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
     """
     from flows import _runs
     from mascara.catalog import LeaseHeld
+    from mascara.nightlock import NightLocked
     from mascara.catalog._engine import resolve_url
     from mascara.rawio import parse_night_dir
     from mascara.reduce import CalibrationRequired
@@ -283,7 +284,7 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
                                                           pid=os.getpid(), host=socket.gethostname(),
                                                           heartbeat=heartbeat,
                                                           require_calibration=require_calibration)
-            except LeaseHeld as exc:
+            except (LeaseHeld, NightLocked) as exc:
                 print(f"{nd.night_id}: {exc}", file=sys.stderr)
                 status = 1
                 continue

@@ -597,7 +597,7 @@ def reduce_night(
                 if not st.is_completed():
                     err = _state_error(st, fut)
                     if kind == "start":
-                        end_night(n, "locked" if "LeaseHeld" in err else "failed", err)
+                        end_night(n, "locked" if ("LeaseHeld" in err or "NightLocked" in err) else "failed", err)
                     elif kind == "batch":
                         n.failed.append(f"batch {payload}: {err}")
                         n.left.discard(payload)

@@ -929,8 +929,11 @@ def diagnostic_ids(stars: StarCatalogue, n: int = 10) -> list[str]:
 
 
 def existing_outputs(night: NightDir) -> list[Path]:
-    """Output directories of a night: everything in the night directory except ``raw/``."""
-    return sorted(p for p in night.path.iterdir() if p.name != "raw")
+    """Output directories of a night: everything in the night directory except ``raw/`` and hidden entries.
+
+    Hidden entries are the lifecycle's own (the lock file, erase bins), never outputs.
+    """
+    return sorted(p for p in night.path.iterdir() if p.name != "raw" and not p.name.startswith("."))
 
 
 def move_outputs_aside(night: NightDir, erase: bool = False) -> list[tuple[str, str | None]]:

@@ -25,6 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlmodel import Session
 
+from mascara import nightlock
 from mascara.catalog import _engine
 from mascara.catalog.models import (
     CALIBRATION_KINDS,
@@ -448,7 +449,12 @@ class Catalog:
                       .values(status="failed", finished_at=now, error=f"run ended ({status}) during the batch"))
             s.execute(delete(Lease).where(Lease.run_id == run_id))
 
-        self._tx(fn)
+        try:
+            self._tx(fn)
+        except LeaseLost:  # the run is over all the same; a transient error keeps the lock for the retry
+            nightlock.release(run_id)
+            raise
+        nightlock.release(run_id)  # the night directory's lock (taken by lifecycle.open_run) goes with the lease
 
     @staticmethod
     def _info(s: Session, run: ReductionRun) -> RunInfo:

@@ -4,8 +4,10 @@ Phases of a run (``reduction_run.phase``; ``docs/lifecycle.md`` has the diagram)
 
     registered -> moving -> reducing -> combining -> finished
 
-- **registered**: the run row and the camera-night's lease are committed.
-  Nothing was decided; a run killed here did nothing on disk and is ignored
+- **registered**: the run row and the camera-night's lease are committed, and
+  the night directory's lock is taken (:mod:`mascara.nightlock`: it keeps out
+  runs recorded in *other* catalogs, which the lease cannot see; a refused
+  run is recorded as failed). Nothing was decided; a run killed here did nothing on disk and is ignored
   by later decisions.
 - **moving**: the run decided (``new``, ``resume``, ``move`` or ``erase``)
   and journaled every filesystem action it implies as ``intended``, in the
@@ -48,7 +50,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from mascara import faults
+from mascara import faults, nightlock
 from mascara.catalog.catalog import Catalog, JournalEntry, LeaseHeld, RunInfo, fingerprint_key
 
 log = logging.getLogger(__name__)
@@ -384,6 +386,16 @@ def _release_dead_lease(cat: Catalog, exc: LeaseHeld) -> bool:
     return True
 
 
+def _shown_url(db_url: str) -> str:
+    """The catalog URL without its password, as the lock file shows it to other processes."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(db_url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot parse is shown as given, minus nothing secret
+        return db_url.split("@")[-1]
+
+
 def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, keep_old: int = KEEP_OLD,
              flow_run_id: str | None = None, lease_seconds: float = LEASE_SECONDS, host: str | None = None,
              pid: int | None = None) -> RunHandle:
@@ -392,7 +404,10 @@ def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, 
     Raises
     ------
     LeaseHeld
-        another live run reduces this camera-night.
+        another live run of this catalog reduces this camera-night.
+    mascara.nightlock.NightLocked
+        a run of another catalog (or another run of this process under another
+        catalog) reduces this night directory; the refused run is recorded as failed.
     LifecycleError
         the night directory contradicts the journal.
     """
@@ -411,6 +426,13 @@ def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, 
         if not _release_dead_lease(cat, exc):
             raise
         run_id = cat.start_run(cn_id, **kwargs)
+    # the lease keeps out runs of this catalog, the night directory's lock those of any other (before anything
+    # is looked at or moved); a refusal is recorded in this catalog as the run's failure
+    try:
+        nightlock.acquire(night_path, run_id, _shown_url(db_url))
+    except nightlock.NightLocked as exc:
+        cat.finish_run(run_id, "failed", error=f"refused: {exc}"[:2000])
+        raise
     faults.checkpoint("after_register")
 
     recover(cat, cn_id, night_path)  # what earlier runs left half done comes first

@@ -1,0 +1,136 @@
+"""The night directory's lock (mascara.nightlock): real flocks held by real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mascara import nightlock
+from mascara.catalog.lifecycle import output_generations
+
+HOLDER = """
+import sys, time
+from mascara import nightlock
+nightlock.acquire(sys.argv[1], sys.argv[2], sys.argv[3])
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def night(tmp_path: Path) -> Path:
+    d = tmp_path / "20260301LPE"
+    (d / "raw").mkdir(parents=True)
+    return d
+
+
+@pytest.fixture
+def other_process(night: Path):  # type: ignore[no-untyped-def]
+    """A process that holds the night's lock for run ``run-a`` of catalog ``sqlite:///a.sqlite``."""
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(night), "run-a", "sqlite:///a.sqlite"],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "locked"
+    yield p
+    if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+def test_a_run_of_another_catalog_is_refused_and_told_who_holds_the_night(night, other_process):
+    with pytest.raises(nightlock.NightLocked) as err:
+        nightlock.acquire(night, "run-b", "sqlite:///b.sqlite")
+    msg = str(err.value)
+    assert str(night) in msg and "run run-a of catalog sqlite:///a.sqlite" in msg
+    assert f"pid {other_process.pid}" in msg
+    assert err.value.holder["run_id"] == "run-a"
+    assert nightlock.held_here() == {}
+
+
+def test_the_lock_goes_with_the_process_that_held_it(night, other_process):
+    other_process.send_signal(signal.SIGKILL)  # a power cut or kill -9: no clean-up ran
+    other_process.wait()
+    assert nightlock.acquire(night, "run-b", "sqlite:///b.sqlite") is True
+    try:
+        holder = json.loads((night / nightlock.LOCK_NAME).read_text())
+        assert holder["run_id"] == "run-b" and holder["pid"] == os.getpid()
+        assert nightlock.held_here() == {str(night.absolute()): "run-b"}
+    finally:
+        assert nightlock.release("run-b") is True
+    assert (night / nightlock.LOCK_NAME).read_text() == ""  # nobody holds it: it names nobody
+    assert nightlock.release("run-b") is False
+
+
+def test_a_run_of_the_same_catalog_goes_on_when_its_lease_allowed_it(night, other_process):
+    """The catalog's lease arbitrates between runs of one catalog (a takeover from a stalled run): the
+    new run goes on without the lock, which the stalled process still holds."""
+    assert nightlock.acquire(night, "run-b", "sqlite:///a.sqlite") is False
+    assert nightlock.held_here() == {}
+    assert nightlock.release("run-b") is False
+
+
+def test_within_one_process_a_run_of_the_same_catalog_takes_the_lock_over(night):
+    assert nightlock.acquire(night, "run-1", "sqlite:///a.sqlite")
+    try:
+        with pytest.raises(nightlock.NightLocked, match="run run-1 of catalog sqlite:///a.sqlite"):
+            nightlock.acquire(night, "run-x", "sqlite:///b.sqlite")
+        assert nightlock.acquire(night, "run-2", "sqlite:///a.sqlite")  # a retry or a resume, after the lease
+        assert nightlock.release("run-1") is False  # the first run's end no longer drops it
+        # still held: another process is refused
+        p = subprocess.run([sys.executable, "-c", HOLDER, str(night), "run-c", "sqlite:///c.sqlite"],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode != 0 and "NightLocked" in p.stderr and "run run-2" in p.stderr
+    finally:
+        nightlock.release("run-2")
+    assert nightlock.held_here() == {}
+
+
+def test_the_lock_file_is_not_an_output(night):
+    from mascara.rawio import parse_night_dir
+    from mascara.reduce import existing_outputs
+
+    nightlock.acquire(night, "run-1", "sqlite:///a.sqlite")
+    try:
+        (night / "work").mkdir()
+        assert output_generations(night) == {"work": {0: night / "work"}}
+        assert existing_outputs(parse_night_dir(night)) == [night / "work"]
+    finally:
+        nightlock.release("run-1")
+
+
+def test_a_missing_night_directory_is_an_error_not_a_lock(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        nightlock.acquire(tmp_path / "nowhere", "run-1", "sqlite:///a.sqlite")
+    assert nightlock.held_here() == {}
+
+
+def test_threads_of_one_process_do_not_take_one_night_twice(night):
+    """Two runs of different catalogs started in threads of one process: exactly one gets the night."""
+    import threading
+
+    results: dict[str, object] = {}
+
+    def take(run: str, cat: str) -> None:
+        try:
+            results[run] = nightlock.acquire(night, run, cat)
+        except nightlock.NightLocked as exc:
+            results[run] = exc
+
+    ts = [threading.Thread(target=take, args=(f"run-{i}", f"sqlite:///{i}.sqlite")) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    winners = [r for r, v in results.items() if v is True]
+    assert len(winners) == 1 and all(isinstance(v, nightlock.NightLocked) for r, v in results.items()
+                                     if r not in winners)
+    nightlock.release(winners[0])
+    t0 = time.monotonic()
+    assert nightlock.acquire(night, "run-z", "sqlite:///z.sqlite") and time.monotonic() - t0 < 5
+    nightlock.release("run-z")
