@@ -213,15 +213,27 @@ def plan_camera_night(night_dir: Path | str | NightDir, settings: Settings | Non
     )
 
 
-_CATALOGUES: dict[str | None, StarCatalogue] = {}
+_CATALOGUES: dict[tuple, StarCatalogue] = {}
 
 
 def load_stars(settings: Settings) -> StarCatalogue:
-    """The star catalogue of the settings (cached per process), cut at the slow-photometry limit."""
-    key = settings.catalogue
+    """The star catalogue of the settings, cut at the slow-photometry limit; cached per process.
+
+    The cache key is the file (path, size and modification time: a catalogue
+    replaced on disk is read again) and the magnitude limit, so a process that
+    reduces nights under different settings (a Prefect worker, a season's
+    backfill, the test suite) never measures one night with another's stars.
+    """
+    path = settings.catalogue
+    limit = max(settings.vmag_slow, settings.vmag_fast)
+    stamp = None
+    if path is not None:
+        st = Path(path).stat()
+        stamp = (str(Path(path).absolute()), st.st_size, st.st_mtime_ns)
+    key = (stamp, float(limit))
     if key not in _CATALOGUES:
-        cat = default_catalogue() if key is None else load_catalogue(key)
-        _CATALOGUES[key] = cat.brighter_than(max(settings.vmag_slow, settings.vmag_fast))
+        cat = default_catalogue() if path is None else load_catalogue(path)
+        _CATALOGUES[key] = cat.brighter_than(limit)
     return _CATALOGUES[key]
 
 

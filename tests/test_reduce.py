@@ -409,3 +409,26 @@ def test_batch_workspaces_are_as_many_as_batches_ever_ran_at_once():
     except RuntimeError:
         pass
     assert len(R._FREE_WORKSPACES) == 2  # given back all the same
+
+
+def test_the_star_cache_follows_the_settings_and_the_file(tmp_path):
+    """One process reducing nights under different settings (a Prefect worker, a backfill, the test
+    suite) gets each night's own stars: the cut and the catalogue file are part of the cache key."""
+    import os
+
+    from mascara.reduce import load_stars
+    from mascara.settings import Settings
+    from mascara.stars import default_catalogue
+
+    full = load_stars(Settings())
+    cut = load_stars(Settings(vmag_slow=7.0, vmag_fast=6.0))
+    assert len(cut) < len(full) and cut.vmag.max() <= 7.0
+    assert len(load_stars(Settings())) == len(full)  # before the fix: the cut catalogue again
+
+    path = tmp_path / "stars.npz"
+    default_catalogue().brighter_than(9.0).save(path)
+    assert load_stars(Settings(catalogue=str(path))).vmag.max() <= 9.0
+    default_catalogue().brighter_than(8.0).save(path)  # the file replaced on disk
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert load_stars(Settings(catalogue=str(path))).vmag.max() <= 8.0
