@@ -95,7 +95,7 @@ GLOBAL_ATTRS = (
 CALIBRATION_ATTRS = ("CALIBRATION", "CALFILES", "CALNOTE", "CALREJECTED")
 
 #: Flag bits (SPEC §6).
-FLAG_EDGE = 1  # box leaves the image: no photometry
+FLAG_EDGE = 1  # box leaves the image (no photometry), or an aperture reaches pixels without data (NaN flux)
 FLAG_SKY_SATURATED = 2  # a sky pixel is saturated
 FLAG_SKY_BAD = 4  # sky < 0 or the estimate failed
 FLAG_PEAK_SATURATED = 8

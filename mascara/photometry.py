@@ -809,6 +809,8 @@ def _measure_kernel(
             flux[s, k] = fl
             if fl < 0.0:
                 f |= FLAG_NEGATIVE_FLUX
+            elif not math.isfinite(sums[k]):  # the aperture reaches pixels without data (a stack's gap)
+                f |= FLAG_EDGE
             var = area * sig * sig + max(fl, 0.0) / gain + (sig * sig / nk) * area * area
             eflux[s, k] = math.sqrt(var)
         flag[s] = f

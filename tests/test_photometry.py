@@ -467,3 +467,22 @@ def test_saturation_of_wide_integer_raw_frames_is_decided_as_the_kernel_compares
     # an empty frame: every star is off it, as before the tile map
     res = measure_apertures(np.zeros((10, 0), np.float32), x, y, raw=np.zeros((10, 0), np.uint16))
     assert res["flag"][0] & lcformat.FLAG_EDGE
+
+
+def test_an_aperture_over_pixels_without_data_is_flagged():
+    """A stack leaves NaN where no frame covered a pixel: a star whose larger aperture reaches such a pixel
+    gets a NaN flux there and FLAG_EDGE, never flag 0 with a NaN flux (a user's ``flag == 0`` selection)."""
+    from mascara.lcformat import FLAG_EDGE
+    from mascara.photometry import measure_apertures
+
+    rng = np.random.default_rng(5)
+    image = rng.normal(100.0, 5.0, (120, 120)).astype(np.float32)
+    x = np.array([60.0, 30.0])
+    y = np.array([60.0, 30.0])
+    yy, xx = np.mgrid[:120, :120]
+    for xs, ys in zip(x, y):
+        image += (2000.0 * np.exp(-((xx - xs) ** 2 + (yy - ys) ** 2) / 2.0)).astype(np.float32)
+    image[60, 64] = np.nan  # 4 px right of the first star: inside r = 4.5, outside r = 2.5
+    out = measure_apertures(image, x, y, radii=(2.5, 4.5), sky_radii=(6.0, 21.0))
+    assert np.isfinite(out["flux0"]).all() and np.isnan(out["flux1"][0]) and np.isfinite(out["flux1"][1])
+    assert out["flag"][0] & FLAG_EDGE and out["flag"][1] == 0
