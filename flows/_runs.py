@@ -88,10 +88,11 @@ def code_hash() -> str:
 
 def open_run(db_url: str, plan: Any, overwrite: bool = False, flow_run_id: str | None = None,
              lease_seconds: float = LEASE_SECONDS, host: str | None = None, pid: int | None = None,
-             keep_old: int = KEEP_OLD) -> RunHandle:
+             keep_old: int = KEEP_OLD, end_on_error: bool = False) -> RunHandle:
     """Register, lease, decide and move aside: :func:`mascara.catalog.lifecycle.open_run` on this URL."""
     return lifecycle.open_run(catalog(db_url), db_url, plan, overwrite=overwrite, keep_old=keep_old,
-                              flow_run_id=flow_run_id, lease_seconds=lease_seconds, host=host, pid=pid)
+                              flow_run_id=flow_run_id, lease_seconds=lease_seconds, host=host, pid=pid,
+                              end_on_error=end_on_error)
 
 
 def end_unreturned_run(db_url: str, night_path: str | Path, flow_run_id: str | None, error: str) -> str | None:
@@ -292,7 +293,7 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
     # or the hold would never be released
     with _signals.Hold() as hold:
         handle = open_run(db_url, plan, overwrite=overwrite, keep_old=keep_old, pid=pid, host=host,
-                          flow_run_id=flow_run_id)
+                          flow_run_id=flow_run_id, end_on_error=True)
 
     def on_prepared(ctx: Any) -> None:
         record_calibration(db_url, handle.camera_night_id, handle.night_path, ctx.calibration_state())
@@ -365,7 +366,7 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
 
     def on_start(plan: Any) -> set[int]:
         with _signals.Hold() as hold:
-            handle = open_run(db_url, plan, keep_old=keep_old, flow_run_id=flow_run_id)
+            handle = open_run(db_url, plan, keep_old=keep_old, flow_run_id=flow_run_id, end_on_error=True)
             state["handle"] = handle
         hold.release()  # the handle is known: an interruption is recorded from here on
         record_intake(db_url, plan, handle.camera_night_id, handle.run_id)  # so far; again at the end
@@ -374,7 +375,7 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
         return set(handle.done)
 
     def on_ready(plan: Any) -> None:
-        catalog(db_url).register_batches(state["handle"].run_id, rows(plan))
+        catalog(db_url).register_batches(state["handle"].run_id, rows(plan), grown=True)
 
     def on_prepared(ctx: Any) -> None:
         h = state["handle"]

@@ -148,7 +148,8 @@ def reduce_night_live(datadir: str | None = None, nights: str = "tonight", camer
                     if not new:
                         continue
                     if cam.handle is None:
-                        cam.handle = _runs.open_run(url, cam.live.ready_plan(new), keep_old=keep_old)
+                        cam.handle = _runs.open_run(url, cam.live.ready_plan(new), keep_old=keep_old,
+                                                    end_on_error=True)
                         heartbeat.run_ids.add(cam.handle.run_id)
                         _runs.record_intake(url, cam.live.ready_plan(new), cam.handle.camera_night_id,
                                             cam.handle.run_id)
@@ -164,7 +165,7 @@ def reduce_night_live(datadir: str | None = None, nights: str = "tonight", camer
                         continue
                     _runs.catalog(url).register_batches(
                         cam.handle.run_id, [(b, min(f.lstseq for f in fr), max(f.lstseq for f in fr), len(fr))
-                                            for b, fr in cam.live.ready_plan(new).batches.items()])
+                                            for b, fr in cam.live.ready_plan(new).batches.items()], grown=True)
                     for b in new:
                         submitted.append((cam, b, live_batch_task.submit(cam.night_dir.night_id, b, cam.handle,
                                                                          cam.live.plan, cam.ctx)))

@@ -1171,20 +1171,45 @@ class LiveNight:
         self.grace, self.idle_timeout, self.until_jd = grace, idle_timeout, until_jd
         self.now_jd = now_jd or (lambda: 2440587.5 + time.time() / 86400.0)
         self.watch = RawWatch(night.raw, settle=settle)
-        self.plan = plan_camera_night(night, self.settings, only=set(), live=True)
+        self.plan = self._plan(set())
         self.finished: set[int] = set()
+        self.reduced_with: dict[int, frozenset[int]] = {}  # the frames (lstseq) each done batch had
+        self.regrown: dict[int, int] = {}  # batches reduced again, and how many frames they gained
         self.ending = False  # the night is over: every batch is ready
 
+    def _plan(self, names: set[str]) -> CameraNightPlan:
+        """The live plan of the files complete so far; empty while ``raw/`` does not exist yet (a live
+        run is started before the camera has made tonight's directory)."""
+        if not self.night.raw.is_dir():
+            return CameraNightPlan(night=self.night, settings=self.settings, frames=[], batches={}, calib=[],
+                                   live=True)
+        return plan_camera_night(self.night, self.settings, only=names, live=True)
+
     def step(self) -> list[int]:
-        """Look at ``raw/`` once; the batches newly ready and not done, in time order."""
+        """Look at ``raw/`` once; the batches newly ready and not done, in time order.
+
+        A done batch whose frames changed since it was reduced (frames of it
+        arrived late, after ``grace`` let it go with the frames it had) is
+        ready again, by the same rule: it is reduced again with every frame,
+        its batch file and split pieces replaced, rather than losing the late
+        frames without a word.
+        """
         from mascara.live import ready_batches
 
-        self.plan = plan_camera_night(self.night, self.settings, only=self.watch.poll(), live=True)
+        self.plan = self._plan(self.watch.poll())
         idle = self.watch.idle_for()
         self.ending = self.ending or (self.until_jd is not None and self.now_jd() >= self.until_jd) or (
             self.idle_timeout is not None and idle >= self.idle_timeout)
         ready = ready_batches([f.lstseq for f in self.plan.frames], self.settings.batch_size,
                               idle=idle >= self.grace, night_over=self.ending)
+        for b in sorted(ready & self.finished):
+            now = frozenset(f.lstseq for f in self.plan.batches.get(b, ()))
+            if now != self.reduced_with.get(b, now):
+                gained = len(now - self.reduced_with[b])
+                log.warning("%s: batch %d gained %d frame(s) after it was reduced; reducing it again",
+                            self.night.night_id, b, gained)
+                self.regrown[b] = self.regrown.get(b, 0) + gained
+                self.finished.discard(b)
         return sorted(ready - self.finished)
 
     def ready_plan(self, batches: Iterable[int]) -> CameraNightPlan:
@@ -1196,7 +1221,10 @@ class LiveNight:
         return prepare_camera_night(self.plan, require_calibration=require_calibration)
 
     def done(self, batch: int) -> None:
-        self.finished.add(int(batch))
+        """``batch`` is reduced (or was, by an earlier run) with the frames the plan gives it now."""
+        b = int(batch)
+        self.finished.add(b)
+        self.reduced_with[b] = frozenset(f.lstseq for f in self.plan.batches.get(b, ()))
 
     @property
     def over(self) -> bool:

@@ -597,19 +597,21 @@ class Catalog:
                 else:
                     b.path = str(dst) + b.path[len(src):]
 
-    def begin_reducing(self, run_id: str, batches: Iterable[Sequence[int]], fresh: bool) -> None:
+    def begin_reducing(self, run_id: str, batches: Iterable[Sequence[int]], fresh: bool,
+                       grown: bool = False) -> None:
         """Register the run's batches and enter the ``reducing`` phase.
 
         ``fresh`` (a new, moved-aside or erased reduction): batch rows left
         under the same fingerprint by earlier runs are reset to ``pending``
         first, so nothing of an earlier reduction counts as done. This
         happens once per run: a retried call after the phase began only
-        registers batches again (idempotent).
+        registers batches again (idempotent). ``grown``: see
+        :meth:`register_batches`.
 
         Raises
         ------
         CatalogConflict
-            A known batch with a different lstseq range or frame count.
+            A known batch with a different lstseq range or frame count (unless ``grown``).
         """
         batches = [tuple(int(v) for v in b) for b in batches]
 
@@ -628,7 +630,7 @@ class Catalog:
                                       astro_nstars=None, flagged=None,
                                       **{k: None for k in BATCH_FRAME_COUNTS if k != "frames_present"}))
                 run.phase = "reducing"
-            self._register_batches(s, run.camera_night_id, run.fingerprint_key, run_id, batches)
+            self._register_batches(s, run.camera_night_id, run.fingerprint_key, run_id, batches, grown)
 
         self._tx(fn)
 
@@ -642,31 +644,48 @@ class Catalog:
         return self._tx(fn, readonly=True)
 
     # -- batches -------------------------------------------------------------
-    def register_batches(self, run_id: str, batches: Iterable[Sequence[int]]) -> None:
+    def register_batches(self, run_id: str, batches: Iterable[Sequence[int]], grown: bool = False) -> None:
         """Register ``(batch_index, lstseq_min, lstseq_max, frames_present)`` rows as pending.
 
         Batches already known under the run's fingerprint keep their status
         (a resumed run skips the succeeded ones).
 
+        ``grown`` (a live run): a known batch whose frames changed since it was
+        registered (frames of it arrived after it was reduced) is registered
+        again as ``pending`` with its new range and count, so that it is
+        reduced again instead of counting as done with the frames it had.
+
         Raises
         ------
         CatalogConflict
-            A known batch with a different lstseq range or frame count.
+            A known batch with a different lstseq range or frame count (unless ``grown``).
         """
         batches = [tuple(int(v) for v in b) for b in batches]
 
         def fn(s: Session) -> None:
             cn_id, fp = self._run_key(s, run_id)
-            self._register_batches(s, cn_id, fp, run_id, batches)
+            if grown:  # it may reset batches a run recorded: only the lease holder may
+                self._fence(s, run_id)
+            self._register_batches(s, cn_id, fp, run_id, batches, grown)
 
         self._tx(fn)
 
-    def _register_batches(self, s: Session, cn_id: str, fp: str, run_id: str, batches: list[tuple[int, ...]]) -> None:
+    def _register_batches(self, s: Session, cn_id: str, fp: str, run_id: str, batches: list[tuple[int, ...]],
+                          grown: bool = False) -> None:
         known = {b.batch_index: (b.lstseq_min, b.lstseq_max, b.frames_present) for b in s.execute(
             select(Batch).where(Batch.camera_night_id == cn_id, Batch.fingerprint_key == fp)).scalars()}
         rows = []
         for idx, lo, hi, n in batches:
             if idx in known:
+                if known[idx] != (lo, hi, n) and grown:
+                    log.warning("batch %d: registered again with lstseq %d-%d (%d frames; was %d-%d, %d frames)",
+                                idx, lo, hi, n, *known[idx])
+                    s.execute(update(Batch).where(Batch.id == make_id("batch", cn_id, fp, idx)).values(
+                        lstseq_min=lo, lstseq_max=hi, frames_present=n, status="pending", path=None, sha256=None,
+                        error=None, timings=None, started_at=None, finished_at=None, run_id=run_id,
+                        astro_rms=None, astro_nstars=None, flagged=None,
+                        **{k: None for k in BATCH_FRAME_COUNTS if k != "frames_present"}))
+                    continue
                 if known[idx] != (lo, hi, n):
                     raise CatalogConflict(f"batch {idx} was registered as lstseq {known[idx][0]}-"
                                           f"{known[idx][1]} ({known[idx][2]} frames), now {lo}-{hi} ({n})")

@@ -398,7 +398,7 @@ def _shown_url(db_url: str) -> str:
 
 def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, keep_old: int = KEEP_OLD,
              flow_run_id: str | None = None, lease_seconds: float = LEASE_SECONDS, host: str | None = None,
-             pid: int | None = None) -> RunHandle:
+             pid: int | None = None, end_on_error: bool = False) -> RunHandle:
     """Take a camera-night through registered -> moving -> reducing; idempotent for the same run id.
 
     Raises
@@ -410,6 +410,12 @@ def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, 
         catalog) reduces this night directory; the refused run is recorded as failed.
     LifecycleError
         the night directory contradicts the journal.
+
+    ``end_on_error`` (the library drivers, which do not retry): a run that
+    fails to open after it was registered is recorded as failed with the
+    error before the exception propagates, so that it does not stay
+    ``running`` until its lease is taken over. A Prefect start task leaves it
+    running for its retries (same run id) and ends it after the last one.
     """
     _check_keep_old(keep_old)  # before anything is registered: a refusal must not leave a run holding the lease
     night = plan.night
@@ -433,6 +439,18 @@ def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, 
     except nightlock.NightLocked as exc:
         cat.finish_run(run_id, "failed", error=f"refused: {exc}"[:2000])
         raise
+    try:
+        return _open_registered(cat, db_url, plan, run_id, cn_id, fp_key, night_path, overwrite, keep_old)
+    except Exception as exc:
+        if end_on_error:
+            cat.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+
+
+def _open_registered(cat: Catalog, db_url: str, plan: Plan, run_id: str, cn_id: str, fp_key: str, night_path: Path,
+                     overwrite: bool, keep_old: int) -> RunHandle:
+    """:func:`open_run` once the run is registered and holds the lease and the lock: decide, move, begin."""
+    night = plan.night
     faults.checkpoint("after_register")
 
     recover(cat, cn_id, night_path)  # what earlier runs left half done comes first
@@ -458,7 +476,8 @@ def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, 
     faults.checkpoint("after_move")
 
     cat.begin_reducing(run_id, [(b, min(f.lstseq for f in fr), max(f.lstseq for f in fr), len(fr))
-                                for b, fr in plan.batches.items()], fresh=decision != "resume")
+                                for b, fr in plan.batches.items()], fresh=decision != "resume",
+                      grown=bool(getattr(plan, "live", False)))
     faults.checkpoint("after_begin")
     batch_dir = Path(plan.batch_path(0)).parent
     done = verified_done(cat, cn_id, fp_key, batch_dir)

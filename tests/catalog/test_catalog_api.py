@@ -59,6 +59,15 @@ def test_registration_is_idempotent(catalog):
     assert count(catalog, Batch, Batch.status == "succeeded") == 1
     with pytest.raises(CatalogConflict, match="batch 101"):
         catalog.register_batches(run, [(101, 5050, 5098, 49)])
+    # a live run: a done batch whose frames grew is registered again as pending, to be reduced again
+    catalog.register_batches(run, [(100, 5000, 5049, 50)], grown=True)  # unchanged: keeps its status
+    assert count(catalog, Batch, Batch.status == "succeeded") == 1
+    with pytest.raises(CatalogConflict, match="batch 100"):
+        catalog.register_batches(run, [(100, 5000, 5049, 51)])
+    catalog.register_batches(run, [(100, 4999, 5049, 51)], grown=True)
+    with Session(catalog.engine) as s:
+        b = s.execute(select(Batch).where(Batch.batch_index == 100)).scalar_one()
+        assert (b.status, b.lstseq_min, b.frames_present, b.sha256, b.path) == ("pending", 4999, 51, None, None)
 
     frames = [(5000 + i, f"{5000 + i:08d}LPE.fits", 100, "ok", None) for i in range(20)]
     catalog.record_frames(a, frames)

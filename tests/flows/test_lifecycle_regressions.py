@@ -418,3 +418,23 @@ def test_a_second_catalog_on_the_same_data_directory_is_refused_while_a_run_hold
     assert (night / "work_old").is_dir()  # A's unfinished work was moved aside, not lost
     with connect(url_b) as cat:
         assert cat.night_status(NIGHT)[0]["state"] == "succeeded"
+
+
+@pytest.mark.parametrize("fault", ["after_intent:oserror", "after_begin:oserror"])
+def test_a_library_run_that_fails_to_open_is_recorded_not_left_running(fault, pristine_night, reference, tmp_path,
+                                                                     prefect_server):
+    """``mascprocess --no-prefect`` (and the live driver) do not retry: a run that fails after it was
+    registered, while it decides, moves aside or registers its batches, is recorded as failed with the
+    error, not left ``running`` until the next run finds its process gone (an outside trial found a live
+    restart's CatalogConflict recorded nowhere). The next run finishes what it left and succeeds."""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    res = mascprocess(datadir, {**env, "MASCARA_FAULT": fault}, "--no-prefect", "-q", check=False)
+    assert res.returncode == 1 and "InjectedOSError" in res.stderr, res.stderr[-3000:]
+    [run] = runs(datadir)
+    assert run["status"] == "failed" and run["error"].startswith("InjectedOSError"), run
+    assert not _rows(datadir, "SELECT * FROM lease")
+    assert mascprocess(datadir, env, "--no-prefect", "-q").returncode == 0
+    assert night_status(datadir)["state"] == "succeeded"
+    assert_same_night_files(datadir / NIGHT_ID, reference)
+    _check(datadir)

@@ -187,3 +187,63 @@ def test_a_stopped_live_run_ends_before_its_next_batch_and_stops_its_splitter(tm
     with connect(datadir=datadir) as cat:
         [status] = [r for r in cat.night_status(NIGHT) if r["camera"] == "LPE"]
     assert status["batches_done"] == 1, status
+
+
+def test_a_live_run_waits_for_its_directory_and_reduces_late_frames_again(tmp_path, pristine_night, reference):
+    """The live run starts before the camera has made tonight's directory (it waits, as the README
+    says), and a frame of the middle batch arrives after that batch was reduced (a stalled copy): the
+    batch is reduced again with it, so the night files equal the offline reduction of the same frames
+    and the catalog counts every frame. Before, the run failed at once on the missing directory, and a
+    late frame was lost without a word while the run ended ``succeeded``."""
+    import os
+    import shutil
+    import threading
+
+    from flowkit import runs
+
+    from flows import _runs
+    from mascara.catalog._engine import resolve_url
+    from mascara.rawio import parse_night_dir
+
+    datadir = tmp_path / "data"
+    datadir.mkdir()
+    src = pristine_night / NIGHT_ID / "raw"
+    night = datadir / NIGHT_ID
+    frames = sorted(p.name for p in src.glob("*LPE.fits"))
+    middle = [f for f in frames if int(f[:8]) // 50 == int(frames[len(frames) // 2][:8]) // 50]
+    held = middle[len(middle) // 2]
+    errors: list[BaseException] = []
+
+    def deliver(name: str) -> None:  # copied under a hidden name, then renamed: never seen half written
+        shutil.copyfile(src / name, night / "raw" / f".{name}")
+        os.rename(night / "raw" / f".{name}", night / "raw" / name)
+
+    def camera() -> None:
+        try:
+            time.sleep(1.5)  # the live run is already watching
+            (night / "raw").mkdir(parents=True)
+            for p in sorted(src.glob("calib_*")):
+                deliver(p.name)
+            for f in frames:
+                if f != held:
+                    deliver(f)
+            batch = night / "work" / "batches" / f"batch_{int(held[:8]) // 50}.h5"
+            _wait(batch.exists, 300, "the middle batch reduced without its held frame")
+            deliver(held)  # the stalled copy arrives
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    feeder = threading.Thread(target=camera)
+    feeder.start()
+    try:
+        handle, _ = _runs.drive_live_camera_night(resolve_url(None, str(datadir)), parse_night_dir(night),
+                                                  grace=2, idle_timeout=8, poll=0.3)
+    finally:
+        feeder.join(timeout=600)
+    assert not errors, errors
+    [run] = runs(datadir)
+    assert run["status"] == "succeeded", run
+    assert_same_night_files(night, reference)
+    with connect(datadir=datadir) as cat:
+        [status] = [r for r in cat.night_status(NIGHT) if r["camera"] == "LPE"]
+        assert status["frames_ok"] == len(frames) and status["frames_missing"] == 0, status
