@@ -22,8 +22,11 @@ Only what is needed is submitted: a camera-night whose latest reduction
 succeeded under the same fingerprint (code version, settings, star
 catalogue, raw files) with its files in place is ``up-to-date``; one with a
 backfill run already scheduled or running, or a reduction holding its lease,
-is ``in-progress``. ``force`` submits them all again (the lifecycle moves the
-earlier outputs to ``_old``). Each submitted run also checks again when it
+is ``in-progress``. ``force`` submits the up-to-date ones again (the lifecycle
+moves the earlier outputs to ``_old``), never one in progress: a second
+``--force`` while the first one's runs wait would reduce each camera-night
+twice and erase, with the default ``keep_old``, the outputs the first one
+moved aside. Each submitted run also checks again when it
 starts (``skip_done``), so two backfills submitted at once do not reduce a
 camera-night twice.
 """
@@ -91,9 +94,10 @@ def plan_backfill(datadir: str | Path, nights: Any, cameras: Any = None, site: A
         e = Entry(nd.night_id, "submit", night_path=str(Path(nd.path).resolve()), frames=len(plan.frames))
         if plan.empty_reason():
             e.state, e.reason = "empty", plan.empty_reason()
-        elif not force:
+        else:
             why = _runs.already_done(db_url, plan)
-            if why is not None:
+            # force redoes what is up to date, never what is being reduced right now
+            if why is not None and (not force or why.startswith("in progress")):
                 e.state, e.reason = ("in-progress" if why.startswith("in progress") else "up-to-date"), why
         out.append(e)
     found = {e.night for e in out}
@@ -180,7 +184,7 @@ def submit(entries: list[Entry], datadir: str | Path, *, settings: dict | None =
         for e in entries:
             if e.state != "submit":
                 continue
-            if e.night_id in queued and not force:
+            if e.night_id in queued:  # even with force: a second forced run would erase what the first moved aside
                 e.state, e.reason, e.flow_run_id = "in-progress", "a backfill run is already queued", queued[e.night_id]
                 continue
             params = {"datadir": datadir, "nights": e.night, "cameras": e.night_id[10:], "site": e.night_id[8:10],

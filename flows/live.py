@@ -82,7 +82,7 @@ class _Camera:
 
 
 @flow(name="reduce-night", flow_run_name=live_run_name, log_prints=True)
-def reduce_night_live(datadir: str | None = None, nights: str = "tonight", cameras: str | None = None,
+def reduce_night_live(datadir: str | None = None, nights: str | int = "tonight", cameras: str | None = None,
                       site: str = "LP", db_url: str | None = None, settings: dict | None = None,
                       grace: float = 300.0, idle_timeout: float | None = None, poll: float = 10.0,
                       keep_old: int = 1) -> dict[str, str]:

@@ -200,7 +200,7 @@ def _mascprocess(args: argparse.Namespace) -> int:
 
         acted = {r["night_id"] for r in results if r["state"] not in ("up-to-date", "empty")}
         report_rejected(resolve_url(args.db, args.datadir), [p for p in sel.night_dirs if Path(p).name in acted],
-                        args.datadir)
+                        args.datadir, args.db)
         empty = [r for r in results if r["state"] == "empty"]
         for r in empty:  # the flow completes on nights without data; the command says so in its exit code
             print(f"{r['night_id']}: not reduced: {r['message']}", file=sys.stderr)
@@ -209,7 +209,7 @@ def _mascprocess(args: argparse.Namespace) -> int:
             print(f"{r['night_id']}: {r['message']}")
         if not args.quiet:
             print(f"reduced {len(results) - len(empty) - len(current)} camera-night(s) in {seconds:.1f} s"
-                  f"{f' ({len(current)} up to date)' if current else ''}; see `mascara status {args.datadir}`")
+                  f"{f' ({len(current)} up to date)' if current else ''}; see `{status_command(args.datadir, args.db)}`")
         return 1 if empty else 0
     print(f"reduction failed after {seconds:.1f} s: {state.message}", file=sys.stderr)
     return 1
@@ -219,7 +219,20 @@ def _mascprocess(args: argparse.Namespace) -> int:
 REJECTED_SHOWN = 3
 
 
-def report_rejected(db_url: str, night_dirs: Any, datadir: str | Path) -> None:
+def status_command(datadir: str | Path, db: str | None = None) -> str:
+    """The ``mascara status`` command that shows this reduction's catalog (``--db`` when one was given)."""
+    if not db:
+        return f"mascara status {datadir}"
+    from sqlalchemy.engine import make_url
+
+    try:
+        shown = make_url(db).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - shown as given, without what precedes an '@'
+        shown = db.split("@")[-1]
+    return f"mascara status {datadir} --db {shown}"
+
+
+def report_rejected(db_url: str, night_dirs: Any, datadir: str | Path, db: str | None = None) -> None:
     """Name the raw files each camera-night's reduction refused, with the reason, on stderr (a few per night)."""
     try:
         from flows._runs import catalog
@@ -234,7 +247,7 @@ def report_rejected(db_url: str, night_dirs: Any, datadir: str | Path) -> None:
             for r in rows[:REJECTED_SHOWN]:
                 print(f"  {r['filename']}: {r['reason']}", file=sys.stderr)
             if len(rows) > REJECTED_SHOWN:
-                print(f"  ... and {len(rows) - REJECTED_SHOWN} more: mascara status {datadir} --rejected "
+                print(f"  ... and {len(rows) - REJECTED_SHOWN} more: {status_command(datadir, db)} --rejected "
                       f"--night {name[:8]}", file=sys.stderr)
     except Exception as exc:  # noqa: BLE001 - a report, never a failure of the reduction
         logging.getLogger(__name__).debug("rejected files not reported: %s", exc)
@@ -311,7 +324,7 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
             if not quiet:
                 print(f"{nd.night_id}: {handle.decision} run, {len(result.batches)} batches reduced, "
                       f"{len(result.skipped)} reused, {time.perf_counter() - t0:.1f} s")
-    report_rejected(db_url, attempted, datadir)
+    report_rejected(db_url, attempted, datadir, db)
     _runs.draw_night_summaries(datadir, sel.night_dirs)
     return status
 

@@ -60,10 +60,12 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--db", default=None, help=DB_HELP)
     p.add_argument("--night", default=None, help="YYYYMMDD, several joined by +, or a range YYYYMMDD..YYYYMMDD")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--season", action="store_true",
-                   help="monthly totals per site and camera instead (the season view): camera-nights done, "
-                        "failed, running, pending, empty; frames; CPU hours")
-    p.add_argument("--rejected", action="store_true",
+    view = p.add_mutually_exclusive_group()
+    view.add_argument("--season", action="store_true",
+                      help="monthly totals per site and camera instead (the season view) of the months the "
+                           "--night nights fall in, whole months: camera-nights done, failed, running, pending, "
+                           "empty; frames; CPU hours")
+    view.add_argument("--rejected", action="store_true",
                    help="the raw files refused by the intake or the reduction instead, each with the reason")
     p.set_defaults(handler="mascara.catalog.commands:cli_status")
 

@@ -79,13 +79,16 @@ def pick_diagnostic(vmag: np.ndarray, fraction: np.ndarray, isolated: np.ndarray
     """Indices of up to ``n`` diagnostic stars among candidates, spread over the V range.
 
     Candidates are in ``vmag_range``, isolated, unsaturated (``peak_ok``) and on
-    the frame at least ``min_fraction`` of the night; if fewer than ``n`` are,
-    the best-covered of the rest (at least half the night) fill the list.
+    the frame at least ``min_fraction`` of the night, or, on a camera no star
+    stays on that long (the east and west cameras over a whole night: stars
+    cross their field in a few hours), at least 80 % of the best candidate's
+    share; if fewer than ``n`` are, the best-covered of the rest fill the list.
     """
-    base = (vmag > vmag_range[0]) & (vmag <= vmag_range[1]) & isolated & peak_ok
-    good = np.flatnonzero(base & (fraction >= min_fraction))
+    base = (vmag > vmag_range[0]) & (vmag <= vmag_range[1]) & isolated & peak_ok & (fraction > 0)
+    need = min(min_fraction, 0.8 * float(fraction[base].max())) if base.any() else min_fraction
+    good = np.flatnonzero(base & (fraction >= need))
     if good.size < n:
-        rest = np.flatnonzero(base & (fraction < min_fraction) & (fraction >= 0.5))
+        rest = np.flatnonzero(base & (fraction < need))
         rest = rest[np.argsort(-fraction[rest], kind="stable")][: n - good.size]
         good = np.concatenate([good, rest])
     good = good[np.argsort(vmag[good], kind="stable")]

@@ -123,6 +123,17 @@ def test_pick_diagnostic_prefers_stars_on_the_frame_all_night():
     assert list(dg.pick_diagnostic(vmag, fraction, iso, peak_ok, n=1)) == [3]
 
 
+def test_pick_diagnostic_on_a_camera_no_star_stays_on_all_night():
+    """Over a whole night (or a live night's dark time) stars cross an east or west camera in a few hours:
+    the best-covered are chosen, not none (an outside trial found every live run without diagnostics)."""
+    vmag = np.array([4.5, 5.0, 5.5, 6.0, 6.5, 7.5])
+    fraction = np.array([0.30, 0.42, 0.12, 0.40, 0.36, 0.45])
+    ok = np.ones(vmag.size, bool)
+    assert list(dg.pick_diagnostic(vmag, fraction, ok, ok, n=2)) == [1, 4]  # >= 0.8 * 0.42, spread over V
+    assert list(dg.pick_diagnostic(vmag, fraction, ok, ok, n=4)) == [0, 1, 3, 4]  # then the best-covered
+    assert list(dg.pick_diagnostic(vmag, np.zeros(vmag.size), ok, ok, n=2)) == []  # never on the frame
+
+
 # --------------------------------------------------------------------------- quick-look figures (mascara.quicklook)
 
 

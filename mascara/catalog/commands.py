@@ -72,6 +72,14 @@ def _print_json(rows: list[dict[str, Any]]) -> int:
 
 def cli_status(args: argparse.Namespace) -> int:
     """``mascara status``: the night_status table, or JSON with ``--json``."""
+    if args.night is not None:  # a mistake in the nights is exit 2 and one line, as for mascprocess
+        from mascara.selection import SelectionError, parse_nights
+
+        try:
+            parse_nights(args.night)
+        except SelectionError as exc:
+            print(f"mascara status: {exc}", file=sys.stderr)
+            return 2
     url = _engine.resolve_url(args.db, args.datadir)
     missing = _missing_sqlite(url)
     if missing is not None:

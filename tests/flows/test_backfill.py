@@ -147,6 +147,11 @@ def test_a_season_backfill_shares_two_workers_puts_nightly_first_and_redoes_only
     assert sorted(k for k, r in rows.items() if r["state"] == "submitted") == expected
     assert rows["20260303"]["state"] == "no-data"
     backfill_ids = [rows[k]["flow_run"] for k in expected]
+    # --force again while they wait: nothing submitted twice (a second forced run of a camera-night would
+    # erase what the first one moved aside)
+    again = {r["camera_night"]: r for r in _submitted(_backfill(season, "--force", "--backfill-limit", "1").stdout)}
+    assert {k: (r["state"], r["flow_run"]) for k, r in again.items() if k in expected} == {
+        k: ("in-progress", rows[k]["flow_run"]) for k in expected}, again
     # a nightly run submitted after them must still go first
     nightly = _run([BIN / "prefect", "deployment", "run", "reduce-night/nightly", "--param", f"nights={NIGHTLY}",
                     "--param", f"datadir={season['other']}", "--param", f"db_url={db}"], env)

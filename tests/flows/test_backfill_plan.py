@@ -76,8 +76,10 @@ def test_only_what_changed_is_submitted(pristine, tmp_path, db_url):
         run = cat.start_run(cn, fingerprint=p.fingerprint(), settings={}, versions={}, host="elsewhere",
                             lease_seconds=600)
         state = plan_backfill(data, rng, site="LP", db_url=db_url)
+        forced = plan_backfill(data, rng, site="LP", db_url=db_url, force=True)
         cat.finish_run(run, "failed", error="test: released")
     assert _states(state)["20260302LPE"] == "in-progress"
+    assert _states(forced)["20260302LPE"] == "in-progress"  # force redoes what is done, not what is going on
 
     # mascprocess --skip-done: the same rule from the command line, a range given
     res = _mascprocess(data, db_url, "--night", "20260301..20260302", "--skip-done")

@@ -108,6 +108,8 @@ def test_deployment_has_the_nightly_schedule(deployed_run):
     live = r.json()
     assert [s["schedule"]["cron"] for s in live["schedules"]] == ["0 16 * * *"]
     assert live["parameters"]["nights"] == "tonight" and live["entrypoint"] == "flows/live.py:reduce_night_live"
+    # `prefect deployment run reduce-night/live --param nights=20260301` (the README's): the CLI sends a number
+    assert "integer" in str(live["parameter_openapi_schema"]["properties"]["nights"]), live["parameter_openapi_schema"]
     # the season: the submitter, and one camera-night per run from the lowest-priority queue, skipping done ones
     queues = {}
     for name in ("nightly", "live", "backfill", "backfill-night"):
