@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -70,6 +71,30 @@ def _print_json(rows: list[dict[str, Any]]) -> int:
     return 0
 
 
+def _check_products_on_disk(cat: Any, rows: list[dict[str, Any]]) -> None:
+    """Add ``products_gone`` to each row: the kinds of its recorded products whose file is missing or no longer
+    has the recorded size (a stat per file, no checksum); the table shows it as a warning.
+
+    The catalog records what a run wrote; this view should not call a night done whose files were
+    deleted or replaced by hand since (a re-run, or ``backfill``, reduces it again and records why).
+    """
+    wanted = {r["camera_night_id"] for r in rows}
+    by_night: dict[str, list[dict[str, Any]]] = {}
+    for p in cat.live_products():
+        if p["camera_night_id"] in wanted:
+            by_night.setdefault(p["camera_night_id"], []).append(p)
+    for r in rows:
+        gone = []
+        for p in by_night.get(r["camera_night_id"], []):
+            try:
+                ok = os.stat(p["path"]).st_size == p["size"]
+            except OSError:
+                ok = False
+            if not ok:
+                gone.append(p["kind"])
+        r["products_gone"] = sorted(gone)
+
+
 def cli_status(args: argparse.Namespace) -> int:
     """``mascara status``: the night_status table, or JSON with ``--json``."""
     if args.night is not None:  # a mistake in the nights is exit 2 and one line, as for mascprocess
@@ -91,6 +116,7 @@ def cli_status(args: argparse.Namespace) -> int:
         return _print_rejected(url, args)
     with connect(url) as cat:
         rows = cat.night_status(args.night)
+        _check_products_on_disk(cat, rows)
     if args.json:
         return _print_json(rows)
 
@@ -111,10 +137,12 @@ def cli_status(args: argparse.Namespace) -> int:
             if key is None:  # batches: done/total
                 cells.append(f"{r['batches_done']}/{r['batches_total']}")
             elif key == "state":  # a warning turns a success yellow
-                style = "yellow" if r["state"] == "succeeded" and r.get("warning") else _STATE_STYLE.get(r["state"], "")
+                warned = r.get("warning") or r.get("products_gone")
+                style = "yellow" if r["state"] == "succeeded" and warned else _STATE_STYLE.get(r["state"], "")
                 cells.append(f"[{style}]{r['state']}[/]")
             elif key == "warning":
-                cells.append(f"[yellow]{_cell(r[key])}[/]")
+                gone = f"{'+'.join(r['products_gone'])} gone from disk" if r.get("products_gone") else None
+                cells.append(f"[yellow]{_cell('; '.join(w for w in (r[key], gone) if w) or None)}[/]")
             else:
                 cells.append(_cell(r[key]))
         table.add_row(*cells)
@@ -126,6 +154,10 @@ def cli_status(args: argparse.Namespace) -> int:
         for r in rows:  # what a warning or an empty night means, in one line each
             if r.get("warning") and r.get("calibration_note"):
                 console.print(f"{r['night']} {r['camera']}: {r['warning']}: {r['calibration_note']}", soft_wrap=True)
+            if r.get("products_gone"):
+                console.print(f"{r['night']} {r['camera']}: {', '.join(r['products_gone'])} recorded by run "
+                              f"{r['last_run_id']} not on disk as recorded (deleted or replaced since); a re-run "
+                              "reduces the night again", soft_wrap=True)
             if _why(r):  # why a run failed, with the phase it stopped in
                 console.print(f"{r['night']} {r['camera']}: failed {_why(r)}", soft_wrap=True)
             if r["state"] == "empty" and r.get("error"):

@@ -66,3 +66,31 @@ def test_a_damaged_catalog_is_named_not_a_traceback(tmp_path, capsys, monkeypatc
     assert f"20260302LPE: failed: the catalog sqlite:///{tmp_path}/catalog.sqlite cannot be used: file is not a " \
            "database" in err, err
     assert "Traceback" not in err
+
+
+def test_status_names_night_files_gone_from_disk(catalog, db_url, capsys, tmp_path):
+    """The catalog says what a run wrote; ``mascara status`` also says when those files were deleted or
+    replaced since (an outside trial deleted an sLC by hand and status still called the night done)."""
+    from catalog_rows import reduce_fake
+
+    _, run = reduce_fake(catalog, "LP", "E", "20260301", nbatches=1, finish=None, products=False)
+    flc, slc = tmp_path / "fLC_20260301LPE.hdf5", tmp_path / "sLC_20260301LPE.hdf5"
+    flc.write_bytes(b"f" * 100)
+    slc.write_bytes(b"s" * 50)
+    catalog.record_product(run, "fLC", str(flc), "a" * 64, 100, 1)
+    catalog.record_product(run, "sLC", str(slc), "b" * 64, 50, 1)
+    catalog.finish_run(run, "succeeded")
+
+    def status() -> tuple[list[str], str]:
+        assert main(["status", str(tmp_path), "--db", db_url, "--json"]) == 0
+        [row] = json.loads(capsys.readouterr().out)
+        assert main(["status", str(tmp_path), "--db", db_url]) == 0
+        return row["products_gone"], capsys.readouterr().out
+
+    gone, table = status()
+    assert gone == [] and "gone" not in table
+    slc.unlink()
+    flc.write_bytes(b"f" * 99)  # replaced by another file
+    gone, table = status()
+    assert gone == ["fLC", "sLC"]
+    assert "fLC+sLC gone from disk" in table and f"fLC, sLC recorded by run {run} not on disk" in table
