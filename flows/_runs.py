@@ -88,11 +88,16 @@ def code_hash() -> str:
 
 def open_run(db_url: str, plan: Any, overwrite: bool = False, flow_run_id: str | None = None,
              lease_seconds: float = LEASE_SECONDS, host: str | None = None, pid: int | None = None,
-             keep_old: int = KEEP_OLD, end_on_error: bool = False) -> RunHandle:
+             keep_old: int = KEEP_OLD, end_on_error: bool = False, take_lock: bool = True) -> RunHandle:
     """Register, lease, decide and move aside: :func:`mascara.catalog.lifecycle.open_run` on this URL."""
     return lifecycle.open_run(catalog(db_url), db_url, plan, overwrite=overwrite, keep_old=keep_old,
                               flow_run_id=flow_run_id, lease_seconds=lease_seconds, host=host, pid=pid,
-                              end_on_error=end_on_error)
+                              end_on_error=end_on_error, take_lock=take_lock)
+
+
+def lock_for_flow(db_url: str, plan: Any, flow_run_id: str | None) -> str:
+    """:func:`mascara.catalog.lifecycle.lock_for_flow` on this URL."""
+    return lifecycle.lock_for_flow(catalog(db_url), db_url, plan, flow_run_id)
 
 
 def end_unreturned_run(db_url: str, night_path: str | Path, flow_run_id: str | None, error: str) -> str | None:

@@ -148,8 +148,13 @@ def reduce_night_live(datadir: str | None = None, nights: str | int = "tonight",
                     if not new:
                         continue
                     if cam.handle is None:
-                        cam.handle = _runs.open_run(url, cam.live.ready_plan(new), keep_old=keep_old,
-                                                    end_on_error=True)
+                        try:
+                            cam.handle = _runs.open_run(url, cam.live.ready_plan(new), keep_old=keep_old,
+                                                        end_on_error=True)
+                        except Exception as exc:  # noqa: BLE001 - recorded by open_run; the other cameras go on
+                            cam.error = f"{type(exc).__name__}: {exc}"
+                            logger.error("%s: not reduced: %s", cam.night_dir.night_id, cam.error)
+                            continue
                         heartbeat.run_ids.add(cam.handle.run_id)
                         _runs.record_intake(url, cam.live.ready_plan(new), cam.handle.camera_night_id,
                                             cam.handle.run_id)
@@ -189,7 +194,7 @@ def reduce_night_live(datadir: str | None = None, nights: str | int = "tonight",
         for c, cam in cameras_.items():
             nid = night_ids[c]
             if cam.handle is None:
-                states[nid] = "no data"
+                states[nid] = f"failed: {cam.error}" if cam.error else "no data"
                 continue
             cat = _runs.catalog(url)
             try:

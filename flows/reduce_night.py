@@ -44,7 +44,8 @@ from prefect.tasks import exponential_backoff
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from flows import _runs, report
-from mascara import faults
+from mascara import faults, nightlock
+from mascara.nightlock import NightLocked
 
 #: Exceptions worth retrying: I/O trouble and lost database connections.
 #: Bad data never reaches here: rejected frames are recorded by the library.
@@ -120,8 +121,9 @@ def start_camera_night(night_id: str, night_path: str, settings_json: str, db_ur
     run's journal: moves it intended are finished, never skipped.
     """
     plan = _plan(night_path, settings_json)
+    # the flow's process holds the night directory's lock (this task may run on a Dask worker)
     handle = _runs.open_run(db_url, plan, overwrite=overwrite, flow_run_id=flow_run_id, host=host, pid=pid,
-                            keep_old=keep_old)
+                            keep_old=keep_old, take_lock=False)
     for w in handle.warnings:
         get_run_logger().warning(w)
     _runs.record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
@@ -543,6 +545,12 @@ def reduce_night(
         _notify("night_planned", n.night_id, n.nframes, len(n.batches))
         n.progress_id = create_progress_artifact(0.0, key=_artifact_key(n.night_id, "progress"),
                                                  description=f"{n.night_id}: batches reduced")
+        try:  # held by this process until end_night, whichever process the tasks run in
+            _runs.lock_for_flow(db_url, plan, flow_run_id)
+        except NightLocked as exc:
+            n.state, n.message = "locked", str(exc)
+            logger.error("%s: locked %s", n.night_id, exc)
+            continue
         start = start_camera_night.submit(n.night_id, n.night_path, sjson, db_url, overwrite, flow_run_id,
                                           host, pid, int(keep_old))
         track(start, "start", n.night_id)
@@ -563,6 +571,7 @@ def reduce_night(
                 logger.warning("%s: could not end run in the catalog: %s", n.night_id, exc)
         if n.handle is not None:
             heartbeat.run_ids.discard(n.handle.run_id)
+        nightlock.release_dir(n.night_path)
         _notify("night_finished", n.night_id, state, message)
         (logger.info if state == "succeeded" else logger.error)("%s: %s %s", n.night_id, state, message)
 

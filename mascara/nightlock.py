@@ -18,11 +18,16 @@ from the moment it is registered until its end is recorded.
   goes on without the lock, and within one process a second run of the same
   catalog (a retry, a resume after an in-process failure) takes the lock
   over. A run of another catalog is refused.
-- On NFS, Linux maps ``flock`` to NFS byte-range locks, so the lock holds
-  across hosts that share the data directory.
+- On NFS with working locks, Linux maps ``flock`` to NFS byte-range locks,
+  so the lock holds across hosts that share the data directory; where locks
+  cannot be had, a run goes on without one (a safety net, never a new reason
+  to fail).
 
-No database and no Prefect here: the catalog layer calls :func:`acquire`
-when a run is registered and :func:`release` when its end is recorded.
+No database and no Prefect here: the lifecycle calls :func:`acquire` when a
+run is registered and the catalog :func:`release` when its end is recorded;
+a Prefect flow holds the lock in its own process (its tasks may run on Dask
+workers) and drops it with :func:`release_dir`. ``docs/lifecycle.md`` has the
+rules.
 """
 
 from __future__ import annotations
@@ -33,12 +38,15 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 #: The lock file's name inside a night directory (hidden: not an output).
 LOCK_NAME = ".mascara.lock"
+#: Seconds a lock held by another process is tried again before the run is refused.
+LOCK_WAIT = 0.5
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +54,12 @@ log = logging.getLogger(__name__)
 class NightLocked(RuntimeError):
     """Another run, of any catalog, holds the night directory's lock."""
 
-    def __init__(self, message: str, *, path: str, holder: dict) -> None:
+    def __init__(self, message: str, path: str = "", holder: dict | None = None) -> None:
         super().__init__(message)
-        self.path, self.holder = path, holder
+        self.path, self.holder = path, holder or {}
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]  # pickled to and from Dask workers
+        return (type(self), (str(self), self.path, self.holder))
 
 
 @dataclass
@@ -56,6 +67,7 @@ class _Held:
     fd: int
     catalog: str
     run_id: str
+    writable: bool = True
 
 
 _held: dict[str, _Held] = {}
@@ -89,19 +101,45 @@ def describe(holder: dict) -> str:
             f"(pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, since {holder.get('since', '?')})")
 
 
-def acquire(night_path: str | Path, run_id: str, catalog: str) -> bool:
+def _refusal(path: Path, holder: dict) -> NightLocked:
+    return NightLocked(f"{path.parent} is being reduced by {describe(holder)}; one reduction at a time per night "
+                       "directory, whichever catalog records it", path=str(path.parent), holder=holder)
+
+
+def _open(path: Path) -> tuple[int, bool] | None:
+    """A descriptor of the lock file and whether it is writable; None when the file cannot be opened at all.
+
+    Created ``0o666`` less the umask, so that the accounts of a shared, group-writable data directory can
+    all use it; a file another account created read-only is locked through a read-only descriptor
+    (``flock`` needs no write access; the holder is then not written into it).
+    """
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666), True
+    except PermissionError:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+        except OSError:
+            return None
+
+
+def acquire(night_path: str | Path, run_id: str, catalog: str, wait: float = LOCK_WAIT) -> bool:
     """Lock ``night_path`` for ``run_id`` of ``catalog`` (a URL with no password), or raise.
 
     Returns True when the lock is held (or was already held by this process
-    for the same catalog), False when another process of the *same* catalog
-    holds it: the catalog's lease arbitrates between runs of one catalog, and
-    has let this one take over from a stalled run whose process still lives.
+    for the same catalog), False when it is not and the run goes on all the
+    same: another process of the *same* catalog holds it (the catalog's lease
+    arbitrates between runs of one catalog, and has let this one take over
+    from a stalled run whose process still lives), or locks are not available
+    here (a file system without ``flock``, a lock file that cannot be opened):
+    the lock is a safety net, never a new reason for a reduction to fail.
+    A lock held by another process is tried again for up to ``wait`` seconds
+    (a run ending releases it a moment after its lease).
 
     Raises
     ------
     NightLocked
-        another process holds the lock, or this process holds it for a run
-        of another catalog.
+        another process holds the lock for a run of another catalog, or this
+        process holds it for a run of another catalog.
     FileNotFoundError
         the night directory does not exist.
     """
@@ -113,15 +151,28 @@ def acquire(night_path: str | Path, run_id: str, catalog: str) -> bool:
         held = _held.get(key)
         if held is not None:
             if held.catalog != catalog:
-                raise NightLocked(f"{path.parent} is being reduced by {describe(_read_holder(held.fd))}; one "
-                                  "reduction at a time per night directory, whichever catalog records it",
-                                  path=str(path.parent), holder=_read_holder(held.fd))
+                raise _refusal(path, _read_holder(held.fd))
             held.run_id = run_id
-            _write_holder(held.fd, holder)
+            if held.writable:
+                _write_holder(held.fd, holder)
             return True
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"{path.parent}: no such night directory")
+        opened = _open(path)
+        if opened is None:
+            log.warning("%s: the lock file cannot be opened; going on without the lock", path)
+            return False
+        fd, writable = opened
+        deadline = time.monotonic() + wait
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.05)
         except BlockingIOError:
             other = _read_holder(fd)
             os.close(fd)
@@ -132,19 +183,32 @@ def acquire(night_path: str | Path, run_id: str, catalog: str) -> bool:
                 log.warning("%s: the lock is still held by %s, whose lease this run took over; going on without "
                             "the lock", path.parent, describe(other))
                 return False
-            raise NightLocked(f"{path.parent} is being reduced by {describe(other)}; one reduction at a time "
-                              "per night directory, whichever catalog records it",
-                              path=str(path.parent), holder=other) from None
+            raise _refusal(path, other) from None
+        except OSError as exc:  # ENOLCK (NFS without lockd), EINVAL, ...: no locks on this file system
+            os.close(fd)
+            log.warning("%s: cannot lock (%s); going on without the lock", path, exc)
+            return False
         except BaseException:
             os.close(fd)
             raise
         try:
-            _write_holder(fd, holder)
+            if writable:
+                _write_holder(fd, holder)
         except BaseException:
             os.close(fd)  # closing drops the lock
             raise
-        _held[key] = _Held(fd, catalog, run_id)
+        _held[key] = _Held(fd, catalog, run_id, writable)
         return True
+
+
+def _drop(key: str) -> None:
+    h = _held.pop(key)
+    if h.writable:
+        try:
+            os.ftruncate(h.fd, 0)
+        except OSError:
+            pass
+    os.close(h.fd)  # drops the flock
 
 
 def release(run_id: str) -> bool:
@@ -152,13 +216,18 @@ def release(run_id: str) -> bool:
     with _mutex:
         keys = [k for k, h in _held.items() if h.run_id == run_id]
         for k in keys:
-            h = _held.pop(k)
-            try:
-                os.ftruncate(h.fd, 0)
-            except OSError:
-                pass
-            os.close(h.fd)  # drops the flock
+            _drop(k)
         return bool(keys)
+
+
+def release_dir(night_path: str | Path) -> bool:
+    """Drop the lock this process holds on ``night_path``, whichever run it was taken for."""
+    key = str(lock_path(night_path))
+    with _mutex:
+        if key not in _held:
+            return False
+        _drop(key)
+        return True
 
 
 def held_here() -> dict[str, str]:

@@ -134,3 +134,34 @@ def test_threads_of_one_process_do_not_take_one_night_twice(night):
     t0 = time.monotonic()
     assert nightlock.acquire(night, "run-z", "sqlite:///z.sqlite") and time.monotonic() - t0 < 5
     nightlock.release("run-z")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not __import__("shutil").which("setpriv"),
+                    reason="needs root to run a process as another account")
+def test_another_account_locks_a_lock_file_it_cannot_write():
+    """A shared, group-writable data directory: the lock file the first account created (0644 under a 022
+    umask) is locked by another account through a read-only descriptor, not a PermissionError for ever."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        night = root / "20260301LPE"
+        (night / "raw").mkdir(parents=True)
+        for p in (root, night):
+            p.chmod(0o777)
+        nightlock.acquire(night, "run-1", "sqlite:///a.sqlite")
+        nightlock.release("run-1")
+        (night / nightlock.LOCK_NAME).chmod(0o644)
+        other = subprocess.Popen(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                                  sys.executable, "-c", HOLDER, str(night), "run-2", "sqlite:///b.sqlite"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert other.stdout is not None and other.stdout.readline().strip() == "locked", other.stderr.read()
+            with pytest.raises(nightlock.NightLocked, match="did not say which run"):  # held, holder not written
+                nightlock.acquire(night, "run-3", "sqlite:///c.sqlite")
+        finally:
+            other.kill()
+            other.wait()
+    finally:
+        shutil.rmtree(root)

@@ -398,7 +398,7 @@ def _shown_url(db_url: str) -> str:
 
 def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, keep_old: int = KEEP_OLD,
              flow_run_id: str | None = None, lease_seconds: float = LEASE_SECONDS, host: str | None = None,
-             pid: int | None = None, end_on_error: bool = False) -> RunHandle:
+             pid: int | None = None, end_on_error: bool = False, take_lock: bool = True) -> RunHandle:
     """Take a camera-night through registered -> moving -> reducing; idempotent for the same run id.
 
     Raises
@@ -410,6 +410,10 @@ def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, 
         catalog) reduces this night directory; the refused run is recorded as failed.
     LifecycleError
         the night directory contradicts the journal.
+
+    ``take_lock``: False when the caller's process already holds the night
+    directory's lock for this run (a Prefect flow holds it in its own process
+    while its tasks may run on Dask workers: :func:`lock_for_flow`).
 
     ``end_on_error`` (the library drivers, which do not retry): a run that
     fails to open after it was registered is recorded as failed with the
@@ -434,17 +438,70 @@ def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, 
         run_id = cat.start_run(cn_id, **kwargs)
     # the lease keeps out runs of this catalog, the night directory's lock those of any other (before anything
     # is looked at or moved); a refusal is recorded in this catalog as the run's failure
-    try:
-        nightlock.acquire(night_path, run_id, _shown_url(db_url))
-    except nightlock.NightLocked as exc:
-        cat.finish_run(run_id, "failed", error=f"refused: {exc}"[:2000])
-        raise
+    if take_lock:
+        try:
+            nightlock.acquire(night_path, run_id, _shown_url(db_url))
+        except nightlock.NightLocked as exc:
+            cat.finish_run(run_id, "failed", error=f"refused: {exc}"[:2000])
+            raise
     try:
         return _open_registered(cat, db_url, plan, run_id, cn_id, fp_key, night_path, overwrite, keep_old)
     except Exception as exc:
         if end_on_error:
-            cat.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+            try:
+                cat.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+            except Exception as record:  # noqa: BLE001 - the error that stopped the run is the one to raise
+                log.warning("run %s: its failure could not be recorded: %s", run_id, record)
+                nightlock.release(run_id)
         raise
+
+
+def lock_for_flow(cat: Catalog, db_url: str, plan: Plan, flow_run_id: str | None) -> str:
+    """Take the night directory's lock in this (a flow's) process for the run its start task will open.
+
+    A Prefect flow's tasks may run on Dask workers, each its own process; the
+    lock must be held by the process that lives as long as the camera-night's
+    reduction (the flow's), and released by it (:func:`mascara.nightlock.release_dir`)
+    however the night ends. The run id is the one the start task derives
+    from the flow run. Returns it.
+
+    Raises
+    ------
+    mascara.nightlock.NightLocked
+        a run of another catalog holds the night directory; recorded here as a
+        failed run of this catalog (:func:`record_refusal`).
+    """
+    from mascara.catalog.catalog import make_id
+
+    night = plan.night
+    night_path = Path(night.path).absolute()
+    cn_id = cat.register_camera_night(night.site, night.camera, night.night, night_path)
+    run_id = make_id("run", cn_id, flow_run_id) if flow_run_id else f"flow-{os.getpid()}-{night.night_id}"
+    try:
+        nightlock.acquire(night_path, run_id, _shown_url(db_url))
+    except nightlock.NightLocked as exc:
+        record_refusal(cat, plan, str(exc), flow_run_id=flow_run_id)
+        raise
+    return run_id
+
+
+def record_refusal(cat: Catalog, plan: Plan, error: str, *, flow_run_id: str | None = None,
+                   host: str | None = None, pid: int | None = None) -> str | None:
+    """Record a run refused before it opened (the night directory is locked by another catalog's run) as failed.
+
+    Nothing is decided or moved. Returns the run id, or None when a run of
+    this catalog holds the camera-night's lease (then nothing needs saying).
+    """
+    night = plan.night
+    cn_id = cat.register_camera_night(night.site, night.camera, night.night, Path(night.path).absolute())
+    try:
+        run_id = cat.start_run(cn_id, fingerprint=plan.fingerprint(), settings=plan.settings.to_dict(),
+                               versions=versions(), host=host or socket.gethostname(), flow_run_id=flow_run_id,
+                               lease_seconds=LEASE_SECONDS, pid=pid)
+    except LeaseHeld:
+        return None
+    cat.finish_run(run_id, "failed", error=f"refused: {error}"[:2000])
+    return run_id
 
 
 def _open_registered(cat: Catalog, db_url: str, plan: Plan, run_id: str, cn_id: str, fp_key: str, night_path: Path,

@@ -8,6 +8,7 @@ by every flow run, and (last test) a Dask cluster started as separate
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
 import subprocess
@@ -260,6 +261,11 @@ def test_a_backfill_runs_its_batches_on_an_existing_dask_cluster(season, tmp_pat
                         "--db", season["db"], "--json", "--force", "--backfill-limit", "0", "--dask-address",
                         address, "--wait", "--timeout", "900"], env, timeout=1200)
             prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+            # the night directories' locks were held by the flow runs' processes, not left on a Dask worker
+            # that outlives them: each is free while the cluster still runs
+            for c in CAMERAS:
+                with open(season["data"] / f"{SEASON[0]}LP{c}" / ".mascara.lock", "rb") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if one leaked
     finally:
         stop_process_group(worker)
         stop_process_group(dworkers)
