@@ -324,6 +324,13 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
             if not quiet:
                 print(f"{nd.night_id}: {handle.decision} run, {len(result.batches)} batches reduced, "
                       f"{len(result.skipped)} reused, {time.perf_counter() - t0:.1f} s")
+    for cn in sel.not_found:  # a selected camera without a directory: recorded 'empty', as the flow records it
+        if len(cn) == 11:  # <night><site><cam>; a bare night names no camera to record
+            try:
+                _runs.record_no_data(db_url, Path(datadir) / cn, f"no night directory {Path(datadir) / cn}")
+            except Exception as exc:  # noqa: BLE001 - the message above already said it
+                logging.getLogger(__name__).warning("%s: not recorded in the catalog: %s", cn, exc)
+            status = 1
     report_rejected(db_url, attempted, datadir, db)
     _runs.draw_night_summaries(datadir, sel.night_dirs)
     return status

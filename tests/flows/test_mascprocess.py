@@ -43,3 +43,24 @@ def test_mascprocess_runs_without_a_server_and_status_shows_it(prefect_server, p
 def test_missing_data_directory_is_reported(tmp_path):
     res = subprocess.run([str(BIN / "mascprocess"), str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert res.returncode != 0 and "does not exist" in res.stderr
+
+
+@pytest.mark.parametrize("driver", [["--no-prefect"], []], ids=["library", "prefect"])
+def test_a_selected_camera_without_a_directory_is_recorded_empty_by_both_drivers(driver, pristine_night, tmp_path,
+                                                                                prefect_server):
+    """``--camera E+S`` on a night where camera S made no directory: E is reduced, S is recorded ``empty``
+    (no night directory) and the exit code is 1, whichever driver ran (the library driver recorded nothing)."""
+    from flowkit import NIGHT
+
+    from mascara.catalog import connect
+
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    res = subprocess.run([str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--camera", "E+S", "--site", "LP",
+                          "-q", *driver], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert f"no night directory {NIGHT}LPS" in res.stderr
+    with connect(datadir=datadir) as cat:
+        rows = {r["camera"]: r for r in cat.night_status(NIGHT)}
+    assert rows["LPE"]["state"] == "succeeded"
+    assert rows["LPS"]["state"] == "empty" and "no night directory" in rows["LPS"]["error"], rows["LPS"]
