@@ -287,8 +287,8 @@ def cli_backfill(args: Any) -> int:
     c = counts(entries)
     verb = "would submit" if args.dry_run else "submitted"
     n_sub = c.get("submit", 0) if args.dry_run else c.get("submitted", 0)
-    print(f"backfill {args.night}: {verb} {n_sub} camera-night(s); " +
-          ", ".join(f"{v} {k}" for k, v in sorted(c.items()) if k not in ("submit", "submitted")))
+    others = ", ".join(f"{v} {k}" for k, v in sorted(c.items()) if k not in ("submit", "submitted"))
+    print(f"backfill {args.night}: {verb} {n_sub} camera-night(s)" + (f"; {others}" if others else ""))
     if args.dry_run or not args.wait:
         return 0
     ids = [e.flow_run_id for e in entries if e.state == "submitted" and e.flow_run_id]
@@ -308,6 +308,11 @@ def cli_backfill(args: Any) -> int:
     bad = {i: s for i, s in final.items() if s != "COMPLETED"}
     print(f"backfill {args.night}: {len(final) - len(bad)} of {len(ids)} run(s) completed in "
           f"{time.monotonic() - t0:.0f} s" + (f"; not completed: {len(bad)}" if bad else ""))
+    names = {e.flow_run_id: e.night_id for e in entries if e.flow_run_id}
+    final_states = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+    for i, st in sorted(bad.items(), key=lambda kv: names.get(kv[0], "")):  # which ones, and whether still going
+        still = "" if st in final_states else " (still going: --timeout ended the wait, not the run)"
+        print(f"  {names.get(i, '?')}: flow run {i} {st.lower()}{still}")
     return 1 if bad or len(final) < len(ids) else 0
 
 

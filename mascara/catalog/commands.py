@@ -170,6 +170,11 @@ def cli_status(args: argparse.Namespace) -> int:
 def cli_db_upgrade(args: argparse.Namespace) -> int:
     """``mascara db upgrade``: apply the Alembic migrations up to ``--revision``."""
     url = _engine.resolve_url(args.db, args.datadir)
+    if _missing_sqlite(url) is not None and not Path(args.datadir).is_dir():
+        # the default catalog of a data directory that does not exist: a typo, not a new catalog
+        print(f"mascara db upgrade: no data directory {args.datadir} (create it first, or give --db)",
+              file=sys.stderr)
+        return 2
     engine = _engine.make_engine(url)
     try:
         before = _engine.current_revision(engine)

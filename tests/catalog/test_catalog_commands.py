@@ -36,6 +36,13 @@ def test_status_without_catalog(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "catalog.sqlite").exists()
 
 
+def test_db_upgrade_refuses_a_data_directory_that_does_not_exist(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MASCARA_DB_URL", raising=False)
+    assert main(["db", "upgrade", str(tmp_path / "typo")]) == 2
+    assert "no data directory" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()  # nothing created
+
+
 def test_db_upgrade_creates_embedded_catalog(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MASCARA_DB_URL", raising=False)
     assert main(["db", "upgrade", str(tmp_path)]) == 0
