@@ -247,3 +247,50 @@ def test_a_live_run_waits_for_its_directory_and_reduces_late_frames_again(tmp_pa
     with connect(datadir=datadir) as cat:
         [status] = [r for r in cat.night_status(NIGHT) if r["camera"] == "LPE"]
         assert status["frames_ok"] == len(frames) and status["frames_missing"] == 0, status
+
+
+def test_a_live_run_restarted_after_late_frames_reduces_the_grown_batch_again(tmp_path, pristine_night, reference):
+    """A live run stopped after the middle batch was reduced without one of its frames; the frame arrives
+    while no run is going; the restarted live run resumes, registers the grown batch again (pending, its
+    new frame count) instead of failing on a CatalogConflict and staying 'running', reduces it again, and
+    the night equals the offline reduction."""
+    import shutil
+    import threading
+
+    import pytest
+    from flowkit import runs
+
+    from flows import _runs
+    from mascara.catalog._engine import resolve_url
+    from mascara.rawio import parse_night_dir
+    from mascara.reduce import LiveStopped
+
+    datadir = tmp_path / "data"
+    night = datadir / NIGHT_ID
+    shutil.copytree(pristine_night / NIGHT_ID / "raw", night / "raw")
+    frames = sorted(p.name for p in (night / "raw").glob("*LPE.fits"))
+    middle_batch = int(frames[len(frames) // 2][:8]) // 50
+    middle = [f for f in frames if int(f[:8]) // 50 == middle_batch]
+    held = middle[len(middle) // 2]
+    (night / "raw" / held).rename(tmp_path / held)
+    url = resolve_url(None, str(datadir))
+    stop = threading.Event()
+
+    def on_batch(_handle, outcome) -> None:  # type: ignore[no-untyped-def]
+        if outcome.batch == middle_batch:
+            stop.reason = "interrupted (test)"  # type: ignore[attr-defined]
+            stop.set()
+
+    with pytest.raises(LiveStopped):
+        _runs.drive_live_camera_night(url, parse_night_dir(night), grace=2, idle_timeout=30, poll=0.3,
+                                      on_batch=on_batch, stop=stop)
+    shutil.copyfile(tmp_path / held, night / "raw" / held)  # arrives while no run is going
+    handle, result = _runs.drive_live_camera_night(url, parse_night_dir(night), grace=2, idle_timeout=3, poll=0.3)
+    first, second = runs(datadir)
+    assert (first["status"], first["error"]) == ("failed", "interrupted (test)")
+    assert second["status"] == "succeeded" and handle.decision == "resume", second
+    assert middle_batch not in result.skipped and result.skipped, result.skipped  # reused the first batch only
+    assert_same_night_files(night, reference)
+    with connect(datadir=datadir) as cat:
+        [status] = [r for r in cat.night_status(NIGHT) if r["camera"] == "LPE"]
+        assert status["frames_ok"] == len(frames) and status["batches_done"] == status["batches_total"], status
