@@ -387,11 +387,19 @@ def _release_dead_lease(cat: Catalog, exc: LeaseHeld) -> bool:
 
 
 def _shown_url(db_url: str) -> str:
-    """The catalog URL without its password, as the lock file shows it to other processes."""
+    """The catalog URL without its password, as the lock file shows it to other processes.
+
+    It is also the catalog's identity there (runs of one catalog are arbitrated by its lease): a SQLite
+    file is named by its resolved absolute path, so that one file reached by two spellings (relative,
+    through a symbolic link) is one catalog.
+    """
     from sqlalchemy.engine import make_url
 
     try:
-        return make_url(db_url).render_as_string(hide_password=True)
+        u = make_url(db_url)
+        if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+            u = u.set(database=str(Path(u.database).resolve()))
+        return u.render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot parse is shown as given, minus nothing secret
         return db_url.split("@")[-1]
 

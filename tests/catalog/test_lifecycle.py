@@ -143,3 +143,17 @@ def test_decisions(previous, overwrite, current, anything, expected):
 
 def test_run_info_is_plain_data():
     assert dataclasses.asdict(_run("failed"))["decision"] == "move"
+
+
+def test_one_sqlite_catalog_spelled_two_ways_is_one_catalog_for_the_night_lock(tmp_path, monkeypatch):
+    """The night directory's lock tells catalogs apart by URL: a relative path, a path through a symbolic
+    link and the absolute path of one SQLite file are one catalog (its lease decides between its runs)."""
+    from mascara.catalog.lifecycle import _shown_url
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path / "real")
+    absolute = f"sqlite:///{tmp_path / 'real' / 'catalog.sqlite'}"
+    assert _shown_url("sqlite:///catalog.sqlite") == _shown_url(absolute) == \
+        _shown_url(f"sqlite:///{tmp_path / 'link' / 'catalog.sqlite'}")
+    assert _shown_url("postgresql+psycopg://mascara:secret@db/cat") == "postgresql+psycopg://mascara:***@db/cat"
