@@ -491,7 +491,13 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
     def _loop(self) -> None:
+        from mascara import nightlock
+
         while not self._stop.wait(self.interval):
+            try:  # a run that took over a stalled run's lease takes its night's lock once that process let go
+                nightlock.retry_pending()
+            except Exception as exc:  # noqa: BLE001 - a safety net; the lease still decides
+                log.warning("night locks not retried: %s", exc)
             for run_id in list(self.run_ids):
                 try:
                     catalog(self.db_url).heartbeat(run_id)

@@ -71,6 +71,9 @@ class _Held:
 
 
 _held: dict[str, _Held] = {}
+#: Locks runs went on without (a takeover from a stalled run of their catalog): ``{lock file: (run id, catalog)}``,
+#: taken by :func:`retry_pending` once the stalled process lets go.
+_pending: dict[str, tuple[str, str]] = {}
 _mutex = threading.Lock()
 
 
@@ -181,7 +184,8 @@ def acquire(night_path: str | Path, run_id: str, catalog: str, wait: float = LOC
                 # run that stalled past its lease (a stopped process keeps its lock); that run is fenced off
                 # the catalog at its next write, and this one goes on without the lock
                 log.warning("%s: the lock is still held by %s, whose lease this run took over; going on without "
-                            "the lock", path.parent, describe(other))
+                            "the lock until that process lets go", path.parent, describe(other))
+                _pending[key] = (run_id, catalog)
                 return False
             raise _refusal(path, other) from None
         except OSError as exc:  # ENOLCK (NFS without lockd), EINVAL, ...: no locks on this file system
@@ -214,16 +218,56 @@ def _drop(key: str) -> None:
 def release(run_id: str) -> bool:
     """Drop the lock ``run_id`` holds in this process, if any (returns whether it held one)."""
     with _mutex:
+        for k in [k for k, (r, _) in _pending.items() if r == run_id]:
+            del _pending[k]
         keys = [k for k, h in _held.items() if h.run_id == run_id]
         for k in keys:
             _drop(k)
         return bool(keys)
 
 
+def retry_pending() -> list[str]:
+    """Take the locks that runs of this process went on without, where their holder has let go since.
+
+    A run that took over the lease of a stalled run goes on without the lock
+    the stalled process still holds; once that process ends, this takes the
+    lock for the run (the drivers' heartbeat calls it), so that a run of
+    another catalog is refused again. Returns the night directories locked.
+    """
+    taken = []
+    with _mutex:
+        for key, (run_id, catalog) in list(_pending.items()):
+            path = Path(key)
+            opened = _open(path)
+            if opened is None:
+                del _pending[key]
+                continue
+            fd, writable = opened
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            except OSError:
+                os.close(fd)
+                del _pending[key]
+                continue
+            if writable:
+                _write_holder(fd, {"run_id": run_id, "catalog": catalog, "host": socket.gethostname(),
+                                   "pid": os.getpid(),
+                                   "since": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")})
+            _held[key] = _Held(fd, catalog, run_id, writable)
+            del _pending[key]
+            taken.append(str(path.parent))
+            log.info("%s: lock taken for run %s (the stalled run's process let go)", path.parent, run_id)
+    return taken
+
+
 def release_dir(night_path: str | Path) -> bool:
     """Drop the lock this process holds on ``night_path``, whichever run it was taken for."""
     key = str(lock_path(night_path))
     with _mutex:
+        _pending.pop(key, None)
         if key not in _held:
             return False
         _drop(key)

@@ -69,10 +69,31 @@ def test_the_lock_goes_with_the_process_that_held_it(night, other_process):
 
 def test_a_run_of_the_same_catalog_goes_on_when_its_lease_allowed_it(night, other_process):
     """The catalog's lease arbitrates between runs of one catalog (a takeover from a stalled run): the
-    new run goes on without the lock, which the stalled process still holds."""
+    new run goes on without the lock, which the stalled process still holds, and takes it (the
+    heartbeat retries) once that process has let go, so that another catalog is refused again."""
     assert nightlock.acquire(night, "run-b", "sqlite:///a.sqlite") is False
     assert nightlock.held_here() == {}
-    assert nightlock.release("run-b") is False
+    assert nightlock.retry_pending() == []  # still held by the stalled process
+    other_process.kill()
+    other_process.wait()
+    try:
+        assert nightlock.retry_pending() == [str(night.absolute())]
+        assert nightlock.held_here() == {str(night.absolute()): "run-b"}
+        assert json.loads((night / nightlock.LOCK_NAME).read_text())["run_id"] == "run-b"
+        p = subprocess.run([sys.executable, "-c", HOLDER, str(night), "run-c", "sqlite:///c.sqlite"],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode != 0 and "NightLocked" in p.stderr and "run run-b" in p.stderr
+    finally:
+        assert nightlock.release("run-b") is True
+    assert nightlock.retry_pending() == []
+
+
+def test_a_run_that_ends_before_the_stalled_process_lets_go_does_not_take_the_lock_later(night, other_process):
+    assert nightlock.acquire(night, "run-b", "sqlite:///a.sqlite") is False
+    nightlock.release("run-b")  # its end recorded
+    other_process.kill()
+    other_process.wait()
+    assert nightlock.retry_pending() == [] and nightlock.held_here() == {}
 
 
 def test_within_one_process_a_run_of_the_same_catalog_takes_the_lock_over(night):
