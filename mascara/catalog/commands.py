@@ -64,6 +64,15 @@ def status_rows(datadir: str | Path = ".", db: str | None = None, night: str | N
         return cat.night_status(night)
 
 
+def _empty_database(url: str) -> bool:
+    """Whether the database at ``url`` holds no catalog schema (no Alembic revision); asked without writing."""
+    engine = _engine.make_engine(url)
+    try:
+        return _engine.current_revision(engine) is None
+    finally:
+        engine.dispose()
+
+
 def _print_json(rows: list[dict[str, Any]]) -> int:
     """``--json`` of the status commands: the rows on stdout (times in ISO 8601); exit code 0."""
     json.dump(rows, sys.stdout, default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v), indent=1)
@@ -109,6 +118,10 @@ def cli_status(args: argparse.Namespace) -> int:
     missing = _missing_sqlite(url)
     if missing is not None:
         print(f"no catalog at {missing}: nothing was reduced in {args.datadir}", file=sys.stderr)
+        return 1
+    if _empty_database(url):  # a view never creates a schema (a shared PostgreSQL database, say)
+        print(f"no catalog in {make_url(url).render_as_string(hide_password=True)}: nothing was reduced there "
+              "(`mascara db upgrade` creates one)", file=sys.stderr)
         return 1
     if getattr(args, "season", False):
         return _print_season(url, args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from catalog_rows import fill_realistic
 from mascara.catalog import _engine
@@ -34,6 +35,20 @@ def test_status_without_catalog(tmp_path, capsys, monkeypatch):
     assert main(["status", str(tmp_path)]) == 1
     assert "no catalog" in capsys.readouterr().err
     assert not (tmp_path / "catalog.sqlite").exists()
+
+
+def test_status_of_an_empty_database_says_so_and_creates_nothing(db_url, tmp_path, capsys):
+    """``mascara status --db`` on a database without a catalog (a fresh PostgreSQL schema, an empty SQLite
+    file): one line, exit 1, and the database is left as it was (a view never creates a schema)."""
+    if db_url.startswith("sqlite"):
+        Path(db_url.removeprefix("sqlite:///")).touch()
+    assert main(["status", str(tmp_path), "--db", db_url]) == 1
+    assert "no catalog in" in capsys.readouterr().err
+    engine = _engine.make_engine(db_url)
+    try:
+        assert _engine.current_revision(engine) is None
+    finally:
+        engine.dispose()
 
 
 def test_db_upgrade_refuses_a_data_directory_that_does_not_exist(tmp_path, capsys, monkeypatch):
