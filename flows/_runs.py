@@ -107,7 +107,7 @@ def end_unreturned_run(db_url: str, night_path: str | Path, flow_run_id: str | N
     so it is found without the handle; a run that was never registered, or is
     already finished, is left alone. Returns the id of the run ended, or None.
     """
-    from mascara.catalog.catalog import CatalogError, make_id
+    from mascara.catalog.catalog import CatalogError, flow_run_run_id
 
     if not flow_run_id:
         return None
@@ -115,7 +115,7 @@ def end_unreturned_run(db_url: str, night_path: str | Path, flow_run_id: str | N
     cn_id = cat.find_camera_night(night_path)
     if cn_id is None:
         return None
-    run_id = make_id("run", cn_id, flow_run_id)
+    run_id = flow_run_run_id(cn_id, flow_run_id)
     try:
         if cat.run_info(run_id).finished_at is not None:
             return None
@@ -366,9 +366,6 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
 
     state: dict[str, Any] = {}
 
-    def rows(plan: Any) -> list[tuple[int, int, int, int]]:
-        return [(b, min(f.lstseq for f in fr), max(f.lstseq for f in fr), len(fr)) for b, fr in plan.batches.items()]
-
     def on_start(plan: Any) -> set[int]:
         with _signals.Hold() as hold:
             handle = open_run(db_url, plan, keep_old=keep_old, flow_run_id=flow_run_id, end_on_error=True)
@@ -380,7 +377,7 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
         return set(handle.done)
 
     def on_ready(plan: Any) -> None:
-        catalog(db_url).register_batches(state["handle"].run_id, rows(plan), grown=True)
+        catalog(db_url).register_batches(state["handle"].run_id, plan.batch_rows(), grown=True)
 
     def on_prepared(ctx: Any) -> None:
         h = state["handle"]

@@ -168,9 +168,8 @@ def reduce_night_live(datadir: str | None = None, nights: str | int = "tonight",
                         new = [b for b in new if b not in cam.live.finished]
                     if not new:
                         continue
-                    _runs.catalog(url).register_batches(
-                        cam.handle.run_id, [(b, min(f.lstseq for f in fr), max(f.lstseq for f in fr), len(fr))
-                                            for b, fr in cam.live.ready_plan(new).batches.items()], grown=True)
+                    _runs.catalog(url).register_batches(cam.handle.run_id, cam.live.ready_plan(new).batch_rows(),
+                                                        grown=True)
                     for b in new:
                         submitted.append((cam, b, live_batch_task.submit(cam.night_dir.night_id, b, cam.handle,
                                                                          cam.live.plan, cam.ctx)))

@@ -223,13 +223,9 @@ def status_command(datadir: str | Path, db: str | None = None) -> str:
     """The ``mascara status`` command that shows this reduction's catalog (``--db`` when one was given)."""
     if not db:
         return f"mascara status {datadir}"
-    from sqlalchemy.engine import make_url
+    from mascara.catalog._engine import shown_url
 
-    try:
-        shown = make_url(db).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - shown as given, without what precedes an '@'
-        shown = db.split("@")[-1]
-    return f"mascara status {datadir} --db {shown}"
+    return f"mascara status {datadir} --db {shown_url(db)}"
 
 
 def report_rejected(db_url: str, night_dirs: Any, datadir: str | Path, db: str | None = None) -> None:

@@ -96,6 +96,23 @@ def _write_holder(fd: int, holder: dict) -> None:
     os.pwrite(fd, data, 0)
 
 
+def _holder(run_id: str, catalog: str) -> dict:
+    """What the lock file says of its holder."""
+    return {"run_id": run_id, "catalog": catalog, "host": socket.gethostname(), "pid": os.getpid(),
+            "since": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+
+
+def _keep(key: str, fd: int, writable: bool, run_id: str, catalog: str) -> None:
+    """Keep the lock just taken on ``fd`` for ``run_id``: its holder written (when writable), registered."""
+    try:
+        if writable:
+            _write_holder(fd, _holder(run_id, catalog))
+    except BaseException:
+        os.close(fd)  # closing drops the lock
+        raise
+    _held[key] = _Held(fd, catalog, run_id, writable)
+
+
 def describe(holder: dict) -> str:
     """``run R of catalog C (pid P on host H, since T)``, from what the lock file says."""
     if not holder:
@@ -148,8 +165,6 @@ def acquire(night_path: str | Path, run_id: str, catalog: str, wait: float = LOC
     """
     path = lock_path(night_path)
     key = str(path)
-    holder = {"run_id": run_id, "catalog": catalog, "host": socket.gethostname(), "pid": os.getpid(),
-              "since": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
     with _mutex:
         held = _held.get(key)
         if held is not None:
@@ -157,7 +172,7 @@ def acquire(night_path: str | Path, run_id: str, catalog: str, wait: float = LOC
                 raise _refusal(path, _read_holder(held.fd))
             held.run_id = run_id
             if held.writable:
-                _write_holder(held.fd, holder)
+                _write_holder(held.fd, _holder(run_id, catalog))
             return True
         if not path.parent.is_dir():
             raise FileNotFoundError(f"{path.parent}: no such night directory")
@@ -195,13 +210,7 @@ def acquire(night_path: str | Path, run_id: str, catalog: str, wait: float = LOC
         except BaseException:
             os.close(fd)
             raise
-        try:
-            if writable:
-                _write_holder(fd, holder)
-        except BaseException:
-            os.close(fd)  # closing drops the lock
-            raise
-        _held[key] = _Held(fd, catalog, run_id, writable)
+        _keep(key, fd, writable, run_id, catalog)
         return True
 
 
@@ -252,12 +261,8 @@ def retry_pending() -> list[str]:
                 os.close(fd)
                 del _pending[key]
                 continue
-            if writable:
-                _write_holder(fd, {"run_id": run_id, "catalog": catalog, "host": socket.gethostname(),
-                                   "pid": os.getpid(),
-                                   "since": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")})
-            _held[key] = _Held(fd, catalog, run_id, writable)
             del _pending[key]
+            _keep(key, fd, writable, run_id, catalog)
             taken.append(str(path.parent))
             log.info("%s: lock taken for run %s (the stalled run's process let go)", path.parent, run_id)
     return taken

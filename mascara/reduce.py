@@ -145,6 +145,10 @@ class CameraNightPlan:
         seqs = [f.lstseq for f in self.frames]
         return [(a + 1, b - 1) for a, b in zip(seqs, seqs[1:]) if b - a > 1]
 
+    def batch_rows(self) -> list[tuple[int, int, int, int]]:
+        """``(batch, lstseq_min, lstseq_max, frames)`` of every batch, as the catalog registers them."""
+        return [(b, min(f.lstseq for f in fr), max(f.lstseq for f in fr), len(fr)) for b, fr in self.batches.items()]
+
     def intake_summary(self) -> dict:
         """Night-level counts for the catalog: frames present, slots expected, missing ranges, emptiness."""
         span = self.lstseq_span()
@@ -1174,7 +1178,6 @@ class LiveNight:
         self.plan = self._plan(set())
         self.finished: set[int] = set()
         self.reduced_with: dict[int, frozenset[int]] = {}  # the frames (lstseq) each done batch had
-        self.regrown: dict[int, int] = {}  # batches reduced again, and how many frames they gained
         self.ending = False  # the night is over: every batch is ready
 
     def _plan(self, names: set[str]) -> CameraNightPlan:
@@ -1203,12 +1206,10 @@ class LiveNight:
         ready = ready_batches([f.lstseq for f in self.plan.frames], self.settings.batch_size,
                               idle=idle >= self.grace, night_over=self.ending)
         for b in sorted(ready & self.finished):
-            now = frozenset(f.lstseq for f in self.plan.batches.get(b, ()))
+            now = self._lstseqs(b)
             if now != self.reduced_with.get(b, now):
-                gained = len(now - self.reduced_with[b])
                 log.warning("%s: batch %d gained %d frame(s) after it was reduced; reducing it again",
-                            self.night.night_id, b, gained)
-                self.regrown[b] = self.regrown.get(b, 0) + gained
+                            self.night.night_id, b, len(now - self.reduced_with[b]))
                 self.finished.discard(b)
         return sorted(ready - self.finished)
 
@@ -1224,7 +1225,10 @@ class LiveNight:
         """``batch`` is reduced (or was, by an earlier run) with the frames the plan gives it now."""
         b = int(batch)
         self.finished.add(b)
-        self.reduced_with[b] = frozenset(f.lstseq for f in self.plan.batches.get(b, ()))
+        self.reduced_with[b] = self._lstseqs(b)
+
+    def _lstseqs(self, batch: int) -> frozenset[int]:
+        return frozenset(f.lstseq for f in self.plan.batches.get(batch, ()))
 
     @property
     def over(self) -> bool:

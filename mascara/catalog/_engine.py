@@ -36,6 +36,19 @@ def resolve_url(url: str | None = None, datadir: str | Path | None = None) -> st
     return f"sqlite:///{path}"
 
 
+def shown_url(url: str) -> str:
+    """``url`` as the catalog's name for people and for other processes: no password, and a SQLite file by
+    its resolved absolute path (one file reached by two spellings, relative or through a link, is one
+    catalog: the night directory's lock compares these names, :mod:`mascara.nightlock`)."""
+    try:
+        u = make_url(url)
+        if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+            u = u.set(database=str(Path(u.database).resolve()))
+        return u.render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot parse is shown without what precedes an '@'
+        return url.split("@")[-1]
+
+
 def _sqlite_hooks(engine: Engine) -> None:
     # pysqlite's own transaction handling defers BEGIN and cannot start
     # BEGIN IMMEDIATE; switch it off and emit BEGIN ourselves so a writer takes

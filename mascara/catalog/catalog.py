@@ -163,6 +163,18 @@ def _nights(night: str | Iterable[str] | None) -> list[str] | None:
     return [str(n) for n in items]
 
 
+def flow_run_run_id(camera_night_id: str, flow_run_id: str) -> str:
+    """The id of the run a flow run opens on a camera-night (deterministic: its retries continue that run)."""
+    return make_id("run", camera_night_id, flow_run_id)
+
+
+def _pending_batch(run_id: str) -> dict[str, Any]:
+    """A batch row's values once it is to be reduced again by ``run_id``: nothing of its last reduction."""
+    return dict(status="pending", path=None, sha256=None, error=None, timings=None, started_at=None,
+                finished_at=None, run_id=run_id, astro_rms=None, astro_nstars=None, flagged=None,
+                **{k: None for k in BATCH_FRAME_COUNTS if k != "frames_present"})
+
+
 class Catalog:
     """Access to one catalog database; create with :func:`connect`.
 
@@ -299,7 +311,7 @@ class Catalog:
             is taken over and its run marked failed.
         """
         fp_key = fingerprint_key(fingerprint)
-        run_id = make_id("run", camera_night_id, flow_run_id) if flow_run_id else str(uuid.uuid4())
+        run_id = flow_run_run_id(camera_night_id, flow_run_id) if flow_run_id else str(uuid.uuid4())
         pid = os.getpid() if pid is None else pid
 
         def fn(s: Session) -> str:
@@ -625,10 +637,7 @@ class Catalog:
                 if fresh:
                     s.execute(update(Batch).where(Batch.camera_night_id == run.camera_night_id,
                                                   Batch.fingerprint_key == run.fingerprint_key)
-                              .values(status="pending", path=None, sha256=None, tries=0, error=None, timings=None,
-                                      started_at=None, finished_at=None, run_id=run_id, astro_rms=None,
-                                      astro_nstars=None, flagged=None,
-                                      **{k: None for k in BATCH_FRAME_COUNTS if k != "frames_present"}))
+                              .values(tries=0, **_pending_batch(run_id)))
                 run.phase = "reducing"
             self._register_batches(s, run.camera_night_id, run.fingerprint_key, run_id, batches, grown)
 
@@ -681,10 +690,7 @@ class Catalog:
                     log.warning("batch %d: registered again with lstseq %d-%d (%d frames; was %d-%d, %d frames)",
                                 idx, lo, hi, n, *known[idx])
                     s.execute(update(Batch).where(Batch.id == make_id("batch", cn_id, fp, idx)).values(
-                        lstseq_min=lo, lstseq_max=hi, frames_present=n, status="pending", path=None, sha256=None,
-                        error=None, timings=None, started_at=None, finished_at=None, run_id=run_id,
-                        astro_rms=None, astro_nstars=None, flagged=None,
-                        **{k: None for k in BATCH_FRAME_COUNTS if k != "frames_present"}))
+                        lstseq_min=lo, lstseq_max=hi, frames_present=n, **_pending_batch(run_id)))
                     continue
                 if known[idx] != (lo, hi, n):
                     raise CatalogConflict(f"batch {idx} was registered as lstseq {known[idx][0]}-"

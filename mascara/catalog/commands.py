@@ -120,7 +120,7 @@ def cli_status(args: argparse.Namespace) -> int:
         print(f"no catalog at {missing}: nothing was reduced in {args.datadir}", file=sys.stderr)
         return 1
     if _empty_database(url):  # a view never creates a schema (a shared PostgreSQL database, say)
-        print(f"no catalog in {make_url(url).render_as_string(hide_password=True)}: nothing was reduced there "
+        print(f"no catalog in {_engine.shown_url(url)}: nothing was reduced there "
               "(`mascara db upgrade` creates one)", file=sys.stderr)
         return 1
     if getattr(args, "season", False):
@@ -136,7 +136,7 @@ def cli_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Reductions in {make_url(url).render_as_string(hide_password=True)}")
+    table = Table(title=f"Reductions in {_engine.shown_url(url)}")
     several_datadirs = len({r.get("datadir") for r in rows}) > 1
     columns = list(TABLE_COLUMNS)
     if several_datadirs:  # the same night and camera may appear once per data directory
@@ -195,7 +195,7 @@ def cli_db_upgrade(args: argparse.Namespace) -> int:
         after = _engine.current_revision(engine)
     finally:
         engine.dispose()
-    shown = make_url(url).render_as_string(hide_password=True)
+    shown = _engine.shown_url(url)
     print(f"{shown}: revision {before or '(empty)'} -> {after}")
     return 0
 
@@ -209,7 +209,7 @@ def _print_rejected(url: str, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Rejected raw files in {make_url(url).render_as_string(hide_password=True)}")
+    table = Table(title=f"Rejected raw files in {_engine.shown_url(url)}")
     several_datadirs = len({str(Path(r["night_dir"]).parent) for r in rows}) > 1
     for header in ("night", "camera", *(("night directory",) if several_datadirs else ()), "file", "reason"):
         table.add_column(header, no_wrap=header != "reason")

@@ -51,7 +51,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mascara import faults, nightlock
-from mascara.catalog.catalog import Catalog, JournalEntry, LeaseHeld, RunInfo, fingerprint_key
+from mascara.catalog._engine import shown_url
+from mascara.catalog.catalog import Catalog, JournalEntry, LeaseHeld, RunInfo, fingerprint_key, flow_run_run_id
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Plan(Protocol):
     batches: Mapping[int, list]
 
     def fingerprint(self) -> dict[str, str]: ...
+    def batch_rows(self) -> list[tuple[int, int, int, int]]: ...
     def batch_path(self, batch: int) -> Path: ...
 
 
@@ -386,22 +388,18 @@ def _release_dead_lease(cat: Catalog, exc: LeaseHeld) -> bool:
     return True
 
 
-def _shown_url(db_url: str) -> str:
-    """The catalog URL without its password, as the lock file shows it to other processes.
+def _register(cat: Catalog, plan: Plan) -> tuple[str, Path]:
+    """The camera-night of ``plan`` registered (idempotent): its id and its absolute night directory."""
+    night = plan.night
+    night_path = Path(night.path).absolute()
+    return cat.register_camera_night(night.site, night.camera, night.night, night_path), night_path
 
-    It is also the catalog's identity there (runs of one catalog are arbitrated by its lease): a SQLite
-    file is named by its resolved absolute path, so that one file reached by two spellings (relative,
-    through a symbolic link) is one catalog.
-    """
-    from sqlalchemy.engine import make_url
 
-    try:
-        u = make_url(db_url)
-        if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
-            u = u.set(database=str(Path(u.database).resolve()))
-        return u.render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot parse is shown as given, minus nothing secret
-        return db_url.split("@")[-1]
+def _run_fields(plan: Plan, *, flow_run_id: str | None, lease_seconds: float = LEASE_SECONDS,
+                host: str | None = None, pid: int | None = None) -> dict[str, Any]:
+    """The keyword arguments of :meth:`Catalog.start_run` for a run of ``plan`` (fingerprint and provenance)."""
+    return dict(fingerprint=plan.fingerprint(), settings=plan.settings.to_dict(), versions=versions(),
+                host=host or socket.gethostname(), flow_run_id=flow_run_id, lease_seconds=lease_seconds, pid=pid)
 
 
 def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, keep_old: int = KEEP_OLD,
@@ -430,14 +428,9 @@ def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, 
     running for its retries (same run id) and ends it after the last one.
     """
     _check_keep_old(keep_old)  # before anything is registered: a refusal must not leave a run holding the lease
-    night = plan.night
-    night_path = Path(night.path).absolute()
-    cn_id = cat.register_camera_night(night.site, night.camera, night.night, night_path)
-    fp = plan.fingerprint()
-    fp_key = fingerprint_key(fp)
-    kwargs = dict(fingerprint=fp, settings=plan.settings.to_dict(), versions=versions(),
-                  host=host or socket.gethostname(), flow_run_id=flow_run_id, lease_seconds=lease_seconds,
-                  pid=pid)
+    cn_id, night_path = _register(cat, plan)
+    kwargs = _run_fields(plan, flow_run_id=flow_run_id, lease_seconds=lease_seconds, host=host, pid=pid)
+    fp_key = fingerprint_key(kwargs["fingerprint"])
     try:
         run_id = cat.start_run(cn_id, **kwargs)
     except LeaseHeld as exc:
@@ -448,7 +441,7 @@ def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, 
     # is looked at or moved); a refusal is recorded in this catalog as the run's failure
     if take_lock:
         try:
-            nightlock.acquire(night_path, run_id, _shown_url(db_url))
+            nightlock.acquire(night_path, run_id, shown_url(db_url))
         except nightlock.NightLocked as exc:
             cat.finish_run(run_id, "failed", error=f"refused: {exc}"[:2000])
             raise
@@ -479,14 +472,10 @@ def lock_for_flow(cat: Catalog, db_url: str, plan: Plan, flow_run_id: str | None
         a run of another catalog holds the night directory; recorded here as a
         failed run of this catalog (:func:`record_refusal`).
     """
-    from mascara.catalog.catalog import make_id
-
-    night = plan.night
-    night_path = Path(night.path).absolute()
-    cn_id = cat.register_camera_night(night.site, night.camera, night.night, night_path)
-    run_id = make_id("run", cn_id, flow_run_id) if flow_run_id else f"flow-{os.getpid()}-{night.night_id}"
+    cn_id, night_path = _register(cat, plan)
+    run_id = flow_run_run_id(cn_id, flow_run_id) if flow_run_id else f"flow-{os.getpid()}-{plan.night.night_id}"
     try:
-        nightlock.acquire(night_path, run_id, _shown_url(db_url))
+        nightlock.acquire(night_path, run_id, shown_url(db_url))
     except nightlock.NightLocked as exc:
         record_refusal(cat, plan, str(exc), flow_run_id=flow_run_id)
         raise
@@ -500,12 +489,9 @@ def record_refusal(cat: Catalog, plan: Plan, error: str, *, flow_run_id: str | N
     Nothing is decided or moved. Returns the run id, or None when a run of
     this catalog holds the camera-night's lease (then nothing needs saying).
     """
-    night = plan.night
-    cn_id = cat.register_camera_night(night.site, night.camera, night.night, Path(night.path).absolute())
+    cn_id, _ = _register(cat, plan)
     try:
-        run_id = cat.start_run(cn_id, fingerprint=plan.fingerprint(), settings=plan.settings.to_dict(),
-                               versions=versions(), host=host or socket.gethostname(), flow_run_id=flow_run_id,
-                               lease_seconds=LEASE_SECONDS, pid=pid)
+        run_id = cat.start_run(cn_id, **_run_fields(plan, flow_run_id=flow_run_id, host=host, pid=pid))
     except LeaseHeld:
         return None
     cat.finish_run(run_id, "failed", error=f"refused: {error}"[:2000])
@@ -540,9 +526,7 @@ def _open_registered(cat: Catalog, db_url: str, plan: Plan, run_id: str, cn_id: 
     recover(cat, cn_id, night_path)
     faults.checkpoint("after_move")
 
-    cat.begin_reducing(run_id, [(b, min(f.lstseq for f in fr), max(f.lstseq for f in fr), len(fr))
-                                for b, fr in plan.batches.items()], fresh=decision != "resume",
-                      grown=bool(getattr(plan, "live", False)))
+    cat.begin_reducing(run_id, plan.batch_rows(), fresh=decision != "resume", grown=bool(getattr(plan, "live", False)))
     faults.checkpoint("after_begin")
     batch_dir = Path(plan.batch_path(0)).parent
     done = verified_done(cat, cn_id, fp_key, batch_dir)

@@ -148,7 +148,7 @@ def test_run_info_is_plain_data():
 def test_one_sqlite_catalog_spelled_two_ways_is_one_catalog_for_the_night_lock(tmp_path, monkeypatch):
     """The night directory's lock tells catalogs apart by URL: a relative path, a path through a symbolic
     link and the absolute path of one SQLite file are one catalog (its lease decides between its runs)."""
-    from mascara.catalog.lifecycle import _shown_url
+    from mascara.catalog._engine import shown_url as _shown_url
 
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
