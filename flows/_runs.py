@@ -303,8 +303,10 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
     def on_prepared(ctx: Any) -> None:
         record_calibration(db_url, handle.camera_night_id, handle.night_path, ctx.calibration_state())
 
+    def on_batch_start(batch: int) -> None:  # running in the catalog while it is reduced, not after
+        cat.batch_started(handle.run_id, batch)
+
     def on_batch(outcome: Any) -> None:
-        cat.batch_started(handle.run_id, outcome.batch)
         record_batch(handle, outcome)
 
     try:  # from here on the run is reducing: whatever stops it (a signal included) is recorded
@@ -313,7 +315,8 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
             heartbeat.run_ids.add(handle.run_id)
         record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
         result = reduce_camera_night(plan.night, plan.settings, skip=handle.done, on_batch=on_batch,
-                                     on_prepared=on_prepared, require_calibration=require_calibration,
+                                     on_batch_start=on_batch_start, on_prepared=on_prepared,
+                                     require_calibration=require_calibration,
                                      split_in_background=split_in_background, combine=False)
         result.products = combine_and_finish(handle, plan)
         draw_quicklook(handle.night_path)
@@ -383,9 +386,11 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
         h = state["handle"]
         record_calibration(db_url, h.camera_night_id, h.night_path, ctx.calibration_state())
 
+    def on_reduce(batch: int) -> None:
+        catalog(db_url).batch_started(state["handle"].run_id, batch)
+
     def on_reduced(outcome: Any) -> None:
         h = state["handle"]
-        catalog(db_url).batch_started(h.run_id, outcome.batch)
         record_batch(h, outcome)
         draw_quicklook(h.night_path)  # a night being observed: its figures follow it
         if on_batch is not None:
@@ -396,8 +401,8 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
         result, plan = reduce_camera_night_live(
             night.path if hasattr(night, "path") else night, settings, grace=grace, idle_timeout=idle_timeout,
             until_jd=until_jd, poll=poll, settle=settle, on_start=on_start, on_ready=on_ready,
-            on_batch=on_reduced, on_prepared=on_prepared, split_in_background=split_in_background,
-            require_calibration=require_calibration, stop=stop)
+            on_batch=on_reduced, on_batch_start=on_reduce, on_prepared=on_prepared,
+            split_in_background=split_in_background, require_calibration=require_calibration, stop=stop)
         handle = state.get("handle")
         if handle is None:
             raise NothingToReduce(f"{night.path if hasattr(night, 'path') else night}: no science frame "

@@ -1047,6 +1047,14 @@ class NightResult:
         return [r for b in self.batches for r in b.rejected]
 
 
+def _started_batch(plan: CameraNightPlan, ctx: NightContext, batch: int,
+                   on_start: Callable[[int], None] | None) -> BatchOutcome:
+    """:func:`reduce_batch`, after ``on_start(batch)`` (in the same thread)."""
+    if on_start is not None:
+        on_start(batch)
+    return reduce_batch(plan, ctx, batch)
+
+
 def reduce_camera_night(
     night_dir: Path | str,
     settings: Settings | None = None,
@@ -1054,6 +1062,7 @@ def reduce_camera_night(
     skip: Iterable[int] = (),
     batches: Iterable[int] | None = None,
     on_batch: Callable[[BatchOutcome], None] | None = None,
+    on_batch_start: Callable[[int], None] | None = None,
     on_frame_progress: Callable[[int, int], None] | None = None,
     on_prepared: Callable[[NightContext], None] | None = None,
     split_in_background: bool = True,
@@ -1068,6 +1077,8 @@ def reduce_camera_night(
     skip : batch indices already done (their batch files are reused as they are).
     batches : restrict to these batch indices (default: all).
     on_batch : called with each finished :class:`BatchOutcome` (an orchestrator records it).
+    on_batch_start : called with a batch's index just before it is reduced, in the thread that
+        reduces it (an orchestrator marks it running); what it raises fails that batch.
     on_prepared : called with the night context once the calibration and the
         camera solution are known (an orchestrator records the calibration state).
     split_in_background : run the split by star in a separate process beside the
@@ -1097,9 +1108,9 @@ def reduce_camera_night(
             if b in skip and plan.batch_path(b).exists():
                 pending.append((b, None))
             elif pool is None:
-                pending.append((b, _Done(reduce_batch(plan, ctx, b))))
+                pending.append((b, _Done(_started_batch(plan, ctx, b, on_batch_start))))
             else:
-                pending.append((b, pool.submit(reduce_batch, plan, ctx, b)))
+                pending.append((b, pool.submit(_started_batch, plan, ctx, b, on_batch_start)))
             # hand over finished batches in order; keep at most nworkers batches in flight
             while pending and (i == len(todo) - 1 or pending[0][1] is None or pending[0][1].done()
                                or sum(f is not None and not f.done() for _, f in pending) >= nworkers):
@@ -1252,6 +1263,7 @@ def reduce_camera_night_live(
     on_start: Callable[[CameraNightPlan], Iterable[int]] | None = None,
     on_ready: Callable[[CameraNightPlan], None] | None = None,
     on_batch: Callable[[BatchOutcome], None] | None = None,
+    on_batch_start: Callable[[int], None] | None = None,
     on_prepared: Callable[[NightContext], None] | None = None,
     split_in_background: bool = True,
     require_calibration: bool = False,
@@ -1272,7 +1284,7 @@ def reduce_camera_night_live(
         before anything is reduced; returns the batches already done (a
         restarted run: their files are reused as they are).
     on_ready : called with the plan of newly ready batches before they are reduced.
-    on_batch, on_prepared : as for :func:`reduce_camera_night`.
+    on_batch, on_batch_start, on_prepared : as for :func:`reduce_camera_night`.
     grace, idle_timeout, until_jd, now_jd : see :class:`LiveNight`.
     stop : once set, :class:`LiveStopped` is raised before the next batch or poll
         (a batch being reduced is finished first; the splitter is stopped as
@@ -1316,7 +1328,7 @@ def reduce_camera_night_live(
                 on_ready(live.ready_plan(new))
             for b in new:
                 check()
-                outcome = reduce_batch(live.plan, ctx, b)
+                outcome = _started_batch(live.plan, ctx, b, on_batch_start)
                 outcomes.append(outcome)
                 if on_batch:  # recorded first: a run that lost its lease stops here, before the split
                     on_batch(outcome)

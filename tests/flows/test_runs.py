@@ -210,3 +210,31 @@ def test_quicklook_figures_follow_a_run_at_most_once_per_interval_and_always_at_
     with caplog.at_level("WARNING"):
         assert draw_quicklook(broken) == {}  # a figure never fails a reduction
     assert "quick-look figures of" in caplog.text and str(broken) in caplog.text
+
+
+def test_the_library_driver_marks_a_batch_running_while_it_is_reduced(night, monkeypatch):
+    """The catalog's ``started_at`` is when the batch began, not when its result was recorded: the library
+    drivers marked a batch started only once it had finished (so a run showed no batch ``running`` and every
+    batch took a few milliseconds). A batch's thread CPU cannot exceed the wall time between its marks."""
+    from flows._runs import drive_camera_night
+    from mascara import reduce as red
+
+    plan, url = night
+    seen: list[tuple[int, str]] = []
+    real = red.reduce_batch
+
+    def spy(plan_, ctx, batch):  # what the catalog says while the batch is being reduced
+        with sqlite3.connect(f"file:{plan.night.path.parent / 'catalog.sqlite'}?mode=ro", uri=True) as db:
+            seen.append((batch, db.execute("SELECT status FROM batch WHERE batch_index = ?", (batch,)).fetchone()[0]))
+        return real(plan_, ctx, batch)
+
+    monkeypatch.setattr(red, "reduce_batch", spy)
+    drive_camera_night(url, plan.night, split_in_background=False)
+    assert sorted(seen) == [(b, "running") for b in sorted(plan.batches)]
+    with sqlite3.connect(f"file:{plan.night.path.parent / 'catalog.sqlite'}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT batch_index, status, tries, julianday(finished_at) - julianday(started_at), cpu_s "
+                          "FROM batch").fetchall()
+    assert len(rows) == len(plan.batches)
+    for b, status, tries, days, cpu in rows:
+        assert status == "succeeded" and tries == 1, (b, status, tries)
+        assert cpu > 0 and days * 86400.0 >= 0.95 * cpu, (b, days * 86400.0, cpu)
