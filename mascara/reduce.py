@@ -26,6 +26,7 @@ solution but never on another batch.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -276,8 +277,33 @@ class NightContext:
         return CameraModel.from_dict(self.model)
 
     def master(self) -> MasterCalibration:
-        level = None if self.master_path is None else np.load(self.master_path)
+        level = None if self.master_path is None else _master_level(Path(self.master_path))
         return MasterCalibration(level=level, kind=self.master_kind, files=[], rejected=[])
+
+
+#: Master levels read from ``work/``, by file identity (a master written again is a new file): every batch
+#: asked for its camera-night's master, and each call read its 44 MB again (a fresh array: page faults and
+#: a copy, twice per two batches at once). Read-only, shared by the batches; a few cameras per process.
+_MASTERS: collections.OrderedDict = collections.OrderedDict()
+_MASTERS_LOCK = threading.Lock()
+_MASTERS_KEEP = 4
+
+
+def _master_level(path: Path) -> np.ndarray:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    with _MASTERS_LOCK:
+        level = _MASTERS.get(key)
+        if level is not None:
+            _MASTERS.move_to_end(key)
+            return level
+    level = np.load(path)
+    level.flags.writeable = False
+    with _MASTERS_LOCK:
+        _MASTERS[key] = level
+        while len(_MASTERS) > _MASTERS_KEEP:
+            _MASTERS.popitem(last=False)
+    return level
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

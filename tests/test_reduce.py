@@ -432,3 +432,23 @@ def test_the_star_cache_follows_the_settings_and_the_file(tmp_path):
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert load_stars(Settings(catalogue=str(path))).vmag.max() <= 8.0
+
+
+def test_the_master_level_is_read_once_per_file_and_again_when_the_file_is_replaced(tmp_path):
+    """Every batch asks for its night's master; it was read from ``work/`` (44 MB) at every call."""
+    import os
+
+    from mascara.reduce import _master_level
+
+    path = tmp_path / "master_dark.npy"
+    np.save(path, np.full((4, 5), 3.0, np.float32))
+    first = _master_level(path)
+    assert _master_level(path) is first  # the same array, not a new read
+    assert not first.flags.writeable  # shared by the batches: nobody may change it
+    with pytest.raises(ValueError):
+        first[0, 0] = 1.0
+    tmp = tmp_path / "master_dark.part.npy"  # prepare_camera_night writes a new master this way
+    np.save(tmp, np.full((4, 5), 7.0, np.float32))
+    os.replace(tmp, path)
+    again = _master_level(path)
+    assert again is not first and float(again[0, 0]) == 7.0
