@@ -155,19 +155,53 @@ def run_once(night_dir: Path, workdir: Path, nframes: int, driver: str, workers:
     load = os.getloadavg()
     server_cpu = server.cpu() if driver == "prefect-server" else 0.0
     w = time.perf_counter()
+    launched = time.time()
     # a small wrapper process reports the usage of its children alone (ru_maxrss never resets in this one)
     proc = subprocess.run([sys.executable, "-c", _WRAPPER, str(usage), *cmd], env=env, capture_output=True,
                           text=True, cwd=str(workdir))
     wall = time.perf_counter() - w
+    ended = time.time()
     server_cpu = server.cpu() - server_cpu if driver == "prefect-server" else 0.0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     u = json.loads(usage.read_text())
     res = {"frames": nframes, "driver": driver, "prefect": prefect, "workers": workers, "wall": wall,
            "cpu": u["user"] + u["sys"] + server_cpu, "user": u["user"], "sys": u["sys"], "server_cpu": server_cpu, "rss_mb": u["maxrss_kb"] / 1024, "load_before": load[0],
-           "load_after": os.getloadavg()[0]}
+           "load_after": os.getloadavg()[0], "phases": run_phases(datadir / "catalog.sqlite", launched, ended)}
     shutil.rmtree(datadir, ignore_errors=True)
     return res
+
+
+#: The phases of a run's wall time, from the times its catalog recorded (:func:`run_phases`).
+PHASES = ("start", "prepare", "batches", "combine", "exit")
+
+
+def run_phases(db: Path, launched: float, ended: float) -> dict[str, float] | None:
+    """Wall seconds of a finished one-night run by phase, from its catalog's timestamps (UTC).
+
+    ``start``: launch to the run's registration (imports, Prefect's flow run and start task);
+    ``prepare``: to the first batch's start (calibration, camera solution, the splitter's spawn);
+    ``batches``: first batch start to last batch end; ``combine``: to the run's end (night files,
+    products); ``exit``: to the process's exit (quick-look figures, reports, Prefect's last calls,
+    interpreter shutdown). None if the catalog does not say.
+    """
+    import datetime as dt
+    import sqlite3
+
+    def epoch(value: str) -> float:
+        t = dt.datetime.fromisoformat(value)
+        return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            run = con.execute("SELECT started_at, finished_at FROM reduction_run").fetchall()
+            b0, b1 = con.execute("SELECT min(started_at), max(finished_at) FROM batch").fetchone()
+    except sqlite3.Error:
+        return None
+    if len(run) != 1 or None in (*run[0], b0, b1):
+        return None
+    r0, r1, b0, b1 = epoch(run[0][0]), epoch(run[0][1]), epoch(b0), epoch(b1)
+    return dict(zip(PHASES, (r0 - launched, b0 - r0, b1 - b0, r1 - b1, ended - r1)))
 
 
 def _stats(values: list[float]) -> dict:
@@ -219,6 +253,9 @@ def measure(night_dir: Path | str, workdir: Path | str, frames: tuple[int, int],
         for agg in ("min", "median"):
             d[f"wall_5000_{agg}"] = d[n2]["wall"][agg] + (5000 - n2) * d[f"wall_slope_{agg}"]
             d[f"cpu_5000_{agg}"] = d[n2]["cpu"][agg] + (5000 - n2) * d[f"cpu_slope_{agg}"]
+        phased = [x["phases"] for x in runs if x["driver"] == key and x["frames"] == n2 and x.get("phases")]
+        if phased:
+            d["phases"] = {ph: statistics.median(x[ph] for x in phased) for ph in PHASES}
         d["runs"] = {n1: d.pop(n1), n2: d.pop(n2)}
         out["drivers"][key] = d
     lib = out["drivers"]["library"]

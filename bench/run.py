@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from process import OVER_LIBRARY  # noqa: E402
+from process import OVER_LIBRARY, PHASES  # noqa: E402
 
 REAL_TIME = 6.4  # s per frame, one camera
 # "read" is read + calibrate since issue 12 (one pass, mascara.rawio.read_calibrated)
@@ -682,6 +682,16 @@ def render_process(pr: dict) -> list[str]:
                  f"{d['wall_slope_min']:.3f} | {d['wall_fixed_min']:.1f} | "
                  f"{d['wall_5000_min'] / 60:.1f} min | {d['cpu_5000_min'] / 60:.1f} min |")
     L.append("")
+    if any("phases" in d for d in pr["drivers"].values()):
+        L.append(f"Where the wall time of the {n2}-frame runs goes (median seconds; from the times each run's catalog "
+                 "recorded: `start` launch to the run's registration, `prepare` to the first batch's start, "
+                 "`batches` to the last batch's end, `combine` to the run's end, `exit` to the process's exit):\n")
+        L.append("| driver | " + " | ".join(PHASES) + " |")
+        L.append("|---|" + "---:|" * len(PHASES))
+        for key, d in pr["drivers"].items():
+            if "phases" in d:
+                L.append(f"| {key} | " + " | ".join(f"{d['phases'][ph]:.1f}" for ph in PHASES) + " |")
+        L.append("")
     w = pr["warmup"]
     L.append(f"- Warm-up run before the timed ones ({w['frames']} frames, library driver): {w['cpu']:.1f} CPU-s, "
              f"{pr['jit_charge_cpu']:+.1f} CPU-s against the median timed run of the same length "

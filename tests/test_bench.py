@@ -52,6 +52,13 @@ def test_quick_bench_reports_every_stage(tmp_path):
     assert pu["pipeline_rel_max"] < 1e-3
     night = res["results"]["night"]
     assert night["combine"]["nstars_fast"] > 0 and night["read"]["n"] > 0
+    # whole-process runs: each run's wall time split into phases by its catalog's timestamps
+    assert "Where the wall time of the" in text
+    for run in res["results"]["process"]["runs"]:
+        ph = run["phases"]
+        assert list(ph) == ["start", "prepare", "batches", "combine", "exit"], run["driver"]
+        assert min(ph.values()) > -0.05 and ph["batches"] > 0, (run["driver"], ph)
+        assert abs(sum(ph.values()) - run["wall"]) < 0.5, (run["driver"], ph, run["wall"])
 
 
 @pytest.mark.slow
