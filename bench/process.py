@@ -149,6 +149,7 @@ def run_once(night_dir: Path, workdir: Path, nframes: int, driver: str, workers:
     env = dict(os.environ, MASCARA_WORKERS=str(workers), MASCARA_FLOW_WORKERS=str(workers),
                PREFECT_HOME=str(workdir.parent / "prefect-home"))
     env.pop("PREFECT_API_URL", None)  # the temporary server, as a user without a server gets
+    env.pop("MASCARA_DB_URL", None)  # each run's own catalog in its data directory (the phases are read there)
     if driver == "prefect-server":
         env["PREFECT_API_URL"] = server.url
     usage = workdir.parent / "usage.json"

@@ -152,8 +152,11 @@ def _warm_jit() -> None:
         if hasattr(st, "filled"):  # (absent from checkouts before it, compared with PYTHONPATH)
             st.filled()  # its NaN-free copy for the binned astrometry (_finite_or_zero)
     src = np.zeros((8, 8), np.uint16)
-    _decode_calibrate(src, np.zeros((8, 8), np.float32), True, 1, 7, 1, 7, 63000, np.empty((8, 8), np.uint16),
-                      np.empty((6, 6), np.float32))
+    level = np.zeros((8, 8), np.float32)
+    for writeable in (True, False):  # the batches get the night's master read-only (NightContext.master)
+        level.flags.writeable = writeable
+        _decode_calibrate(src, level, True, 1, 7, 1, 7, 63000, np.empty((8, 8), np.uint16),
+                          np.empty((6, 6), np.float32))
 
 
 def _jit_signatures() -> dict[str, int]:

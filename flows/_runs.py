@@ -165,6 +165,16 @@ def _size(path: Path) -> int | None:
         return None
 
 
+def record_batch_failure(cat: Any, run_id: str, batch: int, exc: BaseException) -> None:
+    """Record ``batch`` of run ``run_id`` failed with ``exc``; a failure to record it is logged, so that it
+    never hides ``exc`` (the run lost its lease, the database went away: the run's end says the rest)."""
+    try:
+        cat.batch_failed(run_id, batch, f"{type(exc).__name__}: {exc}")
+    except Exception as rec:  # noqa: BLE001
+        logging.getLogger(__name__).warning("batch %s failed (%s: %s) and could not be recorded: %s", batch,
+                                            type(exc).__name__, exc, rec)
+
+
 def record_batch(handle: RunHandle, outcome: Any) -> None:
     """Record a finished batch: its frames (accepted and rejected, with reasons), gap counts, the batch file."""
     faults.checkpoint("after_batch_file")
@@ -306,6 +316,9 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
     def on_batch_start(batch: int) -> None:  # running in the catalog while it is reduced, not after
         cat.batch_started(handle.run_id, batch)
 
+    def on_batch_error(batch: int, exc: Exception) -> None:
+        record_batch_failure(cat, handle.run_id, batch, exc)
+
     def on_batch(outcome: Any) -> None:
         record_batch(handle, outcome)
 
@@ -315,7 +328,8 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
             heartbeat.run_ids.add(handle.run_id)
         record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
         result = reduce_camera_night(plan.night, plan.settings, skip=handle.done, on_batch=on_batch,
-                                     on_batch_start=on_batch_start, on_prepared=on_prepared,
+                                     on_batch_start=on_batch_start, on_batch_error=on_batch_error,
+                                     on_prepared=on_prepared,
                                      require_calibration=require_calibration,
                                      split_in_background=split_in_background, combine=False)
         result.products = combine_and_finish(handle, plan)
@@ -389,6 +403,9 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
     def on_reduce(batch: int) -> None:
         catalog(db_url).batch_started(state["handle"].run_id, batch)
 
+    def on_reduce_error(batch: int, exc: Exception) -> None:
+        record_batch_failure(catalog(db_url), state["handle"].run_id, batch, exc)
+
     def on_reduced(outcome: Any) -> None:
         h = state["handle"]
         record_batch(h, outcome)
@@ -401,7 +418,7 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
         result, plan = reduce_camera_night_live(
             night.path if hasattr(night, "path") else night, settings, grace=grace, idle_timeout=idle_timeout,
             until_jd=until_jd, poll=poll, settle=settle, on_start=on_start, on_ready=on_ready,
-            on_batch=on_reduced, on_batch_start=on_reduce, on_prepared=on_prepared,
+            on_batch=on_reduced, on_batch_start=on_reduce, on_batch_error=on_reduce_error, on_prepared=on_prepared,
             split_in_background=split_in_background, require_calibration=require_calibration, stop=stop)
         handle = state.get("handle")
         if handle is None:

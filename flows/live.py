@@ -50,9 +50,14 @@ def live_batch_task(night_id: str, batch: int, handle: _runs.RunHandle, plan: An
     """Reduce one ready batch and record it (its frames, gap counts, the batch file)."""
     from mascara.reduce import reduce_batch
 
-    outcome = reduce_batch(plan, ctx, batch)
-    _runs.catalog(handle.db_url).batch_started(handle.run_id, batch)
-    _runs.record_batch(handle, outcome)
+    cat = _runs.catalog(handle.db_url)
+    cat.batch_started(handle.run_id, batch)  # running while it is reduced, as every driver records it
+    try:
+        outcome = reduce_batch(plan, ctx, batch)
+        _runs.record_batch(handle, outcome)
+    except Exception as exc:
+        _runs.record_batch_failure(cat, handle.run_id, batch, exc)
+        raise
     return {"batch": batch, "path": outcome.path, "nframes": outcome.nframes, "rejected": len(outcome.rejected),
             "astro_rms": outcome.astro_rms}
 

@@ -169,7 +169,7 @@ def batch_task(night_id: str, batch: int, handle: _runs.RunHandle, settings_json
         outcome = reduce_batch(plan, _ctx(plan), batch)
         _runs.record_batch(handle, outcome)
     except Exception as exc:
-        cat.batch_failed(handle.run_id, batch, f"{type(exc).__name__}: {exc}")
+        _runs.record_batch_failure(cat, handle.run_id, batch, exc)
         raise
     return {"batch": batch, "path": outcome.path, "sha256": outcome.sha256, "nframes": len(plan.batches[batch]),
             "accepted": len(outcome.accepted), "rejected": len(outcome.rejected), "astro_rms": outcome.astro_rms,

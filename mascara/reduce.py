@@ -70,6 +70,7 @@ from mascara.rawio import (
     read_frame,
     scan_raw,
 )
+from mascara.selection import CAMERAS
 from mascara.settings import Settings
 from mascara.sky import ApparentPlaces, angular_distance, moon_altaz, radec_of_altaz
 from mascara.stars import StarCatalogue, default_catalogue, load_catalogue
@@ -283,21 +284,23 @@ class NightContext:
 
 #: Master levels read from ``work/``, by file identity (a master written again is a new file): every batch
 #: asked for its camera-night's master, and each call read its 44 MB again (a fresh array: page faults and
-#: a copy, twice per two batches at once). Read-only, shared by the batches; a few cameras per process.
+#: a copy, twice per two batches at once). Read-only, shared by the batches; enough for every camera of a
+#: station reduced in one process (a live night, a flow over all cameras), about 44 MB each.
 _MASTERS: collections.OrderedDict = collections.OrderedDict()
 _MASTERS_LOCK = threading.Lock()
-_MASTERS_KEEP = 4
+_MASTERS_KEEP = len(CAMERAS) + 1
 
 
 def _master_level(path: Path) -> np.ndarray:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-    with _MASTERS_LOCK:
-        level = _MASTERS.get(key)
-        if level is not None:
-            _MASTERS.move_to_end(key)
-            return level
-    level = np.load(path)
+    with open(path, "rb") as f:  # the identity of the file read, not of one that replaced it meanwhile
+        st = os.fstat(f.fileno())
+        key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with _MASTERS_LOCK:
+            level = _MASTERS.get(key)
+            if level is not None:
+                _MASTERS.move_to_end(key)
+                return level
+        level = np.load(f)
     level.flags.writeable = False
     with _MASTERS_LOCK:
         _MASTERS[key] = level
@@ -1074,11 +1077,17 @@ class NightResult:
 
 
 def _started_batch(plan: CameraNightPlan, ctx: NightContext, batch: int,
-                   on_start: Callable[[int], None] | None) -> BatchOutcome:
-    """:func:`reduce_batch`, after ``on_start(batch)`` (in the same thread)."""
+                   on_start: Callable[[int], None] | None,
+                   on_error: Callable[[int, Exception], None] | None = None) -> BatchOutcome:
+    """:func:`reduce_batch`, after ``on_start(batch)``; ``on_error(batch, exc)`` if it raises (same thread)."""
     if on_start is not None:
         on_start(batch)
-    return reduce_batch(plan, ctx, batch)
+    try:
+        return reduce_batch(plan, ctx, batch)
+    except Exception as exc:
+        if on_error is not None:
+            on_error(batch, exc)
+        raise
 
 
 def reduce_camera_night(
@@ -1089,6 +1098,7 @@ def reduce_camera_night(
     batches: Iterable[int] | None = None,
     on_batch: Callable[[BatchOutcome], None] | None = None,
     on_batch_start: Callable[[int], None] | None = None,
+    on_batch_error: Callable[[int, Exception], None] | None = None,
     on_frame_progress: Callable[[int, int], None] | None = None,
     on_prepared: Callable[[NightContext], None] | None = None,
     split_in_background: bool = True,
@@ -1105,6 +1115,8 @@ def reduce_camera_night(
     on_batch : called with each finished :class:`BatchOutcome` (an orchestrator records it).
     on_batch_start : called with a batch's index just before it is reduced, in the thread that
         reduces it (an orchestrator marks it running); what it raises fails that batch.
+    on_batch_error : called with a batch's index and the exception its reduction raised, in its
+        thread, before the exception goes on (an orchestrator records the batch failed with it).
     on_prepared : called with the night context once the calibration and the
         camera solution are known (an orchestrator records the calibration state).
     split_in_background : run the split by star in a separate process beside the
@@ -1134,9 +1146,9 @@ def reduce_camera_night(
             if b in skip and plan.batch_path(b).exists():
                 pending.append((b, None))
             elif pool is None:
-                pending.append((b, _Done(_started_batch(plan, ctx, b, on_batch_start))))
+                pending.append((b, _Done(_started_batch(plan, ctx, b, on_batch_start, on_batch_error))))
             else:
-                pending.append((b, pool.submit(_started_batch, plan, ctx, b, on_batch_start)))
+                pending.append((b, pool.submit(_started_batch, plan, ctx, b, on_batch_start, on_batch_error)))
             # hand over finished batches in order; keep at most nworkers batches in flight
             while pending and (i == len(todo) - 1 or pending[0][1] is None or pending[0][1].done()
                                or sum(f is not None and not f.done() for _, f in pending) >= nworkers):
@@ -1290,6 +1302,7 @@ def reduce_camera_night_live(
     on_ready: Callable[[CameraNightPlan], None] | None = None,
     on_batch: Callable[[BatchOutcome], None] | None = None,
     on_batch_start: Callable[[int], None] | None = None,
+    on_batch_error: Callable[[int, Exception], None] | None = None,
     on_prepared: Callable[[NightContext], None] | None = None,
     split_in_background: bool = True,
     require_calibration: bool = False,
@@ -1310,7 +1323,7 @@ def reduce_camera_night_live(
         before anything is reduced; returns the batches already done (a
         restarted run: their files are reused as they are).
     on_ready : called with the plan of newly ready batches before they are reduced.
-    on_batch, on_batch_start, on_prepared : as for :func:`reduce_camera_night`.
+    on_batch, on_batch_start, on_batch_error, on_prepared : as for :func:`reduce_camera_night`.
     grace, idle_timeout, until_jd, now_jd : see :class:`LiveNight`.
     stop : once set, :class:`LiveStopped` is raised before the next batch or poll
         (a batch being reduced is finished first; the splitter is stopped as
@@ -1354,7 +1367,7 @@ def reduce_camera_night_live(
                 on_ready(live.ready_plan(new))
             for b in new:
                 check()
-                outcome = _started_batch(live.plan, ctx, b, on_batch_start)
+                outcome = _started_batch(live.plan, ctx, b, on_batch_start, on_batch_error)
                 outcomes.append(outcome)
                 if on_batch:  # recorded first: a run that lost its lease stops here, before the split
                     on_batch(outcome)

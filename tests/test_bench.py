@@ -57,8 +57,9 @@ def test_quick_bench_reports_every_stage(tmp_path):
     for run in res["results"]["process"]["runs"]:
         ph = run["phases"]
         assert list(ph) == ["start", "prepare", "batches", "combine", "exit"], run["driver"]
-        assert min(ph.values()) > -0.05 and ph["batches"] > 0, (run["driver"], ph)
-        assert abs(sum(ph.values()) - run["wall"]) < 0.5, (run["driver"], ph, run["wall"])
+        # each phase a part of the run (catalog times read in the wrong time zone would be hours off)
+        assert all(-0.05 < v < run["wall"] for v in ph.values()), (run["driver"], ph, run["wall"])
+        assert min(ph["start"], ph["prepare"], ph["batches"], ph["exit"]) > 0, (run["driver"], ph)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -106,6 +107,12 @@ def test_live_flow_shows_each_batch_as_a_task_run_while_the_night_goes_on(tmp_pa
     first_done = min(dt.datetime.fromisoformat(t["end_time"]).timestamp() for t in batches)
     assert first_done < last_frame < sim_end, (first_done, last_frame)
     assert_same_night_files(datadir / NIGHT_ID, reference)
+    # each batch row was marked running when its task began (not once it had finished): its thread CPU fits
+    # between the two marks
+    with sqlite3.connect(f"file:{datadir / 'catalog.sqlite'}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT batch_index, tries, (julianday(finished_at) - julianday(started_at)) * 86400, "
+                          "cpu_s FROM batch WHERE status = 'succeeded'").fetchall()
+    assert len(rows) == 3 and all(t == 1 and w >= 0.95 * c > 0 for _, t, w, c in rows), rows
     # the progress and the quick-look figures of the night, as artifacts of the flow run
     r = httpx.post(f"{api}/artifacts/filter", timeout=30, json={
         "artifacts": {"flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}}})
@@ -152,7 +159,8 @@ def test_a_signal_to_a_live_run_is_recorded_and_the_night_resumes(tmp_path, pris
     assert_same_night_files(datadir / NIGHT_ID, reference)
 
 
-def test_a_stopped_live_run_ends_before_its_next_batch_and_stops_its_splitter(tmp_path, pristine_night):
+def test_a_stopped_live_run_ends_before_its_next_batch_and_stops_its_splitter(tmp_path, pristine_night,
+                                                                              monkeypatch):
     """``stop`` set while the first batch is recorded (``mascprocess --live`` sets it on a signal, so
     that no camera thread is still reducing when the interpreter shuts down): the run raises
     ``LiveStopped`` before its next batch, is recorded as failed with the stop's reason (its writes
@@ -177,10 +185,23 @@ def test_a_stopped_live_run_ends_before_its_next_batch_and_stops_its_splitter(tm
         stop.reason = "interrupted (SIGTERM)"  # type: ignore[attr-defined]  # as mascprocess --live sets it
         stop.set()
 
+    from mascara import reduce as red
+
+    seen: list[tuple[int, str]] = []
+    real = red.reduce_batch
+
+    def spy(plan, ctx, batch):  # type: ignore[no-untyped-def]  # the catalog while the batch is reduced
+        with sqlite3.connect(f"file:{datadir / 'catalog.sqlite'}?mode=ro", uri=True) as db:
+            seen.append((batch, db.execute("SELECT status FROM batch WHERE batch_index = ?", (batch,)).fetchone()[0]))
+        return real(plan, ctx, batch)
+
+    monkeypatch.setattr(red, "reduce_batch", spy)
+
     with pytest.raises(LiveStopped):
         _runs.drive_live_camera_night(resolve_url(None, str(datadir)), parse_night_dir(datadir / NIGHT_ID),
                                       grace=2, idle_timeout=3, poll=0.3, on_batch=on_batch, stop=stop)
     assert len(recorded) == 1
+    assert seen == [(recorded[0], "running")]  # marked when it began, as the offline drivers do
     assert not multiprocessing.active_children()
     [run] = runs(datadir)
     assert (run["status"], run["error"]) == ("failed", "interrupted (SIGTERM)"), run

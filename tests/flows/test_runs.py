@@ -238,3 +238,29 @@ def test_the_library_driver_marks_a_batch_running_while_it_is_reduced(night, mon
     for b, status, tries, days, cpu in rows:
         assert status == "succeeded" and tries == 1, (b, status, tries)
         assert cpu > 0 and days * 86400.0 >= 0.95 * cpu, (b, days * 86400.0, cpu)
+
+
+def test_a_batch_that_fails_in_the_library_driver_is_recorded_failed_with_its_error(night, monkeypatch):
+    """The library driver recorded nothing for a batch whose reduction raised (the run's end then called it
+    failed "during the batch", without the error); the flow records the batch's own error, and so does it."""
+    from flows._runs import drive_camera_night
+    from mascara import reduce as red
+
+    plan, url = night
+    bad = sorted(plan.batches)[1]
+    real = red.reduce_batch
+
+    def failing(plan_, ctx, batch):
+        if batch == bad:
+            raise RuntimeError("a fault injected into one batch")
+        return real(plan_, ctx, batch)
+
+    monkeypatch.setattr(red, "reduce_batch", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        drive_camera_night(url, plan.night, split_in_background=False)
+    with sqlite3.connect(f"file:{plan.night.path.parent / 'catalog.sqlite'}?mode=ro", uri=True) as db:
+        [(status, tries, error)] = db.execute("SELECT status, tries, error FROM batch WHERE batch_index = ?",
+                                              (bad,)).fetchall()
+        [(run_status, run_error)] = db.execute("SELECT status, error FROM reduction_run").fetchall()
+    assert (status, tries, error) == ("failed", 1, "RuntimeError: a fault injected into one batch")
+    assert run_status == "failed" and "injected" in run_error
