@@ -64,13 +64,30 @@ def status_rows(datadir: str | Path = ".", db: str | None = None, night: str | N
         return cat.night_status(night)
 
 
-def _empty_database(url: str) -> bool:
-    """Whether the database at ``url`` holds no catalog schema (no Alembic revision); asked without writing."""
+def _schema_problem(url: str, datadir: str, db: str | None) -> str | None:
+    """Why the status views cannot read the catalog at ``url`` as it is, or None; asked without writing.
+
+    A view never writes: not a schema into an empty database (a fresh PostgreSQL schema, say), and not
+    the migrations of a catalog an older mascara wrote (``mascara db upgrade`` applies them, the next
+    reduction too), which would change a shared catalog under the runs of other machines.
+    """
     engine = _engine.make_engine(url)
     try:
-        return _engine.current_revision(engine) is None
+        current = _engine.current_revision(engine)
     finally:
         engine.dispose()
+    shown = _engine.shown_url(url)
+    if current is None:
+        return f"no catalog in {shown}: nothing was reduced there (`mascara db upgrade` creates one)"
+    head = _engine.head_revision()
+    if current == head:
+        return None
+    if _engine.known_revision(current):
+        where = f" --db {shown}" if db else ""
+        return (f"the catalog in {shown} has schema revision {current}, older than this mascara's {head}: "
+                f"`mascara db upgrade {datadir}{where}` brings it up to date (a view does not change it)")
+    return (f"the catalog in {shown} has schema revision {current}, which this mascara (schema {head}) does "
+            "not know: a newer mascara wrote it; use that one")
 
 
 def _print_json(rows: list[dict[str, Any]]) -> int:
@@ -119,9 +136,9 @@ def cli_status(args: argparse.Namespace) -> int:
     if missing is not None:
         print(f"no catalog at {missing}: nothing was reduced in {args.datadir}", file=sys.stderr)
         return 1
-    if _empty_database(url):  # a view never creates a schema (a shared PostgreSQL database, say)
-        print(f"no catalog in {_engine.shown_url(url)}: nothing was reduced there "
-              "(`mascara db upgrade` creates one)", file=sys.stderr)
+    problem = _schema_problem(url, args.datadir, args.db)
+    if problem is not None:
+        print(problem, file=sys.stderr)
         return 1
     if getattr(args, "season", False):
         return _print_season(url, args)

@@ -116,3 +116,38 @@ def test_status_names_night_files_gone_from_disk(catalog, db_url, capsys, tmp_pa
     gone, table = status()
     assert gone == ["fLC", "sLC"]
     assert "fLC+sLC gone from disk" in table and f"fLC, sLC recorded by run {run} not on disk" in table
+
+
+def test_status_of_a_catalog_an_older_mascara_wrote_says_so_and_changes_nothing(db_url, tmp_path, capsys):
+    """A view never writes: ``mascara status`` on a catalog at an older schema revision upgraded it (on a
+    shared PostgreSQL catalog, under the runs of other machines). It now names the revision and the command
+    that upgrades it, exit 1, and the catalog stays at its revision; once upgraded, status reads it."""
+    engine = _engine.make_engine(db_url)
+    try:
+        _engine.upgrade(engine, "0006")
+        assert main(["status", str(tmp_path), "--db", db_url]) == 1
+        err = capsys.readouterr().err
+        assert "schema revision 0006" in err and f"mascara db upgrade {tmp_path} --db" in err, err
+        assert main(["status", str(tmp_path), "--db", db_url, "--season"]) == 1  # every view of the command
+        assert _engine.current_revision(engine) == "0006"
+        assert main(["db", "upgrade", str(tmp_path), "--db", db_url]) == 0
+        assert _engine.current_revision(engine) == _engine.head_revision()
+        assert main(["status", str(tmp_path), "--db", db_url]) == 0
+    finally:
+        engine.dispose()
+
+
+def test_status_of_a_catalog_a_newer_mascara_wrote_says_so(db_url, tmp_path, capsys):
+    from sqlalchemy import text
+
+    engine = _engine.make_engine(db_url)
+    try:
+        _engine.upgrade(engine)
+        with engine.begin() as c:
+            c.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+        assert main(["status", str(tmp_path), "--db", db_url]) == 1
+        assert "revision 0099, which this mascara" in capsys.readouterr().err
+        with engine.begin() as c:  # back, for the fixture's clean-up
+            c.execute(text(f"UPDATE alembic_version SET version_num = '{_engine.head_revision()}'"))
+    finally:
+        engine.dispose()
