@@ -175,6 +175,20 @@ def record_batch_failure(cat: Any, run_id: str, batch: int, exc: BaseException) 
                                             type(exc).__name__, exc, rec)
 
 
+def reduce_recorded(handle: RunHandle, batch: int, reduce: Any) -> Any:
+    """``reduce()`` one batch of a Prefect task, recorded as every driver records it: the batch ``running``
+    first, then its outcome (:func:`record_batch`), or its failure with its error."""
+    cat = catalog(handle.db_url)
+    cat.batch_started(handle.run_id, batch)
+    try:
+        outcome = reduce()
+        record_batch(handle, outcome)
+    except Exception as exc:
+        record_batch_failure(cat, handle.run_id, batch, exc)
+        raise
+    return outcome
+
+
 def record_batch(handle: RunHandle, outcome: Any) -> None:
     """Record a finished batch: its frames (accepted and rejected, with reasons), gap counts, the batch file."""
     faults.checkpoint("after_batch_file")

@@ -50,14 +50,7 @@ def live_batch_task(night_id: str, batch: int, handle: _runs.RunHandle, plan: An
     """Reduce one ready batch and record it (its frames, gap counts, the batch file)."""
     from mascara.reduce import reduce_batch
 
-    cat = _runs.catalog(handle.db_url)
-    cat.batch_started(handle.run_id, batch)  # running while it is reduced, as every driver records it
-    try:
-        outcome = reduce_batch(plan, ctx, batch)
-        _runs.record_batch(handle, outcome)
-    except Exception as exc:
-        _runs.record_batch_failure(cat, handle.run_id, batch, exc)
-        raise
+    outcome = _runs.reduce_recorded(handle, batch, lambda: reduce_batch(plan, ctx, batch))
     return {"batch": batch, "path": outcome.path, "nframes": outcome.nframes, "rejected": len(outcome.rejected),
             "astro_rms": outcome.astro_rms}
 

@@ -152,7 +152,6 @@ def batch_task(night_id: str, batch: int, handle: _runs.RunHandle, settings_json
     from mascara.reduce import reduce_batch
 
     plan = _plan(handle.night_path, settings_json)
-    cat = _runs.catalog(handle.db_url)
     known = handle.done.get(batch)
     path = plan.batch_path(batch)
     if known is not None and path.is_file() and _runs.file_sha256(path) == known:
@@ -163,14 +162,12 @@ def batch_task(night_id: str, batch: int, handle: _runs.RunHandle, settings_json
             _runs.record_quality(handle, str(path))
         return {"batch": batch, "path": str(path), "sha256": known, "nframes": len(plan.batches[batch]),
                 "reused": True}
-    cat.batch_started(handle.run_id, batch)
-    try:
+
+    def reduce() -> Any:
         faults.maybe_fail_batch(night_id, batch, runtime_task_run.run_count or 1)
-        outcome = reduce_batch(plan, _ctx(plan), batch)
-        _runs.record_batch(handle, outcome)
-    except Exception as exc:
-        _runs.record_batch_failure(cat, handle.run_id, batch, exc)
-        raise
+        return reduce_batch(plan, _ctx(plan), batch)
+
+    outcome = _runs.reduce_recorded(handle, batch, reduce)
     return {"batch": batch, "path": outcome.path, "sha256": outcome.sha256, "nframes": len(plan.batches[batch]),
             "accepted": len(outcome.accepted), "rejected": len(outcome.rejected), "astro_rms": outcome.astro_rms,
             "flagged": outcome.flagged, "cpu_seconds": sum(outcome.timings.values()), "reused": False}

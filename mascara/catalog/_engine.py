@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -100,19 +101,23 @@ def alembic_config(url: str):  # type: ignore[no-untyped-def]
     return cfg
 
 
-def head_revision() -> str:
+def _scripts() -> Any:
+    """The Alembic script directory of ``migrations/`` (this code's revisions)."""
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()  # type: ignore[return-value]
+    return ScriptDirectory.from_config(alembic_config("sqlite://"))
+
+
+def head_revision() -> str:
+    return _scripts().get_current_head()  # type: ignore[no-any-return]
 
 
 def known_revision(revision: str) -> bool:
     """Whether ``revision`` is one of this code's migrations (else a newer mascara wrote it)."""
-    from alembic.script import ScriptDirectory
     from alembic.util import CommandError
 
     try:
-        return ScriptDirectory.from_config(alembic_config("sqlite://")).get_revision(revision) is not None
+        return _scripts().get_revision(revision) is not None
     except CommandError:
         return False
 
