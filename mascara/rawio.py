@@ -192,6 +192,14 @@ def find_night_dirs(
     return found
 
 
+def _mtime_ns(p: Path) -> int | None:
+    """Modification time (ns) of a file (following symbolic links), None if it cannot be read."""
+    try:
+        return p.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 def _regular_size(p: Path) -> int | None:
     """Size of a regular file (following symbolic links), None for anything else or a dangling link."""
     try:
@@ -316,12 +324,21 @@ def group_batches(frames: Sequence[FrameFile], batch_size: int = 50) -> dict[int
 
 def raw_inventory_hash(frames: Sequence[FrameFile], calib: Sequence[Path] = (),
                        rejected: Sequence[Rejection] = ()) -> str:
-    """sha256 over names and sizes of the raw files: changes when raw data are added or replaced."""
+    """sha256 over the names, sizes and modification times of the raw files.
+
+    It changes when raw data are added, removed or replaced, and when a file
+    is edited in place (a header fixed with ``fits.open(mode="update")``, a
+    frame transferred again): a reduction of the edited night is a different
+    reduction, so a resumed run does not reuse batches reduced from the old
+    content. A file rewritten with the same size and modification time is
+    not seen (that would need its content hashed). Rejected files count by
+    name and size.
+    """
     h = hashlib.sha256()
     for f in frames:
-        h.update(f"{f.path.name}:{f.size}\n".encode())
+        h.update(f"{f.path.name}:{f.size}:{_mtime_ns(f.path)}\n".encode())
     for p in sorted(calib):
-        h.update(f"{p.name}:{_regular_size(p)}\n".encode())
+        h.update(f"{p.name}:{_regular_size(p)}:{_mtime_ns(p)}\n".encode())
     for r in sorted(rejected, key=lambda r: r.filename):
         h.update(f"{r.filename}:{r.size}:rejected\n".encode())
     return h.hexdigest()

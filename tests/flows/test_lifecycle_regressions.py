@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from flowkit import BIN, NIGHT, NIGHT_ID, assert_same_night_files, fresh_copy, mascprocess, night_status, runs
+from flowkit import (BIN, NIGHT, NIGHT_ID, assert_same_night_files, batch_rows, fresh_copy, mascprocess, night_status,
+                     runs)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "catalog"))
 from lifecycle_checks import check_invariants, sha256, tree_digest  # noqa: E402
@@ -446,4 +447,49 @@ def test_a_library_run_that_fails_to_open_is_recorded_not_left_running(fault, pr
     assert mascprocess(datadir, env, "--no-prefect", "-q").returncode == 0
     assert night_status(datadir)["state"] == "succeeded"
     assert_same_night_files(datadir / NIGHT_ID, reference)
+    _check(datadir)
+
+
+def _edit_in_place(frame: Path) -> None:
+    """A trail of +400 ADU across 40 rows of a raw frame, written into the file itself (same size)."""
+    import numpy as np
+    from astropy.io import fits
+
+    size = frame.stat().st_size
+    with fits.open(frame, mode="update", do_not_scale_image_data=True) as hdul:
+        data = hdul[0].data
+        band = data[data.shape[0] // 3: data.shape[0] // 3 + 40]
+        band[:] = np.minimum(band.astype(np.int64) + 400, np.iinfo(data.dtype).max).astype(data.dtype)
+    assert frame.stat().st_size == size
+
+
+def test_a_raw_frame_edited_in_place_is_reduced_again_not_resumed_from_its_old_content(pristine_night, reference,
+                                                                                      tmp_path, prefect_server):
+    """An outside trial (stranger 5): a run is killed before its night files; a raw frame is then edited
+    in place (same size, as a header fix or a transfer again does); the next run resumed with the batch
+    reduced from the old content, because the fingerprint knew the raw files by name and size only. It is
+    now a new reduction (the raw files' modification times are part of it): the killed run's outputs go
+    aside, and the night files equal an uninterrupted reduction of the edited night."""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    killed = mascprocess(datadir, {**env, "MASCARA_FAULT": "combine_before_flc:kill"}, "--no-prefect", "-q",
+                         check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert {b["status"] for b in batch_rows(datadir).values()} == {"succeeded"}
+    frames = sorted((datadir / NIGHT_ID / "raw").glob(f"*{NIGHT_ID[8:]}.fits"))
+    frame = frames[len(frames) // 2]
+    _edit_in_place(frame)
+
+    edited = fresh_copy(pristine_night, tmp_path / "edited")
+    _edit_in_place(edited / NIGHT_ID / "raw" / frame.name)
+    mascprocess(edited, env, "--no-prefect", "-q")
+
+    again = mascprocess(datadir, env, "--no-prefect", "-q")
+    assert again.returncode == 0
+    assert_same_night_files(datadir / NIGHT_ID, edited / NIGHT_ID)
+    status = night_status(datadir)
+    assert status["state"] == "succeeded" and status["decision"] != "resume", status
+    with pytest.raises(AssertionError, match="datasets differ"):  # the edit shows in the light curves
+        assert_same_night_files(datadir / NIGHT_ID, reference)
+    assert (datadir / NIGHT_ID / "work_old" / "batches").is_dir()  # the killed run's batches, set aside
     _check(datadir)
