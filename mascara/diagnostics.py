@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from mascara._files import atomic_path
 from mascara.lcformat import ASCC_DTYPE
 from mascara.stars import find_ids
 
@@ -398,18 +399,15 @@ def save_binned_preview(night_path: str | os.PathLike[str], batch: int, binned: 
     small = np.divide(total, count, out=np.full(count.shape, np.nan), where=count > 0).astype(np.float16)
     path = preview_path(night_path, batch)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path, durable=False) as tmp, open(tmp, "wb") as f:
         np.save(f, small, allow_pickle=False)
-    os.replace(tmp, path)
     return path
 
 
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    with atomic_path(path, durable=False) as tmp, open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1))
 
 
 def summarise(qualities: Sequence[dict]) -> dict:

@@ -39,7 +39,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ import h5py
 import numpy as np
 
 from mascara import faults
+from mascara._files import atomic_path
 from mascara.lcformat import (
     ASCC_DTYPE,
     FAST_DTYPE,
@@ -125,46 +126,8 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(directory: str | os.PathLike[str]) -> None:
-    # Makes the rename itself durable; not every platform can open a directory.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_file(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; on success fsync it and rename it to ``path``.
-
-    On any exception the temporary file is removed and ``path`` is untouched.
-    """
-    path = os.fspath(path)
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    _fsync_dir(directory)
-
-
 def _write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             json.dump(obj, f, sort_keys=True, indent=1)
             f.write("\n")
@@ -349,7 +312,7 @@ def write_batch_file(
             raise ValueError(f"{name}: rows outside batch {attrs['batch']} (lstseq // {BATCH_SIZE})")
     blob = _canonical_json(attrs)
 
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = "mascara-batch"
             f.attrs["format_version"] = FORMAT_VERSION
@@ -526,7 +489,7 @@ class StarSplitter:
         return True
 
     def _save(self, name: str, arr: np.ndarray) -> None:
-        with _atomic_path(self.splitdir / name) as tmp:
+        with atomic_path(self.splitdir / name) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, arr, allow_pickle=False)
 
@@ -613,7 +576,7 @@ class StarSplitter:
         for kind in _KINDS:
             rows = np.concatenate([p[kind] for p in parts]) if parts else np.empty(0, _PIECE_DTYPES[kind])
             curves[kind] = _group_runs(rows, kind)
-        with _atomic_path(path) as tmp:
+        with atomic_path(path) as tmp:
             with h5py.File(tmp, "w") as f:
                 f.attrs["nbatches"] = len(batches)
                 f.attrs["last_batch"] = batches[-1] if batches else -1
@@ -971,7 +934,7 @@ def _write_night_file(
     cat = stars[np.argsort(stars["ascc"], kind="stable")]
     heads: list[np.ndarray] = []
     ids: list[np.ndarray] = []
-    with _atomic_path(path) as tmp, contextlib.ExitStack() as stack:
+    with atomic_path(path) as tmp, contextlib.ExitStack() as stack:
         f = stack.enter_context(h5py.File(tmp, "w"))
         raw_fd = os.open(tmp, os.O_WRONLY)
         stack.callback(os.close, raw_fd)  # closed after h5py (LIFO): HDF5 never sees it

@@ -90,10 +90,18 @@ def _read_holder(fd: int) -> dict:
         return {}
 
 
-def _write_holder(fd: int, holder: dict) -> None:
+def _write_holder(fd: int, holder: dict, path: Path | str = "the lock file") -> None:
+    """Say who holds the lock in its file; a file that cannot take it (a full disk) keeps the lock all the same.
+
+    The holder is what a refused run is told; it is not the lock (``flock``
+    is), so failing to write it is never a reason for a reduction to fail.
+    """
     data = (json.dumps(holder, sort_keys=True) + "\n").encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+    except OSError as exc:
+        log.warning("%s: the lock is held, but who holds it could not be written (%s)", path, exc.strerror or exc)
 
 
 def _holder(run_id: str, catalog: str) -> dict:
@@ -106,7 +114,7 @@ def _keep(key: str, fd: int, writable: bool, run_id: str, catalog: str) -> None:
     """Keep the lock just taken on ``fd`` for ``run_id``: its holder written (when writable), registered."""
     try:
         if writable:
-            _write_holder(fd, _holder(run_id, catalog))
+            _write_holder(fd, _holder(run_id, catalog), key)
     except BaseException:
         os.close(fd)  # closing drops the lock
         raise
@@ -172,7 +180,7 @@ def acquire(night_path: str | Path, run_id: str, catalog: str, wait: float = LOC
                 raise _refusal(path, _read_holder(held.fd))
             held.run_id = run_id
             if held.writable:
-                _write_holder(held.fd, _holder(run_id, catalog))
+                _write_holder(held.fd, _holder(run_id, catalog), path)
             return True
         if not path.parent.is_dir():
             raise FileNotFoundError(f"{path.parent}: no such night directory")

@@ -36,6 +36,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from mascara import diagnostics as dg
+from mascara._files import atomic_path
 
 #: File names of the per-camera-night figures, in the order they are shown.
 FIGURES = ("lightcurves", "sky", "astrometry", "frames", "thumbnail")
@@ -81,9 +82,8 @@ def _save(fig, out: Path, colours: int = 64) -> Path:  # type: ignore[no-untyped
     buf = io.BytesIO()
     fig.savefig(buf, dpi=DPI, format="png", metadata={"Software": None})
     img = Image.open(buf).convert("RGB").quantize(colours, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    img.save(tmp, format="PNG", optimize=True)
-    os.replace(tmp, out)
+    with atomic_path(out, durable=False) as tmp:
+        img.save(tmp, format="PNG", optimize=True)
     return out
 
 

@@ -46,6 +46,7 @@ import numpy as np
 
 from mascara import __version__
 from mascara import lcformat as lcf
+from mascara._files import atomic_path
 from mascara.astrometry import AstrometryFailed, correct_batch, initial_solution
 from mascara.binning import reuse_stacker, tile_grid
 from mascara.camera import CameraModel, nominal_camera
@@ -311,9 +312,8 @@ def _master_level(path: Path) -> np.ndarray:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".part{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def _previous_solution(night: NightDir) -> tuple[str, CameraModel] | None:
@@ -407,9 +407,8 @@ def prepare_camera_night(plan: CameraNightPlan, require_calibration: bool = Fals
     master_path = None
     if master.level is not None:
         master_path = plan.workdir / f"master_{master.kind}.npy"
-        tmp = master_path.with_name(f"master_{master.kind}.part{os.getpid()}.npy")
-        np.save(tmp, master.level)
-        os.replace(tmp, master_path)
+        with atomic_path(master_path) as tmp, open(tmp, "wb") as f:
+            np.save(f, master.level)
 
     stars = load_stars(plan.settings)
     previous = _previous_solution(plan.night)

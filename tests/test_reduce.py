@@ -447,7 +447,7 @@ def test_the_master_level_is_read_once_per_file_and_again_when_the_file_is_repla
     assert not first.flags.writeable  # shared by the batches: nobody may change it
     with pytest.raises(ValueError):
         first[0, 0] = 1.0
-    tmp = tmp_path / "master_dark.part.npy"  # prepare_camera_night writes a new master this way
+    tmp = tmp_path / "master_dark.new.npy"  # a new master is written under another name and renamed
     np.save(tmp, np.full((4, 5), 7.0, np.float32))
     os.replace(tmp, path)
     again = _master_level(path)

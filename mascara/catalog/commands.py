@@ -48,7 +48,8 @@ def _why(row: dict[str, Any]) -> str:
     """Why a camera-night is not simply done: the phase a failed run stopped in and its error."""
     if row.get("state") != "failed" or not row.get("error"):
         return ""
-    first = str(row["error"]).strip().splitlines()[0]
+    # one line: an error's own line breaks (h5py puts the file and the reason after one) are not its end
+    first = " ".join(str(row["error"]).split())
     if len(first) > WHY_WIDTH:
         first = first[:WHY_WIDTH - 3] + "..."
     phase = row.get("phase")

@@ -493,3 +493,40 @@ def test_a_raw_frame_edited_in_place_is_reduced_again_not_resumed_from_its_old_c
         assert_same_night_files(datadir / NIGHT_ID, reference)
     assert (datadir / NIGHT_ID / "work_old" / "batches").is_dir()  # the killed run's batches, set aside
     _check(datadir)
+
+
+def test_a_disk_that_fills_up_during_a_reduction_is_named_recorded_and_the_night_resumes(pristine_night, reference,
+                                                                                        tmp_path, prefect_server):
+    """An outside trial reduced a night on a disk with 8 MB to spare (the catalog elsewhere): the run failed
+    with h5py's words about a hidden temporary file. Now the error names the file that was not written and
+    the full device, the catalog records it, nothing half-written or temporary stays, raw/ is untouched,
+    and once there is room the same command resumes to the night files of an uninterrupted reduction."""
+    _, env = prefect_server
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    used = sum(-(-p.stat().st_size // 4096) * 4096 for p in pristine_night.rglob("*") if p.is_file())
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={used + (8 << 20)}", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        datadir = fresh_copy(pristine_night, disk / "data")
+        raw = tree_digest(datadir / NIGHT_ID / "raw")
+        db = tmp_path / "catalog.sqlite"
+        res = mascprocess(datadir, env, "--no-prefect", "-q", "--db", f"sqlite:///{db}", check=False)
+        assert res.returncode == 1, res.stderr[-3000:]
+        assert "not written: No space left on device" in res.stderr, res.stderr[-3000:]
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            [(status, error)] = con.execute("SELECT status, error FROM reduction_run").fetchall()
+        assert status == "failed" and "not written: No space left on device" in error, error
+        assert not [p for p in (datadir / NIGHT_ID).rglob(".*.tmp")]  # no temporary file left behind
+        assert not (datadir / NIGHT_ID / "lightcurves" / f"fLC_{NIGHT_ID}.hdf5").exists()
+        assert tree_digest(datadir / NIGHT_ID / "raw") == raw
+
+        subprocess.run(["mount", "-o", f"remount,size={used + (64 << 20)}", str(disk)], check=True)
+        again = mascprocess(datadir, env, "--no-prefect", "-q", "--db", f"sqlite:///{db}")
+        assert again.returncode == 0
+        assert_same_night_files(datadir / NIGHT_ID, reference)
+        assert tree_digest(datadir / NIGHT_ID / "raw") == raw
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
