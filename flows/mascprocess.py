@@ -313,7 +313,11 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
                     print(f"{nd.night_id}: failed: the catalog {db_url} cannot be used: {exc.orig or exc}",
                           file=sys.stderr)
                     return 1
-                print(f"{nd.night_id}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                if isinstance(exc, OperationalError):  # the catalog failed (a full disk, a server gone)
+                    print(f"{nd.night_id}: failed: the catalog {db_url} cannot be used: {exc.orig or exc} "
+                          "(this night's outcome may not be recorded there)", file=sys.stderr)
+                else:
+                    print(f"{nd.night_id}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 status = 1
                 continue
             # handle.warnings (outputs erased to make room) were logged as they happened: not printed twice
