@@ -122,6 +122,15 @@ def _check_products_on_disk(cat: Any, rows: list[dict[str, Any]]) -> None:
         r["products_gone"] = sorted(gone)
 
 
+def _check_running_processes(cat: Any, rows: list[dict[str, Any]]) -> None:
+    """Add ``process_gone`` to each running row: the pid of its run when that ran on this host and is gone."""
+    from mascara.catalog.lifecycle import process_gone
+
+    for r in rows:
+        r["process_gone"] = process_gone(cat, r["last_run_id"]) if r["state"] == "running" and r.get(
+            "last_run_id") else None
+
+
 def cli_status(args: argparse.Namespace) -> int:
     """``mascara status``: the night_status table, or JSON with ``--json``."""
     if args.night is not None:  # a mistake in the nights is exit 2 and one line, as for mascprocess
@@ -148,6 +157,7 @@ def cli_status(args: argparse.Namespace) -> int:
     with connect(url) as cat:
         rows = cat.night_status(args.night)
         _check_products_on_disk(cat, rows)
+        _check_running_processes(cat, rows)
     if args.json:
         return _print_json(rows)
 
@@ -189,6 +199,10 @@ def cli_status(args: argparse.Namespace) -> int:
                 console.print(f"{r['night']} {r['camera']}: {', '.join(r['products_gone'])} recorded by run "
                               f"{r['last_run_id']} not on disk as recorded (deleted or replaced since); a re-run "
                               "reduces the night again", soft_wrap=True)
+            if r.get("process_gone"):  # recorded running, but nothing runs it
+                console.print(f"{r['night']} {r['camera']}: run {r['last_run_id']} is recorded running, but its "
+                              f"process {r['process_gone']} on this host is gone (killed, or it could not write its "
+                              "end to the catalog); the next run of this night takes it over", soft_wrap=True)
             if _why(r):  # why a run failed, with the phase it stopped in
                 console.print(f"{r['night']} {r['camera']}: failed {_why(r)}", soft_wrap=True)
             if r["state"] == "empty" and r.get("error"):

@@ -374,6 +374,23 @@ def _gone_on_this_host(cat: Catalog, run_id: str, host: str) -> int | None:
     return pid
 
 
+def process_gone(cat: Catalog, run_id: str) -> int | None:
+    """The pid of run ``run_id`` when the catalog says it ran on this host in a process that no longer exists.
+
+    For views: such a run is recorded ``running`` until the next run of its
+    camera-night takes it over (a ``kill -9``, or a catalog it could not write
+    its end to). None for a run of another host, or whose process lives.
+    """
+    from sqlmodel import Session
+
+    from mascara.catalog.models import ReductionRun
+
+    with Session(cat.engine) as s:
+        run = s.get(ReductionRun, run_id)
+        host = run.host if run is not None else None
+    return None if host is None else _gone_on_this_host(cat, run_id, host)
+
+
 def _release_dead_lease(cat: Catalog, exc: LeaseHeld) -> bool:
     """End the holder's run when it ran on this host in a process that no longer exists.
 

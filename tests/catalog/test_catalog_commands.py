@@ -151,3 +151,31 @@ def test_status_of_a_catalog_a_newer_mascara_wrote_says_so(db_url, tmp_path, cap
             c.execute(text(f"UPDATE alembic_version SET version_num = '{_engine.head_revision()}'"))
     finally:
         engine.dispose()
+
+
+def test_status_says_when_a_running_run_has_lost_its_process_on_this_host(catalog, db_url, capsys, tmp_path):
+    """An outside trial filled the disk under a run whose catalog was on it: the run could not record its
+    end, and ``mascara status`` went on showing it ``running`` for a process that had exited. The view
+    changes nothing; it says so, and JSON carries the pid."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from catalog_rows import VERSIONS, fingerprint
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    here = socket.gethostname()
+    for cam, pid in (("E", gone.pid), ("W", os.getpid())):  # W: its process is this test's, which lives
+        cn = catalog.register_camera_night("LP", cam, "20260301", f"/data/20260301LP{cam}")
+        catalog.start_run(cn, fingerprint(), {"batch_size": 50}, VERSIONS, here, pid=pid)
+    assert main(["status", str(tmp_path), "--db", db_url]) == 0
+    out = capsys.readouterr().out
+    assert "20260301 LPE: run " in out and f"is recorded running, but its process {gone.pid} on this host is gone" \
+        in " ".join(out.split()), out
+    assert "LPW: run" not in out
+    assert main(["status", str(tmp_path), "--db", db_url, "--json"]) == 0
+    rows = {r["camera"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["LPE"]["state"] == "running" and rows["LPE"]["process_gone"] == gone.pid
+    assert rows["LPW"]["process_gone"] is None
