@@ -261,7 +261,7 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
     from flows import _runs
     from mascara.catalog import LeaseHeld
     from mascara.nightlock import NightLocked
-    from mascara.catalog._engine import resolve_url
+    from mascara.catalog._engine import resolve_url, shown_url
     from mascara.rawio import parse_night_dir
     from mascara.reduce import CalibrationRequired
     from mascara.selection import SelectionError, select_nights
@@ -310,12 +310,15 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
 
                 if isinstance(exc, DatabaseError) and not isinstance(exc, OperationalError):
                     # not a catalog (a damaged or foreign file): every night would fail alike; name it and stop
-                    print(f"{nd.night_id}: failed: the catalog {db_url} cannot be used: {exc.orig or exc}",
-                          file=sys.stderr)
+                    print(f"{nd.night_id}: failed: the catalog {shown_url(db_url)} cannot be used: "
+                          f"{exc.orig or exc}", file=sys.stderr)
                     return 1
                 if isinstance(exc, OperationalError):  # the catalog failed (a full disk, a server gone)
-                    print(f"{nd.night_id}: failed: the catalog {db_url} cannot be used: {exc.orig or exc} "
-                          "(this night's outcome may not be recorded there)", file=sys.stderr)
+                    cause = exc.__context__  # what stopped the reduction, when recording that failed
+                    print(f"{nd.night_id}: failed: the catalog {shown_url(db_url)} cannot be used: "
+                          f"{exc.orig or exc} (this night's outcome may not be recorded there)"
+                          + (f"; the reduction had stopped on {type(cause).__name__}: {cause}" if cause else ""),
+                          file=sys.stderr)
                 else:
                     print(f"{nd.night_id}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 status = 1

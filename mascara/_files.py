@@ -1,7 +1,8 @@
 """Files under a final name are complete: the package's one way to write them.
 
-Every writer of the package writes to a hidden temporary name in the same
-directory (``.<name>.<pid>.tmp``), makes it durable and renames it. When the
+The package's data and figure writers write to a hidden temporary name in the
+same directory (``.<name>.<pid>-<thread>.tmp``), make it durable and rename
+it (the simulator keeps the cameras' own ``.part`` convention). When the
 write fails the temporary file is removed and the final name is untouched.
 A write that failed because the device is full says so, naming the file that
 was not written and the room left, whichever library wrote it: h5py words it
@@ -16,7 +17,9 @@ import errno
 import os
 import re
 import shutil
+import threading
 from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 #: How libraries word a full device or quota in the errors they raise.
 _FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
@@ -54,16 +57,33 @@ def disk_full(exc: BaseException, directory: str | os.PathLike[str]) -> str | No
     for said in _FULL_TEXTS:
         if said in text:
             return said
-    if _SHORT_WRITE.search(text) and _free_bytes(directory) < 1 << 20:
+    if _SHORT_WRITE.search(text) and 0 <= _free_bytes(directory) < 1 << 20:
         return "short write on a full device"
     return None
 
 
 def _free_bytes(directory: str | os.PathLike[str]) -> int:
+    """Bytes free for this user on the device of ``directory``; -1 if it cannot be told (never "full")."""
     try:
         return shutil.disk_usage(directory).free
     except OSError:
         return -1
+
+
+def save_npy(f: BinaryIO, array: Any, **kwargs: Any) -> None:
+    """``np.save`` into an open binary file, checking that every byte reached the file.
+
+    numpy writes the data through the file descriptor and loses a failed
+    tail silently (a full device under an array of a few kB wrote 1,000 of
+    1,008 bytes and raised nothing): the file's size must equal the position.
+    """
+    import numpy as np
+
+    np.save(f, array, **kwargs)
+    f.flush()
+    size = os.fstat(f.fileno()).st_size
+    if size != f.tell():
+        raise OSError(f"{f.tell()} requested and {size} written")
 
 
 def not_written(path: str | os.PathLike[str], exc: BaseException) -> DiskFull | None:
@@ -88,16 +108,18 @@ def atomic_path(path: str | os.PathLike[str], durable: bool = True) -> Iterator[
     """
     path = os.fspath(path)
     directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    # per process and thread: two threads of a process may write the same file (quick-look redraws)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}-{threading.get_native_id()}.tmp")
     try:
         yield tmp
         if durable:
             fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
+        # judged before the temporary file goes: its removal frees the room whose lack failed the write
+        full = not_written(path, exc) if isinstance(exc, Exception) else None
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        full = not_written(path, exc) if isinstance(exc, Exception) else None
         if full is not None:
             raise full from exc
         raise

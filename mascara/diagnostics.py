@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from mascara._files import atomic_path
+from mascara._files import atomic_path, save_npy
 from mascara.lcformat import ASCC_DTYPE
 from mascara.stars import find_ids
 
@@ -400,7 +400,7 @@ def save_binned_preview(night_path: str | os.PathLike[str], batch: int, binned: 
     path = preview_path(night_path, batch)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, durable=False) as tmp, open(tmp, "wb") as f:
-        np.save(f, small, allow_pickle=False)
+        save_npy(f, small, allow_pickle=False)
     return path
 
 

@@ -47,7 +47,7 @@ import h5py
 import numpy as np
 
 from mascara import faults
-from mascara._files import atomic_path
+from mascara._files import atomic_path, save_npy
 from mascara.lcformat import (
     ASCC_DTYPE,
     FAST_DTYPE,
@@ -491,7 +491,7 @@ class StarSplitter:
     def _save(self, name: str, arr: np.ndarray) -> None:
         with atomic_path(self.splitdir / name) as tmp:
             with open(tmp, "wb") as f:
-                np.save(f, arr, allow_pickle=False)
+                save_npy(f, arr, allow_pickle=False)
 
     def _files_present(self, e: Mapping[str, Any]) -> bool:
         return all((self.splitdir / n).exists() for n in e["files"].values())

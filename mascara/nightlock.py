@@ -97,9 +97,9 @@ def _write_holder(fd: int, holder: dict, path: Path | str = "the lock file") -> 
     is), so failing to write it is never a reason for a reduction to fail.
     """
     data = (json.dumps(holder, sort_keys=True) + "\n").encode()
-    try:
-        os.ftruncate(fd, 0)
+    try:  # written over the old holder, then cut to length: a write that fails leaves the old one readable
         os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
     except OSError as exc:
         log.warning("%s: the lock is held, but who holds it could not be written (%s)", path, exc.strerror or exc)
 

@@ -46,7 +46,7 @@ import numpy as np
 
 from mascara import __version__
 from mascara import lcformat as lcf
-from mascara._files import atomic_path
+from mascara._files import atomic_path, save_npy
 from mascara.astrometry import AstrometryFailed, correct_batch, initial_solution
 from mascara.binning import reuse_stacker, tile_grid
 from mascara.camera import CameraModel, nominal_camera
@@ -408,7 +408,7 @@ def prepare_camera_night(plan: CameraNightPlan, require_calibration: bool = Fals
     if master.level is not None:
         master_path = plan.workdir / f"master_{master.kind}.npy"
         with atomic_path(master_path) as tmp, open(tmp, "wb") as f:
-            np.save(f, master.level)
+            save_npy(f, master.level)
 
     stars = load_stars(plan.settings)
     previous = _previous_solution(plan.night)

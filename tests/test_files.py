@@ -21,17 +21,39 @@ from mascara._files import DiskFull, atomic_path
 
 
 @pytest.fixture
-def small_disk(tmp_path):  # type: ignore[no-untyped-def]
-    """A 256 kB tmpfs (root only: skipped where mounting is not allowed)."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
+def disk_of(tmp_path):  # type: ignore[no-untyped-def]
+    """Mounts a tmpfs of a given size (root only: skipped where mounting is not allowed)."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def small_disk(disk_of):  # type: ignore[no-untyped-def]
+    """A 256 kB tmpfs."""
+    return disk_of("256k")
+
+
+def _fill(disk: Path) -> None:
+    """Write a file as large as the device takes."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    assert os.statvfs(disk).f_bavail == 0
 
 
 def _leftovers(d: Path) -> list[str]:
@@ -99,3 +121,29 @@ def test_status_shows_an_error_past_its_line_breaks():
                     ", filename = 'batch_1301756.h5', error message = 'No space left on device')"}
     why = _why(row)
     assert why.startswith("while reducing: OSError") and "No space left on device" in why and "\n" not in why
+
+
+def test_a_small_array_whose_tail_numpy_failed_to_write_is_never_renamed_into_place(small_disk):
+    """numpy writes an array through the file descriptor and loses a failed tail silently: a 2.5 kB
+    array on a full device became a file of the wrong size under its final name (np.save raised nothing)."""
+    from mascara._files import save_npy
+
+    _fill(small_disk)
+    path = small_disk / "binned_1301755.npy"
+    with pytest.raises(DiskFull, match="binned_1301755.npy not written"):
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            save_npy(f, np.arange(300, dtype=np.float64))
+    assert _leftovers(small_disk) == ["filler"]
+
+
+def test_a_large_short_write_is_judged_before_its_temporary_file_frees_the_room(disk_of):
+    """The room a failed write took is free again once its temporary file is removed: judged after that,
+    a numpy short write of more than 1 MB was not called a full device."""
+    from mascara._files import save_npy
+
+    disk = disk_of("4m")
+    path = disk / "master_dark.npy"
+    with pytest.raises(DiskFull, match=r"master_dark.npy not written: short write on a full device \(0.0 MB"):
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            save_npy(f, np.zeros(1_000_000, dtype=np.float64))  # 8 MB
+    assert _leftovers(disk) == []
