@@ -274,7 +274,7 @@ def up_to_date(cat: Catalog, camera_night_id: str, fp_key: str) -> str | None:
     terabytes). A run in progress is reported too, so nobody starts a second.
     """
     latest = cat.last_run(camera_night_id)
-    if latest is not None and latest.live and _gone_on_this_host(cat, latest.run_id, latest.host) is None:
+    if latest is not None and latest.live and process_gone(cat, latest.run_id) is None:
         # (a holder killed on this host is not in progress: the run that starts takes its lease over at once)
         return f"in progress: run {latest.run_id} on {latest.host} holds the lease"
     last = cat.last_run(camera_night_id, decided=True)
@@ -358,28 +358,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _gone_on_this_host(cat: Catalog, run_id: str, host: str) -> int | None:
-    """The pid of run ``run_id`` if it ran on this host in a process that no longer exists, else None."""
-    if host != socket.gethostname():
-        return None
-    from sqlmodel import Session
-
-    from mascara.catalog.models import ReductionRun
-
-    with Session(cat.engine) as s:
-        run = s.get(ReductionRun, run_id)
-        pid = run.pid if run is not None else None
-    if pid is None or _pid_alive(pid):
-        return None
-    return pid
-
-
 def process_gone(cat: Catalog, run_id: str) -> int | None:
     """The pid of run ``run_id`` when the catalog says it ran on this host in a process that no longer exists.
 
-    For views: such a run is recorded ``running`` until the next run of its
-    camera-night takes it over (a ``kill -9``, or a catalog it could not write
-    its end to). None for a run of another host, or whose process lives.
+    Such a run is recorded ``running`` until the next run of its camera-night
+    takes it over (a ``kill -9``, or a catalog it could not write its end to);
+    views say so. None for a run of another host, or whose process lives.
     """
     from sqlmodel import Session
 
@@ -387,8 +371,10 @@ def process_gone(cat: Catalog, run_id: str) -> int | None:
 
     with Session(cat.engine) as s:
         run = s.get(ReductionRun, run_id)
-        host = run.host if run is not None else None
-    return None if host is None else _gone_on_this_host(cat, run_id, host)
+        host, pid = (run.host, run.pid) if run is not None else (None, None)
+    if host != socket.gethostname() or pid is None or _pid_alive(pid):
+        return None
+    return pid
 
 
 def _release_dead_lease(cat: Catalog, exc: LeaseHeld) -> bool:
@@ -397,7 +383,7 @@ def _release_dead_lease(cat: Catalog, exc: LeaseHeld) -> bool:
     A killed run keeps its lease until it expires; on the same host the process
     table tells for sure that it is gone, so a re-run need not wait.
     """
-    pid = _gone_on_this_host(cat, exc.run_id, exc.host)
+    pid = process_gone(cat, exc.run_id)
     if pid is None:
         return False
     log.warning("run %s (pid %d on this host) is gone; ending it and taking over its lease", exc.run_id, pid)
