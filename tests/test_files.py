@@ -7,7 +7,6 @@ requested and 1641 written"), and some writers left their temporary files.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
@@ -17,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
+from diskkit import fill, mount_tmpfs, unmount
 from mascara._files import DiskFull, atomic_path
 
 
@@ -26,34 +26,18 @@ def disk_of(tmp_path):  # type: ignore[no-untyped-def]
     mounted: list[Path] = []
 
     def mount(size: str) -> Path:
-        where = tmp_path / f"disk{len(mounted)}"
-        where.mkdir()
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
-        if res.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode().strip()}")
-        mounted.append(where)
-        return where
+        mounted.append(mount_tmpfs(tmp_path / f"disk{len(mounted)}", size))
+        return mounted[-1]
 
     yield mount
     for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], check=False)
+        unmount(where)
 
 
 @pytest.fixture
 def small_disk(disk_of):  # type: ignore[no-untyped-def]
     """A 256 kB tmpfs."""
     return disk_of("256k")
-
-
-def _fill(disk: Path) -> None:
-    """Write a file as large as the device takes."""
-    with open(disk / "filler", "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
-    assert os.statvfs(disk).f_bavail == 0
 
 
 def _leftovers(d: Path) -> list[str]:
@@ -98,8 +82,7 @@ def test_the_night_lock_holds_on_a_full_disk_though_its_holder_cannot_be_written
 
     night = small_disk / "20260301LPE"
     night.mkdir()
-    (small_disk / "filler").write_bytes(b"\0" * (256 << 10))  # as much as fits
-    assert os.statvfs(small_disk).f_bavail == 0
+    fill(small_disk)
     run_id = f"run-{uuid.uuid4().hex[:8]}"
     assert nightlock.acquire(night, run_id, "sqlite:///a.sqlite") is True
     try:
@@ -128,7 +111,7 @@ def test_a_small_array_whose_tail_numpy_failed_to_write_is_never_renamed_into_pl
     array on a full device became a file of the wrong size under its final name (np.save raised nothing)."""
     from mascara._files import save_npy
 
-    _fill(small_disk)
+    fill(small_disk)
     path = small_disk / "binned_1301755.npy"
     with pytest.raises(DiskFull, match="binned_1301755.npy not written"):
         with atomic_path(path) as tmp, open(tmp, "wb") as f:

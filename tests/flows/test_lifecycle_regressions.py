@@ -7,7 +7,6 @@ against the session's Prefect server, so its task retries are the real ones.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from diskkit import fill, mount_tmpfs, resize, unmount
 from flowkit import (BIN, NIGHT, NIGHT_ID, assert_same_night_files, batch_rows, fresh_copy, mascprocess, night_status,
                      runs)
 
@@ -498,14 +498,8 @@ def test_a_raw_frame_edited_in_place_is_reduced_again_not_resumed_from_its_old_c
 
 def _tmpfs_for(pristine: Path, tmp_path: Path, spare: int) -> tuple[Path, int]:
     """A tmpfs with room for a copy of ``pristine`` and ``spare`` bytes more (skips where mounting is refused)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
     used = sum(-(-p.stat().st_size // 4096) * 4096 for p in pristine.rglob("*") if p.is_file())
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={used + spare}", "tmpfs", str(disk)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    return disk, used
+    return mount_tmpfs(tmp_path / "disk", used + spare), used
 
 
 def test_a_disk_that_fills_up_during_a_reduction_is_named_recorded_and_the_night_resumes(pristine_night, reference,
@@ -530,13 +524,13 @@ def test_a_disk_that_fills_up_during_a_reduction_is_named_recorded_and_the_night
         assert not (datadir / NIGHT_ID / "lightcurves" / f"fLC_{NIGHT_ID}.hdf5").exists()
         assert tree_digest(datadir / NIGHT_ID / "raw") == raw
 
-        subprocess.run(["mount", "-o", f"remount,size={used + (64 << 20)}", str(disk)], check=True)
+        resize(disk, used + (64 << 20))
         again = mascprocess(datadir, env, "--no-prefect", "-q", "--db", f"sqlite:///{db}")
         assert again.returncode == 0
         assert_same_night_files(datadir / NIGHT_ID, reference)
         assert tree_digest(datadir / NIGHT_ID / "raw") == raw
     finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+        unmount(disk)
 
 
 def test_a_catalog_on_a_full_disk_is_named_and_the_night_reduces_once_there_is_room(pristine_night, reference,
@@ -547,19 +541,14 @@ def test_a_catalog_on_a_full_disk_is_named_and_the_night_reduces_once_there_is_r
     disk, used = _tmpfs_for(pristine_night, tmp_path, 1 << 20)
     try:
         datadir = fresh_copy(pristine_night, disk / "data")
-        filler = disk / "filler"
-        with open(filler, "wb") as f:  # as much as fits
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
+        filler = fill(disk)
         res = mascprocess(datadir, env, "--no-prefect", "-q", check=False)
         assert res.returncode == 1
         assert f"the catalog sqlite:///{datadir}/catalog.sqlite cannot be used: database or disk is full" in res.stderr, \
             res.stderr[-3000:]
         filler.unlink()
-        subprocess.run(["mount", "-o", f"remount,size={used + (64 << 20)}", str(disk)], check=True)
+        resize(disk, used + (64 << 20))
         assert mascprocess(datadir, env, "--no-prefect", "-q").returncode == 0
         assert_same_night_files(datadir / NIGHT_ID, reference)
     finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+        unmount(disk)
