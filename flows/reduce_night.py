@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import queue
 import socket
@@ -67,9 +68,34 @@ def is_transient(exc: BaseException | None) -> bool:
 
 
 def retry_on_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """``retry_condition_fn``: retry I/O and database-connection errors, nothing else."""
+    """``retry_condition_fn``: retry I/O and database-connection errors, nothing else.
+
+    Prefect asks only while retries are left; each retry is announced as a
+    warning (Prefect's own line is at INFO, below ``mascprocess``'s default
+    level, so a full disk retried for a minute looked like a hang).
+    """
     exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
-    return is_transient(exc)
+    retry = is_transient(exc)
+    if retry and task_run is not None:
+        _announce_retry(task, task_run, exc)
+    return retry
+
+
+def _announce_retry(task: Any, task_run: Any, exc: BaseException) -> None:
+    n = int(getattr(task_run, "run_count", 0) or 1)  # runs so far, the failed one included
+    total = int(getattr(task, "retries", RETRIES) or RETRIES)
+    delays = getattr(task, "retry_delay_seconds", None)
+    if isinstance(delays, (list, tuple)) and delays:
+        delays = delays[min(n - 1, len(delays) - 1)]
+    when = ""
+    if isinstance(delays, (int, float)) and delays:
+        when = f" in about {delays:.0f} s" if delays >= 10 else f" in about {delays:.2g} s"
+    why = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+    try:
+        logger = get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a run context (a test calling the policy)
+        logger = logging.getLogger(__name__)
+    logger.warning("%s failed (%s); retry %d of %d%s", getattr(task_run, "name", "task"), why, n, total, when)
 
 
 def batch_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:

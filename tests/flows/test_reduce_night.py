@@ -86,6 +86,22 @@ def test_completed_states_are_not_retried():
     assert retry_on_transient(None, None, Completed(data=1)) is False
 
 
+def test_a_retry_is_announced_as_a_warning_naming_the_task_the_error_and_the_delay(caplog):
+    from types import SimpleNamespace
+
+    from flows.reduce_night import batch_task
+
+    run = SimpleNamespace(name="batch-20260301LPE-1302300", run_count=2)
+    exc = OSError(28, "No space left on device")
+    with caplog.at_level("WARNING"):
+        assert retry_on_transient(batch_task, run, Failed(data=exc)) is True
+        assert retry_on_transient(batch_task, run, Failed(data=ValueError("bad data"))) is False
+    (rec,) = caplog.records  # nothing for an error that is not retried
+    assert rec.levelname == "WARNING"
+    assert rec.getMessage() == ("batch-20260301LPE-1302300 failed (OSError: [Errno 28] No space left on device); "
+                                "retry 2 of 3 in about 20 s")
+
+
 # --------------------------------------------------------------------------- with a server
 
 
@@ -153,7 +169,10 @@ def test_transient_failure_is_retried_and_the_night_completes(prefect_server, pr
     datadir = fresh_copy(pristine_night, tmp_path / "data")
     batches = sorted(plan_camera_night(datadir / NIGHT_ID).batches)
     victim = batches[1]
-    mascprocess(datadir, {**env, "MASCARA_FLOW_FAULT": f"{NIGHT_ID}:{victim}:1"}, "-q")
+    res = mascprocess(datadir, {**env, "MASCARA_FLOW_FAULT": f"{NIGHT_ID}:{victim}:1"}, "-q")
+    # the retry is said even with -q (Prefect's own line is at INFO)
+    assert f"{_batch_name(victim)} failed (InjectedFault: injected transient failure" in res.stderr, res.stderr[-3000:]
+    assert "retry 1 of 3 in about" in res.stderr, res.stderr[-3000:]
 
     rows = batch_rows(datadir)
     assert rows[victim] == {**rows[victim], "status": "succeeded", "tries": 2}
