@@ -465,6 +465,17 @@ def _bucket_clipped_median(a, n, nsigma, maxiters, sample, code, sbuf, start, fi
     sig0 = (sample[(3 * ns) // 4] - sample[ns // 4]) / 1.349
     if not (sig0 > 0.0 and math.isfinite(sig0)):
         return 0.0, 0.0, 0, False
+    return _bucket_clipped_median_near(a, n, nsigma, maxiters, c0, sig0, code, sbuf, start, fill, done)
+
+
+@njit(cache=True, nogil=True)
+def _bucket_clipped_median_near(a, n, nsigma, maxiters, c0, sig0, code, sbuf, start, fill, done):
+    """:func:`_bucket_clipped_median` with the buckets placed around a given guess ``c0 +- sig0`` (> 0).
+
+    Any finite guess gives the same median and kept count; a good one (a
+    neighbouring star's sky and scatter) saves the sampling.
+    """
+    nb = NBUCKETS
     half = BUCKET_HALF_WIDTH * sig0
     left = c0 - half
     inv = nb / (2.0 * half)
@@ -696,6 +707,8 @@ def _measure_kernel(
     qtab, colx, segx, orig = _corner_work(radii, rmax)
     ri2 = r_in * r_in
     ro2 = r_out * r_out
+    guess_sky = 0.0
+    guess_sig = 0.0
     for t in range(order.shape[0]):
         # a later star's rows are fetched from memory while this one is measured
         if t + PREFETCH_AHEAD < order.shape[0]:
@@ -788,7 +801,16 @@ def _measure_kernel(
             _no_photometry(s, flux, eflux, sky, esky)
             nsky[s] = m
             continue
-        bg, sig, nk, ok = _bucket_clipped_median(buf, m, nsigma, maxiters, sample, code, sbuf, start, fill, done)
+        # the buckets are placed around the last star's sky and scatter (a neighbour in the visiting
+        # order; the result does not depend on it), else around a sample of this annulus
+        if guess_sig > 0.0:
+            bg, sig, nk, ok = _bucket_clipped_median_near(buf, m, nsigma, maxiters, guess_sky, guess_sig, code,
+                                                          sbuf, start, fill, done)
+        else:
+            bg, sig, nk, ok = _bucket_clipped_median(buf, m, nsigma, maxiters, sample, code, sbuf, start, fill,
+                                                     done)
+        guess_sig = sig if (ok and sig > 0.0 and math.isfinite(sig) and math.isfinite(bg)) else 0.0
+        guess_sky = bg
         if not ok:
             vmin = np.inf
             vmax = -np.inf

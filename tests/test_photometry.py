@@ -311,6 +311,54 @@ def test_bucketed_sky_equals_plain_sigma_clipping(case):
     np.testing.assert_allclose(std, rstd, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("guess", ["good", "far_off", "too_narrow", "too_wide"])
+def test_bucketed_sky_around_any_guess_equals_plain_sigma_clipping(case, guess):
+    """The photometry places the buckets around the last star's sky and scatter; a guess only moves values
+    between buckets, so a wrong one (far off, far too narrow or wide) changes nothing but the speed."""
+    from mascara import photometry as P
+
+    rng = np.random.default_rng(300 + case)
+    n = int(rng.integers(10, 1400))
+    v = rng.normal(700.0, 30.0, n)
+    if case % 2:
+        v[: n // 10] += 10 ** rng.uniform(1.5, 4.5, n // 10)  # a star's wing in the annulus
+    if case >= 4:
+        v = np.round(v).astype(np.float32).astype(np.float64)  # ties
+    c0, s0 = {"good": (701.0, 29.0), "far_off": (-5e4, 29.0), "too_narrow": (700.0, 1e-6),
+              "too_wide": (700.0, 1e7)}[guess]
+    a = v.copy()
+    ws = (np.empty(n, np.uint32), np.empty(n), np.empty(P.NBUCKETS + 3, np.int64),
+          np.empty(P.NBUCKETS + 2, np.int64), np.empty(P.NBUCKETS + 2, np.bool_))
+    med, std, k, ok = P._bucket_clipped_median_near(a, n, P.SKY_SIGMA, P.SKY_MAXITERS, c0, s0, *ws)
+    np.testing.assert_array_equal(a, v)
+    rmed, rstd, rk = _reference_sky(v)
+    assert ok and med == rmed and k == rk
+    np.testing.assert_allclose(std, rstd, rtol=1e-12, atol=0)
+
+
+def test_a_frames_photometry_does_not_depend_on_its_neighbours():
+    """Each star's sky is sorted around its neighbour's result: measuring every star alone (its own
+    sample places the buckets) gives the same median, kept count, fluxes and flags bit for bit; the
+    scatter (so ``esky`` and ``eflux``) is summed in another order and may differ in its last bit."""
+    rng = np.random.default_rng(77)
+    img = rng.normal(500.0, 12.0, (260, 300)).astype(np.float32)
+    img[100:140, 50:250] += np.linspace(0, 400, 200, dtype=np.float32)  # a sky gradient
+    img[30:33, :] = 0.0  # a flat band: no spread for a sampled guess
+    xs, ys = rng.uniform(30, 270, 60), rng.uniform(30, 230, 60)
+    for x0, y0 in zip(xs[:15], ys[:15]):  # stars, some in others' annuli
+        yy, xx = np.mgrid[:260, :300]
+        img += (3e4 * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / 3.0)).astype(np.float32)
+    together = measure_apertures(img, xs, ys, sky_radii=SKY)
+    alone = np.concatenate([measure_apertures(img, [x], [y], sky_radii=SKY) for x, y in zip(xs, ys)])
+    assert np.isfinite(together["sky"]).sum() >= 40
+    for k in together.dtype.names:
+        if k == "esky" or k.startswith("eflux"):
+            np.testing.assert_allclose(together[k], alone[k], rtol=1e-15, atol=0, err_msg=k)
+        else:
+            np.testing.assert_array_equal(together[k], alone[k], err_msg=k)
+
+
 def test_bucketed_sky_declines_without_spread():
     """A sample without spread (most values equal) leaves the sky to the fallback estimators."""
     v = np.full(200, 42.0)
