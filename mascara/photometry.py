@@ -452,7 +452,6 @@ def _bucket_clipped_median(a, n, nsigma, maxiters, sample, code, sbuf, start, fi
     Returns ``(median, std, nkept, ok)``; ``ok`` is False when the sample has
     no spread (the caller then falls back). ``a`` is not reordered.
     """
-    nb = NBUCKETS
     # a guess of the sky and its spread, from every step-th value
     step = max(n // NSAMPLE, 1)
     ns = 0
