@@ -21,7 +21,8 @@ Conventions
   ``ApertureStats(data, annulus, sigma_clip=SigmaClip(sigma=3, maxiters=10))``
   ``.median`` / ``.std``, computed exactly: clipping only removes tails, so the
   kept set is an interval of the sorted values: the annulus is sorted once
-  (a counting sort into buckets, each bucket sorted only when needed) and each
+  (a counting sort into buckets placed around the last star's sky, each
+  bucket sorted only when needed; the placement changes only the speed) and each
   clipping round narrows an index window on it, touching only the values that
   leave the window (:func:`_bucket_clipped_median`; the older single-pass
   :func:`_window_clipped_median` and the plain loop :func:`_clipped_median`
