@@ -664,6 +664,33 @@ def _prefetch_rows(a, xs, ys, half):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _append_run(row, i0, i1, buf, m):
+    """Append the finite values of ``row[i0:i1]`` to ``buf`` at ``m``; the new length.
+
+    The run is copied whole and its non-finite values counted in one loop that
+    vectorises; only a run holding one (a gap of a stack) is compacted again.
+    """
+    n = i1 - i0
+    if n <= 0:
+        return m
+    src = row[i0:i1]
+    dst = buf[m:m + n]
+    bad = 0
+    for q in range(n):
+        v = src[q]
+        dst[q] = v
+        bad += not math.isfinite(v)
+    if bad == 0:
+        return m + n
+    k = m
+    for q in range(n):
+        v = src[q]
+        buf[k] = v
+        k += math.isfinite(v)
+    return k
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _may_saturate(tsat, th, tw, j0, j1, i0, i1):
     """Whether any tile under rows ``j0..j1`` and columns ``i0..i1`` holds a saturated raw pixel."""
     for p in range(j0 // th, j1 // th + 1):
@@ -784,14 +811,8 @@ def _measure_kernel(
                     nsat += rr[i] >= saturation
                 for i in range(max(eb + 1, ilo), ihi + 1):
                     nsat += rr[i] >= saturation
-            for i in range(ilo, min(ea, ihi + 1)):
-                v = im[i]
-                buf[m] = v
-                m += math.isfinite(v)
-            for i in range(max(eb + 1, ilo), ihi + 1):
-                v = im[i]
-                buf[m] = v
-                m += math.isfinite(v)
+            m = _append_run(im, ilo, min(ea, ihi + 1), buf, m)
+            m = _append_run(im, max(eb + 1, ilo), ihi + 1, buf, m)
 
         if nsat > 0:
             f |= FLAG_SKY_SATURATED
