@@ -695,6 +695,11 @@ def render_process(pr: dict) -> list[str]:
             if "phases" in d:
                 L.append(f"| {key} | " + " | ".join(f"{d['phases'][ph]:.1f}" for ph in PHASES) + " |")
         L.append("")
+    if "page_cache" in pr:
+        pc = pr["page_cache"]
+        L.append(f"- Before any run, the calibration files and the first {n2} frames were read once "
+                 f"({pc['bytes'] / 1e9:.1f} GB in {pc['seconds']:.1f} s), so every timed run finds them in the page "
+                 "cache (a frame just written by the camera is there too).")
     w = pr["warmup"]
     L.append(f"- Warm-up run before the timed ones ({w['frames']} frames, library driver): {w['cpu']:.1f} CPU-s, "
              f"{pr['jit_charge_cpu']:+.1f} CPU-s against the median timed run of the same length "
