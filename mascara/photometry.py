@@ -308,7 +308,7 @@ def _window_clipped_median(a, n, vmin, vmax, nsigma, maxiters, counts, work):
 
 
 #: Buckets of the sorted annulus (:func:`_bucket_clipped_median`) between the two overflow buckets.
-NBUCKETS = 256
+NBUCKETS = 512
 #: Annulus values sampled to guess the sky and its spread, which place the buckets.
 NSAMPLE = 24
 #: Half-width of the bucketed range, in guessed standard deviations.
