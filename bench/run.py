@@ -156,7 +156,7 @@ def _warm_jit() -> None:
     for writeable in (True, False):  # the batches get the night's master read-only (NightContext.master)
         level.flags.writeable = writeable
         _decode_calibrate(src, level, True, 1, 7, 1, 7, 63000, np.empty((8, 8), np.uint16),
-                          np.empty((6, 6), np.float32))
+                          np.empty((6, 6), np.float32), np.empty(6, np.uint16))
 
 
 def _jit_signatures() -> dict[str, int]:

@@ -143,6 +143,8 @@ class Frame:
     path: Path
     data: np.ndarray  # uint16, full raw frame including the overscan border
     header: dict
+    #: the largest raw value of each row of the science region, when the reader found it on its way
+    row_max: np.ndarray | None = None
 
     @property
     def lstseq(self) -> int:
@@ -783,17 +785,20 @@ class FrameBuffers:
     def __init__(self) -> None:
         self.raw: np.ndarray | None = None
         self.image: np.ndarray | None = None
+        self.row_max: np.ndarray | None = None
 
-    def get(self, shape: tuple[int, int], sci_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def get(self, shape: tuple[int, int], sci_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.raw is None or self.raw.shape != shape:
             self.raw = np.empty(shape, dtype=np.uint16)
         if self.image is None or self.image.shape != sci_shape:
             self.image = np.empty(sci_shape, dtype=np.float32)
-        return self.raw, self.image
+        if self.row_max is None or self.row_max.shape != sci_shape[:1]:
+            self.row_max = np.empty(sci_shape[0], dtype=np.uint16)
+        return self.raw, self.image, self.row_max
 
 
 @njit(cache=True, nogil=True)
-def _decode_calibrate(src, master, use_master, y0, y1, x0, x1, saturation, raw_out, image_out):
+def _decode_calibrate(src, master, use_master, y0, y1, x0, x1, saturation, raw_out, image_out, row_max_out):
     """One pass over a BZERO = 32768 int16 frame: raw uint16 pixels, the calibrated science region, statistics.
 
     ``src`` is the file's big-endian int16 pixels viewed as native uint16:
@@ -802,7 +807,9 @@ def _decode_calibrate(src, master, use_master, y0, y1, x0, x1, saturation, raw_o
     ``float32(raw) - master`` (float32 arithmetic, as numpy's) is written into
     ``image_out``. Returns the minimum and maximum raw value and the number
     of saturated pixels among every second row and column of the science
-    region (the sample of :func:`validate_frame`).
+    region (the sample of :func:`validate_frame`). ``row_max_out`` receives the
+    largest raw value of each row of the science region (the photometry's
+    saturation map, without a pass of its own over the raw frame).
     """
     ny, nx = src.shape
     lo = np.uint16(65535)
@@ -829,6 +836,10 @@ def _decode_calibrate(src, master, use_master, y0, y1, x0, x1, saturation, raw_o
             # kernel took 2.6 times as long, 17.7 against 6.9 ms per full frame).
             im = image_out[j - y0]
             rs = r[x0:x1]
+            smax = np.uint16(0)
+            for i in range(width):
+                smax = max(smax, rs[i])
+            row_max_out[j - y0] = smax
             if use_master:
                 m = master[j, x0:x1]
                 for i in range(width):
@@ -890,13 +901,13 @@ def read_calibrated(path: Path | str, master: MasterCalibration, expected_shape:
                 or (level is not None and level.shape != data.shape) or np.little_endian is False):
             return _pixels(hdu, path, False)
         y0, y1, x0, x1 = region
-        raw, image = buffers.get(data.shape, (y1 - y0, x1 - x0))
+        raw, image, row_max = buffers.get(data.shape, (y1 - y0, x1 - x0))
         use = level is not None
         lvl = level if use else np.zeros((1, 1), np.float32)
         lo, hi, nsat = _decode_calibrate(data.view(np.uint16), lvl, use, y0, y1, x0, x1, SATURATION_ADU,
-                                         raw, image)
+                                         raw, image, row_max)
         nsample = ((y1 - y0 + 1) // 2) * ((x1 - x0 + 1) // 2)
-        done.update(stats=(int(lo), int(hi), float(nsat) / nsample), image=image)
+        done.update(stats=(int(lo), int(hi), float(nsat) / nsample), image=image, row_max=row_max)
         return raw
 
     header, data = _open_image(path, allow_float=False, memmap=True, decode=decode)
@@ -906,4 +917,5 @@ def read_calibrated(path: Path | str, master: MasterCalibration, expected_shape:
         image, raw = calibrate(frame, master)
         return frame, image, raw
     validate_frame(frame, expected_shape, pixel_stats=done["stats"])
+    frame.row_max = done["row_max"]
     return frame, done["image"], frame.data[frame.science_slice]

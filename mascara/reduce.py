@@ -53,7 +53,7 @@ from mascara.camera import CameraModel, nominal_camera
 from mascara.diagnostics import diagnostic_stars, keep_binned_preview
 from mascara.lightcurves import StarSplitter, combine_night, run_splitter_process, write_batch_file
 from mascara.photometry import SkyNoiseModel, measure_apertures
-from mascara.pixelphase import NTERMS, PixelPhaseModel, phase_terms
+from mascara.pixelphase import NTERMS, PixelPhaseModel, add_phase_terms
 from mascara.rawio import (
     BadFrame,
     FrameBuffers,
@@ -713,7 +713,7 @@ def _reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int, ws: _Wor
             on = np.flatnonzero(np.isfinite(fx) & (fx >= 0) & (fx <= nx - 1) & (fy >= 0) & (fy <= ny - 1))
         with sw("photometry"):
             ph = measure_apertures(image, fx[on], fy[on], s.apertures, s.sky_radii, s.gain, raw=raw,
-                                   saturation=s.saturation)
+                                   saturation=s.saturation, raw_row_max=frame.row_max)
             rows = lcf.fast_table(len(on))
             rows["ascc"] = fast_ascc[on]
             for k in ("flag", "flux0", "eflux0", "flux1", "eflux1", "sky", "esky", "peak"):
@@ -731,10 +731,7 @@ def _reduce_batch(plan: CameraNightPlan, ctx: NightContext, batch: int, ws: _Wor
             px, py = model.to_pixels(ta, tz)
             stacker.add(image, (px - txc.ravel()).reshape(txc.shape), (py - tyc.ravel()).reshape(tyc.shape))
             if s.bin_phase_correction:
-                t = phase_terms(px_all[slow_at], py_all[slow_at])
-                seen = np.isfinite(t).all(axis=1)
-                phase_sum[seen] += t[seen]
-                phase_n += seen
+                add_phase_terms(px_all[slow_at], py_all[slow_at], phase_sum, phase_n)
     fast = np.concatenate(pieces) if pieces else lcf.fast_table(0)
     fast_star = np.concatenate(piece_stars) if piece_stars else np.zeros(0, np.intp)
     slow_star = np.zeros(0, np.intp)

@@ -359,6 +359,24 @@ def test_a_frames_photometry_does_not_depend_on_its_neighbours():
             np.testing.assert_array_equal(together[k], alone[k], err_msg=k)
 
 
+def test_the_raw_row_maxima_given_by_the_reader_change_nothing():
+    """``raw_row_max`` (from the frame reader) replaces the saturation map's own pass over ``raw``, nothing else."""
+    rng = np.random.default_rng(8)
+    raw = rng.integers(300, 900, (200, 260)).astype(np.uint16)
+    raw[60:63, 100:104] = 65535  # a saturated star core and a saturated pixel in others' annuli
+    raw[150, 30] = 64000
+    img = raw.astype(np.float32) - 250.0
+    xs, ys = rng.uniform(25, 235, 40), rng.uniform(25, 175, 40)
+    xs[:2], ys[:2] = [101.0, 40.0], [61.0, 150.0]
+    want = measure_apertures(img, xs, ys, sky_radii=SKY, raw=raw, saturation=63000.0)
+    got = measure_apertures(img, xs, ys, sky_radii=SKY, raw=raw, saturation=63000.0, raw_row_max=raw.max(axis=1))
+    assert want["flag"][:2].all()  # the flags the map decides are there
+    for k in want.dtype.names:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    with pytest.raises(ValueError, match="raw_row_max"):
+        measure_apertures(img, xs, ys, sky_radii=SKY, raw=raw, raw_row_max=raw.max(axis=1)[:-1])
+
+
 def test_bucketed_sky_declines_without_spread():
     """A sample without spread (most values equal) leaves the sky to the fallback estimators."""
     v = np.full(200, 42.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mascara.photometry import aperture_sums
-from mascara.pixelphase import PixelPhaseModel, phase_terms
+from mascara.pixelphase import PixelPhaseModel, add_phase_terms, phase_terms
 from tests.starfield import moffat_stars
 
 
@@ -172,3 +172,22 @@ def test_normal_sums_equal_the_bincounts_bit_for_bit():
         for j in range(NTERMS):
             want = np.bincount(inv, wd * dt[:, j], nstar) if j >= k else np.bincount(inv, w * dt[:, j] * dt[:, k], nstar)
             np.testing.assert_array_equal(m[:, k, j], want)
+
+
+def test_adding_phase_terms_in_place_equals_the_masked_sum():
+    """The batch's running sum of phase terms: stars off the frame (non-finite positions) add nothing."""
+    rng = np.random.default_rng(5)
+    total, count = rng.normal(size=(300, 5)), rng.integers(0, 50, 300).astype(float)
+    want_total, want_count = total.copy(), count.copy()
+    for _ in range(4):
+        x, y = rng.uniform(-5, 4000, 300), rng.uniform(-5, 2600, 300)
+        x[rng.random(300) < 0.1] = np.nan
+        y[rng.random(300) < 0.05] = np.inf
+        t = phase_terms(x, y)
+        seen = np.isfinite(t).all(axis=1)
+        want_total[seen] += t[seen]
+        want_count += seen
+        add_phase_terms(x, y, total, count)
+        np.testing.assert_array_equal(total, want_total)
+        np.testing.assert_array_equal(count, want_count)
+    assert 0 < seen.sum() < 300

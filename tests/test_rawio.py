@@ -105,6 +105,10 @@ def test_read_calibrated_equals_read_frame_then_calibrate(small_night, tmp_path)
             for a, b in ((fr.data, fr2.data), (image, image2), (raw, raw2)):
                 assert a.dtype == b.dtype and a.shape == b.shape
                 assert a.tobytes() == b.tobytes()
+            if p != plain:  # the one-pass reader also gives each science row's largest raw value
+                np.testing.assert_array_equal(fr2.row_max, raw.max(axis=1))
+            else:
+                assert fr2.row_max is None
         assert buffers.image is not None  # the one-pass path was taken
 
 
