@@ -22,7 +22,10 @@ Conventions
   ``.median`` / ``.std``, computed exactly: clipping only removes tails, so the
   kept set is an interval of the sorted values: the annulus is sorted once
   (a counting sort into buckets placed around the last star's sky, each
-  bucket sorted only when needed; the placement changes only the speed) and each
+  bucket sorted only when needed; the placement changes the speed, and the
+  order in which the scatter is summed: a pixel lying exactly on a clipping
+  bound is kept or not by the last bit of the scatter, as it already was
+  against photutils' own loop) and each
   clipping round narrows an index window on it, touching only the values that
   leave the window (:func:`_bucket_clipped_median`; the older single-pass
   :func:`_window_clipped_median` and the plain loop :func:`_clipped_median`
@@ -342,8 +345,10 @@ def _bucket_codes(a, n, left, inv, nb, code):
     """
     top = float(nb)
     for t in range(n):
-        u = math.floor((a[t] - left) * inv)
-        code[t] = np.uint32(min(max(u, -1.0), top) + 1.0)
+        # clamped before it becomes an integer: floor of a value beyond the int64 range (a pixel 1e18
+        # guessed sigmas from the guess) gave INT64_MIN, the bottom bucket instead of the top one
+        u = min(max((a[t] - left) * inv, -1.0), top)
+        code[t] = np.uint32(math.floor(u) + 1.0)
 
 
 @njit(cache=True, nogil=True)
@@ -472,7 +477,10 @@ def _bucket_clipped_median(a, n, nsigma, maxiters, sample, code, sbuf, start, fi
 def _bucket_clipped_median_near(a, n, nsigma, maxiters, c0, sig0, code, sbuf, start, fill, done):
     """:func:`_bucket_clipped_median` with the buckets placed around a given guess ``c0 +- sig0`` (> 0).
 
-    Any finite guess gives the same median and kept count; a good one (a
+    Any finite guess gives the same median and kept count, unless a value
+    lies exactly on a clipping bound: the guess orders the values within the
+    buckets, so the sums, and the last bit of the scatter that decides such
+    a tie, come out in another order. A good guess (a
     neighbouring star's sky and scatter) saves the sampling.
     """
     nb = NBUCKETS
@@ -823,7 +831,8 @@ def _measure_kernel(
             nsky[s] = m
             continue
         # the buckets are placed around the last star's sky and scatter (a neighbour in the visiting
-        # order; the result does not depend on it), else around a sample of this annulus
+        # order; the result depends on it only through the last bit of the scatter), else around a sample
+        # of this annulus
         if guess_sig > 0.0:
             bg, sig, nk, ok = _bucket_clipped_median_near(buf, m, nsigma, maxiters, guess_sky, guess_sig, code,
                                                           sbuf, start, fill, done)

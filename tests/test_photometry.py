@@ -312,10 +312,12 @@ def test_bucketed_sky_equals_plain_sigma_clipping(case):
 
 
 @pytest.mark.parametrize("case", range(6))
-@pytest.mark.parametrize("guess", ["good", "far_off", "too_narrow", "too_wide"])
+@pytest.mark.parametrize("guess", ["good", "far_off", "too_narrow", "too_wide", "tiny", "tiny_far_off"])
 def test_bucketed_sky_around_any_guess_equals_plain_sigma_clipping(case, guess):
     """The photometry places the buckets around the last star's sky and scatter; a guess only moves values
-    between buckets, so a wrong one (far off, far too narrow or wide) changes nothing but the speed."""
+    between buckets, so a wrong one (far off, far too narrow or wide, or so narrow that pixels lie beyond
+    the range of a 64-bit bucket index) changes the speed, not the result (these annuli have no pixel
+    exactly on a clipping bound, where the last bit of the scatter decides)."""
     from mascara import photometry as P
 
     rng = np.random.default_rng(300 + case)
@@ -325,8 +327,9 @@ def test_bucketed_sky_around_any_guess_equals_plain_sigma_clipping(case, guess):
         v[: n // 10] += 10 ** rng.uniform(1.5, 4.5, n // 10)  # a star's wing in the annulus
     if case >= 4:
         v = np.round(v).astype(np.float32).astype(np.float64)  # ties
+    # "tiny": pixels 1e18 and more guessed sigmas from the guess, beyond the range of a 64-bit bucket index
     c0, s0 = {"good": (701.0, 29.0), "far_off": (-5e4, 29.0), "too_narrow": (700.0, 1e-6),
-              "too_wide": (700.0, 1e7)}[guess]
+              "too_wide": (700.0, 1e7), "tiny": (700.0, 1e-15), "tiny_far_off": (-5e4, 1e-15)}[guess]
     a = v.copy()
     ws = (np.empty(n, np.uint32), np.empty(n), np.empty(P.NBUCKETS + 3, np.int64),
           np.empty(P.NBUCKETS + 2, np.int64), np.empty(P.NBUCKETS + 2, np.bool_))
@@ -340,7 +343,8 @@ def test_bucketed_sky_around_any_guess_equals_plain_sigma_clipping(case, guess):
 def test_a_frames_photometry_does_not_depend_on_its_neighbours():
     """Each star's sky is sorted around its neighbour's result: measuring every star alone (its own
     sample places the buckets) gives the same median, kept count, fluxes and flags bit for bit; the
-    scatter (so ``esky`` and ``eflux``) is summed in another order and may differ in its last bit."""
+    scatter (so ``esky`` and ``eflux``) is summed in another order and may differ in its last bit (which
+    decides a pixel lying exactly on a clipping bound: none does here)."""
     rng = np.random.default_rng(77)
     img = rng.normal(500.0, 12.0, (260, 300)).astype(np.float32)
     img[100:140, 50:250] += np.linspace(0, 400, 200, dtype=np.float32)  # a sky gradient
@@ -373,6 +377,10 @@ def test_the_raw_row_maxima_given_by_the_reader_change_nothing():
     assert want["flag"][:2].all()  # the flags the map decides are there
     for k in want.dtype.names:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    # the maxima are what the map reads: understated, the saturated rows are not looked at (hence: exact only)
+    blind = measure_apertures(img, xs, ys, sky_radii=SKY, raw=raw, saturation=63000.0,
+                              raw_row_max=np.zeros(raw.shape[0], raw.dtype))
+    assert not np.array_equal(blind["flag"], want["flag"])
     with pytest.raises(ValueError, match="raw_row_max"):
         measure_apertures(img, xs, ys, sky_radii=SKY, raw=raw, raw_row_max=raw.max(axis=1)[:-1])
 
