@@ -183,11 +183,12 @@ def test_adding_phase_terms_in_place_equals_the_masked_sum():
         x, y = rng.uniform(-5, 4000, 300), rng.uniform(-5, 2600, 300)
         x[rng.random(300) < 0.1] = np.nan
         y[rng.random(300) < 0.05] = np.inf
-        t = phase_terms(x, y)
+        with np.errstate(invalid="ignore"):  # cos(inf)
+            t = phase_terms(x, y)
+            add_phase_terms(x, y, total, count)
         seen = np.isfinite(t).all(axis=1)
         want_total[seen] += t[seen]
         want_count += seen
-        add_phase_terms(x, y, total, count)
         np.testing.assert_array_equal(total, want_total)
         np.testing.assert_array_equal(count, want_count)
     assert 0 < seen.sum() < 300
