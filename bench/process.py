@@ -61,11 +61,15 @@ def night_subset(night_dir: Path, dest: Path, nframes: int) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     raw.mkdir(parents=True)
-    names = sorted(os.listdir(night_dir / "raw"))
-    sci = [n for n in names if not n.startswith("calib_")][:nframes]
-    for n in [n for n in names if n.startswith("calib_")] + sci:
+    for n in _subset_names(night_dir, nframes):
         (raw / n).symlink_to(night_dir / "raw" / n)
     return dest
+
+
+def _subset_names(night_dir: Path, nframes: int) -> list[str]:
+    """Names in ``night_dir/raw`` of the calibration files and the first ``nframes`` frames."""
+    names = sorted(os.listdir(night_dir / "raw"))
+    return [n for n in names if n.startswith("calib_")] + [n for n in names if not n.startswith("calib_")][:nframes]
 
 
 DRIVERS = ("library", "prefect", "prefect-server")
@@ -210,8 +214,7 @@ def _stats(values: list[float]) -> dict:
 
 
 def read_ahead(night_dir: Path, nframes: int) -> dict:
-    """Read the calibration files and the first ``nframes`` frames once, so that every timed run finds
-    them in the page cache.
+    """Read the files of :func:`night_subset` once, so that every timed run finds them in the page cache.
 
     Without it the first long run may read frames from disk that the warm-up
     (the short night's frames only) did not: in one run of this script the
@@ -219,8 +222,7 @@ def read_ahead(night_dir: Path, nframes: int) -> dict:
     and 75.8 CPU-s, which alone moved the median of two repeats by 0.016
     CPU-s per frame.
     """
-    names = sorted(os.listdir(night_dir / "raw"))
-    files = [n for n in names if n.startswith("calib_")] + [n for n in names if not n.startswith("calib_")][:nframes]
+    files = _subset_names(night_dir, nframes)
     t = time.perf_counter()
     total = 0
     for n in files:
