@@ -38,6 +38,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
+from prefect.exceptions import CrashedRun, FailedRun
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.runtime import task_run as runtime_task_run
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -46,6 +47,7 @@ from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from flows import _runs, report
 from mascara import faults, nightlock
+from mascara.catalog import LeaseHeld
 from mascara.nightlock import NightLocked
 
 #: Exceptions worth retrying: I/O trouble and lost database connections.
@@ -627,9 +629,9 @@ def reduce_night(
                     in_flight[0] -= 1
                     submit_batches()
                 if not st.is_completed():
-                    err = _state_error(st, fut)
+                    exc, err = _state_failure(st, fut)
                     if kind == "start":
-                        end_night(n, "locked" if ("LeaseHeld" in err or "NightLocked" in err) else "failed", err)
+                        end_night(n, "locked" if _refused(exc, err) else "failed", err)
                     elif kind == "batch":
                         n.failed.append(f"batch {payload}: {err}")
                         n.left.discard(payload)
@@ -754,6 +756,12 @@ def _publish_nights(datadir: str, nights_: dict[str, _Night], missing: list[tupl
 
 
 def _state_error(state: Any, fut: Any = None) -> str:
+    """What a task run that did not complete says: its exception as ``Type: message``, else its state."""
+    return _state_failure(state, fut)[1]
+
+
+def _state_failure(state: Any, fut: Any = None) -> tuple[BaseException | None, str]:
+    """The exception a task run that did not complete raised (None if it left none) and its one-line text."""
     if fut is not None and not state.is_final():
         # a task runner that could not run the task at all (a Dask worker that cannot unpickle it) leaves
         # the task run Pending; its own future holds the reason
@@ -762,14 +770,27 @@ def _state_error(state: Any, fut: Any = None) -> str:
         except TimeoutError:
             pass
         except Exception as exc:  # noqa: BLE001
-            return f"{type(exc).__name__}: {exc} (task run left {state.type.value})"
+            return exc, f"{type(exc).__name__}: {exc} (task run left {state.type.value})"
     try:
         exc = state.result(raise_on_failure=False)
     except Exception as e:  # noqa: BLE001
         exc = e
     if isinstance(exc, BaseException):
-        return f"{type(exc).__name__}: {exc}"
-    return f"{state.type.value}: {state.message}"
+        # FailedRun and CrashedRun are Prefect's stand-ins, built from the state's message when the task's
+        # own exception did not come back with the state: no type is left to tell by
+        return (None if isinstance(exc, (FailedRun, CrashedRun)) else exc), f"{type(exc).__name__}: {exc}"
+    return None, f"{state.type.value}: {state.message}"
+
+
+def _refused(exc: BaseException | None, text: str) -> bool:
+    """Whether a start task failed because another run holds the camera-night (its lease or its directory lock).
+
+    Told by the exception's type; only a failure that left no exception (a
+    state with a message alone) is told by the text of that message.
+    """
+    if exc is not None:
+        return isinstance(exc, (LeaseHeld, NightLocked))
+    return "LeaseHeld" in text or "NightLocked" in text
 
 
 def task_runner_for(dask_address: str | None) -> Any:

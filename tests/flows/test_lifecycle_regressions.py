@@ -7,6 +7,7 @@ against the session's Prefect server, so its task retries are the real ones.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -23,6 +24,10 @@ from flowkit import (BIN, NIGHT, NIGHT_ID, assert_same_night_files, batch_rows, 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "catalog"))
 from lifecycle_checks import check_invariants, sha256, tree_digest  # noqa: E402
+
+
+#: sha256 of an empty file.
+EMPTY = hashlib.sha256(b"").hexdigest()
 
 
 def _rows(datadir: Path, sql: str, *params) -> list[tuple]:  # type: ignore[no-untyped-def]
@@ -552,3 +557,39 @@ def test_a_catalog_on_a_full_disk_is_named_and_the_night_reduces_once_there_is_r
         assert_same_night_files(datadir / NIGHT_ID, reference)
     finally:
         unmount(disk)
+
+
+@pytest.mark.parametrize("driver", ["--no-prefect", "prefect"])
+def test_a_lease_held_on_another_host_refuses_the_night_as_locked(driver, pristine_night, tmp_path, prefect_server):
+    """A shared catalog whose camera-night is held by a run on another host: the directory lock of this host
+    cannot see it (flock is per host), so the catalog's lease refuses the run. The night is reported locked
+    (not failed with an error of its own), nothing on disk changes, and once the lease is released the night
+    reduces."""
+    from flows._runs import catalog, open_run
+
+    from mascara.reduce import plan_camera_night
+
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    night = datadir / NIGHT_ID
+    url = f"sqlite:///{tmp_path / 'shared.sqlite'}"
+    held = open_run(url, plan_camera_night(night), host="observatory-b", pid=4242, take_lock=False)
+    before = tree_digest(night)
+    cmd = [str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--camera", "E", "--site", "LP", "-q",
+           "--db", url, *(["--no-prefect"] if driver == "--no-prefect" else [])]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert f"run {held.run_id}" in res.stderr and "observatory-b" in res.stderr, res.stderr[-3000:]
+    if driver == "prefect":
+        assert f"{NIGHT_ID} locked:" in res.stderr, res.stderr[-3000:]
+        assert "retry" not in res.stderr  # a held lease is not a transient failure
+    # nothing moved, erased or written; the flow's process took the directory's lock before its start task
+    # met the lease, and the lock file stays, emptied (mascara/nightlock.py)
+    after = tree_digest(night)
+    assert after.pop(".mascara.lock", EMPTY) == EMPTY and after == before
+    with sqlite3.connect(tmp_path / "shared.sqlite") as db:
+        assert db.execute("SELECT status FROM reduction_run WHERE id = ?", (held.run_id,)).fetchall() == [("running",)]
+
+    catalog(url).finish_run(held.run_id, "failed", error="released by the test")
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]

@@ -102,6 +102,28 @@ def test_a_retry_is_announced_as_a_warning_naming_the_task_the_error_and_the_del
                                 "retry 2 of 3 in about 20 s")
 
 
+def test_a_start_task_refused_by_another_run_is_told_by_the_exception_type():
+    from datetime import datetime, timezone
+
+    from flows.reduce_night import _refused, _state_failure
+    from mascara.catalog import LeaseHeld
+    from mascara.nightlock import NightLocked
+
+    now = datetime.now(timezone.utc)
+    held = LeaseHeld("LPE night 20260301 is being reduced by run r1 on host b", run_id="r1", host="b", since=now,
+                     expires_at=now)
+    for exc in (held, NightLocked("held by run r1 of catalog sqlite:///a.sqlite")):
+        got, text = _state_failure(Failed(data=exc))
+        assert got is exc and text.startswith(type(exc).__name__ + ": ") and _refused(got, text)
+    # an error of its own is a failure, whatever its text says
+    own = OSError(5, "Input/output error: /data/NightLocked/20260301LPE")
+    assert not _refused(*_state_failure(Failed(data=own)))
+    # only a state without an exception is told by its message
+    assert _state_failure(Failed(message="LeaseHeld: run r1"))[0] is None
+    assert _refused(*_state_failure(Failed(message="LeaseHeld: run r1")))
+    assert not _refused(*_state_failure(Failed(message="crashed")))
+
+
 # --------------------------------------------------------------------------- with a server
 
 
