@@ -50,7 +50,8 @@ _WRAPPER = """
 import json, resource, subprocess, sys
 rc = subprocess.run(sys.argv[2:]).returncode
 u = resource.getrusage(resource.RUSAGE_CHILDREN)
-open(sys.argv[1], "w").write(json.dumps({"user": u.ru_utime, "sys": u.ru_stime, "maxrss_kb": u.ru_maxrss}))
+open(sys.argv[1], "w").write(json.dumps({"user": u.ru_utime, "sys": u.ru_stime, "maxrss_kb": u.ru_maxrss,
+                                         "inblock": u.ru_inblock, "majflt": u.ru_majflt}))
 sys.exit(rc)
 """
 
@@ -171,7 +172,9 @@ def run_once(night_dir: Path, workdir: Path, nframes: int, driver: str, workers:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     u = json.loads(usage.read_text())
     res = {"frames": nframes, "driver": driver, "prefect": prefect, "workers": workers, "wall": wall,
-           "cpu": u["user"] + u["sys"] + server_cpu, "user": u["user"], "sys": u["sys"], "server_cpu": server_cpu, "rss_mb": u["maxrss_kb"] / 1024, "load_before": load[0],
+           "cpu": u["user"] + u["sys"] + server_cpu, "user": u["user"], "sys": u["sys"], "server_cpu": server_cpu, "rss_mb": u["maxrss_kb"] / 1024,
+           # what the run read from the disk rather than the page cache (blocks of 512 bytes), and its major faults
+           "disk_read_mb": u.get("inblock", 0) * 512 / 1e6, "major_faults": u.get("majflt", 0), "load_before": load[0],
            "load_after": os.getloadavg()[0], "phases": run_phases(datadir / "catalog.sqlite", launched, ended)}
     shutil.rmtree(datadir, ignore_errors=True)
     return res

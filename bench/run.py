@@ -698,8 +698,15 @@ def render_process(pr: dict) -> list[str]:
     if "page_cache" in pr:
         pc = pr["page_cache"]
         L.append(f"- Before any run, the calibration files and the first {n2} frames were read once "
-                 f"({pc['bytes'] / 1e9:.1f} GB in {pc['seconds']:.1f} s), so every timed run finds them in the page "
-                 "cache (a frame just written by the camera is there too).")
+                 f"({pc['bytes'] / 1e9:.1f} GB in {pc['seconds']:.1f} s), so that the timed runs find them in the "
+                 "page cache (a frame just written by the camera is there too).")
+    disk = {n: [r["disk_read_mb"] for r in pr["runs"] if r["frames"] == n and "disk_read_mb" in r] for n in (n1, n2)}
+    if disk[n2]:
+        L.append(f"- Read from the disk rather than the page cache, per run (the process and its children, "
+                 f"`ru_inblock`): {min(disk[n1]):.0f}-{max(disk[n1]):.0f} MB at {n1} frames, "
+                 f"{min(disk[n2]):.0f}-{max(disk[n2]):.0f} MB at {n2} frames. Some machines give back memory "
+                 "untouched for a while (this one's kernel runs a DAMON `pageout` scheme on pages idle for "
+                 "about a minute), so part of the frames, and of the Python packages, are read again.")
     w = pr["warmup"]
     L.append(f"- Warm-up run before the timed ones ({w['frames']} frames, library driver): {w['cpu']:.1f} CPU-s, "
              f"{pr['jit_charge_cpu']:+.1f} CPU-s against the median timed run of the same length "

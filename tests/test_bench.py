@@ -60,6 +60,9 @@ def test_quick_bench_reports_every_stage(tmp_path):
         # each phase a part of the run (catalog times read in the wrong time zone would be hours off)
         assert all(-0.05 < v < run["wall"] for v in ph.values()), (run["driver"], ph, run["wall"])
         assert min(ph["start"], ph["prepare"], ph["batches"], ph["exit"]) > 0, (run["driver"], ph)
+        # what came from the disk: never negative, never more than the process could have read in its time
+        assert 0 <= run["disk_read_mb"] < 4000 and run["major_faults"] >= 0, run
+    assert "Read from the disk rather than the page cache, per run" in text
 
 
 @pytest.mark.slow
