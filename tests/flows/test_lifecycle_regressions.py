@@ -560,19 +560,21 @@ def test_a_catalog_on_a_full_disk_is_named_and_the_night_reduces_once_there_is_r
 
 
 @pytest.mark.parametrize("driver", ["--no-prefect", "prefect"])
-def test_a_lease_held_on_another_host_refuses_the_night_as_locked(driver, pristine_night, tmp_path, prefect_server):
-    """A shared catalog whose camera-night is held by a run on another host: the directory lock of this host
-    cannot see it (flock is per host), so the catalog's lease refuses the run. The night is reported locked
-    (not failed with an error of its own), nothing on disk changes, and once the lease is released the night
-    reduces."""
+def test_a_lease_held_on_another_host_refuses_the_night_as_locked(driver, db_url, pristine_night, tmp_path,
+                                                                  prefect_server):
+    """A shared catalog (SQLite and PostgreSQL) whose camera-night is held by a run on another host: the
+    directory lock of this host cannot see it (flock is per host), so the catalog's lease refuses the run.
+    The night is reported locked (not failed with an error of its own), nothing on disk changes, and once
+    the lease is released the night reduces."""
     from flows._runs import catalog, open_run
 
+    from mascara.catalog import connect
     from mascara.reduce import plan_camera_night
 
     _, env = prefect_server
     datadir = fresh_copy(pristine_night, tmp_path / "data")
     night = datadir / NIGHT_ID
-    url = f"sqlite:///{tmp_path / 'shared.sqlite'}"
+    url = db_url
     held = open_run(url, plan_camera_night(night), host="observatory-b", pid=4242, take_lock=False)
     before = tree_digest(night)
     cmd = [str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--camera", "E", "--site", "LP", "-q",
@@ -587,8 +589,9 @@ def test_a_lease_held_on_another_host_refuses_the_night_as_locked(driver, pristi
     # met the lease, and the lock file stays, emptied (mascara/nightlock.py)
     after = tree_digest(night)
     assert after.pop(".mascara.lock", EMPTY) == EMPTY and after == before
-    with sqlite3.connect(tmp_path / "shared.sqlite") as db:
-        assert db.execute("SELECT status FROM reduction_run WHERE id = ?", (held.run_id,)).fetchall() == [("running",)]
+    with connect(url) as cat:  # the holder's run is untouched
+        info = cat.run_info(held.run_id)
+        assert (info.status, info.host, info.live) == ("running", "observatory-b", True)
 
     catalog(url).finish_run(held.run_id, "failed", error="released by the test")
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
