@@ -71,7 +71,7 @@ from mascara.rawio import (
     read_frame,
     scan_raw,
 )
-from mascara.selection import CAMERAS
+from mascara.selection import CAMERAS, is_raw_entry
 from mascara.settings import Settings
 from mascara.sky import ApparentPlaces, angular_distance, moon_altaz, radec_of_altaz
 from mascara.stars import StarCatalogue, default_catalogue, load_catalogue
@@ -970,11 +970,13 @@ def diagnostic_ids(stars: StarCatalogue, n: int = 10) -> list[str]:
 
 
 def existing_outputs(night: NightDir) -> list[Path]:
-    """Output directories of a night: everything in the night directory except ``raw/`` and hidden entries.
+    """Output directories of a night: everything in the night directory except raw data and hidden entries.
 
-    Hidden entries are the lifecycle's own (the lock file, erase bins), never outputs.
+    Raw data is ``raw/`` and the entries named like its generations (``raw_old``, ``raw_old2``:
+    :func:`mascara.selection.is_raw_entry`); hidden entries are the lifecycle's own (the lock file, erase
+    bins). Neither is ever an output.
     """
-    return sorted(p for p in night.path.iterdir() if p.name != "raw" and not p.name.startswith("."))
+    return sorted(p for p in night.path.iterdir() if not is_raw_entry(p.name) and not p.name.startswith("."))
 
 
 def move_outputs_aside(night: NightDir, erase: bool = False) -> list[tuple[str, str | None]]:

@@ -17,6 +17,14 @@ from pathlib import Path
 from typing import Any
 
 NIGHT_DIR_RE = re.compile(r"^(?P<night>\d{8})(?P<site>[A-Z]{2})(?P<camera>[NESWC])$")
+#: ``raw`` and the names the lifecycle would give its older generations (``raw_old``, ``raw_old2``, ...):
+#: an earlier copy of the frames kept beside ``raw/`` under such a name is raw data, never an output.
+RAW_ENTRY_RE = re.compile(r"^raw(_old\d*)?$")
+
+
+def is_raw_entry(name: str) -> bool:
+    """Whether an entry of a night directory is raw data (``raw`` or one of its ``_old`` names): never moved or erased."""
+    return RAW_ENTRY_RE.match(name) is not None
 #: Camera letters of a station (SPEC §1).
 CAMERAS = ("N", "E", "S", "W", "C")
 #: Stations whose coordinates the reduction knows (mascara.timeindex.SITES).

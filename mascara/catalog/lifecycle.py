@@ -53,6 +53,7 @@ from typing import Any, Protocol
 from mascara import faults, nightlock
 from mascara.catalog._engine import shown_url
 from mascara.catalog.catalog import Catalog, JournalEntry, LeaseHeld, RunInfo, fingerprint_key, flow_run_run_id
+from mascara.selection import is_raw_entry
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,13 @@ def generation_name(base: str, gen: int) -> str:
 def output_generations(night_path: str | Path) -> dict[str, dict[int, Path]]:
     """Outputs of a night directory: ``{base name: {generation: path}}`` (generation 0 is current).
 
-    ``raw/`` and hidden entries (the erase bins) are not outputs.
+    ``raw/``, the entries named like its generations (``raw_old``, ``raw_old2``: a copy of frames a
+    user keeps there, :func:`mascara.selection.is_raw_entry`) and hidden entries (the erase bins) are not
+    outputs: no decision ever moves or erases them.
     """
     out: dict[str, dict[int, Path]] = {}
     for p in sorted(Path(night_path).iterdir()):
-        if p.name == "raw" or p.name.startswith("."):
+        if is_raw_entry(p.name) or p.name.startswith("."):
             continue
         m = _OLD_RE.match(p.name)
         base, gen = (m["base"], int(m["gen"] or 1)) if m else (p.name, 0)

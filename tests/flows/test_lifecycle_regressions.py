@@ -596,3 +596,25 @@ def test_a_lease_held_on_another_host_refuses_the_night_as_locked(driver, db_url
     catalog(url).finish_run(held.run_id, "failed", error="released by the test")
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
+
+
+def test_a_copy_of_the_frames_kept_as_raw_old_survives_reductions_reruns_and_overwrite(pristine_night, tmp_path,
+                                                                                       prefect_server):
+    """An outside trial: a ``raw_old/`` beside ``raw/`` (a user's earlier copy of frames, named as the
+    lifecycle names generations) was erased by the first reduction as "generation 1 of raw". It is raw
+    data: a first reduction, a re-run (outputs moved aside) and ``-o`` (outputs erased) leave it as it was,
+    and no move or erase of it is recorded."""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    night = datadir / NIGHT_ID
+    for name in ("raw_old", "raw_old2"):
+        (night / name).mkdir()
+        for f in sorted((night / "raw").iterdir())[:3]:
+            shutil.copy2(f, night / name / f.name)
+    kept = {n: tree_digest(night / n) for n in ("raw", "raw_old", "raw_old2")}
+    for args in ([], [], ["-o"]):
+        mascprocess(datadir, env, "--no-prefect", "-q", *args)
+        assert {n: tree_digest(night / n) for n in kept} == kept, args
+    moved = _rows(datadir, "SELECT src, dst, action FROM directory_move")
+    assert moved and not [m for m in moved if "raw" in Path(m[0]).name], moved
+    assert {Path(m[0]).name for m in moved if m[2] == "renamed"} >= {"lightcurves", "work"}
