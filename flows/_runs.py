@@ -535,4 +535,14 @@ class Heartbeat:
                 try:
                     catalog(self.db_url).heartbeat(run_id)
                 except Exception as exc:  # a lost lease shows up when the run finishes
+                    if self._ended(run_id):  # finished between the snapshot and its discard: nothing to say
+                        self.run_ids.discard(run_id)
+                        continue
                     log.warning("heartbeat of run %s failed: %s", run_id, exc)
+
+    def _ended(self, run_id: str) -> bool:
+        """Whether the catalog records ``run_id`` as finished (its lease released with its end)."""
+        try:
+            return catalog(self.db_url).run_info(run_id).status != "running"
+        except Exception:  # noqa: BLE001 - unknown run or no catalog: the warning stands
+            return False

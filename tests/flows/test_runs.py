@@ -156,6 +156,26 @@ def test_keep_old_below_one_is_refused_before_a_run_is_registered(night):
     assert cn is None or catalog(url).last_run(cn) is None
 
 
+def test_the_heartbeat_says_nothing_of_a_run_that_ended_between_its_snapshot_and_its_discard(night, caplog):
+    """An outside trial: a run that had succeeded was warned about ("heartbeat of run ... failed: no longer
+    holds a lease") when the heartbeat fired while the quick-look figures were drawn, after the end was
+    recorded. A finished run is dropped quietly; a run the catalog does not know still gets the warning."""
+    from flows._runs import Heartbeat, catalog, open_run
+
+    plan, url = night
+    handle = open_run(url, plan)
+    catalog(url).finish_run(handle.run_id, "succeeded")
+    with caplog.at_level("WARNING", logger="flows._runs"), Heartbeat(url, interval=0.05) as hb:
+        hb.run_ids.update({handle.run_id, "no-such-run"})
+        deadline = time.monotonic() + 10
+        while handle.run_id in hb.run_ids or not caplog.records:
+            assert time.monotonic() < deadline, (hb.run_ids, caplog.text)
+            time.sleep(0.05)
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if handle.run_id in m], said
+    assert any("heartbeat of run no-such-run failed" in m for m in said), said
+
+
 def test_a_live_run_holds_the_camera_night(night):
     from flows._runs import open_run
 
