@@ -541,8 +541,14 @@ class Heartbeat:
                     log.warning("heartbeat of run %s failed: %s", run_id, exc)
 
     def _ended(self, run_id: str) -> bool:
-        """Whether the catalog records ``run_id`` as finished (its lease released with its end)."""
+        """Whether ``run_id`` recorded its own end (its lease released with it).
+
+        A run whose lease another run took over is recorded failed too, by
+        that run ("abandoned: ..."); its failed heartbeat is the first sign of
+        the takeover and is still said.
+        """
         try:
-            return catalog(self.db_url).run_info(run_id).status != "running"
+            info = catalog(self.db_url).run_info(run_id)
         except Exception:  # noqa: BLE001 - unknown run or no catalog: the warning stands
             return False
+        return info.status != "running" and not (info.error or "").startswith("abandoned")

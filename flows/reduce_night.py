@@ -38,7 +38,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
-from prefect.exceptions import CrashedRun, FailedRun
+from prefect.exceptions import PrefectException
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.runtime import task_run as runtime_task_run
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -773,12 +773,15 @@ def _state_failure(state: Any, fut: Any = None) -> tuple[BaseException | None, s
             return exc, f"{type(exc).__name__}: {exc} (task run left {state.type.value})"
     try:
         exc = state.result(raise_on_failure=False)
-    except Exception as e:  # noqa: BLE001
-        exc = e
+    except Exception as e:  # noqa: BLE001 - the result could not be read (storage): no exception of the task's
+        return None, f"{type(e).__name__}: {e} ({state.type.value}: {state.message})"
     if isinstance(exc, BaseException):
-        # FailedRun and CrashedRun are Prefect's stand-ins, built from the state's message when the task's
-        # own exception did not come back with the state: no type is left to tell by
-        return (None if isinstance(exc, (FailedRun, CrashedRun)) else exc), f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, PrefectException):
+            # Prefect's stand-ins (FailedRun, CrashedRun, UnfinishedRun...) are built from the state when the
+            # task's own exception did not come back with it: no type is left to tell by, only the message
+            extra = "" if not state.message or state.message in str(exc) else f" ({state.message})"
+            return None, f"{type(exc).__name__}: {exc}{extra}"
+        return exc, f"{type(exc).__name__}: {exc}"
     return None, f"{state.type.value}: {state.message}"
 
 

@@ -75,6 +75,13 @@ class LeaseHeld(CatalogError):
         super().__init__(message)
         self.run_id, self.host, self.since, self.expires_at = run_id, host, since, expires_at
 
+    def __reduce__(self):  # type: ignore[no-untyped-def]  # to and from Dask workers: keyword-only fields
+        return (_lease_held, (str(self), self.run_id, self.host, self.since, self.expires_at))
+
+
+def _lease_held(message: str, run_id: str, host: str, since: datetime, expires_at: datetime) -> LeaseHeld:
+    return LeaseHeld(message, run_id=run_id, host=host, since=since, expires_at=expires_at)
+
 
 class LeaseLost(CatalogError):
     """This run's lease was released or taken over; it must stop writing."""

@@ -8,13 +8,15 @@ library driver (``mascprocess --no-prefect``).
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import sqlite3
 import subprocess
 import time
 
+import cloudpickle
 import pytest
-from prefect.states import Completed, Failed
+from prefect.states import Completed, Failed, Pending
 from sqlalchemy.exc import OperationalError
 
 from flows.reduce_night import retry_on_transient
@@ -118,10 +120,33 @@ def test_a_start_task_refused_by_another_run_is_told_by_the_exception_type():
     # an error of its own is a failure, whatever its text says
     own = OSError(5, "Input/output error: /data/NightLocked/20260301LPE")
     assert not _refused(*_state_failure(Failed(data=own)))
-    # only a state without an exception is told by its message
+    # only a state without an exception is told by its message: Prefect's stand-ins, an unfinished state
     assert _state_failure(Failed(message="LeaseHeld: run r1"))[0] is None
     assert _refused(*_state_failure(Failed(message="LeaseHeld: run r1")))
     assert not _refused(*_state_failure(Failed(message="crashed")))
+    assert _refused(*_state_failure(Pending(message="LeaseHeld: run r1")))
+    assert not _refused(*_state_failure(Pending()))
+
+
+@pytest.mark.parametrize("dumps, loads", [(pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)])
+def test_a_refusal_keeps_its_type_and_fields_on_the_way_back_from_a_dask_worker(dumps, loads):
+    """A review found LeaseHeld could not be unpickled (keyword-only fields): a start task refused on a Dask
+    worker came back as a Pending task run, and the night was reported failed instead of locked."""
+    from datetime import datetime, timezone
+
+    from flows.reduce_night import _refused, _state_failure
+    from mascara.catalog import LeaseHeld
+    from mascara.nightlock import NightLocked
+
+    now = datetime.now(timezone.utc)
+    held = LeaseHeld("held by run r1", run_id="r1", host="b", since=now, expires_at=now)
+    back = loads(dumps(held))
+    assert type(back) is LeaseHeld and str(back) == str(held)
+    assert (back.run_id, back.host, back.since, back.expires_at) == ("r1", "b", now, now)
+    locked = loads(dumps(NightLocked("held by run r1", "/data/n/.mascara.lock", {"run": "r1"})))
+    assert type(locked) is NightLocked and locked.holder == {"run": "r1"}
+    for exc in (back, locked):
+        assert _refused(*_state_failure(Failed(data=exc)))
 
 
 # --------------------------------------------------------------------------- with a server

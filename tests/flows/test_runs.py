@@ -176,6 +176,33 @@ def test_the_heartbeat_says_nothing_of_a_run_that_ended_between_its_snapshot_and
     assert any("heartbeat of run no-such-run failed" in m for m in said), said
 
 
+def test_the_heartbeat_still_warns_of_a_run_whose_lease_was_taken_over(night, caplog):
+    """A run recorded failed by the run that took its lease over ("abandoned: ...") did not end itself: its
+    failed heartbeat is the first sign of the takeover and is said (a review: the quiet drop above must not
+    swallow it)."""
+    from flows._runs import Heartbeat, catalog, open_run
+
+    plan, url = night
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    first = open_run(url, plan, pid=dead.pid)
+    open_run(url, plan)  # takes the lease of the dead process's run over
+    assert catalog(url).run_info(first.run_id).error.startswith("abandoned")
+    caplog.clear()  # the takeover's own warning names the run too
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.name == "flows._runs" and r.getMessage().startswith(f"heartbeat of run {first.run_id} failed")]
+
+    with caplog.at_level("WARNING", logger="flows._runs"), Heartbeat(url, interval=0.05) as hb:
+        hb.run_ids.add(first.run_id)
+        deadline = time.monotonic() + 10
+        while len(warned()) < 2:  # said at every beat, not dropped after the first
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.05)
+        assert first.run_id in hb.run_ids
+
+
 def test_a_live_run_holds_the_camera_night(night):
     from flows._runs import open_run
 
