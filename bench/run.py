@@ -701,7 +701,7 @@ def render_process(pr: dict) -> list[str]:
                  f"({pc['bytes'] / 1e9:.1f} GB in {pc['seconds']:.1f} s), so that the timed runs find them in the "
                  "page cache (a frame just written by the camera is there too).")
     disk = {n: [r["disk_read_mb"] for r in pr["runs"] if r["frames"] == n and "disk_read_mb" in r] for n in (n1, n2)}
-    if disk[n2]:
+    if disk[n1] and disk[n2]:
         L.append(f"- Read from the disk rather than the page cache, per run (the process and its children, "
                  f"`ru_inblock`): {min(disk[n1]):.0f}-{max(disk[n1]):.0f} MB at {n1} frames, "
                  f"{min(disk[n2]):.0f}-{max(disk[n2]):.0f} MB at {n2} frames. Some machines give back memory "

@@ -21,6 +21,7 @@ from typing import Any
 from flows import _signals
 from mascara import faults, selection
 from mascara.catalog import Catalog, connect
+from mascara.catalog.catalog import ABANDONED
 from mascara.catalog import lifecycle
 from mascara.catalog.lifecycle import (  # noqa: F401  (re-exported for the flow and the tests)
     KEEP_OLD,
@@ -551,4 +552,4 @@ class Heartbeat:
             info = catalog(self.db_url).run_info(run_id)
         except Exception:  # noqa: BLE001 - unknown run or no catalog: the warning stands
             return False
-        return info.status != "running" and not (info.error or "").startswith("abandoned")
+        return info.status != "running" and not (info.error or "").startswith(ABANDONED)

@@ -755,11 +755,6 @@ def _publish_nights(datadir: str, nights_: dict[str, _Night], missing: list[tupl
             logger.warning("night artifacts of %s %s not published: %s", night, site, exc)
 
 
-def _state_error(state: Any, fut: Any = None) -> str:
-    """What a task run that did not complete says: its exception as ``Type: message``, else its state."""
-    return _state_failure(state, fut)[1]
-
-
 def _state_failure(state: Any, fut: Any = None) -> tuple[BaseException | None, str]:
     """The exception a task run that did not complete raised (None if it left none) and its one-line text."""
     if fut is not None and not state.is_final():

@@ -71,7 +71,7 @@ from mascara.rawio import (
     read_frame,
     scan_raw,
 )
-from mascara.selection import CAMERAS, is_raw_entry
+from mascara.selection import CAMERAS, is_output_entry
 from mascara.settings import Settings
 from mascara.sky import ApparentPlaces, angular_distance, moon_altaz, radec_of_altaz
 from mascara.stars import StarCatalogue, default_catalogue, load_catalogue
@@ -976,7 +976,7 @@ def existing_outputs(night: NightDir) -> list[Path]:
     :func:`mascara.selection.is_raw_entry`); hidden entries are the lifecycle's own (the lock file, erase
     bins). Neither is ever an output.
     """
-    return sorted(p for p in night.path.iterdir() if not is_raw_entry(p.name) and not p.name.startswith("."))
+    return sorted(p for p in night.path.iterdir() if is_output_entry(p.name))
 
 
 def move_outputs_aside(night: NightDir, erase: bool = False) -> list[tuple[str, str | None]]:

@@ -23,8 +23,17 @@ RAW_ENTRY_RE = re.compile(r"^raw(_old\d*)?$")
 
 
 def is_raw_entry(name: str) -> bool:
-    """Whether an entry of a night directory is raw data (``raw`` or one of its ``_old`` names): never moved or erased."""
+    """Whether an entry of a night directory is raw data (``raw`` or one of its ``_old`` names): never moved
+    or erased."""
     return RAW_ENTRY_RE.match(name) is not None
+
+
+def is_output_entry(name: str) -> bool:
+    """Whether an entry of a night directory is an output: neither raw data nor hidden (the lifecycle's own
+    lock file and erase bins)."""
+    return not name.startswith(".") and not is_raw_entry(name)
+
+
 #: Camera letters of a station (SPEC §1).
 CAMERAS = ("N", "E", "S", "W", "C")
 #: Stations whose coordinates the reduction knows (mascara.timeindex.SITES).

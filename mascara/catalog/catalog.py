@@ -64,6 +64,11 @@ _NAMESPACE = uuid.UUID("6f1c2d0e-6a0b-5a55-9c1e-6d6173636172")  # fixed: ids mus
 _RETRYABLE = (OperationalError, InterfaceError, DisconnectionError)
 
 
+#: Start of the error of a run that another run ended because its lease was taken over (a stalled or gone
+#: process): the run did not record its own end.
+ABANDONED = "abandoned:"
+
+
 class CatalogError(Exception):
     """A catalog operation that cannot be done as asked."""
 
@@ -335,7 +340,7 @@ class Catalog:
                 s.execute(update(ReductionRun).where(ReductionRun.id == lease.run_id,
                                                      ReductionRun.status == "running")
                           .values(status="failed", finished_at=now,
-                                  error=f"abandoned: no heartbeat since {lease.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC;"
+                                  error=f"{ABANDONED} no heartbeat since {lease.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC;"
                                         f" lease taken over by run {run_id}"))
                 s.execute(update(Batch).where(Batch.run_id == lease.run_id, Batch.status == "running")
                           .values(status="failed", finished_at=now, error="run abandoned"))

@@ -52,8 +52,9 @@ from typing import Any, Protocol
 
 from mascara import faults, nightlock
 from mascara.catalog._engine import shown_url
-from mascara.catalog.catalog import Catalog, JournalEntry, LeaseHeld, RunInfo, fingerprint_key, flow_run_run_id
-from mascara.selection import is_raw_entry
+from mascara.catalog.catalog import (ABANDONED, Catalog, JournalEntry, LeaseHeld, RunInfo, fingerprint_key,
+                                     flow_run_run_id)
+from mascara.selection import is_output_entry
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def output_generations(night_path: str | Path) -> dict[str, dict[int, Path]]:
     """
     out: dict[str, dict[int, Path]] = {}
     for p in sorted(Path(night_path).iterdir()):
-        if is_raw_entry(p.name) or p.name.startswith("."):
+        if not is_output_entry(p.name):
             continue
         m = _OLD_RE.match(p.name)
         base, gen = (m["base"], int(m["gen"] or 1)) if m else (p.name, 0)
@@ -390,7 +391,7 @@ def _release_dead_lease(cat: Catalog, exc: LeaseHeld) -> bool:
     if pid is None:
         return False
     log.warning("run %s (pid %d on this host) is gone; ending it and taking over its lease", exc.run_id, pid)
-    cat.finish_run(exc.run_id, "failed", error=f"abandoned: process {pid} on {exc.host} no longer exists")
+    cat.finish_run(exc.run_id, "failed", error=f"{ABANDONED} process {pid} on {exc.host} no longer exists")
     return True
 
 
