@@ -89,11 +89,26 @@ def code_hash() -> str:
 
 def open_run(db_url: str, plan: Any, overwrite: bool = False, flow_run_id: str | None = None,
              lease_seconds: float = LEASE_SECONDS, host: str | None = None, pid: int | None = None,
-             keep_old: int = KEEP_OLD, end_on_error: bool = False, take_lock: bool = True) -> RunHandle:
+             keep_old: int = KEEP_OLD, end_on_error: bool = False, take_lock: bool = True,
+             defer_bin_removal: bool = False) -> RunHandle:
     """Register, lease, decide and move aside: :func:`mascara.catalog.lifecycle.open_run` on this URL."""
     return lifecycle.open_run(catalog(db_url), db_url, plan, overwrite=overwrite, keep_old=keep_old,
                               flow_run_id=flow_run_id, lease_seconds=lease_seconds, host=host, pid=pid,
-                              end_on_error=end_on_error, take_lock=take_lock)
+                              end_on_error=end_on_error, take_lock=take_lock, defer_bin_removal=defer_bin_removal)
+
+
+def remove_bins(night_path: str | Path) -> None:
+    """Remove what the run's erases left in their bins (:func:`mascara.catalog.lifecycle.remove_bins`).
+
+    Called once signals are no longer held. A bin that cannot be removed is a
+    warning, not a failure: its erase is done and recorded, and the next run
+    of the camera-night tries again.
+    """
+    try:
+        lifecycle.remove_bins(night_path)
+    except OSError as exc:
+        log.warning("%s: could not remove an erased directory's bin (the next run tries again): %s",
+                    Path(night_path).name, exc)
 
 
 def lock_for_flow(db_url: str, plan: Any, flow_run_id: str | None) -> str:
@@ -321,9 +336,9 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
     cat = catalog(db_url)
     # a signal while the run opens is raised inside the try below; nothing between the two can fail,
     # or the hold would never be released
-    with _signals.Hold() as hold:
+    with _signals.Hold() as hold:  # erased outputs stay in their bins: the held part is renames and catalog writes
         handle = open_run(db_url, plan, overwrite=overwrite, keep_old=keep_old, pid=pid, host=host,
-                          flow_run_id=flow_run_id, end_on_error=True)
+                          flow_run_id=flow_run_id, end_on_error=True, defer_bin_removal=True)
 
     def on_prepared(ctx: Any) -> None:
         record_calibration(db_url, handle.camera_night_id, handle.night_path, ctx.calibration_state())
@@ -341,6 +356,7 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
         hold.release()
         if heartbeat is not None:
             heartbeat.run_ids.add(handle.run_id)
+        remove_bins(handle.night_path)
         record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
         result = reduce_camera_night(plan.night, plan.settings, skip=handle.done, on_batch=on_batch,
                                      on_batch_start=on_batch_start, on_batch_error=on_batch_error,
@@ -400,12 +416,14 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
 
     def on_start(plan: Any) -> set[int]:
         with _signals.Hold() as hold:
-            handle = open_run(db_url, plan, keep_old=keep_old, flow_run_id=flow_run_id, end_on_error=True)
+            handle = open_run(db_url, plan, keep_old=keep_old, flow_run_id=flow_run_id, end_on_error=True,
+                              defer_bin_removal=True)
             state["handle"] = handle
         hold.release()  # the handle is known: an interruption is recorded from here on
-        record_intake(db_url, plan, handle.camera_night_id, handle.run_id)  # so far; again at the end
         if heartbeat is not None:
             heartbeat.run_ids.add(handle.run_id)
+        remove_bins(handle.night_path)
+        record_intake(db_url, plan, handle.camera_night_id, handle.run_id)  # so far; again at the end
         return set(handle.done)
 
     def on_ready(plan: Any) -> None:

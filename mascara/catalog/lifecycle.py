@@ -33,7 +33,11 @@ on up to ``keep_old`` generations; the current outputs of a reduction that never
 finished do not push a finished one out (:func:`plan_actions`). ``raw/`` is never
 touched. An erase first renames the directory to a hidden bin
 (``.mascara-erasing-<id>``) so that it disappears at once; a crash during the
-removal leaves only the bin, which the next run removes.
+removal leaves only the bin, which the next run removes. A caller that holds
+signals while the run opens (the library driver) asks for the bins to be left
+(``defer_bin_removal``) and removes them with :func:`remove_bins` once a
+signal can stop it again: the held part is then renames and catalog writes
+only, however large the erased outputs are.
 """
 
 from __future__ import annotations
@@ -172,8 +176,12 @@ def plan_actions(night_path: str | Path, decision: str, keep_old: int = KEEP_OLD
     return erases + ordered
 
 
-def execute_action(entry: JournalEntry, night_path: str | Path) -> str | None:
+def execute_action(entry: JournalEntry, night_path: str | Path, remove_bin: bool = True) -> str | None:
     """Do (or finish) one journaled action; idempotent. Returns a note for the journal, if any.
+
+    ``remove_bin`` False: an erase ends with the directory in its bin (out of
+    view, its action done); :func:`remove_bins` or the next :func:`recover`
+    removes it.
 
     Raises
     ------
@@ -197,28 +205,53 @@ def execute_action(entry: JournalEntry, night_path: str | Path) -> str | None:
         faults.checkpoint("mid_move")
     elif not bin_.exists():
         note = f"{src.name} was already gone"
-    if bin_.is_dir() and not bin_.is_symlink():
-        shutil.rmtree(bin_)
-    elif bin_.exists() or bin_.is_symlink():
-        bin_.unlink()
+    if remove_bin and (bin_.exists() or bin_.is_symlink()):
+        _remove(bin_)
     return note
 
 
-def recover(cat: Catalog, camera_night_id: str, night_path: str | Path) -> list[JournalEntry]:
+def _remove(path: Path) -> None:
+    """Remove an erase's bin (a directory, a file or a link)."""
+    faults.checkpoint("removing_bins")
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def remove_bins(night_path: str | Path) -> list[str]:
+    """Remove the bins of erased directories in a night directory (their actions are confirmed); their names.
+
+    Safe at any time for a caller holding the camera-night's lease: a bin
+    holds only what a confirmed erase took out of view. Interrupted, it leaves
+    the rest of a bin, which the next call or :func:`recover` removes.
+    """
+    removed = []
+    for bin_ in sorted(Path(night_path).glob(f"{BIN_PREFIX}*")):
+        _remove(bin_)
+        removed.append(bin_.name)
+    return removed
+
+
+def recover(cat: Catalog, camera_night_id: str, night_path: str | Path, remove_bins_: bool = True
+            ) -> list[JournalEntry]:
     """Finish every journaled action of the camera-night not yet confirmed (of any run), oldest first.
 
     Call it holding the camera-night's lease. Returns the entries it finished.
+    ``remove_bins_`` False leaves the bins of erased directories for
+    :func:`remove_bins` (see :func:`execute_action`).
     """
     done = []
     for entry in cat.pending_actions(camera_night_id):
-        note = execute_action(entry, night_path)
+        note = execute_action(entry, night_path, remove_bin=remove_bins_)
         cat.confirm_action(entry.id, note)
         done.append(entry)
         if entry.action == "erased":
             log.warning("%s: erased %s (%s)", Path(night_path).name, entry.src, entry.reason or "")
-    for stray in Path(night_path).glob(f"{BIN_PREFIX}*"):
-        # a bin whose action was confirmed before its removal finished
-        shutil.rmtree(stray, ignore_errors=True) if stray.is_dir() else stray.unlink(missing_ok=True)
+    if remove_bins_:
+        for stray in Path(night_path).glob(f"{BIN_PREFIX}*"):
+            # a bin whose action was confirmed before its removal finished
+            shutil.rmtree(stray, ignore_errors=True) if stray.is_dir() else stray.unlink(missing_ok=True)
     return done
 
 
@@ -411,7 +444,8 @@ def _run_fields(plan: Plan, *, flow_run_id: str | None, lease_seconds: float = L
 
 def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, keep_old: int = KEEP_OLD,
              flow_run_id: str | None = None, lease_seconds: float = LEASE_SECONDS, host: str | None = None,
-             pid: int | None = None, end_on_error: bool = False, take_lock: bool = True) -> RunHandle:
+             pid: int | None = None, end_on_error: bool = False, take_lock: bool = True,
+             defer_bin_removal: bool = False) -> RunHandle:
     """Take a camera-night through registered -> moving -> reducing; idempotent for the same run id.
 
     Raises
@@ -433,6 +467,12 @@ def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, 
     error before the exception propagates, so that it does not stay
     ``running`` until its lease is taken over. A Prefect start task leaves it
     running for its retries (same run id) and ends it after the last one.
+
+    ``defer_bin_removal`` (a caller that holds signals while the run opens):
+    erased directories are left in their hidden bins, out of view and with
+    their actions confirmed; the caller removes them with :func:`remove_bins`
+    once it can be interrupted again (a run stopped before that leaves them
+    to the next one's :func:`recover`).
     """
     _check_keep_old(keep_old)  # before anything is registered: a refusal must not leave a run holding the lease
     cn_id, night_path = _register(cat, plan)
@@ -453,7 +493,8 @@ def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, 
             cat.finish_run(run_id, "failed", error=f"refused: {exc}"[:2000])
             raise
     try:
-        return _open_registered(cat, db_url, plan, run_id, cn_id, fp_key, night_path, overwrite, keep_old)
+        return _open_registered(cat, db_url, plan, run_id, cn_id, fp_key, night_path, overwrite, keep_old,
+                                not defer_bin_removal)
     except Exception as exc:
         if end_on_error:
             try:
@@ -506,12 +547,12 @@ def record_refusal(cat: Catalog, plan: Plan, error: str, *, flow_run_id: str | N
 
 
 def _open_registered(cat: Catalog, db_url: str, plan: Plan, run_id: str, cn_id: str, fp_key: str, night_path: Path,
-                     overwrite: bool, keep_old: int) -> RunHandle:
+                     overwrite: bool, keep_old: int, remove_bins_: bool = True) -> RunHandle:
     """:func:`open_run` once the run is registered and holds the lease and the lock: decide, move, begin."""
     night = plan.night
     faults.checkpoint("after_register")
 
-    recover(cat, cn_id, night_path)  # what earlier runs left half done comes first
+    recover(cat, cn_id, night_path, remove_bins_)  # what earlier runs left half done comes first
     warnings: list[str] = []
     info = cat.run_info(run_id)
     if info.decision is None:
@@ -530,7 +571,7 @@ def _open_registered(cat: Catalog, db_url: str, plan: Plan, run_id: str, cn_id: 
         if e.action == "erased" and decision == "move":
             warnings.append(f"{night.night_id}: erasing {Path(e.src).name} ({e.reason})")
             log.warning(warnings[-1])
-    recover(cat, cn_id, night_path)
+    recover(cat, cn_id, night_path, remove_bins_)
     faults.checkpoint("after_move")
 
     cat.begin_reducing(run_id, plan.batch_rows(), fresh=decision != "resume", grown=bool(getattr(plan, "live", False)))

@@ -16,6 +16,7 @@ from mascara.catalog.lifecycle import (
     execute_action,
     output_generations,
     plan_actions,
+    remove_bins,
 )
 
 
@@ -133,6 +134,17 @@ def test_actions_are_idempotent_and_finish_what_a_crash_left(tmp_path):
     assert execute_action(erase, night) is None
     assert not (night / f"{BIN_PREFIX}e1").exists()
     assert execute_action(erase, night) == "lightcurves was already gone"
+    # an erase asked to leave its bin (a caller holding signals): done and out of view, removed later
+    (night / "astrometry").mkdir()
+    (night / "astrometry" / "f").write_text("astrometry")
+    erase2 = JournalEntry("e2", "cn", "run", 2, str(night / "astrometry"), None, "erased", "intended", None)
+    assert execute_action(erase2, night, remove_bin=False) is None
+    assert not (night / "astrometry").exists() and (night / f"{BIN_PREFIX}e2" / "f").read_text() == "astrometry"
+    assert execute_action(erase2, night, remove_bin=False) is None  # again: the bin is its state, no complaint
+    (night / f"{BIN_PREFIX}e3").symlink_to(night / "raw")  # a bin that is a link: the link goes, not raw
+    assert remove_bins(night) == [f"{BIN_PREFIX}e2", f"{BIN_PREFIX}e3"]
+    assert not list(night.glob(f"{BIN_PREFIX}*")) and (night / "raw" / "00000001LPE.fits").read_bytes() == b"raw"
+    assert remove_bins(night) == []
     # both ends of a rename present: nothing in the journal explains it, a person must look
     (night / "work").mkdir()
     with pytest.raises(LifecycleError, match="both exist"):

@@ -618,3 +618,51 @@ def test_a_copy_of_the_frames_kept_as_raw_old_survives_reductions_reruns_and_ove
     moved = _rows(datadir, "SELECT src, dst, action FROM directory_move")
     assert moved and not [m for m in moved if "raw" in Path(m[0]).name], moved
     assert {Path(m[0]).name for m in moved if m[2] == "renamed"} >= {"lightcurves", "work"}
+
+
+def test_a_long_erase_does_not_hold_off_a_signal(pristine_night, reference, tmp_path, prefect_server):
+    """The library driver holds signals while a run opens (nothing half-decided may be left unrecorded), but
+    removing erased outputs, which takes as long as the outputs are large, comes after the hold: a SIGTERM
+    during a removal that does not end (``removing_bins:hang``) stops the run at once, recorded as
+    interrupted, with the erased directory out of view in its bin; the next run removes the bin and
+    finishes the night. (With the removal inside the hold, the signal waited for the hang.)"""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    night = datadir / NIGHT_ID
+    mascprocess(datadir, env, "--no-prefect", "-q")
+    raw = tree_digest(night / "raw")
+    cmd = [str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--camera", "E", "--site", "LP",
+           "--no-prefect", "-q", "-o"]
+    proc = subprocess.Popen(cmd, env={**env, "MASCARA_FAULT": "removing_bins:hang"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(night.glob(".mascara-erasing-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(night.glob(".mascara-erasing-*")), "no erase bin appeared"
+        time.sleep(0.5)  # into the hang
+        assert proc.poll() is None
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert waited < 30, waited
+    latest = runs(datadir)[-1]
+    assert (latest["status"], latest["error"], latest["decision"]) == ("failed", "interrupted (SIGTERM)", "erase")
+    assert _rows(datadir, "SELECT COUNT(*) FROM lease") == [(0,)]
+    # the erase is done and recorded; what it erased is out of view, in its bin, until the next run
+    assert not (night / "lightcurves").exists() and not (night / "work").exists()
+    assert list(night.glob(".mascara-erasing-*"))
+    _check(datadir)
+
+    again = mascprocess(datadir, env, "--no-prefect", "-q")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not list(night.glob(".mascara-erasing-*"))
+    assert night_status(datadir)["state"] == "succeeded"
+    assert_same_night_files(night, reference)
+    _check(datadir)
+    assert tree_digest(night / "raw") == raw
