@@ -217,13 +217,16 @@ def _stats(values: list[float]) -> dict:
 
 
 def read_ahead(night_dir: Path, nframes: int) -> dict:
-    """Read the files of :func:`night_subset` once, so that every timed run finds them in the page cache.
+    """Read the files of :func:`night_subset`, so that the run that follows finds them in the page cache.
 
-    Without it the first long run may read frames from disk that the warm-up
-    (the short night's frames only) did not: in one run of this script the
-    first 564-frame run took 61.0 s wall and 91.5 CPU-s, the next one 48.2 s
-    and 75.8 CPU-s, which alone moved the median of two repeats by 0.016
-    CPU-s per frame.
+    Done once before the warm-up and again, untimed, just before every timed
+    run. Without it a run may read frames from disk that an earlier one did
+    not: in one run of this script the first 564-frame run took 61.0 s wall
+    and 91.5 CPU-s, the next one 48.2 s and 75.8 CPU-s. Once before all the
+    runs was not enough on a kernel that pages out memory idle for about a
+    minute (DAMON): one 564-frame Prefect run read 2.4 GB from disk and took
+    42.3 s against 35.5 s for the same run with 0.4 GB, which alone moved
+    Prefect's median over the library driver by several per cent.
     """
     files = _subset_names(night_dir, nframes)
     t = time.perf_counter()
@@ -258,7 +261,10 @@ def measure(night_dir: Path | str, workdir: Path | str, frames: tuple[int, int],
             for n in (n2, n1) if r % 2 == 0 else (n1, n2):
                 for drv in drivers if r % 2 == 0 else drivers[::-1]:
                     progress(f"[process] repeat {r + 1}/{repeat}: {n} frames, {drv} ...")
+                    # every run starts with its frames in the page cache, whatever the machine evicted meanwhile
+                    ahead = read_ahead(night_dir, n)
                     runs.append(run_once(night_dir, workdir / "run", n, drv, workers, server))
+                    runs[-1]["read_ahead_seconds"] = ahead["seconds"]
                     progress(f"[process]   wall {runs[-1]['wall']:.1f} s, CPU {runs[-1]['cpu']:.1f} s, "
                              f"RSS {runs[-1]['rss_mb']:.0f} MB, load {runs[-1]['load_before']:.2f}")
     finally:
@@ -294,6 +300,9 @@ def measure(night_dir: Path | str, workdir: Path | str, frames: tuple[int, int],
             pf = out["drivers"][key]
             out[name] = {f"{what}_{agg}": pf["runs"][n2][what][agg] / lib["runs"][n2][what][agg] - 1.0
                          for what in ("wall", "cpu") for agg in ("min", "median")}
+            # the same on a 5,000-frame night, from each driver's measured long run plus its slope
+            out[name].update({f"wall_5000_{agg}": pf[f"wall_5000_{agg}"] / lib[f"wall_5000_{agg}"] - 1.0
+                              for agg in ("min", "median")})
     out["jit_charge_cpu"] = warm["cpu"] - out["drivers"]["library"]["runs"][n1]["cpu"]["median"]
     return out
 

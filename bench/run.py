@@ -697,9 +697,13 @@ def render_process(pr: dict) -> list[str]:
         L.append("")
     if "page_cache" in pr:
         pc = pr["page_cache"]
-        L.append(f"- Before any run, the calibration files and the first {n2} frames were read once "
-                 f"({pc['bytes'] / 1e9:.1f} GB in {pc['seconds']:.1f} s), so that the timed runs find them in the "
-                 "page cache (a frame just written by the camera is there too).")
+        ahead = [r["read_ahead_seconds"] for r in pr["runs"] if "read_ahead_seconds" in r]
+        again = (f" and each run's frames again just before it, untimed ({min(ahead):.1f}-{max(ahead):.1f} s)"
+                 if ahead else "")
+        L.append(f"- The calibration files and the first {n2} frames were read once before any run "
+                 f"({pc['bytes'] / 1e9:.1f} GB in {pc['seconds']:.1f} s){again}, so that every timed run finds "
+                 "its frames in the page cache (a frame just written by the camera is there too) and no run "
+                 "pays for disk reads another one did not.")
     disk = {n: [r["disk_read_mb"] for r in pr["runs"] if r["frames"] == n and "disk_read_mb" in r] for n in (n1, n2)}
     if disk[n1] and disk[n2]:
         L.append(f"- Read from the disk rather than the page cache, per run (the process and its children, "
@@ -717,7 +721,10 @@ def render_process(pr: dict) -> list[str]:
             po = pr[name]
             L.append(f"- {DRIVER_NAMES[key]} against the library driver, {n2} frames: wall "
                      f"{100 * po['wall_median']:+.1f} % (median), {100 * po['wall_min']:+.1f} % (minima); CPU "
-                     f"{100 * po['cpu_median']:+.1f} % / {100 * po['cpu_min']:+.1f} %.")
+                     f"{100 * po['cpu_median']:+.1f} % / {100 * po['cpu_min']:+.1f} %"
+                     + (f"; on a 5,000-frame night (each driver's long run plus its slope) wall "
+                        f"{100 * po['wall_5000_median']:+.1f} % (median), {100 * po['wall_5000_min']:+.1f} % (minima)"
+                        if "wall_5000_min" in po else "") + ".")
     if "server_start" in pr:
         ss = pr["server_start"]
         L.append(f"- Starting a Prefect server (`prefect server start`, fresh database) until it answers: "

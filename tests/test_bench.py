@@ -62,7 +62,10 @@ def test_quick_bench_reports_every_stage(tmp_path):
         assert min(ph["start"], ph["prepare"], ph["batches"], ph["exit"]) > 0, (run["driver"], ph)
         # what came from the disk: never negative, never more than the process could have read in its time
         assert 0 <= run["disk_read_mb"] < 4000 and run["major_faults"] >= 0, run
+        # each timed run had its frames read just before it (so that no run pays for another's evictions)
+        assert run["read_ahead_seconds"] >= 0, run
     assert "Read from the disk rather than the page cache, per run" in text
+    assert "each run's frames again just before it" in text
 
 
 @pytest.mark.slow
