@@ -745,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="frames after the first batch boundary of the long whole-process run (default 550)")
     ap.add_argument("--short-frames", type=int, default=100,
                     help="the same for the short run; the slope per frame is taken between the two (default 100)")
-    ap.add_argument("--repeat", type=int, default=2, help="repeats of every whole-process run (default 2)")
+    ap.add_argument("--repeat", type=int, default=3, help="repeats of every whole-process run (default 3: a median that one slow run does not move)")
     ap.add_argument("--workers", type=int, default=2, help="batches at once in the whole-process runs (default 2)")
     ap.add_argument("--no-process", action="store_true", help="skip the whole-process runs")
     ap.add_argument("--no-prefect", action="store_true", help="whole-process runs of the library driver only")
