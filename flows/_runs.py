@@ -100,15 +100,13 @@ def open_run(db_url: str, plan: Any, overwrite: bool = False, flow_run_id: str |
 def remove_bins(night_path: str | Path) -> None:
     """Remove what the run's erases left in their bins (:func:`mascara.catalog.lifecycle.remove_bins`).
 
-    Called once signals are no longer held. A bin that cannot be removed is a
-    warning, not a failure: its erase is done and recorded, and the next run
-    of the camera-night tries again.
+    Called once signals are no longer held, inside the ``try`` that records
+    the run's end: a bin that cannot be removed fails the run with the
+    error naming it (as when the removal was part of opening the run), so
+    that the night is not left finished with an erased reduction hidden on
+    disk; the next run tries again.
     """
-    try:
-        lifecycle.remove_bins(night_path)
-    except OSError as exc:
-        log.warning("%s: could not remove an erased directory's bin (the next run tries again): %s",
-                    Path(night_path).name, exc)
+    lifecycle.remove_bins(night_path)
 
 
 def lock_for_flow(db_url: str, plan: Any, flow_run_id: str | None) -> str:
@@ -508,21 +506,9 @@ def draw_quicklook(night_path: str | Path, logger: Any = None, *, every: float =
 
 def draw_night_summaries(datadir: str | Path, night_paths: list[Path]) -> list[Path]:
     """The summary figure across cameras of every night and site among ``night_paths`` (reduced ones only)."""
-    from mascara.diagnostics import read_qualities
-    from mascara.quicklook import night_summary_path, plot_night_summary
+    from mascara.quicklook import update_night_summaries
 
-    groups: dict[tuple[str, str], dict[str, Path]] = {}
-    for p in night_paths:
-        p = Path(p)
-        if read_qualities(p):
-            groups.setdefault((p.name[:8], p.name[8:10]), {})[p.name[8:]] = p
-    out = []
-    for (night, site), members in sorted(groups.items()):
-        try:
-            out.append(plot_night_summary(members, night_summary_path(datadir, night, site), f"{night} {site}"))
-        except Exception as exc:  # noqa: BLE001
-            log.warning("summary figure of %s %s not drawn: %s", night, site, exc)
-    return out
+    return update_night_summaries(datadir, night_paths)
 
 
 class Heartbeat:

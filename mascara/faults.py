@@ -40,7 +40,8 @@ POINTS = (
     "mid_move",            # one directory renamed (or moved to the bin), its row not yet confirmed
     "after_move",          # every move confirmed, batches not yet registered
     "after_begin",         # the run is 'reducing', its batches registered; the driver has no handle yet
-    "removing_bins",       # an erased directory in its bin (erase confirmed), about to be removed
+    "removing_bins",       # an erased directory in its bin, about to be removed (erase confirmed first only
+                           # in the library driver, which removes bins after the opening's signal hold)
     "after_batch_file",    # a batch file written, its catalog row not yet updated
     "combine_before_flc",  # the combine has read the batches, no night file written
     "combine_after_flc",   # the fLC is in place, the sLC is not

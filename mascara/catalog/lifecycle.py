@@ -180,8 +180,8 @@ def execute_action(entry: JournalEntry, night_path: str | Path, remove_bin: bool
     """Do (or finish) one journaled action; idempotent. Returns a note for the journal, if any.
 
     ``remove_bin`` False: an erase ends with the directory in its bin (out of
-    view, its action done); :func:`remove_bins` or the next :func:`recover`
-    removes it.
+    view, its action done); :func:`remove_bins` removes it (a later run's, if
+    this one stops first; a :func:`recover` that removes bins also sweeps it).
 
     Raises
     ------
@@ -222,14 +222,24 @@ def _remove(path: Path) -> None:
 def remove_bins(night_path: str | Path) -> list[str]:
     """Remove the bins of erased directories in a night directory (their actions are confirmed); their names.
 
-    Safe at any time for a caller holding the camera-night's lease: a bin
-    holds only what a confirmed erase took out of view. Interrupted, it leaves
-    the rest of a bin, which the next call or :func:`recover` removes.
+    Call it holding the camera-night's lease, after :func:`recover` (every
+    erase of this catalog confirmed): a bin then holds only what a done erase
+    took out of view. Every bin is tried; if any cannot be removed, an
+    ``OSError`` naming each of them is raised after the others are gone (the
+    caller fails its run, so that a later run tries again rather than a
+    finished night keeping an erased reduction on disk). Interrupted, it
+    leaves the rest of a bin to the next call.
     """
-    removed = []
+    removed, failed = [], []
     for bin_ in sorted(Path(night_path).glob(f"{BIN_PREFIX}*")):
-        _remove(bin_)
+        try:
+            _remove(bin_)
+        except OSError as exc:
+            failed.append(f"{bin_}: {exc}")
+            continue
         removed.append(bin_.name)
+    if failed:
+        raise OSError(f"could not remove what an erase left: {'; '.join(failed)}")
     return removed
 
 
@@ -472,7 +482,8 @@ def open_run(cat: Catalog, db_url: str, plan: Plan, *, overwrite: bool = False, 
     erased directories are left in their hidden bins, out of view and with
     their actions confirmed; the caller removes them with :func:`remove_bins`
     once it can be interrupted again (a run stopped before that leaves them
-    to the next one's :func:`recover`).
+    to the next run's :func:`remove_bins`, or to a Prefect run's
+    :func:`recover`).
     """
     _check_keep_old(keep_old)  # before anything is registered: a refusal must not leave a run holding the lease
     cn_id, night_path = _register(cat, plan)

@@ -636,8 +636,13 @@ def test_a_long_erase_does_not_hold_off_a_signal(pristine_night, reference, tmp_
     proc = subprocess.Popen(cmd, env={**env, "MASCARA_FAULT": "removing_bins:hang"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
+        # the run is past its opening (phase 'reducing', recorded before the hold is released) and its
+        # bin is there: it is in the hang, not in the hold
         deadline = time.monotonic() + 120
-        while not list(night.glob(".mascara-erasing-*")) and proc.poll() is None and time.monotonic() < deadline:
+        while proc.poll() is None and time.monotonic() < deadline and not (
+                list(night.glob(".mascara-erasing-*"))
+                and _count_soon(datadir, "SELECT COUNT(*) FROM reduction_run WHERE status = 'running' "
+                                         "AND phase = 'reducing'") == 1):
             time.sleep(0.05)
         assert list(night.glob(".mascara-erasing-*")), "no erase bin appeared"
         time.sleep(0.5)  # into the hang
@@ -657,6 +662,35 @@ def test_a_long_erase_does_not_hold_off_a_signal(pristine_night, reference, tmp_
     # the erase is done and recorded; what it erased is out of view, in its bin, until the next run
     assert not (night / "lightcurves").exists() and not (night / "work").exists()
     assert list(night.glob(".mascara-erasing-*"))
+    _check(datadir)
+
+    again = mascprocess(datadir, env, "--no-prefect", "-q")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not list(night.glob(".mascara-erasing-*"))
+    assert night_status(datadir)["state"] == "succeeded"
+    assert_same_night_files(night, reference)
+    _check(datadir)
+    assert tree_digest(night / "raw") == raw
+
+
+def test_an_erased_reduction_that_cannot_be_removed_fails_the_run_and_the_next_run_removes_it(
+        pristine_night, reference, tmp_path, prefect_server):
+    """A bin that cannot be removed (``removing_bins:oserror``) must not leave a night finished with an
+    erased reduction hidden on disk, which ``--skip-done`` would never revisit: the run fails, naming the
+    bin; the next plain run removes it and finishes the night."""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    night = datadir / NIGHT_ID
+    mascprocess(datadir, env, "--no-prefect", "-q")
+    raw = tree_digest(night / "raw")
+    res = mascprocess(datadir, {**env, "MASCARA_FAULT": "removing_bins:oserror"}, "--no-prefect", "-q", "-o",
+                      check=False)
+    assert res.returncode == 1, res.stderr[-3000:]
+    (bin_,) = night.glob(".mascara-erasing-*")
+    latest = runs(datadir)[-1]
+    assert (latest["status"], latest["decision"]) == ("failed", "erase")
+    assert "could not remove what an erase left" in latest["error"] and str(bin_) in latest["error"], latest["error"]
+    assert _rows(datadir, "SELECT COUNT(*) FROM lease") == [(0,)]
     _check(datadir)
 
     again = mascprocess(datadir, env, "--no-prefect", "-q")
