@@ -70,6 +70,23 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler="mascara.catalog.commands:cli_status")
 
 
+def _add_quicklook(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quicklook", help="redraw the quick-look figures of reduced camera-nights (from their work/)",
+        description="Redraw <night>/quicklook/*.png of each selected camera-night and the summary figure of each "
+                    "night and site (<datadir>/quicklook/) from what the reduction left in work/: for figures "
+                    "that are missing or stale (a reduction stopped after recording its success, a drawing "
+                    "that failed, figures deleted). Reads nothing else and changes no reduction.",
+        epilog="exit codes: 0 every selected camera-night drawn; 1 one had nothing reduced to draw (named) or "
+               "failed, or a requested night directory is missing; 2 a mistake in the request.")
+    p.add_argument("datadir", help="data directory holding <YYYYMMDD><SITE><CAM>/")
+    p.add_argument("--night", default=None, help="YYYYMMDD, a range YYYYMMDD..YYYYMMDD, several joined by +, "
+                                                  "or all (default)")
+    p.add_argument("--camera", default=None, help="camera letters joined by +, default: all found")
+    p.add_argument("--site", default=None, help="LP or LS; default: every site found")
+    p.set_defaults(handler="mascara.quicklook:cli_quicklook")
+
+
 def _add_db(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("db", help="catalog maintenance")
     dsub = p.add_subparsers(dest="db_command", required=True)
@@ -190,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
     _add_status(sub)
+    _add_quicklook(sub)
     _add_db(sub)
     _add_backfill(sub)
     p = sub.add_parser("process", help="same as mascprocess", description=MASCPROCESS_HELP,

@@ -24,8 +24,11 @@ with matplotlib's object interface on the Agg canvas, never through
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -318,3 +321,61 @@ def plot_night_summary(nights: Mapping[str, str | os.PathLike[str]], out: str | 
 def night_summary_path(datadir: str | os.PathLike[str], night: str, site: str) -> Path:
     """Where the summary figure of a night and site goes: ``<datadir>/quicklook/<night><site>.png``."""
     return Path(datadir) / QUICKLOOK_DIR / f"{night}{site}.png"
+
+
+def update_night_summaries(datadir: str | os.PathLike[str], night_paths: Sequence[str | os.PathLike[str]]
+                           ) -> list[Path]:
+    """The summary figure across cameras of every night and site among ``night_paths`` (reduced ones only).
+
+    A figure that cannot be drawn is logged and skipped: a figure never fails a reduction.
+    """
+    groups: dict[tuple[str, str], dict[str, Path]] = {}
+    for p in map(Path, night_paths):
+        if dg.read_qualities(p):
+            groups.setdefault((p.name[:8], p.name[8:10]), {})[p.name[8:]] = p
+    out = []
+    for (night, site), members in sorted(groups.items()):
+        try:
+            out.append(plot_night_summary(members, night_summary_path(datadir, night, site), f"{night} {site}"))
+        except Exception as exc:  # noqa: BLE001
+            logging.getLogger(__name__).warning("summary figure of %s %s not drawn: %s", night, site, exc)
+    return out
+
+
+def cli_quicklook(args: argparse.Namespace) -> int:
+    """``mascara quicklook``: redraw the quick-look figures of reduced camera-nights from their ``work/``.
+
+    For a night whose figures are missing or stale: a reduction stopped after
+    it recorded its success but before it drew them, a drawing that failed
+    (logged, never a failed reduction), or figures deleted by hand. Reads only
+    ``work/``; writes only ``<night>/quicklook/`` and ``<datadir>/quicklook/``.
+    Exit 0 when every selected camera-night was drawn, 1 when one has nothing
+    reduced to draw or failed, 2 for a mistake in the request.
+    """
+    from mascara.selection import SelectionError, select_nights
+
+    try:
+        sel = select_nights(args.datadir, args.night or "all", args.camera, args.site)
+    except SelectionError as exc:
+        print(f"mascara quicklook: {exc}", file=sys.stderr)
+        return 2
+    for missing in sel.not_found:
+        print(f"mascara quicklook: no night directory {missing} in {sel.datadir}", file=sys.stderr)
+    bad = 0
+    drawn = []
+    for night in sel.night_dirs:
+        if not dg.read_qualities(night):
+            print(f"{night.name}: nothing to draw (no reduced batch in {night / 'work'})", file=sys.stderr)
+            bad += 1
+            continue
+        try:
+            figs = update_camera_night(night)
+        except Exception as exc:  # noqa: BLE001 - named, and the other nights are still drawn
+            print(f"{night.name}: figures not drawn: {type(exc).__name__}: {exc}", file=sys.stderr)
+            bad += 1
+            continue
+        drawn.append(night)
+        print(f"{night.name}: {', '.join(sorted(figs))} in {night / QUICKLOOK_DIR}")
+    for path in update_night_summaries(sel.datadir, drawn):
+        print(f"night summary: {path}")
+    return 1 if bad or sel.not_found else 0

@@ -186,6 +186,47 @@ def test_quicklook_draws_an_empty_night_without_failing(tmp_path):
     assert set(figs) == {"lightcurves", "sky", "astrometry", "frames"} and all(p.is_file() for p in figs.values())
 
 
+def test_mascara_quicklook_redraws_missing_figures_from_work_and_names_what_it_cannot(cloudy_night, tmp_path,
+                                                                                      capsys):
+    """``mascara quicklook``: figures deleted after a reduction (or never drawn) come back from ``work/`` alone,
+    the reduction's outputs and ``raw/`` untouched; a camera-night with nothing reduced is named, exit 1."""
+    from mascara.cli import main
+
+    def tree_digest(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    datadir = tmp_path / "data"
+    for cam in ("E", "S"):
+        shutil.copytree(cloudy_night / f"{NIGHT}LP{cam}", datadir / f"{NIGHT}LP{cam}", symlinks=True)
+    for cam in ("E", "S"):
+        shutil.rmtree(datadir / f"{NIGHT}LP{cam}" / "quicklook")
+    kept = {name: tree_digest(datadir / f"{NIGHT}LPE" / name) for name in ("raw", "work", "lightcurves")}
+    assert main(["quicklook", str(datadir), "--night", NIGHT, "--camera", "E+S"]) == 0
+    out = capsys.readouterr().out
+    for cam in ("E", "S"):
+        night = datadir / f"{NIGHT}LP{cam}"
+        assert sorted(p.name for p in (night / "quicklook").iterdir()) == [
+            "astrometry.png", "frames.png", "lightcurves.png", "sky.png", "thumbnail.png"], cam
+        assert f"{NIGHT}LP{cam}: astrometry, frames, lightcurves, sky, thumbnail in {night / 'quicklook'}" in out
+        # the redrawn figures are those the reduction drew (same inputs, same pixels)
+        for png in (night / "quicklook").iterdir():
+            assert png.read_bytes() == (cloudy_night / f"{NIGHT}LP{cam}" / "quicklook" / png.name).read_bytes(), png
+    assert (datadir / "quicklook" / f"{NIGHT}LP.png").is_file() and f"night summary: {datadir}" in out
+    assert {name: tree_digest(datadir / f"{NIGHT}LPE" / name) for name in kept} == kept
+
+    # a camera-night that was never reduced: named, exit 1, the others still drawn
+    (datadir / f"{NIGHT}LPW" / "raw").mkdir(parents=True)
+    shutil.rmtree(datadir / f"{NIGHT}LPE" / "quicklook")
+    assert main(["quicklook", str(datadir), "--night", NIGHT]) == 1
+    cap = capsys.readouterr()
+    assert f"{NIGHT}LPW: nothing to draw (no reduced batch in {datadir / f'{NIGHT}LPW' / 'work'})" in cap.err
+    assert (datadir / f"{NIGHT}LPE" / "quicklook" / "sky.png").is_file()
+    assert not (datadir / f"{NIGHT}LPW" / "quicklook").exists()
+    # a mistake in the request: one line, exit 2
+    assert main(["quicklook", str(datadir), "--night", "2026-03-01"]) == 2
+    assert "mascara quicklook:" in capsys.readouterr().err
+
+
 def test_short_reason_drops_details():
     from mascara.quicklook import short_reason
 
