@@ -81,7 +81,8 @@ class RichProgress:
         counts = self.nbatches[night_id]
         counts[0 if ok else 2] += 1
         failed = f", {counts[2]} failed" if counts[2] else ""
-        self.progress.update(self.tasks[night_id], advance=nframes,
+        # the bar counts frames reduced: a failed batch's frames are not
+        self.progress.update(self.tasks[night_id], advance=nframes if ok else 0,
                              batches=f"{counts[0]}/{counts[1]} batches{failed}")
 
     def night_finished(self, night_id: str, state: str, message: str) -> None:

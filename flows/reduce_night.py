@@ -248,6 +248,41 @@ def combine_task(night_id: str, handle: _runs.RunHandle, settings_json: str) -> 
     return {"night_id": night_id, "summary": summary, "files": files, "quality": quality}
 
 
+def _report_failed_night(n: _Night, sjson: str, logger: Any) -> None:
+    """What an operator needs of a camera-night that failed after it started reducing, in the UI.
+
+    The progress artifact's last word (batches and frames actually reduced,
+    and the failure), the counts of its reduced batches for the night's table
+    (:attr:`_Night.partial`), and its quick-look figures drawn from what
+    ``work/`` holds, published like a finished night's. Never raises: this is
+    reporting, the failure itself is recorded by the caller.
+    """
+    done = len(n.batches) - len(n.left)
+    nfailed = len(n.failed)
+    try:
+        update_progress_artifact(n.progress_id, 100.0 * done / max(len(n.batches), 1),
+                                 description=f"{n.night_id}: failed: {done - nfailed}/{len(n.batches)} batches "
+                                             f"reduced ({nfailed} failed), {n.done_frames}/{n.nframes} frames")
+    except Exception as exc:  # noqa: BLE001
+        logger.debug("progress artifact: %s", exc)
+    try:
+        plan = _plan(n.night_path, sjson)
+        paths = [str(p) for p in map(plan.batch_path, sorted(plan.batches)) if Path(p).is_file()]
+        summary = night_summary(plan, paths, [])
+        summary["batches"] = f"{len(paths)}/{len(plan.batches)}"
+        n.partial = {"summary": summary, "quality": _quality_summary(n.night_path)}
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("%s: counts of the reduced batches not read: %s", n.night_id, exc)
+    figures = _runs.draw_quicklook(n.night_path, logger)
+    if figures:
+        try:
+            report.publish_markdown(_artifact_key(n.night_id, "quicklook"),
+                                    report.quicklook_markdown(n.night_id, figures, n.night_path),
+                                    f"Quick-look figures of {n.night_id} (failed: the batches reduced)")
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("%s: quick-look artifact not published: %s", n.night_id, exc)
+
+
 def _quality_summary(night_path: Any) -> dict:
     from mascara.diagnostics import read_qualities, summarise
 
@@ -405,6 +440,8 @@ class _Night:
     progress_id: Any = None
     progress_at: float = 0.0  # monotonic time of the last progress-artifact update
     result: dict | None = None
+    #: what a night that did not succeed got to (its batch files on disk): the night table's counts
+    partial: dict | None = None
 
 
 def _settings_json(settings: dict | str | None) -> str:
@@ -584,8 +621,10 @@ def reduce_night(
     def open_nights() -> list[_Night]:
         return [n for n in nights_.values() if n.state in ("pending", "running")]
 
-    def end_night(n: _Night, state: str, message: str) -> None:
+    def end_night(n: _Night, state: str, message: str, report_partial: bool = True) -> None:
         n.state, n.message = state, message
+        if state == "failed" and n.handle is not None and report_partial:
+            _report_failed_night(n, sjson, logger)  # before the lease goes: the figures read work/
         if state == "failed":
             try:
                 if n.handle is not None:
@@ -684,7 +723,7 @@ def reduce_night(
             signame = _runs.interruption(sys.exc_info()[1])
             why = f"interrupted ({signame})" if signame else "flow ended before this camera-night finished"
             for n in open_nights():
-                end_night(n, "failed", why)
+                end_night(n, "failed", why, report_partial=False)  # no figures while being stopped
 
     results = [{"night_id": n.night_id, "state": n.state, "message": n.message,
                 **(n.result or {})} for n in nights_.values()]
@@ -735,7 +774,7 @@ def _publish_nights(datadir: str, nights_: dict[str, _Night], missing: list[tupl
     for (night, site), members in sorted(groups.items()):
         rows = []
         for n in sorted(members, key=lambda m: m.night_id):
-            r = n.result or {}
+            r = n.result or n.partial or {}
             rows.append(report.camera_night_row(n.night_id, n.state, r.get("summary"), r.get("files", ()),
                                                 r.get("quality"), settings, n.message))
         reduced = {n.night_id[8:]: n.night_path for n in members if n.state == "succeeded"}

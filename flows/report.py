@@ -81,6 +81,8 @@ def camera_night_row(night_id: str, state: str, summary: Mapping[str, Any] | Non
     return {
         "camera-night": night_id,
         "state": state,
+        # why a night did not succeed comes first after its state: a wide table must not hide it
+        "note": message[:160] if state != "succeeded" else "",
         "frames ok / rejected": pair(s.get("frames"), s.get("rejected")),
         "batches (low transparency)": None if s.get("batches") is None else f"{s['batches']} ({low or 0})",
         "transparency": q.get("transparency_median"),
@@ -88,7 +90,6 @@ def camera_night_row(night_id: str, state: str, summary: Mapping[str, Any] | Non
         STARS_FLC.format(**st): s.get("stars_fLC"),
         STARS_SLC.format(**st): s.get("stars_sLC"),
         "fLC size": human_size(flc["size"]) if flc else None,
-        "note": message[:160] if state != "succeeded" else "",
     }
 
 
@@ -116,7 +117,8 @@ def outputs_markdown(night_id: str, night_path: str, files: Sequence[Mapping], m
 def quicklook_markdown(night_id: str, figures: Mapping[str, str | Path], night_path: str) -> str:
     """The quick-look figures of a camera-night, embedded, with captions and where the PNGs are."""
     lines = [f"# {night_id} at a glance", "",
-             f"PNG files in `{Path(night_path) / 'quicklook'}/`, redrawn after every batch.", ""]
+             f"PNG files in `{Path(night_path) / 'quicklook'}/`, redrawn while the night is reduced (at most "
+             "every few minutes) and at its end; `mascara quicklook` redraws them from `work/`.", ""]
     for name, caption in CAPTIONS.items():
         if name in figures and Path(figures[name]).is_file():
             lines += [f"**{caption}**", "", png_markdown(figures[name], caption), ""]

@@ -130,3 +130,45 @@ def test_the_no_data_artifact_stays_short_for_a_long_range():
     entries = [(f"202601{d:02d}LP{c}", "no night directory") for d in range(1, 32) for c in "ES"]
     md = report.no_data_markdown(entries)
     assert md.count("- **") == 30 and "... and 32 more" in md and "20260101LPE" in md
+
+
+@pytest.mark.prefect
+@pytest.mark.slow
+def test_a_night_that_failed_shows_what_it_reduced_and_why_in_the_ui(prefect_server, pristine_night, tmp_path):
+    """A batch that exhausts its retries fails the camera-night; its artifacts still tell the operator what
+    was reduced: the progress artifact's last word (batches and frames reduced, the failure), the night
+    table's counts (equal to the catalog's) with the reason next to the state, and the quick-look figures
+    of the batches reduced (drawn and published). The terminal's bar counts only frames reduced."""
+    from flowkit import NIGHT_ID, artifacts, fresh_copy, mascprocess, runs
+
+    from mascara.catalog import connect
+    from mascara.reduce import plan_camera_night
+
+    api, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    plan = plan_camera_night(datadir / NIGHT_ID)
+    victim = sorted(plan.batches)[-1]
+    res = mascprocess(datadir, {**env, "MASCARA_FLOW_FAULT": f"{NIGHT_ID}:{victim}:9"}, check=False)
+    assert res.returncode == 1, res.stderr[-3000:]
+    reduced = sum(len(f) for b, f in plan.batches.items() if b != victim)
+    assert f"{reduced}/{len(plan.frames)} frames" in res.stdout, res.stdout[-2000:]  # not all of them
+
+    (run,) = runs(datadir)
+    assert run["status"] == "failed"
+    with connect(datadir=datadir) as cat:
+        (status,) = cat.night_status(NIGHT)
+    arts = artifacts(api, run["flow_run_id"])
+    progress = arts[f"{NIGHT_ID.lower()}-progress"]
+    nb = len(plan.batches)
+    assert progress["description"] == (f"{NIGHT_ID}: failed: {nb - 1}/{nb} batches reduced (1 failed), "
+                                       f"{reduced}/{len(plan.frames)} frames"), progress
+    assert progress["data"] == pytest.approx(100.0)
+    (row,) = arts[f"{NIGHT}-lp-cameras"]["data"] if isinstance(arts[f"{NIGHT}-lp-cameras"]["data"], list) else \
+        json.loads(arts[f"{NIGHT}-lp-cameras"]["data"])
+    assert list(row)[:3] == ["camera-night", "state", "note"], row
+    assert row["state"] == "failed" and "1 batch(es) failed" in row["note"], row
+    assert row["frames ok / rejected"] == f"{status['frames_ok']} / {status['frames_rejected']}", (row, status)
+    assert row["batches (low transparency)"].startswith(f"{nb - 1}/{nb} "), row
+    quick = arts[f"{NIGHT_ID.lower()}-quicklook"]
+    assert quick["data"].count("data:image/png;base64,") >= 4, quick["data"][:500]
+    assert (datadir / NIGHT_ID / "quicklook" / "frames.png").is_file()
