@@ -44,9 +44,27 @@ def _prepare_environment(args: argparse.Namespace) -> None:
     for k, v in _PREFECT_ENV.items():
         os.environ.setdefault(k, v)
     level = "WARNING" if (args.quiet or not args.verbose) else "INFO"
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", level)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # the run's INFO messages reach the Prefect server (the UI's logs of the run) while the terminal shows
+    # only what was asked for: the level is set on Prefect's console handler, not on its loggers
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", level)
+    root = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=root, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # Prefect's records reach this handler by propagation
+        handler.setLevel(root)
+        handler.addFilter(_PrefectBelow(logging.getLevelName(level)))
+
+
+class _PrefectBelow(logging.Filter):
+    """Drops Prefect's records (the run loggers' included) below ``level``: the terminal shows them as it
+    did when Prefect's loggers themselves were at that level, while the server still receives them."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level or not record.name.startswith("prefect")
     for noisy in ("httpx", "httpcore", "websockets", "numba", "distributed", "asyncio", "aiosqlite", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -172,3 +172,33 @@ def test_a_night_that_failed_shows_what_it_reduced_and_why_in_the_ui(prefect_ser
     quick = arts[f"{NIGHT_ID.lower()}-quicklook"]
     assert quick["data"].count("data:image/png;base64,") >= 4, quick["data"][:500]
     assert (datadir / NIGHT_ID / "quicklook" / "frames.png").is_file()
+
+
+@pytest.mark.prefect
+@pytest.mark.slow
+def test_a_quiet_mascprocess_keeps_the_terminal_quiet_and_gives_the_ui_the_runs_log(prefect_server, pristine_night,
+                                                                                     tmp_path):
+    """``mascprocess -q`` prints no INFO line, yet the run's page in the UI has its INFO log (the flow's
+    summary lines and Prefect's task states): an operator looking at a run started from a terminal sees
+    what it did."""
+    from flowkit import fresh_copy, mascprocess, runs
+
+    api, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    res = mascprocess(datadir, env, "-q")
+    assert " | INFO " not in res.stderr and "camera-night(s):" not in res.stderr, res.stderr[-2000:]
+    (run,) = runs(datadir)
+    logs = []
+    for _ in range(20):  # Prefect sends its queued logs in the background; the command drains them at exit
+        r = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["flow_run_id"]]}}},
+                       timeout=30)
+        r.raise_for_status()
+        logs = r.json()
+        if any("camera-night(s):" in x["message"] for x in logs):
+            break
+        import time
+
+        time.sleep(0.5)
+    messages = [x["message"] for x in logs]
+    assert any("reduce-night: 1 camera-night(s): " in m for m in messages), messages[:20]
+    assert any(x["level"] == 20 for x in logs), messages[:20]  # INFO
