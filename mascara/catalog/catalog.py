@@ -135,6 +135,30 @@ class JournalEntry:
     reason: str | None
 
 
+def night_dir_names(night_dir: str | Path) -> list[str]:
+    """The names under which the catalog knows a night directory: its real path first, then the absolute path
+    as given when a symbolic link makes them differ (rows registered before paths were resolved hold that)."""
+    given = Path(night_dir).absolute()
+    real = given.resolve()
+    return [str(real)] if real == given else [str(real), str(given)]
+
+
+def _camera_night_of(s: Session, names: list[str]) -> str | None:
+    """The id of the camera-night registered under one of ``names``, preferring the first name.
+
+    Failing that, a row registered under another path of the same directory (through a symbolic
+    link, before paths were resolved): rows of the same directory name whose path resolves to it.
+    """
+    rows = dict(s.execute(select(CameraNight.night_dir, CameraNight.id).where(CameraNight.night_dir.in_(names))).all())
+    found = next((rows[n] for n in names if n in rows), None)
+    if found is not None:
+        return found
+    real = Path(names[0])
+    alike = s.execute(select(CameraNight.night_dir, CameraNight.id)
+                      .where(CameraNight.night_dir.like(f"%{real.name}"))).all()
+    return next((cid for path, cid in alike if Path(path).name == real.name and Path(path).resolve() == real), None)
+
+
 def make_id(kind: str, *parts: object) -> str:
     """Deterministic id (uuid5) of a row of ``kind`` with natural key ``parts``."""
     return str(uuid.uuid5(_NAMESPACE, "/".join([kind, *map(str, parts)])))
@@ -272,21 +296,25 @@ class Catalog:
         """Register a camera-night; returns its id (the same id every time).
 
         ``camera`` is a letter (``E``) or a camera id (``LPE``); ``night`` is
-        ``YYYYMMDD``. The identity of a camera-night is its directory (made
-        absolute): the same night and camera in another data directory is
-        another camera-night.
+        ``YYYYMMDD``. The identity of a camera-night is its directory, with
+        symbolic links resolved (a data directory reached through a link is
+        the same data directory; rows registered before that, under the path
+        as given, are still found): the same night and camera in another
+        data directory is another camera-night.
         """
         night = str(night)
         if not re.fullmatch(r"\d{8}", night):
             raise ValueError(f"night must be YYYYMMDD, not {night!r}")
         cam_id = camera if camera.startswith(site) and len(camera) > len(site) else site + camera
-        night_dir = str(Path(night_dir).absolute())
+        names = night_dir_names(night_dir)
+        night_dir = names[0]
         row = {"id": make_id("camera_night", night_dir), "camera_id": cam_id, "night": night,
                "night_dir": night_dir, "datadir": str(Path(night_dir).parent), "registered_at": _now()}
 
         def fn(s: Session) -> str:
-            # catalogs from before revision 0003 have other ids: look the directory up first
-            known = s.execute(select(CameraNight.id).where(CameraNight.night_dir == night_dir)).scalar_one_or_none()
+            # catalogs from before revision 0003 have other ids, and rows registered before directories were
+            # resolved hold the path as given: look the directory up first, under each of its names
+            known = _camera_night_of(s, names)
             if known is not None:
                 return known
             self._insert(s, Site, [{"code": site}])
@@ -297,13 +325,13 @@ class Catalog:
         return self._tx(fn)
 
     def find_camera_night(self, night_dir: str | Path) -> str | None:
-        """The id of the camera-night of this directory, or None if the catalog never saw it."""
-        night_dir = str(Path(night_dir).absolute())
+        """The id of the camera-night of this directory, or None if the catalog never saw it.
 
-        def fn(s: Session) -> str | None:
-            return s.execute(select(CameraNight.id).where(CameraNight.night_dir == night_dir)).scalar_one_or_none()
-
-        return self._tx(fn, readonly=True)
+        Found under any name of the directory (:func:`night_dir_names`): a night reduced through
+        a symbolic link to the data directory is the night reduced through the real path.
+        """
+        names = night_dir_names(night_dir)
+        return self._tx(lambda s: _camera_night_of(s, names), readonly=True)
 
     # -- runs and leases ---------------------------------------------------
     def start_run(self, camera_night_id: str, fingerprint: Mapping[str, str], settings: Mapping[str, Any],
@@ -996,7 +1024,7 @@ class Catalog:
             if nights is not None:
                 q = q.where(CameraNight.night.in_(nights))
             if night_dir is not None:
-                q = q.where(CameraNight.night_dir == str(Path(night_dir).absolute()))
+                q = q.where(CameraNight.night_dir.in_(night_dir_names(night_dir)))
             q = q.order_by(CameraNight.night, CameraNight.camera_id, Frame.filename)
             return [dict(r._mapping) for r in s.execute(q)]
 

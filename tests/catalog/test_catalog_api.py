@@ -87,6 +87,33 @@ def test_registration_is_idempotent(catalog):
         catalog.record_product(run, "movie", "/x/m.mp4", "0" * 64, 1)
 
 
+def test_a_data_directory_reached_through_a_symbolic_link_is_the_same_camera_night(catalog, tmp_path):
+    """The backfill planned a whole season again through a linked data directory: the catalog held the real
+    path and looked up the linked one. A camera-night is found, and registered once, under either name; a row
+    registered under the linked name (before paths were resolved) is found through the real one too."""
+    real = tmp_path / "real"
+    (real / "20260301LPE").mkdir(parents=True)
+    (real / "20260302LPE").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    a = catalog.register_camera_night("LP", "E", "20260301", real / "20260301LPE")
+    assert catalog.find_camera_night(link / "20260301LPE") == a
+    assert catalog.register_camera_night("LP", "E", "20260301", link / "20260301LPE") == a
+    assert count(catalog, CameraNight) == 1
+    (row,) = catalog.night_status("20260301")
+    assert row["night_dir"] == str(real / "20260301LPE")
+    # a row an older mascara registered under the linked name: found under both names, never registered twice
+    with Session(catalog.engine) as s:
+        s.add(CameraNight(id="cn-old", camera_id="LPE", night="20260302", night_dir=str(link / "20260302LPE"),
+                          datadir=str(link), registered_at=s.get(CameraNight, a).registered_at))
+        s.commit()
+    assert catalog.find_camera_night(real / "20260302LPE") == "cn-old"
+    assert catalog.find_camera_night(link / "20260302LPE") == "cn-old"
+    assert catalog.register_camera_night("LP", "E", "20260302", real / "20260302LPE") == "cn-old"
+    assert count(catalog, CameraNight) == 2
+    assert catalog.find_camera_night(tmp_path / "elsewhere" / "20260301LPE") is None
+
+
 def test_status_vocabulary_is_enforced(catalog):
     cn = catalog.register_camera_night("LP", "E", "20260301", "/d")
     run = catalog.start_run(cn, fingerprint(), {}, {}, "h")

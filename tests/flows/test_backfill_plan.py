@@ -91,6 +91,16 @@ def test_only_what_changed_is_submitted(pristine, tmp_path, db_url):
     assert [r["error"] for r in runs] == ["test: released"]
     assert _states(plan_backfill(data, rng, site="LP", db_url=db_url)) == {
         "20260301LPE": "up-to-date", "20260302LPE": "up-to-date", "20260303": "no-data"}
+    # the same data directory through a symbolic link: the same camera-nights, up to date (it planned the
+    # whole range again: the catalog holds the real paths and looked the linked ones up as given)
+    link = tmp_path / "link"
+    link.symlink_to(data)
+    assert _states(plan_backfill(link, rng, site="LP", db_url=db_url)) == {
+        "20260301LPE": "up-to-date", "20260302LPE": "up-to-date", "20260303": "no-data"}
+    res = _mascprocess(link, db_url, "--night", "20260301..20260302", "--skip-done")
+    assert "20260301LPE: up to date" in res.stdout and "20260302LPE: up to date" in res.stdout
+    with connect(db_url) as cat:
+        assert len(cat.night_status()) == 2  # no second camera-night for the linked path
 
 
 def test_backfill_command_checks_its_arguments_before_anything(pristine, tmp_path):
