@@ -252,6 +252,23 @@ def record_intake(db_url: str, plan: Any, camera_night_id: str | None = None, ru
     return cn_id
 
 
+def record_refused(db_url: str, camera_night_id: str, exc: BaseException) -> int:
+    """Record the frames a failed preparation refused (``NoCameraSolution.refused``); how many.
+
+    Without it a night none of whose frames passed the intake failed with "60 refused" and listed none
+    of them: they are recorded by the batches, which never ran.
+    """
+    refused = getattr(exc, "refused", None) or []
+    try:
+        if refused:
+            catalog(db_url).record_frames(camera_night_id, [(q, name, size, "rejected", why)
+                                                            for q, name, size, why in refused])
+    except Exception as record:  # noqa: BLE001 - the failure itself is recorded next, whatever happens here
+        log.warning("the %d frame(s) refused could not be recorded: %s", len(refused), record)
+        return 0
+    return len(refused)
+
+
 def record_no_data(db_url: str, night_path: Path | str, reason: str) -> str:
     """Record a camera-night that has no frames, not even a directory, as ``empty`` (no run); returns its id."""
     from mascara.selection import NIGHT_DIR_RE
@@ -372,6 +389,7 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
             cat.finish_run(handle.run_id, "failed", error=f"interrupted ({interruption(exc)})")
         raise
     except Exception as exc:
+        record_refused(db_url, handle.camera_night_id, exc)
         cat.finish_run(handle.run_id, "failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:

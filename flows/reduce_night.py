@@ -162,12 +162,15 @@ def start_camera_night(night_id: str, night_path: str, settings_json: str, db_ur
 def prepare_task(night_id: str, handle: _runs.RunHandle, settings_json: str,
                  require_calibration: bool = False) -> dict:
     """Master calibration and the night's camera solution (cached in ``work/context.json``); records the calibration."""
-    from mascara.reduce import CalibrationRequired, prepare_camera_night
+    from mascara.reduce import CalibrationRequired, NoCameraSolution, prepare_camera_night
 
     try:
         ctx = prepare_camera_night(_plan(handle.night_path, settings_json), require_calibration=require_calibration)
     except CalibrationRequired as exc:
         _runs.record_calibration(handle.db_url, handle.camera_night_id, handle.night_path, exc.state)
+        raise
+    except NoCameraSolution as exc:  # no batch will run to record the frames the intake refused
+        _runs.record_refused(handle.db_url, handle.camera_night_id, exc)
         raise
     _runs.record_calibration(handle.db_url, handle.camera_night_id, handle.night_path, ctx.calibration_state())
     return {"master_kind": ctx.master_kind, "calibration": ctx.calibration_note, "solution": ctx.solution_info}

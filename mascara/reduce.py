@@ -370,6 +370,18 @@ def one_blas_thread() -> None:
         _BLAS_LIMITED = True
 
 
+class NoCameraSolution(AstrometryFailed):
+    """No frame of the night gave a camera solution; ``refused`` holds the frames the intake refused on the way,
+    ``(lstseq, filename, size, reason)``, for the caller to record (no batch runs to record them)."""
+
+    def __init__(self, message: str, refused: list[tuple[int, str, int, str]] | None = None):
+        super().__init__(message)
+        self.refused = list(refused or [])
+
+    def __reduce__(self):  # the refused frames survive a trip through pickle (a Dask worker's task)
+        return (type(self), (str(self), self.refused))
+
+
 def prepare_camera_night(plan: CameraNightPlan, require_calibration: bool = False) -> NightContext:
     """Master calibration and the camera solution of a night; cached in ``work/context.json``.
 
@@ -416,13 +428,15 @@ def prepare_camera_night(plan: CameraNightPlan, require_calibration: bool = Fals
     solution_start = f"solution of {previous[0]}" if previous else "nominal"
     model, info, first = None, {}, None
     failures: list[str] = []  # astrometry failures; frames refused by the intake do not count
-    rejected = 0
+    # frames refused on the way: recorded by their batches, which apply the same checks, or, when no
+    # solution is found and no batch runs, by the caller from the exception (NoCameraSolution.refused)
+    refused: list[tuple[int, str, int, str]] = []
     for batch, frames in plan.batches.items():
         for ff in _middle_first(frames, batch, plan.settings.batch_size):
             try:
                 frame = read_frame(ff.path, shape)
-            except BadFrame:
-                rejected += 1  # recorded by its batch, which applies the same checks
+            except BadFrame as exc:
+                refused.append((ff.lstseq, ff.path.name, ff.size, exc.reason))
                 continue
             first = frame
             image, _ = calibrate(frame, master)
@@ -441,8 +455,8 @@ def prepare_camera_night(plan: CameraNightPlan, require_calibration: bool = Fals
         if model is not None or len(failures) > 20:
             break
     if model is None:
-        why = "; ".join(failures[-3:]) if failures else f"no frame passed the intake ({rejected} refused)"
-        raise AstrometryFailed(f"{plan.night.path}: no camera solution found ({why})")
+        why = "; ".join(failures[-3:]) if failures else f"no frame passed the intake ({len(refused)} refused)"
+        raise NoCameraSolution(f"{plan.night.path}: no camera solution found ({why})", refused)
     solution = {"model": model.to_dict(), "info": _jsonable(info), "start": solution_start,
                 "found_by": f"mascara {__version__}"}
     _atomic_write_text(plan.night.path / SOLUTION_FILE, json.dumps(solution, indent=1))

@@ -101,7 +101,7 @@ def test_a_nightly_run_without_data_ends_completed_and_says_so(prefect_server, t
 @pytest.mark.slow
 def test_a_real_failure_still_fails(prefect_server, pristine_night, tmp_path):
     """A camera-night whose frames cannot be read at all (no camera solution) fails the flow run."""
-    from flowkit import NIGHT_ID, fresh_copy
+    from flowkit import BIN, NIGHT_ID, fresh_copy
 
     _, env = prefect_server
     datadir = fresh_copy(pristine_night, tmp_path / "data")
@@ -112,6 +112,23 @@ def test_a_real_failure_still_fails(prefect_server, pristine_night, tmp_path):
     out = _probe(env, datadir, NIGHT)
     assert out["type"] == "FAILED", out
     assert NIGHT_ID in out["message"]
+    # the frames refused while the camera solution was looked for are recorded, each with its reason, though
+    # no batch ran to record them (the failure said "120 refused" and the catalog listed none); both drivers
+    from mascara.catalog import connect
+
+    library = fresh_copy(pristine_night, tmp_path / "library")
+    for p in sorted((library / NIGHT_ID / "raw").glob(f"*{NIGHT_ID[-3:]}.fits*")):
+        p.write_bytes(b"SIMPLE  =                    T" + b" " * 50)
+    res = subprocess.run([str(BIN / "mascprocess"), str(library), "--night", NIGHT, "--camera", "E", "--site", "LP",
+                          "--no-prefect", "-q"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "no camera solution found" in res.stderr, res.stderr[-2000:]
+    for where in (datadir, library):
+        with connect(datadir=where) as cat:
+            rows = cat.rejected_frames(night_dir=where / NIGHT_ID)
+            (status,) = cat.night_status(NIGHT)
+        assert sorted(r["filename"] for r in rows) == sorted(p.name for p in broken), (where, len(rows))
+        assert all(r["reason"].startswith("unreadable FITS file") for r in rows), rows[:3]
+        assert status["frames_rejected"] == 120, status
 
 
 def test_an_empty_datadir_parameter_means_the_workers_mascara_datadir(monkeypatch, tmp_path):
