@@ -251,11 +251,15 @@ def cli_backfill(args: Any) -> int:
 
     from mascara.selection import NoNightData, SelectionError, load_settings_file
 
+    # with --json, standard output is the JSON alone (a program reads it); every other line goes to stderr
+    out = sys.stderr if args.json else sys.stdout
     try:
         settings = load_settings_file(args.settings) if args.settings else None
         entries = plan_backfill(args.datadir, args.night, args.camera, args.site, settings, args.db, args.force)
     except NoNightData as exc:
-        print(f"mascara backfill: nothing to do: {exc}")
+        print(f"mascara backfill: nothing to do: {exc}", file=out)
+        if args.json:
+            print("[]")
         return 0
     except SelectionError as exc:
         print(f"mascara backfill: {exc}", file=sys.stderr)
@@ -279,7 +283,7 @@ def cli_backfill(args: Any) -> int:
             print("work queues of pool " + args.pool + " (a free worker takes the first first): " +
                   ", ".join(f"{q['name']} {q['priority']}" + (f" (at most {q['concurrency_limit']} at once)"
                                                                 if q["concurrency_limit"] else "")
-                            for q in queues))
+                            for q in queues), file=out)
     if args.json:
         print(json.dumps(summary_rows(entries), indent=1))
     elif not args.quiet:
@@ -288,7 +292,7 @@ def cli_backfill(args: Any) -> int:
     verb = "would submit" if args.dry_run else "submitted"
     n_sub = c.get("submit", 0) if args.dry_run else c.get("submitted", 0)
     others = ", ".join(f"{v} {k}" for k, v in sorted(c.items()) if k not in ("submit", "submitted"))
-    print(f"backfill {args.night}: {verb} {n_sub} camera-night(s)" + (f"; {others}" if others else ""))
+    print(f"backfill {args.night}: {verb} {n_sub} camera-night(s)" + (f"; {others}" if others else ""), file=out)
     if args.dry_run or not args.wait:
         return 0
     ids = [e.flow_run_id for e in entries if e.state == "submitted" and e.flow_run_id]
@@ -302,17 +306,17 @@ def cli_backfill(args: Any) -> int:
             tally[v] = tally.get(v, 0) + 1
         if not args.quiet:
             print(f"  {time.monotonic() - t0:7.0f} s  " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(tally.items())),
-                  flush=True)
+                  flush=True, file=out)
 
     final = wait(ids, timeout=args.timeout, on_change=show)
     bad = {i: s for i, s in final.items() if s != "COMPLETED"}
     print(f"backfill {args.night}: {len(final) - len(bad)} of {len(ids)} run(s) completed in "
-          f"{time.monotonic() - t0:.0f} s" + (f"; not completed: {len(bad)}" if bad else ""))
+          f"{time.monotonic() - t0:.0f} s" + (f"; not completed: {len(bad)}" if bad else ""), file=out)
     names = {e.flow_run_id: e.night_id for e in entries if e.flow_run_id}
     final_states = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
     for i, st in sorted(bad.items(), key=lambda kv: names.get(kv[0], "")):  # which ones, and whether still going
         still = "" if st in final_states else " (still going: --timeout ended the wait, not the run)"
-        print(f"  {names.get(i, '?')}: flow run {i} {st.lower()}{still}")
+        print(f"  {names.get(i, '?')}: flow run {i} {st.lower()}{still}", file=out)
     return 1 if bad or len(final) < len(ids) else 0
 
 

@@ -58,8 +58,9 @@ def _wait_final(api: str, ids: list[str], timeout: float = 900) -> dict[str, dic
 
 
 def _submitted(stdout: str) -> list[dict]:
-    rows = json.loads(stdout[stdout.index("["):stdout.rindex("]") + 1])
-    return rows
+    """The rows of ``mascara backfill --json``: its standard output is that JSON alone (the other lines are on
+    stderr), so a program reads it with ``json.loads`` (the summary line once followed it)."""
+    return json.loads(stdout)
 
 
 def _taken(log: str) -> set[str]:

@@ -116,8 +116,8 @@ def test_backfill_command_checks_its_arguments_before_anything(pristine, tmp_pat
     dry = subprocess.run([str(BIN / "mascara"), "backfill", str(data), "--night", "20260301..20260310",
                           "--dry-run", "--json"], capture_output=True, text=True, env=env_no_server)
     assert dry.returncode == 0, dry.stderr
-    rows = json.loads(dry.stdout[dry.stdout.index("["):dry.stdout.rindex("]") + 1])
+    rows = json.loads(dry.stdout)  # with --json, standard output is the JSON alone
     states = {r["camera_night"]: r["state"] for r in rows}
     assert states["20260301LPE"] == states["20260302LPE"] == "submit"
     assert sum(s == "no-data" for s in states.values()) == 8
-    assert "would submit 2 camera-night(s)" in dry.stdout
+    assert "would submit 2 camera-night(s)" in dry.stderr
