@@ -131,7 +131,9 @@ def _add_backfill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="only show what would be submitted")
     p.add_argument("--wait", action="store_true", help="wait until every submitted run has finished")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="with --wait: stop waiting after")
-    p.add_argument("--json", action="store_true", help="print the camera-nights as JSON on standard output (the JSON alone: every other line goes to stderr)")
+    p.add_argument("--json", action="store_true",
+                   help="print the camera-nights as JSON on standard output (the JSON alone: every other line "
+                        "goes to stderr)")
     p.add_argument("-q", "--quiet", action="store_true", help="only the summary line")
     p.set_defaults(handler="flows.backfill:cli_backfill")
 
