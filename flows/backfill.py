@@ -141,8 +141,8 @@ def ensure_queues(client: Any, pool: str = POOL, backfill_limit: int | None = No
             for q in sorted(client.read_work_queues(work_pool_name=pool), key=lambda q: q.priority)]
 
 
-def open_backfill_runs(client: Any, deployment_id: Any) -> dict[str, str]:
-    """``{camera-night id: flow run id}`` of the deployment's runs not yet finished."""
+def open_backfill_runs(client: Any, deployment_id: Any) -> dict[str, list[tuple[str, str]]]:
+    """``{camera-night id: [(flow run id, state type), ...]}`` of the deployment's runs not yet finished."""
     from prefect.client.schemas.filters import (
         DeploymentFilter,
         DeploymentFilterId,
@@ -156,12 +156,41 @@ def open_backfill_runs(client: Any, deployment_id: Any) -> dict[str, str]:
         deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
         flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
             type=FlowRunFilterStateType(any_=[StateType(s) for s in OPEN_STATES]))))
-    out = {}
+    out: dict[str, list[tuple[str, str]]] = {}
     for r in runs:
         for t in r.tags:
             if t.startswith(TAG_PREFIX):
-                out[t[len(TAG_PREFIX):]] = str(r.id)
+                out.setdefault(t[len(TAG_PREFIX):], []).append(
+                    (str(r.id), r.state_type.value if r.state_type else "SCHEDULED"))
     return out
+
+
+def dead_run(db_url: str, night_path: str | Path, flow_run_id: str) -> str | None:
+    """Why a flow run Prefect still calls Running no longer reduces its camera-night, or None if it may.
+
+    Prefect keeps a flow run Running when its process dies with its worker (a machine that went down): only
+    the catalog can tell. Dead: the run it opened is recorded ended, or ran on this host in a process that
+    is gone. A run not yet in the catalog (just started) or on another host with a live lease is not dead.
+    """
+    from mascara.catalog import CatalogError
+    from mascara.catalog.catalog import flow_run_run_id
+    from mascara.catalog.lifecycle import process_gone
+
+    from flows import _runs
+
+    cat = _runs.catalog(db_url)
+    cn = cat.find_camera_night(night_path)
+    if cn is None:
+        return None
+    run_id = flow_run_run_id(cn, flow_run_id)
+    try:
+        info = cat.run_info(run_id)
+    except CatalogError:
+        return None
+    if info.status != "running":
+        return f"its catalog run {run_id} is {info.status}"
+    pid = process_gone(cat, run_id)
+    return None if pid is None else f"its process {pid} on this host is gone (run {run_id})"
 
 
 def submit(entries: list[Entry], datadir: str | Path, *, settings: dict | None = None, db_url: str | None = None,
@@ -175,8 +204,12 @@ def submit(entries: list[Entry], datadir: str | Path, *, settings: dict | None =
     camera-night on that Dask cluster (the run's ``MASCARA_DASK_ADDRESS``).
     """
     from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    from mascara.catalog._engine import resolve_url
 
     datadir = str(Path(datadir).resolve())
+    url = resolve_url(db_url, datadir)
     with get_client(sync_client=True) as client:
         queues = ensure_queues(client, pool, backfill_limit)
         dep = client.read_deployment_by_name(deployment)
@@ -184,9 +217,18 @@ def submit(entries: list[Entry], datadir: str | Path, *, settings: dict | None =
         for e in entries:
             if e.state != "submit":
                 continue
-            if e.night_id in queued:  # even with force: a second forced run would erase what the first moved aside
-                e.state, e.reason, e.flow_run_id = "in-progress", "a backfill run is already queued", queued[e.night_id]
+            # even with force, never beside an open run: a second forced run would erase what the first moved aside
+            alive, dead = [], []
+            for fr_id, st in queued.get(e.night_id, []):
+                why = dead_run(url, e.night_path, fr_id) if st == "RUNNING" and e.night_path else None
+                (alive if why is None else dead).append((fr_id, st, why))
+            if alive:
+                fr_id, st, _ = alive[0]
+                e.state, e.reason, e.flow_run_id = "in-progress", f"a backfill run is already {st.lower()}", fr_id
                 continue
+            for fr_id, _, why in dead:  # Prefect's record follows the catalog's, so no later backfill trips on it
+                client.set_flow_run_state(fr_id, Crashed(message=f"mascara backfill: {why}"), force=True)
+                e.reason = f"backfill run {fr_id} was Running in Prefect, but {why}: marked Crashed, submitted again"
             params = {"datadir": datadir, "nights": e.night, "cameras": e.night_id[10:], "site": e.night_id[8:10],
                       "settings": settings, "skip_done": not force, "keep_old": int(keep_old)}
             if db_url:

@@ -278,3 +278,52 @@ def test_a_backfill_runs_its_batches_on_an_existing_dask_cluster(season, tmp_pat
     by_night = _catalog_runs(season["db"])
     for c in CAMERAS:
         assert by_night[f"{SEASON[0]}LP{c}"][-1]["status"] == "succeeded"
+
+
+def test_a_backfill_run_prefect_still_calls_running_after_its_process_died_does_not_block_the_night(season,
+                                                                                                    tmp_path):
+    """A worker's machine went down: Prefect keeps the flow run Running, the catalog knows its process is gone.
+    The backfill submitted nothing for that camera-night ('in-progress') until someone cancelled the run by
+    hand. Now it marks the dead run Crashed and submits the night again; a run still queued, or Running
+    with a live process, keeps the night in progress."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Running
+
+    from flows.backfill import NIGHT_DEPLOYMENT, TAG_PREFIX, Entry, submit
+    from mascara.catalog import connect
+
+    night_id = f"{SEASON[0]}LPE"
+    night_path = season["data"] / night_id
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    created, run = [], None
+    with temporary_settings(updates={PREFECT_API_URL: season["api"]}), get_client(sync_client=True) as client:
+        try:
+            dep = client.read_deployment_by_name(NIGHT_DEPLOYMENT)
+            zombie = client.create_flow_run_from_deployment(dep.id, name="zombie", tags=["backfill",
+                                                                                           TAG_PREFIX + night_id])
+            created.append(zombie.id)
+            client.set_flow_run_state(zombie.id, Running(), force=True)
+            with connect(season["db"]) as cat:
+                cn = cat.register_camera_night("LP", "E", SEASON[0], night_path)
+                run = cat.start_run(cn, fingerprint={"code_version": "x", "settings_hash": "y", "catalogue_hash": "z",
+                                                     "raw_inventory_hash": "w"}, settings={}, versions={},
+                                    host=__import__("socket").gethostname(), flow_run_id=str(zombie.id),
+                                    pid=gone.pid)
+            entry = Entry(night_id, "submit", night_path=str(night_path))
+            submit([entry], season["data"], db_url=season["db"])
+            assert entry.state == "submitted", entry
+            created.append(entry.flow_run_id)
+            assert f"process {gone.pid} on this host is gone" in entry.reason and "marked Crashed" in entry.reason
+            assert client.read_flow_run(zombie.id).state.type.value == "CRASHED"
+            # the new run is queued: the next backfill leaves the night to it
+            again = Entry(night_id, "submit", night_path=str(night_path))
+            submit([again], season["data"], db_url=season["db"])
+            assert (again.state, again.flow_run_id) == ("in-progress", entry.flow_run_id), again
+        finally:
+            for fr in filter(None, created):
+                client.delete_flow_run(fr)
+            if run is not None:
+                with connect(season["db"]) as cat:
+                    cat.finish_run(run, "failed", error="test: released")
