@@ -169,8 +169,9 @@ def dead_run(db_url: str, night_path: str | Path, flow_run_id: str) -> str | Non
     """Why a flow run Prefect still calls Running no longer reduces its camera-night, or None if it may.
 
     Prefect keeps a flow run Running when its process dies with its worker (a machine that went down): only
-    the catalog can tell. Dead: the run it opened is recorded ended, or ran on this host in a process that
-    is gone. A run not yet in the catalog (just started) or on another host with a live lease is not dead.
+    the catalog can tell. Dead: the run it opened is recorded ended, its lease expired (a live run heartbeats
+    it), or it ran on this host in a process that is gone. A run not yet in the catalog (just started) or on
+    another host with a live lease is not dead.
     """
     from mascara.catalog import CatalogError
     from mascara.catalog.catalog import flow_run_run_id
@@ -189,6 +190,8 @@ def dead_run(db_url: str, night_path: str | Path, flow_run_id: str) -> str | Non
         return None
     if info.status != "running":
         return f"its catalog run {run_id} is {info.status}"
+    if not info.live:
+        return f"its catalog run {run_id} holds no unexpired lease (a run heartbeats it while it lives)"
     pid = process_gone(cat, run_id)
     return None if pid is None else f"its process {pid} on this host is gone (run {run_id})"
 

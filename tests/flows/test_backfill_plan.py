@@ -9,13 +9,17 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from flowkit import BIN
+from sqlalchemy import update
+from sqlmodel import Session
 
 from flows.backfill import plan_backfill
 from mascara.catalog import connect
+from mascara.catalog.models import Lease
 from mascara.rawio import parse_night_dir
 from mascara.reduce import plan_camera_night
 
@@ -121,3 +125,35 @@ def test_backfill_command_checks_its_arguments_before_anything(pristine, tmp_pat
     assert states["20260301LPE"] == states["20260302LPE"] == "submit"
     assert sum(s == "no-data" for s in states.values()) == 8
     assert "would submit 2 camera-night(s)" in dry.stderr
+
+
+def test_a_flow_run_is_dead_for_the_backfill_only_when_the_catalog_says_so(db_url, tmp_path):
+    """``dead_run``: what the catalog says of the run a flow run opened, for a flow run Prefect calls Running."""
+    import os
+    import socket
+    import sys
+
+    from flows.backfill import dead_run
+
+    fp = {"code_version": "x", "settings_hash": "y", "catalogue_hash": "z", "raw_inventory_hash": "w"}
+    night = tmp_path / "20260301LPE"
+    night.mkdir()
+    here = socket.gethostname()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert dead_run(db_url, night, "fr-0") is None  # a night the catalog never saw
+    with connect(db_url) as cat:
+        cn = cat.register_camera_night("LP", "E", "20260301", night)
+        assert dead_run(db_url, night, "fr-0") is None  # not registered yet: it may be starting
+        live = cat.start_run(cn, fp, {}, {}, host=here, flow_run_id="fr-live", pid=os.getpid(), lease_seconds=600)
+        assert dead_run(db_url, night, "fr-live") is None
+        cat.finish_run(live, "failed", error="test")
+        assert "is failed" in dead_run(db_url, night, "fr-live")
+        cat.start_run(cn, fp, {}, {}, host="elsewhere", flow_run_id="fr-far", pid=1, lease_seconds=600)
+        assert dead_run(db_url, night, "fr-far") is None  # another host, a live lease: it may be working
+        with Session(cat.engine) as s:  # its heartbeats stopped: the lease ran out
+            s.execute(update(Lease).values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+            s.commit()
+        assert "holds no unexpired lease" in dead_run(db_url, night, "fr-far")
+        cat.start_run(cn, fp, {}, {}, host=here, flow_run_id="fr-gone", pid=gone.pid, lease_seconds=600)
+        assert f"process {gone.pid} on this host is gone" in dead_run(db_url, night, "fr-gone")
