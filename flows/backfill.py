@@ -63,6 +63,8 @@ class Entry:
     night_path: str | None = None
     flow_run_id: str | None = None
     frames: int = 0
+    #: the plan of a camera-night without frames, for :func:`record_empty` once the backfill is submitted
+    empty_plan: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def night(self) -> str:
@@ -93,7 +95,7 @@ def plan_backfill(datadir: str | Path, nights: Any, cameras: Any = None, site: A
         plan = plan_camera_night(nd, s)
         e = Entry(nd.night_id, "submit", night_path=str(Path(nd.path).resolve()), frames=len(plan.frames))
         if plan.empty_reason():
-            e.state, e.reason = "empty", plan.empty_reason()
+            e.state, e.reason, e.empty_plan = "empty", plan.empty_reason(), plan
         else:
             why = _runs.already_done(db_url, plan)
             # force redoes what is up to date, never what is being reduced right now
@@ -269,6 +271,20 @@ def wait(flow_run_ids: list[str], timeout: float | None = None, poll: float = 5.
             time.sleep(poll)
 
 
+def record_empty(entries: list[Entry], datadir: str | Path, db_url: str | None = None) -> int:
+    """Record the camera-nights without frames as ``empty`` in the catalog, as a reduction of them would;
+    how many. A submitted backfill does it, so that the season's counts hold every camera-night on disk (the
+    plan alone, and ``--dry-run``, change nothing)."""
+    from flows import _runs
+    from mascara.catalog._engine import resolve_url
+
+    url = resolve_url(db_url, str(Path(datadir).resolve()))
+    empty = [e for e in entries if e.state == "empty" and e.empty_plan is not None]
+    for e in empty:
+        _runs.record_intake(url, e.empty_plan)
+    return len(empty)
+
+
 def summary_rows(entries: list[Entry]) -> list[dict[str, Any]]:
     return [{"camera_night": e.night_id, "state": e.state, "frames": e.frames, "flow_run": e.flow_run_id or "",
              "reason": e.reason} for e in entries]
@@ -324,6 +340,7 @@ def cli_backfill(args: Any) -> int:
                   f"{type(exc).__name__}: {exc} (is `prefect deploy --all` done and the deployment "
                   f"{args.deployment} there?)", file=sys.stderr)
             return 2
+        record_empty(entries, args.datadir, args.db)
         if not args.quiet:
             print("work queues of pool " + args.pool + " (a free worker takes the first first): " +
                   ", ".join(f"{q['name']} {q['priority']}" + (f" (at most {q['concurrency_limit']} at once)"
@@ -405,6 +422,7 @@ def reduce_night_backfill(datadir: str = "", nights: str = "yesterday", cameras:
         return []
     queues = submit(entries, datadir, settings=settings, db_url=db_url, force=force, keep_old=keep_old,
                     backfill_limit=backfill_limit)
+    record_empty(entries, datadir, db_url)
     c = counts(entries)
     logger.info("backfill %s: %s; work queues %s", nights, c, queues)
     report.publish_table(report.artifact_key("backfill", entries[0].night, entries[-1].night), summary_rows(entries),

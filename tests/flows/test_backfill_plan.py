@@ -127,6 +127,24 @@ def test_backfill_command_checks_its_arguments_before_anything(pristine, tmp_pat
     assert "would submit 2 camera-night(s)" in dry.stderr
 
 
+def test_a_submitted_backfill_records_camera_nights_without_frames_as_empty(pristine, tmp_path, db_url):
+    """Camera-nights with an empty raw/ found by a backfill are recorded ``empty`` once it is submitted (the
+    season's counts missed them), never by the plan alone."""
+    from flows.backfill import record_empty
+
+    data = tmp_path / "data"
+    shutil.copytree(pristine, data)
+    (data / "20260301LPS" / "raw").mkdir(parents=True)
+    entries = plan_backfill(data, "20260301", site="LP", db_url=db_url)
+    assert _states(entries) == {"20260301LPE": "submit", "20260301LPS": "empty"}
+    with connect(db_url) as cat:
+        assert cat.night_status("20260301") == []  # planning changed nothing
+    assert record_empty(entries, data, db_url) == 1
+    with connect(db_url) as cat:
+        (row,) = cat.night_status("20260301")
+    assert (row["camera"], row["state"]) == ("LPS", "empty"), row
+
+
 def test_a_flow_run_is_dead_for_the_backfill_only_when_the_catalog_says_so(db_url, tmp_path):
     """``dead_run``: what the catalog says of the run a flow run opened, for a flow run Prefect calls Running."""
     import os
