@@ -53,6 +53,8 @@ def _prepare_environment(args: argparse.Namespace) -> None:
     for handler in logging.getLogger().handlers:  # Prefect's records reach this handler by propagation
         handler.setLevel(root)
         handler.addFilter(_PrefectBelow(logging.getLevelName(level)))
+    for noisy in ("httpx", "httpcore", "websockets", "numba", "distributed", "asyncio", "aiosqlite", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class _PrefectBelow(logging.Filter):
@@ -65,8 +67,6 @@ class _PrefectBelow(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= self.level or not record.name.startswith("prefect")
-    for noisy in ("httpx", "httpcore", "websockets", "numba", "distributed", "asyncio", "aiosqlite", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class RichProgress:
