@@ -97,18 +97,6 @@ def open_run(db_url: str, plan: Any, overwrite: bool = False, flow_run_id: str |
                               end_on_error=end_on_error, take_lock=take_lock, defer_bin_removal=defer_bin_removal)
 
 
-def remove_bins(night_path: str | Path) -> None:
-    """Remove what the run's erases left in their bins (:func:`mascara.catalog.lifecycle.remove_bins`).
-
-    Called once signals are no longer held, inside the ``try`` that records
-    the run's end: a bin that cannot be removed fails the run with the
-    error naming it (as when the removal was part of opening the run), so
-    that the night is not left finished with an erased reduction hidden on
-    disk; the next run tries again.
-    """
-    lifecycle.remove_bins(night_path)
-
-
 def lock_for_flow(db_url: str, plan: Any, flow_run_id: str | None) -> str:
     """:func:`mascara.catalog.lifecycle.lock_for_flow` on this URL."""
     return lifecycle.lock_for_flow(catalog(db_url), db_url, plan, flow_run_id)
@@ -371,7 +359,9 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
         hold.release()
         if heartbeat is not None:
             heartbeat.run_ids.add(handle.run_id)
-        remove_bins(handle.night_path)
+        # the erases' bins, now that a signal stops the run again; one that cannot be removed fails the run
+        # (recorded as its failure), so that no finished night keeps an erased reduction hidden on disk
+        lifecycle.remove_bins(handle.night_path)
         record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
         result = reduce_camera_night(plan.night, plan.settings, skip=handle.done, on_batch=on_batch,
                                      on_batch_start=on_batch_start, on_batch_error=on_batch_error,
@@ -438,7 +428,7 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
         hold.release()  # the handle is known: an interruption is recorded from here on
         if heartbeat is not None:
             heartbeat.run_ids.add(handle.run_id)
-        remove_bins(handle.night_path)
+        lifecycle.remove_bins(handle.night_path)  # as in drive_camera_night
         record_intake(db_url, plan, handle.camera_night_id, handle.run_id)  # so far; again at the end
         return set(handle.done)
 

@@ -70,6 +70,12 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler="mascara.catalog.commands:cli_status")
 
 
+def _add_camera_site(p: argparse.ArgumentParser) -> None:
+    """``--camera`` and ``--site`` of the commands that select camera-nights (default: all found)."""
+    p.add_argument("--camera", default=None, help="camera letters joined by +, default: all found")
+    p.add_argument("--site", default=None, help="LP or LS; default: every site found")
+
+
 def _add_quicklook(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quicklook", help="redraw the quick-look figures of reduced camera-nights (from their work/)",
@@ -82,8 +88,7 @@ def _add_quicklook(sub: argparse._SubParsersAction) -> None:
     p.add_argument("datadir", help="data directory holding <YYYYMMDD><SITE><CAM>/")
     p.add_argument("--night", default=None, help="YYYYMMDD, a range YYYYMMDD..YYYYMMDD, several joined by +, "
                                                   "or all (default)")
-    p.add_argument("--camera", default=None, help="camera letters joined by +, default: all found")
-    p.add_argument("--site", default=None, help="LP or LS; default: every site found")
+    _add_camera_site(p)
     p.set_defaults(handler="mascara.quicklook:cli_quicklook")
 
 
@@ -111,8 +116,7 @@ def _add_backfill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--night", required=True,
                    help="YYYYMMDD, a range YYYYMMDD..YYYYMMDD, or several joined by + (nights without data "
                         "are listed and skipped)")
-    p.add_argument("--camera", default=None, help="camera letters joined by +, default: all found")
-    p.add_argument("--site", default=None, help="LP or LS; default: every site found")
+    _add_camera_site(p)
     p.add_argument("--force", action="store_true",
                    help="submit up-to-date camera-nights too (their outputs are moved to _old)")
     p.add_argument("--settings", default=None, help="JSON file of settings overrides (a change reprocesses)")
@@ -151,8 +155,7 @@ MASCPROCESS_EPILOG = ("exit codes: 0 every selected camera-night reduced; 1 at l
 def add_mascprocess_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("datadir", help="data directory holding the night directories <YYYYMMDD><SITE><CAM>/raw/")
     p.add_argument("--night", default=None, help="YYYYMMDD, several joined by +, or a range YYYYMMDD..YYYYMMDD (nights without data in a range are skipped); default: every night found")
-    p.add_argument("--camera", default=None, help="camera letters joined by +, default: all found")
-    p.add_argument("--site", default=None, help="LP or LS; default: every site found")
+    _add_camera_site(p)
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors: no progress bars, no summary line")
     p.add_argument("-v", "--verbose", action="store_true", help="show the flow's log (Prefect INFO) and the reduction's debug messages")
     p.add_argument("-o", "--overwrite", action="store_true", help="erase old outputs instead of moving them to _old")

@@ -620,6 +620,19 @@ def test_a_copy_of_the_frames_kept_as_raw_old_survives_reductions_reruns_and_ove
     assert {Path(m[0]).name for m in moved if m[2] == "renamed"} >= {"lightcurves", "work"}
 
 
+def _next_run_removes_the_bins_and_finishes(datadir: Path, env: dict, reference: Path, raw: dict[str, str]) -> None:
+    """A plain library run after a run that left erase bins: it removes them and finishes the night as an
+    uninterrupted reduction would, raw/ untouched."""
+    night = datadir / NIGHT_ID
+    again = mascprocess(datadir, env, "--no-prefect", "-q")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not list(night.glob(".mascara-erasing-*"))
+    assert night_status(datadir)["state"] == "succeeded"
+    assert_same_night_files(night, reference)
+    _check(datadir)
+    assert tree_digest(night / "raw") == raw
+
+
 def test_a_long_erase_does_not_hold_off_a_signal(pristine_night, reference, tmp_path, prefect_server):
     """The library driver holds signals while a run opens (nothing half-decided may be left unrecorded), but
     removing erased outputs, which takes as long as the outputs are large, comes after the hold: a SIGTERM
@@ -664,13 +677,7 @@ def test_a_long_erase_does_not_hold_off_a_signal(pristine_night, reference, tmp_
     assert list(night.glob(".mascara-erasing-*"))
     _check(datadir)
 
-    again = mascprocess(datadir, env, "--no-prefect", "-q")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert not list(night.glob(".mascara-erasing-*"))
-    assert night_status(datadir)["state"] == "succeeded"
-    assert_same_night_files(night, reference)
-    _check(datadir)
-    assert tree_digest(night / "raw") == raw
+    _next_run_removes_the_bins_and_finishes(datadir, env, reference, raw)
 
 
 def test_an_erased_reduction_that_cannot_be_removed_fails_the_run_and_the_next_run_removes_it(
@@ -693,10 +700,4 @@ def test_an_erased_reduction_that_cannot_be_removed_fails_the_run_and_the_next_r
     assert _rows(datadir, "SELECT COUNT(*) FROM lease") == [(0,)]
     _check(datadir)
 
-    again = mascprocess(datadir, env, "--no-prefect", "-q")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert not list(night.glob(".mascara-erasing-*"))
-    assert night_status(datadir)["state"] == "succeeded"
-    assert_same_night_files(night, reference)
-    _check(datadir)
-    assert tree_digest(night / "raw") == raw
+    _next_run_removes_the_bins_and_finishes(datadir, env, reference, raw)
