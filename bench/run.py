@@ -716,6 +716,12 @@ def render_process(pr: dict) -> list[str]:
              f"{pr['jit_charge_cpu']:+.1f} CPU-s against the median timed run of the same length "
              "(numba compiles into its on-disk cache there when the code changed; loading the cache is part "
              "of every run's fixed cost).")
+    if pr.get("prefect_home_charge"):
+        wp, ch = pr["warmup_prefect"], pr["prefect_home_charge"]
+        L.append(f"- Second warm-up run ({wp['frames']} frames, Prefect flow, temporary server, on a new Prefect "
+                 f"home): {wp['wall']:.1f} s wall, {ch['wall']:+.1f} s and {ch['cpu']:+.1f} CPU-s against the "
+                 "median timed run of the same length: Prefect creates its database on a user's first run, once "
+                 "per installation; the timed runs share that home.")
     for key, name in OVER_LIBRARY.items():
         if name in pr:
             po = pr[name]
