@@ -123,12 +123,25 @@ def _check_products_on_disk(cat: Any, rows: list[dict[str, Any]]) -> None:
 
 
 def _check_running_processes(cat: Any, rows: list[dict[str, Any]]) -> None:
-    """Add ``process_gone`` to each running row: the pid of its run when that ran on this host and is gone."""
+    """Add ``process_gone`` and ``stalled`` to each row; for a running row whose run nothing runs any more.
+
+    ``process_gone``: the pid of its run when that ran on this host and is
+    gone. ``stalled``: why the run is running in name only (that process
+    gone, or no live lease: its heartbeats stopped); None otherwise.
+    """
     from mascara.catalog.lifecycle import process_gone
 
+    unheld = cat.unheld_runs() if any(r["state"] == "running" for r in rows) else {}
     for r in rows:
-        r["process_gone"] = process_gone(cat, r["last_run_id"]) if r["state"] == "running" and r.get(
-            "last_run_id") else None
+        run = r.get("last_run_id") if r["state"] == "running" else None
+        r["process_gone"] = process_gone(cat, run) if run else None
+        r["stalled"] = None
+        if r["process_gone"]:
+            r["stalled"] = f"its process {r['process_gone']} on this host is gone"
+        elif run in unheld:
+            beat = unheld[run]
+            r["stalled"] = ("no heartbeat since " + (f"{beat:%Y-%m-%d %H:%M:%S} UTC" if beat else "it started")
+                            + " and its lease has expired")
 
 
 def cli_status(args: argparse.Namespace) -> int:
@@ -199,10 +212,10 @@ def cli_status(args: argparse.Namespace) -> int:
                 console.print(f"{r['night']} {r['camera']}: {', '.join(r['products_gone'])} recorded by run "
                               f"{r['last_run_id']} not on disk as recorded (deleted or replaced since); a re-run "
                               "reduces the night again", soft_wrap=True)
-            if r.get("process_gone"):  # recorded running, but nothing runs it
-                console.print(f"{r['night']} {r['camera']}: run {r['last_run_id']} is recorded running, but its "
-                              f"process {r['process_gone']} on this host is gone (killed, or it could not write its "
-                              "end to the catalog); the next run of this night takes it over", soft_wrap=True)
+            if r.get("stalled"):  # recorded running, but nothing runs it
+                console.print(f"{r['night']} {r['camera']}: run {r['last_run_id']} is recorded running, but "
+                              f"{r['stalled']} (killed, or it could not write its end to the catalog); the next "
+                              "run of this night takes it over", soft_wrap=True)
             if _why(r):  # why a run failed, with the phase it stopped in
                 console.print(f"{r['night']} {r['camera']}: failed {_why(r)}", soft_wrap=True)
             if r["state"] == "empty" and r.get("error"):
@@ -258,14 +271,22 @@ def _print_season(url: str, args: argparse.Namespace) -> int:
     """``mascara status --season``: the season view, one row per month, site and camera, and the totals."""
     with connect(url) as cat:
         rows = cat.season(args.night)
+        # the view counts a run recorded running as running; one that nothing runs any more is "stalled" here
+        running = [r for r in cat.night_status(args.night) if r["state"] == "running"] if any(
+            r["running"] for r in rows) else []
+        _check_running_processes(cat, running)
+    for r in rows:
+        r["stalled"] = sum(1 for x in running if x["stalled"] and (x["night"][:6], x["site"], x["camera"]) == (
+            r["month"], r["site"], r["camera"]))
+        r["running"] -= r["stalled"]
     if args.json:
         return _print_json(rows)
     from rich.console import Console
     from rich.table import Table
 
-    keys = ("camera_nights", "done", "failed", "running", "pending", "empty", "frames", "frames_rejected")
+    keys = ("camera_nights", "done", "failed", "running", "stalled", "pending", "empty", "frames", "frames_rejected")
     table = Table(title="Season: the latest reduction of every camera-night, by month")
-    for h in ("month", "site", "camera", "camera-nights", "done", "failed", "running", "pending", "empty",
+    for h in ("month", "site", "camera", "camera-nights", "done", "failed", "running", "stalled", "pending", "empty",
               "frames", "rejected", "CPU h"):
         table.add_column(h, justify="left" if h in ("month", "site", "camera") else "right", no_wrap=True)
     for r in rows:

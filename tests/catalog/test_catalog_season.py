@@ -47,3 +47,48 @@ def test_season_totals_by_month_site_and_camera(catalog, capsys):
                                   night=None, json=False, season=True))
     out = capsys.readouterr().out
     assert "202601" in out and "202602" in out and "all" in out
+
+
+def test_season_and_status_say_which_running_runs_nothing_runs_any_more(catalog, capsys, monkeypatch):
+    """An outside trial killed a backfill: ``status --season`` went on counting its camera-nights as running.
+    A run recorded running whose process on this host is gone, or whose lease expired (its heartbeats
+    stopped, on any host), is counted ``stalled`` instead; the view itself is unchanged."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    here = socket.gethostname()
+    runs = {}
+    for cam, host, pid, lease in (("E", here, os.getpid(), 900.0),  # alive: this test's process
+                                  ("S", here, gone.pid, 900.0),  # its process is gone, its lease not yet
+                                  ("W", "elsewhere", None, 0.5),  # another host; its lease expires unrenewed
+                                  ("N", "elsewhere", None, 900.0)):  # another host, heartbeats on time
+        cn = catalog.register_camera_night("LP", cam, "20260310", f"/d/20260310LP{cam}")
+        runs[cam] = catalog.start_run(cn, fingerprint(), {}, VERSIONS, host, lease_seconds=lease, pid=pid)
+    _night(catalog, "20260311", "E", "succeeded", cpu=(3.0,))
+    time.sleep(1.0)
+    assert set(catalog.unheld_runs()) == {runs["W"]}
+    url = catalog.engine.url.render_as_string(hide_password=False)
+    args = dict(db=url, datadir=".", night=None, json=True, season=True)
+    assert cli_status(argparse.Namespace(**args)) == 0
+    rows = {r["camera"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {c: (r["camera_nights"], r["done"], r["running"], r["stalled"]) for c, r in rows.items()} == {
+        "LPE": (2, 1, 1, 0), "LPS": (1, 0, 0, 1), "LPW": (1, 0, 0, 1), "LPN": (1, 0, 1, 0)}, rows
+    assert sum(r["running"] for r in catalog.season()) == 4  # the SQL view counts what the catalog records
+    assert cli_status(argparse.Namespace(**{**args, "json": False})) == 0
+    out = capsys.readouterr().out
+    table = [line.replace("┃", "│").split("│") for line in out.splitlines() if "│" in line or "┃" in line]
+    header = [c.strip() for c in table[0]]
+    total = [c.strip() for c in table[-1]]
+    assert total[header.index("running")] == "2" and total[header.index("stalled")] == "2", table
+    assert cli_status(argparse.Namespace(**{**args, "season": False, "json": False, "rejected": False})) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"LPS: run {runs['S']} is recorded running, but its process {gone.pid} on this host is gone" in out, out
+    assert f"LPW: run {runs['W']} is recorded running, but no heartbeat since " in out
+    assert "and its lease has expired" in out
+    assert "LPE: run" not in out and "LPN: run" not in out
