@@ -222,14 +222,8 @@ def submit(entries: list[Entry], datadir: str | Path, *, settings: dict | None =
         for e in entries:
             if e.state != "submit":
                 continue
-            # even with force, never beside an open run: a second forced run would erase what the first moved aside
-            alive, dead = [], []
-            for fr_id, st in queued.get(e.night_id, []):
-                why = dead_run(url, e.night_path, fr_id) if st == "RUNNING" and e.night_path else None
-                (alive if why is None else dead).append((fr_id, st, why))
-            if alive:
-                fr_id, st, _ = alive[0]
-                e.state, e.reason, e.flow_run_id = "in-progress", f"a backfill run is already {st.lower()}", fr_id
+            dead = _open_runs_of(e, queued, url)
+            if e.state != "submit":
                 continue
             for fr_id, _, why in dead:  # Prefect's record follows the catalog's, so no later backfill trips on it
                 client.set_flow_run_state(fr_id, Crashed(message=f"mascara backfill: {why}"), force=True)
@@ -244,6 +238,45 @@ def submit(entries: list[Entry], datadir: str | Path, *, settings: dict | None =
                 job_variables={"env": {"MASCARA_DASK_ADDRESS": dask_address}} if dask_address else None)
             e.state, e.flow_run_id = "submitted", str(run.id)
     return queues
+
+
+def _open_runs_of(e: Entry, queued: dict[str, list[tuple[str, str]]], url: str) -> list[tuple[str, str, str]]:
+    """Make ``e`` ``in-progress`` when a backfill run of its camera-night is open and alive in Prefect.
+
+    Returns the runs Prefect calls Running whose process is gone by the
+    catalog (:func:`dead_run`): ``(flow run id, state, why)``. Even with
+    ``--force`` nothing is submitted beside an open run: a second forced run
+    would erase what the first one moved aside.
+    """
+    alive, dead = [], []
+    for fr_id, st in queued.get(e.night_id, []):
+        why = dead_run(url, e.night_path, fr_id) if st == "RUNNING" and e.night_path else None
+        (alive if why is None else dead).append((fr_id, st, why))
+    if alive:
+        fr_id, st, _ = alive[0]
+        e.state, e.reason, e.flow_run_id = "in-progress", f"a backfill run is already {st.lower()}", fr_id
+    return dead
+
+
+def preview(entries: list[Entry], datadir: str | Path, *, db_url: str | None = None,
+            deployment: str = NIGHT_DEPLOYMENT) -> None:
+    """What :func:`submit` would do, asking Prefect and writing nothing (``--dry-run`` with a server).
+
+    Entries with an open backfill run become ``in-progress``; a Running one
+    whose process is gone keeps ``submit``, its reason saying that run would
+    be marked Crashed first.
+    """
+    from prefect.client.orchestration import get_client
+
+    from mascara.catalog._engine import resolve_url
+
+    url = resolve_url(db_url, str(Path(datadir).resolve()))
+    with get_client(sync_client=True) as client:
+        queued = open_backfill_runs(client, client.read_deployment_by_name(deployment).id)
+    for e in entries:
+        if e.state == "submit":
+            for fr_id, _, why in _open_runs_of(e, queued, url):
+                e.reason = f"backfill run {fr_id} is Running in Prefect, but {why}: would be marked Crashed"
 
 
 def wait(flow_run_ids: list[str], timeout: float | None = None, poll: float = 5.0,
@@ -330,6 +363,15 @@ def cli_backfill(args: Any) -> int:
               "workers reduce them (see README, 'Reprocessing a season'); --dry-run shows what it would submit",
               file=sys.stderr)
         return 2
+    if args.dry_run and os.environ.get("PREFECT_API_URL"):  # what is already queued or running is not submitted
+        try:
+            preview(entries, args.datadir, db_url=args.db, deployment=args.deployment)
+        except Exception as exc:  # noqa: BLE001 - the plan alone is still worth showing
+            print(f"mascara backfill: could not ask {os.environ['PREFECT_API_URL']} which runs are open "
+                  f"({type(exc).__name__}: {exc}); the plan below does not know them", file=sys.stderr)
+    elif args.dry_run:
+        print("mascara backfill: PREFECT_API_URL is not set: the plan below does not know the backfill runs "
+              "already queued or running", file=sys.stderr)
     if not args.dry_run:
         try:
             queues = submit(entries, args.datadir, settings=settings, db_url=args.db, force=args.force,

@@ -154,6 +154,12 @@ def test_a_season_backfill_shares_two_workers_puts_nightly_first_and_redoes_only
     again = {r["camera_night"]: r for r in _submitted(_backfill(season, "--force", "--backfill-limit", "1").stdout)}
     assert {k: (r["state"], r["flow_run"]) for k, r in again.items() if k in expected} == {
         k: ("in-progress", rows[k]["flow_run"]) for k in expected}, again
+    # --dry-run asks Prefect too: what waits there is not "would submit" (it was, without asking)
+    dry = _backfill(season, "--force", "--dry-run")
+    assert {k: (r["state"], r["flow_run"]) for k, r in
+            ((r["camera_night"], r) for r in _submitted(dry.stdout)) if k in expected} == {
+        k: ("in-progress", rows[k]["flow_run"]) for k in expected}, dry.stdout
+    assert "would submit 0 camera-night(s)" in dry.stderr, dry.stderr
     # a nightly run submitted after them must still go first
     nightly = _run([BIN / "prefect", "deployment", "run", "reduce-night/nightly", "--param", f"nights={NIGHTLY}",
                     "--param", f"datadir={season['other']}", "--param", f"db_url={db}"], env)
