@@ -66,13 +66,55 @@ INTAKE_CHECKS: tuple[tuple[str, str], ...] = (
     ("regular file", "not a directory, not a dangling symbolic link, not empty"),
     ("readable FITS", "opens as FITS, not truncated, has an image"),
     ("keywords", f"{', '.join(REQUIRED_KEYWORDS)} present; the numeric ones finite numbers"),
-    ("header values", "LSTSEQ equals the file name's, LSTIDX = LSTSEQ % 13500, JD, LST and EXPTIME in range, "
-                      "IMAGETYP science, SITE-OBS and CAMERA those of the file name"),
+    ("header values", "LSTSEQ equals the file name's, LSTIDX = LSTSEQ % 13500, JD, LST, EXPTIME and CCDTEMP in "
+                      "range, IMAGETYP science, SITE-OBS and CAMERA those of the file name, the exposure's start "
+                      "(JD - EXPTIME/2) within 3.2 s of the slot LSTSEQ names, LST the local sidereal time of JD "
+                      "within 3 s"),
     ("integer image", "2-D integer pixels (a floating-point image, which can hold NaN, is refused)"),
     ("night's shape", "the shape of the night's frames; the science region X0 Y0 XSIZE YSIZE inside it"),
     ("not constant", "not one value everywhere (all zero, a blank readout)"),
     ("not mostly saturated", f"at most {MAX_SATURATED_FRACTION:.0%} of the science pixels >= {SATURATION_ADU} ADU"),
 )
+
+
+#: Longest accepted ``EXPTIME`` (s): the slot of 6.4 sidereal seconds, rounded up.
+MAX_EXPTIME = 6.5
+#: ``CCDTEMP`` (deg C) beyond this either way is not a temperature a camera ran at.
+CCDTEMP_LIMIT = 100.0
+#: How far (s) an exposure's start (header ``JD`` minus half ``EXPTIME``) may lie outside its slot
+#: (``LSTSEQ``): half a slot. A real frame starts 0.1 s into it (SPEC check value); at 6 s the stars
+#: are a pixel from where the header's time puts them, and the frame is refused.
+SLOT_MARGIN_SECONDS = 3.2
+#: How far (s of sidereal time) header ``LST`` may be from the local apparent sidereal time of its
+#: ``JD`` (0.01 s for the SPEC check value; a mean rather than apparent sidereal time is 1.2 s off at most).
+LST_MARGIN_SECONDS = 3.0
+
+
+def _check_times(path: Path, lstseq: int, jd: float, lst: float, exptime: float, site: str) -> None:
+    """``JD`` within the slot ``LSTSEQ`` names, and ``LST`` that of ``JD`` at the site; BadFrame if not.
+
+    Positions come from ``JD``; batches and light curves are keyed by
+    ``LSTSEQ``: a frame whose two disagree would put every star where it
+    is not (a minute off is 11 px) while its photometry looks ordinary.
+    """
+    from mascara.timeindex import REF_LON, SIDEREAL_RATIO, SLOT_SIDEREAL_SECONDS, get_site, slot_start_jd
+
+    start = slot_start_jd(lstseq)
+    after = (jd - exptime / 2.0 / 86400.0 - start) * 86400.0  # exposure start, s after the slot's start
+    slot = SLOT_SIDEREAL_SECONDS / SIDEREAL_RATIO
+    if not (-SLOT_MARGIN_SECONDS <= after <= slot + SLOT_MARGIN_SECONDS):
+        raise BadFrame(path, f"JD {jd!r} disagrees with LSTSEQ {lstseq}: the exposure starts {after:+.1f} s from "
+                             f"the start of that {slot:.2f} s slot")
+    try:
+        lon = get_site(site).lon
+    except (KeyError, ValueError):  # an unknown site: nothing to compare LST with
+        return
+    expected = ((lstseq % 13500) * SLOT_SIDEREAL_SECONDS / 3600.0 + (jd - start) * 24.0 * SIDEREAL_RATIO
+                + (lon - REF_LON) / 15.0) % 24.0
+    off = ((lst - expected + 12.0) % 24.0 - 12.0) * 3600.0
+    if abs(off) > LST_MARGIN_SECONDS:
+        raise BadFrame(path, f"LST {lst!r} h disagrees with JD {jd!r}: {off:+.1f} s from the local sidereal time "
+                             f"at {site}")
 
 
 class BadFrame(Exception):
@@ -630,12 +672,15 @@ def validate_frame(frame: Frame, expected_shape: tuple[int, int] | None = None,
         raise BadFrame(path, f"JD {jd} out of range")
     if not (0.0 <= lst < 24.0):
         raise BadFrame(path, f"LST {lst} out of range")
-    if not (0.0 < exptime < 100.0):
-        raise BadFrame(path, f"EXPTIME {exptime} out of range")
+    if not (0.0 < exptime <= MAX_EXPTIME):
+        raise BadFrame(path, f"EXPTIME {exptime} out of range (0 to {MAX_EXPTIME} s: an exposure fits its slot)")
+    if not (-CCDTEMP_LIMIT < float(h["CCDTEMP"]) < CCDTEMP_LIMIT):
+        raise BadFrame(path, f"CCDTEMP {float(h['CCDTEMP'])} out of range (+-{CCDTEMP_LIMIT:.0f} C)")
     if str(h["IMAGETYP"]).strip().lower() != "science":
         raise BadFrame(path, f"IMAGETYP is {h['IMAGETYP']!r}, not science")
     if m and (str(h["SITE-OBS"]).strip() != m["site"] or str(h["CAMERA"]).strip() != m["camera"]):
         raise BadFrame(path, f"header SITE-OBS/CAMERA {h['SITE-OBS']}/{h['CAMERA']} disagree with the file name")
+    _check_times(path, lstseq, jd, lst, exptime, str(h["SITE-OBS"]).strip())
     if data.dtype.kind not in "ui":
         raise BadFrame(path, f"pixels of type {data.dtype}, expected integers")
     if expected_shape is not None and data.shape != tuple(expected_shape):

@@ -341,3 +341,44 @@ def test_a_night_dated_by_another_convention_is_not_refused_whole(tmp_path):
     scan = scan_raw(parse_night_dir(night))
     assert [f.lstseq for f in scan.frames] == list(slots[::500])
     assert [r.lstseq for r in scan.rejected] == [other]
+
+
+def test_a_header_whose_time_disagrees_with_its_slot_is_refused(small_night, tmp_path):
+    """An outside trial moved one frame's JD by a minute: it was reduced as good, every star 11 px from its
+    place and flux0 near 0 with flag 0. Positions come from JD, batches from LSTSEQ: the two must agree, and
+    LST with JD; EXPTIME must fit the slot and CCDTEMP be a temperature. The SPEC's real frame passes."""
+    import re
+    import shutil
+
+    from astropy.io import fits
+
+    from mascara.rawio import _check_times
+    from mascara.timeindex import EXPTIME
+
+    _check_times(tmp_path / "48510542LSE.fits", 48510542, 2459876.832331556, 5.440494253816728, EXPTIME, "LS")
+    good = _good_frame(small_night)
+    h = fits.getheader(good)
+    jd, lst, seq = float(h["JD"]), float(h["LST"]), int(h["LSTSEQ"])
+    assert read_frame(good).lstseq == seq
+    cases = [({"JD": jd + 60 / 86400}, rf"JD \S+ disagrees with LSTSEQ {seq}: the exposure starts \+6\d\.\d s"),
+             ({"JD": jd - 1 / 24}, rf"JD \S+ disagrees with LSTSEQ {seq}: the exposure starts -3[56]\d\d\.\d s"),
+             ({"LST": (lst + 3) % 24}, r"LST \S+ h disagrees with JD \S+: \+10800\.\d s from the local sidereal"),
+             ({"EXPTIME": 99.0}, r"EXPTIME 99\.0 out of range"),
+             ({"EXPTIME": 13.0}, r"EXPTIME 13\.0 out of range"),
+             ({"CCDTEMP": 1e30}, r"CCDTEMP 1e\+30 out of range")]
+    for i, (change, reason) in enumerate(cases):
+        p = tmp_path / f"case{i}" / good.name
+        p.parent.mkdir()
+        shutil.copy(good, p)
+        with fits.open(p, mode="update") as hdul:
+            hdul[0].header.update(change)
+        with pytest.raises(BadFrame) as got:
+            read_frame(p)
+        assert re.match(reason, got.value.reason) and good.name in str(got.value), (str(got.value), reason)
+    # a few seconds of clock error (under a pixel of motion) is not refused
+    p = tmp_path / "late" / good.name
+    p.parent.mkdir()
+    shutil.copy(good, p)
+    with fits.open(p, mode="update") as hdul:
+        hdul[0].header.update({"JD": jd + 2 / 86400, "LST": (lst + 2 * 1.0027379 / 3600) % 24})
+    assert read_frame(p).lstseq == int(h["LSTSEQ"])
