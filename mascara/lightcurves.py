@@ -444,6 +444,7 @@ class StarSplitter:
         b = pieces.batch
         old = self.entry(b)
         if old is not None and old["sha256"] == sha and self._files_present(old):
+            self.ensure_diagnostics()  # split before, but its diagnostics may not have been written then
             return False
         if old is not None and old["sha256"] != sha:
             log.warning("batch %d: replacing pieces of %s by %s", b, old["path"], batch_path)
@@ -556,6 +557,34 @@ class StarSplitter:
         self._diag_cache[batch] = (e["sha256"], out)
         return out
 
+    def _diagnostics_digest(self) -> str:
+        """sha256 over the diagnostic star ids and the registered (batch, sha256) pairs the file is made of."""
+        h = hashlib.sha256(json.dumps(self.diagnostic_ids).encode())
+        for b, sha in sorted(self.batches.items()):
+            h.update(f"{b}:{sha};".encode())
+        return h.hexdigest()
+
+    def ensure_diagnostics(self) -> bool:
+        """Rewrite ``diagnostics.hdf5`` unless it was made from the registered batches as they are; True if rewritten.
+
+        A batch counts as split once registered, before its diagnostics are
+        written: a failure in between (a full disk) left the file a batch
+        behind, and a resumed night, whose batches are all registered, never
+        rewrote it. The combine and every :meth:`add` call this.
+        """
+        if not self.diagnostic_ids:
+            return False
+        path = self.workdir / self.DIAGNOSTICS
+        try:
+            with h5py.File(path, "r") as f:
+                current = f.attrs.get("mascara_digest") == self._diagnostics_digest()
+        except (OSError, KeyError):
+            current = False
+        if current:
+            return False
+        self.write_diagnostics()
+        return True
+
     def write_diagnostics(self) -> str:
         """Rewrite ``diagnostics.hdf5`` from the store (atomic).
 
@@ -583,6 +612,7 @@ class StarSplitter:
             with h5py.File(tmp, "w") as f:
                 f.attrs["nbatches"] = len(batches)
                 f.attrs["last_batch"] = batches[-1] if batches else -1
+                f.attrs["mascara_digest"] = self._diagnostics_digest()
                 for kind in _KINDS:
                     g = f.create_group(kind)
                     ascc, plain = curves[kind]

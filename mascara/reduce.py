@@ -953,6 +953,8 @@ def combine_camera_night(plan: CameraNightPlan, ctx: NightContext, batch_paths: 
         global_attrs(plan, ctx), workdir=split,
         slow_apertures=plan.settings.binned_apertures,
     )
+    if split is not None:  # the diagnostic stars' light curves follow the store, whoever split the batches last
+        StarSplitter(split, diagnostic_stars(plan, ctx)).ensure_diagnostics()
     _write_batch_solutions(plan, batch_paths)
     return res
 

@@ -524,3 +524,46 @@ def test_a_splitter_process_ends_when_the_process_that_started_it_is_killed(tmp_
         time.sleep(0.2)
     assert not alive(child), "the splitter outlived the process that started it"
     assert parent.stdout.read() == ""  # and the pipe closed: nothing holds it open any more
+
+
+def test_diagnostics_a_full_disk_left_behind_are_caught_up_by_the_resume_and_the_combine(tmp_path, night,
+                                                                                          monkeypatch):
+    """An outside trial filled the disk while the last batch was split: the batch was registered, its
+    diagnostics not written; the resumed night reused every batch, succeeded, and kept a diagnostics.hdf5
+    without that batch. Re-adding a registered batch, and the combine's catch-up, now rewrite it."""
+    paths, _, truth = night
+    ids = sorted(a.decode() for a in sorted(truth)[:3])
+    work = tmp_path / "work"
+    sp = lc.StarSplitter(work, ids)
+    for p in paths[:-1]:
+        assert sp.add(p)
+    real = lc.StarSplitter.write_diagnostics
+
+    def full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lc.StarSplitter, "write_diagnostics", full)
+    with pytest.raises(OSError):
+        sp.add(paths[-1])
+    monkeypatch.setattr(lc.StarSplitter, "write_diagnostics", real)
+    assert len(sp.batches) == len(paths)  # registered: it counts as split
+
+    def nbatches() -> int:
+        with h5py.File(work / "diagnostics.hdf5", "r") as f:
+            return int(f.attrs["nbatches"])
+
+    assert nbatches() == len(paths) - 1
+    # the resume: the splitter skips every batch as split, and brings the diagnostics up to date
+    again = lc.StarSplitter(work, ids)
+    assert not again.add(paths[-1])
+    assert nbatches() == len(paths)
+    want = _diagnostics_from_the_store(again, ids)
+    with h5py.File(work / "diagnostics.hdf5", "r") as f:
+        for sid, (fast, slow, _, _) in want.items():
+            np.testing.assert_array_equal(f["fast"][sid][()], fast)
+    assert not again.ensure_diagnostics()  # current: not rewritten
+    # a combine whose splitter was killed before its diagnostics: ensure_diagnostics (called by the
+    # night's combine) rewrites a stale file, and so does a changed set of diagnostic stars
+    (work / "diagnostics.hdf5").unlink()
+    assert lc.StarSplitter(work, ids).ensure_diagnostics() and nbatches() == len(paths)
+    assert lc.StarSplitter(work, ids[:2]).ensure_diagnostics()
