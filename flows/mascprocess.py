@@ -477,5 +477,7 @@ def run_live(args: argparse.Namespace) -> int:
                     sys.stderr.flush()
                     os._exit(128 + int(getattr(signal.Signals, _runs.interruption(exc) or "SIGINT", signal.SIGINT)))
             raise
+    # the files refused, as after an offline run (the frames that never arrived whole included)
+    report_rejected(db_url, [datadir / f"{night}{site}{c}" for c in cams if c in status], datadir, args.db)
     _runs.draw_night_summaries(datadir, [datadir / f"{night}{site}{c}" for c in cams])
     return max(status.values(), default=1)

@@ -122,6 +122,10 @@ class RawWatch:
             self.last_arrival = now
         return set(self._complete)
 
+    def incomplete(self) -> set[str]:
+        """Names of the relevant files seen in ``raw/`` that have not (yet) counted as complete."""
+        return set(self._seen) - self._complete
+
     def idle_for(self) -> float:
         """Seconds since a new complete frame was last found."""
         return self.clock() - self.last_arrival

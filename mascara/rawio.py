@@ -244,7 +244,7 @@ def _mtime_ns(p: Path) -> int | None:
         return None
 
 
-def _regular_size(p: Path) -> int | None:
+def regular_size(p: Path) -> int | None:
     """Size of a regular file (following symbolic links), None for anything else or a dangling link."""
     try:
         st = p.stat()
@@ -298,7 +298,7 @@ def scan_raw(night: NightDir, only: Collection[str] | None = None) -> RawScan:
             continue
         seq = int(m["lstseq"])
         if m["site"] != night.site or m["camera"] != night.camera:
-            rejected.append(Rejection(seq, name, _regular_size(p),
+            rejected.append(Rejection(seq, name, regular_size(p),
                                       f"file name is of camera {m['site']}{m['camera']}, not {night.site}{night.camera}"))
             continue
         by_seq.setdefault(seq, []).append(p)
@@ -306,7 +306,7 @@ def scan_raw(night: NightDir, only: Collection[str] | None = None) -> RawScan:
     if window is not None:
         for seq in [q for q in by_seq if not window[0] <= q <= window[1]]:
             for q in by_seq.pop(seq):
-                rejected.append(Rejection(seq, q.name, _regular_size(q),
+                rejected.append(Rejection(seq, q.name, regular_size(q),
                                           f"lstseq {seq} is not a slot of the night {night.night} at {night.site} "
                                           f"(its slots run from {window[0]} to {window[1]}, local noon to noon)"))
     frames = []
@@ -326,8 +326,8 @@ def scan_raw(night: NightDir, only: Collection[str] | None = None) -> RawScan:
                     why = reasons.get(q, f"duplicate of lstseq {seq}: {keep.name} is used")
                     if q in reasons:
                         why += f" (duplicate of lstseq {seq}: {keep.name} is used)"
-                    rejected.append(Rejection(seq, q.name, _regular_size(q), why))
-        frames.append(FrameFile(path=keep, lstseq=seq, size=_regular_size(keep)))
+                    rejected.append(Rejection(seq, q.name, regular_size(q), why))
+        frames.append(FrameFile(path=keep, lstseq=seq, size=regular_size(keep)))
     return RawScan(frames=frames, rejected=rejected, calib=calib, other=other)
 
 
@@ -382,7 +382,7 @@ def raw_inventory_hash(frames: Sequence[FrameFile], calib: Sequence[Path] = (),
     for f in frames:
         h.update(f"{f.path.name}:{f.size}:{_mtime_ns(f.path)}\n".encode())
     for p in sorted(calib):
-        h.update(f"{p.name}:{_regular_size(p)}:{_mtime_ns(p)}\n".encode())
+        h.update(f"{p.name}:{regular_size(p)}:{_mtime_ns(p)}\n".encode())
     for r in sorted(rejected, key=lambda r: r.filename):
         h.update(f"{r.filename}:{r.size}:rejected\n".encode())
     return h.hexdigest()

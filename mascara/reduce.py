@@ -55,6 +55,7 @@ from mascara.lightcurves import StarSplitter, combine_night, run_splitter_proces
 from mascara.photometry import SkyNoiseModel, measure_apertures
 from mascara.pixelphase import NTERMS, PixelPhaseModel, add_phase_terms
 from mascara.rawio import (
+    FRAME_RE,
     BadFrame,
     FrameBuffers,
     FrameFile,
@@ -69,6 +70,7 @@ from mascara.rawio import (
     raw_inventory_hash,
     read_calibrated,
     read_frame,
+    regular_size,
     scan_raw,
 )
 from mascara.selection import CAMERAS, is_output_entry
@@ -144,8 +146,17 @@ class CameraNightPlan:
         return max(0, hi - lo + 1)
 
     def missing_ranges(self) -> list[tuple[int, int]]:
-        """Inclusive lstseq ranges without any frame file between the night's first and last frame."""
+        """Inclusive lstseq ranges without any frame file between the night's first and last frame.
+
+        A slot whose file of this camera is there but refused (one that never
+        arrived whole in a live night) is rejected, not missing.
+        """
         seqs = [f.lstseq for f in self.frames]
+        if seqs and self.rejected:
+            own = {r.lstseq for r in self.rejected if r.lstseq is not None and seqs[0] < r.lstseq < seqs[-1]
+                   and (m := FRAME_RE.match(r.filename)) and (m["site"], m["camera"]) == (self.night.site,
+                                                                                          self.night.camera)}
+            seqs = sorted(set(seqs) | own)
         return [(a + 1, b - 1) for a, b in zip(seqs, seqs[1:]) if b - a > 1]
 
     def batch_rows(self) -> list[tuple[int, int, int, int]]:
@@ -1238,6 +1249,8 @@ class LiveNight:
         self.grace, self.idle_timeout, self.until_jd = grace, idle_timeout, until_jd
         self.now_jd = now_jd or (lambda: 2440587.5 + time.time() / 86400.0)
         self.watch = RawWatch(night.raw, settle=settle)
+        self.never_complete: list[Rejection] = []  # frame files that had not arrived whole when it ended
+        self._late: set[str] = set()  # files complete at the end that had not settled yet
         self.plan = self._plan(set())
         self.finished: set[int] = set()
         self.reduced_with: dict[int, frozenset[int]] = {}  # the frames (lstseq) each done batch had
@@ -1249,7 +1262,34 @@ class LiveNight:
         if not self.night.raw.is_dir():
             return CameraNightPlan(night=self.night, settings=self.settings, frames=[], batches={}, calib=[],
                                    live=True)
-        return plan_camera_night(self.night, self.settings, only=names, live=True)
+        plan = plan_camera_night(self.night, self.settings, only=names, live=True)
+        if self.never_complete:
+            plan = dataclasses.replace(plan, rejected=plan.rejected + self.never_complete)
+        return plan
+
+    def _end_incomplete(self) -> set[str]:
+        """At the night's end, the files still not complete go through the offline intake (once).
+
+        One that reads as a whole frame arrived in the last ``settle``
+        seconds: it joins the night. Any other is refused with the offline
+        reason (``truncated file (700000 of 1532160 bytes)``) plus that it
+        never completed, so the night records it rather than counting its
+        slot as missing. Returns the names that joined.
+        """
+        joined: set[str] = set()
+        for name in sorted(self.watch.incomplete()):
+            m = FRAME_RE.match(name)
+            path = self.night.raw / name
+            if m is None or not path.exists():  # calibration files: the intake of the calibration decides
+                continue
+            try:
+                read_frame(path)
+            except BadFrame as exc:
+                self.never_complete.append(Rejection(int(m["lstseq"]), name, regular_size(path),
+                                                     f"{exc.reason} (not complete when the live run ended)"))
+                continue
+            joined.add(name)
+        return joined
 
     def step(self) -> list[int]:
         """Look at ``raw/`` once; the batches newly ready and not done, in time order.
@@ -1262,10 +1302,14 @@ class LiveNight:
         """
         from mascara.live import ready_batches
 
-        self.plan = self._plan(self.watch.poll())
+        names = self.watch.poll()
         idle = self.watch.idle_for()
+        was_ending = self.ending
         self.ending = self.ending or (self.until_jd is not None and self.now_jd() >= self.until_jd) or (
             self.idle_timeout is not None and idle >= self.idle_timeout)
+        if self.ending and not was_ending:
+            self._late = self._end_incomplete()
+        self.plan = self._plan(names | self._late)
         ready = ready_batches([f.lstseq for f in self.plan.frames], self.settings.batch_size,
                               idle=idle >= self.grace, night_over=self.ending)
         for b in sorted(ready & self.finished):

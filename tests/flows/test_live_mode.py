@@ -315,3 +315,34 @@ def test_a_live_run_restarted_after_late_frames_reduces_the_grown_batch_again(tm
     with connect(datadir=datadir) as cat:
         [status] = [r for r in cat.night_status(NIGHT) if r["camera"] == "LPE"]
         assert status["frames_ok"] == len(frames) and status["batches_done"] == status["batches_total"], status
+
+
+def test_frames_that_never_arrive_whole_are_rejected_at_the_end_of_a_live_night(tmp_path, pristine_night):
+    """An outside trial cut one frame short and left another empty under a live run: the night ended
+    `succeeded`, 0 rejected, "missing 2", no catalog row for either file and nothing on stderr, where an
+    offline run records "truncated file (...)". At the night's end the files still incomplete go through the
+    offline intake and are recorded and named."""
+    import os
+
+    from flowkit import fresh_copy
+
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    raw = datadir / NIGHT_ID / "raw"
+    frames = sorted(p for p in raw.iterdir() if not p.name.startswith("calib_"))
+    cut, empty = frames[len(frames) // 2], frames[len(frames) // 2 + 1]
+    size = cut.stat().st_size
+    os.truncate(cut, size // 2)
+    os.truncate(empty, 0)
+    res = subprocess.run([str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--site", "LP", "--camera", "E",
+                          "--live", "--idle-timeout", "8", "--grace", "2", "--poll", "0.3", "-q"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with connect(datadir=datadir) as cat:
+        [status] = [r for r in cat.night_status(NIGHT) if r["camera"] == "LPE"]
+        rejected = {r["filename"]: r["reason"] for r in cat.rejected_frames(NIGHT)}
+    assert status["state"] == "succeeded" and status["frames_missing"] == 0, status
+    assert status["frames_rejected"] == 2 and status["frames_ok"] == len(frames) - 2, status
+    assert rejected == {
+        cut.name: f"truncated file ({size // 2} of {size} bytes) (not complete when the live run ended)",
+        empty.name: "empty file (0 bytes) (not complete when the live run ended)"}, rejected
+    assert f"{NIGHT_ID}: 2 raw file(s) rejected:" in res.stderr and cut.name in res.stderr, res.stderr[-3000:]
