@@ -73,6 +73,16 @@ class CatalogError(Exception):
     """A catalog operation that cannot be done as asked."""
 
 
+class CatalogLocked(OperationalError):
+    """A SQLite catalog another process kept locked for the whole busy timeout; not retried."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, None, Exception(message))
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class LeaseHeld(CatalogError):
     """Another live run holds the camera-night's lease."""
 
@@ -251,6 +261,7 @@ class Catalog:
     def _tx(self, fn: Callable[[Session], T], readonly: bool = False) -> T:
         engine = self._ro_engine if readonly else self.engine
         for attempt in range(RETRIES):
+            began = time.monotonic()
             try:
                 with Session(engine, expire_on_commit=False) as s:
                     out = fn(s)
@@ -259,6 +270,15 @@ class Catalog:
             except _RETRYABLE as exc:
                 if attempt == RETRIES - 1:
                     raise
+                if (self.dialect == "sqlite" and "locked" in str(exc)
+                        and time.monotonic() - began >= 0.9 * _engine.SQLITE_BUSY_TIMEOUT):
+                    # SQLite itself waited the whole busy timeout: a writer has held the lock that long (a
+                    # stopped or hung process); four more waits only made a caller, and its SIGTERM, wait
+                    # five minutes in all (from an outside trial)
+                    raise CatalogLocked(
+                        f"the catalog {_engine.shown_url(self.url)} stayed locked by another process for "
+                        f"{_engine.SQLITE_BUSY_TIMEOUT:.0f} s (one stopped, e.g. with Ctrl-Z, or hung in a write; "
+                        f"`fuser {self.engine.url.database}` names it)") from exc
                 log.warning("catalog transaction failed (%s); retry %d of %d",
                             exc.__class__.__name__, attempt + 1, RETRIES - 1)
                 time.sleep(0.1 * 2**attempt)

@@ -337,3 +337,32 @@ def test_frames_that_left_raw_are_marked_gone_and_no_longer_counted(catalog):
     catalog.record_frames(cn, [(102, "00000102LPE.fits", 10, "ok", None)])
     ns = next(r for r in catalog.night_status("20260301") if r["camera_night_id"] == cn)
     assert ns["frames_ok"] == 3
+
+
+def test_a_sqlite_catalog_locked_for_the_whole_busy_timeout_fails_at_once_with_a_clear_error(tmp_path,
+                                                                                              monkeypatch):
+    """An outside trial stopped a run (SIGSTOP) inside a catalog write: the next run waited SQLite's busy
+    timeout five times (five minutes, SIGTERM held meanwhile) before "database is locked". A lock held for the
+    whole busy timeout is not retried: one wait, then an error naming the catalog and the likely cause."""
+    import sqlite3
+    import time
+
+    from mascara.catalog import _engine
+    from mascara.catalog.catalog import CatalogLocked, connect
+
+    monkeypatch.setattr(_engine, "SQLITE_BUSY_TIMEOUT", 1.0)
+    path = tmp_path / "catalog.sqlite"
+    with connect(f"sqlite:///{path}") as cat:
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another process's write, stopped half-way
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(CatalogLocked) as got:
+                cat.register_camera_night("LP", "E", "20260301", "/d/20260301LPE")
+            waited = time.monotonic() - t0
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert 0.9 <= waited < 2.5, waited  # one busy wait, not five
+        assert f"the catalog sqlite:///{path.resolve()} stayed locked by another process for 1 s" in str(got.value)
+        cat.register_camera_night("LP", "E", "20260301", "/d/20260301LPE")  # free again: works
