@@ -45,6 +45,10 @@ from numba import njit
 from mascara.selection import NIGHT_DIR_RE
 
 FRAME_RE = re.compile(r"^(?P<lstseq>\d{8})(?P<site>[A-Z]{2})(?P<camera>[NESWC])\.fits(\.gz)?$")
+#: Names that are nearly a frame's (case, digits, extension, compression): refused by name, not ignored
+#: (temporary names of a file being written, ``.fits.part``, ``.fits.tmp``, are not among them).
+NEAR_FRAME_RE = re.compile(r"^(?P<lstseq>\d{5,10})(?P<site>[a-z]{2})(?P<camera>[a-z])\.(?:fits?|fts)(?:\.(?:gz|bz2|xz|z|zst|zip|fz))?$",
+                           re.IGNORECASE)
 
 #: Header keywords every science frame must carry (SPEC §3).
 REQUIRED_KEYWORDS = (
@@ -60,7 +64,8 @@ MAX_SATURATED_FRACTION = 0.5
 
 #: The intake checks of a science frame, in the order they are applied (README, "Bad input").
 INTAKE_CHECKS: tuple[tuple[str, str], ...] = (
-    ("name", "named <lstseq:08d><SITE><CAM>.fits[.gz] with this night's site and camera"),
+    ("name", "named <lstseq:08d><SITE><CAM>.fits[.gz] with this night's site and camera (a name nearly so is "
+             "refused, NEAR_FRAME_RE)"),
     ("one file per lstseq", "of several files with one lstseq (.fits beside .fits.gz) the first that "
                             "passes intake, .fits before .fits.gz, is kept; the others are rejected"),
     ("regular file", "not a directory, not a dangling symbolic link, not empty"),
@@ -294,7 +299,13 @@ def scan_raw(night: NightDir, only: Collection[str] | None = None) -> RawScan:
             continue
         m = FRAME_RE.match(name)
         if not m:
-            other.append(name)
+            near = NEAR_FRAME_RE.match(name)
+            if near and (near["site"].upper(), near["camera"].upper()) == (night.site, night.camera):
+                # a frame of this camera by every sign but its exact name: refused and recorded, not ignored
+                rejected.append(Rejection(int(near["lstseq"]), name, regular_size(p),
+                                          f"file name is not <lstseq:08d>{night.site}{night.camera}.fits[.gz]"))
+            else:
+                other.append(name)
             continue
         seq = int(m["lstseq"])
         if m["site"] != night.site or m["camera"] != night.camera:

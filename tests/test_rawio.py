@@ -382,3 +382,29 @@ def test_a_header_whose_time_disagrees_with_its_slot_is_refused(small_night, tmp
     with fits.open(p, mode="update") as hdul:
         hdul[0].header.update({"JD": jd + 2 / 86400, "LST": (lst + 2 * 1.0027379 / 3600) % 24})
     assert read_frame(p).lstseq == int(h["LSTSEQ"])
+
+
+def test_a_file_named_nearly_like_a_frame_of_this_camera_is_refused_by_name_not_ignored(tmp_path):
+    """An outside trial renamed frames 65087720LPE.FITS, .fit, .fits.bz2, 65087724lpe.fits and
+    5087725LPE.fits: nothing was recorded or said, and the slots counted as missing (the camera took no
+    frame). Such names are refused by name, with their lstseq; other files and the temporary names of a
+    file being written (``.fits.part``) are left alone."""
+    import re
+
+    from mascara.rawio import parse_night_dir, scan_raw
+    from mascara.timeindex import night_lstseqs
+
+    night = tmp_path / "20260301LPE"
+    (night / "raw").mkdir(parents=True)
+    seq = int(night_lstseqs("20260301", "LP")[10])
+    near = [f"{seq}LPE.FITS", f"{seq + 1}LPE.fit", f"{seq + 2}LPE.fits.bz2", f"{seq + 3}lpe.fits",
+            f"{seq + 4}LPE.FITS.GZ", f"{seq % 10**7}LPE.fits"]
+    left = ["notes.txt", f"{seq + 5}LPE.fits.part", f"{seq + 6}LPW.FITS", "calib_dark00.fits"]
+    for n in near + left + [f"{seq + 7}LPE.fits"]:
+        (night / "raw" / n).write_bytes(b"x" * 10)
+    scan = scan_raw(parse_night_dir(night))
+    assert [f.lstseq for f in scan.frames] == [seq + 7]
+    assert sorted((r.filename, r.lstseq) for r in scan.rejected) == sorted(
+        (n, int(re.match(r"\d+", n).group())) for n in near)
+    assert {r.reason for r in scan.rejected} == {"file name is not <lstseq:08d>LPE.fits[.gz]"}
+    assert sorted(scan.other) == sorted(["notes.txt", f"{seq + 5}LPE.fits.part", f"{seq + 6}LPW.FITS"])
