@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 NIGHT_DIR_RE = re.compile(r"^(?P<night>\d{8})(?P<site>[A-Z]{2})(?P<camera>[NESWC])$")
-#: ``raw`` and the names the lifecycle would give its older generations (``raw_old``, ``raw_old2``, ...):
-#: an earlier copy of the frames kept beside ``raw/`` under such a name is raw data, never an output.
-RAW_ENTRY_RE = re.compile(r"^raw(_old\d*)?$")
+#: ``raw`` and every name that starts like it (``raw_old``, ``raw_old2``, ``raw_retransfer``, ``raw.bak``,
+#: ``raw2``): an earlier or other copy of the frames kept beside ``raw/`` is raw data, never an output (an
+#: outside trial's ``raw_retransfer/`` of frames was moved aside, then erased by ``-o``).
+RAW_ENTRY_RE = re.compile(r"^raw(?:[_.\-\d].*)?$", re.IGNORECASE)
 
 
 def is_raw_entry(name: str) -> bool:
-    """Whether an entry of a night directory is raw data (``raw`` or one of its ``_old`` names): never moved
+    """Whether an entry of a night directory is raw data (``raw`` or a name starting like it): never moved
     or erased."""
     return RAW_ENTRY_RE.match(name) is not None
 

@@ -103,18 +103,20 @@ def test_erase_takes_every_generation_and_never_raw(tmp_path):
 @pytest.mark.parametrize("decision", ["move", "erase"])
 def test_copies_of_raw_named_like_its_generations_are_never_outputs(tmp_path, decision):
     """A user's earlier copy of the frames beside raw/ as raw_old or raw_old2 (an outside trial: raw_old was
-    erased as "generation 1 of raw" by the first reduction of a night) is neither moved nor erased; names
-    that only start like them are outputs as before."""
-    night = _night(tmp_path, "raw_old", "raw_old2", "raw_old10", "work", "lightcurves", "raw_older", "rawx_old")
+    erased as "generation 1 of raw" by the first reduction of a night) is neither moved nor erased, nor is
+    any entry whose name starts like raw (a later trial's raw_retransfer/ of frames was moved aside, then
+    erased by -o); a name that does not (rawx_old) is an output as before."""
+    kept = ("raw_old", "raw_old2", "raw_old10", "raw_older", "raw_retransfer", "raw.bak", "raw2")
+    night = _night(tmp_path, *kept, "work", "lightcurves", "rawx_old")
     _finished(night)
     gens = output_generations(night)
-    assert not {"raw"} & set(gens) and gens["raw_older"] == {0: night / "raw_older"}
+    assert not {"raw", "raw_older", "raw_retransfer", "raw.bak", "raw2"} & set(gens), gens
     assert gens["rawx"] == {1: night / "rawx_old"}
     actions = plan_actions(night, decision, keep_old=1)
     touched = {Path(p).name for src, dst, _, _ in actions for p in (src, dst) if p}
-    assert not touched & {"raw", "raw_old", "raw_old2", "raw_old10"}, actions
+    assert not touched & {"raw", *kept}, actions
     _apply(night, actions)
-    for n in ("raw_old", "raw_old2", "raw_old10"):
+    for n in kept:
         assert (night / n / "f").read_text() == n
     assert (night / "raw" / "00000001LPE.fits").read_bytes() == b"raw"
     # and the first reduction of a night that has only raw data beside raw/ plans nothing at all
