@@ -735,8 +735,19 @@ class MasterCalibration:
     note: str = ""
 
 
-def read_calibration(path: Path | str, kind: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+#: How far a dark's ``EXPTIME`` may be from the science exposure (:data:`mascara.timeindex.EXPTIME`), relative:
+#: a dark carries the dark current of its own exposure time.
+DARK_EXPTIME_TOLERANCE = 0.1
+
+
+def read_calibration(path: Path | str, kind: str, shape: tuple[int, int] | None = None,
+                     site: str | None = None, camera: str | None = None) -> np.ndarray:
     """Pixels of one calibration frame (float32) after the intake's file, FITS, image and shape checks.
+
+    With ``site`` and ``camera`` (the night's), a header ``SITE-OBS`` or
+    ``CAMERA`` that names another is refused, and so is a dark whose
+    ``EXPTIME`` is not the science exposure's (within 10 %). Keywords a file
+    lacks are not required.
 
     Raises
     ------
@@ -747,10 +758,23 @@ def read_calibration(path: Path | str, kind: str, shape: tuple[int, int] | None 
     header, data = _open_image(path, allow_float=True, memmap=False)
     try:
         imagetyp = header.get("IMAGETYP", kind)
+        said = {k: header.get(k) for k in ("SITE-OBS", "CAMERA", "EXPTIME")}
     except (fits.VerifyError, ValueError) as exc:  # a damaged card
-        raise BadFrame(path, f"unparsable header card(s) IMAGETYP ({exc})") from exc
+        raise BadFrame(path, f"unparsable header card(s) IMAGETYP/SITE-OBS/CAMERA/EXPTIME ({exc})") from exc
     if str(imagetyp).strip().lower() != kind:
         raise BadFrame(path, f"IMAGETYP is {imagetyp!r}, not {kind}")
+    for key, want in (("SITE-OBS", site), ("CAMERA", camera)):
+        if want is not None and said[key] is not None and str(said[key]).strip() != want:
+            raise BadFrame(path, f"header {key} {str(said[key]).strip()!r} is not the night's {want!r}")
+    if kind == "dark" and said["EXPTIME"] is not None:
+        from mascara.timeindex import EXPTIME
+
+        try:
+            exptime = float(said["EXPTIME"])
+        except (TypeError, ValueError):
+            raise BadFrame(path, f"non-numeric header value EXPTIME={said['EXPTIME']!r}") from None
+        if not abs(exptime - EXPTIME) <= DARK_EXPTIME_TOLERANCE * EXPTIME:
+            raise BadFrame(path, f"dark of EXPTIME {exptime} s, not the science exposure ({EXPTIME:.2f} s)")
     if shape is not None and data.shape != tuple(shape):
         raise BadFrame(path, f"shape {data.shape} differs from the night's frames {tuple(shape)}")
     if float(data.min()) == float(data.max()):
@@ -774,7 +798,7 @@ def master_calibration(night: NightDir, shape: tuple[int, int] | None = None,
         good = []
         for p in files.get(kind, []):
             try:
-                good.append((p, read_calibration(p, kind, shape)))
+                good.append((p, read_calibration(p, kind, shape, night.site, night.camera)))
             except BadFrame as exc:
                 rejected.append((p, exc.reason))
         if shape is None and good:

@@ -408,3 +408,28 @@ def test_a_file_named_nearly_like_a_frame_of_this_camera_is_refused_by_name_not_
         (n, int(re.match(r"\d+", n).group())) for n in near)
     assert {r.reason for r in scan.rejected} == {"file name is not <lstseq:08d>LPE.fits[.gz]"}
     assert sorted(scan.other) == sorted(["notes.txt", f"{seq + 5}LPE.fits.part", f"{seq + 6}LPW.FITS"])
+
+
+def test_darks_of_another_camera_or_exposure_are_refused_and_the_bias_is_used(small_night, tmp_path):
+    """An outside trial set CAMERA='S' and EXPTIME=60 on every dark of an E night: they were combined into the
+    master dark without a word. A calibration file whose header names another site or camera, or a dark of
+    another exposure time, is refused with the reason; the master then falls back to the biases."""
+    import shutil
+
+    from astropy.io import fits
+
+    from mascara.rawio import calibration_files
+
+    night_dir = tmp_path / small_night["night_dir"].name
+    shutil.copytree(small_night["night_dir"] / "raw", night_dir / "raw")
+    darks = calibration_files(parse_night_dir(night_dir))["dark"]
+    for i, p in enumerate(darks):
+        with fits.open(p, mode="update") as hdul:
+            hdul[0].header.update({"CAMERA": "S"} if i % 2 else {"EXPTIME": 60.0})
+    master = master_calibration(parse_night_dir(night_dir))
+    assert master.kind == "bias", master.note
+    reasons = dict((p.name, why) for p, why in master.rejected)
+    assert {reasons[p.name] for i, p in enumerate(darks) if i % 2} == {"header CAMERA 'S' is not the night's 'E'"}
+    assert {reasons[p.name] for i, p in enumerate(darks) if not i % 2} == {
+        "dark of EXPTIME 60.0 s, not the science exposure (6.38 s)"}
+    assert master_calibration(parse_night_dir(small_night["night_dir"])).kind == "dark"  # the untouched ones pass
