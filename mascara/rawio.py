@@ -557,6 +557,17 @@ def _primary(path: Path, hdul: fits.HDUList) -> fits.PrimaryHDU:
     if not hasattr(hdu, "data"):  # astropy's _CorruptedHDU: a structural card (BITPIX, NAXIS...) is unreadable
         raise BadFrame(path, "corrupted primary header (a structural keyword such as BITPIX or NAXIS "
                              "cannot be parsed)")
+    if int(hdu.header.get("NAXIS", 0) or 0) == 0 and len(hdul) > 1:  # say where the image is, if anywhere
+        kinds = [type(h).__name__ for h in hdul[1:]]
+        image = next((i for i, h in enumerate(hdul[1:], 1) if isinstance(h, (fits.ImageHDU, fits.CompImageHDU))),
+                     None)
+        if image is None:
+            where = f"the extensions are {', '.join(kinds)}"
+        else:
+            packed = "a tile-compressed image" if isinstance(hdul[image], fits.CompImageHDU) else "an image"
+            where = f"extension {image} holds {packed} ({kinds[image - 1]})"
+        raise BadFrame(path, f"no image in the primary HDU: {where}; raw frames are uncompressed images in the "
+                             "primary HDU")
     return hdu
 
 
@@ -573,12 +584,14 @@ def _gzip_problem(path: Path) -> str | None:
     out = 0
     try:
         with gzip.open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
+            while chunk := f.read1(1 << 16):  # read1: what one read of the stream gives, counted before a cut
                 out += len(chunk)
     except EOFError:
         return (f"truncated compressed file (the gzip stream stops early: {size} bytes on disk, "
                 f"{out} bytes decompressed)")
     except gzip.BadGzipFile as exc:
+        if "CRC" in str(exc) or "length" in str(exc):  # a whole stream whose check failed: damaged, not foreign
+            return f"corrupt compressed data (gzip: {exc})"
         return f"not a gzip file ({exc})"
     except (zlib.error, OSError) as exc:
         return f"corrupt compressed data ({type(exc).__name__}: {exc})"

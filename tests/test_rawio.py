@@ -433,3 +433,30 @@ def test_darks_of_another_camera_or_exposure_are_refused_and_the_bias_is_used(sm
     assert {reasons[p.name] for i, p in enumerate(darks) if not i % 2} == {
         "dark of EXPTIME 60.0 s, not the science exposure (6.38 s)"}
     assert master_calibration(parse_night_dir(small_night["night_dir"])).kind == "dark"  # the untouched ones pass
+
+
+def test_messages_say_where_the_image_is_and_what_is_wrong_with_a_gzip_stream(tmp_path):
+    """An outside trial: a tile-compressed image, or one in extension 1, was refused as "no image data"; a
+    gzip CRC error as "not a gzip file"; a cut gzip said "0 bytes decompressed" when 65 kB had been."""
+    import gzip
+
+    from astropy.io import fits
+
+    from mascara.rawio import _gzip_problem
+
+    data = np.random.default_rng(1).integers(0, 30000, (200, 300)).astype(np.int16)
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data.astype(np.int32))]).writeto(tmp_path / "rice.fits")
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data)]).writeto(tmp_path / "ext.fits")
+    for name, holds in (("rice.fits", "a tile-compressed image (CompImageHDU)"), ("ext.fits", "an image (ImageHDU)")):
+        with pytest.raises(BadFrame) as got:
+            read_frame(tmp_path / name)
+        assert got.value.reason == (f"no image in the primary HDU: extension 1 holds {holds}; raw frames are "
+                                    "uncompressed images in the primary HDU"), got.value.reason
+    blob = gzip.compress((tmp_path / "ext.fits").read_bytes())
+    (tmp_path / "cut.fits.gz").write_bytes(blob[:len(blob) // 2])
+    decompressed = int(_gzip_problem(tmp_path / "cut.fits.gz").split(", ")[1].split(" bytes")[0])
+    assert decompressed > 0
+    bad = bytearray(blob)
+    bad[-6] ^= 0xFF  # the CRC of a whole stream
+    (tmp_path / "crc.fits.gz").write_bytes(bytes(bad))
+    assert _gzip_problem(tmp_path / "crc.fits.gz").startswith("corrupt compressed data (gzip: CRC check failed")
