@@ -336,7 +336,8 @@ def scan_raw(night: NightDir, only: Collection[str] | None = None) -> RawScan:
                 if q != keep:
                     why = reasons.get(q, f"duplicate of lstseq {seq}: {keep.name} is used")
                     if q in reasons:
-                        why += f" (duplicate of lstseq {seq}: {keep.name} is used)"
+                        why += (f" (duplicate of lstseq {seq}: {keep.name} is used)" if keep not in reasons else
+                                f" (duplicate of lstseq {seq}; {keep.name}, tried first, is refused too)")
                     rejected.append(Rejection(seq, q.name, regular_size(q), why))
         frames.append(FrameFile(path=keep, lstseq=seq, size=regular_size(keep)))
     return RawScan(frames=frames, rejected=rejected, calib=calib, other=other)

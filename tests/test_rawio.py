@@ -460,3 +460,21 @@ def test_messages_say_where_the_image_is_and_what_is_wrong_with_a_gzip_stream(tm
     bad[-6] ^= 0xFF  # the CRC of a whole stream
     (tmp_path / "crc.fits.gz").write_bytes(bytes(bad))
     assert _gzip_problem(tmp_path / "crc.fits.gz").startswith("corrupt compressed data (gzip: CRC check failed")
+
+
+def test_when_both_files_of_a_slot_are_refused_the_second_does_not_say_the_first_is_used(tmp_path):
+    """An outside trial: a truncated .fits and a cut .fits.gz of one lstseq; the .gz's reason said the .fits
+    "is used", but the .fits was refused as well."""
+    from mascara.rawio import parse_night_dir, scan_raw
+    from mascara.timeindex import night_lstseqs
+
+    night = tmp_path / "20260301LPE"
+    (night / "raw").mkdir(parents=True)
+    seq = int(night_lstseqs("20260301", "LP")[10])
+    (night / "raw" / f"{seq}LPE.fits").write_bytes(b"SIMPLE  = junk")
+    (night / "raw" / f"{seq}LPE.fits.gz").write_bytes(b"\x1f\x8b junk")
+    scan = scan_raw(parse_night_dir(night))
+    [gz] = scan.rejected
+    assert gz.filename == f"{seq}LPE.fits.gz" and gz.reason.endswith(
+        f"(duplicate of lstseq {seq}; {seq}LPE.fits, tried first, is refused too)"), gz.reason
+    assert [f.path.name for f in scan.frames] == [f"{seq}LPE.fits"]  # tried, and refused, by its batch
