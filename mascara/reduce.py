@@ -56,6 +56,7 @@ from mascara.photometry import SkyNoiseModel, measure_apertures
 from mascara.pixelphase import NTERMS, PixelPhaseModel, add_phase_terms
 from mascara.rawio import (
     FRAME_RE,
+    NEAR_FRAME_RE,
     BadFrame,
     FrameBuffers,
     FrameFile,
@@ -149,13 +150,13 @@ class CameraNightPlan:
         """Inclusive lstseq ranges without any frame file between the night's first and last frame.
 
         A slot whose file of this camera is there but refused (one that never
-        arrived whole in a live night) is rejected, not missing.
+        arrived whole in a live night, one named nearly like a frame) is rejected, not missing.
         """
         seqs = [f.lstseq for f in self.frames]
         if seqs and self.rejected:
             own = {r.lstseq for r in self.rejected if r.lstseq is not None and seqs[0] < r.lstseq < seqs[-1]
-                   and (m := FRAME_RE.match(r.filename)) and (m["site"], m["camera"]) == (self.night.site,
-                                                                                          self.night.camera)}
+                   and (m := FRAME_RE.match(r.filename) or NEAR_FRAME_RE.match(r.filename))
+                   and (m["site"].upper(), m["camera"].upper()) == (self.night.site, self.night.camera)}
             seqs = sorted(set(seqs) | own)
         return [(a + 1, b - 1) for a, b in zip(seqs, seqs[1:]) if b - a > 1]
 
@@ -1274,9 +1275,11 @@ class LiveNight:
         seconds: it joins the night. Any other is refused with the offline
         reason (``truncated file (700000 of 1532160 bytes)``) plus that it
         never completed, so the night records it rather than counting its
-        slot as missing. Returns the names that joined.
+        slot as missing. Names nearly a frame's join the plan too, to be refused by name. Returns the names
+        that joined.
         """
-        joined: set[str] = set()
+        # names nearly a frame's are refused by name, as offline (the watch follows exact frame names only)
+        joined: set[str] = {n for n in os.listdir(self.night.raw) if NEAR_FRAME_RE.match(n) and not FRAME_RE.match(n)}
         for name in sorted(self.watch.incomplete()):
             m = FRAME_RE.match(name)
             path = self.night.raw / name

@@ -329,10 +329,12 @@ def test_frames_that_never_arrive_whole_are_rejected_at_the_end_of_a_live_night(
     datadir = fresh_copy(pristine_night, tmp_path / "data")
     raw = datadir / NIGHT_ID / "raw"
     frames = sorted(p for p in raw.iterdir() if not p.name.startswith("calib_"))
-    cut, empty = frames[len(frames) // 2], frames[len(frames) // 2 + 1]
+    cut, empty, renamed = frames[len(frames) // 2], frames[len(frames) // 2 + 1], frames[len(frames) // 2 + 2]
     size = cut.stat().st_size
     os.truncate(cut, size // 2)
     os.truncate(empty, 0)
+    upper = renamed.with_name(renamed.name.replace(".fits", ".FITS"))  # named nearly like a frame: refused too
+    renamed.rename(upper)
     res = subprocess.run([str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--site", "LP", "--camera", "E",
                           "--live", "--idle-timeout", "8", "--grace", "2", "--poll", "0.3", "-q"],
                          capture_output=True, text=True, timeout=600)
@@ -341,8 +343,9 @@ def test_frames_that_never_arrive_whole_are_rejected_at_the_end_of_a_live_night(
         [status] = [r for r in cat.night_status(NIGHT) if r["camera"] == "LPE"]
         rejected = {r["filename"]: r["reason"] for r in cat.rejected_frames(NIGHT)}
     assert status["state"] == "succeeded" and status["frames_missing"] == 0, status
-    assert status["frames_rejected"] == 2 and status["frames_ok"] == len(frames) - 2, status
+    assert status["frames_rejected"] == 3 and status["frames_ok"] == len(frames) - 3, status
     assert rejected == {
         cut.name: f"truncated file ({size // 2} of {size} bytes) (not complete when the live run ended)",
-        empty.name: "empty file (0 bytes) (not complete when the live run ended)"}, rejected
-    assert f"{NIGHT_ID}: 2 raw file(s) rejected:" in res.stderr and cut.name in res.stderr, res.stderr[-3000:]
+        empty.name: "empty file (0 bytes) (not complete when the live run ended)",
+        upper.name: "file name is not <lstseq:08d>LPE.fits[.gz]"}, rejected
+    assert f"{NIGHT_ID}: 3 raw file(s) rejected:" in res.stderr and cut.name in res.stderr, res.stderr[-3000:]
