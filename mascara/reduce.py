@@ -1275,11 +1275,13 @@ class LiveNight:
         seconds: it joins the night. Any other is refused with the offline
         reason (``truncated file (700000 of 1532160 bytes)``) plus that it
         never completed, so the night records it rather than counting its
-        slot as missing. Names nearly a frame's join the plan too, to be refused by name. Returns the names
-        that joined.
+        slot as missing. Names nearly a frame's join the plan too, to be
+        refused by name. Returns the names that joined.
         """
+        if not self.night.raw.is_dir():  # the camera never made tonight's directory
+            return set()
         # names nearly a frame's are refused by name, as offline (the watch follows exact frame names only)
-        joined: set[str] = {n for n in os.listdir(self.night.raw) if NEAR_FRAME_RE.match(n) and not FRAME_RE.match(n)}
+        joined = {n for n in os.listdir(self.night.raw) if NEAR_FRAME_RE.match(n) and not FRAME_RE.match(n)}
         for name in sorted(self.watch.incomplete()):
             m = FRAME_RE.match(name)
             path = self.night.raw / name

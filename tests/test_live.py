@@ -96,3 +96,12 @@ def test_dawn_is_the_end_of_the_nights_last_slot():
     jd = dawn_jd("20260301", "LP")
     assert abs(jd - (jd_start_of(int(seqs[-1])) + EXPTIME / 86400.0)) < 1e-9
     assert 0.25 < ((jd + 0.5) % 1.0) < 0.35  # UTC day fraction: La Palma dawn about 06:00-08:30 UTC in March
+
+
+def test_a_live_night_whose_directory_never_appears_ends_without_an_error(tmp_path):
+    """The end-of-night intake of incomplete files must not fail when raw/ was never made (dome closed)."""
+    from mascara.reduce import LiveNight
+
+    night = LiveNight(tmp_path / "20260301LPE", idle_timeout=0.0, settle=0.0)
+    assert night.step() == [] and night.ending and night.over
+    assert night.plan.frames == [] and night.never_complete == []
