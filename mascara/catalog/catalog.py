@@ -462,25 +462,6 @@ class Catalog:
 
         self._tx(fn)
 
-    def unheld_runs(self) -> dict[str, datetime | None]:
-        """Runs recorded ``running`` that hold no live lease: ``{run id: its last heartbeat}``.
-
-        Such a run is running in name only: its process died without writing
-        its end (``kill -9``, a lost host, a catalog it could not reach) and
-        its lease has expired or was taken over, so the next run of its
-        camera-night takes the night over. Views count it as running until
-        then; :func:`mascara.catalog.commands.cli_status` says it is stalled.
-        """
-        def fn(s: Session) -> dict[str, datetime | None]:
-            now = _now()
-            rows = s.execute(select(ReductionRun.id, ReductionRun.heartbeat_at, Lease.expires_at)
-                             .join(Lease, Lease.run_id == ReductionRun.id, isouter=True)
-                             .where(ReductionRun.status == "running")).all()
-            return {rid: (_aware(hb) if hb is not None else None) for rid, hb, exp in rows
-                    if exp is None or _aware(exp) <= now}
-
-        return self._tx(fn, readonly=True)
-
     def running_runs_of(self, host: str, pid: int) -> list[str]:
         """Ids of the runs still ``running`` that the process ``pid`` on ``host`` started."""
         def fn(s: Session) -> list[str]:

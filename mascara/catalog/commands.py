@@ -131,17 +131,18 @@ def _check_running_processes(cat: Any, rows: list[dict[str, Any]]) -> None:
     """
     from mascara.catalog.lifecycle import process_gone
 
-    unheld = cat.unheld_runs() if any(r["state"] == "running" for r in rows) else {}
     for r in rows:
         run = r.get("last_run_id") if r["state"] == "running" else None
         r["process_gone"] = process_gone(cat, run) if run else None
         r["stalled"] = None
         if r["process_gone"]:
             r["stalled"] = f"its process {r['process_gone']} on this host is gone"
-        elif run in unheld:
-            beat = unheld[run]
-            r["stalled"] = ("no heartbeat since " + (f"{beat:%Y-%m-%d %H:%M:%S} UTC" if beat else "it started")
-                            + " and its lease has expired")
+        elif run:
+            info = cat.run_info(run)  # live: the run holds its camera-night's lease, unexpired
+            if not info.live:
+                beat = info.heartbeat_at
+                r["stalled"] = ("no heartbeat since " + (f"{beat:%Y-%m-%d %H:%M:%S} UTC" if beat else "it started")
+                                + " and its lease has expired")
 
 
 def cli_status(args: argparse.Namespace) -> int:

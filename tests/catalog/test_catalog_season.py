@@ -72,7 +72,7 @@ def test_season_and_status_say_which_running_runs_nothing_runs_any_more(catalog,
         runs[cam] = catalog.start_run(cn, fingerprint(), {}, VERSIONS, host, lease_seconds=lease, pid=pid)
     _night(catalog, "20260311", "E", "succeeded", cpu=(3.0,))
     time.sleep(1.0)
-    assert set(catalog.unheld_runs()) == {runs["W"]}
+    assert {c: catalog.run_info(r).live for c, r in runs.items()} == {"E": True, "S": True, "W": False, "N": True}
     url = catalog.engine.url.render_as_string(hide_password=False)
     args = dict(db=url, datadir=".", night=None, json=True, season=True)
     assert cli_status(argparse.Namespace(**args)) == 0
