@@ -155,7 +155,7 @@ class CameraNightPlan:
         seqs = [f.lstseq for f in self.frames]
         if seqs and self.rejected:
             own = {r.lstseq for r in self.rejected if r.lstseq is not None and seqs[0] < r.lstseq < seqs[-1]
-                   and (m := FRAME_RE.match(r.filename) or NEAR_FRAME_RE.match(r.filename))
+                   and (m := NEAR_FRAME_RE.match(r.filename))  # every frame name matches it too
                    and (m["site"].upper(), m["camera"].upper()) == (self.night.site, self.night.camera)}
             seqs = sorted(set(seqs) | own)
         return [(a + 1, b - 1) for a, b in zip(seqs, seqs[1:]) if b - a > 1]
