@@ -271,13 +271,18 @@ def record_no_data(db_url: str, night_path: Path | str, reason: str) -> str:
     return cn_id
 
 
+def _unused_reason(name: str, kind: str) -> str:
+    if name.startswith("calib_flat"):
+        return "not used: no flat field is applied (the master dark or bias is subtracted, then the frame cropped)"
+    return f"not used: the master is a {kind}"
+
+
 def record_calibration(db_url: str, camera_night_id: str, night_path: str, state: Mapping[str, Any]) -> None:
     """Record the master calibration of a night and a frame row per calibration file (used, unused, rejected)."""
     raw = Path(night_path) / "raw"
     rows = [(None, name, _size(raw / name), "ok", f"combined into the master {state['kind']}")
             for name in state["files"]]
-    rows += [(None, name, _size(raw / name), "ok", f"not used: the master is a {state['kind']}")
-             for name in state["unused"]]
+    rows += [(None, name, _size(raw / name), "ok", _unused_reason(name, state["kind"])) for name in state["unused"]]
     rows += [(None, name, _size(raw / name), "rejected", reason) for name, reason in state["rejected"]]
     catalog(db_url).record_calibration(camera_night_id, state["kind"], state["files"], state["note"], rows)
 
@@ -289,15 +294,31 @@ def finish_succeeded(handle: RunHandle, products: Mapping[str, Any]) -> list[dic
 
 def combine_and_finish(handle: RunHandle, plan: Any) -> dict[str, Any]:
     """The end of every driver's run: enter ``combining``, check that every batch file is there, write the
-    night files, then record the products and the run's ``succeeded`` (one transaction); returns the products."""
+    night files, draw the quick-look figures (:func:`final_quicklook`), then record the products and the
+    run's ``succeeded`` (one transaction); returns the products."""
     from mascara.reduce import combine_camera_night, prepare_camera_night
 
     catalog(handle.db_url).set_phase(handle.run_id, "combining")
     paths = [str(plan.batch_path(b)) for b in plan.batches]
     lifecycle.check_batch_files(paths)
     products = combine_camera_night(plan, prepare_camera_night(plan), paths)
+    final_quicklook(handle.night_path)
     finish_succeeded(handle, products)
     return products
+
+
+def final_quicklook(night_path: str | Path, logger: Any = None) -> dict[str, Path]:
+    """A finished night's quick-look figures, drawn before its run records its end.
+
+    Recording the end releases the lease and the night directory's lock: a
+    run waiting for them (``-o``, other settings) may then move ``quicklook/``
+    aside, so figures drawn after it would land beside, or inside, what that
+    run is moving. Drawn here, they are part of the run; an interruption while
+    they are drawn fails it, and the next run ends it from the outputs already
+    written (the combine is idempotent).
+    """
+    faults.checkpoint("drawing_quicklook")
+    return draw_quicklook(night_path, logger)
 
 
 class NothingToReduce(RuntimeError):
@@ -369,7 +390,6 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
                                      require_calibration=require_calibration,
                                      split_in_background=split_in_background, combine=False)
         result.products = combine_and_finish(handle, plan)
-        draw_quicklook(handle.night_path)
     except CalibrationRequired as exc:
         record_calibration(db_url, handle.camera_night_id, handle.night_path, exc.state)
         cat.finish_run(handle.run_id, "failed", error=str(exc))
@@ -465,7 +485,6 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
                                   "arrived before the end of the live run")
         record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
         result.products = combine_and_finish(handle, plan)
-        draw_quicklook(handle.night_path)
     except NothingToReduce:
         raise
     except KeyboardInterrupt as exc:

@@ -243,9 +243,9 @@ def combine_task(night_id: str, handle: _runs.RunHandle, settings_json: str) -> 
     _runs.catalog(handle.db_url).set_phase(handle.run_id, "combining")
     check_batch_files(paths)  # IncompleteNight is not transient: no retry
     products = combine_camera_night(plan, _ctx(plan), paths)
+    figures = _runs.final_quicklook(plan.night.path, get_run_logger())  # before the end releases the night
     files = _runs.finish_succeeded(handle, products)
     summary = night_summary(plan, paths, files)
-    figures = _runs.draw_quicklook(plan.night.path, get_run_logger())
     quality = _quality_summary(plan.night.path)
     _publish_summary(handle, summary, files, figures, quality, plan.settings.to_dict())
     return {"night_id": night_id, "summary": summary, "files": files, "quality": quality}

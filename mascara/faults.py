@@ -46,6 +46,8 @@ POINTS = (
     "combine_before_flc",  # the combine has read the batches, no night file written
     "combine_after_flc",   # the fLC is in place, the sLC is not
     "after_slc",           # both night files written, products and the run's end not recorded
+    "drawing_quicklook",   # the night files written, its quick-look figures about to be drawn while the run
+                           # still holds the night; products and the run's end not recorded
 )
 
 ACTIONS = ("kill", "oserror", "raise", "hang", "stop", "sigint", "sigterm", "sighup")

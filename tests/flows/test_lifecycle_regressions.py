@@ -701,3 +701,56 @@ def test_an_erased_reduction_that_cannot_be_removed_fails_the_run_and_the_next_r
     _check(datadir)
 
     _next_run_removes_the_bins_and_finishes(datadir, env, reference, raw)
+
+
+def test_no_run_moves_the_night_aside_while_a_finishing_run_draws_its_figures(pristine_night, reference, tmp_path,
+                                                                              prefect_server):
+    """A run draws its quick-look figures before it records its end, which releases the lease and the night
+    directory's lock: while the figures are drawn (``drawing_quicklook:hang``) an ``-o`` of the same night is
+    refused and moves nothing; the drawing run, stopped there by SIGTERM, is recorded as interrupted, and the
+    next run ends the night from the outputs already written, figures included. (When the figures came after
+    the end, the ``-o`` went ahead and moved the night aside under the drawing run.)"""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    night = datadir / NIGHT_ID
+    raw = tree_digest(night / "raw")
+    cmd = [str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--camera", "E", "--site", "LP",
+           "--no-prefect", "-q"]
+    proc = subprocess.Popen(cmd, env={**env, "MASCARA_FAULT": "drawing_quicklook:hang"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    slc = night / "lightcurves" / f"sLC_{NIGHT_ID}.hdf5"
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and not slc.is_file():
+            time.sleep(0.1)
+        assert slc.is_file(), "the night files were never written"
+        time.sleep(1.0)  # past the combine's renames, into the hang
+        assert proc.poll() is None
+        written = {p: sha256(night / "lightcurves" / p) for p in (f"fLC_{NIGHT_ID}.hdf5", slc.name)}
+
+        other = mascprocess(datadir, env, "--no-prefect", "-q", "-o", check=False, timeout=120)
+        assert other.returncode == 1, (other.returncode, other.stderr[-3000:])
+        assert "being reduced" in other.stderr or "held" in other.stderr, other.stderr[-3000:]
+        assert _rows(datadir, "SELECT COUNT(*) FROM directory_move") == [(0,)]
+        assert {p: sha256(night / "lightcurves" / p) for p in written} == written
+        assert not [p for p in night.iterdir() if p.name.endswith("_old") or p.name.startswith(".mascara-erasing")]
+
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    first = runs(datadir)[0]
+    assert (first["status"], first["error"], first["phase"]) == ("failed", "interrupted (SIGTERM)", "combining")
+    _check(datadir)
+
+    again = mascprocess(datadir, env, "--no-prefect", "-q")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert night_status(datadir)["state"] == "succeeded"
+    assert runs(datadir)[-1]["decision"] == "resume"
+    assert_same_night_files(night, reference)
+    assert sorted((night / "quicklook").glob("*.png")), "no quick-look figure was drawn"
+    assert _rows(datadir, "SELECT COUNT(*) FROM directory_move") == [(0,)]
+    _check(datadir)
+    assert tree_digest(night / "raw") == raw
