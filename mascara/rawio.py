@@ -43,6 +43,7 @@ from astropy.utils.exceptions import AstropyUserWarning
 from numba import njit
 
 from mascara.selection import NIGHT_DIR_RE
+from mascara.timeindex import EXPTIME as STATION_EXPTIME
 
 FRAME_RE = re.compile(r"^(?P<lstseq>\d{8})(?P<site>[A-Z]{2})(?P<camera>[NESWC])\.fits(\.gz)?$")
 #: Names that are nearly a frame's (case, digits, extension, compression): refused by name, not ignored
@@ -71,8 +72,8 @@ INTAKE_CHECKS: tuple[tuple[str, str], ...] = (
     ("regular file", "not a directory, not a dangling symbolic link, not empty"),
     ("readable FITS", "opens as FITS, not truncated, has an image"),
     ("keywords", f"{', '.join(REQUIRED_KEYWORDS)} present; the numeric ones finite numbers"),
-    ("header values", "LSTSEQ equals the file name's, LSTIDX = LSTSEQ % 13500, JD, LST, EXPTIME and CCDTEMP in "
-                      "range, IMAGETYP science, SITE-OBS and CAMERA those of the file name, the exposure's start "
+    ("header values", "LSTSEQ equals the file name's, LSTIDX = LSTSEQ % 13500, JD, LST, EXPTIME (within 10 % "
+                      "under the station's exposure up to 6.5 s) and CCDTEMP in range, IMAGETYP science, SITE-OBS and CAMERA those of the file name, the exposure's start "
                       "(JD - EXPTIME/2) within 3.2 s of the slot LSTSEQ names, LST the local sidereal time of JD "
                       "within 3 s"),
     ("integer image", "2-D integer pixels (a floating-point image, which can hold NaN, is refused)"),
@@ -84,6 +85,9 @@ INTAKE_CHECKS: tuple[tuple[str, str], ...] = (
 
 #: Longest accepted ``EXPTIME`` (s): the slot of 6.4 sidereal seconds, rounded up.
 MAX_EXPTIME = 6.5
+#: Shortest accepted ``EXPTIME`` (s): 10 % under the station's exposure, as for darks. Fluxes are per frame,
+#: not per second (SPEC section 6): a shorter exposure would put a fainter point in every light curve.
+MIN_EXPTIME = 0.9 * STATION_EXPTIME
 #: ``CCDTEMP`` (deg C) beyond this either way is not a temperature a camera ran at.
 CCDTEMP_LIMIT = 100.0
 #: How far (s) an exposure's start (header ``JD`` minus half ``EXPTIME``) may lie outside its slot
@@ -697,8 +701,9 @@ def validate_frame(frame: Frame, expected_shape: tuple[int, int] | None = None,
         raise BadFrame(path, f"JD {jd} out of range")
     if not (0.0 <= lst < 24.0):
         raise BadFrame(path, f"LST {lst} out of range")
-    if not (0.0 < exptime <= MAX_EXPTIME):
-        raise BadFrame(path, f"EXPTIME {exptime} out of range (0 to {MAX_EXPTIME} s: an exposure fits its slot)")
+    if not (MIN_EXPTIME <= exptime <= MAX_EXPTIME):
+        raise BadFrame(path, f"EXPTIME {exptime} out of range ({MIN_EXPTIME:.2f} to {MAX_EXPTIME} s: an exposure "
+                             "fills its slot, and fluxes are per frame)")
     if not (-CCDTEMP_LIMIT < float(h["CCDTEMP"]) < CCDTEMP_LIMIT):
         raise BadFrame(path, f"CCDTEMP {float(h['CCDTEMP'])} out of range (+-{CCDTEMP_LIMIT:.0f} C)")
     if str(h["IMAGETYP"]).strip().lower() != "science":
@@ -737,7 +742,8 @@ class MasterCalibration:
 
     ``kind`` is ``dark``, ``bias`` or ``none``; ``files`` are the frames combined,
     ``rejected`` the calibration files refused with their reasons, ``unused``
-    good files of a kind not needed (biases when there are darks), ``note``
+    files of a kind not needed (biases when there are darks; flats, never
+    applied, unread), ``note``
     says in one line what was used and why.
     """
 
@@ -823,6 +829,7 @@ def master_calibration(night: NightDir, shape: tuple[int, int] | None = None,
             good = [(p, a) for p, a in good if a.shape == common]
         found[kind] = good
     nrej = {k: sum(1 for p, _ in rejected if p in files.get(k, [])) for k in ("dark", "bias")}
+    flats = list(files.get("flat", []))  # listed as unused: no flat field is applied (the SPEC's calibration)
 
     def why_not(kind: str) -> str:
         n = len(files.get(kind, []))
@@ -839,10 +846,10 @@ def master_calibration(night: NightDir, shape: tuple[int, int] | None = None,
             note += f" ({nrej[kind]} rejected)"
         if kind == "bias":
             note = f"{why_not('dark')}; {note}"
-        unused = [p for p, _ in found["bias"]] if kind == "dark" else []
+        unused = ([p for p, _ in found["bias"]] if kind == "dark" else []) + flats
         return MasterCalibration(level=level, kind=kind, files=[p for p, _ in good], rejected=rejected,
                                  unused=unused, note=note)
-    return MasterCalibration(level=None, kind="none", files=[], rejected=rejected,
+    return MasterCalibration(level=None, kind="none", files=[], rejected=rejected, unused=flats,
                              note=f"{why_not('dark')} and {why_not('bias')}: frames are not calibrated")
 
 

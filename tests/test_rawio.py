@@ -346,7 +346,8 @@ def test_a_night_dated_by_another_convention_is_not_refused_whole(tmp_path):
 def test_a_header_whose_time_disagrees_with_its_slot_is_refused(small_night, tmp_path):
     """An outside trial moved one frame's JD by a minute: it was reduced as good, every star 11 px from its
     place and flux0 near 0 with flag 0. Positions come from JD, batches from LSTSEQ: the two must agree, and
-    LST with JD; EXPTIME must fit the slot and CCDTEMP be a temperature. The SPEC's real frame passes."""
+    LST with JD; EXPTIME must fill the slot (fluxes are per frame; 1e-6 s was accepted) and CCDTEMP be a
+    temperature. The SPEC's real frame passes."""
     import re
     import shutil
 
@@ -365,6 +366,8 @@ def test_a_header_whose_time_disagrees_with_its_slot_is_refused(small_night, tmp
              ({"LST": (lst + 3) % 24}, r"LST \S+ h disagrees with JD \S+: \+10800\.\d s from the local sidereal"),
              ({"EXPTIME": 99.0}, r"EXPTIME 99\.0 out of range"),
              ({"EXPTIME": 13.0}, r"EXPTIME 13\.0 out of range"),
+             ({"EXPTIME": 1e-6}, r"EXPTIME 1e-06 out of range \(5\.74 to 6\.5 s"),
+             ({"EXPTIME": 3.2}, r"EXPTIME 3\.2 out of range"),
              ({"CCDTEMP": 1e30}, r"CCDTEMP 1e\+30 out of range")]
     for i, (change, reason) in enumerate(cases):
         p = tmp_path / f"case{i}" / good.name

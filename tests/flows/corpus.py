@@ -33,6 +33,7 @@ class Expect:
     rejected: dict[str, str] = dataclasses.field(default_factory=dict)  # science file -> words of the reason
     not_reduced: set[int] = dataclasses.field(default_factory=set)  # lstseqs absent from the fLC
     ok_files: set[str] = dataclasses.field(default_factory=set)  # files that must be recorded ok
+    ok_reasons: dict[str, str] = dataclasses.field(default_factory=dict)  # files recorded ok -> words of the note
     calibration: str | None = "dark"
     warning: str | None = None
     calib_rejected: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -258,6 +259,16 @@ def truncated_dark(raw: Path) -> Expect:
     return Expect(calib_rejected={"calib_dark00.fits": "truncated"}, warning="calibration file(s) rejected")
 
 
+def flat_fields_beside_the_darks(raw: Path) -> Expect:
+    """Flats are part of a station's calibration set but the reduction applies none (SPEC section 3): they
+    were collected and then neither used nor recorded; now each is recorded as not used, and why."""
+    bias = sorted(raw.glob("calib_bias*"))[0]
+    for i in range(2):
+        (raw / f"calib_flat{i:02d}.fits").write_bytes(bias.read_bytes())
+    note = "not used: no flat field is applied"
+    return Expect(ok_reasons={f"calib_flat{i:02d}.fits": note for i in range(2)})
+
+
 def calibration_required_but_missing(raw: Path) -> Expect:
     for p in raw.glob("calib_*"):
         p.unlink()
@@ -275,4 +286,5 @@ FRAME_CASES = [first_frame_wrong_shape, dangling_symlink, all_nan_float_frame, a
                mostly_saturated_frame, truncated_frame, missing_keyword, lstseq_disagrees_with_name, junk_bytes,
                zero_byte_file, directory_named_like_a_frame, cut_gz_frame, corrupt_gz_frame]
 NIGHT_CASES = [gz_beside_fits_with_other_pixels, truncated_fits_beside_good_gz, missing_frames,
-               no_calibration_files, no_darks, truncated_dark, calibration_required_but_missing, empty_raw]
+               no_calibration_files, no_darks, truncated_dark, flat_fields_beside_the_darks,
+               calibration_required_but_missing, empty_raw]

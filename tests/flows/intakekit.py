@@ -68,6 +68,9 @@ def check(datadir: Path, expect: Expect, code: int, err: str) -> dict:
         assert frames[fname][1] == "rejected" and words in frames[fname][2], frames[fname]
     for fname in expect.ok_files:
         assert frames[fname][1] == "ok", frames[fname]
+    for fname, words in expect.ok_reasons.items():
+        assert fname in frames, f"{fname} not recorded; frames recorded: {len(frames)}"
+        assert frames[fname][1] == "ok" and words in frames[fname][2], frames[fname]
     if expect.state != "succeeded":
         return row
     reduced = set(expect.all_seqs) - expect.not_reduced  # type: ignore[attr-defined]
