@@ -86,7 +86,7 @@ def plan_backfill(datadir: str | Path, nights: Any, cameras: Any = None, site: A
     from mascara.selection import parse_nights, select_nights
     from mascara.settings import Settings
 
-    sel = select_nights(datadir, nights, cameras, site, settings=settings)
+    sel = select_nights(datadir, nights, cameras, site, settings=settings, db_url=db_url)
     db_url = resolve_url(db_url, str(Path(datadir).resolve()))
     s = Settings.from_dict(sel.settings)
     out: list[Entry] = []

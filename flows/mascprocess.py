@@ -155,7 +155,8 @@ def _mascprocess(args: argparse.Namespace) -> int:
     if getattr(args, "live", False):
         return run_live(args)
     try:  # before anything slow: a mistake costs a fraction of a second, not a server start
-        sel = select_nights(args.datadir, args.night or "all", args.camera, args.site, settings_file=args.settings)
+        sel = select_nights(args.datadir, args.night or "all", args.camera, args.site, settings_file=args.settings,
+                            db_url=args.db)
     except SelectionError as exc:
         print(f"mascprocess: {exc}", file=sys.stderr)
         return 2
@@ -288,7 +289,7 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
 
     datadir = str(Path(datadir).resolve())
     try:
-        sel = select_nights(datadir, night or "all", camera, site, settings=settings)
+        sel = select_nights(datadir, night or "all", camera, site, settings=settings, db_url=db)
     except SelectionError as exc:
         print(f"mascprocess: {exc}", file=sys.stderr)
         return 2
@@ -385,6 +386,12 @@ def run_live(args: argparse.Namespace) -> int:
             raise SelectionError("--live needs one --night, one --site and --camera")
         if not Path(args.datadir).is_dir():
             raise SelectionError(f"data directory {args.datadir} does not exist")
+        from mascara.catalog._engine import check_url, resolve_url
+
+        try:
+            check_url(resolve_url(args.db, args.datadir))
+        except ValueError as exc:
+            raise SelectionError(str(exc)) from None
         settings = None
         if args.settings:
             from mascara.selection import load_settings_file

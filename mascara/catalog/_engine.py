@@ -50,6 +50,36 @@ def shown_url(url: str) -> str:
         return url.split("@")[-1]
 
 
+def check_url(url: str) -> None:
+    """Refuse, before anything is done, a catalog URL a person gave that cannot name a catalog.
+
+    Raises :class:`ValueError` with one line for people: a URL SQLAlchemy cannot
+    parse, a database whose driver is not installed, or a SQLite file whose
+    directory does not exist (a mistyped path would otherwise create a second,
+    empty catalog there, and the runs it records would move aside outputs
+    the real catalog knows; :func:`make_engine` creates the directory of the
+    default catalog only). A server that does not answer is found on connecting.
+    """
+    try:
+        u = make_url(url)
+    except Exception as exc:  # noqa: BLE001 - ArgumentError, ValueError: the same for the user
+        raise ValueError(f"catalog URL {shown_url(url)!r} cannot be parsed ({exc}); e.g. "
+                         "sqlite:////data/catalog.sqlite or postgresql+psycopg://user@host/db") from None
+    try:
+        u.get_dialect()
+    except Exception as exc:  # noqa: BLE001 - NoSuchModuleError, ModuleNotFoundError of the driver
+        raise ValueError(f"catalog URL {shown_url(url)!r}: no database driver for {u.drivername!r} "
+                         f"({type(exc).__name__}: {exc}); the catalog runs on SQLite or PostgreSQL") from None
+    if u.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(f"catalog URL {shown_url(url)!r}: {u.get_backend_name()} is not supported; the catalog "
+                         "runs on SQLite or PostgreSQL")
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        where = Path(u.database).expanduser().absolute().parent
+        if not where.is_dir():
+            raise ValueError(f"catalog URL {shown_url(url)!r}: no directory {where} for the SQLite file (a "
+                             "mistyped path? the directory is not created)")
+
+
 def _sqlite_hooks(engine: Engine) -> None:
     # pysqlite's own transaction handling defers BEGIN and cannot start
     # BEGIN IMMEDIATE; switch it off and emit BEGIN ourselves so a writer takes

@@ -369,13 +369,75 @@ def file_sha256(path: str | Path) -> str:
 
 
 def versions() -> dict[str, str]:
-    """Versions of the packages a run depends on (provenance)."""
+    """Versions of the packages a run depends on (provenance), and the exact code under :data:`REVISION_KEY`."""
     out = {}
     for name in PROVENANCE_PACKAGES:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             pass
+    out[REVISION_KEY] = code_revision()
+    return out
+
+
+#: The ``package_version`` row of a run that names the code it ran, not only its release: ``mascara``'s
+#: version stays the same between releases (it is the fingerprint's ``code_version``), the revision does not.
+REVISION_KEY = "mascara (revision)"
+
+#: The code a reduction runs: the package and its flows (the migrations change no result).
+SOURCE_PACKAGES = ("mascara", "flows")
+
+
+def source_digest(roots: list[Path]) -> str:
+    """sha256 (16 hex digits) of the ``.py`` files under ``roots``: their paths relative to each root's parent
+    and their bytes, in sorted order. Any edit changes it; a copy of the same files elsewhere does not."""
+    h = hashlib.sha256()
+    for root in roots:
+        for p in sorted(root.rglob("*.py")):
+            if "__pycache__" in p.parts:
+                continue
+            h.update(p.relative_to(root.parent).as_posix().encode() + b"\0")
+            h.update(p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+_REVISION: str | None = None
+
+
+def code_revision() -> str:
+    """What code this process runs, for provenance (computed once per process).
+
+    ``source <digest>`` of the running ``mascara`` and ``flows`` sources
+    (:func:`source_digest`), and where they are a git checkout, ``git
+    <commit>`` with ``+changes`` when those files differ from the commit: a
+    reduction can be traced to its code between version numbers, and an
+    installed copy by its digest alone.
+    """
+    global _REVISION
+    if _REVISION is not None:
+        return _REVISION
+    import importlib.util
+    import subprocess
+
+    roots = []
+    for name in SOURCE_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            roots.append(Path(spec.origin).parent)
+    out = f"source {source_digest(roots)}"
+    top = roots[0].parent if roots else None
+    if top is not None and (top / ".git").exists():
+        try:
+            def git(*args: str) -> str:
+                return subprocess.run(["git", "-C", str(top), *args], capture_output=True, text=True, timeout=10,
+                                      check=True).stdout.strip()
+
+            commit = git("rev-parse", "--short=12", "HEAD")
+            changed = git("status", "--porcelain", "--untracked-files=no", "--", *SOURCE_PACKAGES)
+            out += f"; git {commit}{'+changes' if changed else ''}"
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.debug("no git revision for %s: %s", top, exc)
+    _REVISION = out
     return out
 
 

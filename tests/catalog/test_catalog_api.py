@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -366,3 +367,40 @@ def test_a_sqlite_catalog_locked_for_the_whole_busy_timeout_fails_at_once_with_a
         assert 0.9 <= waited < 2.5, waited  # one busy wait, not five
         assert f"the catalog sqlite:///{path.resolve()} stayed locked by another process for 1 s" in str(got.value)
         cat.register_camera_night("LP", "E", "20260301", "/d/20260301LPE")  # free again: works
+
+
+def test_a_run_records_the_exact_code_it_ran_not_only_the_release(catalog, tmp_path):
+    """An outside trial: every run of 344 commits recorded code version 0.1.0, so the catalog could not say
+    which code reduced a file. The release stays the fingerprint's code version; the provenance of every run
+    also names the digest of the mascara and flows sources it ran and, in a git checkout, the commit."""
+    import shutil
+    import subprocess
+    import sys
+
+    from mascara.catalog import lifecycle
+
+    repo = Path(lifecycle.__file__).resolve().parents[2]
+    versions = lifecycle.versions()
+    revision = versions[lifecycle.REVISION_KEY]
+    digest = lifecycle.source_digest([repo / "mascara", repo / "flows"])
+    assert revision.startswith(f"source {digest}"), revision
+    if (repo / ".git").exists():
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        assert f"; git {head}" in revision, revision
+    cn = catalog.register_camera_night("LP", "E", "20260301", "/d")
+    run = catalog.start_run(cn, fingerprint("s1"), {}, versions, "h")
+    assert catalog.run_versions(run)[lifecycle.REVISION_KEY] == revision
+
+    # the digest follows the files, not where they are: a copy elsewhere (no git) has it, an edit changes it
+    copy = tmp_path / "copy"
+    for pkg in ("mascara", "flows"):
+        shutil.copytree(repo / pkg, copy / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    probe = "from mascara.catalog import lifecycle; print(lifecycle.code_revision())"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(copy)}
+    got = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=120)
+    assert got.stdout.strip() == f"source {digest}", got.stderr[-2000:]
+    with open(copy / "mascara" / "photometry.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert lifecycle.source_digest([copy / "mascara", copy / "flows"]) != digest

@@ -106,3 +106,27 @@ def test_the_flow_refuses_the_same_mistakes_first(two_cameras):
     with pytest.raises(SelectionError, match="camera 'e'"):
         reduce_night.fn(datadir=str(two_cameras), nights=NIGHT, cameras="e")
     assert not (two_cameras / "catalog.sqlite").exists()
+
+
+@pytest.mark.parametrize("live", [False, True])
+@pytest.mark.parametrize("db, words", [
+    ("notaurl", "catalog URL 'notaurl' cannot be parsed"),
+    ("mysql://x@y/z", "mysql is not supported; the catalog runs on SQLite or PostgreSQL"),
+    ("postgresql+nodriver://u:secret@h/db", "no database driver for 'postgresql+nodriver'"),
+    ("sqlite:///{tmp}/nowhere/cat.sqlite", "no directory {tmp}/nowhere for the SQLite file"),
+])
+def test_a_catalog_url_that_names_no_catalog_is_refused_and_nothing_is_made(two_cameras, tmp_path, db, words, live):
+    """An outside trial: --db sqlite:////nonexistent/dir/cat.sqlite made that directory and a second, empty
+    catalog there, whose run moved the night's reduction aside while the real catalog went on naming the moved
+    files; a URL that could not be parsed gave a 33-line traceback after Prefect had started. Each is now one
+    line, exit 2, before Prefect or numpy is imported, and nothing is created."""
+    db, words = db.format(tmp=tmp_path), words.format(tmp=tmp_path)
+    args = ["--night", NIGHT, "--camera", "E", "--db", db] + (["--site", "LP", "--live"] if live else [])
+    res = subprocess.run([sys.executable, "-c", _PROBE, str(two_cameras), *args], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert words in res.stderr and "secret" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "prefect" not in res.stdout and "numpy" not in res.stdout, res.stdout
+    assert not (tmp_path / "nowhere").exists()
+    assert not (two_cameras / "catalog.sqlite").exists()

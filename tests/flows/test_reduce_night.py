@@ -47,6 +47,11 @@ def _batch_name(b: int) -> str:
     (OperationalError("SELECT 1", None, ConnectionError("server closed the connection")), True),
     (ValueError("bad data"), False),
     (KeyError("LSTSEQ"), False),
+    # no wait mends these (an outside trial: a read-only night directory was retried for 75 s)
+    (PermissionError(13, "Permission denied", "/data/20260301LPE/work"), False),
+    (OSError(30, "Read-only file system", "/data/20260301LPE/work"), False),
+    (NotADirectoryError(20, "Not a directory", "/data/20260301LPE/work"), False),
+    (OSError(28, "No space left on device"), True),
 ])
 def test_retry_only_on_transient_errors(exc, retry):
     assert retry_on_transient(None, None, Failed(data=exc)) is retry
