@@ -170,8 +170,16 @@ def _size(path: Path) -> int | None:
 def record_batch_failure(cat: Any, run_id: str, batch: int, exc: BaseException) -> None:
     """Record ``batch`` of run ``run_id`` failed with ``exc``; a failure to record it is logged, so that it
     never hides ``exc`` (the run lost its lease, the database went away: the run's end says the rest)."""
+    from mascara.catalog import LeaseLost
+
     try:
         cat.batch_failed(run_id, batch, f"{type(exc).__name__}: {exc}")
+    except LeaseLost as rec:
+        if isinstance(exc, LeaseLost):  # the batch was done, its run had ended meanwhile: one line, no alarm
+            logging.getLogger(__name__).info("batch %s not recorded: %s", batch, rec)
+        else:
+            logging.getLogger(__name__).warning("batch %s failed (%s: %s) and could not be recorded: %s", batch,
+                                                type(exc).__name__, exc, rec)
     except Exception as rec:  # noqa: BLE001
         logging.getLogger(__name__).warning("batch %s failed (%s: %s) and could not be recorded: %s", batch,
                                             type(exc).__name__, exc, rec)

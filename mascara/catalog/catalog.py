@@ -439,8 +439,14 @@ class Catalog:
         """
         held = s.execute(select(Lease.run_id).where(Lease.run_id == run_id).with_for_update()).scalar_one_or_none()
         if held is None:
-            raise LeaseLost(f"run {run_id} no longer holds the lease of its camera-night (it finished, or it "
-                            f"stalled past its lease and another run took over): it must stop writing")
+            row = s.execute(select(ReductionRun.status, ReductionRun.error).where(ReductionRun.id == run_id)
+                            ).one_or_none()
+            if row is not None and row.status != "running" and not (row.error or "").startswith(ABANDONED):
+                # ended by itself or by an operator's signal, not by a run that took its lease over
+                raise LeaseLost(f"run {run_id} has ended ({row.status}{': ' + row.error if row.error else ''}): "
+                                "what it finished after its end is not recorded, and the next run does it again")
+            raise LeaseLost(f"run {run_id} no longer holds the lease of its camera-night (it stalled past its "
+                            f"lease and another run took over): it must stop writing")
 
     def heartbeat(self, run_id: str) -> None:
         """Extend the run's lease by its original length.

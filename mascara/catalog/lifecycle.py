@@ -653,6 +653,10 @@ def _open_registered(cat: Catalog, db_url: str, plan: Plan, run_id: str, cn_id: 
     done = verified_done(cat, cn_id, fp_key, batch_dir)
     log.info("%s: %s run %s, %d of %d batches already done", night.night_id, decision, run_id,
              len(done), len(plan.batches))
+    moved = [e for e in entries if e.action == "renamed"]
+    if moved:  # where the previous reduction went, said where the user looks (the catalog has it too)
+        log.info("%s: previous outputs moved aside (%s): %s", night.night_id, moved[0].reason or decision,
+                 ", ".join(f"{Path(e.src).name} -> {Path(e.dst).name}" for e in moved))
     return RunHandle(db_url=db_url, night_path=str(night_path), night_id=night.night_id, camera_night_id=cn_id,
                      run_id=run_id, fingerprint_key=fp_key, decision=decision,
                      moves=[(e.src, e.dst) for e in entries], done=done, warnings=warnings)

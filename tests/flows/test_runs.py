@@ -103,7 +103,9 @@ def night(pristine_night, tmp_path):
     return plan_camera_night(datadir / NIGHT_ID), f"sqlite:///{datadir / 'catalog.sqlite'}"
 
 
-def test_new_then_resume_then_move_aside_then_erase(night):
+def test_new_then_resume_then_move_aside_then_erase(night, caplog):
+    import logging
+
     from flows._runs import catalog, file_sha256, open_run, verified_done
 
     plan, url = night
@@ -128,7 +130,11 @@ def test_new_then_resume_then_move_aside_then_erase(night):
     assert verified_done(cat, second.camera_night_id, second.fingerprint_key, batch_dir) == second.done
     cat.finish_run(second.run_id, "succeeded")
 
-    third = open_run(url, plan)  # a completed reduction is moved aside
+    caplog.set_level(logging.INFO, logger="mascara.catalog.lifecycle")
+    third = open_run(url, plan)  # a completed reduction is moved aside, and the user is told where
+    told = (f"{plan.night.night_id}: previous outputs moved aside (re-run of the completed reduction of run "
+            f"{second.run_id}): work -> work_old")
+    assert told in caplog.text, caplog.text
     assert third.decision == "move" and third.done == {}
     night_dir = plan.night.path
     assert (night_dir / "work_old" / "batches").is_dir() and not (night_dir / "work").exists()
