@@ -15,7 +15,8 @@ and once more at the end of the night.  Per camera-night, in
 ``thumbnail.png``      the binned image of one batch (the middle one once it is reduced) with catalogue positions
 =====================  ===========================================================
 
-and per night and site, across cameras, ``<datadir>/quicklook/<night><site>.png``.
+and per night and site, across cameras, ``<datadir>/quicklook/<night><site>.png`` (every reduced
+camera-night of that night and site in the data directory, whichever a command just reduced).
 Figures are 640 x 320 px or so, quantised to a 64-colour palette (10-40 kB);
 every file is written under a temporary name and renamed.  Figures are drawn
 with matplotlib's object interface on the Agg canvas, never through
@@ -75,18 +76,28 @@ def _figure(nrows: int = 1, ncols: int = 1, **kw):  # type: ignore[no-untyped-de
     return fig, fig.subplots(nrows, ncols, **kw)
 
 
-def _save(fig, out: Path, colours: int = 64) -> Path:  # type: ignore[no-untyped-def]
-    """Write a figure as a palette PNG (``colours`` colours: a third of the RGBA size), atomically."""
+def _save(fig, out: Path, colours: int = 64,  # type: ignore[no-untyped-def]
+          text: Mapping[str, str] | None = None) -> Path:
+    """Write a figure as a palette PNG (``colours`` colours: a third of the RGBA size), atomically.
+
+    ``text``: PNG text chunks to carry (e.g. the cameras a night summary shows), none by default.
+    """
     import io
 
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, dpi=DPI, format="png", metadata={"Software": None})
     img = Image.open(buf).convert("RGB").quantize(colours, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
     with atomic_path(out, durable=False) as tmp:
-        img.save(tmp, format="PNG", optimize=True)
+        img.save(tmp, format="PNG", optimize=True, pnginfo=info)
     return out
 
 
@@ -285,37 +296,67 @@ def update_camera_night(night_path: str | os.PathLike[str]) -> dict[str, Path]:
 # --------------------------------------------------------------------------- a night across cameras
 
 
+#: PNG text chunk of a night summary figure naming the cameras it shows, space-separated (``LPE LPS``).
+SUMMARY_CAMERAS_KEY = "Cameras"
+
+
+def _summary_qualities(night_path: str | os.PathLike[str]) -> list[dict]:
+    """The batch quality records of a camera-night the summary figure can use: [] when nothing is reduced,
+    ``work/`` cannot be read, or no record has a list of frames."""
+    try:
+        q = dg.read_qualities(night_path)
+    except OSError:
+        return []
+    return [x for x in q if isinstance(x, dict) and isinstance(x.get("frames"), list)]
+
+
+def _summary_series(q: Sequence[Mapping]) -> tuple[np.ndarray, list, list, np.ndarray, list]:
+    """Frame times, transparency and sky, batch times and astrometric rms of a camera-night's records."""
+    frames = [f for x in q for f in x["frames"] if isinstance(f, Mapping) and f.get("jd") is not None]
+    t = ut_hours([f["jd"] for f in frames])
+    tr = [np.nan if f.get("transparency") is None else float(f["transparency"]) for f in frames]
+    sky = [np.nan if f.get("sky") is None else float(f["sky"]) for f in frames]
+    bt = _batch_times([{"frames": [f for f in x["frames"] if isinstance(f, Mapping)]} for x in q])
+    rms = [np.nan if x.get("astro_rms") is None else float(x["astro_rms"]) for x in q]
+    return t, tr, sky, bt, rms
+
+
 def plot_night_summary(nights: Mapping[str, str | os.PathLike[str]], out: str | os.PathLike[str],
                        title: str = "") -> Path:
     """Transparency, sky and astrometric residual against time for every camera of a night (one colour each).
 
-    ``nights`` maps a label (e.g. the camera id ``LPE``) to its night directory.
+    ``nights`` maps a label (e.g. the camera id ``LPE``) to its night directory.  A camera-night with nothing
+    to show (nothing reduced, ``work/`` unreadable, records that cannot be plotted) is left out, logged; the
+    labels drawn are written in the PNG's ``Cameras`` text chunk (:data:`SUMMARY_CAMERAS_KEY`).
     """
+    series = {}
+    for label, path in sorted(nights.items()):
+        q = _summary_qualities(path)
+        if not q:
+            continue
+        try:
+            series[label] = _summary_series(q)
+        except (KeyError, TypeError, ValueError) as exc:
+            logging.getLogger(__name__).warning("%s left out of the summary figure %s: %s: %s",
+                                                label, out, type(exc).__name__, exc)
     fig, axes = _figure(1, 3, figsize=(SIZE[0] * 1.25, 3.0), layout="constrained")
-    for k, (label, path) in enumerate(sorted(nights.items())):
-        q = dg.read_qualities(path)
-        frames = [f for x in q for f in x["frames"] if f.get("jd") is not None]
+    for k, (label, (t, tr, sky, bt, rms)) in enumerate(series.items()):
         colour = f"C{k % 10}"
-        if frames:
-            t = ut_hours([f["jd"] for f in frames])
-            tr = [np.nan if f["transparency"] is None else f["transparency"] for f in frames]
-            sky = [np.nan if f["sky"] is None else f["sky"] for f in frames]
+        if len(t):
             axes[0].plot(t, tr, ".", ms=1.5, color=colour, label=label)
             axes[1].plot(t, sky, ".", ms=1.5, color=colour)
-        bt = _batch_times(q)
-        rms = [np.nan if x.get("astro_rms") is None else x["astro_rms"] for x in q]
         axes[2].plot(bt, rms, "o-", ms=3, color=colour)
     axes[0].axhline(dg.LOW_TRANSPARENCY, color="C3", lw=0.8, ls="--")
     axes[0].set_ylim(0, 1.3)
     axes[0].set_ylabel("transparency")
     axes[1].set_ylabel("sky (ADU)")
     axes[2].set_ylabel("astrometric rms (px)")
-    if nights:
+    if series:
         axes[0].legend(fontsize=7, frameon=False, markerscale=5)
     for a in axes:
         _time_axis(a)
     fig.suptitle(f"{title} all cameras".strip(), fontsize=9)
-    return _save(fig, Path(out))
+    return _save(fig, Path(out), text={SUMMARY_CAMERAS_KEY: " ".join(series)})
 
 
 def night_summary_path(datadir: str | os.PathLike[str], night: str, site: str) -> Path:
@@ -323,16 +364,46 @@ def night_summary_path(datadir: str | os.PathLike[str], night: str, site: str) -
     return Path(datadir) / QUICKLOOK_DIR / f"{night}{site}.png"
 
 
+def night_summary_members(datadir: str | os.PathLike[str], night: str, site: str,
+                          night_paths: Sequence[str | os.PathLike[str]] = ()) -> dict[str, Path]:
+    """``{camera id: night directory}`` the summary figure of ``night`` and ``site`` shows: every reduced
+    camera-night ``<night><site><cam>`` in ``datadir`` and among ``night_paths``, whichever were just reduced.
+
+    Reduced means ``work/quality/`` holds a batch record the figure can read; any other is left out.
+    """
+    from mascara.selection import NIGHT_DIR_RE
+
+    found: dict[str, Path] = {}
+    try:
+        entries = sorted(Path(datadir).iterdir())
+    except OSError as exc:
+        logging.getLogger(__name__).warning("camera-nights of %s %s not listed in %s: %s", night, site, datadir, exc)
+        entries = []
+    for p in entries:
+        m = NIGHT_DIR_RE.match(p.name)
+        if m and m["night"] == night and m["site"] == site and p.is_dir():
+            found[p.name[8:]] = p
+    for p in map(Path, night_paths):  # those passed, wherever they are (a name as the callers make it)
+        if p.name[:8] == night and p.name[8:10] == site:
+            found[p.name[8:]] = p
+    return {label: p for label, p in sorted(found.items()) if _summary_qualities(p)}
+
+
 def update_night_summaries(datadir: str | os.PathLike[str], night_paths: Sequence[str | os.PathLike[str]]
                            ) -> list[Path]:
-    """The summary figure across cameras of every night and site among ``night_paths`` (reduced ones only).
+    """The summary figure across cameras of every night and site among ``night_paths``.
 
+    Each figure shows every reduced camera-night of its night and site in ``datadir``
+    (:func:`night_summary_members`), not only those in ``night_paths``: a command that reduced or redrew one
+    camera leaves the figure of all of them.  A night and site with no reduced camera-night gets none.
     A figure that cannot be drawn is logged and skipped: a figure never fails a reduction.
     """
+    paths = [Path(p) for p in night_paths]
     groups: dict[tuple[str, str], dict[str, Path]] = {}
-    for p in map(Path, night_paths):
-        if dg.read_qualities(p):
-            groups.setdefault((p.name[:8], p.name[8:10]), {})[p.name[8:]] = p
+    for night, site in sorted({(p.name[:8], p.name[8:10]) for p in paths}):
+        members = night_summary_members(datadir, night, site, paths)
+        if members:
+            groups[(night, site)] = members
     out = []
     for (night, site), members in sorted(groups.items()):
         try:
@@ -355,7 +426,8 @@ def cli_quicklook(args: argparse.Namespace) -> int:
     from mascara.selection import SelectionError, select_nights
 
     try:
-        sel = select_nights(args.datadir, args.night or "all", args.camera, args.site)
+        sel = select_nights(args.datadir, args.night or "all", args.camera, args.site,
+                            db_url=getattr(args, "db", None))
     except SelectionError as exc:
         print(f"mascara quicklook: {exc}", file=sys.stderr)
         return 2

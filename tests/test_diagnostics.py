@@ -213,6 +213,10 @@ def test_mascara_quicklook_redraws_missing_figures_from_work_and_names_what_it_c
             assert png.read_bytes() == (cloudy_night / f"{NIGHT}LP{cam}" / "quicklook" / png.name).read_bytes(), png
     assert (datadir / "quicklook" / f"{NIGHT}LP.png").is_file() and f"night summary: {datadir}" in out
     assert {name: tree_digest(datadir / f"{NIGHT}LPE" / name) for name in kept} == kept
+    # one camera redrawn: the night's summary still shows both (outside trial: it showed LPE alone)
+    assert main(["quicklook", str(datadir), "--night", NIGHT, "--camera", "E"]) == 0
+    assert f"night summary: {datadir / 'quicklook' / f'{NIGHT}LP.png'}" in capsys.readouterr().out
+    assert _summary_cameras(datadir / "quicklook" / f"{NIGHT}LP.png") == ["LPE", "LPS"]
 
     # a camera-night that was never reduced: named, exit 1, the others still drawn
     (datadir / f"{NIGHT}LPW" / "raw").mkdir(parents=True)
@@ -225,6 +229,58 @@ def test_mascara_quicklook_redraws_missing_figures_from_work_and_names_what_it_c
     # a mistake in the request: one line, exit 2
     assert main(["quicklook", str(datadir), "--night", "2026-03-01"]) == 2
     assert "mascara quicklook:" in capsys.readouterr().err
+
+
+def _reduced_camera_night(night: Path, batches: int = 2) -> Path:
+    """A camera-night with what the summary figure reads: per-batch quality records in ``work/quality/``."""
+    for b in range(batches):
+        frames = [{"lstseq": 100 * b + i, "jd": 2461101.40 + (100 * b + i) / 1440, "sky": 1000.0 + i,
+                   "transparency": 0.9, "nstars": 50} for i in range(10)]
+        path = dg.quality_path(night, b)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"batch": b, "frames": frames, "astro_rms": 0.3}))
+    return night
+
+
+def _summary_cameras(png: Path) -> list[str]:
+    """The cameras a night summary figure drew, from the ``Cameras`` text chunk it carries."""
+    from PIL import Image
+
+    with Image.open(png) as img:
+        return img.text.get("Cameras", "").split()
+
+
+def test_night_summary_shows_every_reduced_camera_of_the_night_not_only_those_passed(tmp_path, monkeypatch):
+    """Outside trial: after ``mascprocess D --night N --camera E`` (or ``mascara quicklook ... --camera E``) the
+    figure ``<N>LP.png``, "N LP all cameras", showed LPE alone though LPS of that night is reduced in D too.
+    It shows every reduced camera-night of the night and site in the data directory, whichever were passed;
+    one with nothing reduced, or whose ``work/`` cannot be read, is left out without breaking the figure."""
+    from mascara import quicklook as ql
+
+    datadir = tmp_path / "data"
+    for name in (f"{NIGHT}LPE", f"{NIGHT}LPS", "20260302LPW", f"{NIGHT}AUE"):
+        _reduced_camera_night(datadir / name)
+    (datadir / f"{NIGHT}LPW" / "raw").mkdir(parents=True)  # not reduced: no work/
+    (datadir / f"{NIGHT}LPC").mkdir()
+    (datadir / f"{NIGHT}LPC" / "work").write_text("not a directory")  # work/ unreadable
+    garbled = dg.quality_path(datadir / f"{NIGHT}LPN", 0)  # JSON, but no batch record
+    garbled.parent.mkdir(parents=True)
+    garbled.write_text("[1, 2, 3]")
+    (datadir / "quicklook").mkdir()  # not a night directory
+    drawn: list[list[str]] = []
+    plot = ql.plot_night_summary
+    monkeypatch.setattr(ql, "plot_night_summary", lambda nights, out, title="": (
+        drawn.append(sorted(nights)), plot(nights, out, title))[1])
+
+    out = ql.update_night_summaries(datadir, [datadir / f"{NIGHT}LPE"])
+    assert out == [ql.night_summary_path(datadir, NIGHT, "LP")]
+    assert drawn == [["LPE", "LPS"]]
+    assert _summary_cameras(out[0]) == ["LPE", "LPS"]
+    # the same figure whichever camera-night of it is passed, and all of them together
+    for passed in ([f"{NIGHT}LPS"], [f"{NIGHT}LPE", f"{NIGHT}LPS", f"{NIGHT}LPW", f"{NIGHT}LPC", f"{NIGHT}LPN"]):
+        drawn.clear()
+        assert ql.update_night_summaries(str(datadir), [str(datadir / p) for p in passed]) == out
+        assert drawn == [["LPE", "LPS"]] and _summary_cameras(out[0]) == ["LPE", "LPS"], passed
 
 
 def test_short_reason_drops_details():
