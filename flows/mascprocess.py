@@ -91,17 +91,20 @@ class RichProgress:
         self.progress.stop()
 
     def night_planned(self, night_id: str, nframes: int, nbatches: int) -> None:
-        self.nbatches[night_id] = [0, nbatches, 0]
+        self.nbatches[night_id] = [0, nbatches, 0, 0]  # done, of, failed, frames rejected
         self.tasks[night_id] = self.progress.add_task(night_id, total=nframes, batches=f"0/{nbatches} batches",
                                                       state="")
 
-    def batch_done(self, night_id: str, nframes: int, ok: bool) -> None:
+    def batch_done(self, night_id: str, nframes: int, ok: bool, rejected: int = 0) -> None:
         counts = self.nbatches[night_id]
         counts[0 if ok else 2] += 1
+        counts[3] += rejected
         failed = f", {counts[2]} failed" if counts[2] else ""
-        # the bar counts frames reduced: a failed batch's frames are not
+        refused = f", {counts[3]} frames rejected" if counts[3] else ""
+        # the bar counts frames through the reduction (the rejected ones are said beside it): a failed
+        # batch's frames are not
         self.progress.update(self.tasks[night_id], advance=nframes if ok else 0,
-                             batches=f"{counts[0]}/{counts[1]} batches{failed}")
+                             batches=f"{counts[0]}/{counts[1]} batches{failed}{refused}")
 
     def night_finished(self, night_id: str, state: str, message: str) -> None:
         colour = {"succeeded": "green"}.get(state, "red")

@@ -355,7 +355,7 @@ class ProgressSink(Protocol):
     """Receives progress in the flow's process (``mascprocess`` draws bars with it)."""
 
     def night_planned(self, night_id: str, nframes: int, nbatches: int) -> None: ...
-    def batch_done(self, night_id: str, nframes: int, ok: bool) -> None: ...
+    def batch_done(self, night_id: str, nframes: int, ok: bool, rejected: int = 0) -> None: ...
     def night_finished(self, night_id: str, state: str, message: str) -> None: ...
 
 
@@ -710,7 +710,7 @@ def reduce_night(
                     n.left.discard(payload)
                     n.done_frames += n.batches[payload]
                     n.split_pending.append((res["path"], res["sha256"]))
-                    _notify("batch_done", n.night_id, n.batches[payload], True)
+                    _notify("batch_done", n.night_id, n.batches[payload], True, int(res.get("rejected") or 0))
                     done = len(n.batches) - len(n.left)
                     now = time.monotonic()
                     if n.left and now - n.progress_at < PROGRESS_INTERVAL:

@@ -64,3 +64,17 @@ def test_a_selected_camera_without_a_directory_is_recorded_empty_by_both_drivers
         rows = {r["camera"]: r for r in cat.night_status(NIGHT)}
     assert rows["LPE"]["state"] == "succeeded"
     assert rows["LPS"]["state"] == "empty" and "no night directory" in rows["LPS"]["error"], rows["LPS"]
+
+
+def test_the_progress_bar_says_how_many_frames_were_rejected():
+    """An outside trial: the bar read '120/120 frames ... succeeded' for a night with 3 frames rejected."""
+    from flows.mascprocess import RichProgress
+
+    bars = RichProgress()
+    bars.night_planned("20260301LPE", 120, 3)
+    bars.batch_done("20260301LPE", 50, True, 2)
+    bars.batch_done("20260301LPE", 50, False)
+    bars.batch_done("20260301LPE", 20, True, 1)
+    (task,) = bars.progress.tasks
+    assert task.completed == 70 and task.total == 120
+    assert task.fields["batches"] == "2/3 batches, 1 failed, 3 frames rejected"
