@@ -206,7 +206,7 @@ def record_batch(handle: RunHandle, outcome: Any) -> None:
     rows = [(seq, name, size, "ok", None) for seq, name, size in outcome.accepted]
     raw = Path(handle.night_path) / "raw"
     rows += [(seq, name, _size(raw / name), "rejected", reason) for seq, name, reason in outcome.rejected]
-    cat.record_frames(handle.camera_night_id, rows)
+    cat.record_frames(handle.camera_night_id, rows, run_id=handle.run_id)  # fenced: not after the run's end
     counts = {"slots_expected": outcome.slots_expected, "frames_present": outcome.frames_present,
               "frames_accepted": len(outcome.accepted), "frames_rejected": outcome.frames_rejected,
               "frames_missing": outcome.frames_missing}

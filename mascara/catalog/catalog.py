@@ -862,11 +862,14 @@ class Catalog:
         return self._tx(fn, readonly=True)
 
     # -- frames, products, moves -----------------------------------------------
-    def record_frames(self, camera_night_id: str, frames: Iterable[Sequence[Any]]) -> int:
+    def record_frames(self, camera_night_id: str, frames: Iterable[Sequence[Any]], run_id: str | None = None) -> int:
         """Record raw files as ``(lstseq, filename, size, status, reason)``; returns the count.
 
         ``status`` is ``ok`` or ``rejected``; ``lstseq`` may be None
         (calibration frames). Recording a file again updates its row.
+        ``run_id``: the frames of a batch that run reduced, recorded only while
+        it holds its lease (:class:`LeaseLost` otherwise): a batch that ends
+        after its run was ended by a signal counts no frame as reduced.
         """
         rows = []
         for lstseq, filename, size, status, reason in frames:
@@ -877,6 +880,8 @@ class Catalog:
                          "size": None if size is None else int(size), "status": status, "reason": reason})
 
         def fn(s: Session) -> int:
+            if run_id is not None:
+                self._fence(s, run_id)
             for i in range(0, len(rows), 2000):
                 self._insert(s, Frame, rows[i:i + 2000], update_cols=["lstseq", "size", "status", "reason"])
             return len(rows)

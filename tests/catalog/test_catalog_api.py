@@ -156,6 +156,10 @@ def test_lease_refused_then_released(catalog):
     # a write after the run's own end (a batch a signal's end overtook) says so, not that a run took over
     with pytest.raises(LeaseLost, match=r"has ended \(succeeded\): what it finished after its end is not recorded"):
         catalog.set_phase(run, "combining")
+    # nor the frames of such a batch: an interrupted night counted them as reduced (an outside trial)
+    with pytest.raises(LeaseLost, match="has ended"):
+        catalog.record_frames(cn, [(500, "00000500LPE.fits", 10, "ok", None)], run_id=run)
+    assert count(catalog, Frame) == 0
     run2 = catalog.start_run(cn, fingerprint(), {}, VERSIONS, "laptop")
     assert catalog.last_run(cn).run_id == run2 != run
 
