@@ -59,6 +59,7 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument("datadir", nargs="?", default=".", help="data directory whose catalog to show (default: .)")
     p.add_argument("--db", default=None, help=DB_HELP)
     p.add_argument("--night", default=None, help="YYYYMMDD, several joined by +, or a range YYYYMMDD..YYYYMMDD")
+    _add_camera_site(p)  # as mascprocess, quicklook and backfill take them; they select the rows of every view
     p.add_argument("--json", action="store_true", help="machine-readable output")
     view = p.add_mutually_exclusive_group()
     view.add_argument("--season", action="store_true",
@@ -196,13 +197,14 @@ def _dispatch(args: argparse.Namespace, prog: str = "mascara") -> int:
         if sqlalchemy is None or not isinstance(exc, sqlalchemy.DatabaseError) or not getattr(args, "datadir", None):
             raise
         # a catalog that is not one (a damaged or foreign file): name it, without a page of traceback
-        from mascara.catalog._engine import resolve_url
+        from mascara.catalog._engine import resolve_url, shown_url
 
         try:
-            url = resolve_url(getattr(args, "db", None), str(args.datadir))
+            url = shown_url(resolve_url(getattr(args, "db", None), str(args.datadir)))  # never its password
         except Exception:  # noqa: BLE001 - the message goes out without the URL
             url = "the catalog"
-        print(f"{prog}: the catalog {url} cannot be used: {getattr(exc, 'orig', None) or exc}", file=sys.stderr)
+        why = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]  # one line (psycopg adds hints)
+        print(f"{prog}: the catalog {url} cannot be used: {why}", file=sys.stderr)
         return 1
 
 

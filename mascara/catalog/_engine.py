@@ -65,14 +65,18 @@ def check_url(url: str) -> None:
     except Exception as exc:  # noqa: BLE001 - ArgumentError, ValueError: the same for the user
         raise ValueError(f"catalog URL {shown_url(url)!r} cannot be parsed ({exc}); e.g. "
                          "sqlite:////data/catalog.sqlite or postgresql+psycopg://user@host/db") from None
-    try:
-        u.get_dialect()
-    except Exception as exc:  # noqa: BLE001 - NoSuchModuleError, ModuleNotFoundError of the driver
-        raise ValueError(f"catalog URL {shown_url(url)!r}: no database driver for {u.drivername!r} "
-                         f"({type(exc).__name__}: {exc}); the catalog runs on SQLite or PostgreSQL") from None
     if u.get_backend_name() not in ("sqlite", "postgresql"):
         raise ValueError(f"catalog URL {shown_url(url)!r}: {u.get_backend_name()} is not supported; the catalog "
                          "runs on SQLite or PostgreSQL")
+    try:
+        dialect = u.get_dialect()
+        dialect.import_dbapi()  # the driver module itself, which create_engine imports
+    except Exception as exc:  # noqa: BLE001 - NoSuchModuleError, ModuleNotFoundError of the driver
+        raise ValueError(f"catalog URL {shown_url(url)!r}: no database driver for {u.drivername!r} "
+                         f"({type(exc).__name__}: {exc})") from None
+    if getattr(dialect, "is_async", False):  # postgresql+asyncpg: its connect fails deep in SQLAlchemy
+        raise ValueError(f"catalog URL {shown_url(url)!r}: {u.drivername} is an asyncio driver; the catalog "
+                         "needs a synchronous one, e.g. postgresql+psycopg://")
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
         where = Path(u.database).expanduser().absolute().parent
         if not where.is_dir():

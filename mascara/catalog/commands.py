@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
 import os
 import sys
@@ -34,6 +35,63 @@ def _missing_sqlite(url: str) -> Path | None:
         path = Path(u.database)
         return None if path.exists() else path
     return None
+
+
+def _url_problem(url: str) -> str | None:
+    """Why the catalog URL ``url`` someone gave cannot name a catalog (:func:`mascara.catalog._engine.check_url`),
+    in one line for people with its password hidden, or None. A server that does not answer is found on
+    connecting."""
+    try:
+        _engine.check_url(url)
+    except ValueError as exc:
+        return " ".join(str(exc).split())  # one line
+    return None
+
+
+def _selected(camera_id: str, cameras: list[str] | None, sites: list[str] | None) -> bool:
+    """Whether the camera ``camera_id`` (site + letter, e.g. ``LPE``) is among ``--camera`` and ``--site``."""
+    return (cameras is None or camera_id[-1:] in cameras) and (sites is None or camera_id[:-1] in sites)
+
+
+def _asked(args: argparse.Namespace, nights: str = "night") -> str:
+    """`` for night 20260301, camera E`` of the messages that nothing was found: what was asked."""
+    parts = [f"{nights} {args.night}" if args.night else "",
+             f"camera {args.camera}" if getattr(args, "camera", None) else "",
+             f"site {args.site}" if getattr(args, "site", None) else ""]
+    asked = ", ".join(p for p in parts if p)
+    return f" for {asked}" if asked else ""
+
+
+def _months_covered(nights: list[str] | None, night_arg: str | None) -> str | None:
+    """The line of ``--season`` naming the months its --night nights fall in, and saying when those whole
+    months are more than the nights asked for (the season view counts by month); None for every month."""
+    if nights is None:
+        return None
+    months = sorted({n[:6] for n in nights})
+    asked = set(nights)
+    whole = all(f"{m}{d:02d}" in asked for m in months
+                for d in range(1, calendar.monthrange(int(m[:4]), int(m[4:]))[1] + 1))
+    line = f"months covered: {', '.join(months)}"
+    if not whole:
+        line += f" (whole months: every night of them, not only the nights of --night {night_arg})"
+    return line
+
+
+def _console(min_width: int, always: bool = False) -> Any:
+    """A rich Console for the views: at least ``min_width`` wide when piped or redirected (``always``: on a
+    terminal too), so nothing is truncated; a reader gone raises BrokenPipeError, as a print does
+    (:func:`cli_status` ends quietly), instead of rich's own exit 1."""
+    from rich.console import Console
+
+    class _ViewConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError
+
+    console = _ViewConsole()
+    if always or not console.is_terminal:
+        console = _ViewConsole(width=max(console.width, min_width))
+    return console
 
 
 def _cell(value: Any) -> str:
@@ -146,16 +204,43 @@ def _check_running_processes(cat: Any, rows: list[dict[str, Any]]) -> None:
 
 
 def cli_status(args: argparse.Namespace) -> int:
-    """``mascara status``: the night_status table, or JSON with ``--json``."""
-    if args.night is not None:  # a mistake in the nights is exit 2 and one line, as for mascprocess
-        from mascara.selection import SelectionError, parse_nights
+    """``mascara status``: the night_status table, or JSON with ``--json``.
 
-        try:
-            parse_nights(args.night)
-        except SelectionError as exc:
-            print(f"mascara status: {exc}", file=sys.stderr)
-            return 2
+    A reader that stops reading (``| head``) ends it quietly: exit 141 (128 + SIGPIPE, as a command the
+    shell's SIGPIPE stops), no traceback.
+    """
+    try:
+        code = _status(args)
+        sys.stdout.flush()  # here, not at the interpreter's exit, where a closed pipe is a message on stderr
+        return code
+    except BrokenPipeError:
+        try:  # what is still buffered goes nowhere, quietly, at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # a stdout without a file descriptor
+            pass
+        return 141
+
+
+def _status(args: argparse.Namespace) -> int:
+    """:func:`cli_status` up to its output; its exit code."""
+    from mascara.selection import SelectionError, parse_cameras, parse_nights, parse_sites
+
+    try:  # a mistake in the selection is exit 2 and one line, as for mascprocess
+        # the nights as mascprocess takes them: ``all`` is every night (None), a range its nights
+        nights = parse_nights(args.night) if args.night is not None else None
+        cameras = parse_cameras(getattr(args, "camera", None))
+        sites = parse_sites(getattr(args, "site", None))
+    except SelectionError as exc:
+        print(f"mascara status: {exc}", file=sys.stderr)
+        return 2
     url = _engine.resolve_url(args.db, args.datadir)
+    if args.db or os.environ.get(_engine.ENV_URL):  # a URL someone gave (the default one is well formed)
+        problem = _url_problem(url)
+        if problem is not None:
+            print(f"mascara status: {problem}", file=sys.stderr)
+            return 2
     missing = _missing_sqlite(url)
     if missing is not None:
         print(f"no catalog at {missing}: nothing was reduced in {args.datadir}", file=sys.stderr)
@@ -165,17 +250,16 @@ def cli_status(args: argparse.Namespace) -> int:
         print(problem, file=sys.stderr)
         return 1
     if getattr(args, "season", False):
-        return _print_season(url, args)
+        return _print_season(url, args, nights, cameras, sites)
     if getattr(args, "rejected", False):
-        return _print_rejected(url, args)
+        return _print_rejected(url, args, nights, cameras, sites)
     with connect(url) as cat:
-        rows = cat.night_status(args.night)
+        rows = [r for r in cat.night_status(nights) if _selected(r["camera"], cameras, sites)]
         _check_products_on_disk(cat, rows)
         _check_running_processes(cat, rows)
     if args.json:
         return _print_json(rows)
 
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"Reductions in {_engine.shown_url(url)}")
@@ -201,9 +285,7 @@ def cli_status(args: argparse.Namespace) -> int:
             else:
                 cells.append(_cell(r[key]))
         table.add_row(*cells)
-    console = Console()
-    if not console.is_terminal:  # piped or redirected: never truncate
-        console = Console(width=max(console.width, 220))
+    console = _console(220)  # piped or redirected: never truncate
     if rows:
         console.print(table)
         for r in rows:  # what a warning or an empty night means, in one line each
@@ -222,7 +304,7 @@ def cli_status(args: argparse.Namespace) -> int:
             if r["state"] == "empty" and r.get("error"):
                 console.print(f"{r['night']} {r['camera']}: empty: {r['error']}", soft_wrap=True)
     else:
-        console.print("no camera-nights registered" + (f" for night {args.night}" if args.night else ""))
+        console.print("no camera-nights registered" + _asked(args))
     return 0
 
 
@@ -246,13 +328,13 @@ def cli_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_rejected(url: str, args: argparse.Namespace) -> int:
-    """``mascara status --rejected``: every refused raw file of the selected nights and why."""
+def _print_rejected(url: str, args: argparse.Namespace, nights: list[str] | None, cameras: list[str] | None,
+                    sites: list[str] | None) -> int:
+    """``mascara status --rejected``: every refused raw file of the selected camera-nights and why."""
     with connect(url) as cat:
-        rows = cat.rejected_frames(args.night)
+        rows = [r for r in cat.rejected_frames(nights) if _selected(r["camera"], cameras, sites)]
     if args.json:
         return _print_json(rows)
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"Rejected raw files in {_engine.shown_url(url)}")
@@ -262,18 +344,21 @@ def _print_rejected(url: str, args: argparse.Namespace) -> int:
     for r in rows:
         table.add_row(r["night"], r["camera"], *((r["night_dir"],) if several_datadirs else ()), r["filename"],
                       r["reason"] or "")
-    Console(width=max(120, Console().width)).print(table)
+    _console(120, always=True).print(table)
     if not rows:
-        print("no rejected raw files" + (f" for night(s) {args.night}" if args.night else ""))
+        print("no rejected raw files" + _asked(args, "night(s)"))
     return 0
 
 
-def _print_season(url: str, args: argparse.Namespace) -> int:
-    """``mascara status --season``: the season view, one row per month, site and camera, and the totals."""
+def _print_season(url: str, args: argparse.Namespace, nights: list[str] | None, cameras: list[str] | None,
+                  sites: list[str] | None) -> int:
+    """``mascara status --season``: the season view, one row per month, site and camera, and the totals; the
+    months of the --night nights, whole (said under the table)."""
     with connect(url) as cat:
-        rows = cat.season(args.night)
+        rows = [r for r in cat.season(nights) if _selected(r["camera"], cameras, sites)]
         # the view counts a run recorded running as running; one that nothing runs any more is "stalled" here
-        running = [r for r in cat.night_status(args.night) if r["state"] == "running"] if any(
+        running = [r for r in cat.night_status(nights) if r["state"] == "running"
+                   and _selected(r["camera"], cameras, sites)] if any(
             r["running"] for r in rows) else []
         _check_running_processes(cat, running)
     for r in rows:
@@ -282,7 +367,6 @@ def _print_season(url: str, args: argparse.Namespace) -> int:
         r["running"] -= r["stalled"]
     if args.json:
         return _print_json(rows)
-    from rich.console import Console
     from rich.table import Table
 
     keys = ("camera_nights", "done", "failed", "running", "stalled", "pending", "empty", "frames", "frames_rejected")
@@ -295,8 +379,9 @@ def _print_season(url: str, args: argparse.Namespace) -> int:
     if rows:
         table.add_row("all", "", "", *(str(sum(r[k] for r in rows)) for k in keys),
                       f"{sum(r['cpu_seconds'] for r in rows) / 3600:.2f}", style="bold")
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 160))
-    console.print(table if rows else "no camera-nights registered")
+    console = _console(160)
+    console.print(table if rows else "no camera-nights registered" + _asked(args, "the months of --night"))
+    months = _months_covered(nights, args.night)
+    if months:  # the view is by month: --night 20260301..20260302 counts all of March, which it says
+        console.print(months, soft_wrap=True)
     return 0

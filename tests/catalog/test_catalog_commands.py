@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from catalog_rows import fill_realistic
 from mascara.catalog import _engine
 from mascara.cli import main
@@ -179,3 +181,150 @@ def test_status_says_when_a_running_run_has_lost_its_process_on_this_host(catalo
     rows = {r["camera"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["LPE"]["state"] == "running" and rows["LPE"]["process_gone"] == gone.pid
     assert rows["LPW"]["process_gone"] is None
+
+
+def test_status_selects_cameras_and_sites_as_the_other_commands_do(catalog, db_url, capsys, tmp_path):
+    """An outside trial: ``mascara status D --night 20260301 --camera E`` was refused (unrecognized arguments)
+    though mascprocess, quicklook and backfill take ``--camera`` and ``--site``. The same values (``E``,
+    ``E+S``, ``all``; ``LP``, ``LP+LS``) now select the rows of every view: the table, ``--json``,
+    ``--rejected`` and ``--season``; a letter that is no camera is a mistake (exit 2, one line)."""
+    from catalog_rows import reduce_fake
+
+    fill_realistic(catalog)  # 20260301 LPE LPS LPW (LPE: 3 rejected frames), 20260215 LSC
+    reduce_fake(catalog, "LP", "S", "20260302", nbatches=1, rejected=2)
+
+    def cams(*argv: str) -> list[str]:
+        assert main(["status", str(tmp_path), "--db", db_url, "--json", *argv]) == 0
+        return [r["camera"] for r in json.loads(capsys.readouterr().out)]
+
+    assert cams("--night", "20260301", "--camera", "E") == ["LPE"]
+    assert cams("--night", "20260301", "--camera", "E+S") == ["LPE", "LPS"]
+    assert cams("--night", "20260301", "--camera", "all") == ["LPE", "LPS", "LPW"]
+    assert cams("--site", "LS") == ["LSC"]
+    assert cams("--site", "LP+LS", "--camera", "C") == ["LSC"]
+    assert cams("--site", "LP", "--camera", "C") == []
+    assert cams("--rejected", "--camera", "S") == ["LPS", "LPS"]
+    assert cams("--rejected", "--camera", "E") == ["LPE"] * 3
+    assert cams("--season", "--camera", "S") == ["LPS"]
+    assert cams("--season", "--site", "LS") == ["LSC"]
+
+    assert main(["status", str(tmp_path), "--db", db_url, "--night", "20260301", "--camera", "S"]) == 0
+    table = capsys.readouterr().out
+    lines = {line.split("│")[2].strip() for line in table.splitlines() if line.count("│") > 5}
+    assert lines == {"LPS"}
+    assert "20260301 LPS: failed while reducing" in table
+    assert main(["status", str(tmp_path), "--db", db_url, "--night", "20260301", "--camera", "N"]) == 0
+    assert "no camera-nights registered for night 20260301, camera N" in capsys.readouterr().out
+
+    assert main(["status", str(tmp_path), "--db", db_url, "--camera", "e"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "camera 'e' is not one of" in err and "did you mean E?" in err, err
+    assert main(["status", str(tmp_path), "--db", db_url, "--site", "XX"]) == 2
+    assert "site 'XX' is not one of" in capsys.readouterr().err
+
+
+def _fill_beyond_a_pipe(catalog, view: str) -> None:
+    """Far more output than a pipe holds (64 KiB): for ``rejected``, 3000 refused raw files; for ``table``,
+    400 failed camera-nights, whose lines of why come after the table (a second write)."""
+    if view == "rejected":
+        cn = catalog.register_camera_night("LP", "E", "20260301", "/data/20260301LPE")
+        catalog.record_frames(cn, [(k, f"{k:08d}LPE.fits", 10, "rejected", "missing keyword LST")
+                                   for k in range(3000)])
+        return
+    from datetime import date, timedelta
+
+    from catalog_rows import VERSIONS, fingerprint
+
+    for k in range(400):
+        night = f"{date(2025, 1, 1) + timedelta(days=k):%Y%m%d}"
+        cn = catalog.register_camera_night("LP", "E", night, f"/data/{night}LPE")
+        catalog.finish_run(catalog.start_run(cn, fingerprint(), {}, VERSIONS, "station"), "failed",
+                           error="RuntimeError: " + "x" * 60)
+
+
+@pytest.mark.parametrize("view,argv", [("rejected", ["--rejected", "--json"]), ("table", [])],
+                         ids=["rejected-json", "table"])
+def test_status_output_closed_early_by_its_reader_ends_quietly(catalog, db_url, tmp_path, view, argv):
+    """``mascara status D --rejected --json | head`` ended in a BrokenPipeError traceback, and the table
+    (written by rich) in exit 1 once its reader had gone. A reader that stops reading ends the command
+    quietly: no traceback, no message, exit 141 (128 + SIGPIPE, as a command the shell's SIGPIPE stops)."""
+    import subprocess
+    import sys
+
+    _fill_beyond_a_pipe(catalog, view)
+    proc = subprocess.Popen([sys.executable, "-m", "mascara.cli", "status", str(tmp_path), "--db", db_url, *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(200)  # like head: a few lines, then it goes away
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (0, 141), err
+    assert err == "", err
+
+
+def _bad_urls(tmp_path: Path) -> list[tuple[str, str]]:
+    """(URL, what its one line must show of it): the password never."""
+    return [
+        ("notaurl", "notaurl"),
+        ("postgres ql://u:secret@h/d", "h/d"),  # cannot be parsed, and holds a password
+        ("mysql://x:secret@y/z", "mysql://x:***@y/z"),  # a driver that is not installed
+        ("postgresql+nosuchdriver://x:secret@y/z", "postgresql+nosuchdriver://x:***@y/z"),
+        ("postgresql+asyncpg://x:secret@y/z", "postgresql+asyncpg://x:***@y/z"),  # asyncio: not usable
+        (f"sqlite:///{tmp_path}/typo/catalog.sqlite", f"{tmp_path}/typo"),  # its directory does not exist
+    ]
+
+
+def test_status_refuses_a_catalog_url_that_cannot_name_one_in_one_line(tmp_path, capsys, monkeypatch):
+    """``mascara status D --db notaurl`` printed a page of traceback. A URL that cannot be parsed, names a
+    driver that is not installed, or a SQLite file in a directory that does not exist is one line naming the
+    URL (password hidden) and the problem, exit 2, and nothing is created."""
+    monkeypatch.delenv("MASCARA_DB_URL", raising=False)
+    for url, shown in _bad_urls(tmp_path):
+        assert main(["status", str(tmp_path), "--db", url]) == 2, url
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("mascara status: "), err
+        assert shown in err and "secret" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "typo").exists()
+    # the same URL given by $MASCARA_DB_URL
+    monkeypatch.setenv("MASCARA_DB_URL", "notaurl")
+    assert main(["status", str(tmp_path)]) == 2
+    assert "notaurl" in capsys.readouterr().err
+
+
+def test_status_of_an_unreachable_server_is_still_one_message(tmp_path, capsys, monkeypatch):
+    """A PostgreSQL URL that parses but whose server does not answer keeps its message (exit 1)."""
+    monkeypatch.delenv("MASCARA_DB_URL", raising=False)
+    assert main(["status", str(tmp_path), "--db", "postgresql+psycopg://u:secret@127.0.0.1:1/d"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot be used: connection failed" in err and "Traceback" not in err, err
+    assert "secret" not in err and err.count("\n") == 1, err  # the password was printed, then psycopg's hints
+
+
+def test_season_says_which_whole_months_it_counts(catalog, db_url, capsys, tmp_path):
+    """``mascara status --season --night 20260301..20260302`` counts every night of March (by design: the
+    season view is by month) but did not say so; the table now names the months it covers, and says when
+    they are more than the nights asked for. ``--json`` has the month in every row and is unchanged."""
+    fill_realistic(catalog)
+    base = ["status", str(tmp_path), "--db", db_url, "--season"]
+    assert main([*base, "--night", "20260301..20260302"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "months covered: 202603 (whole months: every night of them, not only the nights of --night " \
+           "20260301..20260302)" in out, out
+    assert main([*base, "--night", "20260201..20260331"]) == 0  # whole months asked: nothing more counted
+    out = " ".join(capsys.readouterr().out.split())
+    assert "months covered: 202602, 202603" in out and "not only" not in out, out
+    assert main([*base, "--night", "20260415"]) == 0  # nothing there: the month is still named
+    out = " ".join(capsys.readouterr().out.split())
+    assert "no camera-nights registered" in out and "months covered: 202604 (whole months" in out, out
+    assert main([*base]) == 0  # every month: nothing to say
+    assert "months covered" not in capsys.readouterr().out
+    assert main([*base, "--json", "--night", "20260301..20260302"]) == 0
+    assert {r["month"] for r in json.loads(capsys.readouterr().out)} == {"202603"}
+
+
+def test_status_night_all_means_every_night(catalog, db_url, capsys, tmp_path):
+    """``--night all`` passed the check of the nights (parse_nights takes it, as mascprocess does) and then
+    selected the nights named "all": none. It is every night, as elsewhere."""
+    fill_realistic(catalog)
+    assert main(["status", str(tmp_path), "--db", db_url, "--json", "--night", "all", "--camera", "C"]) == 0
+    assert [r["camera"] for r in json.loads(capsys.readouterr().out)] == ["LSC"]
