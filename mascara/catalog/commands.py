@@ -7,7 +7,7 @@ import calendar
 import json
 import os
 import sys
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -156,9 +156,17 @@ def _print_json(rows: list[dict[str, Any]]) -> int:
     return 0
 
 
+#: A product file modified later than this after its run recorded it was replaced (or rewritten) since: a run
+#: writes its files before it records them. The margin allows for the clocks of a file server and of the host
+#: that recorded the run.
+REPLACED_SLACK_SECONDS = 10.0
+
+
 def _check_products_on_disk(cat: Any, rows: list[dict[str, Any]]) -> None:
-    """Add ``products_gone`` to each row: the kinds of its recorded products whose file is missing or no longer
-    has the recorded size (a stat per file, no checksum); the table shows it as a warning.
+    """Add ``products_gone`` to each row: the kinds of its recorded products whose file is missing, no longer
+    has the recorded size, or was modified after it was recorded (a stat per file, no checksum: an outside
+    trial's second catalog rewrote an fLC of the same size, and status said nothing); the table shows it as a
+    warning.
 
     The catalog records what a run wrote; this view should not call a night done whose files were
     deleted or replaced by hand since (a re-run, or ``backfill``, reduces it again and records why).
@@ -171,8 +179,10 @@ def _check_products_on_disk(cat: Any, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         gone = []
         for p in by_night.get(r["camera_night_id"], []):
+            made = p["created_at"] if p["created_at"].tzinfo else p["created_at"].replace(tzinfo=timezone.utc)
             try:
-                ok = os.stat(p["path"]).st_size == p["size"]
+                st = os.stat(p["path"])
+                ok = st.st_size == p["size"] and st.st_mtime <= made.timestamp() + REPLACED_SLACK_SECONDS
             except OSError:
                 ok = False
             if not ok:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,12 @@ def test_status_names_night_files_gone_from_disk(catalog, db_url, capsys, tmp_pa
 
     gone, table = status()
     assert gone == [] and "gone" not in table
+    # rewritten in place with the same size, after the run recorded it (another catalog's run, say)
+    later = time.time() + 60
+    os.utime(flc, (later, later))
+    assert status()[0] == ["fLC"]
+    os.utime(flc, (later - 120, later - 120))
+    assert status()[0] == []
     slc.unlink()
     flc.write_bytes(b"f" * 99)  # replaced by another file
     gone, table = status()
