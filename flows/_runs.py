@@ -156,6 +156,14 @@ def already_done(db_url: str, plan: Any) -> str | None:
     return lifecycle.up_to_date(cat, cn_id, lifecycle.fingerprint_key(plan.fingerprint()))
 
 
+def why_reduce(db_url: str, plan: Any) -> str:
+    """Why a planned camera-night needs reducing (:func:`mascara.catalog.lifecycle.why_reduce`), in words."""
+    cat = catalog(db_url)
+    fp = plan.fingerprint()
+    why = lifecycle.why_reduce(cat, cat.find_camera_night(plan.night.path), lifecycle.fingerprint_key(fp), fp)
+    return why or "up to date"
+
+
 # --------------------------------------------------------------------------- recording
 
 

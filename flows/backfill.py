@@ -101,6 +101,8 @@ def plan_backfill(datadir: str | Path, nights: Any, cameras: Any = None, site: A
             # force redoes what is up to date, never what is being reduced right now
             if why is not None and (not force or why.startswith("in progress")):
                 e.state, e.reason = ("in-progress" if why.startswith("in progress") else "up-to-date"), why
+            else:  # what a submission changes: never reduced, failed, another fingerprint, files gone
+                e.reason = "--force: " + why if why is not None else _runs.why_reduce(db_url, plan)
         out.append(e)
     found = {e.night for e in out}
     for cn in sel.not_found:

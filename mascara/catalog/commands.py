@@ -7,7 +7,7 @@ import calendar
 import json
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 
 from mascara.catalog import _engine
 from mascara.catalog.catalog import connect
+from mascara.catalog.lifecycle import product_in_place
 
 #: Columns of the terminal table (the JSON output has every column of the view).
 TABLE_COLUMNS = (
@@ -156,12 +157,6 @@ def _print_json(rows: list[dict[str, Any]]) -> int:
     return 0
 
 
-#: A product file modified later than this after its run recorded it was replaced (or rewritten) since: a run
-#: writes its files before it records them. The margin allows for the clocks of a file server and of the host
-#: that recorded the run.
-REPLACED_SLACK_SECONDS = 10.0
-
-
 def _check_products_on_disk(cat: Any, rows: list[dict[str, Any]]) -> None:
     """Add ``products_gone`` to each row: the kinds of its recorded products whose file is missing, no longer
     has the recorded size, or was modified after it was recorded (a stat per file, no checksum: an outside
@@ -179,13 +174,7 @@ def _check_products_on_disk(cat: Any, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         gone = []
         for p in by_night.get(r["camera_night_id"], []):
-            made = p["created_at"] if p["created_at"].tzinfo else p["created_at"].replace(tzinfo=timezone.utc)
-            try:
-                st = os.stat(p["path"])
-                ok = st.st_size == p["size"] and st.st_mtime <= made.timestamp() + REPLACED_SLACK_SECONDS
-            except OSError:
-                ok = False
-            if not ok:
+            if not product_in_place(p):
                 gone.append(p["kind"])
         r["products_gone"] = sorted(gone)
 

@@ -43,6 +43,7 @@ only, however large the erased outputs are.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import importlib.metadata
 import logging
@@ -311,34 +312,69 @@ def decide(previous: RunInfo | None, fp_key: str, overwrite: bool, has_current: 
     return "new", None, None
 
 
+#: A product file modified later than this after its run recorded it was replaced (or rewritten) since: a run
+#: writes its files before it records them. The margin allows for the clocks of a file server and of the host
+#: that recorded the run.
+REPLACED_SLACK_SECONDS = 10.0
+
+
+def product_in_place(product: Mapping[str, Any]) -> bool:
+    """Whether a recorded product's file is still the one its run wrote, by one ``stat`` (no checksum: a
+    season holds terabytes): there, with the recorded size, and not modified after it was recorded (an
+    outside trial's second catalog rewrote an fLC of the same size in place)."""
+    made = product["created_at"]
+    if made.tzinfo is None:  # SQLite gives back naive UTC
+        made = made.replace(tzinfo=dt.timezone.utc)
+    try:
+        st = os.stat(product["path"])
+    except OSError:
+        return False
+    return st.st_size == int(product["size"]) and st.st_mtime <= made.timestamp() + REPLACED_SLACK_SECONDS
+
+
 def up_to_date(cat: Catalog, camera_night_id: str, fp_key: str) -> str | None:
     """Why a camera-night needs no reduction under ``fp_key``, or None when it does (a backfill's test).
 
     It is up to date when its latest run that acted succeeded under the same
     fingerprint (same code version, settings, star catalogue and raw
-    inventory) and every file that run recorded is still where the catalog
-    says, with the recorded size (sizes, not checksums: a season holds
-    terabytes). A run in progress is reported too, so nobody starts a second.
+    inventory) and every file that run recorded is in place
+    (:func:`product_in_place`). A run in progress is reported too, so nobody
+    starts a second. :func:`why_reduce` says why when it is None.
     """
     latest = cat.last_run(camera_night_id)
     if latest is not None and latest.live and process_gone(cat, latest.run_id) is None:
         # (a holder killed on this host is not in progress: the run that starts takes its lease over at once)
         return f"in progress: run {latest.run_id} on {latest.host} holds the lease"
+    return None if why_reduce(cat, camera_night_id, fp_key) else _up_to_date_reason(cat, camera_night_id)
+
+
+def _up_to_date_reason(cat: Catalog, camera_night_id: str) -> str:
     last = cat.last_run(camera_night_id, decided=True)
-    if last is None or last.status != "succeeded" or last.fingerprint_key != fp_key:
-        return None
-    products = [p for p in cat.live_products(camera_night_id) if p["run_id"] == last.run_id]
-    if not any(p["kind"] == "fLC" for p in products):
-        return None
-    for p in products:
-        path = Path(p["path"])
-        try:
-            if path.stat().st_size != int(p["size"]):
-                return None
-        except OSError:
-            return None
     when = last.finished_at.strftime("%Y-%m-%d %H:%M UTC") if last.finished_at else "earlier"
     return f"up to date: run {last.run_id} finished {when} with the same fingerprint; its files are in place"
+
+
+def why_reduce(cat: Catalog, camera_night_id: str | None, fp_key: str,
+               fingerprint: Mapping[str, str] | None = None) -> str | None:
+    """Why a camera-night needs reducing under ``fp_key`` (``fingerprint``: its fields, to name those that
+    changed), or None when its last run that acted left it up to date. A run in progress is not looked at
+    (:func:`up_to_date` does)."""
+    last = None if camera_night_id is None else cat.last_run(camera_night_id, decided=True)
+    if last is None:
+        return "never reduced"
+    if last.status != "succeeded":
+        return f"its last run {last.run_id} {last.status}" + (f": {last.error}"[:300] if last.error else "")
+    if last.fingerprint_key != fp_key:
+        changed = [k for k in (fingerprint or {}) if (last.fingerprint or {}).get(k) != fingerprint[k]]
+        what = ", ".join(k.replace("_hash", "").replace("_", " ") for k in changed) or "its fingerprint"
+        return f"reduced by run {last.run_id} with another {what}"
+    products = [p for p in cat.live_products(camera_night_id) if p["run_id"] == last.run_id]
+    if not any(p["kind"] == "fLC" for p in products):
+        return f"run {last.run_id} recorded no fLC"
+    moved = sorted(p["kind"] for p in products if not product_in_place(p))
+    if moved:
+        return f"{'+'.join(moved)} of run {last.run_id} deleted or replaced since"
+    return None
 
 
 # --------------------------------------------------------------------------- opening a run

@@ -58,18 +58,33 @@ def test_only_what_changed_is_submitted(pristine, tmp_path, db_url):
     assert _states(plan) == {"20260301LPE": "up-to-date", "20260302LPE": "submit", "20260303": "no-data"}
     done = next(e for e in plan if e.night_id == "20260301LPE")
     assert "same fingerprint" in done.reason and done.frames == 60
+    # a submission says why (an outside trial: its reason column was empty)
+    reason = {e.night_id: e.reason for e in plan}
+    assert reason["20260302LPE"] == "never reduced"
+    first_run = done.reason.split()[4]
 
     # asked to, or after a change of settings, it is submitted again
-    assert _states(plan_backfill(data, rng, site="LP", db_url=db_url, force=True))["20260301LPE"] == "submit"
-    changed = plan_backfill(data, rng, site="LP", db_url=db_url, settings={"vmag_slow": 9.5})
-    assert _states(changed)["20260301LPE"] == "submit"
+    forced = {e.night_id: e for e in plan_backfill(data, rng, site="LP", db_url=db_url, force=True)}
+    assert forced["20260301LPE"].state == "submit" and forced["20260301LPE"].reason.startswith("--force: up to")
+    changed = {e.night_id: e for e in plan_backfill(data, rng, site="LP", db_url=db_url,
+                                                      settings={"vmag_slow": 9.5})}
+    assert changed["20260301LPE"].state == "submit"
+    # (vmag_slow also changes the stars taken from the catalogue)
+    assert changed["20260301LPE"].reason == f"reduced by run {first_run} with another settings, catalogue"
 
     # a night file that is not what the catalog recorded: not up to date
     flc = data / "20260301LPE" / "lightcurves" / "fLC_20260301LPE.hdf5"
-    saved = flc.read_bytes()
+    saved, st = flc.read_bytes(), flc.stat()
     flc.write_bytes(saved + b"\0")
-    assert _states(plan_backfill(data, rng, site="LP", db_url=db_url))["20260301LPE"] == "submit"
+    entry = {e.night_id: e for e in plan_backfill(data, rng, site="LP", db_url=db_url)}["20260301LPE"]
+    assert (entry.state, entry.reason) == ("submit", f"fLC of run {first_run} deleted or replaced since")
     flc.write_bytes(saved)
+    # rewritten in place with the same size after it was recorded (another catalog's run, say): replaced
+    later = st.st_mtime + 3600
+    __import__("os").utime(flc, (later, later))
+    assert _states(plan_backfill(data, rng, site="LP", db_url=db_url))["20260301LPE"] == "submit"
+    __import__("os").utime(flc, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _states(plan_backfill(data, rng, site="LP", db_url=db_url))["20260301LPE"] == "up-to-date"
 
     # a reduction holding the camera-night's lease: in progress, not submitted twice
     with connect(db_url) as cat:
