@@ -308,19 +308,20 @@ def finish_succeeded(handle: RunHandle, products: Mapping[str, Any]) -> list[dic
     return lifecycle.finish_succeeded(catalog(handle.db_url), handle, products)
 
 
-def combine_and_finish(handle: RunHandle, plan: Any) -> dict[str, Any]:
+def combine_and_finish(handle: RunHandle, plan: Any) -> tuple[dict[str, Any], dict[str, Path]]:
     """The end of every driver's run: enter ``combining``, check that every batch file is there, write the
     night files, draw the quick-look figures (:func:`final_quicklook`), then record the products and the
-    run's ``succeeded`` (one transaction); returns the products."""
+    run's ``succeeded`` (one transaction); returns the products and the figures (to publish, not redraw:
+    after the end, ``quicklook/`` is no longer the run's)."""
     from mascara.reduce import combine_camera_night, prepare_camera_night
 
     catalog(handle.db_url).set_phase(handle.run_id, "combining")
     paths = [str(plan.batch_path(b)) for b in plan.batches]
     lifecycle.check_batch_files(paths)
     products = combine_camera_night(plan, prepare_camera_night(plan), paths)
-    final_quicklook(handle.night_path)
+    figures = final_quicklook(handle.night_path)
     finish_succeeded(handle, products)
-    return products
+    return products, figures
 
 
 def final_quicklook(night_path: str | Path, logger: Any = None) -> dict[str, Path]:
@@ -405,7 +406,7 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
                                      on_prepared=on_prepared,
                                      require_calibration=require_calibration,
                                      split_in_background=split_in_background, combine=False)
-        result.products = combine_and_finish(handle, plan)
+        result.products, _ = combine_and_finish(handle, plan)
     except CalibrationRequired as exc:
         record_calibration(db_url, handle.camera_night_id, handle.night_path, exc.state)
         cat.finish_run(handle.run_id, "failed", error=str(exc))
@@ -500,7 +501,7 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
             raise NothingToReduce(f"{night.path if hasattr(night, 'path') else night}: no science frame "
                                   "arrived before the end of the live run")
         record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
-        result.products = combine_and_finish(handle, plan)
+        result.products, _ = combine_and_finish(handle, plan)
     except NothingToReduce:
         raise
     except KeyboardInterrupt as exc:

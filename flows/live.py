@@ -120,14 +120,17 @@ def reduce_night_live(datadir: str | None = None, nights: str | int = "tonight",
                            LiveNight(root / night_ids[c], s, grace=grace, idle_timeout=idle_timeout, until_jd=until))
                 for c in cams}
 
-    def publish(cam: _Camera, state: str, force: bool = False) -> None:
-        """The night's progress and its quick-look figures (redrawn), at most every PROGRESS_INTERVAL s."""
+    def publish(cam: _Camera, state: str, force: bool = False, figures: dict | None = None) -> None:
+        """The night's progress and its quick-look figures, at most every PROGRESS_INTERVAL s: redrawn while
+        the run holds the night, ``figures`` as drawn before its end once it has ended (a run waiting for
+        the night may be moving ``quicklook/`` aside by then)."""
         if not force and time.monotonic() - cam.published < PROGRESS_INTERVAL:
             return
         nid = cam.night_dir.night_id
         create_markdown_artifact(key=f"{nid.lower()}-live", markdown=_progress_markdown(nid, cam.done, 0, state),
                                  description=f"{nid}: live progress")
-        figures = _runs.draw_quicklook(cam.night_dir.path, get_run_logger())
+        if figures is None:
+            figures = _runs.draw_quicklook(cam.night_dir.path, get_run_logger())
         if figures:
             report.publish_markdown(f"{nid.lower()}-quicklook",
                                     report.quicklook_markdown(nid, figures, str(cam.night_dir.path)),
@@ -199,9 +202,9 @@ def reduce_night_live(datadir: str | None = None, nights: str | int = "tonight",
                     raise RuntimeError(cam.error)
                 plan = cam.live.plan
                 _runs.record_intake(url, plan, cam.handle.camera_night_id, cam.handle.run_id)
-                _runs.combine_and_finish(cam.handle, plan)
+                _, figures = _runs.combine_and_finish(cam.handle, plan)
                 states[nid] = "succeeded"
-                publish(cam, "finished", force=True)
+                publish(cam, "finished", force=True, figures=figures)
             except Exception as exc:  # noqa: BLE001 - recorded; the flow fails below
                 cat.finish_run(cam.handle.run_id, "failed", error=f"{type(exc).__name__}: {exc}")
                 states[nid] = f"failed: {exc}"

@@ -772,7 +772,7 @@ def _publish_nights(datadir: str, nights_: dict[str, _Night], missing: list[tupl
                     logger: Any) -> None:
     """Per night and site: the summary figure across cameras and one table of its camera-nights, and
     an artifact naming the camera-nights without frames (empty ``raw/`` or ``missing`` directories)."""
-    from mascara.quicklook import night_summary_path, plot_night_summary
+    from mascara.quicklook import night_summary_members, night_summary_path, plot_night_summary
 
     settings = json.loads(sjson)
     empty = [(n.night_id, n.message) for n in nights_.values() if n.state == "empty"] + list(missing)
@@ -788,11 +788,13 @@ def _publish_nights(datadir: str, nights_: dict[str, _Night], missing: list[tupl
             r = n.result or n.partial or {}
             rows.append(report.camera_night_row(n.night_id, n.state, r.get("summary"), r.get("files", ()),
                                                 r.get("quality"), settings, n.message))
-        reduced = {n.night_id[8:]: n.night_path for n in members if n.state == "succeeded"}
+        reduced = [n.night_path for n in members if n.state == "succeeded"]
+        # every reduced camera of the night and site in the data directory, not only this run's
+        shown = night_summary_members(datadir, night, site, reduced) if reduced else {}
         figure = None
-        if reduced:
+        if shown:
             try:
-                figure = plot_night_summary(reduced, night_summary_path(datadir, night, site), f"{night} {site}")
+                figure = plot_night_summary(shown, night_summary_path(datadir, night, site), f"{night} {site}")
             except Exception as exc:  # noqa: BLE001 - a figure never fails a night
                 logger.warning("summary figure of %s %s not drawn: %s", night, site, exc)
         try:

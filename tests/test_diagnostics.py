@@ -322,3 +322,27 @@ def test_group_medians_equal_numpy_median_per_group(runs):
         sel = values[mask & (group == g)]
         want = np.median(sel) if sel.size else np.nan
         assert np.array_equal(got[g], want, equal_nan=True), (g, got[g], want)
+
+
+def test_the_flow_s_night_summary_shows_every_reduced_camera_too(tmp_path, monkeypatch):
+    """A review found the Prefect flow's own summary (``_publish_nights``) still drew the cameras its run
+    reduced, not every reduced one of the night: after ``mascprocess D --night N --camera E`` through Prefect,
+    ``<N>LP.png`` showed LPE alone. The flow draws the same members as ``mascara quicklook`` now."""
+    import logging
+
+    from flows import report
+    from flows.reduce_night import _Night, _publish_nights
+    from mascara import quicklook as ql
+
+    published = []  # the artifacts need a flow run; what is asserted here is the figure
+    monkeypatch.setattr(report, "publish_table", lambda *a, **k: published.append(a[0]))
+    monkeypatch.setattr(report, "publish_markdown", lambda *a, **k: published.append(a[0]))
+
+    datadir = tmp_path / "data"
+    for name in (f"{NIGHT}LPE", f"{NIGHT}LPS"):
+        _reduced_camera_night(datadir / name)
+    ran = _Night(night_id=f"{NIGHT}LPE", night_path=str(datadir / f"{NIGHT}LPE"), nframes=50, batches={0: 50},
+                 state="succeeded")
+    _publish_nights(str(datadir), {ran.night_id: ran}, [], "{}", logging.getLogger("test"))
+    assert _summary_cameras(ql.night_summary_path(datadir, NIGHT, "LP")) == ["LPE", "LPS"]
+    assert len(published) == 2  # the night's table and its summary
