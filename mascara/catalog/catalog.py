@@ -521,8 +521,8 @@ class Catalog:
                     "id": make_id("product", run_id, p["kind"], path), "run_id": run_id,
                     "camera_night_id": run.camera_night_id, "kind": p["kind"], "path": path,
                     "sha256": p["sha256"], "size": int(p["size"]), "nstars": p.get("nstars"),
-                    "created_at": now, "erased_at": None, "erased_by": None}],
-                    update_cols=["sha256", "size", "nstars", "created_at", "erased_at", "erased_by"])
+                    "created_at": now, "mtime_ns": p.get("mtime_ns"), "erased_at": None, "erased_by": None}],
+                    update_cols=["sha256", "size", "nstars", "created_at", "mtime_ns", "erased_at", "erased_by"])
             s.execute(update(Batch).where(Batch.run_id == run_id, Batch.status == "running")
                       .values(status="failed", finished_at=now, error=f"run ended ({status}) during the batch"))
             s.execute(delete(Lease).where(Lease.run_id == run_id))
@@ -950,12 +950,15 @@ class Catalog:
         self._tx(fn)
 
     def record_product(self, run_id: str, kind: str, path: str | Path, sha256: str, size: int,
-                       nstars: int | None = None) -> str:
+                       nstars: int | None = None, mtime_ns: int | None = None) -> str:
         """Record one file written by a run; returns the product id.
 
+        ``mtime_ns``: the file's ``st_mtime_ns`` (default: read from the file if it exists).
         The reduction records its products with :meth:`finish_run` instead, in
         the transaction that ends the run.
         """
+        if mtime_ns is None and Path(path).is_file():
+            mtime_ns = os.stat(path).st_mtime_ns
         if kind not in PRODUCT_KINDS:
             raise ValueError(f"product kind must be one of {PRODUCT_KINDS}, not {kind!r}")
 
@@ -964,8 +967,8 @@ class Catalog:
             pid = make_id("product", run_id, kind, path)
             self._insert(s, Product, [{"id": pid, "run_id": run_id, "camera_night_id": cn_id, "kind": kind,
                                        "path": str(path), "sha256": sha256, "size": int(size),
-                                       "nstars": nstars, "created_at": _now()}],
-                         update_cols=["sha256", "size", "nstars", "created_at"])
+                                       "nstars": nstars, "created_at": _now(), "mtime_ns": mtime_ns}],
+                         update_cols=["sha256", "size", "nstars", "created_at", "mtime_ns"])
             return pid
 
         return self._tx(fn)

@@ -158,10 +158,9 @@ def _print_json(rows: list[dict[str, Any]]) -> int:
 
 
 def _check_products_on_disk(cat: Any, rows: list[dict[str, Any]]) -> None:
-    """Add ``products_gone`` to each row: the kinds of its recorded products whose file is missing, no longer
-    has the recorded size, or was modified after it was recorded (a stat per file, no checksum: an outside
-    trial's second catalog rewrote an fLC of the same size, and status said nothing); the table shows it as a
-    warning.
+    """Add ``products_gone`` to each row: the kinds of its recorded products whose file is not the one its
+    run left (:func:`mascara.catalog.lifecycle.product_in_place`: missing, another size or modification
+    time); the table shows it as a warning.
 
     The catalog records what a run wrote; this view should not call a night done whose files were
     deleted or replaced by hand since (a re-run, or ``backfill``, reduces it again and records why).
@@ -279,7 +278,7 @@ def _status(args: argparse.Namespace) -> int:
                 style = "yellow" if r["state"] == "succeeded" and warned else _STATE_STYLE.get(r["state"], "")
                 cells.append(f"[{style}]{r['state']}[/]")
             elif key == "warning":
-                gone = f"{'+'.join(r['products_gone'])} gone from disk" if r.get("products_gone") else None
+                gone = f"{'+'.join(r['products_gone'])} gone or replaced" if r.get("products_gone") else None
                 cells.append(f"[yellow]{_cell('; '.join(w for w in (r[key], gone) if w) or None)}[/]")
             else:
                 cells.append(_cell(r[key]))

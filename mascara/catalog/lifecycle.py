@@ -43,7 +43,6 @@ only, however large the erased outputs are.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import hashlib
 import importlib.metadata
 import logging
@@ -312,24 +311,18 @@ def decide(previous: RunInfo | None, fp_key: str, overwrite: bool, has_current: 
     return "new", None, None
 
 
-#: A product file modified later than this after its run recorded it was replaced (or rewritten) since: a run
-#: writes its files before it records them. The margin allows for the clocks of a file server and of the host
-#: that recorded the run.
-REPLACED_SLACK_SECONDS = 10.0
-
-
 def product_in_place(product: Mapping[str, Any]) -> bool:
     """Whether a recorded product's file is still the one its run wrote, by one ``stat`` (no checksum: a
-    season holds terabytes): there, with the recorded size, and not modified after it was recorded (an
-    outside trial's second catalog rewrote an fLC of the same size in place)."""
-    made = product["created_at"]
-    if made.tzinfo is None:  # SQLite gives back naive UTC
-        made = made.replace(tzinfo=dt.timezone.utc)
+    season holds terabytes): there, with the recorded size and modification time (``mtime_ns``; products
+    recorded before migration 0008 by size alone). An outside trial's second catalog rewrote an fLC of the
+    same size in place. Renames, ``cp -a`` and ``rsync -a`` keep both; a copy that does not keep times
+    makes the night look replaced, and a re-run reduces it again."""
     try:
         st = os.stat(product["path"])
     except OSError:
         return False
-    return st.st_size == int(product["size"]) and st.st_mtime <= made.timestamp() + REPLACED_SLACK_SECONDS
+    recorded = product.get("mtime_ns")
+    return st.st_size == int(product["size"]) and (recorded is None or st.st_mtime_ns == int(recorded))
 
 
 def up_to_date(cat: Catalog, camera_night_id: str, fp_key: str) -> str | None:
@@ -713,7 +706,8 @@ def describe_products(night_path: str | Path, products: Mapping[str, Any]) -> li
         sha = products.get(f"sha256_{kind}") or file_sha256(path)
         with h5py.File(path, "r") as f:
             nstars = int(len(f["header_table"]["ascc"])) if "header_table" in f else None
-        out.append({"kind": kind, "path": str(path), "sha256": sha, "size": Path(path).stat().st_size,
+        st = Path(path).stat()
+        out.append({"kind": kind, "path": str(path), "sha256": sha, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                     "nstars": nstars})
     night = Path(night_path)
     for kind, path in (("solution", night / "astrometry" / "camera_solution.json"),
@@ -723,8 +717,9 @@ def describe_products(night_path: str | Path, products: Mapping[str, Any]) -> li
             if kind == "diagnostics":  # the diagnostic stars it holds
                 with h5py.File(path, "r") as f:
                     nstars = len(f["fast"]) if "fast" in f else None
-            out.append({"kind": kind, "path": str(path), "sha256": file_sha256(path), "size": path.stat().st_size,
-                        "nstars": nstars})
+            st = path.stat()
+            out.append({"kind": kind, "path": str(path), "sha256": file_sha256(path), "size": st.st_size,
+                        "mtime_ns": st.st_mtime_ns, "nstars": nstars})
     return out
 
 

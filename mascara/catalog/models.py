@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, CheckConstraint, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, CheckConstraint, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 #: Status of runs and batches.
@@ -213,6 +213,8 @@ class Product(SQLModel, table=True):
     size: int  # bytes
     nstars: int | None = None
     created_at: datetime
+    # st_mtime_ns of the file as its run left it (None: recorded before migration 0008, judged by size)
+    mtime_ns: int | None = Field(default=None, sa_type=BigInteger)
     erased_at: datetime | None = None  # the file is gone: its directory erased, or overwritten by a later run
     erased_by: str | None = Field(default=None, max_length=36)  # the directory_move (or run) that erased it
 
