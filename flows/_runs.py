@@ -183,7 +183,7 @@ def record_batch_failure(cat: Any, run_id: str, batch: int, exc: BaseException) 
     try:
         cat.batch_failed(run_id, batch, f"{type(exc).__name__}: {exc}")
     except LeaseLost as rec:
-        if isinstance(exc, LeaseLost):  # the batch was done, its run had ended meanwhile: one line, no alarm
+        if isinstance(exc, LeaseLost) and "has ended" in str(rec):  # done after its run's own end: no alarm
             logging.getLogger(__name__).info("batch %s not recorded: %s", batch, rec)
         else:
             logging.getLogger(__name__).warning("batch %s failed (%s: %s) and could not be recorded: %s", batch,
@@ -214,13 +214,12 @@ def record_batch(handle: RunHandle, outcome: Any) -> None:
     rows = [(seq, name, size, "ok", None) for seq, name, size in outcome.accepted]
     raw = Path(handle.night_path) / "raw"
     rows += [(seq, name, _size(raw / name), "rejected", reason) for seq, name, reason in outcome.rejected]
-    cat.record_frames(handle.camera_night_id, rows, run_id=handle.run_id)  # fenced: not after the run's end
     counts = {"slots_expected": outcome.slots_expected, "frames_present": outcome.frames_present,
               "frames_accepted": len(outcome.accepted), "frames_rejected": outcome.frames_rejected,
               "frames_missing": outcome.frames_missing}
     cat.batch_succeeded(handle.run_id, outcome.batch, outcome.path, outcome.sha256, timings=outcome.timings,
                         astro_rms=outcome.astro_rms, astro_nstars=outcome.astro_nstars, flagged=outcome.flagged,
-                        frames=counts)
+                        frames=counts, frame_rows=rows)  # one transaction, fenced: not after the run's end
     record_quality(handle, outcome.path)
 
 

@@ -416,8 +416,8 @@ def update_night_summaries(datadir: str | os.PathLike[str], night_paths: Sequenc
 def cli_quicklook(args: argparse.Namespace) -> int:
     """``mascara quicklook``: redraw the quick-look figures of reduced camera-nights from their ``work/``.
 
-    For a night whose figures are missing or stale: a reduction stopped after
-    it recorded its success but before it drew them, a drawing that failed
+    For a night whose figures are missing or stale: a reduction stopped
+    while it drew them (its run is then failed and resumes), a drawing that failed
     (logged, never a failed reduction), or figures deleted by hand. Reads only
     ``work/``; writes only ``<night>/quicklook/`` and ``<datadir>/quicklook/``.
     Exit 0 when every selected camera-night was drawn, 1 when one has nothing
@@ -427,7 +427,7 @@ def cli_quicklook(args: argparse.Namespace) -> int:
 
     try:
         sel = select_nights(args.datadir, args.night or "all", args.camera, args.site,
-                            db_url=getattr(args, "db", None))
+                            check_catalog=False)  # reads work/ only, never the catalog
     except SelectionError as exc:
         print(f"mascara quicklook: {exc}", file=sys.stderr)
         return 2

@@ -702,7 +702,7 @@ def validate_frame(frame: Frame, expected_shape: tuple[int, int] | None = None,
     if not (0.0 <= lst < 24.0):
         raise BadFrame(path, f"LST {lst} out of range")
     if not (MIN_EXPTIME <= exptime <= MAX_EXPTIME):
-        raise BadFrame(path, f"EXPTIME {exptime} out of range ({MIN_EXPTIME:.2f} to {MAX_EXPTIME} s: an exposure "
+        raise BadFrame(path, f"EXPTIME {exptime} out of range ({MIN_EXPTIME:.4f} to {MAX_EXPTIME} s: an exposure "
                              "fills its slot, and fluxes are per frame)")
     if not (-CCDTEMP_LIMIT < float(h["CCDTEMP"]) < CCDTEMP_LIMIT):
         raise BadFrame(path, f"CCDTEMP {float(h['CCDTEMP'])} out of range (+-{CCDTEMP_LIMIT:.0f} C)")

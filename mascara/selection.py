@@ -222,7 +222,7 @@ def _listing(found: dict[str, list[str]], limit: int = 12) -> str:
 
 def select_nights(datadir: str | Path, nights: Any = None, cameras: Any = None, site: Any = None,
                   settings_file: str | Path | None = None, settings: Any = None,
-                  today: dt.date | None = None, db_url: str | None = None) -> Selection:
+                  today: dt.date | None = None, db_url: str | None = None, check_catalog: bool = True) -> Selection:
     """Validate a reduction request and find its night directories.
 
     Parameters
@@ -231,7 +231,8 @@ def select_nights(datadir: str | Path, nights: Any = None, cameras: Any = None, 
     nights, cameras, site : as ``mascprocess --night/--camera/--site`` or the flow's parameters.
     settings_file : a ``--settings`` JSON file; ``settings`` : overrides given as a dict (the flow).
     db_url : the ``--db`` catalog URL; with None, ``$MASCARA_DB_URL`` or the data directory's catalog
-        (either is checked: :func:`mascara.catalog._engine.check_url`).
+        (either is checked: :func:`mascara.catalog._engine.check_url`), unless ``check_catalog`` is False
+        (a command that never opens the catalog).
 
     Raises
     ------
@@ -308,12 +309,12 @@ def select_nights(datadir: str | Path, nights: Any = None, cameras: Any = None, 
         raise SelectionError(message)
     if night_list is not None:  # only what concerns the nights asked for
         ignored = [i for i in ignored if any(n in i.split(":")[0] for n in night_list)]
-    # last: it imports SQLAlchemy (a tenth of a second), which the checks above do without
-    from mascara.catalog._engine import check_url, resolve_url
+    if check_catalog:  # last: it imports SQLAlchemy (a tenth of a second), which the checks above do without
+        from mascara.catalog._engine import check_url, resolve_url
 
-    try:  # a mistyped catalog is refused before anything is recorded in the wrong place
-        check_url(resolve_url(db_url, datadir))
-    except ValueError as exc:
-        raise SelectionError(str(exc)) from None
+        try:  # a mistyped catalog is refused before anything is recorded in the wrong place
+            check_url(resolve_url(db_url, datadir))
+        except ValueError as exc:
+            raise SelectionError(str(exc)) from None
     return Selection(datadir=datadir, nights=night_list, cameras=cams, sites=sites, settings=loaded,
                      night_dirs=chosen, not_found=not_found, ignored=ignored)

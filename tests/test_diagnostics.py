@@ -187,10 +187,13 @@ def test_quicklook_draws_an_empty_night_without_failing(tmp_path):
 
 
 def test_mascara_quicklook_redraws_missing_figures_from_work_and_names_what_it_cannot(cloudy_night, tmp_path,
-                                                                                      capsys):
+                                                                                      capsys, monkeypatch):
     """``mascara quicklook``: figures deleted after a reduction (or never drawn) come back from ``work/`` alone,
-    the reduction's outputs and ``raw/`` untouched; a camera-night with nothing reduced is named, exit 1."""
+    the reduction's outputs and ``raw/`` untouched; a camera-night with nothing reduced is named, exit 1. It
+    never opens the catalog, so a catalog URL in the environment that names none does not stop it."""
     from mascara.cli import main
+
+    monkeypatch.setenv("MASCARA_DB_URL", "sqlite:////nonexistent-mount/catalog.sqlite")
 
     def tree_digest(root: Path) -> dict[str, bytes]:
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

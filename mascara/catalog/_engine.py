@@ -57,8 +57,8 @@ def check_url(url: str) -> None:
     parse, a database whose driver is not installed, or a SQLite file whose
     directory does not exist (a mistyped path would otherwise create a second,
     empty catalog there, and the runs it records would move aside outputs
-    the real catalog knows; :func:`make_engine` creates the directory of the
-    default catalog only). A server that does not answer is found on connecting.
+    the real catalog knows; :func:`make_engine` would create the directory).
+    A server that does not answer is found on connecting.
     """
     try:
         u = make_url(url)
@@ -66,8 +66,9 @@ def check_url(url: str) -> None:
         raise ValueError(f"catalog URL {shown_url(url)!r} cannot be parsed ({exc}); e.g. "
                          "sqlite:////data/catalog.sqlite or postgresql+psycopg://user@host/db") from None
     if u.get_backend_name() not in ("sqlite", "postgresql"):
+        hint = " (postgresql+psycopg://... for PostgreSQL)" if u.get_backend_name() == "postgres" else ""
         raise ValueError(f"catalog URL {shown_url(url)!r}: {u.get_backend_name()} is not supported; the catalog "
-                         "runs on SQLite or PostgreSQL")
+                         f"runs on SQLite or PostgreSQL{hint}")
     try:
         dialect = u.get_dialect()
         dialect.import_dbapi()  # the driver module itself, which create_engine imports
@@ -78,7 +79,7 @@ def check_url(url: str) -> None:
         raise ValueError(f"catalog URL {shown_url(url)!r}: {u.drivername} is an asyncio driver; the catalog "
                          "needs a synchronous one, e.g. postgresql+psycopg://")
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
-        where = Path(u.database).expanduser().absolute().parent
+        where = Path(u.database).absolute().parent  # as make_engine opens it: no ~ expansion
         if not where.is_dir():
             raise ValueError(f"catalog URL {shown_url(url)!r}: no directory {where} for the SQLite file (a "
                              "mistyped path? the directory is not created)")

@@ -443,8 +443,9 @@ class Catalog:
                             ).one_or_none()
             if row is not None and row.status != "running" and not (row.error or "").startswith(ABANDONED):
                 # ended by itself or by an operator's signal, not by a run that took its lease over
+                again = "" if row.status == "succeeded" else ", and the next run does it again"
                 raise LeaseLost(f"run {run_id} has ended ({row.status}{': ' + row.error if row.error else ''}): "
-                                "what it finished after its end is not recorded, and the next run does it again")
+                                f"what it finished after its end is not recorded{again}")
             raise LeaseLost(f"run {run_id} no longer holds the lease of its camera-night (it stalled past its "
                             f"lease and another run took over): it must stop writing")
 
@@ -767,7 +768,7 @@ class Catalog:
                          "lstseq_max": hi, "frames_present": n, "status": "pending", "tries": 0})
         self._insert(s, Batch, rows)
 
-    def _set_batch(self, run_id: str, batch_index: int, **values: Any) -> None:
+    def _set_batch(self, run_id: str, batch_index: int, _frames: Iterable[Sequence[Any]] = (), **values: Any) -> None:
         def fn(s: Session) -> None:
             cn_id, fp = self._run_key(s, run_id)
             self._fence(s, run_id)
@@ -776,6 +777,7 @@ class Catalog:
             n = s.execute(update(Batch).where(Batch.id == bid).values(run_id=run_id, **vals)).rowcount
             if not n:
                 raise CatalogError(f"batch {batch_index} of run {run_id} was never registered")
+            self._insert_frames(s, self._frame_rows(cn_id, _frames))
 
         self._tx(fn)
 
@@ -787,19 +789,23 @@ class Catalog:
     def batch_succeeded(self, run_id: str, batch_index: int, path: str | Path, sha256: str,
                         timings: Mapping[str, float] | None = None, astro_rms: float | None = None,
                         astro_nstars: int | None = None, flagged: bool = False,
-                        frames: Mapping[str, int] | None = None) -> None:
+                        frames: Mapping[str, int] | None = None,
+                        frame_rows: Iterable[Sequence[Any]] = ()) -> None:
         """Record a finished batch: its temporary file, checksum, step timings (s), astrometry.
 
         ``astro_rms`` is the residual RMS in pixels; ``flagged`` means the
         astrometry kept the previous solution. ``frames`` holds the gap
         accounting: ``slots_expected``, ``frames_present``, ``frames_accepted``,
         ``frames_rejected``, ``frames_missing`` (unknown keys raise).
+        ``frame_rows``: the batch's raw files as :meth:`record_frames` takes
+        them, recorded in the same transaction: a batch that is not recorded
+        (its run ended meanwhile) counts no frame as reduced.
         """
         counts = {k: int(v) for k, v in (frames or {}).items()}
         unknown = set(counts) - set(BATCH_FRAME_COUNTS)
         if unknown:
             raise ValueError(f"unknown frame counts {sorted(unknown)}; known: {BATCH_FRAME_COUNTS}")
-        self._set_batch(run_id, batch_index, status="succeeded", finished_at=_now(), error=None,
+        self._set_batch(run_id, batch_index, frame_rows, status="succeeded", finished_at=_now(), error=None,
                         path=str(path), sha256=sha256, timings=dict(timings or {}),
                         cpu_s=float(sum(float(v) for v in (timings or {}).values())),
                         astro_rms=None if astro_rms is None else float(astro_rms),
@@ -871,6 +877,18 @@ class Catalog:
         it holds its lease (:class:`LeaseLost` otherwise): a batch that ends
         after its run was ended by a signal counts no frame as reduced.
         """
+        rows = self._frame_rows(camera_night_id, frames)
+
+        def fn(s: Session) -> int:
+            if run_id is not None:
+                self._fence(s, run_id)
+            self._insert_frames(s, rows)
+            return len(rows)
+
+        return self._tx(fn)
+
+    @staticmethod
+    def _frame_rows(camera_night_id: str, frames: Iterable[Sequence[Any]]) -> list[dict[str, Any]]:
         rows = []
         for lstseq, filename, size, status, reason in frames:
             if status not in FRAME_STATUSES:
@@ -878,15 +896,11 @@ class Catalog:
             rows.append({"id": make_id("frame", camera_night_id, filename), "camera_night_id": camera_night_id,
                          "lstseq": None if lstseq is None else int(lstseq), "filename": str(filename),
                          "size": None if size is None else int(size), "status": status, "reason": reason})
+        return rows
 
-        def fn(s: Session) -> int:
-            if run_id is not None:
-                self._fence(s, run_id)
-            for i in range(0, len(rows), 2000):
-                self._insert(s, Frame, rows[i:i + 2000], update_cols=["lstseq", "size", "status", "reason"])
-            return len(rows)
-
-        return self._tx(fn)
+    def _insert_frames(self, s: Session, rows: list[dict[str, Any]]) -> None:
+        for i in range(0, len(rows), 2000):
+            self._insert(s, Frame, rows[i:i + 2000], update_cols=["lstseq", "size", "status", "reason"])
 
     def mark_gone_frames(self, camera_night_id: str, present: Iterable[str]) -> list[str]:
         """Frames of the camera-night whose file is not among ``present`` (the names now in ``raw/``) become ``gone``.

@@ -314,6 +314,10 @@ def cli_db_upgrade(args: argparse.Namespace) -> int:
         print(f"mascara db upgrade: no data directory {args.datadir} (create it first, or give --db)",
               file=sys.stderr)
         return 2
+    problem = _url_problem(url)  # a mistyped --db makes no catalog in a directory of its own
+    if problem:
+        print(f"mascara db upgrade: {problem}", file=sys.stderr)
+        return 2
     engine = _engine.make_engine(url)
     try:
         before = _engine.current_revision(engine)

@@ -426,7 +426,10 @@ def source_digest(roots: list[Path]) -> str:
             if "__pycache__" in p.parts:
                 continue
             h.update(p.relative_to(root.parent).as_posix().encode() + b"\0")
-            h.update(p.read_bytes() + b"\0")
+            try:
+                h.update(p.read_bytes() + b"\0")
+            except OSError as exc:  # provenance never stops a run: the digest says a file could not be read
+                h.update(f"unreadable: {exc.errno}".encode() + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -458,8 +461,9 @@ def code_revision() -> str:
     if top is not None and (top / ".git").exists():
         try:
             def git(*args: str) -> str:
-                return subprocess.run(["git", "-C", str(top), *args], capture_output=True, text=True, timeout=10,
-                                      check=True).stdout.strip()
+                # --no-optional-locks: `git status` must not take index.lock under a developer's own git
+                return subprocess.run(["git", "--no-optional-locks", "-C", str(top), *args], capture_output=True,
+                                      text=True, timeout=10, check=True).stdout.strip()
 
             commit = git("rev-parse", "--short=12", "HEAD")
             changed = git("status", "--porcelain", "--untracked-files=no", "--", *SOURCE_PACKAGES)

@@ -411,3 +411,20 @@ def test_a_run_records_the_exact_code_it_ran_not_only_the_release(catalog, tmp_p
     with open(copy / "mascara" / "photometry.py", "a") as f:
         f.write("\n# an edit\n")
     assert lifecycle.source_digest([copy / "mascara", copy / "flows"]) != digest
+
+
+def test_a_batch_and_its_frames_are_recorded_together_or_not_at_all(catalog):
+    """A review: the frames of a batch were written in a transaction of their own before the batch's, so a
+    run ended between the two (a signal) still counted them as reduced. They go in the batch's transaction."""
+    cn = catalog.register_camera_night("LP", "E", "20260301", "/d")
+    run = catalog.start_run(cn, fingerprint(), {}, VERSIONS, "h")
+    catalog.register_batches(run, [(7, 350, 399, 2), (8, 400, 449, 1)])
+    catalog.batch_started(run, 7)
+    catalog.batch_succeeded(run, 7, "/t/b7.h5", "7" * 64, frame_rows=[
+        (350, "00000350LPE.fits", 10, "ok", None), (351, "00000351LPE.fits", 10, "rejected", "truncated")])
+    assert count(catalog, Frame) == 2
+    catalog.batch_started(run, 8)
+    catalog.finish_run(run, "failed", error="interrupted (SIGTERM)")
+    with pytest.raises(LeaseLost, match=r"has ended \(failed: interrupted \(SIGTERM\)\)"):
+        catalog.batch_succeeded(run, 8, "/t/b8.h5", "8" * 64, frame_rows=[(400, "00000400LPE.fits", 10, "ok", None)])
+    assert count(catalog, Frame) == 2

@@ -336,3 +336,13 @@ def test_status_night_all_means_every_night(catalog, db_url, capsys, tmp_path):
     fill_realistic(catalog)
     assert main(["status", str(tmp_path), "--db", db_url, "--json", "--night", "all", "--camera", "C"]) == 0
     assert [r["camera"] for r in json.loads(capsys.readouterr().out)] == ["LSC"]
+
+
+def test_db_upgrade_refuses_a_catalog_url_that_names_none(tmp_path, capsys, monkeypatch):
+    """A review: ``mascara db upgrade --db sqlite:////typo/x.sqlite`` made the directory and a new catalog."""
+    monkeypatch.delenv("MASCARA_DB_URL", raising=False)
+    assert main(["db", "upgrade", str(tmp_path), "--db", f"sqlite:///{tmp_path}/typo/x.sqlite"]) == 2
+    assert f"no directory {tmp_path}/typo for the SQLite file" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
+    assert main(["db", "upgrade", str(tmp_path), "--db", "postgres://u@h/d"]) == 2
+    assert "postgresql+psycopg://" in capsys.readouterr().err
