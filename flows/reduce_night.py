@@ -200,7 +200,7 @@ def batch_task(night_id: str, batch: int, handle: _runs.RunHandle, settings_json
         if not quality_path(handle.night_path, batch).is_file():  # killed before its quality was recorded
             _runs.record_quality(handle, str(path))
         return {"batch": batch, "path": str(path), "sha256": known, "nframes": len(plan.batches[batch]),
-                "reused": True}
+                "rejected": _rejected_in(path), "reused": True}
 
     def reduce() -> Any:
         faults.maybe_fail_batch(night_id, batch, runtime_task_run.run_count or 1)
@@ -210,6 +210,24 @@ def batch_task(night_id: str, batch: int, handle: _runs.RunHandle, settings_json
     return {"batch": batch, "path": outcome.path, "sha256": outcome.sha256, "nframes": len(plan.batches[batch]),
             "accepted": len(outcome.accepted), "rejected": len(outcome.rejected), "astro_rms": outcome.astro_rms,
             "flagged": outcome.flagged, "cpu_seconds": sum(outcome.timings.values()), "reused": False}
+
+
+def _batch_attrs(batch_path: Any) -> dict:
+    """A batch file's attributes (:func:`mascara.lightcurves.write_batch_file`)."""
+    import h5py
+
+    with h5py.File(batch_path, "r") as f:
+        return json.loads(f.attrs["attrs"])
+
+
+def _nrejected(attrs: dict) -> int:
+    rejected = attrs["rejected"]
+    return len(json.loads(rejected) if isinstance(rejected, str) else rejected)
+
+
+def _rejected_in(batch_path: Any) -> int:
+    """How many frames a batch file says were rejected."""
+    return _nrejected(_batch_attrs(batch_path))
 
 
 @task(name="split", task_run_name="split-{night_id}", cache_policy=NO_CACHE, **_transient_task)
@@ -305,21 +323,18 @@ def _quality_summary(night_path: Any) -> dict:
 
 def night_summary(plan: Any, batch_paths: list[str], files: list[dict]) -> dict[str, Any]:
     """Frames, rejected frames, batches, stars and astrometry rms of a reduced night (from its batch files)."""
-    import h5py
     import numpy as np
 
     nframes = nrej = nflag = 0
     rms = []
     for p in batch_paths:
-        with h5py.File(p, "r") as f:
-            a = json.loads(f.attrs["attrs"])  # batch-file attributes (mascara.lightcurves.write_batch_file)
-            nframes += int(a["nframes"])
-            rejected = a["rejected"]
-            nrej += len(json.loads(rejected) if isinstance(rejected, str) else rejected)
-            if bool(a["astro_ok"]) and np.isfinite(a["astro_rms"]):
-                rms.append(float(a["astro_rms"]))
-            else:
-                nflag += 1
+        a = _batch_attrs(p)
+        nframes += int(a["nframes"])
+        nrej += _nrejected(a)
+        if bool(a["astro_ok"]) and np.isfinite(a["astro_rms"]):
+            rms.append(float(a["astro_rms"]))
+        else:
+            nflag += 1
     stars = {f["kind"]: f["nstars"] for f in files}
     return {
         "night": plan.night.night_id, "frames": nframes, "rejected": nrej, "batches": len(batch_paths),
