@@ -285,14 +285,21 @@ def select_nights(datadir: str | Path, nights: Any = None, cameras: Any = None, 
                     if f"{s}{c}" not in existing.get(night, []):
                         not_found.append(f"{night}{s}{c}")
     if not chosen:
-        looked = (f"night(s) {'+'.join(night_list) if night_list else 'any'}, "
+        if not night_list:
+            asked = "any"
+        elif len(night_list) > 3:  # a range: its ends, not every night of it
+            asked = f"{night_list[0]}..{night_list[-1]} ({len(night_list)} nights)"
+        else:
+            asked = "+".join(night_list)
+        looked = (f"night(s) {asked}, "
                   f"camera(s) {'+'.join(cams) if cams else 'any'}, site {'+'.join(sites) if sites else 'any'}")
         if existing:
             there = f"night directories there: {_listing(existing)}"
             if night_list:
                 same = {n: existing[n] for n in night_list if n in existing}
                 if same:
-                    there = f"cameras present for that night: {_listing(same)}"
+                    there = (f"cameras present for {'that night' if len(night_list) == 1 else 'those nights'}: "
+                             f"{_listing(same)}")
         else:
             there = "no <YYYYMMDD><SITE><CAM>/raw/ directories there at all"
         if without_raw:

@@ -38,6 +38,10 @@ def two_cameras(pristine_night, tmp_path_factory):
     (["--night", "20260302"], f"for night(s) 20260302, camera(s) any, site any; night directories there: "
                               f"{NIGHT} (LPE LPS)"),
     (["--night", NIGHT, "--camera", "W"], f"cameras present for that night: {NIGHT} (LPE LPS)"),
+    # a range is named by its ends, not night by night (an outside trial: ten nights joined by '+')
+    (["--night", f"{NIGHT}..20260310", "--camera", "W"],
+     f"for night(s) {NIGHT}..20260310 (10 nights), camera(s) W, site any; cameras present for those nights: "
+     f"{NIGHT} (LPE LPS)"),
 ])
 def test_a_mistake_is_refused_before_prefect_or_numpy_is_imported(two_cameras, args, words):
     res = subprocess.run([sys.executable, "-c", _PROBE, str(two_cameras), *args], capture_output=True, text=True,
