@@ -111,6 +111,27 @@ class RichProgress:
         self.progress.update(self.tasks[night_id], state=f"[{colour}]{state}")
 
 
+def _server_catalog_problem(db: str | None, datadir: str) -> str | None:
+    """Why a catalog on a database server cannot be used (it does not answer, refuses the login), in one
+    line with its password hidden, or None. A SQLite catalog is not opened here: its file is made by the run."""
+    from mascara.catalog._engine import make_engine, resolve_url, shown_url
+
+    url = resolve_url(db, datadir)
+    if url.startswith("sqlite"):
+        return None
+    from sqlalchemy.exc import SQLAlchemyError
+
+    engine = make_engine(url)
+    try:
+        with engine.connect():
+            return None
+    except SQLAlchemyError as exc:
+        why = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        return f"the catalog {shown_url(url)} cannot be used: {why}"
+    finally:
+        engine.dispose()
+
+
 def _load_ahead() -> None:
     """What the run would load on first use, loaded while the temporary Prefect server boots.
 
@@ -179,6 +200,11 @@ def _mascprocess(args: argparse.Namespace) -> int:
         return run_without_prefect(args.datadir, args.night, args.camera, args.site, args.overwrite, args.db,
                                    settings, quiet=args.quiet, keep_old=args.keep_old,
                                    require_calibration=args.require_calibration, skip_done=args.skip_done)
+
+    unreachable = _server_catalog_problem(args.db, args.datadir)
+    if unreachable:  # before Prefect: a catalog server that does not answer is one line, not a flow's traceback
+        print(f"mascprocess: {unreachable}", file=sys.stderr)
+        return 1
 
     from flows._tempserver import early_server
 

@@ -134,3 +134,15 @@ def test_a_catalog_url_that_names_no_catalog_is_refused_and_nothing_is_made(two_
     assert "prefect" not in res.stdout and "numpy" not in res.stdout, res.stdout
     assert not (tmp_path / "nowhere").exists()
     assert not (two_cameras / "catalog.sqlite").exists()
+
+
+def test_a_catalog_server_that_does_not_answer_is_one_line_before_prefect_starts(two_cameras):
+    """An outside trial: --db naming a PostgreSQL server that does not answer gave a traceback from the flow,
+    after Prefect had started. It is one line, password hidden, exit 1, before Prefect is imported."""
+    db = "postgresql+psycopg://nobody:secret@127.0.0.1:1/mascara"
+    res = subprocess.run([sys.executable, "-c", _PROBE, str(two_cameras), "--night", NIGHT, "--camera", "E",
+                          "--db", db], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.startswith("mascprocess: the catalog postgresql+psycopg://nobody:***@127.0.0.1:1/mascara "
+                                 "cannot be used: connection failed") and res.stderr.count("\n") == 1, res.stderr
+    assert "prefect" not in res.stdout, res.stdout
