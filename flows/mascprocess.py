@@ -15,7 +15,8 @@ before Prefect or the science modules are imported.  Exit codes:
 - 1: at least one camera-night was not reduced: it failed, was empty, lacked
   the calibration ``--require-calibration`` asks for, or another run holds it;
   each is recorded in the catalog where the camera-night exists; also when
-  the temporary Prefect server could not start (nothing started);
+  the temporary Prefect server could not start, or the Prefect server or
+  the catalog server named does not answer (one line; nothing started);
 - 2: a command-line mistake (a malformed or unknown night, camera or site, a
   missing data directory or settings file, nothing matching); nothing started.
 """
@@ -109,6 +110,28 @@ class RichProgress:
     def night_finished(self, night_id: str, state: str, message: str) -> None:
         colour = {"succeeded": "green"}.get(state, "red")
         self.progress.update(self.tasks[night_id], state=f"[{colour}]{state}")
+
+
+def _silent_prefect_server() -> str | None:
+    """Why the Prefect server the settings name cannot be used (it does not answer), or None.
+
+    Any HTTP answer counts as an answer (a server that wants a key says so
+    itself); only a transport error (refused, unreachable, timed out) is
+    reported, with what to do.
+    """
+    import httpx
+
+    from flows._tempserver import configured_api_url
+
+    url = configured_api_url()
+    if not url:
+        return None
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=10.0)
+    except httpx.TransportError as exc:
+        return (f"the Prefect server at {url} does not answer ({type(exc).__name__}: {exc}); start it, unset "
+                "PREFECT_API_URL for a temporary server of this command, or use --no-prefect")
+    return None
 
 
 def _server_catalog_problem(db: str | None, datadir: str) -> str | None:
@@ -210,6 +233,11 @@ def _mascprocess(args: argparse.Namespace) -> int:
 
     with early_server() as server:  # without an API URL, a temporary server boots while the rest is imported
         from contextlib import nullcontext
+
+        silent = _silent_prefect_server() if server is None else None
+        if silent:  # one line, not the client's page of tracebacks
+            print(f"mascprocess: {silent}", file=sys.stderr)
+            return 1
 
         from flows.reduce_night import flow_with_runner, set_progress_sink
         from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings

@@ -271,10 +271,23 @@ def combine_task(night_id: str, handle: _runs.RunHandle, settings_json: str) -> 
     products = combine_camera_night(plan, _ctx(plan), paths)
     figures = _runs.final_quicklook(plan.night.path, get_run_logger())  # before the end releases the night
     files = _runs.finish_succeeded(handle, products)
+    # the night is reduced and recorded: nothing after this may fail it (an outside trial: the Prefect server
+    # down at this point failed a night the catalog had recorded as succeeded, and a re-run moved it aside)
     summary = night_summary(plan, paths, files)
     quality = _quality_summary(plan.night.path)
-    _publish_summary(handle, summary, files, figures, quality, plan.settings.to_dict())
+    _publish_summary_never_failing(handle, summary, files, figures, quality, plan.settings.to_dict(),
+                                   get_run_logger())
     return {"night_id": night_id, "summary": summary, "files": files, "quality": quality}
+
+
+def _publish_summary_never_failing(handle: _runs.RunHandle, summary: dict, files: list[dict], figures: dict,
+                                   quality: dict, settings: dict, logger: Any) -> None:
+    """:func:`_publish_summary`, with a failure (the Prefect server gone, say) logged as a warning."""
+    try:
+        _publish_summary(handle, summary, files, figures, quality, settings)
+    except Exception as exc:  # noqa: BLE001 - reporting never fails a reduced night
+        logger.warning("%s: reduced and recorded, but its artifacts were not published: %s: %s",
+                       handle.night_id, type(exc).__name__, exc)
 
 
 def _report_failed_night(n: _Night, sjson: str, logger: Any) -> None:

@@ -146,3 +146,17 @@ def test_a_catalog_server_that_does_not_answer_is_one_line_before_prefect_starts
     assert res.stderr.startswith("mascprocess: the catalog postgresql+psycopg://nobody:***@127.0.0.1:1/mascara "
                                  "cannot be used: connection failed") and res.stderr.count("\n") == 1, res.stderr
     assert "prefect" not in res.stdout, res.stdout
+
+
+def test_a_prefect_server_that_does_not_answer_is_one_line_with_what_to_do(two_cameras):
+    """An outside trial: PREFECT_API_URL naming a server that was down gave a 117-line traceback, exit 1."""
+    import os
+
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:1/api"}
+    res = subprocess.run([sys.executable, "-c", _PROBE, str(two_cameras), "--night", NIGHT, "--camera", "E"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.startswith("mascprocess: the Prefect server at http://127.0.0.1:1/api does not answer ("), \
+        res.stderr
+    assert "--no-prefect" in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert not (two_cameras / "catalog.sqlite").exists()

@@ -219,3 +219,27 @@ def test_a_quiet_mascprocess_keeps_the_terminal_quiet_and_gives_the_ui_the_runs_
     messages = [x["message"] for x in logs]
     assert any("reduce-night: 1 camera-night(s): " in m for m in messages), messages[:20]
     assert any(x["level"] == 20 for x in logs), messages[:20]  # INFO
+
+
+def test_a_night_recorded_as_reduced_is_not_failed_by_its_reporting(caplog, monkeypatch):
+    """An outside trial killed the Prefect server during a night: the catalog recorded the run succeeded, then
+    publishing its artifacts raised ConnectError, the combine task failed, mascprocess said 'failed' (exit 1)
+    and a re-run moved the good reduction aside. Publishing after the recorded end logs, never raises."""
+    import logging
+
+    import httpx
+
+    from flows import report
+    from flows._runs import RunHandle
+    from flows.reduce_night import _publish_summary_never_failing
+
+    def down(*args, **kwargs):  # what the Prefect client raises with its server gone
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    handle = RunHandle(db_url="sqlite://", night_path="/data/20260301LPE", night_id="20260301LPE",
+                       camera_night_id="cn", run_id="run", fingerprint_key="fp", decision="new", moves=[], done={})
+    logger = logging.getLogger("test-report")
+    monkeypatch.setattr(report, "publish_table", down)
+    with caplog.at_level(logging.WARNING, logger="test-report"):
+        _publish_summary_never_failing(handle, {"frames": 1}, [], {}, {}, {}, logger)
+    assert "20260301LPE: reduced and recorded, but its artifacts were not published: ConnectError" in caplog.text
