@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import re
 import time
 import uuid
@@ -96,6 +97,17 @@ class LeaseHeld(CatalogError):
 
 def _lease_held(message: str, run_id: str, host: str, since: datetime, expires_at: datetime) -> LeaseHeld:
     return LeaseHeld(message, run_id=run_id, host=host, since=since, expires_at=expires_at)
+
+
+def pid_running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (another user's included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
 
 
 class LeaseLost(CatalogError):
@@ -421,10 +433,16 @@ class Catalog:
     def _lease_held(self, s: Session, lease: Lease) -> LeaseHeld:
         cn = s.get(CameraNight, lease.camera_night_id)
         what = f"{cn.camera_id} night {cn.night}" if cn else lease.camera_night_id
+        run = s.get(ReductionRun, lease.run_id)
+        here = run is not None and run.pid and lease.host == socket.gethostname()
+        if here and pid_running(int(run.pid)):  # an expiry time would mislead: it is not waited for here
+            after = (f"process {run.pid} on this host is running it; it ends by itself, or stop it (a killed "
+                     "process is taken over at once)")
+        else:
+            after = f"the lease expires {_aware(lease.expires_at):%Y-%m-%d %H:%M:%S} UTC if that run died"
         msg = (f"{what} is being reduced by run {lease.run_id} on host {lease.host} since "
                f"{_aware(lease.acquired_at):%Y-%m-%d %H:%M:%S} UTC (last heartbeat "
-               f"{_aware(lease.heartbeat_at):%H:%M:%S} UTC; the lease expires "
-               f"{_aware(lease.expires_at):%Y-%m-%d %H:%M:%S} UTC if that run died)")
+               f"{_aware(lease.heartbeat_at):%H:%M:%S} UTC; {after})")
         return LeaseHeld(msg, run_id=lease.run_id, host=lease.host,
                          since=_aware(lease.acquired_at), expires_at=_aware(lease.expires_at))
 

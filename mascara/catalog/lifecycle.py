@@ -57,7 +57,7 @@ from typing import Any, Protocol
 from mascara import faults, nightlock
 from mascara.catalog._engine import shown_url
 from mascara.catalog.catalog import (ABANDONED, Catalog, JournalEntry, LeaseHeld, RunInfo, fingerprint_key,
-                                     flow_run_run_id)
+                                     flow_run_run_id, pid_running)
 from mascara.selection import is_output_entry
 
 log = logging.getLogger(__name__)
@@ -490,16 +490,6 @@ def verified_done(cat: Catalog, camera_night_id: str, fp_key: str, batch_dir: st
     return out
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def process_gone(cat: Catalog, run_id: str) -> int | None:
     """The pid of run ``run_id`` when the catalog says it ran on this host in a process that no longer exists.
 
@@ -514,7 +504,7 @@ def process_gone(cat: Catalog, run_id: str) -> int | None:
     with Session(cat.engine) as s:
         run = s.get(ReductionRun, run_id)
         host, pid = (run.host, run.pid) if run is not None else (None, None)
-    if host != socket.gethostname() or pid is None or _pid_alive(pid):
+    if host != socket.gethostname() or pid is None or pid_running(pid):
         return None
     return pid
 

@@ -428,3 +428,16 @@ def test_a_batch_and_its_frames_are_recorded_together_or_not_at_all(catalog):
     with pytest.raises(LeaseLost, match=r"has ended \(failed: interrupted \(SIGTERM\)\)"):
         catalog.batch_succeeded(run, 8, "/t/b8.h5", "8" * 64, frame_rows=[(400, "00000400LPE.fits", 10, "ok", None)])
     assert count(catalog, Frame) == 2
+
+
+def test_a_refusal_by_a_live_run_on_this_host_names_its_process_not_the_lease_expiry(catalog):
+    """An outside trial: a second run was told '... the lease expires 23:12:40 UTC if that run died', though on
+    the same host a dead holder is taken over at once: the time was never waited for. It names the process."""
+    import os
+    import socket
+
+    cn = catalog.register_camera_night("LP", "E", "20260301", "/d")
+    catalog.start_run(cn, fingerprint(), {}, VERSIONS, socket.gethostname(), pid=os.getpid())
+    with pytest.raises(LeaseHeld, match=rf"process {os.getpid()} on this host is running it") as err:
+        catalog.start_run(cn, fingerprint(), {}, VERSIONS, socket.gethostname())
+    assert "the lease expires" not in str(err.value)
