@@ -137,7 +137,7 @@ def _silent_prefect_server() -> str | None:
 def _server_catalog_problem(db: str | None, datadir: str) -> str | None:
     """Why a catalog on a database server cannot be used (it does not answer, refuses the login), in one
     line with its password hidden, or None. A SQLite catalog is not opened here: its file is made by the run."""
-    from mascara.catalog._engine import make_engine, resolve_url, shown_url
+    from mascara.catalog._engine import make_engine, resolve_url, unusable
 
     url = resolve_url(db, datadir)
     if url.startswith("sqlite"):
@@ -149,8 +149,7 @@ def _server_catalog_problem(db: str | None, datadir: str) -> str | None:
         with engine.connect():
             return None
     except SQLAlchemyError as exc:
-        why = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        return f"the catalog {shown_url(url)} cannot be used: {why}"
+        return unusable(url, exc)
     finally:
         engine.dispose()
 
@@ -433,7 +432,7 @@ def run_live(args: argparse.Namespace) -> int:
     """
     import threading
 
-    from mascara.selection import SelectionError, parse_cameras, parse_nights, parse_sites
+    from mascara.selection import SelectionError, check_catalog_url, parse_cameras, parse_nights, parse_sites
 
     try:
         nights = parse_nights(args.night)
@@ -443,12 +442,7 @@ def run_live(args: argparse.Namespace) -> int:
             raise SelectionError("--live needs one --night, one --site and --camera")
         if not Path(args.datadir).is_dir():
             raise SelectionError(f"data directory {args.datadir} does not exist")
-        from mascara.catalog._engine import check_url, resolve_url
-
-        try:
-            check_url(resolve_url(args.db, args.datadir))
-        except ValueError as exc:
-            raise SelectionError(str(exc)) from None
+        check_catalog_url(args.db, args.datadir)
         settings = None
         if args.settings:
             from mascara.selection import load_settings_file

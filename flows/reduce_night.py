@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import hashlib
 import json
-import errno
 import logging
 import os
 import queue
@@ -200,7 +200,7 @@ def batch_task(night_id: str, batch: int, handle: _runs.RunHandle, settings_json
         if not quality_path(handle.night_path, batch).is_file():  # killed before its quality was recorded
             _runs.record_quality(handle, str(path))
         return {"batch": batch, "path": str(path), "sha256": known, "nframes": len(plan.batches[batch]),
-                "rejected": _rejected_in(path), "reused": True}
+                "rejected": _nrejected(_batch_attrs(path)), "reused": True}
 
     def reduce() -> Any:
         faults.maybe_fail_batch(night_id, batch, runtime_task_run.run_count or 1)
@@ -223,11 +223,6 @@ def _batch_attrs(batch_path: Any) -> dict:
 def _nrejected(attrs: dict) -> int:
     rejected = attrs["rejected"]
     return len(json.loads(rejected) if isinstance(rejected, str) else rejected)
-
-
-def _rejected_in(batch_path: Any) -> int:
-    """How many frames a batch file says were rejected."""
-    return _nrejected(_batch_attrs(batch_path))
 
 
 @task(name="split", task_run_name="split-{night_id}", cache_policy=NO_CACHE, **_transient_task)
@@ -800,7 +795,7 @@ def _publish_nights(datadir: str, nights_: dict[str, _Night], missing: list[tupl
                     logger: Any) -> None:
     """Per night and site: the summary figure across cameras and one table of its camera-nights, and
     an artifact naming the camera-nights without frames (empty ``raw/`` or ``missing`` directories)."""
-    from mascara.quicklook import night_summary_members, night_summary_path, plot_night_summary
+    from mascara.quicklook import update_night_summaries
 
     settings = json.loads(sjson)
     empty = [(n.night_id, n.message) for n in nights_.values() if n.state == "empty"] + list(missing)
@@ -817,14 +812,9 @@ def _publish_nights(datadir: str, nights_: dict[str, _Night], missing: list[tupl
             rows.append(report.camera_night_row(n.night_id, n.state, r.get("summary"), r.get("files", ()),
                                                 r.get("quality"), settings, n.message))
         reduced = [n.night_path for n in members if n.state == "succeeded"]
-        # every reduced camera of the night and site in the data directory, not only this run's
-        shown = night_summary_members(datadir, night, site, reduced) if reduced else {}
-        figure = None
-        if shown:
-            try:
-                figure = plot_night_summary(shown, night_summary_path(datadir, night, site), f"{night} {site}")
-            except Exception as exc:  # noqa: BLE001 - a figure never fails a night
-                logger.warning("summary figure of %s %s not drawn: %s", night, site, exc)
+        # every reduced camera of the night and site in the data directory, not only this run's; never raises
+        drawn = update_night_summaries(datadir, reduced, logger) if reduced else []
+        figure = drawn[0] if drawn else None
         try:
             report.publish_table(report.artifact_key(night, site, "cameras"), rows,
                                  f"Night {night} at {site}: every camera")

@@ -197,14 +197,13 @@ def _dispatch(args: argparse.Namespace, prog: str = "mascara") -> int:
         if sqlalchemy is None or not isinstance(exc, sqlalchemy.DatabaseError) or not getattr(args, "datadir", None):
             raise
         # a catalog that is not one (a damaged or foreign file): name it, without a page of traceback
-        from mascara.catalog._engine import resolve_url, shown_url
+        from mascara.catalog._engine import resolve_url, unusable
 
         try:
-            url = shown_url(resolve_url(getattr(args, "db", None), str(args.datadir)))  # never its password
+            url = resolve_url(getattr(args, "db", None), str(args.datadir))
         except Exception:  # noqa: BLE001 - the message goes out without the URL
-            url = "the catalog"
-        why = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]  # one line (psycopg adds hints)
-        print(f"{prog}: the catalog {url} cannot be used: {why}", file=sys.stderr)
+            url = None
+        print(f"{prog}: {unusable(url, exc)}", file=sys.stderr)
         return 1
 
 

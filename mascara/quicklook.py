@@ -32,6 +32,7 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -389,14 +390,15 @@ def night_summary_members(datadir: str | os.PathLike[str], night: str, site: str
     return {label: p for label, p in sorted(found.items()) if _summary_qualities(p)}
 
 
-def update_night_summaries(datadir: str | os.PathLike[str], night_paths: Sequence[str | os.PathLike[str]]
-                           ) -> list[Path]:
+def update_night_summaries(datadir: str | os.PathLike[str], night_paths: Sequence[str | os.PathLike[str]],
+                           logger: Any = None) -> list[Path]:
     """The summary figure across cameras of every night and site among ``night_paths``.
 
     Each figure shows every reduced camera-night of its night and site in ``datadir``
     (:func:`night_summary_members`), not only those in ``night_paths``: a command that reduced or redrew one
     camera leaves the figure of all of them.  A night and site with no reduced camera-night gets none.
-    A figure that cannot be drawn is logged and skipped: a figure never fails a reduction.
+    A figure that cannot be drawn is logged (on ``logger``: a Prefect run logger in the flows) and
+    skipped: a figure never fails a reduction.
     """
     paths = [Path(p) for p in night_paths]
     groups: dict[tuple[str, str], dict[str, Path]] = {}
@@ -409,7 +411,8 @@ def update_night_summaries(datadir: str | os.PathLike[str], night_paths: Sequenc
         try:
             out.append(plot_night_summary(members, night_summary_path(datadir, night, site), f"{night} {site}"))
         except Exception as exc:  # noqa: BLE001
-            logging.getLogger(__name__).warning("summary figure of %s %s not drawn: %s", night, site, exc)
+            (logger or logging.getLogger(__name__)).warning("summary figure of %s %s not drawn: %s", night, site,
+                                                              exc)
     return out
 
 

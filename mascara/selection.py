@@ -220,6 +220,18 @@ def _listing(found: dict[str, list[str]], limit: int = 12) -> str:
     return (f"{len(nights) - limit} earlier nights, " if len(nights) > limit else "") + text
 
 
+def check_catalog_url(db_url: str | None, datadir: str | Path) -> None:
+    """Refuse a catalog URL that names no catalog (:func:`mascara.catalog._engine.check_url`) as a
+    :class:`SelectionError`: ``db_url``, else ``$MASCARA_DB_URL``, else the data directory's catalog. A
+    mistyped catalog is refused before anything is recorded in the wrong place."""
+    from mascara.catalog._engine import check_url, resolve_url
+
+    try:
+        check_url(resolve_url(db_url, datadir))
+    except ValueError as exc:
+        raise SelectionError(str(exc)) from None
+
+
 def select_nights(datadir: str | Path, nights: Any = None, cameras: Any = None, site: Any = None,
                   settings_file: str | Path | None = None, settings: Any = None,
                   today: dt.date | None = None, db_url: str | None = None, check_catalog: bool = True) -> Selection:
@@ -317,11 +329,6 @@ def select_nights(datadir: str | Path, nights: Any = None, cameras: Any = None, 
     if night_list is not None:  # only what concerns the nights asked for
         ignored = [i for i in ignored if any(n in i.split(":")[0] for n in night_list)]
     if check_catalog:  # last: it imports SQLAlchemy (a tenth of a second), which the checks above do without
-        from mascara.catalog._engine import check_url, resolve_url
-
-        try:  # a mistyped catalog is refused before anything is recorded in the wrong place
-            check_url(resolve_url(db_url, datadir))
-        except ValueError as exc:
-            raise SelectionError(str(exc)) from None
+        check_catalog_url(db_url, datadir)
     return Selection(datadir=datadir, nights=night_list, cameras=cams, sites=sites, settings=loaded,
                      night_dirs=chosen, not_found=not_found, ignored=ignored)

@@ -85,6 +85,13 @@ def check_url(url: str) -> None:
                              "mistyped path? the directory is not created)")
 
 
+def unusable(url: str | None, exc: BaseException) -> str:
+    """One line for people: the catalog ``url`` (its password hidden; None: unnamed) cannot be used, and the
+    driver's first line of why (psycopg adds hints on further lines)."""
+    why = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    return f"the catalog {shown_url(url) + ' ' if url else ''}cannot be used: {why}"
+
+
 def _sqlite_hooks(engine: Engine) -> None:
     # pysqlite's own transaction handling defers BEGIN and cannot start
     # BEGIN IMMEDIATE; switch it off and emit BEGIN ourselves so a writer takes

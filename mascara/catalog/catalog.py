@@ -886,20 +886,16 @@ class Catalog:
         return self._tx(fn, readonly=True)
 
     # -- frames, products, moves -----------------------------------------------
-    def record_frames(self, camera_night_id: str, frames: Iterable[Sequence[Any]], run_id: str | None = None) -> int:
+    def record_frames(self, camera_night_id: str, frames: Iterable[Sequence[Any]]) -> int:
         """Record raw files as ``(lstseq, filename, size, status, reason)``; returns the count.
 
         ``status`` is ``ok`` or ``rejected``; ``lstseq`` may be None
-        (calibration frames). Recording a file again updates its row.
-        ``run_id``: the frames of a batch that run reduced, recorded only while
-        it holds its lease (:class:`LeaseLost` otherwise): a batch that ends
-        after its run was ended by a signal counts no frame as reduced.
+        (calibration frames). Recording a file again updates its row. A
+        batch's frames go with the batch (:meth:`batch_succeeded`), fenced by its run's lease.
         """
         rows = self._frame_rows(camera_night_id, frames)
 
         def fn(s: Session) -> int:
-            if run_id is not None:
-                self._fence(s, run_id)
             self._insert_frames(s, rows)
             return len(rows)
 

@@ -338,11 +338,9 @@ def up_to_date(cat: Catalog, camera_night_id: str, fp_key: str) -> str | None:
     if latest is not None and latest.live and process_gone(cat, latest.run_id) is None:
         # (a holder killed on this host is not in progress: the run that starts takes its lease over at once)
         return f"in progress: run {latest.run_id} on {latest.host} holds the lease"
-    return None if why_reduce(cat, camera_night_id, fp_key) else _up_to_date_reason(cat, camera_night_id)
-
-
-def _up_to_date_reason(cat: Catalog, camera_night_id: str) -> str:
-    last = cat.last_run(camera_night_id, decided=True)
+    why, last = _reduce_reason(cat, camera_night_id, fp_key)
+    if why is not None:
+        return None
     when = last.finished_at.strftime("%Y-%m-%d %H:%M UTC") if last.finished_at else "earlier"
     return f"up to date: run {last.run_id} finished {when} with the same fingerprint; its files are in place"
 
@@ -352,22 +350,28 @@ def why_reduce(cat: Catalog, camera_night_id: str | None, fp_key: str,
     """Why a camera-night needs reducing under ``fp_key`` (``fingerprint``: its fields, to name those that
     changed), or None when its last run that acted left it up to date. A run in progress is not looked at
     (:func:`up_to_date` does)."""
+    return _reduce_reason(cat, camera_night_id, fp_key, fingerprint)[0]
+
+
+def _reduce_reason(cat: Catalog, camera_night_id: str | None, fp_key: str,
+                   fingerprint: Mapping[str, str] | None = None) -> tuple[str | None, RunInfo | None]:
+    """:func:`why_reduce`'s answer and the last run that acted, which it was judged by."""
     last = None if camera_night_id is None else cat.last_run(camera_night_id, decided=True)
     if last is None:
-        return "never reduced"
+        return "never reduced", None
     if last.status != "succeeded":
-        return f"its last run {last.run_id} {last.status}" + (f": {last.error}"[:300] if last.error else "")
+        return f"its last run {last.run_id} {last.status}" + (f": {last.error}"[:300] if last.error else ""), last
     if last.fingerprint_key != fp_key:
         changed = [k for k in (fingerprint or {}) if (last.fingerprint or {}).get(k) != fingerprint[k]]
         what = ", ".join(k.replace("_hash", "").replace("_", " ") for k in changed) or "its fingerprint"
-        return f"reduced by run {last.run_id} with another {what}"
+        return f"reduced by run {last.run_id} with another {what}", last
     products = [p for p in cat.live_products(camera_night_id) if p["run_id"] == last.run_id]
     if not any(p["kind"] == "fLC" for p in products):
-        return f"run {last.run_id} recorded no fLC"
+        return f"run {last.run_id} recorded no fLC", last
     moved = sorted(p["kind"] for p in products if not product_in_place(p))
     if moved:
-        return f"{'+'.join(moved)} of run {last.run_id} deleted or replaced since"
-    return None
+        return f"{'+'.join(moved)} of run {last.run_id} deleted or replaced since", last
+    return None, last
 
 
 # --------------------------------------------------------------------------- opening a run
