@@ -158,7 +158,7 @@ def test_lease_refused_then_released(catalog):
         catalog.set_phase(run, "combining")
     # nor the frames of such a batch: an interrupted night counted them as reduced (an outside trial)
     with pytest.raises(LeaseLost, match="has ended"):
-        catalog.record_frames(cn, [(500, "00000500LPE.fits", 10, "ok", None)], run_id=run)
+        catalog.batch_succeeded(run, 10, "/t/b10.h5", "a" * 64, frame_rows=[(500, "00000500LPE.fits", 10, "ok", None)])
     assert count(catalog, Frame) == 0
     run2 = catalog.start_run(cn, fingerprint(), {}, VERSIONS, "laptop")
     assert catalog.last_run(cn).run_id == run2 != run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -44,13 +46,38 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         proc.wait(timeout=30)
 
 
+@contextlib.contextmanager
+def running(cmd: list[str], env: dict | None = None) -> Iterator[subprocess.Popen]:
+    """``cmd`` started in the background (text pipes); killed on leaving if it still runs (a failed
+    assertion while it was waited for)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def terminate(proc: subprocess.Popen, timeout: float = 60) -> str:
+    """SIGTERM to ``proc``, as an operator's ``kill`` would; waits for its exit and returns its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=timeout)
+    return err
+
+
 def fresh_copy(pristine: Path, dest: Path) -> Path:
     shutil.copytree(pristine, dest)
     return dest
 
 
+def mascprocess_cmd(datadir: Path, *args: str) -> list[str]:
+    """``mascprocess`` of the test night's camera E at LP, with ``args``."""
+    return [str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--camera", "E", "--site", "LP", *args]
+
+
 def mascprocess(datadir: Path, env: dict, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--camera", "E", "--site", "LP", *args]
+    cmd = mascprocess_cmd(datadir, *args)
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     res.seconds = time.perf_counter() - t0  # type: ignore[attr-defined]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 from diskkit import fill, mount_tmpfs, resize, unmount
-from flowkit import (BIN, NIGHT, NIGHT_ID, assert_same_night_files, batch_rows, fresh_copy, mascprocess, night_status,
-                     runs)
+from flowkit import (BIN, NIGHT, NIGHT_ID, assert_same_night_files, batch_rows, fresh_copy, mascprocess,
+                     mascprocess_cmd, night_status, running, runs, terminate)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "catalog"))
 from lifecycle_checks import check_invariants, sha256, tree_digest  # noqa: E402
@@ -644,11 +644,8 @@ def test_a_long_erase_does_not_hold_off_a_signal(pristine_night, reference, tmp_
     night = datadir / NIGHT_ID
     mascprocess(datadir, env, "--no-prefect", "-q")
     raw = tree_digest(night / "raw")
-    cmd = [str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--camera", "E", "--site", "LP",
-           "--no-prefect", "-q", "-o"]
-    proc = subprocess.Popen(cmd, env={**env, "MASCARA_FAULT": "removing_bins:hang"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
+    with running(mascprocess_cmd(datadir, "--no-prefect", "-q", "-o"),
+                 env={**env, "MASCARA_FAULT": "removing_bins:hang"}) as proc:
         # the run is past its opening (phase 'reducing', recorded before the hold is released) and its
         # bin is there: it is in the hang, not in the hold
         deadline = time.monotonic() + 120
@@ -661,12 +658,8 @@ def test_a_long_erase_does_not_hold_off_a_signal(pristine_night, reference, tmp_
         time.sleep(0.5)  # into the hang
         assert proc.poll() is None
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        err = terminate(proc)
         waited = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert waited < 30, waited
     latest = runs(datadir)[-1]
@@ -714,12 +707,9 @@ def test_no_run_moves_the_night_aside_while_a_finishing_run_draws_its_figures(pr
     datadir = fresh_copy(pristine_night, tmp_path / "data")
     night = datadir / NIGHT_ID
     raw = tree_digest(night / "raw")
-    cmd = [str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--camera", "E", "--site", "LP",
-           "--no-prefect", "-q"]
-    proc = subprocess.Popen(cmd, env={**env, "MASCARA_FAULT": "drawing_quicklook:hang"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
     slc = night / "lightcurves" / f"sLC_{NIGHT_ID}.hdf5"
-    try:
+    with running(mascprocess_cmd(datadir, "--no-prefect", "-q"),
+                 env={**env, "MASCARA_FAULT": "drawing_quicklook:hang"}) as proc:
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline and not slc.is_file():
             time.sleep(0.1)
@@ -735,11 +725,7 @@ def test_no_run_moves_the_night_aside_while_a_finishing_run_draws_its_figures(pr
         assert {p: sha256(night / "lightcurves" / p) for p in written} == written
         assert not [p for p in night.iterdir() if p.name.endswith("_old") or p.name.startswith(".mascara-erasing")]
 
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        err = terminate(proc)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     first = runs(datadir)[0]
     assert (first["status"], first["error"], first["phase"]) == ("failed", "interrupted (SIGTERM)", "combining")

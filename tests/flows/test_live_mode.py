@@ -131,19 +131,14 @@ def test_a_signal_to_a_live_run_is_recorded_and_the_night_resumes(tmp_path, pris
     process exits (not left ``running`` for the next run to find abandoned), then stops the thread
     (a daemon thread still reducing at shutdown once aborted the process: exit -6, not 143); the
     next run resumes."""
-    from flowkit import fresh_copy, runs
+    from flowkit import fresh_copy, running, runs, terminate
 
     datadir = fresh_copy(pristine_night, tmp_path / "data")
     live = [str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "--site", "LP", "--camera", "E", "--live",
             "--idle-timeout", "30", "--grace", "2", "--poll", "0.3", "-q"]
-    proc = subprocess.Popen(live, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with running(live) as proc:
         _wait(lambda: _succeeded_batches(datadir) >= 1, 180, "the first batch in the catalog")
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        err = terminate(proc)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "still reducing" not in err, err[-3000:]  # the camera thread stopped before the interpreter's shutdown
     [run] = runs(datadir)
