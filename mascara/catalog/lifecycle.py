@@ -30,7 +30,8 @@ Output generations of a night directory: ``work``, ``lightcurves``,
 ``astrometry`` (and anything else beside ``raw/``) are the current outputs;
 ``<name>_old`` the previous reduction, ``<name>_old2`` the one before, and so
 on up to ``keep_old`` generations; the current outputs of a reduction that never
-finished do not push a finished one out (:func:`plan_actions`). ``raw/`` is never
+finished (its run failed, even after writing night files it never recorded) do not
+push a finished one out (:func:`plan_actions`). ``raw/`` is never
 touched. An erase first renames the directory to a hidden bin
 (``.mascara-erasing-<id>``) so that it disappears at once; a crash during the
 removal leaves only the bin, which the next run removes. A caller that holds
@@ -139,16 +140,22 @@ def _check_keep_old(keep_old: int) -> None:
 
 
 def plan_actions(night_path: str | Path, decision: str, keep_old: int = KEEP_OLD,
-                 reason: str | None = None) -> list[tuple[str, str | None, str, str | None]]:
+                 reason: str | None = None, failed_run: str | None = None
+                 ) -> list[tuple[str, str | None, str, str | None]]:
     """Filesystem actions ``(src, dst, action, reason)`` of a decision, in the order they must run.
 
     ``move``: every generation shifts by one; those that would exceed
     ``keep_old`` are erased first. Current outputs of a reduction that never
-    finished (no fLC and sLC files in ``lightcurves/``) do not push a kept
-    generation out: when older generations exist, the unfinished reduction's directories
-    are erased instead (recorded like any erase) and the older ones stay where
-    they are, so that failed runs in a row never erase the last finished
-    reduction. ``erase``: every output, all generations. ``new``/``resume``: nothing.
+    finished do not push a kept generation out: when older generations exist,
+    the unfinished reduction's directories are erased instead (recorded like
+    any erase) and the older ones stay where they are, so that failed runs in
+    a row never erase the last finished reduction. Unfinished means: made by
+    ``failed_run``, a run of this catalog that ended without success (the
+    caller knows it from the catalog; night files it wrote before it was
+    killed were never recorded, so they count for nothing), or, for outputs
+    no run of this catalog made, without both night files (fLC and sLC) in
+    ``lightcurves/``. ``erase``: every output, all generations.
+    ``new``/``resume``: nothing.
     """
     gens = output_generations(night_path)
     if decision == "erase":
@@ -156,13 +163,16 @@ def plan_actions(night_path: str | Path, decision: str, keep_old: int = KEEP_OLD
     if decision != "move":
         return []
     _check_keep_old(keep_old)
-    finished = 0 in gens.get("lightcurves", {}) and holds_night_files(gens["lightcurves"][0])
+    finished = (failed_run is None and 0 in gens.get("lightcurves", {})
+                and holds_night_files(gens["lightcurves"][0]))
     older = any(gen > 0 for g in gens.values() for gen in g)
     erases, renames = [], []
     if not finished and older:
         unfinished = {b for b in PIPELINE_OUTPUTS if 0 in gens.get(b, {})}
-        erases = [(str(gens[b][0]), None, "erased", f"{b} of a reduction that never finished (no night files); "
-                   "the older generations are kept") for b in sorted(unfinished)]
+        why = (f"of run {failed_run}, which never finished (any night files in it were never recorded)"
+               if failed_run else "of a reduction that never finished (no night files)")
+        erases = [(str(gens[b][0]), None, "erased", f"{b} {why}; the older generations are kept")
+                  for b in sorted(unfinished)]
         gens = {b: g for b, g in gens.items() if b not in PIPELINE_OUTPUTS}  # their older generations stay
     for base, g in gens.items():
         for gen, p in g.items():
@@ -661,7 +671,9 @@ def _open_registered(cat: Catalog, db_url: str, plan: Plan, run_id: str, cn_id: 
         has_current = bool(current_outputs(night_path))
         has_any = bool(output_generations(night_path))
         decision, resumed, reason = decide(previous, fp_key, overwrite, has_current, has_any)
-        actions = plan_actions(night_path, decision, keep_old, reason)
+        # the current outputs are the latest acting run's: if it failed, they never finished, whatever is on disk
+        failed = previous.run_id if previous is not None and previous.status != "succeeded" else None
+        actions = plan_actions(night_path, decision, keep_old, reason, failed_run=failed)
         entries = cat.decide(run_id, decision, resumed, actions)
         faults.checkpoint("after_intent")
     else:

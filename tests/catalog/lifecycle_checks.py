@@ -70,7 +70,10 @@ def check_invariants(cat: Catalog, finished_runs: set[str]) -> None:
     2. every run in ``finished_runs`` (it ended ``succeeded``) still says so, and each
        of its products is live or erased by a recorded action (a done erase, or a run);
     3. at most one lease per camera-night, held by a running run;
-    4. no intended journal entry outlives a finished run of its camera-night.
+    4. no intended journal entry outlives a finished run of its camera-night;
+    5. the latest succeeded run of a camera-night keeps its night files live (in the current
+       outputs or an ``_old`` generation) unless a later run erased everything (``-o``): no run
+       that never finished, nor any number of them, pushes the last finished reduction out.
     """
     with Session(cat.engine) as s:
         products = s.execute(select(Product)).scalars().all()
@@ -107,6 +110,14 @@ def check_invariants(cat: Catalog, finished_runs: set[str]) -> None:
     assert len(held) == len(set(held)), "two leases on one camera-night"
     for lease in leases:
         assert runs[lease.run_id].status == "running", f"lease held by run {lease.run_id} ({runs[lease.run_id].status})"
+    for cn in {r.camera_night_id for r in runs.values()}:
+        ran = sorted((r for r in runs.values() if r.camera_night_id == cn), key=lambda r: (r.started_at, r.id))
+        done = [r for r in ran if r.status == "succeeded"]
+        if not done or any(r.decision == "erase" for r in ran if r.started_at > done[-1].started_at):
+            continue
+        kept = {p.kind for p in products if p.run_id == done[-1].id and p.erased_at is None}
+        assert {"fLC", "sLC"} <= kept, \
+            f"the last finished reduction (run {done[-1].id}) lost its night files to a later run ({kept})"
     for m in moves.values():
         if m.state == "intended":
             later = [r for r in runs.values() if r.camera_night_id == m.camera_night_id and r.status == "succeeded"

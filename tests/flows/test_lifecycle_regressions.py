@@ -167,6 +167,43 @@ def test_failed_reruns_in_a_row_keep_the_last_finished_reduction(pristine_night,
     _check(datadir)
 
 
+def test_a_run_killed_after_writing_its_night_files_does_not_push_the_last_finished_one_out(
+        pristine_night, tmp_path, prefect_server):
+    """Stop 32's trial on the Prefect path: a changed-settings run killed after writing both night files but
+    before recording them. The next run (the defaults again) counted those files as a finished reduction:
+    it erased ``lightcurves_old``, the last recorded reduction, and moved the unrecorded files into its
+    place, where no product row names them. A run the catalog saw fail never finished, whatever it left
+    on disk: its outputs are erased (recorded, naming the run) and the recorded reduction stays."""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    night = datadir / NIGHT_ID
+    flc = Path("lightcurves") / f"fLC_{NIGHT_ID}.hdf5"
+    old_flc = Path("lightcurves_old") / f"fLC_{NIGHT_ID}.hdf5"
+    mascprocess(datadir, env, "--no-prefect", "-q")
+    first_flc = sha256(night / flc)
+    settings = tmp_path / "settings.json"
+    settings.write_text('{"vmag_fast": 7.0, "vmag_slow": 8.0}')
+    killed = mascprocess(datadir, {**env, "MASCARA_FAULT": "after_slc:kill"}, "--no-prefect", "-q",
+                         "--settings", str(settings), check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (night / "lightcurves" / f"sLC_{NIGHT_ID}.hdf5").is_file()  # both written, neither recorded
+    assert sha256(night / old_flc) == first_flc
+    first, dead = (r["id"] for r in runs(datadir))
+    assert not _rows(datadir, "SELECT path FROM product WHERE run_id = ?", dead)
+    _check(datadir)
+
+    mascprocess(datadir, env, "--no-prefect", "-q")  # the defaults again: not a resume, a move
+    assert sha256(night / old_flc) == first_flc
+    assert _rows(datadir, "SELECT run_id FROM product WHERE path = ? AND erased_at IS NULL",
+                 str(night / old_flc)) == [(first,)]
+    erased = _rows(datadir, "SELECT src, reason FROM directory_move WHERE action = 'erased'")
+    assert {"lightcurves", "work"} <= {Path(s).name for s, _ in erased}, erased
+    assert all(Path(s).parent == night and dead in r and "never finished" in r for s, r in erased), erased
+    assert runs(datadir)[-1]["status"] == "succeeded"
+    assert not list(night.glob("*_old2"))
+    _check(datadir)
+
+
 def test_two_data_directories_with_the_same_night(db_url, pristine_night, tmp_path):
     """Issue 9, 4: one catalog, the same night in two data directories: two camera-nights, two leases."""
     from flows import _runs
