@@ -41,6 +41,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows import _heartbeat
+
+_heartbeat.install()  # flow runs end when their work does (flows/_heartbeat.py)
+
 #: The deployment of one camera-night of a backfill (prefect.yaml).
 NIGHT_DEPLOYMENT = "reduce-night/backfill-night"
 #: The work pool of every deployment (prefect.yaml).

@@ -46,10 +46,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
-from flows import _runs, report
+from flows import _heartbeat, _runs, report
 from mascara import faults, nightlock
 from mascara.catalog import LeaseHeld
 from mascara.nightlock import NightLocked
+
+_heartbeat.install()  # flow runs end when their work does (flows/_heartbeat.py)
 
 #: Exceptions worth retrying: I/O trouble and lost database connections.
 #: Bad data never reaches here: rejected frames are recorded by the library.
