@@ -140,7 +140,7 @@ def _check_keep_old(keep_old: int) -> None:
 
 
 def plan_actions(night_path: str | Path, decision: str, keep_old: int = KEEP_OLD,
-                 reason: str | None = None, failed_run: str | None = None
+                 reason: str | None = None, made_by: tuple[str, str] | None = None
                  ) -> list[tuple[str, str | None, str, str | None]]:
     """Filesystem actions ``(src, dst, action, reason)`` of a decision, in the order they must run.
 
@@ -149,13 +149,15 @@ def plan_actions(night_path: str | Path, decision: str, keep_old: int = KEEP_OLD
     finished do not push a kept generation out: when older generations exist,
     the unfinished reduction's directories are erased instead (recorded like
     any erase) and the older ones stay where they are, so that failed runs in
-    a row never erase the last finished reduction. Unfinished means: made by
-    ``failed_run``, a run of this catalog that ended without success (the
-    caller knows it from the catalog; night files it wrote before it was
-    killed were never recorded, so they count for nothing), or, for outputs
-    no run of this catalog made, without both night files (fLC and sLC) in
-    ``lightcurves/``. ``erase``: every output, all generations.
-    ``new``/``resume``: nothing.
+    a row never erase the last finished reduction. ``made_by`` is ``(run id,
+    status)`` of the run of this catalog that made the current outputs (the
+    latest that acted), or None when no run of this catalog did. Its status
+    decides: a run that succeeded finished, even if a night file was since
+    removed by hand; one that failed never did, even if it wrote both night
+    files before it was killed (it never recorded them, so they count for
+    nothing). Only outputs no run of this catalog made are judged from disk:
+    finished with both night files (fLC and sLC) in ``lightcurves/``.
+    ``erase``: every output, all generations. ``new``/``resume``: nothing.
     """
     gens = output_generations(night_path)
     if decision == "erase":
@@ -163,14 +165,16 @@ def plan_actions(night_path: str | Path, decision: str, keep_old: int = KEEP_OLD
     if decision != "move":
         return []
     _check_keep_old(keep_old)
-    finished = (failed_run is None and 0 in gens.get("lightcurves", {})
-                and holds_night_files(gens["lightcurves"][0]))
+    if made_by is None:
+        finished = 0 in gens.get("lightcurves", {}) and holds_night_files(gens["lightcurves"][0])
+    else:
+        finished = made_by[1] == "succeeded"
     older = any(gen > 0 for g in gens.values() for gen in g)
     erases, renames = [], []
     if not finished and older:
         unfinished = {b for b in PIPELINE_OUTPUTS if 0 in gens.get(b, {})}
-        why = (f"of run {failed_run}, which never finished (any night files in it were never recorded)"
-               if failed_run else "of a reduction that never finished (no night files)")
+        why = (f"of run {made_by[0]}, which never finished ({made_by[1]}; any night files in it were never "
+               "recorded)" if made_by else "of a reduction that never finished (no night files)")
         erases = [(str(gens[b][0]), None, "erased", f"{b} {why}; the older generations are kept")
                   for b in sorted(unfinished)]
         gens = {b: g for b, g in gens.items() if b not in PIPELINE_OUTPUTS}  # their older generations stay
@@ -671,9 +675,9 @@ def _open_registered(cat: Catalog, db_url: str, plan: Plan, run_id: str, cn_id: 
         has_current = bool(current_outputs(night_path))
         has_any = bool(output_generations(night_path))
         decision, resumed, reason = decide(previous, fp_key, overwrite, has_current, has_any)
-        # the current outputs are the latest acting run's: if it failed, they never finished, whatever is on disk
-        failed = previous.run_id if previous is not None and previous.status != "succeeded" else None
-        actions = plan_actions(night_path, decision, keep_old, reason, failed_run=failed)
+        # the current outputs are the latest acting run's: its status says whether they finished, not the disk
+        made_by = None if previous is None else (previous.run_id, previous.status)
+        actions = plan_actions(night_path, decision, keep_old, reason, made_by=made_by)
         entries = cat.decide(run_id, decision, resumed, actions)
         faults.checkpoint("after_intent")
     else:

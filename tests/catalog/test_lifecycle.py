@@ -92,6 +92,27 @@ def test_an_unfinished_reduction_never_pushes_a_finished_one_out(tmp_path, keep_
     assert [(Path(s).name, a) for s, _, a, _ in plan_actions(fresh, "move")] == [("work", "renamed")]
 
 
+
+def test_the_catalog_not_the_disk_says_whether_its_runs_finished(tmp_path):
+    """Outputs made by a run of this catalog are judged by its status. A failed run killed after writing
+    both night files (never recorded) did not finish: its outputs are erased and the older generation
+    stays. A succeeded run whose fLC was removed by hand (an outside trial: its sLC and batch files were
+    erased as "never finished") did finish: its outputs are moved aside like any finished reduction."""
+    night = _night(tmp_path, "work", "lightcurves", "work_old", "lightcurves_old")
+    _finished(night)
+    _finished(night, "lightcurves_old")
+    killed = plan_actions(night, "move", keep_old=1, made_by=("run-b", "failed"))
+    assert sorted((Path(s).name, a) for s, _, a, _ in killed) == [("lightcurves", "erased"), ("work", "erased")]
+    assert all("run run-b, which never finished (failed" in r for *_, r in killed)
+    (night / "lightcurves" / f"fLC_{night.name}.hdf5").unlink()  # by hand, after a run that succeeded
+    kept = plan_actions(night, "move", keep_old=1, made_by=("run-b", "succeeded"))
+    assert [(Path(s).name, d and Path(d).name, a) for s, d, a, _ in kept] == [
+        ("lightcurves_old", None, "erased"), ("work_old", None, "erased"),
+        ("lightcurves", "lightcurves_old", "renamed"), ("work", "work_old", "renamed")]
+    # outputs no run of this catalog made: judged from disk (no fLC, so not finished; the older stays)
+    assert sorted((Path(s).name, a) for s, _, a, _ in plan_actions(night, "move", keep_old=1)) == [
+        ("lightcurves", "erased"), ("work", "erased")]
+
 def test_erase_takes_every_generation_and_never_raw(tmp_path):
     night = _night(tmp_path, "work", "work_old", "lightcurves")
     _apply(night, plan_actions(night, "erase"))

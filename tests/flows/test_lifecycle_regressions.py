@@ -204,6 +204,31 @@ def test_a_run_killed_after_writing_its_night_files_does_not_push_the_last_finis
     _check(datadir)
 
 
+def test_a_night_file_removed_by_hand_does_not_make_a_finished_reduction_look_unfinished(
+        pristine_night, tmp_path, prefect_server):
+    """An outside trial: two reductions, then the fLC of the second removed by hand. The next run (with
+    --skip-done, which sees the file gone) erased the second run's sLC, work and batch files as "a reduction
+    that never finished". Its run succeeded: they are moved aside like any finished reduction."""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    night = datadir / NIGHT_ID
+    slc_name = f"sLC_{NIGHT_ID}.hdf5"
+    mascprocess(datadir, env, "--no-prefect", "-q")
+    mascprocess(datadir, env, "--no-prefect", "-q")  # a second generation: the first goes to _old
+    second = runs(datadir)[-1]["id"]
+    slc = sha256(night / "lightcurves" / slc_name)
+    (night / "lightcurves" / f"fLC_{NIGHT_ID}.hdf5").unlink()
+    mascprocess(datadir, env, "--no-prefect", "-q", "--skip-done")
+    assert runs(datadir)[-1]["status"] == "succeeded"
+    assert sha256(night / "lightcurves_old" / slc_name) == slc
+    assert list((night / "work_old" / "batches").glob("*.h5"))
+    assert _rows(datadir, "SELECT run_id FROM product WHERE path = ? AND erased_at IS NULL",
+                 str(night / "lightcurves_old" / slc_name)) == [(second,)]
+    erased = _rows(datadir, "SELECT src, reason FROM directory_move WHERE action = 'erased'")
+    assert erased and not [r for _, r in erased if "never finished" in r], erased
+    _check(datadir)
+
+
 def test_two_data_directories_with_the_same_night(db_url, pristine_night, tmp_path):
     """Issue 9, 4: one catalog, the same night in two data directories: two camera-nights, two leases."""
     from flows import _runs
