@@ -187,7 +187,7 @@ class Frame(SQLModel, table=True):
     camera_night_id: str = Field(foreign_key="camera_night.id", index=True, max_length=36)
     lstseq: int | None = Field(default=None, index=True)
     filename: str
-    size: int | None = None  # bytes
+    size: int | None = Field(default=None, sa_type=BigInteger)  # bytes
     status: str = Field(max_length=16)
     reason: str | None = None
     sky: float | None = None  # median sky of the frame's stars, ADU per pixel (accepted frames)
@@ -210,7 +210,7 @@ class Product(SQLModel, table=True):
     kind: str = Field(max_length=16)
     path: str = Field(index=True)
     sha256: str = Field(max_length=64)
-    size: int  # bytes
+    size: int = Field(sa_type=BigInteger)  # bytes (an fLC of a full night is over 2 GB)
     nstars: int | None = None
     created_at: datetime
     # st_mtime_ns of the file as its run left it (None: recorded before migration 0008, judged by size)

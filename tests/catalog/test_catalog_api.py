@@ -441,3 +441,20 @@ def test_a_refusal_by_a_live_run_on_this_host_names_its_process_not_the_lease_ex
     with pytest.raises(LeaseHeld, match=rf"process {os.getpid()} on this host is running it") as err:
         catalog.start_run(cn, fingerprint(), {}, VERSIONS, socket.gethostname())
     assert "the lease expires" not in str(err.value)
+
+
+def test_sizes_of_full_night_files_fit(catalog):
+    """An outside trial on PostgreSQL: sizes were 32-bit there, and the fLC of a full 5,000-frame night
+    (about 2.7 GB) made the run's success fail to record after both night files were written, on every
+    re-run. Sizes over 32 bits are recorded and read back exactly, on both backends (migration 0009)."""
+    big = 2_700_000_000
+    cn = catalog.register_camera_night("LP", "E", "20260401", "/data/20260401LPE")
+    run = catalog.start_run(cn, fingerprint(), {}, VERSIONS, host="vm")
+    catalog.record_frames(cn, [(1, "00000001LPE.fits", 5_000_000_000, "ok", None)])
+    catalog.finish_run(run, "succeeded", products=[
+        dict(kind="fLC", path="/data/20260401LPE/lightcurves/fLC_20260401LPE.hdf5", sha256="0" * 64, size=big,
+             mtime_ns=1_796_605_834_966_444_237, nstars=25_000)])
+    assert catalog.run_info(run).status == "succeeded"
+    with Session(catalog.engine) as s:
+        assert s.execute(select(Product.size)).scalars().all() == [big]
+        assert s.execute(select(Frame.size)).scalars().all() == [5_000_000_000]
