@@ -209,12 +209,18 @@ class Frame:
 
 
 def parse_night_dir(path: Path | str) -> NightDir | None:
-    """The :class:`NightDir` of ``path`` if its name is ``<YYYYMMDD><SITE><CAM>``, else None."""
+    """The :class:`NightDir` of ``path`` if its name is ``<YYYYMMDD><SITE><CAM>``, else None.
+
+    The night comes from the name as given; ``path`` is absolute with symbolic links resolved (the
+    catalog's name of the directory), so that every path a reduction records (products, batches, moves)
+    is one spelling: an outside trial reduced a data directory through a link, and the move aside, recorded
+    under the link's name, left the product rows under the real name pointing at the new reduction's files.
+    """
     path = Path(path)
     m = NIGHT_DIR_RE.match(path.name)
     if not m:
         return None
-    return NightDir(path=path, night=m["night"], site=m["site"], camera=m["camera"])
+    return NightDir(path=Path(os.path.realpath(path)), night=m["night"], site=m["site"], camera=m["camera"])
 
 
 def find_night_dirs(

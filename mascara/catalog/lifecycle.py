@@ -544,7 +544,7 @@ def _release_dead_lease(cat: Catalog, exc: LeaseHeld) -> bool:
 def _register(cat: Catalog, plan: Plan) -> tuple[str, Path]:
     """The camera-night of ``plan`` registered (idempotent): its id and its absolute night directory."""
     night = plan.night
-    night_path = Path(night.path).absolute()
+    night_path = Path(os.path.realpath(night.path))  # the catalog's spelling, links resolved
     return cat.register_camera_night(night.site, night.camera, night.night, night_path), night_path
 
 

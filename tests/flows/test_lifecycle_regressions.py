@@ -229,6 +229,33 @@ def test_a_night_file_removed_by_hand_does_not_make_a_finished_reduction_look_un
     _check(datadir)
 
 
+def test_a_data_directory_reached_through_a_link_keeps_the_catalog_true(pristine_night, tmp_path, prefect_server):
+    """An outside trial: a night reduced through its real path, then through a symbolic link to the data
+    directory. The move aside was recorded under the link's name, so the first run's product rows (under the
+    real name) were not rewritten: they named the new reduction's files, the first fLC in lightcurves_old had
+    no row, and status blamed the wrong run. Every path a run records is now the real one."""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data").resolve()
+    link = tmp_path / "datalink"
+    link.symlink_to(datadir)
+    night = datadir / NIGHT_ID
+    flc = f"fLC_{NIGHT_ID}.hdf5"
+    mascprocess(datadir, env, "--no-prefect", "-q")
+    first_flc = sha256(night / "lightcurves" / flc)
+    mascprocess(link, env, "-q")  # the Prefect flow (the library driver resolved the data directory already)
+    first, second = (r["id"] for r in runs(datadir))
+    assert sha256(night / "lightcurves_old" / flc) == first_flc
+    live = dict(_rows(datadir, "SELECT path, run_id FROM product WHERE kind = 'fLC' AND erased_at IS NULL"))
+    assert live == {str(night / "lightcurves_old" / flc): first, str(night / "lightcurves" / flc): second}
+    recorded = [p for (p,) in _rows(datadir, "SELECT path FROM product UNION SELECT src FROM directory_move "
+                                             "UNION SELECT path FROM batch WHERE path IS NOT NULL")]
+    assert recorded and all(p.startswith(str(datadir) + "/") for p in recorded), recorded
+    status = subprocess.run([str(BIN / "mascara"), "status", str(link), "--night", NIGHT], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "gone or replaced" not in status.stdout + status.stderr, status.stdout
+    _check(datadir)
+
+
 def test_two_data_directories_with_the_same_night(db_url, pristine_night, tmp_path):
     """Issue 9, 4: one catalog, the same night in two data directories: two camera-nights, two leases."""
     from flows import _runs
