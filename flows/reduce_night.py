@@ -42,6 +42,7 @@ from prefect.context import TaskRunContext
 from prefect.exceptions import PrefectException
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.runtime import task_run as runtime_task_run
+from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
@@ -544,7 +545,7 @@ def reduce_night(
     keep_old: int = 1,
     require_calibration: bool = False,
     skip_done: bool = False,
-) -> list[dict]:
+) -> list[dict] | State:
     """Reduce camera-nights of ``datadir``: one task per 50-frame batch, all cameras at once.
 
     Parameters
@@ -645,9 +646,9 @@ def reduce_night(
                                                  description=f"{n.night_id}: batches reduced")
         try:  # held by this process until end_night, whichever process the tasks run in
             _runs.lock_for_flow(db_url, plan, flow_run_id)
-        except NightLocked as exc:
-            n.state, n.message = "locked", str(exc)
-            logger.error("%s: locked %s", n.night_id, exc)
+        except (NightLocked, LeaseHeld) as exc:  # another run reduces it: said once, nothing taken
+            n.state, n.message = "locked", f"{type(exc).__name__}: {exc}"
+            logger.error("%s: locked %s", n.night_id, n.message)
             continue
         start = start_camera_night.submit(n.night_id, n.night_path, sjson, db_url, overwrite, flow_run_id,
                                           host, pid, int(keep_old))
@@ -768,9 +769,9 @@ def reduce_night(
     _publish_nights(datadir, nights_, missing_dirs, sjson, logger)
     # a camera-night without frames is an ordinary night (dome closed), not a failure
     bad = [r for r in results if r["state"] not in ("succeeded", "empty", "up-to-date")]
-    if bad:
-        raise RuntimeError("camera-nights not reduced: " + "; ".join(f"{r['night_id']} {r['state']}: "
-                                                                     f"{r['message'][:300]}" for r in bad))
+    if bad:  # each was logged with its reason: the run's state says which, with no traceback of this function
+        return Failed(message="camera-nights not reduced: " + "; ".join(
+            f"{r['night_id']} {r['state']}: {r['message'][:300]}" for r in bad))
     return results
 
 

@@ -430,6 +430,20 @@ class Catalog:
         self._runs[run_id] = (camera_night_id, fp_key)
         return out
 
+    def live_lease(self, camera_night_id: str, run_id: str | None = None) -> LeaseHeld | None:
+        """The refusal :meth:`start_run` would raise for a run other than ``run_id`` now, or None (read-only).
+
+        For a caller that must know before it takes anything else (a flow takes the night directory's
+        lock before its start task opens the run): an unexpired lease of another run.
+        """
+        def fn(s: Session) -> LeaseHeld | None:
+            lease = s.execute(select(Lease).where(Lease.camera_night_id == camera_night_id)).scalar_one_or_none()
+            if lease is None or lease.run_id == run_id or _aware(lease.expires_at) <= _now():
+                return None
+            return self._lease_held(s, lease)
+
+        return self._tx(fn, readonly=True)
+
     def _lease_held(self, s: Session, lease: Lease) -> LeaseHeld:
         cn = s.get(CameraNight, lease.camera_night_id)
         what = f"{cn.camera_id} night {cn.night}" if cn else lease.camera_night_id

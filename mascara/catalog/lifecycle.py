@@ -630,12 +630,20 @@ def lock_for_flow(cat: Catalog, db_url: str, plan: Plan, flow_run_id: str | None
 
     Raises
     ------
+    LeaseHeld
+        a live run of this catalog reduces the camera-night (nothing is
+        recorded, as when :func:`open_run` is refused by the lease).
     mascara.nightlock.NightLocked
         a run of another catalog holds the night directory; recorded here as a
         failed run of this catalog (:func:`record_refusal`).
     """
     cn_id, night_path = _register(cat, plan)
     run_id = flow_run_run_id(cn_id, flow_run_id) if flow_run_id else f"flow-{os.getpid()}-{plan.night.night_id}"
+    # a live run of this catalog: refused here, before its lock is looked at (the lock is taken before the
+    # lease on this path, and a lock held by this catalog's run is otherwise one whose lease was taken over)
+    held = cat.live_lease(cn_id, run_id)
+    if held is not None and not _release_dead_lease(cat, held):
+        raise held
     try:
         nightlock.acquire(night_path, run_id, shown_url(db_url))
     except nightlock.NightLocked as exc:

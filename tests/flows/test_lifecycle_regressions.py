@@ -256,6 +256,34 @@ def test_a_data_directory_reached_through_a_link_keeps_the_catalog_true(pristine
     _check(datadir)
 
 
+def test_a_flow_refused_by_a_live_run_of_its_catalog_says_so_in_one_line(pristine_night, tmp_path, prefect_server):
+    """An outside trial: a second run of the same camera-night through the Prefect flow, while the first
+    reduced it. The flow takes the night directory's lock before its start task meets the lease, so it said
+    the lock was held by a run "whose lease this run took over; going on without the lock" (false), then
+    failed on the lease with a 12-line traceback. It is refused by the lease first, in one line."""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    with running(mascprocess_cmd(datadir, "--no-prefect", "-q"), env={**env, "MASCARA_FAULT": "after_begin:hang"}
+                 ) as proc:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _count_soon(
+                datadir, "SELECT COUNT(*) FROM reduction_run WHERE phase = 'reducing'") == 0:
+            time.sleep(0.1)
+        assert proc.poll() is None
+        holder = runs(datadir)[0]["id"]
+        second = mascprocess(datadir, env, "-q", check=False, timeout=300)
+        assert second.returncode == 1, second.stderr[-3000:]
+        err = second.stderr
+        assert f"is being reduced by run {holder}" in err, err[-3000:]
+        assert "took over" not in err and "Traceback" not in err, err[-3000:]
+        assert runs(datadir)[0]["status"] == "running" and len(runs(datadir)) == 1  # nothing recorded or taken
+        proc.kill()  # (signals are held while a run opens, where it hangs)
+        proc.communicate()
+    _check(datadir)
+    again = mascprocess(datadir, env, "-q")  # the killed holder is taken over at once
+    assert again.returncode == 0 and runs(datadir)[-1]["status"] == "succeeded", again.stderr[-3000:]
+
+
 def test_two_data_directories_with_the_same_night(db_url, pristine_night, tmp_path):
     """Issue 9, 4: one catalog, the same night in two data directories: two camera-nights, two leases."""
     from flows import _runs
