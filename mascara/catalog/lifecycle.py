@@ -373,12 +373,16 @@ def _reduce_reason(cat: Catalog, camera_night_id: str | None, fp_key: str,
     last = None if camera_night_id is None else cat.last_run(camera_night_id, decided=True)
     if last is None:
         return "never reduced", None
+    if last.status == "running":
+        gone = process_gone(cat, last.run_id)
+        if gone is not None:  # killed: recorded running until a run takes it over, as the submitted one will
+            return f"its last run {last.run_id} is recorded running, but its process {gone} is gone", last
     if last.status != "succeeded":
         return f"its last run {last.run_id} {last.status}" + (f": {last.error}"[:300] if last.error else ""), last
     if last.fingerprint_key != fp_key:
         changed = [k for k in (fingerprint or {}) if (last.fingerprint or {}).get(k) != fingerprint[k]]
-        what = ", ".join(k.replace("_hash", "").replace("_", " ") for k in changed) or "its fingerprint"
-        return f"reduced by run {last.run_id} with another {what}", last
+        what = ", ".join(k.replace("_hash", "").replace("_", " ") for k in changed) or "fingerprint"
+        return f"reduced by run {last.run_id} with other {what}", last
     products = [p for p in cat.live_products(camera_night_id) if p["run_id"] == last.run_id]
     if not any(p["kind"] == "fLC" for p in products):
         return f"run {last.run_id} recorded no fLC", last

@@ -70,7 +70,7 @@ def test_only_what_changed_is_submitted(pristine, tmp_path, db_url):
                                                       settings={"vmag_slow": 9.5})}
     assert changed["20260301LPE"].state == "submit"
     # (vmag_slow also changes the stars taken from the catalogue)
-    assert changed["20260301LPE"].reason == f"reduced by run {first_run} with another settings, catalogue"
+    assert changed["20260301LPE"].reason == f"reduced by run {first_run} with other settings, catalogue"
 
     # a night file that is not what the catalog recorded: not up to date
     flc = data / "20260301LPE" / "lightcurves" / "fLC_20260301LPE.hdf5"
@@ -99,6 +99,18 @@ def test_only_what_changed_is_submitted(pristine, tmp_path, db_url):
         cat.finish_run(run, "failed", error="test: released")
     assert _states(state)["20260302LPE"] == "in-progress"
     assert _states(forced)["20260302LPE"] == "in-progress"  # force redoes what is done, not what is going on
+    # killed on this host (kill -9): recorded running, its process gone; submitted, and said so (an outside
+    # trial read "its last run ... running" while status said the process was gone)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with connect(db_url) as cat:
+        run = cat.start_run(cn, fingerprint=p.fingerprint(), settings={}, versions={},
+                            host=__import__("socket").gethostname(), pid=dead.pid, lease_seconds=600)
+        cat.decide(run, "new", None, [])
+        killed = {e.night_id: e for e in plan_backfill(data, rng, site="LP", db_url=db_url)}["20260302LPE"]
+        cat.finish_run(run, "failed", error="test: released")
+    assert (killed.state, killed.reason) == (
+        "submit", f"its last run {run} is recorded running, but its process {dead.pid} is gone")
 
     # mascprocess --skip-done: the same rule from the command line, a range given
     res = _mascprocess(data, db_url, "--night", "20260301..20260302", "--skip-done")
@@ -107,7 +119,7 @@ def test_only_what_changed_is_submitted(pristine, tmp_path, db_url):
         rows = {r["night"]: r for r in cat.night_status()}
         runs = cat.failed_runs()
     assert rows[NIGHTS[0]]["state"] == rows[NIGHTS[1]]["state"] == "succeeded"
-    assert [r["error"] for r in runs] == ["test: released"]
+    assert [r["error"] for r in runs] == ["test: released", "test: released"]
     assert _states(plan_backfill(data, rng, site="LP", db_url=db_url)) == {
         "20260301LPE": "up-to-date", "20260302LPE": "up-to-date", "20260303": "no-data"}
     # the same data directory through a symbolic link: the same camera-nights, up to date (it planned the
