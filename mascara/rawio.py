@@ -323,13 +323,15 @@ def scan_raw(night: NightDir, only: Collection[str] | None = None) -> RawScan:
                                       f"file name is of camera {m['site']}{m['camera']}, not {night.site}{night.camera}"))
             continue
         by_seq.setdefault(seq, []).append(p)
-    window = _night_window(night, sorted(by_seq))
-    if window is not None:
+    found = _night_window(night, sorted(by_seq))
+    if found is not None:
+        window, note = found
         for seq in [q for q in by_seq if not window[0] <= q <= window[1]]:
             for q in by_seq.pop(seq):
                 rejected.append(Rejection(seq, q.name, regular_size(q),
                                           f"lstseq {seq} is not a slot of the night {night.night} at {night.site} "
-                                          f"(its slots run from {window[0]} to {window[1]}, local noon to noon)"))
+                                          f"(its slots run from {window[0]} to {window[1]}, local noon to noon)"
+                                          f"{note}"))
     frames = []
     for seq in sorted(by_seq):
         paths = sorted(by_seq[seq], key=lambda q: (q.name.endswith(".gz"), q.name))  # .fits first
@@ -353,26 +355,41 @@ def scan_raw(night: NightDir, only: Collection[str] | None = None) -> RawScan:
     return RawScan(frames=frames, rejected=rejected, calib=calib, other=other)
 
 
-def _night_window(night: NightDir, seqs: Sequence[int]) -> tuple[int, int] | None:
-    """The lstseq range of the night's frames: local mean noon to noon of the directory's date.
+def _night_window(night: NightDir, seqs: Sequence[int]) -> tuple[tuple[int, int], str] | None:
+    """The lstseq range of the night's frames (local mean noon to noon of the directory's date), and what a
+    frame outside it is told besides.
 
-    If most frames fall outside it, the directory was dated by another
-    convention (the UTC date at the start of acquisition is a day later at
-    La Silla in summer): then the window is the noon-to-noon night of the
-    median frame, so that a whole night is never refused for its name while
-    frames of other nights still are. None when there is nothing to check
-    against (not a date, an unknown site).
+    If most frames fall outside it and the median frame's night is a day
+    before or after the directory's date, the directory was dated by another
+    convention (the UTC date at the start of acquisition is a day later at La
+    Silla in summer): then the window is the median frame's night, so that a
+    whole night is never refused for its name while frames of other nights
+    still are. Further away, the directory is misnamed (an outside trial
+    copied a night's frames into a directory six days later and it was
+    reduced, recorded and counted as that night): the directory's window
+    stands, every frame is refused, and each refusal says which night its
+    frames are of. None when there is nothing to check against (not a date,
+    an unknown site).
     """
-    from mascara.timeindex import night_slot_window, slot_window_around
+    import datetime as dt
+
+    from mascara.timeindex import night_of_slot, night_slot_window, slot_window_around
 
     try:
         window = night_slot_window(night.night, night.site)
     except (ValueError, KeyError):
         return None
     inside = sum(window[0] <= q <= window[1] for q in seqs)
-    if seqs and 2 * inside < len(seqs):
-        window = slot_window_around(int(seqs[len(seqs) // 2]), night.site)
-    return window
+    if not seqs or 2 * inside >= len(seqs):
+        return window, ""
+    median = int(seqs[len(seqs) // 2])
+    theirs = night_of_slot(median, night.site)
+    days = (dt.date(int(theirs[:4]), int(theirs[4:6]), int(theirs[6:])) -
+            dt.date(int(night.night[:4]), int(night.night[4:6]), int(night.night[6:]))).days
+    if abs(days) <= 1:
+        return slot_window_around(median, night.site), ""
+    return window, (f"; most frames in {night.night_id}/raw are of the night {theirs}, {abs(days)} days "
+                    f"{'after' if days > 0 else 'before'} the directory's name: a misnamed directory?")
 
 
 def list_frames(night: NightDir) -> list[FrameFile]:

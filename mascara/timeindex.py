@@ -285,6 +285,16 @@ def slot_window_around(lstseq: int, site: Site | str) -> tuple[int, int]:
     return _noon_to_noon(math.floor(jd + s.lon / 360.0) - s.lon / 360.0)  # JD integers fall at 12h UTC
 
 
+def night_of_slot(lstseq: int, site: Site | str) -> str:
+    """``YYYYMMDD``, the UTC date of the local mean noon that starts the night of slot ``lstseq``: the date
+    :func:`night_slot_window` takes to give the window :func:`slot_window_around` gives for it."""
+    s = get_site(site)
+    jd = float(jd_start_of(np.array([lstseq]))[0])
+    noon = math.floor(jd + s.lon / 360.0) - s.lon / 360.0
+    # the UTC date of that noon: JD 2440587.5 is 1970-01-01 00:00 UTC
+    return (_dt.datetime(1970, 1, 1) + _dt.timedelta(days=noon - 2440587.5)).strftime("%Y%m%d")
+
+
 def _local_mean_noon(night: str, s: Site) -> float:
     """JD of local mean noon at ``s`` on the UTC date ``night`` (``YYYYMMDD``); ValueError if not a date."""
     date = _dt.datetime.strptime(night, "%Y%m%d").replace(tzinfo=_dt.timezone.utc)

@@ -343,6 +343,31 @@ def test_a_night_dated_by_another_convention_is_not_refused_whole(tmp_path):
     assert [r.lstseq for r in scan.rejected] == [other]
 
 
+
+@pytest.mark.parametrize("days", [6, -3])
+def test_a_misnamed_night_directory_is_refused_not_reduced_as_another_night(tmp_path, days):
+    """An outside trial copied a night's raw/ into a directory dated six days later: the fallback for a
+    directory dated a day off took the frames' own night, and the night was reduced, recorded and counted
+    in the season under the wrong date. Beyond a day every frame is refused, each saying which night it is of."""
+    import datetime as dt
+
+    from mascara.rawio import parse_night_dir, scan_raw
+    from mascara.timeindex import night_lstseqs, night_of_slot
+
+    slots = night_lstseqs("20260305", "LP", sun_alt=0.0)
+    assert {night_of_slot(int(q), "LP") for q in slots[::200]} == {"20260305"}
+    name = (dt.date(2026, 3, 5) + dt.timedelta(days=days)).strftime("%Y%m%d")
+    night = tmp_path / f"{name}LPE"
+    (night / "raw").mkdir(parents=True)
+    for seq in slots[::500]:
+        (night / "raw" / f"{seq:08d}LPE.fits").write_bytes(b"not read by the scan")
+    scan = scan_raw(parse_night_dir(night))
+    assert scan.frames == []
+    assert len(scan.rejected) == len(slots[::500])
+    side = "before" if days > 0 else "after"  # the frames' night, seen from the name
+    assert all(r.reason.endswith(f"most frames in {name}LPE/raw are of the night 20260305, {abs(days)} days {side} "
+                                 "the directory's name: a misnamed directory?") for r in scan.rejected), scan.rejected[0]
+
 def test_a_header_whose_time_disagrees_with_its_slot_is_refused(small_night, tmp_path):
     """An outside trial moved one frame's JD by a minute: it was reduced as good, every star 11 px from its
     place and flux0 near 0 with flag 0. Positions come from JD, batches from LSTSEQ: the two must agree, and
