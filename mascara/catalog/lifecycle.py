@@ -257,8 +257,8 @@ def remove_bins(night_path: str | Path) -> list[str]:
     return removed
 
 
-def recover(cat: Catalog, camera_night_id: str, night_path: str | Path, remove_bins_: bool = True
-            ) -> list[JournalEntry]:
+def recover(cat: Catalog, camera_night_id: str, night_path: str | Path, remove_bins_: bool = True,
+            own_run: str | None = None) -> list[JournalEntry]:
     """Finish every journaled action of the camera-night not yet confirmed (of any run), oldest first.
 
     Call it holding the camera-night's lease. Returns the entries it finished.
@@ -270,8 +270,10 @@ def recover(cat: Catalog, camera_night_id: str, night_path: str | Path, remove_b
         note = execute_action(entry, night_path, remove_bin=remove_bins_)
         cat.confirm_action(entry.id, note)
         done.append(entry)
-        if entry.action == "erased":
-            log.warning("%s: erased %s (%s)", Path(night_path).name, entry.src, entry.reason or "")
+        if entry.action == "erased":  # the run that decided it said so when it did (open_run): here, an earlier
+            # run's intent finished now deserves the warning; one's own is only confirmed
+            (log.info if entry.run_id == own_run else log.warning)(
+                "%s: erased %s (%s)", Path(night_path).name, entry.src, entry.reason or "")
     if remove_bins_:
         for stray in Path(night_path).glob(f"{BIN_PREFIX}*"):
             # a bin whose action was confirmed before its removal finished
@@ -699,7 +701,8 @@ def _open_registered(cat: Catalog, db_url: str, plan: Plan, run_id: str, cn_id: 
         if e.action == "erased" and decision == "move":
             warnings.append(f"{night.night_id}: erasing {Path(e.src).name} ({e.reason})")
             log.warning(warnings[-1])
-    recover(cat, cn_id, night_path, remove_bins_)
+    # a move's erases were announced above ("erasing ..."); an -o's are announced as they are done
+    recover(cat, cn_id, night_path, remove_bins_, own_run=run_id if decision == "move" else None)
     faults.checkpoint("after_move")
 
     cat.begin_reducing(run_id, plan.batch_rows(), fresh=decision != "resume", grown=bool(getattr(plan, "live", False)))
