@@ -114,7 +114,9 @@ def plan_backfill(datadir: str | Path, nights: Any, cameras: Any = None, site: A
     requested = parse_nights(nights)
     for n in requested or []:
         if n not in found and not any(e.night == n for e in out):
-            out.append(Entry(n, "no-data", "no night directory for this night"))
+            near = [i for i in sel.ignored if n in i.split(":")[0]]  # misnamed, as mascprocess says too
+            out.append(Entry(n, "no-data", "no night directory for this night" +
+                             (f" (ignored: {'; '.join(near[:3])})" if near else "")))
     return sorted(out, key=lambda e: e.night_id)
 
 

@@ -61,6 +61,13 @@ def test_only_what_changed_is_submitted(pristine, tmp_path, db_url):
     # a submission says why (an outside trial: its reason column was empty)
     reason = {e.night_id: e.reason for e in plan}
     assert reason["20260302LPE"] == "never reduced"
+    assert reason["20260303"] == "no night directory for this night"
+    (data / "20260303lpe" / "raw").mkdir(parents=True)  # misnamed: said, as mascprocess says it (an outside trial)
+    reason = {e.night_id: e.reason for e in plan_backfill(data, rng, site="LP", db_url=db_url)}
+    assert reason["20260303"].startswith("no night directory for this night (ignored: 20260303lpe: not a night "
+                                         "directory name"), reason["20260303"]
+    (data / "20260303lpe" / "raw").rmdir()
+    (data / "20260303lpe").rmdir()
     first_run = done.reason.split()[4]
 
     # asked to, or after a change of settings, it is submitted again
