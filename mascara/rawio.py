@@ -42,7 +42,7 @@ from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
 from numba import njit
 
-from mascara.selection import NIGHT_DIR_RE
+from mascara.selection import NIGHT_DIR_RE, night_dir_path
 from mascara.timeindex import EXPTIME as STATION_EXPTIME
 
 FRAME_RE = re.compile(r"^(?P<lstseq>\d{8})(?P<site>[A-Z]{2})(?P<camera>[NESWC])\.fits(\.gz)?$")
@@ -211,16 +211,16 @@ class Frame:
 def parse_night_dir(path: Path | str) -> NightDir | None:
     """The :class:`NightDir` of ``path`` if its name is ``<YYYYMMDD><SITE><CAM>``, else None.
 
-    The night comes from the name as given; ``path`` is absolute with symbolic links resolved (the
-    catalog's name of the directory), so that every path a reduction records (products, batches, moves)
-    is one spelling: an outside trial reduced a data directory through a link, and the move aside, recorded
-    under the link's name, left the product rows under the real name pointing at the new reduction's files.
+    ``path`` is :func:`night_dir_path` of the path given, so that every path a reduction records
+    (products, batches, moves) has one spelling: an outside trial reduced a data directory through a
+    link, and the move aside, recorded under the link's name, left the product rows under the real name
+    pointing at the new reduction's files.
     """
     path = Path(path)
     m = NIGHT_DIR_RE.match(path.name)
     if not m:
         return None
-    return NightDir(path=Path(os.path.realpath(path)), night=m["night"], site=m["site"], camera=m["camera"])
+    return NightDir(path=night_dir_path(path), night=m["night"], site=m["site"], camera=m["camera"])
 
 
 def find_night_dirs(

@@ -201,8 +201,10 @@ class CameraNightPlan:
         if self.other:
             what.append(f"{len(self.other)} other file(s), e.g. {self.other[0]}")
         site_cam = f"{self.night.site}{self.night.camera}"
+        misnamed = next((r.reason.split("; ", 1)[1] for r in self.rejected if "a misnamed directory?" in r.reason), "")
         return (f"no science frames in {self.night.raw} (no <lstseq>{site_cam}.fits[.gz] files"
-                + (f"; found {', '.join(what)})" if what else "; the directory is empty)"))
+                + (f"; found {', '.join(what)})" if what else "; the directory is empty)")
+                + (f": {misnamed}" if misnamed else ""))
 
 
 #: ``raw_inventory_hash`` of a live reduction's fingerprint.

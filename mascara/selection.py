@@ -332,3 +332,12 @@ def select_nights(datadir: str | Path, nights: Any = None, cameras: Any = None, 
         check_catalog_url(db_url, datadir)
     return Selection(datadir=datadir, nights=night_list, cameras=cams, sites=sites, settings=loaded,
                      night_dirs=chosen, not_found=not_found, ignored=ignored)
+
+
+def night_dir_path(path: Path | str) -> Path:
+    """A night directory's path as a reduction records it: absolute, the links above it resolved, its own
+    name kept (a night directory that is itself a link keeps the night's name, which its target may lack)."""
+    import os
+
+    path = Path(path)
+    return Path(os.path.realpath(path.parent)) / path.name

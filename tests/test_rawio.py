@@ -367,6 +367,12 @@ def test_a_misnamed_night_directory_is_refused_not_reduced_as_another_night(tmp_
     side = "before" if days > 0 else "after"  # the frames' night, seen from the name
     assert all(r.reason.endswith(f"most frames in {name}LPE/raw are of the night 20260305, {abs(days)} days {side} "
                                  "the directory's name: a misnamed directory?") for r in scan.rejected), scan.rejected[0]
+    from mascara.reduce import plan_camera_night
+
+    # the night is empty, and says why (mascprocess prints it; a flow records it)
+    assert plan_camera_night(parse_night_dir(night)).empty_reason().endswith(
+        f": most frames in {name}LPE/raw are of the night 20260305, {abs(days)} days {side} the directory's name: "
+        "a misnamed directory?")
 
 def test_a_header_whose_time_disagrees_with_its_slot_is_refused(small_night, tmp_path):
     """An outside trial moved one frame's JD by a minute: it was reduced as good, every star 11 px from its

@@ -59,7 +59,7 @@ from mascara import faults, nightlock
 from mascara.catalog._engine import shown_url
 from mascara.catalog.catalog import (ABANDONED, Catalog, JournalEntry, LeaseHeld, RunInfo, fingerprint_key,
                                      flow_run_run_id, pid_running)
-from mascara.selection import is_output_entry
+from mascara.selection import is_output_entry, night_dir_path
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +151,13 @@ def plan_actions(night_path: str | Path, decision: str, keep_old: int = KEEP_OLD
     any erase) and the older ones stay where they are, so that failed runs in
     a row never erase the last finished reduction. ``made_by`` is ``(run id,
     status)`` of the run of this catalog that made the current outputs (the
-    latest that acted), or None when no run of this catalog did. Its status
-    decides: a run that succeeded finished, even if a night file was since
-    removed by hand; one that failed never did, even if it wrote both night
-    files before it was killed (it never recorded them, so they count for
-    nothing). Only outputs no run of this catalog made are judged from disk:
-    finished with both night files (fLC and sLC) in ``lightcurves/``.
+    latest that acted, when the catalog ties the outputs to it:
+    :func:`_maker_of_current`), or None. Its status decides: a run that
+    succeeded finished, even if a night file was since removed by hand; one
+    that failed never did, even if it wrote both night files before it was
+    killed (it never recorded them, so they count for nothing). Outputs not
+    tied to a run of this catalog are judged from disk: finished with both
+    night files (fLC and sLC) in ``lightcurves/``.
     ``erase``: every output, all generations. ``new``/``resume``: nothing.
     """
     gens = output_generations(night_path)
@@ -325,6 +326,27 @@ def decide(previous: RunInfo | None, fp_key: str, overwrite: bool, has_current: 
             reason = f"re-run of the completed reduction of run {previous.run_id}"
         return "move", None, reason
     return "new", None, None
+
+
+def _maker_of_current(cat: Catalog, camera_night_id: str, previous: RunInfo | None, night_path: Path
+                      ) -> tuple[str, str] | None:
+    """``(run id, status)`` of the run of this catalog that made the current outputs, when the catalog ties
+    them to it: for a run that succeeded, a night file it recorded (still live after
+    :func:`reconcile_products`) is in the current ``lightcurves/``; for one that did not, a batch file
+    recorded under its fingerprint is in the current ``work/batches``. Otherwise None: the outputs are
+    judged from disk (another catalog's run may have moved this one's aside since, or the user removed
+    them), as outputs no run of this catalog made are."""
+    if previous is None:
+        return None
+    if previous.status == "succeeded":
+        here = night_path / "lightcurves"
+        tied = any(p["run_id"] == previous.run_id and p["kind"] in ("fLC", "sLC") and Path(p["path"]).parent == here
+                   for p in cat.live_products(camera_night_id))
+    else:
+        here = night_path / "work" / "batches"
+        tied = any(path and Path(path).parent == here and Path(path).is_file()
+                   for path, _ in cat.done_batches(camera_night_id, previous.fingerprint_key).values())
+    return (previous.run_id, previous.status) if tied else None
 
 
 def product_in_place(product: Mapping[str, Any]) -> bool:
@@ -550,7 +572,7 @@ def _release_dead_lease(cat: Catalog, exc: LeaseHeld) -> bool:
 def _register(cat: Catalog, plan: Plan) -> tuple[str, Path]:
     """The camera-night of ``plan`` registered (idempotent): its id and its absolute night directory."""
     night = plan.night
-    night_path = Path(os.path.realpath(night.path))  # the catalog's spelling, links resolved
+    night_path = night_dir_path(night.path)  # the spelling every recorded path uses
     return cat.register_camera_night(night.site, night.camera, night.night, night_path), night_path
 
 
@@ -689,9 +711,8 @@ def _open_registered(cat: Catalog, db_url: str, plan: Plan, run_id: str, cn_id: 
         has_current = bool(current_outputs(night_path))
         has_any = bool(output_generations(night_path))
         decision, resumed, reason = decide(previous, fp_key, overwrite, has_current, has_any)
-        # the current outputs are the latest acting run's: its status says whether they finished, not the disk
-        made_by = None if previous is None else (previous.run_id, previous.status)
-        actions = plan_actions(night_path, decision, keep_old, reason, made_by=made_by)
+        actions = plan_actions(night_path, decision, keep_old, reason,
+                               made_by=_maker_of_current(cat, cn_id, previous, night_path))
         entries = cat.decide(run_id, decision, resumed, actions)
         faults.checkpoint("after_intent")
     else:

@@ -88,7 +88,11 @@ def test_off_when_prefect_turns_heartbeats_off():
     assert engine.beats == [] and engine.threads == []
 
 
-def test_beats_at_once_in_the_callers_context_then_stops_when_the_block_ends():
+def test_beats_at_once_in_the_callers_context_then_stops_when_the_block_ends(monkeypatch):
+    """The thread ends when the block does, not at the end of a sleep: with the join cut to half a second
+    (Prefect's own thread sleeps in one-second steps after its first beat, so it would still be alive)."""
+    join = threading.Thread.join
+    monkeypatch.setattr(threading.Thread, "join", lambda self, timeout=None: join(self, min(timeout or 0.5, 0.5)))
     seen = contextvars.ContextVar("seen", default="not the caller's")
     seen.set("the caller's")
     engine = FakeEngine(1, seen=seen)  # raised to Prefect's 30 s minimum: one beat in a short block

@@ -284,6 +284,29 @@ def test_a_flow_refused_by_a_live_run_of_its_catalog_says_so_in_one_line(pristin
     assert again.returncode == 0 and runs(datadir)[-1]["status"] == "succeeded", again.stderr[-3000:]
 
 
+def test_a_run_of_another_catalog_between_two_runs_is_judged_from_disk(pristine_night, tmp_path, prefect_server):
+    """A review of the catalog-status rule: catalog X reduces the night; a run of catalog Y, under other
+    settings, moves X's reduction aside and is killed after its first batch file. X's next run must not
+    take Y's unfinished outputs for X's succeeded run (X ties outputs to a run only by what it recorded
+    there): they are erased and X's reduction stays in lightcurves_old, as with unfinished outputs of no
+    run of X. (Taken for X's, they pushed X's reduction out and no night files were left.)"""
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    night = datadir / NIGHT_ID
+    x, y = (f"sqlite:///{tmp_path / name}.sqlite" for name in ("x", "y"))
+    mascprocess(datadir, env, "--no-prefect", "-q", "--db", x)
+    first_flc = sha256(night / "lightcurves" / f"fLC_{NIGHT_ID}.hdf5")
+    settings = tmp_path / "settings.json"
+    settings.write_text('{"vmag_fast": 7.0, "vmag_slow": 8.0}')
+    killed = mascprocess(datadir, {**env, "MASCARA_FAULT": "after_batch_file:kill"}, "--no-prefect", "-q",
+                         "--db", y, "--settings", str(settings), check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert sha256(night / "lightcurves_old" / f"fLC_{NIGHT_ID}.hdf5") == first_flc
+    mascprocess(datadir, env, "--no-prefect", "-q", "--db", x, "--settings", str(settings))
+    assert sha256(night / "lightcurves_old" / f"fLC_{NIGHT_ID}.hdf5") == first_flc
+    assert (night / "lightcurves" / f"fLC_{NIGHT_ID}.hdf5").is_file()
+
+
 def test_two_data_directories_with_the_same_night(db_url, pristine_night, tmp_path):
     """Issue 9, 4: one catalog, the same night in two data directories: two camera-nights, two leases."""
     from flows import _runs
