@@ -178,13 +178,16 @@ class RawScan:
 
     ``frames`` holds one candidate per lstseq, sorted; ``rejected`` the files
     refused by name or as duplicates; ``calib`` the ``calib_*`` files by kind;
-    ``other`` the names of everything else (ignored).
+    ``other`` the names of everything else (ignored); ``misnamed`` what the
+    frames say of a directory whose name is more than a day from their night
+    (empty otherwise).
     """
 
     frames: list[FrameFile]
     rejected: list[Rejection]
     calib: dict[str, list[Path]]
     other: list[str]
+    misnamed: str = ""
 
 
 @dataclasses.dataclass
@@ -324,14 +327,15 @@ def scan_raw(night: NightDir, only: Collection[str] | None = None) -> RawScan:
             continue
         by_seq.setdefault(seq, []).append(p)
     found = _night_window(night, sorted(by_seq))
+    misnamed = ""
     if found is not None:
-        window, note = found
+        window, misnamed = found
         for seq in [q for q in by_seq if not window[0] <= q <= window[1]]:
             for q in by_seq.pop(seq):
                 rejected.append(Rejection(seq, q.name, regular_size(q),
                                           f"lstseq {seq} is not a slot of the night {night.night} at {night.site} "
                                           f"(its slots run from {window[0]} to {window[1]}, local noon to noon)"
-                                          f"{note}"))
+                                          + (f"; {misnamed}" if misnamed else "")))
     frames = []
     for seq in sorted(by_seq):
         paths = sorted(by_seq[seq], key=lambda q: (q.name.endswith(".gz"), q.name))  # .fits first
@@ -352,12 +356,12 @@ def scan_raw(night: NightDir, only: Collection[str] | None = None) -> RawScan:
                                 f" (duplicate of lstseq {seq}; {keep.name}, tried first, is refused too)")
                     rejected.append(Rejection(seq, q.name, regular_size(q), why))
         frames.append(FrameFile(path=keep, lstseq=seq, size=regular_size(keep)))
-    return RawScan(frames=frames, rejected=rejected, calib=calib, other=other)
+    return RawScan(frames=frames, rejected=rejected, calib=calib, other=other, misnamed=misnamed)
 
 
 def _night_window(night: NightDir, seqs: Sequence[int]) -> tuple[tuple[int, int], str] | None:
-    """The lstseq range of the night's frames (local mean noon to noon of the directory's date), and what a
-    frame outside it is told besides.
+    """The lstseq range of the night's frames (local mean noon to noon of the directory's date), and what the
+    frames say of a misnamed directory (empty when its name is right within a day).
 
     If most frames fall outside it and the median frame's night is a day
     before or after the directory's date, the directory was dated by another
@@ -384,11 +388,10 @@ def _night_window(night: NightDir, seqs: Sequence[int]) -> tuple[tuple[int, int]
         return window, ""
     median = int(seqs[len(seqs) // 2])
     theirs = night_of_slot(median, night.site)
-    days = (dt.date(int(theirs[:4]), int(theirs[4:6]), int(theirs[6:])) -
-            dt.date(int(night.night[:4]), int(night.night[4:6]), int(night.night[6:]))).days
+    days = (dt.datetime.strptime(theirs, "%Y%m%d") - dt.datetime.strptime(night.night, "%Y%m%d")).days
     if abs(days) <= 1:
         return slot_window_around(median, night.site), ""
-    return window, (f"; most frames in {night.night_id}/raw are of the night {theirs}, {abs(days)} days "
+    return window, (f"most frames in {night.night_id}/raw are of the night {theirs}, {abs(days)} days "
                     f"{'after' if days > 0 else 'before'} the directory's name: a misnamed directory?")
 
 

@@ -107,6 +107,7 @@ class CameraNightPlan:
     calib_files: dict[str, list[Path]] = dataclasses.field(default_factory=dict)
     other: list[str] = dataclasses.field(default_factory=list)
     live: bool = False  # a night still being observed: its raw inventory is not final
+    misnamed: str = ""  # what the frames say of a directory named more than a day from their night
 
     @property
     def workdir(self) -> Path:
@@ -201,10 +202,9 @@ class CameraNightPlan:
         if self.other:
             what.append(f"{len(self.other)} other file(s), e.g. {self.other[0]}")
         site_cam = f"{self.night.site}{self.night.camera}"
-        misnamed = next((r.reason.split("; ", 1)[1] for r in self.rejected if "a misnamed directory?" in r.reason), "")
         return (f"no science frames in {self.night.raw} (no <lstseq>{site_cam}.fits[.gz] files"
                 + (f"; found {', '.join(what)})" if what else "; the directory is empty)")
-                + (f": {misnamed}" if misnamed else ""))
+                + (f": {self.misnamed}" if self.misnamed else ""))
 
 
 #: ``raw_inventory_hash`` of a live reduction's fingerprint.
@@ -230,7 +230,7 @@ def plan_camera_night(night_dir: Path | str | NightDir, settings: Settings | Non
     return CameraNightPlan(
         night=night, settings=settings, frames=scan.frames,
         batches=group_batches(scan.frames, settings.batch_size), calib=calib,
-        rejected=scan.rejected, calib_files=scan.calib, other=scan.other, live=live,
+        rejected=scan.rejected, calib_files=scan.calib, other=scan.other, live=live, misnamed=scan.misnamed,
     )
 
 

@@ -280,19 +280,21 @@ def slot_window_around(lstseq: int, site: Site | str) -> tuple[int, int]:
     The night a frame belongs to, whatever the date its directory was given
     (:func:`night_slot_window` is the same window found from that date).
     """
-    s = get_site(site)
-    jd = float(jd_start_of(np.array([lstseq]))[0])
-    return _noon_to_noon(math.floor(jd + s.lon / 360.0) - s.lon / 360.0)  # JD integers fall at 12h UTC
+    return _noon_to_noon(_noon_before(lstseq, get_site(site)))
 
 
 def night_of_slot(lstseq: int, site: Site | str) -> str:
     """``YYYYMMDD``, the UTC date of the local mean noon that starts the night of slot ``lstseq``: the date
     :func:`night_slot_window` takes to give the window :func:`slot_window_around` gives for it."""
-    s = get_site(site)
-    jd = float(jd_start_of(np.array([lstseq]))[0])
-    noon = math.floor(jd + s.lon / 360.0) - s.lon / 360.0
+    noon = _noon_before(lstseq, get_site(site))
     # the UTC date of that noon: JD 2440587.5 is 1970-01-01 00:00 UTC
     return (_dt.datetime(1970, 1, 1) + _dt.timedelta(days=noon - 2440587.5)).strftime("%Y%m%d")
+
+
+def _noon_before(lstseq: int, s: Site) -> float:
+    """JD of the local mean noon at ``s`` before slot ``lstseq`` starts."""
+    jd = float(jd_start_of(np.array([lstseq]))[0])
+    return math.floor(jd + s.lon / 360.0) - s.lon / 360.0  # JD integers fall at 12h UTC
 
 
 def _local_mean_noon(night: str, s: Site) -> float:
