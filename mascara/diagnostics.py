@@ -39,7 +39,7 @@ import numpy as np
 
 from mascara._files import atomic_path, save_npy
 from mascara.lcformat import ASCC_DTYPE
-from mascara.stars import find_ids
+from mascara.stars import find_ids, id_integers
 
 #: V of a star giving 1 ADU per exposure above the atmosphere (simulated cameras).
 ZEROPOINT = 18.0
@@ -282,6 +282,12 @@ def _vmag_of(stars: np.ndarray, ascc: np.ndarray) -> np.ndarray:
     return out
 
 
+def _count_ids(ids: np.ndarray) -> int:
+    """Number of distinct ids (as integers when they fit, :func:`mascara.stars.id_integers`)."""
+    as_int = id_integers(ids)
+    return int(np.unique(ids if as_int is None else as_int).size)
+
+
 def batch_quality(batch_path: str | os.PathLike[str], night_model: dict | None = None,
                   zeropoint: float = ZEROPOINT, extinction: float = EXTINCTION, nstars_overlay: int = 400) -> dict:
     """What a batch file says about the sky and the camera (JSON-able), for the figures and the catalog.
@@ -334,7 +340,7 @@ def batch_quality(batch_path: str | os.PathLike[str], night_model: dict | None =
         "binned_astro_rms": num(a.get("binned_astro_rms")),
         "drift_px": None if drift is None else [round(drift[0], 3), round(drift[1], 3)],
         "stars_xy": overlay,
-        "nstars_fast": int(np.unique(fast["ascc"]).size) if len(fast) else 0, "nstars_slow": int(len(slow)),
+        "nstars_fast": _count_ids(fast["ascc"]), "nstars_slow": int(len(slow)),
         "image_nx": int(a["camera_model"]["nx"]) if a.get("camera_model") else None,
     }
 

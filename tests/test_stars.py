@@ -238,3 +238,26 @@ def test_find_ids_gives_positions_or_minus_one_for_str_and_bytes():
     np.testing.assert_array_equal(find_ids(table, np.array(["HIP 2", "HIP 9", "HIP 3"])), [2, -1, 0])
     np.testing.assert_array_equal(find_ids(table.astype("S12"), np.array([b"HIP 1", b"HIP 0"])), [1, -1])
     np.testing.assert_array_equal(find_ids(np.array([], dtype="S12"), np.array([b"HIP 1"])), [-1])
+
+
+def test_find_ids_as_integers_agrees_with_the_string_search():
+    """Ids of at most 8 bytes are looked up as integers (faster); the positions are the string search's,
+    absent ids, repeated ids (first position) and ids too long for an integer (the string search) included."""
+    from mascara.stars import find_ids, id_integers
+
+    rng = np.random.default_rng(3)
+    table = np.array([str(v).encode() for v in rng.integers(1, 120_000, 3000)], dtype="S12")
+    ids = np.concatenate([table[rng.integers(0, table.size, 5000)],
+                          np.array([b"0", b"999999", b"12345678", b""], dtype="S12")])
+    assert id_integers(table) is not None and id_integers(ids) is not None
+
+    def by_strings(t: np.ndarray, i: np.ndarray) -> np.ndarray:
+        order = np.argsort(t, kind="stable")
+        at = order[np.minimum(np.searchsorted(t, i, sorter=order), t.size - 1)]
+        return np.where(t[at] == i, at, -1)
+
+    np.testing.assert_array_equal(find_ids(table, ids), by_strings(table, ids))
+    long_ids = np.array([b"123456789", b"7"], dtype="S12")  # 9 bytes: no integer; the string search
+    assert id_integers(long_ids) is None
+    np.testing.assert_array_equal(find_ids(np.array([b"7", b"123456789"], dtype="S12"), long_ids), [1, 0])
+    np.testing.assert_array_equal(find_ids(table.astype(str), ids.astype(str)), by_strings(table, ids))
