@@ -39,6 +39,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -150,7 +151,8 @@ def _open(path: Path) -> tuple[int, bool] | None:
             return None
 
 
-def acquire(night_path: str | Path, run_id: str, catalog: str, wait: float = LOCK_WAIT) -> bool:
+def acquire(night_path: str | Path, run_id: str, catalog: str, wait: float = LOCK_WAIT,
+            take_over: Callable[[dict], bool] | None = None) -> bool:
     """Lock ``night_path`` for ``run_id`` of ``catalog`` (a URL with no password), or raise.
 
     Returns True when the lock is held (or was already held by this process
@@ -161,13 +163,18 @@ def acquire(night_path: str | Path, run_id: str, catalog: str, wait: float = LOC
     here (a file system without ``flock``, a lock file that cannot be opened):
     the lock is a safety net, never a new reason for a reduction to fail.
     A lock held by another process is tried again for up to ``wait`` seconds
-    (a run ending releases it a moment after its lease).
+    (a run ending releases it a moment after its lease). ``take_over``, when
+    given, is asked with the holder (as the lock file says it) whether a run of
+    the same catalog may go on without the lock; when it says no, that holder
+    is refused like another catalog's (a caller that takes the lock before the
+    lease, and so cannot tell a stalled run from one that is starting).
 
     Raises
     ------
     NightLocked
-        another process holds the lock for a run of another catalog, or this
-        process holds it for a run of another catalog.
+        another process holds the lock for a run of another catalog, or for
+        a run of this one that ``take_over`` does not let this run go on
+        beside; or this process holds it for a run of another catalog.
     FileNotFoundError
         the night directory does not exist.
     """
@@ -202,6 +209,10 @@ def acquire(night_path: str | Path, run_id: str, catalog: str, wait: float = LOC
         except BlockingIOError:
             other = _read_holder(fd)
             os.close(fd)
+            if other.get("catalog") == catalog and take_over is not None and not take_over(other):
+                raise NightLocked(f"{path.parent} is being reduced by {describe(other)}, a run of this catalog "
+                                  "that is starting or holds the camera-night's lease; one reduction at a time",
+                                  path=str(path.parent), holder=other) from None
             if other.get("catalog") == catalog:
                 # a run of this catalog holds it: the lease has let this run go on, i.e. it took over from a
                 # run that stalled past its lease (a stopped process keeps its lock); that run is fenced off

@@ -92,6 +92,28 @@ def test_a_run_of_the_same_catalog_goes_on_when_its_lease_allowed_it(night, othe
     assert str(night.absolute()) not in nightlock.retry_pending()
 
 
+def test_a_caller_that_cannot_tell_a_stalled_run_from_a_starting_one_is_asked(night, other_process):
+    """A flow takes the lock before its lease: ``take_over`` decides, from the holder, whether a run of the
+    same catalog may go on without the lock. Told no, the holder is refused and named; told yes, the run
+    goes on without it, as with no question asked. Another catalog's run is refused without a question."""
+    asked: list[dict] = []
+
+    def no(holder: dict) -> bool:
+        asked.append(holder)
+        return False
+
+    with pytest.raises(nightlock.NightLocked) as err:
+        nightlock.acquire(night, "run-b", "sqlite:///a.sqlite", take_over=no)
+    assert [h["run_id"] for h in asked] == ["run-a"] and asked[0]["pid"] == other_process.pid
+    assert "run run-a of catalog sqlite:///a.sqlite" in str(err.value) and "that is starting" in str(err.value)
+    assert err.value.holder["run_id"] == "run-a" and str(night.absolute()) not in nightlock.retry_pending()
+    assert nightlock.acquire(night, "run-b", "sqlite:///a.sqlite", take_over=lambda holder: True) is False
+    with pytest.raises(nightlock.NightLocked, match="one reduction at a time per night directory"):
+        nightlock.acquire(night, "run-c", "sqlite:///c.sqlite", take_over=no)
+    assert len(asked) == 1
+    nightlock.release("run-b")
+
+
 def test_a_run_that_ends_before_the_stalled_process_lets_go_does_not_take_the_lock_later(night, other_process):
     assert nightlock.acquire(night, "run-b", "sqlite:///a.sqlite") is False
     nightlock.release("run-b")  # its end recorded

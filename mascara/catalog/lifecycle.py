@@ -57,7 +57,7 @@ from typing import Any, Protocol
 
 from mascara import faults, nightlock
 from mascara.catalog._engine import shown_url
-from mascara.catalog.catalog import (ABANDONED, Catalog, JournalEntry, LeaseHeld, RunInfo, fingerprint_key,
+from mascara.catalog.catalog import (ABANDONED, Catalog, CatalogError, JournalEntry, LeaseHeld, RunInfo, fingerprint_key,
                                      flow_run_run_id, pid_running)
 from mascara.selection import is_output_entry, night_dir_path
 
@@ -663,7 +663,10 @@ def lock_for_flow(cat: Catalog, db_url: str, plan: Plan, flow_run_id: str | None
         recorded, as when :func:`open_run` is refused by the lease).
     mascara.nightlock.NightLocked
         a run of another catalog holds the night directory; recorded here as a
-        failed run of this catalog (:func:`record_refusal`).
+        failed run of this catalog (:func:`record_refusal`). Or a run of this
+        catalog holds it that has not lost its lease, or is not registered yet
+        (another flow of the camera-night, started at the same moment): nothing
+        is recorded, as for :class:`LeaseHeld`.
     """
     cn_id, night_path = _register(cat, plan)
     run_id = flow_run_run_id(cn_id, flow_run_id) if flow_run_id else f"flow-{os.getpid()}-{plan.night.night_id}"
@@ -672,11 +675,31 @@ def lock_for_flow(cat: Catalog, db_url: str, plan: Plan, flow_run_id: str | None
     held = cat.live_lease(cn_id, run_id)
     if held is not None and not _release_dead_lease(cat, held):
         raise held
+
+    def stalled(holder: dict) -> bool:
+        """Whether a run of this catalog holding the lock may be gone on without: it lost its lease.
+
+        A holder the catalog does not know yet is another flow between its lock and its start task
+        (two flows of one camera-night started at once): it is refused, not taken over.
+        """
+        other = holder.get("run_id")
+        if other == run_id:  # this run's own earlier try, in a process not yet gone
+            return True
+        try:
+            info = cat.run_info(str(other))
+        except CatalogError:
+            return False
+        return info.finished_at is not None or cat.live_lease(cn_id, run_id) is None
+
     try:
-        nightlock.acquire(night_path, run_id, shown_url(db_url))
+        nightlock.acquire(night_path, run_id, shown_url(db_url), take_over=stalled)
     except nightlock.NightLocked as exc:
-        record_refusal(cat, plan, str(exc), flow_run_id=flow_run_id)
+        # refused for another catalog's run: recorded here. Refused for a starting run of this catalog: nothing
+        # is recorded (a refusal's run would take the lease for a moment, from under the run that is starting)
+        if exc.holder.get("catalog") != shown_url(db_url):
+            record_refusal(cat, plan, str(exc), flow_run_id=flow_run_id)
         raise
+    faults.checkpoint("after_flow_lock")
     return run_id
 
 

@@ -7,7 +7,9 @@ against the session's Prefect server, so its task retries are the real ones.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -282,6 +284,39 @@ def test_a_flow_refused_by_a_live_run_of_its_catalog_says_so_in_one_line(pristin
     _check(datadir)
     again = mascprocess(datadir, env, "-q")  # the killed holder is taken over at once
     assert again.returncode == 0 and runs(datadir)[-1]["status"] == "succeeded", again.stderr[-3000:]
+
+
+def test_two_flows_of_one_camera_night_started_at_once_refuse_the_second_in_one_line(pristine_night, tmp_path,
+                                                                                   prefect_server):
+    """Stop 33's "left alone": a flow takes the night directory's lock before its start task registers the run.
+    A second flow of the camera-night started in between found no lease and a lock of its own catalog, said the
+    holder was a run "whose lease this run took over; going on without the lock" (false), and failed later on
+    the lease. It is refused at the lock in one line, and records nothing: a refusal's run would take the lease
+    from under the run that is starting."""
+    from mascara.nightlock import lock_path
+
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    lock = lock_path(datadir / NIGHT_ID)
+    with running(mascprocess_cmd(datadir, "-q"), env={**env, "MASCARA_FAULT": "after_flow_lock:hang"}) as first:
+        deadline = time.monotonic() + 180
+        holder: dict = {}
+        while time.monotonic() < deadline and not holder.get("run_id"):
+            with contextlib.suppress(OSError, ValueError):
+                holder = json.loads(lock.read_text() or "{}")
+            time.sleep(0.1)
+        assert first.poll() is None and holder.get("pid") == first.pid, holder
+        second = mascprocess(datadir, env, "-q", check=False, timeout=300)
+        assert second.returncode == 1, second.stderr[-3000:]
+        err = second.stderr
+        assert f"is being reduced by run {holder['run_id']}" in err and "that is starting" in err, err[-3000:]
+        assert "took over" not in err and "Traceback" not in err, err[-3000:]
+        assert runs(datadir) == []  # nothing recorded: no refusal's run, no lease taken
+        first.kill()
+        first.communicate()
+    again = mascprocess(datadir, env, "-q")  # the killed flow's lock went with its process
+    assert again.returncode == 0 and [r["status"] for r in runs(datadir)] == ["succeeded"], again.stderr[-3000:]
+    _check(datadir)
 
 
 def test_a_run_of_another_catalog_between_two_runs_is_judged_from_disk(pristine_night, tmp_path, prefect_server):
