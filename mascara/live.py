@@ -81,6 +81,8 @@ class RawWatch:
         self.clock = clock
         self._seen: dict[str, _Seen] = {}
         self._complete: set[str] = set()
+        #: (size, st_mtime_ns) of each complete file when it counted as complete
+        self.stamps: dict[str, tuple[int, int]] = {}
         self.last_arrival: float = clock()  # clock time a new complete frame was last found
 
     @staticmethod
@@ -90,7 +92,13 @@ class RawWatch:
                                                                               or name.endswith(".fits.gz")))
 
     def poll(self) -> set[str]:
-        """Look at ``raw/`` once; returns the names of every file complete so far (once complete, always)."""
+        """Look at ``raw/`` once; returns the names of every file complete so far.
+
+        A complete file whose size or modification time changes (written
+        again: a frame replaced after it arrived) is no longer complete: it
+        settles and completes again like a new one, with its new stamp
+        (:attr:`stamps`), so that what was reduced from it can be redone.
+        """
         now = self.clock()
         try:
             entries = list(os.scandir(self.raw))
@@ -99,12 +107,17 @@ class RawWatch:
         new_frames = False
         for e in entries:
             name = e.name
-            if name in self._complete or not self.relevant(name):
+            if not self.relevant(name):
                 continue
             try:
                 st = e.stat()
             except FileNotFoundError:
                 continue
+            if name in self._complete:
+                if self.stamps.get(name) == (st.st_size, st.st_mtime_ns):
+                    continue
+                self._complete.discard(name)  # written again since it was complete
+                self.stamps.pop(name, None)
             seen = self._seen.get(name)
             if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
                 self._seen[name] = _Seen(st.st_size, st.st_mtime_ns, now)
@@ -116,6 +129,7 @@ class RawWatch:
                 if need is None or st.st_size < need:
                     continue
             self._complete.add(name)
+            self.stamps[name] = (st.st_size, st.st_mtime_ns)
             self._seen.pop(name, None)
             new_frames |= bool(FRAME_RE.match(name))
         if new_frames:

@@ -1320,11 +1320,22 @@ class LiveNight:
         ready = ready_batches([f.lstseq for f in self.plan.frames], self.settings.batch_size,
                               idle=idle >= self.grace, night_over=self.ending)
         for b in sorted(ready & self.finished):
-            now = self._lstseqs(b)
-            if now != self.reduced_with.get(b, now):
+            now = self._frames_of(b)
+            before = self.reduced_with.get(b, now)
+            if now == before:
+                continue
+            gained = {f[0] for f in now} - {f[0] for f in before}
+            lost = {f[1] for f in before} - {f[1] for f in now}
+            if lost and not self.ending:  # a file being written again: reduced once it is whole
+                continue
+            if gained:
                 log.warning("%s: batch %d gained %d frame(s) after it was reduced; reducing it again",
-                            self.night.night_id, b, len(now - self.reduced_with[b]))
-                self.finished.discard(b)
+                            self.night.night_id, b, len(gained))
+            else:
+                changed = sorted({f[1] for f in before ^ now})
+                log.warning("%s: batch %d: %d frame file(s) changed after it was reduced (%s); reducing it again",
+                            self.night.night_id, b, len(changed), ", ".join(changed[:3]))
+            self.finished.discard(b)
         return sorted(ready - self.finished)
 
     def ready_plan(self, batches: Iterable[int]) -> CameraNightPlan:
@@ -1339,10 +1350,30 @@ class LiveNight:
         """``batch`` is reduced (or was, by an earlier run) with the frames the plan gives it now."""
         b = int(batch)
         self.finished.add(b)
-        self.reduced_with[b] = self._lstseqs(b)
+        self.reduced_with[b] = self._frames_of(b)
 
-    def _lstseqs(self, batch: int) -> frozenset[int]:
-        return frozenset(f.lstseq for f in self.plan.batches.get(batch, ()))
+    def done_before(self, batch: int) -> bool:
+        """Count ``batch``, reduced by an earlier run, as done, unless a frame file of it was written after
+        its batch file (replaced while no run watched): then it is reduced again. Returns whether it counts."""
+        path = self.plan.batch_path(batch)
+        try:
+            written = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return False
+        newer = sorted(f.path.name for f in self.plan.batches.get(batch, ())
+                       if self.watch.stamps.get(f.path.name, (0, 0))[1] > written)
+        if newer:
+            log.warning("%s: batch %d: %d frame file(s) written after its batch file (%s); reducing it again",
+                        self.night.night_id, batch, len(newer), ", ".join(newer[:3]))
+            return False
+        self.done(batch)
+        return True
+
+    def _frames_of(self, batch: int) -> frozenset[tuple[int, str, int, int]]:
+        """``(lstseq, name, size, st_mtime_ns)`` of each frame file of ``batch`` in the plan (the file as it
+        was when it counted as complete)."""
+        return frozenset((f.lstseq, f.path.name, *self.watch.stamps.get(f.path.name, (f.size or 0, 0)))
+                         for f in self.plan.batches.get(batch, ()))
 
     @property
     def over(self) -> bool:
@@ -1416,9 +1447,7 @@ def reduce_camera_night_live(
             if new and ctx is None:
                 if on_start is not None:
                     ready = set(new)
-                    skipped = sorted(set(on_start(live.ready_plan(ready))) & ready)
-                    for b in skipped:
-                        live.done(b)
+                    skipped = sorted(b for b in set(on_start(live.ready_plan(ready))) & ready if live.done_before(b))
                 ctx = live.context(require_calibration)
                 if on_prepared:
                     on_prepared(ctx)

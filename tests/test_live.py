@@ -105,3 +105,25 @@ def test_a_live_night_whose_directory_never_appears_ends_without_an_error(tmp_pa
     night = LiveNight(tmp_path / "20260301LPE", idle_timeout=0.0, settle=0.0)
     assert night.step() == [] and night.ending and night.over
     assert night.plan.frames == [] and night.never_complete == []
+
+
+def test_a_complete_file_written_again_settles_and_completes_again_with_its_new_stamp(tmp_path):
+    import os
+
+    clock = Clock()
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    watch = RawWatch(raw, settle=1.0, clock=clock)
+    blob = _frame_bytes()
+    frame = raw / "00000100LPE.fits"
+    frame.write_bytes(blob)
+    watch.poll()
+    clock.t += 1.5
+    assert watch.poll() == {"00000100LPE.fits"}
+    first = watch.stamps["00000100LPE.fits"]
+    frame.write_bytes(blob[:2880] + bytes(len(blob) - 2880))  # written again in place: same header and size
+    os.utime(frame, ns=(first[1] + 10**9, first[1] + 10**9))
+    assert watch.poll() == set() and "00000100LPE.fits" not in watch.stamps  # no longer complete
+    clock.t += 1.5
+    assert watch.poll() == {"00000100LPE.fits"}
+    assert watch.stamps["00000100LPE.fits"] == (len(blob), first[1] + 10**9) != first

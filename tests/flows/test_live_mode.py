@@ -344,3 +344,79 @@ def test_frames_that_never_arrive_whole_are_rejected_at_the_end_of_a_live_night(
         empty.name: "empty file (0 bytes) (not complete when the live run ended)",
         upper.name: "file name is not <lstseq:08d>LPE.fits[.gz]"}, rejected
     assert f"{NIGHT_ID}: 3 raw file(s) rejected:" in res.stderr and cut.name in res.stderr, res.stderr[-3000:]
+
+
+def _offline_of(night: Path, dest: Path) -> Path:
+    """The offline reduction (library driver) of a copy of ``night``'s raw/ as it is now."""
+    import shutil
+
+    from flows import _runs
+    from mascara.catalog._engine import resolve_url
+    from mascara.rawio import parse_night_dir
+
+    shutil.copytree(night / "raw", dest / NIGHT_ID / "raw", symlinks=False)
+    _runs.drive_camera_night(resolve_url(None, str(dest)), parse_night_dir(dest / NIGHT_ID))
+    return dest / NIGHT_ID
+
+
+def _swap_in(night: Path, name: str, other: str) -> None:
+    """Replace raw/``name`` by a copy of raw/``other`` (written aside, renamed over it: a new file, new mtime)."""
+    import os
+    import shutil
+
+    shutil.copyfile(night / "raw" / other, night / "raw" / f".{name}")
+    os.rename(night / "raw" / f".{name}", night / "raw" / name)
+
+
+def test_a_frame_replaced_after_its_batch_was_reduced_is_reduced_again(tmp_path, pristine_night):
+    """An outside trial replaced a frame of a batch the live run had reduced by another frame's file: the run
+    kept the first file's photometry, recorded the slot 'ok' and ended succeeded, and its night files
+    differed from the offline reduction of the same raw/ (which refuses the file: its LSTSEQ is another
+    slot's). A frame file written again is watched again: the batch is reduced again, the file is refused
+    and recorded, and the night equals the offline one. The same while no run watches (a restart)."""
+    import threading
+
+    import pytest
+    from flowkit import runs
+
+    from flows import _runs
+    from mascara.catalog._engine import resolve_url
+    from mascara.rawio import parse_night_dir
+    from mascara.reduce import LiveStopped
+
+    import shutil
+
+    datadir = tmp_path / "data"
+    night = datadir / NIGHT_ID
+    shutil.copytree(pristine_night / NIGHT_ID / "raw", night / "raw")
+    frames = sorted(p.name for p in (night / "raw").glob("*LPE.fits"))
+    batches = sorted({int(f[:8]) // 50 for f in frames})
+    first_batch, middle_batch = batches[0], batches[len(batches) // 2]
+    in_first = [f for f in frames if int(f[:8]) // 50 == first_batch]
+    in_middle = [f for f in frames if int(f[:8]) // 50 == middle_batch]
+    url = resolve_url(None, str(datadir))
+    stop = threading.Event()
+    swapped = {}
+
+    def on_batch(_handle, outcome) -> None:  # type: ignore[no-untyped-def]
+        if outcome.batch == first_batch and not swapped:  # reduced: a file of it is written again now
+            _swap_in(night, in_first[3], frames[-1])
+            swapped["live"] = in_first[3]
+        if outcome.batch == middle_batch:
+            stop.reason = "interrupted (test)"  # type: ignore[attr-defined]
+            stop.set()
+
+    with pytest.raises(LiveStopped):
+        _runs.drive_live_camera_night(url, parse_night_dir(night), grace=2, idle_timeout=30, poll=0.3,
+                                      on_batch=on_batch, stop=stop)
+    _swap_in(night, in_middle[5], frames[-2])  # while no run watches
+    handle, result = _runs.drive_live_camera_night(url, parse_night_dir(night), grace=2, idle_timeout=3, poll=0.3)
+    first, second = runs(datadir)
+    assert first["status"] == "failed" and second["status"] == "succeeded" and handle.decision == "resume"
+    assert middle_batch not in result.skipped  # its batch file predates a file of it: reduced again
+    offline = _offline_of(night, tmp_path / "offline")
+    assert_same_night_files(night, offline)
+    with connect(datadir=datadir) as cat:
+        refused = {r["filename"]: r["reason"] for r in cat.rejected_frames(night_dir=night)}
+    for name in (in_first[3], in_middle[5]):
+        assert "disagrees with the file name" in refused.get(name, ""), refused
