@@ -282,22 +282,94 @@ def recover(cat: Catalog, camera_night_id: str, night_path: str | Path, remove_b
     return done
 
 
-def reconcile_products(cat: Catalog, camera_night_id: str, run_id: str) -> list[str]:
-    """Record as erased the live products of a camera-night whose file is gone (removed by hand).
+def reconcile_products(cat: Catalog, camera_night_id: str, run_id: str, night_path: str | Path) -> list[str]:
+    """Bring the live products of a camera-night whose file is not in place up to date with the disk.
 
-    Keeps "every live product row names an existing file" true even when
-    someone deletes outputs outside mascara. Returns the paths recorded.
+    A file moved aside outside this catalog (a run of another catalog on the
+    same night directory renamed ``lightcurves/`` to ``lightcurves_old``, or a
+    user did) is found in a generation of its output directory, the same
+    size and modification time (:func:`product_in_place`), and recorded as
+    renamed there: a whole directory at once when every such file under it
+    went to the same generation and the directory is gone, else file by file.
+    A file found nowhere is recorded as erased when its path is empty (removed
+    by hand), and left as it is when another file took its name (a copy that
+    did not keep times looks like that too: :func:`up_to_date` and the
+    decisions already treat it as replaced). This keeps "every live product
+    row names its file" true whatever happened outside mascara. Returns the
+    paths recorded (erased or renamed).
     """
-    gone = []
-    for p in cat.live_products(camera_night_id):
-        path = Path(p["path"])
-        if not path.is_file():
-            gone.append(str(path))
-    for path in sorted(set(gone)):
-        cat.record_move(camera_night_id, run_id, path, None, "erased",
-                        f"not found on disk when run {run_id} started (removed outside mascara)")
-        log.warning("catalog: %s was removed outside mascara; recorded as erased", path)
-    return gone
+    night_path = Path(night_path)
+    live = cat.live_products(camera_night_id)
+    astray = [p for p in live if not product_in_place(p)]
+    if not astray:
+        return []
+    found = {p["path"]: at for p in astray if (at := _moved_copy(p, night_path)) is not None}
+    # (generation of the source, source, destination or None, reason, paths it covers); recorded from the
+    # oldest generation down, as the moves themselves go, so that no source is rewritten by an earlier record
+    records: list[tuple[int, str, str | None, str, list[str]]] = []
+    by_dir: dict[Path, list[str]] = {}
+    for p in astray:
+        top = _output_dir_of(Path(p["path"]), night_path)
+        if top is not None:
+            by_dir.setdefault(top, []).append(p["path"])
+    whole: set[str] = set()
+    for top, paths in by_dir.items():
+        targets = {_output_dir_of(found[q], night_path) for q in paths if q in found}
+        others = [p for p in live if p["path"] not in paths and _output_dir_of(Path(p["path"]), night_path) == top]
+        if len(targets) == 1 and all(q in found for q in paths) and not others and not top.exists():
+            dst = targets.pop()
+            records.append((_generation(top), str(top), str(dst), f"found in {dst.name} when run {run_id} started: "
+                            "moved aside outside this catalog (by a run of another catalog, or by hand)", paths))
+            whole.update(paths)
+    for p in astray:
+        path = p["path"]
+        if path in whole:
+            continue
+        top = _output_dir_of(Path(path), night_path)
+        gen = _generation(top) if top is not None else 0
+        if path in found:
+            records.append((gen, path, str(found[path]), f"found at {found[path]} when run {run_id} started: moved "
+                            "outside this catalog", [path]))
+        elif not Path(path).exists():
+            records.append((gen, path, None, f"not found on disk when run {run_id} started (removed outside "
+                            "mascara)", [path]))
+        # else another file has its name and its own is nowhere: left to the rules of a replaced night
+    for _, src, dst, reason, paths in sorted(records, key=lambda r: (-r[0], r[1])):
+        cat.record_move(camera_night_id, run_id, src, dst, "erased" if dst is None else "renamed", reason)
+        log.warning("catalog: %s %s outside mascara; recorded", src,
+                    "was removed" if dst is None else f"was moved to {dst}")
+    return sorted(q for r in records for q in r[4])
+
+
+def _generation(output_dir: Path) -> int:
+    """0 for ``lightcurves``, 1 for ``lightcurves_old``, 2 for ``lightcurves_old2``..."""
+    m = _OLD_RE.match(output_dir.name)
+    return int(m["gen"] or 1) if m else 0
+
+
+def _output_dir_of(path: Path, night_path: Path) -> Path | None:
+    """The output directory of the night directory that holds ``path`` (``<night>/lightcurves_old``), or None."""
+    try:
+        rel = path.relative_to(night_path)
+    except ValueError:
+        return None
+    return night_path / rel.parts[0] if len(rel.parts) > 1 else None
+
+
+def _moved_copy(product: Mapping[str, Any], night_path: Path) -> Path | None:
+    """Where a product's file is now, in another generation of its output directory (the lowest one
+    holding the same file by :func:`product_in_place`), or None."""
+    path = Path(product["path"])
+    top = _output_dir_of(path, night_path)
+    if top is None or not night_path.is_dir():
+        return None
+    m = _OLD_RE.match(top.name)
+    base = m["base"] if m else top.name
+    rel = path.relative_to(top)
+    for gen, d in sorted(output_generations(night_path).get(base, {}).items()):
+        if d != top and product_in_place({**product, "path": str(d / rel)}):
+            return d / rel
+    return None
 
 
 # --------------------------------------------------------------------------- decisions
@@ -729,7 +801,7 @@ def _open_registered(cat: Catalog, db_url: str, plan: Plan, run_id: str, cn_id: 
     warnings: list[str] = []
     info = cat.run_info(run_id)
     if info.decision is None:
-        reconcile_products(cat, cn_id, run_id)
+        reconcile_products(cat, cn_id, run_id, night_path)
         previous = cat.last_run(cn_id, decided=True, exclude=run_id)
         has_current = bool(current_outputs(night_path))
         has_any = bool(output_generations(night_path))

@@ -214,3 +214,53 @@ def test_one_sqlite_catalog_spelled_two_ways_is_one_catalog_for_the_night_lock(t
     assert _shown_url("sqlite:///catalog.sqlite") == _shown_url(absolute) == \
         _shown_url(f"sqlite:///{tmp_path / 'link' / 'catalog.sqlite'}")
     assert _shown_url("postgresql+psycopg://mascara:secret@db/cat") == "postgresql+psycopg://mascara:***@db/cat"
+
+
+def test_files_moved_aside_outside_the_catalog_are_followed_not_recorded_erased(tmp_path, catalog):
+    """Stop 33's "left alone": catalog X reduced a night, then a run of catalog Y moved X's outputs aside
+    (``lightcurves`` to ``lightcurves_old``, X's own ``lightcurves_old`` to ``lightcurves_old2``) and wrote
+    no night files of its own yet. X's next run recorded X's files as erased while they sat in the ``_old``
+    directories. They are recorded where they are now, the oldest generation first; a file removed by hand
+    is still recorded erased, and a file replaced under its name is left to the rules of a replaced night."""
+    import os
+
+    from mascara.catalog.lifecycle import product_in_place, reconcile_products
+
+    night = _night(tmp_path, "lightcurves", "lightcurves_old", "work")
+    cn = catalog.register_camera_night("LP", "E", "20260301", night)
+    fp = {"code_version": "1", "settings_hash": "s", "catalogue_hash": "c", "raw_inventory_hash": "r"}
+    run = catalog.start_run(cn, fingerprint=fp, settings={}, versions={}, host="h")
+    files = {"fLC0": night / "lightcurves" / "fLC_x.hdf5", "sLC0": night / "lightcurves" / "sLC_x.hdf5",
+             "fLC1": night / "lightcurves_old" / "fLC_x.hdf5", "diag": night / "work" / "diagnostics.hdf5",
+             "gone": night / "work" / "gone.json", "replaced": night / "work" / "replaced.json"}
+    for i, (name, path) in enumerate(files.items()):
+        path.write_bytes(name.encode() * (10 + i))
+        os.utime(path, ns=(10**18 + i, 10**18 + i))
+        catalog.record_product(run, "fLC" if name.startswith("fLC") else "diagnostics", path, "0" * 64,
+                               path.stat().st_size)
+    catalog.finish_run(run, "succeeded")
+    # another catalog's run: the generations shift (oldest first), no new night files
+    (night / "lightcurves_old").rename(night / "lightcurves_old2")
+    (night / "lightcurves").rename(night / "lightcurves_old")
+    files["gone"].unlink()
+    files["replaced"].write_bytes(b"another file under its name")
+
+    run2 = catalog.start_run(cn, fingerprint=fp, settings={}, versions={}, host="h")
+    recorded = reconcile_products(catalog, cn, run2, night)
+    assert sorted(recorded) == sorted(str(files[k]) for k in ("fLC0", "sLC0", "fLC1", "gone"))
+    live = {Path(p["path"]).relative_to(night).as_posix(): p for p in catalog.live_products(cn)}
+    assert sorted(live) == ["lightcurves_old/fLC_x.hdf5", "lightcurves_old/sLC_x.hdf5", "lightcurves_old2/fLC_x.hdf5",
+                            "work/diagnostics.hdf5", "work/replaced.json"]
+    assert (night / "lightcurves_old" / "fLC_x.hdf5").read_bytes() == b"fLC0" * 10  # the rows name X's own files
+    assert all(product_in_place(p) for k, p in live.items() if k != "work/replaced.json")
+    from sqlmodel import Session, select
+
+    from mascara.catalog.models import DirectoryMove
+
+    with Session(catalog.engine) as s:
+        moves = {(Path(m.src).relative_to(night).as_posix(), m.dst and Path(m.dst).relative_to(night).as_posix(),
+                  m.action) for m in s.exec(select(DirectoryMove).where(DirectoryMove.run_id == run2))}
+    assert moves == {("lightcurves", "lightcurves_old", "renamed"),  # the whole directory, at once
+                     ("lightcurves_old/fLC_x.hdf5", "lightcurves_old2/fLC_x.hdf5", "renamed"),  # its directory is
+                     ("work/gone.json", None, "erased")}  # still there (another generation took its name)
+    assert reconcile_products(catalog, cn, run2, night) == []  # nothing more to say

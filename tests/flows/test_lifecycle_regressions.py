@@ -340,6 +340,14 @@ def test_a_run_of_another_catalog_between_two_runs_is_judged_from_disk(pristine_
     mascprocess(datadir, env, "--no-prefect", "-q", "--db", x, "--settings", str(settings))
     assert sha256(night / "lightcurves_old" / f"fLC_{NIGHT_ID}.hdf5") == first_flc
     assert (night / "lightcurves" / f"fLC_{NIGHT_ID}.hdf5").is_file()
+    # X's catalog follows its first reduction to where Y's run moved it (it recorded it erased, in _old)
+    from mascara.catalog import connect
+    from mascara.catalog.lifecycle import product_in_place
+
+    with connect(x) as cat:
+        live = [p for p in cat.live_products() if p["kind"] == "fLC"]
+    where = sorted(Path(p["path"]).parent.name for p in live)
+    assert where == ["lightcurves", "lightcurves_old"] and all(product_in_place(p) for p in live), live
 
 
 def test_two_data_directories_with_the_same_night(db_url, pristine_night, tmp_path):
