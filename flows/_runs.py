@@ -220,18 +220,47 @@ def record_batch(handle: RunHandle, outcome: Any) -> None:
     cat.batch_succeeded(handle.run_id, outcome.batch, outcome.path, outcome.sha256, timings=outcome.timings,
                         astro_rms=outcome.astro_rms, astro_nstars=outcome.astro_nstars, flagged=outcome.flagged,
                         frames=counts, frame_rows=rows)  # one transaction, fenced: not after the run's end
-    record_quality(handle, outcome.path)
+    # the batch is reduced and recorded: its sky quality is a diagnostic and never fails it (an outside trial:
+    # a run ended by SIGTERM between the two made the quality's write fail, and the batch was then logged as
+    # "not recorded ... the next run does it again", which reused it, recorded)
+    try:
+        record_quality(handle, outcome.path)
+    except Exception as exc:  # noqa: BLE001
+        log.info("batch %s: reduced and recorded; its sky quality was not (%s: %s); the next run that reuses "
+                 "the batch records it", outcome.batch, type(exc).__name__, exc)
 
 
 def record_quality(handle: RunHandle, batch_path: str) -> dict:
-    """Sky quality of a reduced batch (:mod:`mascara.diagnostics`): ``work/quality/`` and the catalog."""
-    from mascara.diagnostics import write_batch_quality
+    """Sky quality of a reduced batch (:mod:`mascara.diagnostics`): the catalog, then ``work/quality/``.
 
-    q = write_batch_quality(handle.night_path, batch_path)
+    In that order: a run that reuses the batch records its quality when the
+    file is missing, so the file is written only once the catalog has it.
+    """
+    from mascara.diagnostics import night_batch_quality, save_batch_quality
+
+    q = night_batch_quality(handle.night_path, batch_path)
     catalog(handle.db_url).record_quality(handle.run_id, q["batch"],
                                           [(f["lstseq"], f["sky"], f["transparency"]) for f in q["frames"]],
                                           q["transparency"], q["low_transparency"])
+    save_batch_quality(handle.night_path, q)
     return q
+
+
+def record_missing_qualities(handle: RunHandle, plan: Any) -> list[int]:
+    """Record the sky quality of the batches a resumed run reuses whose quality was never recorded (their run
+    ended between recording the batch and its quality); the batches recorded. Never raises."""
+    from mascara.diagnostics import quality_path
+
+    done = []
+    for b in sorted(handle.done):
+        path = plan.batch_path(b)
+        if b in plan.batches and path.is_file() and not quality_path(handle.night_path, b).is_file():
+            try:
+                record_quality(handle, str(path))
+                done.append(b)
+            except Exception as exc:  # noqa: BLE001 - a diagnostic
+                log.warning("batch %s: sky quality not recorded: %s: %s", b, type(exc).__name__, exc)
+    return done
 
 
 def record_intake(db_url: str, plan: Any, camera_night_id: str | None = None, run_id: str | None = None) -> str:
@@ -400,6 +429,7 @@ def drive_camera_night(db_url: str, night: Any, settings: Any = None, *, overwri
         # (recorded as its failure), so that no finished night keeps an erased reduction hidden on disk
         lifecycle.remove_bins(handle.night_path)
         record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
+        record_missing_qualities(handle, plan)
         result = reduce_camera_night(plan.night, plan.settings, skip=handle.done, on_batch=on_batch,
                                      on_batch_start=on_batch_start, on_batch_error=on_batch_error,
                                      on_prepared=on_prepared,
@@ -466,6 +496,7 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
             heartbeat.run_ids.add(handle.run_id)
         lifecycle.remove_bins(handle.night_path)  # as in drive_camera_night
         record_intake(db_url, plan, handle.camera_night_id, handle.run_id)  # so far; again at the end
+        record_missing_qualities(handle, plan)
         return set(handle.done)
 
     def on_ready(plan: Any) -> None:

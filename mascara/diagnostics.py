@@ -349,17 +349,30 @@ def quality_path(night_path: str | os.PathLike[str], batch: int) -> Path:
     return Path(night_path) / "work" / QUALITY_DIR / f"batch_{int(batch):07d}.json"
 
 
-def write_batch_quality(night_path: str | os.PathLike[str], batch_path: str | os.PathLike[str],
+def night_batch_quality(night_path: str | os.PathLike[str], batch_path: str | os.PathLike[str],
                         night_model: dict | None = None) -> dict:
-    """:func:`batch_quality` of a batch file, written to ``work/quality/batch_<b>.json``; returned."""
+    """:func:`batch_quality` of a batch file of a night, its drift against the night's camera solution."""
     if night_model is None:  # the night's camera solution (mascara.reduce.SOLUTION_FILE)
         sol = Path(night_path) / "astrometry" / "camera_solution.json"
         try:
             night_model = json.loads(sol.read_text())["model"]
         except (OSError, ValueError, KeyError):
             night_model = None
-    q = batch_quality(batch_path, night_model)
-    _write_json(quality_path(night_path, q["batch"]), q)
+    return batch_quality(batch_path, night_model)
+
+
+def save_batch_quality(night_path: str | os.PathLike[str], q: dict) -> Path:
+    """Write a batch's quality summary to ``work/quality/batch_<b>.json`` (atomic); its path."""
+    path = quality_path(night_path, q["batch"])
+    _write_json(path, q)
+    return path
+
+
+def write_batch_quality(night_path: str | os.PathLike[str], batch_path: str | os.PathLike[str],
+                        night_model: dict | None = None) -> dict:
+    """:func:`night_batch_quality` of a batch file, written to ``work/quality/batch_<b>.json``; returned."""
+    q = night_batch_quality(night_path, batch_path, night_model)
+    save_batch_quality(night_path, q)
     return q
 
 

@@ -317,3 +317,39 @@ def test_a_batch_that_fails_in_the_library_driver_is_recorded_failed_with_its_er
         [(run_status, run_error)] = db.execute("SELECT status, error FROM reduction_run").fetchall()
     assert (status, tries, error) == ("failed", 1, "RuntimeError: a fault injected into one batch")
     assert run_status == "failed" and "injected" in run_error
+
+
+def test_a_batch_recorded_before_its_run_ended_is_not_called_unrecorded_when_its_quality_is_refused(
+        night, monkeypatch, caplog):
+    """An outside trial: SIGTERM ended a flow's run between a batch's record and its sky quality's; the
+    quality's write was refused (the run had ended) and the batch was logged "not recorded ... the next run
+    does it again", while the catalog had it succeeded and the next run reused it. The batch stays recorded,
+    the log says what was not, and the run that reuses the batch records its quality."""
+    import logging
+
+    from flows import _runs
+    from mascara.diagnostics import quality_path
+    from mascara.reduce import prepare_camera_night, reduce_batch
+
+    caplog.set_level(logging.INFO)
+    plan, url = night
+    first = sorted(plan.batches)[0]
+    real = _runs.record_quality
+
+    def ended_meanwhile(handle, batch_path):  # type: ignore[no-untyped-def]
+        _runs.catalog(url).finish_run(handle.run_id, "failed", error="interrupted (SIGTERM)")
+        return real(handle, batch_path)  # refused: the run has ended
+
+    monkeypatch.setattr(_runs, "record_quality", ended_meanwhile)
+    handle = _runs.open_run(url, plan)
+    outcome = _runs.reduce_recorded(handle, first, lambda: reduce_batch(plan, prepare_camera_night(plan), first))
+    assert outcome.batch == first
+    with sqlite3.connect(f"file:{plan.night.path.parent / 'catalog.sqlite'}?mode=ro", uri=True) as db:
+        [(status,)] = db.execute("SELECT status FROM batch WHERE batch_index = ?", (first,)).fetchall()
+    assert status == "succeeded"
+    assert "not recorded:" not in caplog.text and "its sky quality was not (LeaseLost" in caplog.text
+    assert not quality_path(plan.night.path, first).is_file()  # written only once the catalog has it
+    monkeypatch.setattr(_runs, "record_quality", real)
+    again, _ = _runs.drive_camera_night(url, plan.night, split_in_background=False)
+    assert again.decision == "resume" and first in again.done
+    assert quality_path(plan.night.path, first).is_file()
