@@ -263,15 +263,20 @@ def record_missing_qualities(handle: RunHandle, plan: Any) -> list[int]:
     return done
 
 
-def record_intake(db_url: str, plan: Any, camera_night_id: str | None = None, run_id: str | None = None) -> str:
+def record_intake(db_url: str, plan: Any, camera_night_id: str | None = None, run_id: str | None = None, *,
+                  empty_reason: str | None = None) -> str:
     """Record what the intake found in a night's ``raw/`` (gaps, emptiness) and the files it refused by name.
 
-    Registers the camera-night if needed (an empty night has no run); returns its id.
+    Registers the camera-night if needed (an empty night has no run); returns its id. ``empty_reason``
+    replaces the plan's own for a night without frames (a live run says that none arrived).
     """
     cat = catalog(db_url)
     night = plan.night
     cn_id = camera_night_id or cat.register_camera_night(night.site, night.camera, night.night, night.path)
-    cat.record_intake(cn_id, run_id, **plan.intake_summary())
+    summary = plan.intake_summary()
+    if empty_reason is not None and summary["empty_reason"]:
+        summary["empty_reason"] = empty_reason
+    cat.record_intake(cn_id, run_id, **summary)
     # files recorded by an earlier reduction that have left raw/ since; only when a reduction starts, which
     # records the files it reads (a night whose frames were all archived keeps its last reduction's record)
     present = plan.raw_filenames() if run_id is not None else None
@@ -527,9 +532,18 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
             on_batch=on_reduced, on_batch_start=on_reduce, on_batch_error=on_reduce_error, on_prepared=on_prepared,
             split_in_background=split_in_background, require_calibration=require_calibration, stop=stop)
         handle = state.get("handle")
-        if handle is None:
-            raise NothingToReduce(f"{night.path if hasattr(night, 'path') else night}: no science frame "
-                                  "arrived before the end of the live run")
+        if handle is None:  # recorded as an offline run records a night without frames, then said
+            night_path = Path(night.path if hasattr(night, "path") else night)
+            if (night_path / "raw").is_dir():
+                from mascara.reduce import plan_camera_night
+
+                found = plan_camera_night(night_path, settings).empty_reason()  # raw/ as it is at the end
+                why = f"no science frame arrived before the end of the live run: {found or plan.empty_reason()}"
+                record_intake(db_url, plan, empty_reason=why)
+            else:
+                why = "no night directory appeared before the end of the live run"
+                record_no_data(db_url, night_path, why)
+            raise NothingToReduce(f"{night_path}: {why}")
         record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
         result.products, _ = combine_and_finish(handle, plan)
     except NothingToReduce:

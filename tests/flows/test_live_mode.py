@@ -420,3 +420,36 @@ def test_a_frame_replaced_after_its_batch_was_reduced_is_reduced_again(tmp_path,
         refused = {r["filename"]: r["reason"] for r in cat.rejected_frames(night_dir=night)}
     for name in (in_first[3], in_middle[5]):
         assert "disagrees with the file name" in refused.get(name, ""), refused
+
+
+def test_a_live_camera_night_that_gets_no_frame_is_recorded_empty_with_its_reason(tmp_path, pristine_night):
+    """An outside trial: ``--live --camera E+W`` where W's directory never appeared exited 1, and the catalog
+    had no row for LPW (``mascara status --camera W``: "no camera-nights registered"), where an offline run
+    records a night without data as empty. Both cases are recorded: no directory, and a directory that
+    received only calibration files."""
+    import shutil
+
+    import pytest
+
+    from flows import _runs
+    from mascara.catalog._engine import resolve_url
+    from mascara.rawio import parse_night_dir
+
+    datadir = tmp_path / "data"
+    datadir.mkdir()
+    url = resolve_url(None, str(datadir))
+    never = datadir / NIGHT_ID.replace("LPE", "LPW")
+    with pytest.raises(_runs.NothingToReduce, match="no night directory appeared"):
+        _runs.drive_live_camera_night(url, parse_night_dir(never), grace=1, idle_timeout=1, poll=0.2)
+    calib_only = datadir / NIGHT_ID
+    (calib_only / "raw").mkdir(parents=True)
+    for p in (pristine_night / NIGHT_ID / "raw").glob("calib_*"):
+        shutil.copyfile(p, calib_only / "raw" / p.name)
+    with pytest.raises(_runs.NothingToReduce, match="no science frame arrived"):
+        _runs.drive_live_camera_night(url, parse_night_dir(calib_only), grace=1, idle_timeout=1, poll=0.2)
+    with connect(datadir=datadir) as cat:
+        rows = {r["camera"]: r for r in cat.night_status(NIGHT)}
+    assert set(rows) == {"LPE", "LPW"}, rows
+    assert rows["LPW"]["state"] == "empty" and "no night directory appeared" in rows["LPW"]["error"], rows
+    assert rows["LPE"]["state"] == "empty" and "no science frame arrived" in rows["LPE"]["error"], rows
+    assert "calib_ file(s)" in rows["LPE"]["error"], rows  # what raw/ held, as offline says it
