@@ -348,7 +348,13 @@ def combine_and_finish(handle: RunHandle, plan: Any) -> tuple[dict[str, Any], di
     after the end, ``quicklook/`` is no longer the run's)."""
     from mascara.reduce import combine_camera_night, prepare_camera_night
 
-    catalog(handle.db_url).set_phase(handle.run_id, "combining")
+    cat = catalog(handle.db_url)
+    cat.set_phase(handle.run_id, "combining")
+    if getattr(plan, "live", False):  # what it reduced, as an offline plan of raw/ names it (migration 0010)
+        from mascara.reduce import plan_camera_night
+
+        cat.set_final_inventory(handle.run_id, plan_camera_night(plan.night, plan.settings).fingerprint()[
+            "raw_inventory_hash"])
     paths = [str(plan.batch_path(b)) for b in plan.batches]
     lifecycle.check_batch_files(paths)
     products = combine_camera_night(plan, prepare_camera_night(plan), paths)

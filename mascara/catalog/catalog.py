@@ -140,6 +140,16 @@ class RunInfo:
     phase: str = "registered"
     decision: str | None = None
     resumed_run_id: str | None = None
+    final_raw_inventory_hash: str | None = None  # a live run's raw inventory when it ended
+
+    def same_reduction_as(self, fp_key: str) -> bool:
+        """Whether this run reduced what a plan of fingerprint key ``fp_key`` would: the same key, or, for a
+        live run that ended, the same key with the raw inventory it ended with."""
+        if fp_key == self.fingerprint_key:
+            return True
+        if not self.final_raw_inventory_hash:
+            return False
+        return fingerprint_key({**self.fingerprint, "raw_inventory_hash": self.final_raw_inventory_hash}) == fp_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -577,7 +587,8 @@ class Catalog:
             fingerprint_key=run.fingerprint_key, host=run.host, flow_run_id=run.flow_run_id,
             started_at=_aware(run.started_at), heartbeat_at=_aware(run.heartbeat_at),
             finished_at=_aware(run.finished_at), error=run.error, live=live,
-            phase=run.phase, decision=run.decision, resumed_run_id=run.resumed_run_id)
+            phase=run.phase, decision=run.decision, resumed_run_id=run.resumed_run_id,
+            final_raw_inventory_hash=run.final_raw_inventory_hash)
 
     def last_run(self, camera_night_id: str, decided: bool = False, exclude: str | None = None) -> RunInfo | None:
         """The latest run of a camera-night, or None if it was never reduced.
@@ -607,6 +618,17 @@ class Catalog:
             return self._info(s, run)
 
         return self._tx(fn, readonly=True)
+
+    def set_final_inventory(self, run_id: str, raw_inventory_hash: str) -> None:
+        """Record the raw inventory a live run reduced, as it ends (:meth:`RunInfo.same_reduction_as`)."""
+        def fn(s: Session) -> None:
+            if s.get(ReductionRun, run_id) is None:
+                raise CatalogError(f"unknown run {run_id}")
+            self._fence(s, run_id)
+            s.execute(update(ReductionRun).where(ReductionRun.id == run_id).values(
+                final_raw_inventory_hash=str(raw_inventory_hash)))
+
+        self._tx(fn)
 
     def set_phase(self, run_id: str, phase: str) -> None:
         """Record where a run is in its life (``reducing``, ``combining``...)."""

@@ -392,7 +392,7 @@ def decide(previous: RunInfo | None, fp_key: str, overwrite: bool, has_current: 
     if has_current:
         if previous is None:
             reason = "outputs without a catalog run"
-        elif previous.fingerprint_key != fp_key:
+        elif not previous.same_reduction_as(fp_key):
             reason = f"changed reduction (run {previous.run_id} had another fingerprint)"
         else:
             reason = f"re-run of the completed reduction of run {previous.run_id}"
@@ -475,7 +475,7 @@ def _reduce_reason(cat: Catalog, camera_night_id: str | None, fp_key: str,
             return f"its last run {last.run_id} is recorded running, but its process {gone} is gone", last
     if last.status != "succeeded":
         return f"its last run {last.run_id} {last.status}" + (f": {last.error}"[:300] if last.error else ""), last
-    if last.fingerprint_key != fp_key:
+    if not last.same_reduction_as(fp_key):
         changed = [k for k in (fingerprint or {}) if (last.fingerprint or {}).get(k) != fingerprint[k]]
         what = ", ".join(k.replace("_hash", "").replace("_", " ") for k in changed) or "fingerprint"
         return f"reduced by run {last.run_id} with other {what}", last

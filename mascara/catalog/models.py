@@ -106,6 +106,8 @@ class ReductionRun(SQLModel, table=True):
     phase: str = Field(default="registered", max_length=16)
     decision: str | None = Field(default=None, max_length=16)  # None until the run has decided
     resumed_run_id: str | None = Field(default=None, max_length=36)  # the run whose batches it continues
+    # a live run (raw_inventory_hash 'live'): the inventory of raw/ when it ended, as an offline plan computes it
+    final_raw_inventory_hash: str | None = Field(default=None, max_length=64)
 
 
 class PackageVersion(SQLModel, table=True):

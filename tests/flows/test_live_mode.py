@@ -453,3 +453,30 @@ def test_a_live_camera_night_that_gets_no_frame_is_recorded_empty_with_its_reaso
     assert rows["LPW"]["state"] == "empty" and "no night directory appeared" in rows["LPW"]["error"], rows
     assert rows["LPE"]["state"] == "empty" and "no science frame arrived" in rows["LPE"]["error"], rows
     assert "calib_ file(s)" in rows["LPE"]["error"], rows  # what raw/ held, as offline says it
+
+
+def test_a_night_reduced_live_is_up_to_date_for_an_offline_plan_of_the_same_raw(tmp_path, pristine_night):
+    """An outside trial: a live run's fingerprint names no raw inventory, so ``--skip-done`` and ``backfill``
+    reduced every live night again ("reduced by run ... with other raw inventory") and moved the live
+    reduction aside. The live run records the inventory it ended with (migration 0010): the night is up to
+    date for an offline plan of the same raw/, and is not once a file of raw/ changes."""
+    import os
+    import shutil
+
+    from flows import _runs
+    from mascara.catalog._engine import resolve_url
+    from mascara.rawio import parse_night_dir
+    from mascara.reduce import plan_camera_night
+
+    datadir = tmp_path / "data"
+    night = datadir / NIGHT_ID
+    shutil.copytree(pristine_night / NIGHT_ID / "raw", night / "raw")
+    url = resolve_url(None, str(datadir))
+    handle, _ = _runs.drive_live_camera_night(url, parse_night_dir(night), grace=1, idle_timeout=2, poll=0.2)
+    why = _runs.already_done(url, plan_camera_night(night))
+    assert why is not None and why.startswith("up to date") and handle.run_id in why, why
+    assert _runs.why_reduce(url, plan_camera_night(night)) == "up to date"
+    last = sorted(p for p in (night / "raw").glob("*LPE.fits"))[-1]
+    os.remove(last)  # raw/ changed since: reduce it again, and say why
+    assert _runs.already_done(url, plan_camera_night(night)) is None
+    assert "other raw inventory" in _runs.why_reduce(url, plan_camera_night(night))
