@@ -115,7 +115,9 @@ def plan_backfill(datadir: str | Path, nights: Any, cameras: Any = None, site: A
     for n in requested or []:
         if n not in found and not any(e.night == n for e in out):
             near = [i for i in sel.ignored if n in i.split(":")[0]]  # misnamed, as mascprocess says too
+            bare = [w for w in sel.without_raw if w.startswith(n)]
             out.append(Entry(n, "no-data", "no night directory for this night" +
+                             (f" (without raw/: {', '.join(bare[:5])})" if bare else "") +
                              (f" (ignored: {'; '.join(near[:3])})" if near else "")))
     return sorted(out, key=lambda e: e.night_id)
 

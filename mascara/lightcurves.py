@@ -447,7 +447,10 @@ class StarSplitter:
             self.ensure_diagnostics()  # split before, but its diagnostics may not have been written then
             return False
         if old is not None and old["sha256"] != sha:
-            log.warning("batch %d: replacing pieces of %s by %s", b, old["path"], batch_path)
+            if os.path.abspath(old["path"]) == os.path.abspath(batch_path):  # the batch reduced again
+                log.info("batch %d: %s was written again; replacing its pieces", b, batch_path)
+            else:
+                log.warning("batch %d: replacing pieces of %s by %s", b, old["path"], batch_path)
 
         stem = f"{b:08d}-{sha[:16]}"
         files: dict[str, str] = {}

@@ -74,6 +74,8 @@ class Selection:
     not_found: list[str]  # explicitly requested camera-nights without a directory, e.g. "20260301LPS"
     #: directories holding a raw/ that are not reduced, with why: "2026031LPE: not <YYYYMMDD><SITE><CAM>"
     ignored: list[str] = dataclasses.field(default_factory=list)
+    #: night directories of the nights asked for (any night, when none was) that hold no raw/
+    without_raw: list[str] = dataclasses.field(default_factory=list)
 
 
 def previous_night(today: dt.date | None = None) -> str:
@@ -328,10 +330,11 @@ def select_nights(datadir: str | Path, nights: Any = None, cameras: Any = None, 
         raise SelectionError(message)
     if night_list is not None:  # only what concerns the nights asked for
         ignored = [i for i in ignored if any(n in i.split(":")[0] for n in night_list)]
+        without_raw = [w for w in without_raw if w[:8] in night_list]
     if check_catalog:  # last: it imports SQLAlchemy (a tenth of a second), which the checks above do without
         check_catalog_url(db_url, datadir)
     return Selection(datadir=datadir, nights=night_list, cameras=cams, sites=sites, settings=loaded,
-                     night_dirs=chosen, not_found=not_found, ignored=ignored)
+                     night_dirs=chosen, not_found=not_found, ignored=ignored, without_raw=without_raw)
 
 
 def night_dir_path(path: Path | str) -> Path:

@@ -825,8 +825,12 @@ def _open_registered(cat: Catalog, db_url: str, plan: Plan, run_id: str, cn_id: 
     faults.checkpoint("after_begin")
     batch_dir = Path(plan.batch_path(0)).parent
     done = verified_done(cat, cn_id, fp_key, batch_dir)
-    log.info("%s: %s run %s, %d of %d batches already done", night.night_id, decision, run_id,
-             len(done), len(plan.batches))
+    if getattr(plan, "live", False):  # a live plan holds the batches ready so far, not the night's
+        log.info("%s: %s run %s, %d batch(es) already done, %d ready now", night.night_id, decision, run_id,
+                 len(done), len(plan.batches))
+    else:
+        log.info("%s: %s run %s, %d of %d batches already done", night.night_id, decision, run_id,
+                 len(set(done) & set(plan.batches)), len(plan.batches))
     moved = [e for e in entries if e.action == "renamed"]
     if moved:  # where the previous reduction went, said where the user looks (the catalog has it too)
         log.info("%s: previous outputs moved aside (%s): %s", night.night_id, moved[0].reason or decision,

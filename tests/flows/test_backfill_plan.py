@@ -68,6 +68,10 @@ def test_only_what_changed_is_submitted(pristine, tmp_path, db_url):
                                          "directory name"), reason["20260303"]
     (data / "20260303lpe" / "raw").rmdir()
     (data / "20260303lpe").rmdir()
+    (data / "20260303LPE").mkdir()  # a night directory without raw/ (its frames archived): said, as mascprocess does
+    reason = {e.night_id: e.reason for e in plan_backfill(data, rng, site="LP", db_url=db_url)}
+    assert reason["20260303"] == "no night directory for this night (without raw/: 20260303LPE)", reason
+    (data / "20260303LPE").rmdir()
     first_run = done.reason.split()[4]
 
     # asked to, or after a change of settings, it is submitted again
