@@ -180,6 +180,8 @@ def record_batch_failure(cat: Any, run_id: str, batch: int, exc: BaseException) 
     never hides ``exc`` (the run lost its lease, the database went away: the run's end says the rest)."""
     from mascara.catalog import LeaseLost
 
+    if getattr(exc, "batch_recorded", False):  # recorded succeeded before its run ended: nothing to say
+        return
     try:
         cat.batch_failed(run_id, batch, f"{type(exc).__name__}: {exc}")
     except LeaseLost as rec:
@@ -223,11 +225,16 @@ def record_batch(handle: RunHandle, outcome: Any) -> None:
     # the batch is reduced and recorded: its sky quality is a diagnostic and never fails it (an outside trial:
     # a run ended by SIGTERM between the two made the quality's write fail, and the batch was then logged as
     # "not recorded ... the next run does it again", which reused it, recorded)
+    from mascara.catalog import LeaseLost
+
     try:
         record_quality(handle, outcome.path)
     except Exception as exc:  # noqa: BLE001
         log.info("batch %s: reduced and recorded; its sky quality was not (%s: %s); the next run that reuses "
                  "the batch records it", outcome.batch, type(exc).__name__, exc)
+        if isinstance(exc, LeaseLost):  # the run is over or taken over: nothing more of it may be written
+            exc.batch_recorded = True  # type: ignore[attr-defined]  # (record_batch_failure: nothing to record)
+            raise
 
 
 def record_quality(handle: RunHandle, batch_path: str) -> dict:
@@ -244,6 +251,21 @@ def record_quality(handle: RunHandle, batch_path: str) -> dict:
                                           q["transparency"], q["low_transparency"])
     save_batch_quality(handle.night_path, q)
     return q
+
+
+def record_live_without_frames(db_url: str, night_path: str | Path, plan: Any) -> str:
+    """Record a live camera-night that got no frame as ``empty``, with why (as offline); returns why."""
+    night_path = Path(night_path)
+    if (night_path / "raw").is_dir():
+        from mascara.reduce import plan_camera_night
+
+        found = plan_camera_night(night_path, plan.settings).empty_reason()  # raw/ as it is at the end
+        why = f"no science frame arrived before the end of the live run: {found or plan.empty_reason()}"
+        record_intake(db_url, plan, empty_reason=why)
+    else:
+        why = "no night directory appeared before the end of the live run"
+        record_no_data(db_url, night_path, why)
+    return why
 
 
 def record_missing_qualities(handle: RunHandle, plan: Any) -> list[int]:
@@ -351,10 +373,14 @@ def combine_and_finish(handle: RunHandle, plan: Any) -> tuple[dict[str, Any], di
     cat = catalog(handle.db_url)
     cat.set_phase(handle.run_id, "combining")
     if getattr(plan, "live", False):  # what it reduced, as an offline plan of raw/ names it (migration 0010)
-        from mascara.reduce import plan_camera_night
+        from mascara.reduce import live_inventory
 
-        cat.set_final_inventory(handle.run_id, plan_camera_night(plan.night, plan.settings).fingerprint()[
-            "raw_inventory_hash"])
+        inventory = live_inventory(plan)
+        if inventory is not None:
+            cat.set_final_inventory(handle.run_id, inventory)
+        else:
+            log.info("%s: raw/ holds files this live run did not reduce as they are now; an offline run "
+                     "(--skip-done, backfill) will reduce the night again", handle.night_id)
     paths = [str(plan.batch_path(b)) for b in plan.batches]
     lifecycle.check_batch_files(paths)
     products = combine_camera_night(plan, prepare_camera_night(plan), paths)
@@ -540,16 +566,7 @@ def drive_live_camera_night(db_url: str, night: Any, settings: Any = None, *, gr
         handle = state.get("handle")
         if handle is None:  # recorded as an offline run records a night without frames, then said
             night_path = Path(night.path if hasattr(night, "path") else night)
-            if (night_path / "raw").is_dir():
-                from mascara.reduce import plan_camera_night
-
-                found = plan_camera_night(night_path, settings).empty_reason()  # raw/ as it is at the end
-                why = f"no science frame arrived before the end of the live run: {found or plan.empty_reason()}"
-                record_intake(db_url, plan, empty_reason=why)
-            else:
-                why = "no night directory appeared before the end of the live run"
-                record_no_data(db_url, night_path, why)
-            raise NothingToReduce(f"{night_path}: {why}")
+            raise NothingToReduce(f"{night_path}: {record_live_without_frames(db_url, night_path, plan)}")
         record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
         result.products, _ = combine_and_finish(handle, plan)
     except NothingToReduce:

@@ -163,9 +163,10 @@ def reduce_night_live(datadir: str | None = None, nights: str | int = "tonight",
                         _runs.record_calibration(url, cam.handle.camera_night_id, cam.handle.night_path,
                                                  cam.ctx.calibration_state())
                         cam.queue, cam.proc = _start_splitter(cam.live.plan, cam.ctx)
+                        _runs.record_missing_qualities(cam.handle, cam.live.ready_plan(new))
                         for b in sorted(set(cam.handle.done) & set(new)):  # an earlier live run did these
-                            cam.live.done(b)
-                            cam.queue.put(str(cam.live.plan.batch_path(b)))
+                            if cam.live.done_before(b):  # unless a frame file of it is newer than its batch file
+                                cam.queue.put(str(cam.live.plan.batch_path(b)))
                         new = [b for b in new if b not in cam.live.finished]
                     if not new:
                         continue
@@ -194,7 +195,11 @@ def reduce_night_live(datadir: str | None = None, nights: str | int = "tonight",
         for c, cam in cameras_.items():
             nid = night_ids[c]
             if cam.handle is None:
-                states[nid] = f"failed: {cam.error}" if cam.error else "no data"
+                if cam.error:
+                    states[nid] = f"failed: {cam.error}"
+                else:  # recorded empty with why, as offline and the library's live driver do
+                    why = _runs.record_live_without_frames(url, cam.live.night.path, cam.live.plan)
+                    states[nid] = f"no data: {why}"
                 continue
             cat = _runs.catalog(url)
             try:

@@ -211,6 +211,38 @@ class CameraNightPlan:
 LIVE_INVENTORY = "live"
 
 
+def live_inventory(plan: CameraNightPlan) -> str | None:
+    """The raw inventory an offline plan of ``raw/`` names now, when a live reduction (``plan``, its final
+    plan) reduced exactly those files; None otherwise.
+
+    The same frames (names and sizes) and calibration files as the live plan, every frame written before
+    its batch file and every calibration file before the night's context (``work/context.json``, where
+    the master was made): frames or darks that came after the live run's last look at ``raw/``, or a file
+    replaced since, leave the night to be reduced again offline.
+    """
+    offline = plan_camera_night(plan.night, plan.settings)
+
+    def frames(p: CameraNightPlan) -> set[tuple[str, int | None]]:
+        return {(f.path.name, f.size) for f in p.frames}
+
+    def calib(p: CameraNightPlan) -> set[tuple[str, int | None]]:
+        return {(q.name, regular_size(q)) for qs in p.calib_files.values() for q in qs}
+
+    if frames(offline) != frames(plan) or calib(offline) != calib(plan):
+        return None
+    try:
+        made = (offline.workdir / "context.json").stat().st_mtime_ns
+        if any(q.stat().st_mtime_ns > made for qs in offline.calib_files.values() for q in qs):
+            return None
+        for b, fs in offline.batches.items():
+            written = offline.batch_path(b).stat().st_mtime_ns
+            if any(f.path.stat().st_mtime_ns > written for f in fs):
+                return None
+    except OSError:
+        return None
+    return offline.fingerprint()["raw_inventory_hash"]
+
+
 def plan_camera_night(night_dir: Path | str | NightDir, settings: Settings | None = None, *,
                       only: Collection[str] | None = None, live: bool = False) -> CameraNightPlan:
     """Find the frames of a camera-night and group them in batches (partial and gappy ones allowed).
@@ -1278,7 +1310,10 @@ class LiveNight:
         reason (``truncated file (700000 of 1532160 bytes)``) plus that it
         never completed, so the night records it rather than counting its
         slot as missing. Names nearly a frame's join the plan too, to be
-        refused by name. Returns the names that joined.
+        refused by name; calibration files still settling join as they are
+        (the calibration's intake decides on them, as offline: a night that
+        ended before its darks settled was reduced without them). Returns
+        the names that joined.
         """
         if not self.night.raw.is_dir():  # the camera never made tonight's directory
             return set()
@@ -1287,7 +1322,10 @@ class LiveNight:
         for name in sorted(self.watch.incomplete()):
             m = FRAME_RE.match(name)
             path = self.night.raw / name
-            if m is None or not path.exists():  # calibration files: the intake of the calibration decides
+            if not path.exists():
+                continue
+            if m is None:  # a calibration file: it joins, and the intake of the calibration decides (offline
+                joined.add(name)  # uses it; a live night that ended before it settled reduced without its dark)
                 continue
             try:
                 read_frame(path)

@@ -52,6 +52,7 @@ import re
 import shutil
 import socket
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -292,11 +293,17 @@ def reconcile_products(cat: Catalog, camera_night_id: str, run_id: str, night_pa
     renamed there: a whole directory at once when every such file under it
     went to the same generation and the directory is gone, else file by file.
     A file found nowhere is recorded as erased when its path is empty (removed
-    by hand), and left as it is when another file took its name (a copy that
-    did not keep times looks like that too: :func:`up_to_date` and the
-    decisions already treat it as replaced). This keeps "every live product
-    row names its file" true whatever happened outside mascara. Returns the
-    paths recorded (erased or renamed).
+    by hand) or holds another file of this catalog found moved there (a run
+    of another catalog erased a generation and moved the next into its
+    place); erasures are recorded first, so that no row moved onto such a
+    path goes with them. A file found nowhere whose name a foreign file took
+    is left as it is (a copy that did not keep times looks like that too:
+    :func:`up_to_date` and the decisions already treat it as replaced).
+    Renames are recorded oldest generation first, each once no other pending
+    rename still has to move a row off its destination; files moved in a
+    cycle (two directories swapped by hand) are left as recorded, with a
+    warning. This keeps "every live product row names its file" true
+    whatever happened outside mascara. Returns the paths recorded.
     """
     night_path = Path(night_path)
     live = cat.live_products(camera_night_id)
@@ -304,9 +311,8 @@ def reconcile_products(cat: Catalog, camera_night_id: str, run_id: str, night_pa
     if not astray:
         return []
     found = {p["path"]: at for p in astray if (at := _moved_copy(p, night_path)) is not None}
-    # (generation of the source, source, destination or None, reason, paths it covers); recorded from the
-    # oldest generation down, as the moves themselves go, so that no source is rewritten by an earlier record
-    records: list[tuple[int, str, str | None, str, list[str]]] = []
+    # renames: (generation of the source, source, destination, reason, {recorded path: path now})
+    renames: list[tuple[int, str, str, str, dict[str, str]]] = []
     by_dir: dict[Path, list[str]] = {}
     for p in astray:
         top = _output_dir_of(Path(p["path"]), night_path)
@@ -318,27 +324,44 @@ def reconcile_products(cat: Catalog, camera_night_id: str, run_id: str, night_pa
         others = [p for p in live if p["path"] not in paths and _output_dir_of(Path(p["path"]), night_path) == top]
         if len(targets) == 1 and all(q in found for q in paths) and not others and not top.exists():
             dst = targets.pop()
-            records.append((_generation(top), str(top), str(dst), f"found in {dst.name} when run {run_id} started: "
-                            "moved aside outside this catalog (by a run of another catalog, or by hand)", paths))
+            renames.append((_generation(top), str(top), str(dst), f"found in {dst.name} when run {run_id} started: "
+                            "moved aside outside this catalog (by a run of another catalog, or by hand)",
+                            {q: str(found[q]) for q in paths}))
             whole.update(paths)
     for p in astray:
         path = p["path"]
-        if path in whole:
-            continue
-        top = _output_dir_of(Path(path), night_path)
-        gen = _generation(top) if top is not None else 0
-        if path in found:
-            records.append((gen, path, str(found[path]), f"found at {found[path]} when run {run_id} started: moved "
-                            "outside this catalog", [path]))
-        elif not Path(path).exists():
-            records.append((gen, path, None, f"not found on disk when run {run_id} started (removed outside "
-                            "mascara)", [path]))
-        # else another file has its name and its own is nowhere: left to the rules of a replaced night
-    for _, src, dst, reason, paths in sorted(records, key=lambda r: (-r[0], r[1])):
-        cat.record_move(camera_night_id, run_id, src, dst, "erased" if dst is None else "renamed", reason)
-        log.warning("catalog: %s %s outside mascara; recorded", src,
-                    "was removed" if dst is None else f"was moved to {dst}")
-    return sorted(q for r in records for q in r[4])
+        if path in found and path not in whole:
+            top = _output_dir_of(Path(path), night_path)
+            renames.append((_generation(top) if top is not None else 0, path, str(found[path]),
+                            f"found at {found[path]} when run {run_id} started: moved outside this catalog",
+                            {path: str(found[path])}))
+    taken = {new for r in renames for new in r[4].values()}  # paths a file of this catalog was found at
+    # erased: found nowhere, and its path empty, or taken by another file of this catalog (its own file went:
+    # a run of another catalog erased a generation and moved the next one into its place). Recorded before
+    # the renames, so that the rows moved onto such a path are not erased with it.
+    erased = sorted(p["path"] for p in astray if p["path"] not in found
+                    and (not Path(p["path"]).exists() or p["path"] in taken))
+    # (a file whose name another file took, its own found nowhere, is left to the rules of a replaced night)
+    for path in erased:
+        cat.record_move(camera_night_id, run_id, path, None, "erased",
+                        f"not found on disk when run {run_id} started (removed outside mascara"
+                        + (", another of its files moved to its place)" if path in taken else ")"))
+        log.warning("catalog: %s was removed outside mascara; recorded", path)
+    done = list(erased)
+    pending = sorted(renames, key=lambda r: (-r[0], r[1]))  # the oldest generation first, as moves go
+    while pending:
+        # a rename waits while it would move a row onto a path whose own row another pending rename moves
+        ready = [r for r in pending if not any(set(r[4].values()) & set(o[4]) for o in pending if o is not r)]
+        if not ready:
+            log.warning("catalog: files of %s were moved in a cycle outside mascara (%s); left as recorded",
+                        night_path, ", ".join(f"{Path(r[1]).name} -> {Path(r[2]).name}" for r in pending))
+            break
+        _, src, dst, reason, moved = ready[0]
+        cat.record_move(camera_night_id, run_id, src, dst, "renamed", reason)
+        log.warning("catalog: %s was moved to %s outside mascara; recorded", src, dst)
+        done.extend(moved)
+        pending.remove(ready[0])
+    return sorted(done)
 
 
 def _generation(output_dir: Path) -> int:
@@ -759,8 +782,12 @@ def lock_for_flow(cat: Catalog, db_url: str, plan: Plan, flow_run_id: str | None
             return True
         try:
             info = cat.run_info(str(other))
-        except CatalogError:
-            return False
+        except CatalogError:  # starting, unless it has been "starting" for longer than a lease (a hung process)
+            try:
+                since = datetime.strptime(str(holder.get("since")), "%Y-%m-%d %H:%M:%S UTC").replace(tzinfo=UTC)
+            except ValueError:
+                return False
+            return (datetime.now(UTC) - since).total_seconds() > LEASE_SECONDS
         return info.finished_at is not None or cat.live_lease(cn_id, run_id) is None
 
     try:

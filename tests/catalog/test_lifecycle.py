@@ -264,3 +264,52 @@ def test_files_moved_aside_outside_the_catalog_are_followed_not_recorded_erased(
                      ("lightcurves_old/fLC_x.hdf5", "lightcurves_old2/fLC_x.hdf5", "renamed"),  # its directory is
                      ("work/gone.json", None, "erased")}  # still there (another generation took its name)
     assert reconcile_products(catalog, cn, run2, night) == []  # nothing more to say
+
+
+def _products(catalog, night: Path, names: dict[str, Path]) -> tuple[str, str]:
+    """A camera-night of ``catalog`` with a succeeded run that recorded ``names``' files (written here)."""
+    import os
+
+    cn = catalog.register_camera_night("LP", "E", "20260301", night)
+    fp = {"code_version": "1", "settings_hash": "s", "catalogue_hash": "c", "raw_inventory_hash": "r"}
+    run = catalog.start_run(cn, fingerprint=fp, settings={}, versions={}, host="h")
+    for i, (name, path) in enumerate(names.items()):
+        path.write_bytes(name.encode() * (10 + i))
+        os.utime(path, ns=(10**18 + i, 10**18 + i))
+        catalog.record_product(run, "fLC", path, "0" * 64, path.stat().st_size)
+    catalog.finish_run(run, "succeeded")
+    return cn, catalog.start_run(cn, fingerprint=fp, settings={}, versions={}, host="h")
+
+
+def test_a_generation_another_catalog_erased_is_recorded_erased_not_left_naming_the_next_one(tmp_path, catalog):
+    """A review: with keep_old 1, a run of another catalog erases lightcurves_old and moves lightcurves into its
+    place. The older file's row must not go on naming the path where the newer file now is."""
+    import shutil
+
+    from mascara.catalog.lifecycle import product_in_place, reconcile_products
+
+    night = _night(tmp_path, "lightcurves", "lightcurves_old")
+    p0, p1 = night / "lightcurves" / "fLC_x.hdf5", night / "lightcurves_old" / "fLC_x.hdf5"
+    cn, run2 = _products(catalog, night, {"p0": p0, "p1": p1})
+    shutil.rmtree(night / "lightcurves_old")
+    (night / "lightcurves").rename(night / "lightcurves_old")
+    reconcile_products(catalog, cn, run2, night)
+    live = catalog.live_products(cn)
+    assert [Path(p["path"]).relative_to(night).as_posix() for p in live] == ["lightcurves_old/fLC_x.hdf5"]
+    assert all(product_in_place(p) for p in live) and p1.read_bytes() == b"p0" * 10
+
+
+def test_files_swapped_by_hand_are_left_as_recorded_not_both_rewritten(tmp_path, catalog):
+    """A review: two directories swapped by hand (renames through a third name): recording one rename at a
+    time moved both rows onto one path. A cycle of moves is left as it is recorded, with a warning."""
+    from mascara.catalog.lifecycle import reconcile_products
+
+    night = _night(tmp_path, "lightcurves", "lightcurves_old")
+    p0, p1 = night / "lightcurves" / "fLC_x.hdf5", night / "lightcurves_old" / "fLC_x.hdf5"
+    cn, run2 = _products(catalog, night, {"p0": p0, "p1": p1})
+    (night / "lightcurves").rename(night / "swap")
+    (night / "lightcurves_old").rename(night / "lightcurves")
+    (night / "swap").rename(night / "lightcurves_old")
+    before = sorted(p["path"] for p in catalog.live_products(cn))
+    assert reconcile_products(catalog, cn, run2, night) == []
+    assert sorted(p["path"] for p in catalog.live_products(cn)) == before  # two rows, two paths, as recorded

@@ -473,9 +473,26 @@ def test_a_night_reduced_live_is_up_to_date_for_an_offline_plan_of_the_same_raw(
     shutil.copytree(pristine_night / NIGHT_ID / "raw", night / "raw")
     url = resolve_url(None, str(datadir))
     handle, _ = _runs.drive_live_camera_night(url, parse_night_dir(night), grace=1, idle_timeout=2, poll=0.2)
+    # the night ended (2 s without a frame) before the files present at the start had settled: they joined at
+    # its end, the darks too (they were left out, and the night was reduced without a master dark)
+    assert_same_night_files(night, _offline_of(night, tmp_path / "offline"))
     why = _runs.already_done(url, plan_camera_night(night))
     assert why is not None and why.startswith("up to date") and handle.run_id in why, why
     assert _runs.why_reduce(url, plan_camera_night(night)) == "up to date"
+    # what the run records is what it reduced: not frames or darks that came after its last look at raw/
+    from mascara.reduce import live_inventory
+
+    live_plan = plan_camera_night(night, live=True)
+    assert live_inventory(live_plan) == plan_camera_night(night).fingerprint()["raw_inventory_hash"]
+    frames = sorted((night / "raw").glob("*LPE.fits"))
+    shutil.copyfile(frames[-1], night / "raw" / f"{int(frames[-1].name[:8]) + 1}LPE.fits")
+    assert live_inventory(live_plan) is None  # a frame the live plan does not hold
+    os.remove(night / "raw" / f"{int(frames[-1].name[:8]) + 1}LPE.fits")
+    dark = sorted((night / "raw").glob("calib_*"))[0]
+    later = (night / "work" / "context.json").stat().st_mtime_ns + 10**9
+    os.utime(dark, ns=(later, later))
+    assert live_inventory(live_plan) is None  # written after the master was made
+    os.utime(frames[3], ns=(later, later))
     last = sorted(p for p in (night / "raw").glob("*LPE.fits"))[-1]
     os.remove(last)  # raw/ changed since: reduce it again, and say why
     assert _runs.already_done(url, plan_camera_night(night)) is None
