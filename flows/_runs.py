@@ -268,20 +268,27 @@ def record_live_without_frames(db_url: str, night_path: str | Path, plan: Any) -
     return why
 
 
-def record_missing_qualities(handle: RunHandle, plan: Any) -> list[int]:
-    """Record the sky quality of the batches a resumed run reuses whose quality was never recorded (their run
-    ended between recording the batch and its quality); the batches recorded. Never raises."""
+def record_quality_if_missing(handle: RunHandle, batch: int, batch_path: str | Path) -> bool:
+    """:func:`record_quality` of a reused batch whose quality was never recorded (its run ended between
+    recording the batch and its quality: ``work/quality/`` is written last); whether it was recorded now."""
     from mascara.diagnostics import quality_path
 
+    if quality_path(handle.night_path, batch).is_file() or not Path(batch_path).is_file():
+        return False
+    record_quality(handle, str(batch_path))
+    return True
+
+
+def record_missing_qualities(handle: RunHandle, plan: Any) -> list[int]:
+    """:func:`record_quality_if_missing` of every batch of ``plan`` a resumed run reuses; the batches recorded.
+    Never raises (a diagnostic)."""
     done = []
-    for b in sorted(handle.done):
-        path = plan.batch_path(b)
-        if b in plan.batches and path.is_file() and not quality_path(handle.night_path, b).is_file():
-            try:
-                record_quality(handle, str(path))
+    for b in sorted(set(handle.done) & set(plan.batches)):
+        try:
+            if record_quality_if_missing(handle, b, plan.batch_path(b)):
                 done.append(b)
-            except Exception as exc:  # noqa: BLE001 - a diagnostic
-                log.warning("batch %s: sky quality not recorded: %s: %s", b, type(exc).__name__, exc)
+        except Exception as exc:  # noqa: BLE001 - a diagnostic
+            log.warning("batch %s: sky quality not recorded: %s: %s", b, type(exc).__name__, exc)
     return done
 
 

@@ -198,10 +198,7 @@ def batch_task(night_id: str, batch: int, handle: _runs.RunHandle, settings_json
     path = plan.batch_path(batch)
     if known is not None and path.is_file() and _runs.file_sha256(path) == known:
         # done before, but Prefect's result of it was lost (e.g. killed before persisting)
-        from mascara.diagnostics import quality_path
-
-        if not quality_path(handle.night_path, batch).is_file():  # killed before its quality was recorded
-            _runs.record_quality(handle, str(path))
+        _runs.record_quality_if_missing(handle, batch, path)
         return {"batch": batch, "path": str(path), "sha256": known, "nframes": len(plan.batches[batch]),
                 "rejected": _nrejected(_batch_attrs(path)), "reused": True}
 

@@ -59,6 +59,7 @@ from mascara.lcformat import (
     STAR_DTYPE,
     with_ascc,
 )
+from mascara.stars import id_integers
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +182,11 @@ def _star_key(ascc: np.ndarray) -> np.ndarray:
     string sort if they ever do).
     """
     ascc = np.ascontiguousarray(ascc, dtype=ASCC_DTYPE)
-    halves = ascc.view(np.dtype([("head", "<u8"), ("tail", "<u4")]))
-    if not halves["tail"].any():
+    as_int = id_integers(ascc)
+    if as_int is not None:
         # ids of at most 8 bytes (all of the ASCC): find the distinct ones as integers, 4x faster
         # than comparing strings; each id is then the bytes of its integer, without the trailing NULs
-        heads, inverse = np.unique(halves["head"], return_inverse=True)
+        heads, inverse = np.unique(as_int, return_inverse=True)
         uniq = heads.view("S8").tolist()
     else:
         found, inverse = np.unique(ascc, return_inverse=True)

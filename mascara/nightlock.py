@@ -105,10 +105,23 @@ def _write_holder(fd: int, holder: dict, path: Path | str = "the lock file") -> 
         log.warning("%s: the lock is held, but who holds it could not be written (%s)", path, exc.strerror or exc)
 
 
+#: How the lock file writes the time its holder took the lock.
+SINCE_FORMAT = "%Y-%m-%d %H:%M:%S UTC"
+
+
 def _holder(run_id: str, catalog: str) -> dict:
     """What the lock file says of its holder."""
     return {"run_id": run_id, "catalog": catalog, "host": socket.gethostname(), "pid": os.getpid(),
-            "since": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+            "since": datetime.now(timezone.utc).strftime(SINCE_FORMAT)}
+
+
+def held_for(holder: dict) -> float | None:
+    """Seconds since the holder (as the lock file says it) took the lock; None when it does not say."""
+    try:
+        since = datetime.strptime(str(holder.get("since")), SINCE_FORMAT).replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+    return (datetime.now(timezone.utc) - since).total_seconds()
 
 
 def _keep(key: str, fd: int, writable: bool, run_id: str, catalog: str) -> None:

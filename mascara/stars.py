@@ -98,12 +98,18 @@ def id_integers(ids: np.ndarray) -> np.ndarray | None:
     batch's 320,000 per-frame rows, on a slow machine: 37 -> 34 ms to look up, 17 -> 12 ms to count).
     """
     ids = np.asarray(ids)
-    if ids.dtype.kind != "S" or ids.dtype.itemsize > 16:
+    width = ids.dtype.itemsize
+    if ids.dtype.kind != "S" or width > 16:
         return None
-    wide = np.ascontiguousarray(ids.reshape(-1), dtype="S16").view(np.dtype([("head", "<u8"), ("tail", "<u8")]))
-    if wide["tail"].any():
+    if width <= 8:
+        return np.ascontiguousarray(ids, dtype="S8").view("<u8").reshape(ids.shape)
+    if width not in (12, 16):
+        ids, width = np.asarray(ids, dtype="S16"), 16
+    halves = np.ascontiguousarray(ids).reshape(-1).view(
+        np.dtype([("head", "<u8"), ("tail", "<u4" if width == 12 else "<u8")]))
+    if halves["tail"].any():
         return None
-    return wide["head"].reshape(ids.shape)
+    return halves["head"].reshape(ids.shape)
 
 
 def find_ids(table: np.ndarray, ids: np.ndarray) -> np.ndarray:

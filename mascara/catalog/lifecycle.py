@@ -52,7 +52,6 @@ import re
 import shutil
 import socket
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -108,6 +107,12 @@ def generation_name(base: str, gen: int) -> str:
     return base if gen == 0 else f"{base}_old" if gen == 1 else f"{base}_old{gen}"
 
 
+def _base_and_generation(name: str) -> tuple[str, int]:
+    """``('lightcurves', 0)`` for ``lightcurves``, ``('lightcurves', 1)`` for ``lightcurves_old``, 2 for ``_old2``..."""
+    m = _OLD_RE.match(name)
+    return (m["base"], int(m["gen"] or 1)) if m else (name, 0)
+
+
 def output_generations(night_path: str | Path) -> dict[str, dict[int, Path]]:
     """Outputs of a night directory: ``{base name: {generation: path}}`` (generation 0 is current).
 
@@ -119,8 +124,7 @@ def output_generations(night_path: str | Path) -> dict[str, dict[int, Path]]:
     for p in sorted(Path(night_path).iterdir()):
         if not is_output_entry(p.name):
             continue
-        m = _OLD_RE.match(p.name)
-        base, gen = (m["base"], int(m["gen"] or 1)) if m else (p.name, 0)
+        base, gen = _base_and_generation(p.name)
         out.setdefault(base, {})[gen] = p
     return out
 
@@ -310,7 +314,8 @@ def reconcile_products(cat: Catalog, camera_night_id: str, run_id: str, night_pa
     astray = [p for p in live if not product_in_place(p)]
     if not astray:
         return []
-    found = {p["path"]: at for p in astray if (at := _moved_copy(p, night_path)) is not None}
+    gens = output_generations(night_path) if night_path.is_dir() else {}
+    found = {p["path"]: at for p in astray if (at := _moved_copy(p, night_path, gens)) is not None}
     # renames: (generation of the source, source, destination, reason, {recorded path: path now})
     renames: list[tuple[int, str, str, str, dict[str, str]]] = []
     by_dir: dict[Path, list[str]] = {}
@@ -324,7 +329,8 @@ def reconcile_products(cat: Catalog, camera_night_id: str, run_id: str, night_pa
         others = [p for p in live if p["path"] not in paths and _output_dir_of(Path(p["path"]), night_path) == top]
         if len(targets) == 1 and all(q in found for q in paths) and not others and not top.exists():
             dst = targets.pop()
-            renames.append((_generation(top), str(top), str(dst), f"found in {dst.name} when run {run_id} started: "
+            renames.append((_base_and_generation(top.name)[1], str(top), str(dst),
+                            f"found in {dst.name} when run {run_id} started: "
                             "moved aside outside this catalog (by a run of another catalog, or by hand)",
                             {q: str(found[q]) for q in paths}))
             whole.update(paths)
@@ -332,7 +338,7 @@ def reconcile_products(cat: Catalog, camera_night_id: str, run_id: str, night_pa
         path = p["path"]
         if path in found and path not in whole:
             top = _output_dir_of(Path(path), night_path)
-            renames.append((_generation(top) if top is not None else 0, path, str(found[path]),
+            renames.append((_base_and_generation(top.name)[1] if top is not None else 0, path, str(found[path]),
                             f"found at {found[path]} when run {run_id} started: moved outside this catalog",
                             {path: str(found[path])}))
     taken = {new for r in renames for new in r[4].values()}  # paths a file of this catalog was found at
@@ -364,12 +370,6 @@ def reconcile_products(cat: Catalog, camera_night_id: str, run_id: str, night_pa
     return sorted(done)
 
 
-def _generation(output_dir: Path) -> int:
-    """0 for ``lightcurves``, 1 for ``lightcurves_old``, 2 for ``lightcurves_old2``..."""
-    m = _OLD_RE.match(output_dir.name)
-    return int(m["gen"] or 1) if m else 0
-
-
 def _output_dir_of(path: Path, night_path: Path) -> Path | None:
     """The output directory of the night directory that holds ``path`` (``<night>/lightcurves_old``), or None."""
     try:
@@ -379,17 +379,15 @@ def _output_dir_of(path: Path, night_path: Path) -> Path | None:
     return night_path / rel.parts[0] if len(rel.parts) > 1 else None
 
 
-def _moved_copy(product: Mapping[str, Any], night_path: Path) -> Path | None:
-    """Where a product's file is now, in another generation of its output directory (the lowest one
-    holding the same file by :func:`product_in_place`), or None."""
+def _moved_copy(product: Mapping[str, Any], night_path: Path, gens: dict[str, dict[int, Path]]) -> Path | None:
+    """Where a product's file is now, in another generation of its output directory (``gens``:
+    :func:`output_generations`; the lowest one holding the same file by :func:`product_in_place`), or None."""
     path = Path(product["path"])
     top = _output_dir_of(path, night_path)
-    if top is None or not night_path.is_dir():
+    if top is None:
         return None
-    m = _OLD_RE.match(top.name)
-    base = m["base"] if m else top.name
     rel = path.relative_to(top)
-    for gen, d in sorted(output_generations(night_path).get(base, {}).items()):
+    for gen, d in sorted(gens.get(_base_and_generation(top.name)[0], {}).items()):
         if d != top and product_in_place({**product, "path": str(d / rel)}):
             return d / rel
     return None
@@ -783,11 +781,8 @@ def lock_for_flow(cat: Catalog, db_url: str, plan: Plan, flow_run_id: str | None
         try:
             info = cat.run_info(str(other))
         except CatalogError:  # starting, unless it has been "starting" for longer than a lease (a hung process)
-            try:
-                since = datetime.strptime(str(holder.get("since")), "%Y-%m-%d %H:%M:%S UTC").replace(tzinfo=UTC)
-            except ValueError:
-                return False
-            return (datetime.now(UTC) - since).total_seconds() > LEASE_SECONDS
+            age = nightlock.held_for(holder)
+            return age is not None and age > LEASE_SECONDS
         return info.finished_at is not None or cat.live_lease(cn_id, run_id) is None
 
     try:
