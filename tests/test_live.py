@@ -31,6 +31,14 @@ def _frame_bytes(shape=(40, 60)) -> bytes:
     return buf.getvalue()
 
 
+def _watched(tmp_path):  # type: ignore[no-untyped-def]
+    """A clock, an empty raw/ and a watch of it (settle 1 s), and a whole frame's bytes."""
+    clock = Clock()
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    return clock, raw, RawWatch(raw, settle=1.0, clock=clock), _frame_bytes()
+
+
 def test_fits_declared_size_tells_a_whole_file_from_a_half_written_one(tmp_path):
     blob = _frame_bytes()
     whole = tmp_path / "whole.fits"
@@ -47,11 +55,7 @@ def test_fits_declared_size_tells_a_whole_file_from_a_half_written_one(tmp_path)
 
 
 def test_watch_sees_renamed_in_place_and_compressed_frames_only_when_complete(tmp_path):
-    clock = Clock()
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    watch = RawWatch(raw, settle=1.0, clock=clock)
-    blob = _frame_bytes()
+    clock, raw, watch, blob = _watched(tmp_path)
     # 1. a temporary name is invisible; the rename makes the frame appear (after settling)
     (raw / "00000100LPE.fits.part").write_bytes(blob)
     assert watch.poll() == set()
@@ -110,11 +114,7 @@ def test_a_live_night_whose_directory_never_appears_ends_without_an_error(tmp_pa
 def test_a_complete_file_written_again_settles_and_completes_again_with_its_new_stamp(tmp_path):
     import os
 
-    clock = Clock()
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    watch = RawWatch(raw, settle=1.0, clock=clock)
-    blob = _frame_bytes()
+    clock, raw, watch, blob = _watched(tmp_path)
     frame = raw / "00000100LPE.fits"
     frame.write_bytes(blob)
     watch.poll()

@@ -24,6 +24,42 @@ def _succeeded_batches(datadir: Path) -> int:
     return sum(int(r.get("batches_done") or 0) for r in rows)
 
 
+def _deliver(src: Path, dest: Path) -> None:
+    """``src`` copied to ``dest`` as a camera writes it: under a hidden name, then renamed (never seen half
+    written; a new file with a new modification time where ``dest`` existed)."""
+    import os
+    import shutil
+
+    hidden = dest.parent / f".{dest.name}"
+    shutil.copyfile(src, hidden)
+    os.rename(hidden, dest)
+
+
+def _stopped_after(url: str, night: Path, batch: int, on_batch=None) -> None:  # type: ignore[no-untyped-def]
+    """A live run of ``night`` stopped (``LiveStopped``, recorded "interrupted (test)") once ``batch`` is
+    reduced; ``on_batch(outcome)`` is called for every batch before that."""
+    import threading
+
+    import pytest
+
+    from flows import _runs
+    from mascara.rawio import parse_night_dir
+    from mascara.reduce import LiveStopped
+
+    stop = threading.Event()
+
+    def each(_handle, outcome) -> None:  # type: ignore[no-untyped-def]
+        if on_batch is not None:
+            on_batch(outcome)
+        if outcome.batch == batch:
+            stop.reason = "interrupted (test)"  # type: ignore[attr-defined]
+            stop.set()
+
+    with pytest.raises(LiveStopped):
+        _runs.drive_live_camera_night(url, parse_night_dir(night), grace=2, idle_timeout=30, poll=0.3,
+                                      on_batch=each, stop=stop)
+
+
 def _wait(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not cond():
@@ -211,8 +247,6 @@ def test_a_live_run_waits_for_its_directory_and_reduces_late_frames_again(tmp_pa
     batch is reduced again with it, so the night files equal the offline reduction of the same frames
     and the catalog counts every frame. Before, the run failed at once on the missing directory, and a
     late frame was lost without a word while the run ended ``succeeded``."""
-    import os
-    import shutil
     import threading
 
     from flowkit import runs
@@ -230,9 +264,8 @@ def test_a_live_run_waits_for_its_directory_and_reduces_late_frames_again(tmp_pa
     held = middle[len(middle) // 2]
     errors: list[BaseException] = []
 
-    def deliver(name: str) -> None:  # copied under a hidden name, then renamed: never seen half written
-        shutil.copyfile(src / name, night / "raw" / f".{name}")
-        os.rename(night / "raw" / f".{name}", night / "raw" / name)
+    def deliver(name: str) -> None:
+        _deliver(src / name, night / "raw" / name)
 
     def camera() -> None:
         try:
@@ -271,15 +304,12 @@ def test_a_live_run_restarted_after_late_frames_reduces_the_grown_batch_again(tm
     new frame count) instead of failing on a CatalogConflict and staying 'running', reduces it again, and
     the night equals the offline reduction."""
     import shutil
-    import threading
 
-    import pytest
     from flowkit import runs
 
     from flows import _runs
     from mascara.catalog._engine import resolve_url
     from mascara.rawio import parse_night_dir
-    from mascara.reduce import LiveStopped
 
     datadir = tmp_path / "data"
     night = datadir / NIGHT_ID
@@ -290,16 +320,7 @@ def test_a_live_run_restarted_after_late_frames_reduces_the_grown_batch_again(tm
     held = middle[len(middle) // 2]
     (night / "raw" / held).rename(tmp_path / held)
     url = resolve_url(None, str(datadir))
-    stop = threading.Event()
-
-    def on_batch(_handle, outcome) -> None:  # type: ignore[no-untyped-def]
-        if outcome.batch == middle_batch:
-            stop.reason = "interrupted (test)"  # type: ignore[attr-defined]
-            stop.set()
-
-    with pytest.raises(LiveStopped):
-        _runs.drive_live_camera_night(url, parse_night_dir(night), grace=2, idle_timeout=30, poll=0.3,
-                                      on_batch=on_batch, stop=stop)
+    _stopped_after(url, night, middle_batch)
     shutil.copyfile(tmp_path / held, night / "raw" / held)  # arrives while no run is going
     handle, result = _runs.drive_live_camera_night(url, parse_night_dir(night), grace=2, idle_timeout=3, poll=0.3)
     first, second = runs(datadir)
@@ -359,32 +380,19 @@ def _offline_of(night: Path, dest: Path) -> Path:
     return dest / NIGHT_ID
 
 
-def _swap_in(night: Path, name: str, other: str) -> None:
-    """Replace raw/``name`` by a copy of raw/``other`` (written aside, renamed over it: a new file, new mtime)."""
-    import os
-    import shutil
-
-    shutil.copyfile(night / "raw" / other, night / "raw" / f".{name}")
-    os.rename(night / "raw" / f".{name}", night / "raw" / name)
-
-
 def test_a_frame_replaced_after_its_batch_was_reduced_is_reduced_again(tmp_path, pristine_night):
     """An outside trial replaced a frame of a batch the live run had reduced by another frame's file: the run
     kept the first file's photometry, recorded the slot 'ok' and ended succeeded, and its night files
     differed from the offline reduction of the same raw/ (which refuses the file: its LSTSEQ is another
     slot's). A frame file written again is watched again: the batch is reduced again, the file is refused
     and recorded, and the night equals the offline one. The same while no run watches (a restart)."""
-    import threading
+    import shutil
 
-    import pytest
     from flowkit import runs
 
     from flows import _runs
     from mascara.catalog._engine import resolve_url
     from mascara.rawio import parse_night_dir
-    from mascara.reduce import LiveStopped
-
-    import shutil
 
     datadir = tmp_path / "data"
     night = datadir / NIGHT_ID
@@ -395,21 +403,15 @@ def test_a_frame_replaced_after_its_batch_was_reduced_is_reduced_again(tmp_path,
     in_first = [f for f in frames if int(f[:8]) // 50 == first_batch]
     in_middle = [f for f in frames if int(f[:8]) // 50 == middle_batch]
     url = resolve_url(None, str(datadir))
-    stop = threading.Event()
     swapped = {}
 
-    def on_batch(_handle, outcome) -> None:  # type: ignore[no-untyped-def]
+    def on_batch(outcome) -> None:  # type: ignore[no-untyped-def]
         if outcome.batch == first_batch and not swapped:  # reduced: a file of it is written again now
-            _swap_in(night, in_first[3], frames[-1])
+            _deliver(night / "raw" / frames[-1], night / "raw" / in_first[3])
             swapped["live"] = in_first[3]
-        if outcome.batch == middle_batch:
-            stop.reason = "interrupted (test)"  # type: ignore[attr-defined]
-            stop.set()
 
-    with pytest.raises(LiveStopped):
-        _runs.drive_live_camera_night(url, parse_night_dir(night), grace=2, idle_timeout=30, poll=0.3,
-                                      on_batch=on_batch, stop=stop)
-    _swap_in(night, in_middle[5], frames[-2])  # while no run watches
+    _stopped_after(url, night, middle_batch, on_batch)
+    _deliver(night / "raw" / frames[-2], night / "raw" / in_middle[5])  # while no run watches
     handle, result = _runs.drive_live_camera_night(url, parse_night_dir(night), grace=2, idle_timeout=3, poll=0.3)
     first, second = runs(datadir)
     assert first["status"] == "failed" and second["status"] == "succeeded" and handle.decision == "resume"
