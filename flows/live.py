@@ -73,7 +73,7 @@ class _Camera:
         self.night_dir, self.live = night_dir, live
         self.handle: _runs.RunHandle | None = None
         self.ctx: Any = None
-        self.queue = self.proc = None
+        self.splitter: Any = None  # mascara.reduce.SplitterProcess, from the first batch on
         self.done: list[dict] = []
         self.published = 0.0
         self.error: str | None = None
@@ -94,7 +94,7 @@ def reduce_night_live(datadir: str | None = None, nights: str | int = "tonight",
     from mascara.catalog._engine import resolve_url
     from mascara.live import dawn_jd
     from mascara.rawio import parse_night_dir
-    from mascara.reduce import LiveNight, _start_splitter, _stop_splitter
+    from mascara.reduce import LiveNight, SplitterProcess
     from mascara.selection import CAMERAS, SelectionError, parse_cameras, parse_nights, parse_sites
     from mascara.settings import Settings
 
@@ -162,11 +162,11 @@ def reduce_night_live(datadir: str | None = None, nights: str | int = "tonight",
                         cam.ctx = cam.live.context()
                         _runs.record_calibration(url, cam.handle.camera_night_id, cam.handle.night_path,
                                                  cam.ctx.calibration_state())
-                        cam.queue, cam.proc = _start_splitter(cam.live.plan, cam.ctx)
+                        cam.splitter = SplitterProcess(cam.live.plan, cam.ctx)
                         _runs.record_missing_qualities(cam.handle, cam.live.ready_plan(new))
                         for b in sorted(set(cam.handle.done) & set(new)):  # an earlier live run did these
                             if cam.live.done_before(b):  # unless a frame file of it is newer than its batch file
-                                cam.queue.put(str(cam.live.plan.batch_path(b)))
+                                cam.splitter.put(cam.live.plan.batch_path(b))
                         new = [b for b in new if b not in cam.live.finished]
                     if not new:
                         continue
@@ -183,13 +183,14 @@ def reduce_night_live(datadir: str | None = None, nights: str | int = "tonight",
                         continue
                     cam.live.done(b)
                     cam.done.append(d)
-                    cam.queue.put(d["path"])
+                    cam.splitter.put(d["path"])
                     publish(cam, "observing")
                 if not submitted:
                     time.sleep(poll)
         finally:
             for cam in cameras_.values():
-                _stop_splitter(cam.queue, cam.proc)
+                if cam.splitter is not None:
+                    cam.splitter.stop()
 
         states: dict[str, str] = {}
         for c, cam in cameras_.items():

@@ -29,6 +29,7 @@ import os
 import queue
 import socket
 import sys
+import threading
 import time
 import warnings
 from functools import lru_cache
@@ -225,9 +226,41 @@ def _nrejected(attrs: dict) -> int:
     return len(json.loads(rejected) if isinstance(rejected, str) else rejected)
 
 
+#: The flow's splitter processes, one per camera-night while its batches are split (night path -> process).
+_SPLITTERS: dict[str, Any] = {}
+_SPLITTERS_LOCK = threading.Lock()
+
+
+def _splitter_process(plan: Any) -> Any:
+    """The night's :class:`mascara.reduce.SplitterProcess`, started on first use (or again if it died)."""
+    from mascara.reduce import SplitterProcess
+
+    key = os.path.realpath(plan.night.path)
+    with _SPLITTERS_LOCK:
+        sp = _SPLITTERS.get(key)
+        if sp is None or not sp.alive():
+            sp = _SPLITTERS[key] = SplitterProcess(plan, _ctx(plan), report=True)
+        return sp
+
+
+def stop_splitter(night_path: str, clean: bool) -> None:
+    """End the night's splitter process, if it has one: after its queue when ``clean``, else at once."""
+    with _SPLITTERS_LOCK:
+        sp = _SPLITTERS.pop(os.path.realpath(night_path), None)
+    if sp is not None:
+        sp.stop(clean=clean)
+
+
 @task(name="split", task_run_name="split-{night_id}", cache_policy=NO_CACHE, **_transient_task)
-def split_task(night_id: str, handle: _runs.RunHandle, settings_json: str, batches: list[tuple[str, str]]) -> dict:
+def split_task(night_id: str, handle: _runs.RunHandle, settings_json: str, batches: list[tuple[str, str]],
+               own_process: bool = False) -> dict:
     """Split finished batch files by star into ``work/`` (StarSplitter; one writer per night).
+
+    With ``own_process`` (the flow's thread pool, where this task runs in the
+    flow's process) the split is done by the night's splitter process, as the
+    library driver does it, and the task waits for it: the split's CPU is
+    then not spent under the flow process's GIL beside its batch threads. On
+    other runners (Dask workers) it is done here.
 
     Splitting is an optimisation of the combine step, which re-adds any batch
     the store lacks, so a failure here is logged and not raised.
@@ -236,18 +269,23 @@ def split_task(night_id: str, handle: _runs.RunHandle, settings_json: str, batch
     from mascara.diagnostics import diagnostic_stars
 
     plan = _plan(handle.night_path, settings_json)
-    splitter = StarSplitter(plan.workdir, diagnostic_stars(plan, _ctx(plan)))
-    added = skipped = 0
+    if own_process:
+        outcomes = _splitter_process(plan).split(batches)
+    else:
+        splitter = StarSplitter(plan.workdir, diagnostic_stars(plan, _ctx(plan)))
+        outcomes = []
+        for path, sha in batches:
+            try:
+                outcomes.append((path, "added" if splitter.add(path, sha) else "skipped"))
+            except Exception as exc:  # noqa: BLE001 - the combine re-adds it
+                outcomes.append((path, f"error: {exc}"))
+    added = sum(st == "added" for _, st in outcomes)
+    skipped = sum(st == "skipped" for _, st in outcomes)
     errors = []
-    for path, sha in batches:
-        try:
-            if splitter.add(path, sha):
-                added += 1
-            else:
-                skipped += 1
-        except Exception as exc:  # noqa: BLE001 - the combine re-adds it
-            get_run_logger().warning("splitting %s failed: %s", path, exc)
-            errors.append(f"{Path(path).name}: {exc}")
+    for path, st in outcomes:
+        if st.startswith("error: "):
+            get_run_logger().warning("splitting %s failed: %s", path, st[len("error: "):])
+            errors.append(f"{Path(path).name}: {st[len('error: '):]}")
     _runs.draw_quicklook(plan.night.path, get_run_logger(), every=QUICKLOOK_INTERVAL)
     return {"added": added, "skipped": skipped, "errors": errors}
 
@@ -667,6 +705,7 @@ def reduce_night(
                     _runs.end_unreturned_run(db_url, n.night_path, flow_run_id, message)
             except Exception as exc:  # noqa: BLE001
                 logger.warning("%s: could not end run in the catalog: %s", n.night_id, exc)
+        stop_splitter(n.night_path, clean=state == "succeeded")  # nothing more written under work/ after a failure
         if n.handle is not None:
             heartbeat.run_ids.discard(n.handle.run_id)
         nightlock.release_dir(n.night_path)
@@ -677,7 +716,7 @@ def reduce_night(
         if n.state != "running" or n.split_busy:
             return
         if n.split_pending:
-            fut = split_task.submit(n.night_id, n.handle, sjson, list(n.split_pending))
+            fut = split_task.submit(n.night_id, n.handle, sjson, list(n.split_pending), own_process=slots is not None)
             n.split_pending.clear()
             n.split_busy = True
             track(fut, "split", n.night_id)
@@ -686,6 +725,7 @@ def reduce_night(
                 end_night(n, "failed", f"{len(n.failed)} batch(es) failed: " + "; ".join(n.failed[:5]))
                 return
             n.combine_submitted = True
+            stop_splitter(n.night_path, clean=True)  # idle: its last split ended; the combine is the one writer
             track(combine_task.submit(n.night_id, n.handle, sjson), "combine", n.night_id)
 
     with _runs.Heartbeat(db_url) as heartbeat:

@@ -56,6 +56,12 @@ FLOW_POINTS = (
                            # registered the run (nothing recorded)
 )
 
+#: Checkpoints of the process that splits batches by star beside the reduction (the library driver's and,
+#: on its thread pool, the Prefect flow's); armed there through the environment.
+SPLITTER_POINTS = (
+    "splitting",           # a batch file handed to the splitter process, not yet split
+)
+
 ACTIONS = ("kill", "oserror", "raise", "hang", "stop", "sigint", "sigterm", "sighup")
 
 
@@ -78,8 +84,9 @@ _env_seen: str | None = None
 
 def arm(point: str, action: str = "raise", count: int = 1) -> None:
     """Make the next ``count`` passes through ``point`` fail with ``action`` (in this process)."""
-    if point not in POINTS + FLOW_POINTS:
-        raise ValueError(f"unknown fault point {point!r}; known: {', '.join(POINTS + FLOW_POINTS)}")
+    known = POINTS + FLOW_POINTS + SPLITTER_POINTS
+    if point not in known:
+        raise ValueError(f"unknown fault point {point!r}; known: {', '.join(known)}")
     if action not in ACTIONS:
         raise ValueError(f"unknown fault action {action!r}; known: {', '.join(ACTIONS)}")
     with _lock:

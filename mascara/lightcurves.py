@@ -786,6 +786,7 @@ def run_splitter_process(
         if item is None:
             return
         item, sha = item if isinstance(item, tuple) else (item, None)
+        faults.checkpoint("splitting")
         try:
             status = "added" if splitter.add(item, sha) else "skipped"
         except Exception as exc:  # noqa: BLE001 - keep splitting the rest of the night

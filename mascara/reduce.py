@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -1075,39 +1075,83 @@ def _remove(p: Path) -> None:
 # --------------------------------------------------------------------------- sequential driver
 
 
-def _start_splitter(plan: CameraNightPlan, ctx: NightContext):
-    """The split by star in a separate process beside the reduction, as the original SaveItAll does.
+class SplitterProcess:
+    """The split by star of one camera-night in a process of its own, as the original SaveItAll does.
 
-    It keeps the light curves of the night's diagnostic stars (:func:`mascara.diagnostics.diagnostic_stars`).
+    It keeps the light curves of the night's diagnostic stars
+    (:func:`mascara.diagnostics.diagnostic_stars`). The library drivers hand it
+    batch files with :meth:`put` and go on; the Prefect flow's split task waits
+    for the outcome of its files with :meth:`split`. Either way the split's CPU
+    is not spent under the reducing process's GIL, beside its batch threads.
 
-    Returns ``(queue, process)``: put batch file paths on the queue, then None to end it.
+    Parameters
+    ----------
+    plan, ctx : the camera-night and its prepared context.
+    report : bool
+        Keep a queue of outcomes, for :meth:`split`.
     """
-    mpctx = mp.get_context("spawn")
-    queue = mpctx.Queue()
-    proc = mpctx.Process(
-        target=run_splitter_process,
-        args=(queue, str(plan.workdir), diagnostic_stars(plan, ctx), None, os.getpid()),
-        daemon=True,
-    )
-    proc.start()
-    return queue, proc
 
+    def __init__(self, plan: CameraNightPlan, ctx: NightContext, report: bool = False) -> None:
+        mpctx = mp.get_context("spawn")
+        self.workdir = str(plan.workdir)
+        self.queue = mpctx.Queue()
+        self.results = mpctx.Queue() if report else None
+        self.proc = mpctx.Process(
+            target=run_splitter_process,
+            args=(self.queue, self.workdir, diagnostic_stars(plan, ctx), self.results, os.getpid()),
+            daemon=True,
+        )
+        self.proc.start()
 
-def _stop_splitter(queue, proc) -> None:
-    """End the splitter: let it finish its queue after a clean loop; stop it at once after an error.
+    def put(self, path: str | os.PathLike[str], sha256: str | None = None) -> None:
+        """Queue one batch file (with its sha256 when known: the splitter need not hash it again)."""
+        self.queue.put(os.fspath(path) if sha256 is None else (os.fspath(path), sha256))
 
-    After an error (a run that lost its lease, an interruption) nothing more
-    may be written under the night's ``work/``: the splitter is terminated,
-    which its atomic writes make safe (a batch it did not finish is split
-    again by the combine, which re-adds every batch its registry lacks).
-    """
-    if queue is None:
-        return
-    if sys.exc_info()[0] is None:
-        queue.put(None)
-    else:
-        proc.terminate()
-    proc.join()
+    def split(self, items: Sequence[tuple[str, str | None]], poll: float = 1.0) -> list[tuple[str, str]]:
+        """Split ``(path, sha256)`` items and wait for them: ``(path, "added" | "skipped" | "error: ...")`` each.
+
+        A splitter process that died (killed, out of memory) leaves its
+        items as errors rather than a wait for ever; the combine re-adds
+        every batch the store lacks.
+        """
+        from queue import Empty
+
+        if self.results is None:
+            raise ValueError("this splitter keeps no outcomes (report=False)")
+        for path, sha in items:
+            self.put(path, sha)
+        out: list[tuple[str, str]] = []
+        while len(out) < len(items):
+            try:
+                out.append(self.results.get(timeout=poll))
+            except Empty:
+                if not self.proc.is_alive():
+                    code = self.proc.exitcode
+                    done = {p for p, _ in out}
+                    out += [(os.fspath(p), f"error: the splitter process ended (exit code {code})")
+                            for p, _ in items if os.fspath(p) not in done]
+        return out
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def stop(self, clean: bool | None = None) -> None:
+        """End the splitter: let it finish its queue after a clean loop; stop it at once after an error.
+
+        ``clean`` defaults to "no exception is being handled". After an error
+        (a run that lost its lease, an interruption) nothing more may be
+        written under the night's ``work/``: the splitter is terminated,
+        which its atomic writes make safe (a batch it did not finish is
+        split again by the combine, which re-adds every batch its registry
+        lacks).
+        """
+        if clean is None:
+            clean = sys.exc_info()[0] is None
+        if clean and self.proc.is_alive():
+            self.queue.put(None)
+        else:
+            self.proc.terminate()
+        self.proc.join()
 
 
 class _Done:
@@ -1194,7 +1238,7 @@ def reduce_camera_night(
         on_prepared(ctx)
     skip = set(skip)
     todo = [b for b in (plan.batches if batches is None else batches) if b in plan.batches]
-    queue, proc = _start_splitter(plan, ctx) if split_in_background else (None, None)
+    splitter = SplitterProcess(plan, ctx) if split_in_background else None
     outcomes: list[BatchOutcome] = []
     done_frames = 0
     total_frames = sum(len(plan.batches[b]) for b in todo)
@@ -1214,16 +1258,16 @@ def reduce_camera_night(
                                or sum(f is not None and not f.done() for _, f in pending) >= nworkers):
                 b0, fut = pending.popleft()
                 if fut is None:
-                    if queue is not None:
-                        queue.put(str(plan.batch_path(b0)))
+                    if splitter is not None:
+                        splitter.put(plan.batch_path(b0))
                     done_frames += len(plan.batches[b0])
                     continue
                 outcome = fut.result()
                 outcomes.append(outcome)
                 if on_batch:  # recorded first: a run that lost its lease stops here, before the split
                     on_batch(outcome)
-                if queue is not None:
-                    queue.put((outcome.path, outcome.sha256))  # the splitter need not hash it again
+                if splitter is not None:
+                    splitter.put(outcome.path, outcome.sha256)
                 done_frames += len(plan.batches[b0])
                 if on_frame_progress:
                     on_frame_progress(done_frames, total_frames)
@@ -1233,7 +1277,8 @@ def reduce_camera_night(
                 if fut is not None:
                     fut.cancel()
             pool.shutdown(wait=True)
-        _stop_splitter(queue, proc)
+        if splitter is not None:
+            splitter.stop()
     products = {}
     if combine:
         paths = [plan.batch_path(b) for b in plan.batches if plan.batch_path(b).exists()]
@@ -1475,7 +1520,7 @@ def reduce_camera_night_live(
                      settle=settle, now_jd=now_jd)
     outcomes: list[BatchOutcome] = []
     ctx = None
-    queue = proc = None
+    splitter = None
     skipped: list[int] = []
     try:
         while True:
@@ -1490,10 +1535,10 @@ def reduce_camera_night_live(
                 if on_prepared:
                     on_prepared(ctx)
                 if split_in_background:
-                    queue, proc = _start_splitter(live.plan, ctx)
+                    splitter = SplitterProcess(live.plan, ctx)
                     for b in skipped:  # done by an earlier run: split again (idempotent)
                         if live.plan.batch_path(b).exists():
-                            queue.put(str(live.plan.batch_path(b)))
+                            splitter.put(live.plan.batch_path(b))
                 new = [b for b in new if b not in live.finished]
             if new and on_ready is not None:
                 on_ready(live.ready_plan(new))
@@ -1504,8 +1549,8 @@ def reduce_camera_night_live(
                 if on_batch:  # recorded first: a run that lost its lease stops here, before the split
                     on_batch(outcome)
                 live.done(b)
-                if queue is not None:
-                    queue.put((outcome.path, outcome.sha256))  # the splitter need not hash it again
+                if splitter is not None:
+                    splitter.put(outcome.path, outcome.sha256)
             if live.over:
                 break
             if not new:
@@ -1514,6 +1559,7 @@ def reduce_camera_night_live(
                 else:
                     stop.wait(poll)
     finally:
-        _stop_splitter(queue, proc)
+        if splitter is not None:
+            splitter.stop()
     return (NightResult(night_id=live.night.night_id, batches=outcomes, products={}, skipped=skipped,
                         seconds=time.perf_counter() - t0), live.plan)

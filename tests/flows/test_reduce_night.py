@@ -270,6 +270,25 @@ def test_batches_are_split_while_the_night_goes_on(prefect_server, pristine_nigh
 
 @pytest.mark.prefect
 @pytest.mark.slow
+def test_the_flow_splits_in_a_process_of_its_own_whose_death_costs_the_night_nothing(prefect_server, pristine_night,
+                                                                                     reference, tmp_path):
+    """On the flow's thread pool a night's batches are split by its splitter process, as the library driver
+    splits them (issue 12: not under the flow process's GIL, beside its batch threads). Killed there, it takes
+    only itself: the split task says which batches were not split, and the combine splits what the store lacks."""
+    api, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    res = mascprocess(datadir, {**env, "MASCARA_FAULT": "splitting:kill", "MASCARA_FLOW_WORKERS": "1"})
+    out = res.stdout + res.stderr
+    assert "the splitter process ended (exit code -9)" in out, out[-3000:]
+    assert night_status(datadir)["state"] == "succeeded"
+    (run,) = runs(datadir)
+    splits = task_runs(api, run["flow_run_id"])[f"split-{NIGHT_ID}"]
+    assert splits and all(st["state_type"] == "COMPLETED" for st in splits), splits
+    assert_same_night_files(datadir / NIGHT_ID, reference)
+
+
+@pytest.mark.prefect
+@pytest.mark.slow
 def test_dask_runner_on_a_local_cluster_gives_the_same_result(prefect_server, pristine_night, reference, tmp_path,
                                                              monkeypatch):
     from distributed import Client, LocalCluster
