@@ -162,7 +162,7 @@ def reduce_night_live(datadir: str | None = None, nights: str | int = "tonight",
                         cam.ctx = cam.live.context()
                         _runs.record_calibration(url, cam.handle.camera_night_id, cam.handle.night_path,
                                                  cam.ctx.calibration_state())
-                        cam.splitter = SplitterProcess(cam.live.plan, cam.ctx)
+                        cam.splitter = SplitterProcess.for_night(cam.live.plan, cam.ctx)
                         _runs.record_missing_qualities(cam.handle, cam.live.ready_plan(new))
                         for b in sorted(set(cam.handle.done) & set(new)):  # an earlier live run did these
                             if cam.live.done_before(b):  # unless a frame file of it is newer than its batch file

@@ -228,27 +228,38 @@ def _nrejected(attrs: dict) -> int:
 
 #: The flow's splitter processes, one per camera-night while its batches are split (night path -> process).
 _SPLITTERS: dict[str, Any] = {}
+#: Runs whose splitter was stopped: a split task of theirs that comes later (queued, or retried after a
+#: transient error) starts none, so nothing is split under ``work/`` after the night's combine or end.
+_SPLITTERS_CLOSED: set[str] = set()
 _SPLITTERS_LOCK = threading.Lock()
+#: Seconds the flow waits for an idle splitter to end before it kills it.
+SPLITTER_STOP_SECONDS = 60.0
 
 
-def _splitter_process(plan: Any) -> Any:
-    """The night's :class:`mascara.reduce.SplitterProcess`, started on first use (or again if it died)."""
+def _splitter_process(plan: Any, run_id: str) -> Any:
+    """The night's :class:`mascara.reduce.SplitterProcess`, started on first use (or again if it died);
+    None once the run's splitter was stopped (:func:`stop_splitter`)."""
     from mascara.reduce import SplitterProcess
 
     key = os.path.realpath(plan.night.path)
     with _SPLITTERS_LOCK:
+        if run_id in _SPLITTERS_CLOSED:
+            return None
         sp = _SPLITTERS.get(key)
         if sp is None or not sp.alive():
-            sp = _SPLITTERS[key] = SplitterProcess(plan, _ctx(plan), report=True)
+            sp = _SPLITTERS[key] = SplitterProcess.for_night(plan, _ctx(plan), report=True)
         return sp
 
 
-def stop_splitter(night_path: str, clean: bool) -> None:
-    """End the night's splitter process, if it has one: after its queue when ``clean``, else at once."""
+def stop_splitter(night_path: str, run_id: str | None, clean: bool) -> None:
+    """End the night's splitter process, if it has one (after its queue when ``clean``, else at once), and
+    start none for ``run_id`` after this."""
     with _SPLITTERS_LOCK:
+        if run_id is not None:
+            _SPLITTERS_CLOSED.add(run_id)
         sp = _SPLITTERS.pop(os.path.realpath(night_path), None)
     if sp is not None:
-        sp.stop(clean=clean)
+        sp.stop(clean=clean, timeout=SPLITTER_STOP_SECONDS)
 
 
 @task(name="split", task_run_name="split-{night_id}", cache_policy=NO_CACHE, **_transient_task)
@@ -270,7 +281,10 @@ def split_task(night_id: str, handle: _runs.RunHandle, settings_json: str, batch
 
     plan = _plan(handle.night_path, settings_json)
     if own_process:
-        outcomes = _splitter_process(plan).split(batches)
+        sp = _splitter_process(plan, handle.run_id)
+        outcomes = (sp.split(batches) if sp is not None else
+                    [(path, "error: the run's splitter was stopped (the night is combining or has ended)")
+                     for path, _ in batches])
     else:
         splitter = StarSplitter(plan.workdir, diagnostic_stars(plan, _ctx(plan)))
         outcomes = []
@@ -697,6 +711,8 @@ def reduce_night(
         n.state, n.message = state, message
         if state == "failed" and n.handle is not None and report_partial:
             _report_failed_night(n, sjson, logger)  # before the lease goes: the figures read work/
+        # nothing more written under work/ after a failure, and nothing once the run is recorded ended
+        stop_splitter(n.night_path, n.handle.run_id if n.handle else None, clean=state == "succeeded")
         if state == "failed":
             try:
                 if n.handle is not None:
@@ -705,7 +721,6 @@ def reduce_night(
                     _runs.end_unreturned_run(db_url, n.night_path, flow_run_id, message)
             except Exception as exc:  # noqa: BLE001
                 logger.warning("%s: could not end run in the catalog: %s", n.night_id, exc)
-        stop_splitter(n.night_path, clean=state == "succeeded")  # nothing more written under work/ after a failure
         if n.handle is not None:
             heartbeat.run_ids.discard(n.handle.run_id)
         nightlock.release_dir(n.night_path)
@@ -725,7 +740,7 @@ def reduce_night(
                 end_night(n, "failed", f"{len(n.failed)} batch(es) failed: " + "; ".join(n.failed[:5]))
                 return
             n.combine_submitted = True
-            stop_splitter(n.night_path, clean=True)  # idle: its last split ended; the combine is the one writer
+            stop_splitter(n.night_path, n.handle.run_id, clean=True)  # idle: its split ended; the combine writes
             track(combine_task.submit(n.night_id, n.handle, sjson), "combine", n.night_id)
 
     with _runs.Heartbeat(db_url) as heartbeat:

@@ -747,13 +747,14 @@ def run_splitter_process(
     ----------
     queue : multiprocessing.Queue-like
         Yields batch-file paths, or ``(path, sha256)`` pairs when the sha256 is
-        known; ``None`` ends the loop.
+        known (``None`` if not), or ``(path, sha256, tag)``; ``None`` ends the loop.
     workdir : path-like
         The :class:`StarSplitter` store.
     diagnostic_ids : iterable of str
         Stars kept in ``workdir/diagnostics.hdf5``.
     results : Queue-like, optional
-        Receives ``(path, "added" | "skipped" | "error: <msg>")`` per item.
+        Receives ``(path, "added" | "skipped" | "error: <msg>")`` per item,
+        followed by the item's tag if it had one.
     parent_pid : int, optional
         The pid of the process that started this one (``os.getpid()`` there);
         default: the parent when this function starts, which misses a parent
@@ -764,8 +765,11 @@ def run_splitter_process(
     A batch that fails to split is logged and reported, and the loop goes on:
     :func:`combine_night` re-adds every batch the registry lacks. The loop
     also ends when the process that started this one is gone (killed: no
-    None will ever come); it would otherwise wait for ever, holding the
-    killed command's output pipes open.
+    None will ever come; checked before each item, so that the batches a
+    killed run queued are not split after it); it would otherwise wait for
+    ever, holding the killed command's output pipes open. A store that
+    cannot be opened ends the process, with ``("", "fatal: <why>")`` on
+    ``results``.
     """
     from queue import Empty
 
@@ -774,18 +778,27 @@ def run_splitter_process(
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # (it stops this process; no traceback from here)
     parent = os.getppid() if parent_pid is None else parent_pid
-    splitter = StarSplitter(workdir, diagnostic_ids)
+    try:
+        splitter = StarSplitter(workdir, diagnostic_ids)
+    except Exception as exc:  # noqa: BLE001 - said to whoever waits for outcomes, not only to stderr
+        log.exception("the splitter of %s could not open its store", workdir)
+        if results is not None:
+            results.put(("", f"fatal: could not open the split store {workdir}: {type(exc).__name__}: {exc}"))
+        return
+    idle = object()
     while True:
         try:
             item = queue.get(timeout=PARENT_CHECK_SECONDS)
         except Empty:
-            if os.getppid() != parent:
-                log.warning("the process that started the splitter of %s is gone; stopping", workdir)
-                return
+            item = idle
+        if os.getppid() != parent:  # checked before every item too: a killed run's queue is not worked through
+            log.warning("the process that started the splitter of %s is gone; stopping", workdir)
+            return
+        if item is idle:
             continue
         if item is None:
             return
-        item, sha = item if isinstance(item, tuple) else (item, None)
+        item, sha, *tag = item if isinstance(item, tuple) else (item, None)
         faults.checkpoint("splitting")
         try:
             status = "added" if splitter.add(item, sha) else "skipped"
@@ -793,7 +806,7 @@ def run_splitter_process(
             log.exception("splitting %s failed", item)
             status = f"error: {exc}"
         if results is not None:
-            results.put((os.fspath(item), status))
+            results.put((os.fspath(item), status, *tag))
 
 
 # --------------------------------------------------------------------------- #

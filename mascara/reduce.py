@@ -1075,6 +1075,11 @@ def _remove(p: Path) -> None:
 # --------------------------------------------------------------------------- sequential driver
 
 
+#: Seconds :meth:`SplitterProcess.split` waits for an outcome before it stops the process, per batch
+#: (and once more): a full batch takes a fraction of a second.
+SPLIT_SECONDS = 60.0
+
+
 class SplitterProcess:
     """The split by star of one camera-night in a process of its own, as the original SaveItAll does.
 
@@ -1086,56 +1091,83 @@ class SplitterProcess:
 
     Parameters
     ----------
-    plan, ctx : the camera-night and its prepared context.
+    workdir : the night's ``work/`` (the :class:`StarSplitter` store).
+    diagnostic_ids : the stars whose light curves it keeps.
     report : bool
         Keep a queue of outcomes, for :meth:`split`.
     """
 
-    def __init__(self, plan: CameraNightPlan, ctx: NightContext, report: bool = False) -> None:
+    def __init__(self, workdir: str | os.PathLike[str], diagnostic_ids: Iterable[str] = (),
+                 report: bool = False) -> None:
         mpctx = mp.get_context("spawn")
-        self.workdir = str(plan.workdir)
+        self.workdir = os.fspath(workdir)
         self.queue = mpctx.Queue()
         self.results = mpctx.Queue() if report else None
         self.proc = mpctx.Process(
             target=run_splitter_process,
-            args=(self.queue, self.workdir, diagnostic_stars(plan, ctx), self.results, os.getpid()),
+            args=(self.queue, self.workdir, list(diagnostic_ids), self.results, os.getpid()),
             daemon=True,
         )
+        self._calls = 0
         self.proc.start()
+
+    @classmethod
+    def for_night(cls, plan: CameraNightPlan, ctx: NightContext, report: bool = False) -> SplitterProcess:
+        """The splitter of a prepared camera-night, keeping its diagnostic stars."""
+        return cls(plan.workdir, diagnostic_stars(plan, ctx), report)
 
     def put(self, path: str | os.PathLike[str], sha256: str | None = None) -> None:
         """Queue one batch file (with its sha256 when known: the splitter need not hash it again)."""
         self.queue.put(os.fspath(path) if sha256 is None else (os.fspath(path), sha256))
 
-    def split(self, items: Sequence[tuple[str, str | None]], poll: float = 1.0) -> list[tuple[str, str]]:
+    def split(self, items: Sequence[tuple[str, str | None]], timeout: float | None = None,
+              poll: float = 1.0) -> list[tuple[str, str]]:
         """Split ``(path, sha256)`` items and wait for them: ``(path, "added" | "skipped" | "error: ...")`` each.
 
-        A splitter process that died (killed, out of memory) leaves its
-        items as errors rather than a wait for ever; the combine re-adds
-        every batch the store lacks.
+        Every item gets an outcome, in the order given, and the call returns:
+        a splitter process that died (killed, out of memory, a split store it
+        could not open) leaves the items it did not report as errors; one that
+        does not report them within ``timeout`` seconds (default
+        :data:`SPLIT_SECONDS` plus as much per item; a stopped process, a hung
+        file system) is killed and leaves them as errors too. The combine
+        splits every batch the store lacks. Outcomes of an earlier call that
+        stopped waiting are not taken for this call's.
         """
         from queue import Empty
 
         if self.results is None:
             raise ValueError("this splitter keeps no outcomes (report=False)")
+        self._calls += 1
+        tag = self._calls  # an outcome of an earlier call that stopped waiting (a retried task) is not this one's
+        paths = [os.fspath(p) for p, _ in items]
         for path, sha in items:
-            self.put(path, sha)
-        out: list[tuple[str, str]] = []
-        while len(out) < len(items):
+            self.queue.put((path, sha, tag))
+        got: dict[str, str] = {}
+        left = set(paths)
+        deadline = time.monotonic() + (SPLIT_SECONDS * (1 + len(items)) if timeout is None else timeout)
+        why = None
+        while left and why is None:
             try:
-                out.append(self.results.get(timeout=poll))
+                path, status, *its = self.results.get(timeout=poll)
             except Empty:
                 if not self.proc.is_alive():
-                    code = self.proc.exitcode
-                    done = {p for p, _ in out}
-                    out += [(os.fspath(p), f"error: the splitter process ended (exit code {code})")
-                            for p, _ in items if os.fspath(p) not in done]
-        return out
+                    why = f"the splitter process ended (exit code {self.proc.exitcode})"
+                elif time.monotonic() > deadline:
+                    self.proc.kill()
+                    self.proc.join()
+                    why = "the splitter process did not answer in time; stopped"
+                continue
+            if status.startswith("fatal: "):  # the process could not start splitting, and has ended
+                why = f"the splitter process ended: {status[len('fatal: '):]}"
+            elif its == [tag] and path in left:
+                got[path] = status
+                left.discard(path)
+        return [(p, got[p] if p in got else f"error: {why}") for p in paths]
 
     def alive(self) -> bool:
         return self.proc.is_alive()
 
-    def stop(self, clean: bool | None = None) -> None:
+    def stop(self, clean: bool | None = None, timeout: float | None = None) -> None:
         """End the splitter: let it finish its queue after a clean loop; stop it at once after an error.
 
         ``clean`` defaults to "no exception is being handled". After an error
@@ -1143,15 +1175,20 @@ class SplitterProcess:
         written under the night's ``work/``: the splitter is terminated,
         which its atomic writes make safe (a batch it did not finish is
         split again by the combine, which re-adds every batch its registry
-        lacks).
+        lacks). A process still there ``timeout`` seconds after a clean end
+        was asked for (default: wait), or 5 s after SIGTERM, is killed.
         """
         if clean is None:
             clean = sys.exc_info()[0] is None
         if clean and self.proc.is_alive():
             self.queue.put(None)
+            self.proc.join(timeout)
         else:
             self.proc.terminate()
-        self.proc.join()
+            self.proc.join(5.0)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
 
 
 class _Done:
@@ -1238,7 +1275,7 @@ def reduce_camera_night(
         on_prepared(ctx)
     skip = set(skip)
     todo = [b for b in (plan.batches if batches is None else batches) if b in plan.batches]
-    splitter = SplitterProcess(plan, ctx) if split_in_background else None
+    splitter = SplitterProcess.for_night(plan, ctx) if split_in_background else None
     outcomes: list[BatchOutcome] = []
     done_frames = 0
     total_frames = sum(len(plan.batches[b]) for b in todo)
@@ -1535,7 +1572,7 @@ def reduce_camera_night_live(
                 if on_prepared:
                     on_prepared(ctx)
                 if split_in_background:
-                    splitter = SplitterProcess(live.plan, ctx)
+                    splitter = SplitterProcess.for_night(live.plan, ctx)
                     for b in skipped:  # done by an earlier run: split again (idempotent)
                         if live.plan.batch_path(b).exists():
                             splitter.put(live.plan.batch_path(b))

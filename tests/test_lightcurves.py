@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import shutil
+import time
 from pathlib import Path
 
 import h5py
@@ -457,6 +458,56 @@ def test_run_splitter_process(tmp_path, night):
     assert statuses[len(paths)] == "skipped" and statuses[-1].startswith("error")
     with h5py.File(tmp_path / "work" / "diagnostics.hdf5", "r") as f:
         np.testing.assert_array_equal(f["fast"][sid]["lstseq"], sorted(truth[sid.encode()]))
+
+
+def test_a_splitter_process_reports_each_item_of_a_call_in_order_and_none_of_an_earlier_call(tmp_path, night):
+    from mascara.reduce import SplitterProcess
+
+    paths, _, _ = night
+    sp = SplitterProcess(tmp_path / "work", report=True)
+    try:
+        sp.results.put((str(paths[0]), "error: an outcome of a call that stopped waiting", 0))
+        sp.results.put((str(paths[1]), "error: an outcome of a splitter fed by put()"))
+        out = sp.split([(str(p), None) for p in reversed(paths)] + [(str(tmp_path / "missing.h5"), None)])
+        assert [p for p, _ in out] == [str(p) for p in reversed(paths)] + [str(tmp_path / "missing.h5")]
+        assert [st for _, st in out[:-1]] == ["added"] * len(paths)
+        assert out[-1][1].startswith("error: ") and "missing.h5" in out[-1][1]
+        assert sp.split([(str(paths[1]), None)]) == [(str(paths[1]), "skipped")]
+    finally:
+        sp.stop(clean=True, timeout=30)
+    assert not sp.alive() and sp.proc.exitcode == 0
+
+
+def test_a_splitter_process_that_does_not_answer_is_stopped_and_its_items_reported_not_split(tmp_path, night,
+                                                                                             monkeypatch):
+    """A splitter frozen mid-night (SIGSTOP here; a hung file system) costs the waiting task a timeout, not
+    the night: it is killed, and the combine splits what the store lacks."""
+    from mascara.reduce import SplitterProcess
+
+    paths, _, _ = night
+    monkeypatch.setenv("MASCARA_FAULT", "splitting:stop")  # the spawned process reads it
+    sp = SplitterProcess(tmp_path / "work", report=True)
+    t0 = time.monotonic()
+    out = sp.split([(str(p), None) for p in paths[:2]], timeout=3.0)
+    assert 3.0 <= time.monotonic() - t0 < 30
+    assert out == [(str(p), "error: the splitter process did not answer in time; stopped") for p in paths[:2]]
+    assert not sp.alive()
+    sp.stop(clean=True)  # on a dead process: nothing to wait for
+    assert lc.StarSplitter(tmp_path / "work").batches == {}  # frozen before its first batch
+
+
+def test_a_splitter_process_that_cannot_open_its_store_says_why_to_the_caller(tmp_path, night):
+    from mascara.reduce import SplitterProcess
+
+    paths, _, _ = night
+    (tmp_path / "work").write_text("a file where the night's work/ should be")
+    sp = SplitterProcess(tmp_path / "work", report=True)
+    out = sp.split([(str(paths[0]), None)], timeout=60)
+    (status,) = [st for _, st in out]
+    assert status.startswith("error: the splitter process ended: could not open the split store"), status
+    assert str(tmp_path / "work") in status
+    sp.proc.join(30)
+    assert not sp.alive()
 
 
 def test_star_key_collisions_fall_back_to_id_sort(tmp_path, night, reference, monkeypatch):

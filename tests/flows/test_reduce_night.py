@@ -76,6 +76,19 @@ def test_a_process_that_outlives_a_flow_run_plans_the_night_again_for_the_next(p
     assert len(second.frames) == len(first.frames) - 1
 
 
+def test_a_split_task_that_comes_after_its_run_stopped_the_splitter_starts_none(tmp_path):
+    """A split task queued, or retried, after the night's combine or end started a new splitter process
+    (a review): the stopped run's splitter is closed for good, so nothing is split under work/ after it."""
+    from types import SimpleNamespace
+
+    from flows import reduce_night as rn
+
+    plan = SimpleNamespace(night=SimpleNamespace(path=tmp_path / "20260301LPE"))
+    rn.stop_splitter(str(plan.night.path), "run-stopped", clean=True)
+    assert rn._splitter_process(plan, "run-stopped") is None
+    assert os.path.realpath(plan.night.path) not in rn._SPLITTERS
+
+
 def test_batch_threads_from_the_environment(monkeypatch):
     from flows.reduce_night import BatchThreadPool, flow_workers, task_runner_for
 
