@@ -144,10 +144,11 @@ class RunInfo:
 
     def same_reduction_as(self, fp_key: str) -> bool:
         """Whether this run reduced what a plan of fingerprint key ``fp_key`` would: the same key, or, for a
-        live run that ended, the same key with the raw inventory it ended with."""
+        live run that ended, the same key with the raw inventory it ended with. A live run records that
+        inventory as its combine starts: killed or failed after it, it did not end, and reduced nothing."""
         if fp_key == self.fingerprint_key:
             return True
-        if not self.final_raw_inventory_hash:
+        if not self.final_raw_inventory_hash or self.status != "succeeded":
             return False
         return fingerprint_key({**self.fingerprint, "raw_inventory_hash": self.final_raw_inventory_hash}) == fp_key
 

@@ -198,6 +198,22 @@ def test_decisions(previous, overwrite, current, anything, expected):
     assert (resumed == "r0") == (expected == "resume")
 
 
+def test_a_live_run_that_recorded_its_inventory_but_did_not_succeed_is_not_called_a_completed_reduction():
+    """A live run records the raw inventory it reduced as it starts its combine; killed or failed after
+    that, it did not end: the next run moves its outputs aside as another (unfinished) reduction's, not as
+    "the completed reduction" of an offline plan of the same raw/, and the night is not up to date."""
+    from mascara.catalog.catalog import fingerprint_key
+
+    fields = {"code_version": "c", "settings_hash": "s", "catalogue_hash": "k", "raw_inventory_hash": "live"}
+    offline = fingerprint_key({**fields, "raw_inventory_hash": "final"})
+    for status, same in (("succeeded", True), ("failed", False), ("running", False)):
+        run = dataclasses.replace(_run(status, fingerprint_key(fields)), fingerprint=fields,
+                                  final_raw_inventory_hash="final")
+        assert run.same_reduction_as(offline) is same, status
+        _, _, reason = decide(run, offline, False, True, True)
+        assert ("completed reduction" in reason) is same, (status, reason)
+
+
 def test_run_info_is_plain_data():
     assert dataclasses.asdict(_run("failed"))["decision"] == "move"
 
