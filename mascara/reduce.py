@@ -1075,9 +1075,10 @@ def _remove(p: Path) -> None:
 # --------------------------------------------------------------------------- sequential driver
 
 
-#: Seconds :meth:`SplitterProcess.split` waits for an outcome before it stops the process, per batch
-#: (and once more): a full batch takes a fraction of a second.
-SPLIT_SECONDS = 60.0
+#: Seconds :meth:`SplitterProcess.split` waits for the next outcome before it stops the process: a full
+#: batch takes a fraction of a second (0.43 s at most on 6,500 stars per frame, ``docs/performance.md``), the
+#: process's start a second or two.
+SPLIT_SECONDS = 30.0
 
 
 class SplitterProcess:
@@ -1127,9 +1128,9 @@ class SplitterProcess:
         Every item gets an outcome, in the order given, and the call returns:
         a splitter process that died (killed, out of memory, a split store it
         could not open) leaves the items it did not report as errors; one that
-        does not report them within ``timeout`` seconds (default
-        :data:`SPLIT_SECONDS` plus as much per item; a stopped process, a hung
-        file system) is killed and leaves them as errors too. The combine
+        reports nothing for ``timeout`` seconds (default :data:`SPLIT_SECONDS`;
+        a stopped process, a hung file system) is killed and leaves them as
+        errors too, so a hang costs one timeout, not one per item. The combine
         splits every batch the store lacks. Outcomes of an earlier call that
         stopped waiting are not taken for this call's.
         """
@@ -1144,7 +1145,8 @@ class SplitterProcess:
             self.queue.put((path, sha, tag))
         got: dict[str, str] = {}
         left = set(paths)
-        deadline = time.monotonic() + (SPLIT_SECONDS * (1 + len(items)) if timeout is None else timeout)
+        wait = SPLIT_SECONDS if timeout is None else timeout
+        deadline = time.monotonic() + wait
         why = None
         while left and why is None:
             try:
@@ -1162,6 +1164,7 @@ class SplitterProcess:
             elif its == [tag] and path in left:
                 got[path] = status
                 left.discard(path)
+                deadline = time.monotonic() + wait  # it is working: the next one gets as long
         return [(p, got[p] if p in got else f"error: {why}") for p in paths]
 
     def alive(self) -> bool:
