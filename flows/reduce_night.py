@@ -167,7 +167,40 @@ def start_camera_night(night_id: str, night_path: str, settings_json: str, db_ur
     for w in handle.warnings:
         get_run_logger().warning(w)
     _runs.record_intake(db_url, plan, handle.camera_night_id, handle.run_id)
+    _crash_abandoned_flow_run(db_url, handle, flow_run_id)
     return handle
+
+
+def _crash_abandoned_flow_run(db_url: str, handle: _runs.RunHandle, flow_run_id: str | None) -> None:
+    """Mark Crashed in Prefect the flow run of the camera-night's previous run, if the catalog ended that run
+    as abandoned (its process gone, or its lease expired) while Prefect still calls it Running.
+
+    A flow run whose process is killed outright (``kill -9``, the machine's power) is never told, and its
+    worker may be gone with it: Prefect showed it Running for good (an outside trial), although the catalog
+    recorded its end when the next run took the camera-night over. Cosmetic for the reduction, so any
+    error of Prefect's API here is logged and nothing more.
+    """
+    from mascara.catalog.catalog import ABANDONED
+
+    try:
+        prev = _runs.catalog(db_url).last_run(handle.camera_night_id, exclude=handle.run_id)
+        if (prev is None or prev.status != "failed" or not (prev.error or "").startswith(ABANDONED)
+                or not prev.flow_run_id or prev.flow_run_id == flow_run_id):
+            return
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.objects import StateType
+        from prefect.states import Crashed
+
+        with get_client(sync_client=True) as client:
+            fr = client.read_flow_run(prev.flow_run_id)
+            if fr.state is None or fr.state.type != StateType.RUNNING:
+                return
+            why = f"mascara: the catalog ended its run {prev.run_id} ({prev.error}); run {handle.run_id} took over"
+            client.set_flow_run_state(prev.flow_run_id, Crashed(message=why[:500]), force=True)
+        get_run_logger().warning("%s: flow run %s was Running in Prefect, but its run %s was %s: marked Crashed",
+                                 handle.night_id, prev.flow_run_id, prev.run_id, prev.error)
+    except Exception as exc:  # noqa: BLE001 - Prefect's record only
+        get_run_logger().warning("%s: could not mark the abandoned flow run Crashed: %s", handle.night_id, exc)
 
 
 @task(name="prepare", task_run_name="prepare-{night_id}", cache_policy=NO_CACHE, **_transient_task)

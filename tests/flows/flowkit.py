@@ -123,6 +123,13 @@ def task_runs(api: str, flow_run_id: str) -> dict[str, dict]:
     return out
 
 
+def flow_run_state(api: str, flow_run_id: str) -> str:
+    """The state type of a flow run (the server's REST API): ``RUNNING``, ``COMPLETED``, ``CRASHED``..."""
+    r = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=30)
+    r.raise_for_status()
+    return r.json()["state_type"]
+
+
 def artifacts(api: str, flow_run_id: str) -> dict[str, dict]:
     r = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}},
                    timeout=30)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from diskkit import fill, mount_tmpfs, resize, unmount
 from flowkit import (BIN, NIGHT, NIGHT_ID, assert_same_night_files, batch_rows, fresh_copy, mascprocess,
-                     mascprocess_cmd, night_status, running, runs, terminate)
+                     flow_run_state, mascprocess_cmd, night_status, running, runs, terminate)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "catalog"))
 from lifecycle_checks import check_invariants, sha256, tree_digest  # noqa: E402
@@ -55,7 +55,7 @@ def _check(datadir: Path) -> None:
 
 def test_interrupted_rerun_does_not_wedge_the_night(prefect_server, pristine_night, reference, tmp_path):
     """Issue 9, 1: reduce; re-run killed after its first batch file; the next plain run and -o succeed."""
-    _, env = prefect_server
+    api, env = prefect_server
     datadir = fresh_copy(pristine_night, tmp_path / "data")
     raw = tree_digest(datadir / NIGHT_ID / "raw")
     mascprocess(datadir, env, "-q")
@@ -64,9 +64,13 @@ def test_interrupted_rerun_does_not_wedge_the_night(prefect_server, pristine_nig
     killed = mascprocess(datadir, {**env, "MASCARA_FAULT": "after_batch_file:kill"}, "-q", check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert (datadir / NIGHT_ID / "lightcurves_old" / f"fLC_{NIGHT_ID}.hdf5").is_file()
+    killed_flow_run = runs(datadir)[-1]["flow_run_id"]
+    assert flow_run_state(api, killed_flow_run) == "RUNNING"  # nobody told Prefect
 
     again = mascprocess(datadir, env, "-q")  # no manual repair
     assert again.returncode == 0
+    # the run that took the camera-night over ended the killed one in the catalog, and in Prefect too
+    assert flow_run_state(api, killed_flow_run) == "CRASHED"
     assert night_status(datadir)["state"] == "succeeded"
     assert_same_night_files(datadir / NIGHT_ID, reference)
     # the first reduction is still where its rows say, with its checksum
