@@ -173,19 +173,21 @@ def start_camera_night(night_id: str, night_path: str, settings_json: str, db_ur
 
 def _crash_abandoned_flow_run(db_url: str, handle: _runs.RunHandle, flow_run_id: str | None) -> None:
     """Mark Crashed in Prefect the flow run of the camera-night's previous run, if the catalog ended that run
-    as abandoned (its process gone, or its lease expired) while Prefect still calls it Running.
+    as abandoned (its process gone, or its lease expired) while Prefect still calls it Running, and no other
+    camera-night of that flow run is still recorded running.
 
     A flow run whose process is killed outright (``kill -9``, the machine's power) is never told, and its
     worker may be gone with it: Prefect showed it Running for good (an outside trial), although the catalog
-    recorded its end when the next run took the camera-night over. Cosmetic for the reduction, so any
-    error of Prefect's API here is logged and nothing more.
+    recorded its end when the next run took the camera-night over. One flow run reduces several cameras:
+    while another of its runs holds a lease (its process only stalled past this camera-night's lease, a
+    review), a Crashed state would stop that run's next tasks, so it is left alone. Cosmetic for the
+    reduction, so any error of Prefect's API here is logged and nothing more.
     """
-    from mascara.catalog.catalog import ABANDONED
+    from mascara.catalog.lifecycle import abandoned_flow_run
 
     try:
-        prev = _runs.catalog(db_url).last_run(handle.camera_night_id, exclude=handle.run_id)
-        if (prev is None or prev.status != "failed" or not (prev.error or "").startswith(ABANDONED)
-                or not prev.flow_run_id or prev.flow_run_id == flow_run_id):
+        prev = abandoned_flow_run(_runs.catalog(db_url), handle.camera_night_id, handle.run_id, flow_run_id)
+        if prev is None:
             return
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.objects import StateType
@@ -269,9 +271,11 @@ _SPLITTERS_LOCK = threading.Lock()
 SPLITTER_STOP_SECONDS = 60.0
 
 
-def _splitter_process(plan: Any, run_id: str) -> Any:
+def _splitter_process(plan: Any, run_id: str, db_url: str) -> Any:
     """The night's :class:`mascara.reduce.SplitterProcess`, started on first use (or again if it died);
-    None once the run's splitter was stopped (:func:`stop_splitter`)."""
+    None once the run's splitter was stopped (:func:`stop_splitter`) or the run no longer holds its
+    camera-night's lease (another run took it over: nothing more of this run's is written under ``work/``,
+    and its splitter is stopped at once)."""
     from mascara.reduce import SplitterProcess
 
     key = os.path.realpath(plan.night.path)
@@ -279,9 +283,18 @@ def _splitter_process(plan: Any, run_id: str) -> Any:
         if run_id in _SPLITTERS_CLOSED:
             return None
         sp = _SPLITTERS.get(key)
-        if sp is None or not sp.alive():
-            sp = _SPLITTERS[key] = SplitterProcess.for_night(plan, _ctx(plan), report=True)
+    if not _runs.catalog(db_url).holds_lease(run_id):
+        stop_splitter(plan.night.path, run_id, clean=False)
+        return None
+    if sp is not None and sp.alive():
         return sp
+    new = SplitterProcess.for_night(plan, _ctx(plan), report=True)  # outside the lock: the other nights go on
+    with _SPLITTERS_LOCK:
+        if run_id not in _SPLITTERS_CLOSED:
+            _SPLITTERS[key] = new
+            return new
+    new.stop(clean=False)  # the run's splitter was stopped while this one started
+    return None
 
 
 def stop_splitter(night_path: str, run_id: str | None, clean: bool) -> None:
@@ -314,10 +327,10 @@ def split_task(night_id: str, handle: _runs.RunHandle, settings_json: str, batch
 
     plan = _plan(handle.night_path, settings_json)
     if own_process:
-        sp = _splitter_process(plan, handle.run_id)
+        sp = _splitter_process(plan, handle.run_id, handle.db_url)
         outcomes = (sp.split(batches) if sp is not None else
-                    [(path, "error: the run's splitter was stopped (the night is combining or has ended)")
-                     for path, _ in batches])
+                    [(path, "error: the run's splitter was stopped (the night is combining or has ended, or "
+                            "another run took its lease)") for path, _ in batches])
     else:
         splitter = StarSplitter(plan.workdir, diagnostic_stars(plan, _ctx(plan)))
         outcomes = []

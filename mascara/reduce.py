@@ -1155,8 +1155,7 @@ class SplitterProcess:
                 if not self.proc.is_alive():
                     why = f"the splitter process ended (exit code {self.proc.exitcode})"
                 elif time.monotonic() > deadline:
-                    self.proc.kill()
-                    self.proc.join()
+                    self._kill()
                     why = "the splitter process did not answer in time; stopped"
                 continue
             if status.startswith("fatal: "):  # the process could not start splitting, and has ended
@@ -1190,8 +1189,16 @@ class SplitterProcess:
             self.proc.terminate()
             self.proc.join(5.0)
         if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
+            self._kill()
+
+    def _kill(self) -> None:
+        """SIGKILL, and a bounded wait: a process in an uninterruptible disk wait (a hung NFS server) dies only
+        when the call returns, and nobody may wait for it meanwhile (a daemon: it goes with this process)."""
+        self.proc.kill()
+        self.proc.join(10.0)
+        if self.proc.is_alive():
+            log.warning("the splitter process %d of %s did not end on SIGKILL (a hung file system?); "
+                        "leaving it", self.proc.pid, self.workdir)
 
 
 class _Done:

@@ -610,6 +610,22 @@ class Catalog:
 
         return self._tx(fn, readonly=True)
 
+    def holds_lease(self, run_id: str) -> bool:
+        """Whether ``run_id`` holds its camera-night's lease now (read-only; expired or not)."""
+        def fn(s: Session) -> bool:
+            return s.execute(select(Lease.run_id).where(Lease.run_id == run_id)).scalar_one_or_none() is not None
+
+        return self._tx(fn, readonly=True)
+
+    def running_runs_of_flow_run(self, flow_run_id: str) -> list[str]:
+        """Ids of the runs of one flow run (one per camera-night it reduces) still recorded ``running``."""
+        def fn(s: Session) -> list[str]:
+            q = select(ReductionRun.id).where(ReductionRun.flow_run_id == flow_run_id,
+                                              ReductionRun.status == "running")
+            return sorted(s.execute(q).scalars())
+
+        return self._tx(fn, readonly=True)
+
     def run_info(self, run_id: str) -> RunInfo:
         """One run by id."""
         def fn(s: Session) -> RunInfo:

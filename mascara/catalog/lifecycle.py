@@ -648,6 +648,24 @@ def process_gone(cat: Catalog, run_id: str) -> int | None:
     return pid
 
 
+def abandoned_flow_run(cat: Catalog, camera_night_id: str, run_id: str, flow_run_id: str | None) -> RunInfo | None:
+    """The previous run of a camera-night when its flow run may be called crashed, else None.
+
+    That is: the catalog ended it as abandoned (its process gone, its lease
+    expired) when a later run (``run_id``, of flow run ``flow_run_id``) took
+    the camera-night over, it ran in another flow run, and no run of that flow
+    run is still recorded ``running``: one flow run reduces several cameras,
+    and a process that only stalled past one camera-night's lease may still
+    hold the others'.
+    """
+    prev = cat.last_run(camera_night_id, exclude=run_id)
+    if (prev is None or prev.status != "failed" or not (prev.error or "").startswith(ABANDONED)
+            or not prev.flow_run_id or prev.flow_run_id == flow_run_id
+            or cat.running_runs_of_flow_run(prev.flow_run_id)):
+        return None
+    return prev
+
+
 def _release_dead_lease(cat: Catalog, exc: LeaseHeld) -> bool:
     """End the holder's run when it ran on this host in a process that no longer exists.
 

@@ -458,3 +458,30 @@ def test_sizes_of_full_night_files_fit(catalog):
     with Session(catalog.engine) as s:
         assert s.execute(select(Product.size)).scalars().all() == [big]
         assert s.execute(select(Frame.size)).scalars().all() == [5_000_000_000]
+
+
+def test_an_abandoned_flow_run_is_called_crashed_only_when_none_of_its_camera_nights_is_running(catalog):
+    """A review: one flow run reduces several cameras; its process may have only stalled past camera E's
+    lease while it still holds camera W's. Marking that flow run Crashed in Prefect would stop W's next
+    tasks, so the flow run is named only once none of its runs is recorded running."""
+    from mascara.catalog.catalog import ABANDONED
+    from mascara.catalog.lifecycle import abandoned_flow_run
+
+    e = catalog.register_camera_night("LP", "E", "20260301", "/data/20260301LPE")
+    w = catalog.register_camera_night("LP", "W", "20260301", "/data/20260301LPW")
+    old_e = catalog.start_run(e, fingerprint(), {}, VERSIONS, "h1", flow_run_id="fr-1")
+    old_w = catalog.start_run(w, fingerprint(), {}, VERSIONS, "h1", flow_run_id="fr-1")
+    catalog.finish_run(old_e, "failed", error=f"{ABANDONED} no heartbeat since 2026-03-02 01:00:00 UTC")
+    new_e = catalog.start_run(e, fingerprint(), {}, VERSIONS, "h2", flow_run_id="fr-2")
+    assert abandoned_flow_run(catalog, e, new_e, "fr-2") is None  # W of fr-1 still runs
+    catalog.finish_run(old_w, "failed", error=f"{ABANDONED} process 123 on h1 no longer exists")
+    prev = abandoned_flow_run(catalog, e, new_e, "fr-2")
+    assert prev is not None and prev.run_id == old_e and prev.flow_run_id == "fr-1"
+    assert abandoned_flow_run(catalog, e, new_e, "fr-1") is None  # never the caller's own flow run
+    assert abandoned_flow_run(catalog, w, catalog.start_run(w, fingerprint(), {}, VERSIONS, "h2"), None).run_id \
+        == old_w
+    # a run that failed for a reason of its own ended its flow run itself: nothing to mark
+    s = catalog.register_camera_night("LP", "S", "20260301", "/data/20260301LPS")
+    old_s = catalog.start_run(s, fingerprint(), {}, VERSIONS, "h1", flow_run_id="fr-3")
+    catalog.finish_run(old_s, "failed", error="OSError: disk full")
+    assert abandoned_flow_run(catalog, s, catalog.start_run(s, fingerprint(), {}, VERSIONS, "h2"), None) is None

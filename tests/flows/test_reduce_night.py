@@ -85,8 +85,32 @@ def test_a_split_task_that_comes_after_its_run_stopped_the_splitter_starts_none(
 
     plan = SimpleNamespace(night=SimpleNamespace(path=tmp_path / "20260301LPE"))
     rn.stop_splitter(str(plan.night.path), "run-stopped", clean=True)
-    assert rn._splitter_process(plan, "run-stopped") is None
+    assert rn._splitter_process(plan, "run-stopped", "sqlite://") is None
     assert os.path.realpath(plan.night.path) not in rn._SPLITTERS
+
+
+def test_a_split_task_of_a_run_that_lost_its_lease_starts_no_splitter(tmp_path):
+    """A review: a run that stalled past its lease while another run took the camera-night over kept
+    splitting into the work/ the new run owns. Its split tasks now find it without the lease, close its
+    splitter and start none."""
+    from types import SimpleNamespace
+
+    from flows import reduce_night as rn
+    from mascara.catalog import connect
+
+    url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
+    cat = connect(url)
+    cn = cat.register_camera_night("LP", "E", "20260301", str(tmp_path / "20260301LPE"))
+    fp = {"code_version": "c", "settings_hash": "s", "catalogue_hash": "k", "raw_inventory_hash": "r"}
+    run = cat.start_run(cn, fp, {}, {}, "h", lease_seconds=0.5)
+    assert cat.holds_lease(run)
+    time.sleep(0.6)
+    taker = cat.start_run(cn, fp, {}, {}, "h2")  # the expired lease taken over
+    assert cat.holds_lease(taker) and not cat.holds_lease(run)
+    plan = SimpleNamespace(night=SimpleNamespace(path=tmp_path / "20260301LPE"))
+    assert rn._splitter_process(plan, run, url) is None
+    assert run in rn._SPLITTERS_CLOSED
+    cat.close()
 
 
 def test_batch_threads_from_the_environment(monkeypatch):
