@@ -322,7 +322,7 @@ def split_task(night_id: str, handle: _runs.RunHandle, settings_json: str, batch
     Splitting is an optimisation of the combine step, which re-adds any batch
     the store lacks, so a failure here is logged and not raised.
     """
-    from mascara.lightcurves import StarSplitter
+    from mascara.lightcurves import StarSplitter, split_outcome
     from mascara.diagnostics import diagnostic_stars
 
     plan = _plan(handle.night_path, settings_json)
@@ -333,19 +333,15 @@ def split_task(night_id: str, handle: _runs.RunHandle, settings_json: str, batch
                             "another run took its lease)") for path, _ in batches])
     else:
         splitter = StarSplitter(plan.workdir, diagnostic_stars(plan, _ctx(plan)))
-        outcomes = []
-        for path, sha in batches:
-            try:
-                outcomes.append((path, "added" if splitter.add(path, sha) else "skipped"))
-            except Exception as exc:  # noqa: BLE001 - the combine re-adds it
-                outcomes.append((path, f"error: {exc}"))
+        outcomes = [(path, split_outcome(splitter, path, sha)) for path, sha in batches]
     added = sum(st == "added" for _, st in outcomes)
     skipped = sum(st == "skipped" for _, st in outcomes)
     errors = []
     for path, st in outcomes:
         if st.startswith("error: "):
-            get_run_logger().warning("splitting %s failed: %s", path, st[len("error: "):])
-            errors.append(f"{Path(path).name}: {st[len('error: '):]}")
+            why = st[len("error: "):]
+            get_run_logger().warning("splitting %s failed: %s", path, why)
+            errors.append(f"{Path(path).name}: {why}")
     _runs.draw_quicklook(plan.night.path, get_run_logger(), every=QUICKLOOK_INTERVAL)
     return {"added": added, "skipped": skipped, "errors": errors}
 

@@ -800,13 +800,19 @@ def run_splitter_process(
             return
         item, sha, *tag = item if isinstance(item, tuple) else (item, None)
         faults.checkpoint("splitting")
-        try:
-            status = "added" if splitter.add(item, sha) else "skipped"
-        except Exception as exc:  # noqa: BLE001 - keep splitting the rest of the night
-            log.exception("splitting %s failed", item)
-            status = f"error: {exc}"
+        status = split_outcome(splitter, item, sha)
         if results is not None:
             results.put((os.fspath(item), status, *tag))
+
+
+def split_outcome(splitter: StarSplitter, batch_path: str | os.PathLike[str], sha256: str | None = None) -> str:
+    """:meth:`StarSplitter.add` of one batch file as an outcome: ``"added"``, ``"skipped"`` (split before, the
+    same content) or ``"error: <why>"`` (logged; the combine re-adds every batch the store lacks)."""
+    try:
+        return "added" if splitter.add(batch_path, sha256) else "skipped"
+    except Exception as exc:  # noqa: BLE001 - keep splitting the rest of the night
+        log.exception("splitting %s failed", batch_path)
+        return f"error: {exc}"
 
 
 # --------------------------------------------------------------------------- #

@@ -24,6 +24,7 @@ from flowkit import (
     artifacts,
     assert_same_night_files,
     batch_rows,
+    flow_run_state,
     fresh_copy,
     night_status,
     runs,
@@ -288,7 +289,7 @@ def test_a_cancelled_rerun_does_not_wedge_the_night(deployed_run, prefect_server
             time.sleep(0.5)
         _run([prefect, "flow-run", "cancel", flow_run_id], env, timeout=120)
         while True:
-            state = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=30).json()["state_type"]
+            state = flow_run_state(api, flow_run_id)
             if state in ("CANCELLED", "CRASHED", "FAILED"):
                 break
             assert time.perf_counter() - t0 < 400, f"flow run still {state}"
