@@ -45,7 +45,7 @@ import numpy as np
 from numba import njit
 
 from mascara._overlap import corner_table, table_weight
-from mascara._prefetch import prefetch
+from mascara._prefetch import prefetch2d
 from mascara.lcformat import (
     FLAG_EDGE,
     FLAG_NEGATIVE_FLUX,
@@ -351,7 +351,7 @@ def _bucket_codes(a, n, left, inv, nb, code):
         code[t] = np.uint32(math.floor(u) + 1.0)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _insertion_sort(a, s, e):
     for i in range(s + 1, e):
         v = a[i]
@@ -362,7 +362,7 @@ def _insertion_sort(a, s, e):
         a[j + 1] = v
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _sort_bucket(sbuf, start, done, b):
     """Sort bucket ``b`` of ``sbuf`` in place once."""
     if done[b]:
@@ -377,7 +377,7 @@ def _sort_bucket(sbuf, start, done, b):
     done[b] = True
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _value_of_rank(sbuf, start, done, nb, r):
     """The value of rank ``r`` of the bucketed values (sorting its bucket on first use)."""
     lo = 0
@@ -392,7 +392,7 @@ def _value_of_rank(sbuf, start, done, nb, r):
     return sbuf[r]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _split_at(sbuf, start, done, b, bound, upper, ilo, ihi):
     """Rank of the first value ``>= bound`` (``upper``: ``> bound``); ``bound`` lies in bucket ``b``.
 
@@ -424,7 +424,7 @@ def _split_at(sbuf, start, done, b, bound, upper, ilo, ihi):
     return i
 
 
-@njit(cache=True, nogil=True, fastmath=_REASSOC)
+@njit(cache=True, nogil=True, fastmath=_REASSOC, inline="always")
 def _window_sums(sbuf, s, e, ref):
     # over a slice from 0: with ``range(s, e)`` numba cannot prove the index >= 0, tests it for
     # wrap-around, and the loop did not vectorise (measure_apertures 79.5 -> 72 ms per full frame)
@@ -665,34 +665,37 @@ def _prefetch_rows(a, xs, ys, half):
         return
     si = max(64 // a.itemsize, 1)
     for j in range(j0, j1 + 1):
-        row = a[j]
         for i in range(i0, i1 + 1, si):
-            prefetch(row, i)
-        prefetch(row, i1)
+            prefetch2d(a, j, i)
+        prefetch2d(a, j, i1)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _append_run(row, i0, i1, buf, m):
-    """Append the finite values of ``row[i0:i1]`` to ``buf`` at ``m``; the new length.
+def _append_run(image, j, i0, i1, buf, m):
+    """Append the finite values of ``image[j, i0:i1]`` to ``buf`` at ``m``; the new length.
 
     The run is copied whole and its non-finite values counted in one loop that
     vectorises; only a run holding one (a gap of a stack) is compacted again.
+    Indexes the arrays themselves: a row or slice view would cost an atomic
+    reference-count increment and decrement each (numba), several per row.
     """
     n = i1 - i0
     if n <= 0:
         return m
-    src = row[i0:i1]
-    dst = buf[m:m + n]
+    # unsigned indices: numba then tests no index for wrap-around, and the copy vectorises
+    uj = np.uintp(j)
+    ui = np.uintp(i0)
+    um = np.uintp(m)
     bad = 0
-    for q in range(n):
-        v = src[q]
-        dst[q] = v
+    for q in range(np.uintp(n)):
+        v = image[uj, ui + q]
+        buf[um + q] = v
         bad += not math.isfinite(v)
     if bad == 0:
         return m + n
     k = m
-    for q in range(n):
-        v = src[q]
+    for q in range(np.uintp(n)):
+        v = image[uj, ui + q]
         buf[k] = v
         k += math.isfinite(v)
     return k
@@ -812,15 +815,13 @@ def _measure_kernel(
                 eb = ic
                 while eb + 1 <= ihi and (eb + 1 - xs) ** 2 + dy2 < ri2:
                     eb += 1
-            im = image[j]
             if check:
-                rr = raw[j]
                 for i in range(ilo, min(ea, ihi + 1)):
-                    nsat += rr[i] >= saturation
+                    nsat += raw[j, i] >= saturation
                 for i in range(max(eb + 1, ilo), ihi + 1):
-                    nsat += rr[i] >= saturation
-            m = _append_run(im, ilo, min(ea, ihi + 1), buf, m)
-            m = _append_run(im, max(eb + 1, ilo), ihi + 1, buf, m)
+                    nsat += raw[j, i] >= saturation
+            m = _append_run(image, j, ilo, min(ea, ihi + 1), buf, m)
+            m = _append_run(image, j, max(eb + 1, ilo), ihi + 1, buf, m)
 
         if nsat > 0:
             f |= FLAG_SKY_SATURATED
