@@ -137,8 +137,9 @@ def _warm_jit() -> None:
     """Load the numba kernels (compiled or from the on-disk cache) so no batch pays for it.
 
     Every signature the reduction uses: per-frame photometry (float32 image, uint16 raw), binned
-    photometry (float32 image, ``raw=None``), the stackers, the one-pass reader.
+    photometry (float32 image, ``raw=None``), the centroids, the stackers, the one-pass reader.
     """
+    from mascara.astrometry import measure_centroids
     from mascara.binning import ORDERS, Stacker
     from mascara.photometry import measure_apertures
     from mascara.rawio import _decode_calibrate
@@ -149,6 +150,7 @@ def _warm_jit() -> None:
     # a frame's raw science region: a view with contiguous rows (read in place, another signature)
     measure_apertures(img, np.array([48.0]), np.array([48.0]), raw=np.zeros((96, 100), np.uint16)[:, 2:98])
     measure_apertures(img, np.array([48.0]), np.array([48.0]), (2.5, 3.5, 4.5, 5.5), gain=31.0)
+    measure_centroids(img, np.array([48.0]), np.array([48.0]))  # the astrometry of frames and stacks
     for order in ORDERS:
         st = Stacker(img.shape, tile=32, order=order)
         st.add(img, np.zeros(st.tiles), np.zeros(st.tiles))
@@ -166,13 +168,14 @@ def _warm_jit() -> None:
 def _jit_signatures() -> dict[str, int]:
     """Compiled signatures of every numba kernel of mascara (a new one after the warm-up means a compile)."""
     import mascara._overlap
+    import mascara.astrometry
     import mascara.binning
     import mascara.photometry
     import mascara.rawio
     from numba.core.registry import CPUDispatcher
 
     out = {}
-    for mod in (mascara._overlap, mascara.binning, mascara.photometry, mascara.rawio):
+    for mod in (mascara._overlap, mascara.astrometry, mascara.binning, mascara.photometry, mascara.rawio):
         for name, obj in vars(mod).items():
             if isinstance(obj, CPUDispatcher):
                 out[f"{mod.__name__}.{name}"] = len(obj.signatures)
@@ -287,8 +290,9 @@ def compare_photutils(night_dir: str, batch_path: str, nframes: int) -> dict:
             rel[k].append(np.abs(a - b) / np.abs(b))
         for k in ("flux0", "flux1"):
             sig[k].append(np.abs(ph[k][ok] - ref[k][ok]) / ph[f"e{k}"][ok])
-        # positions are stored as float32 in the batch file, so equal only to ~1e-6
-        pipe.append(np.abs(ph["flux0"][ok] - sel["flux0"][ok]) / np.abs(sel["flux0"][ok]))
+        # positions are stored as float32 in the batch file (to 1.2e-4 px), so the fluxes are equal
+        # only to a small fraction of their errors (relative differences grow without bound near 0)
+        pipe.append(np.abs(ph["flux0"][ok] - sel["flux0"][ok]) / ph["eflux0"][ok])
         rows.append({"lstseq": int(seq), "nstars": int(len(sel)), "unflagged": int(ok.sum()),
                      "product_cpu": t_prod, "photutils_cpu": t_put})
     allrel = {k: np.concatenate(v) for k, v in rel.items()}
@@ -302,7 +306,7 @@ def compare_photutils(night_dir: str, batch_path: str, nframes: int) -> dict:
                     "p99": float(np.percentile(v, 99))}
                 for k, v in allrel.items()},
         "sigma": {k: float(np.concatenate(v).max()) for k, v in sig.items()},
-        "pipeline_rel_max": float(np.concatenate(pipe).max()),
+        "pipeline_sigma_max": float(np.concatenate(pipe).max()),
     }
 
 
@@ -629,8 +633,10 @@ def render(res: dict, s: dict) -> str:
             L.append(f"- `{k}` relative difference, {r['n']} unflagged star-frames: max {r['max']:.1e}, "
                      f"99th percentile {r['p99']:.1e}, median {r['median']:.1e}; "
                      f"{100 * r['frac_over']:.2f} % above {TARGET_FLUX_AGREEMENT:g}{extra}")
-        L.append(f"- The benchmark's own `measure_apertures` call reproduces the batch file's `flux0` to "
-                 f"{pu['pipeline_rel_max']:.1e} relative (the batch file stores x, y as float32).\n")
+        if "pipeline_sigma_max" in pu:  # (results of runs before it gave a relative difference)
+            L.append(f"- The benchmark's own `measure_apertures` call reproduces the batch file's `flux0` to "
+                     f"{pu['pipeline_sigma_max']:.1e} of its error at most (the batch file stores x, y as "
+                     "float32).\n")
 
     ns = res.get("night")
     if ns:
