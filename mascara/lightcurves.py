@@ -773,6 +773,13 @@ def run_splitter_process(
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # (it stops this process; no traceback from here)
+
+        def _terminated(signum: int, frame: Any) -> None:
+            # SIGTERM (a run that failed or was interrupted stops its splitter) as an exit that unwinds the
+            # write in progress: atomic_path then removes its temporary file instead of leaving it behind
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, _terminated)
     parent = os.getppid() if parent_pid is None else parent_pid
     try:
         splitter = StarSplitter(workdir, diagnostic_ids)
