@@ -137,8 +137,9 @@ def _warm_jit() -> None:
     """Load the numba kernels (compiled or from the on-disk cache) so no batch pays for it.
 
     Every signature the reduction uses: per-frame photometry (float32 image, uint16 raw), binned
-    photometry (float32 image, ``raw=None``), the stackers, the one-pass reader.
+    photometry (float32 image, ``raw=None``), the centroids, the stackers, the one-pass reader.
     """
+    from mascara.astrometry import measure_centroids
     from mascara.binning import ORDERS, Stacker
     from mascara.photometry import measure_apertures
     from mascara.rawio import _decode_calibrate
@@ -149,6 +150,7 @@ def _warm_jit() -> None:
     # a frame's raw science region: a view with contiguous rows (read in place, another signature)
     measure_apertures(img, np.array([48.0]), np.array([48.0]), raw=np.zeros((96, 100), np.uint16)[:, 2:98])
     measure_apertures(img, np.array([48.0]), np.array([48.0]), (2.5, 3.5, 4.5, 5.5), gain=31.0)
+    measure_centroids(img, np.array([48.0]), np.array([48.0]))  # the astrometry of frames and stacks
     for order in ORDERS:
         st = Stacker(img.shape, tile=32, order=order)
         st.add(img, np.zeros(st.tiles), np.zeros(st.tiles))
@@ -166,13 +168,14 @@ def _warm_jit() -> None:
 def _jit_signatures() -> dict[str, int]:
     """Compiled signatures of every numba kernel of mascara (a new one after the warm-up means a compile)."""
     import mascara._overlap
+    import mascara.astrometry
     import mascara.binning
     import mascara.photometry
     import mascara.rawio
     from numba.core.registry import CPUDispatcher
 
     out = {}
-    for mod in (mascara._overlap, mascara.binning, mascara.photometry, mascara.rawio):
+    for mod in (mascara._overlap, mascara.astrometry, mascara.binning, mascara.photometry, mascara.rawio):
         for name, obj in vars(mod).items():
             if isinstance(obj, CPUDispatcher):
                 out[f"{mod.__name__}.{name}"] = len(obj.signatures)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from numba import njit
 from scipy.ndimage import uniform_filter
 from scipy.optimize import least_squares
 from scipy.spatial import cKDTree
@@ -48,6 +49,129 @@ def _cutouts(image: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> tu
     return image[jy, jx].astype(float), inside
 
 
+@njit(cache=True, nogil=True)
+def _edge_median(image, ix, iy, ring, buf):
+    """Median of the border pixels of the (2 ring + 1)^2 cut-out centred on (ix, iy); NaN if any is NaN."""
+    m = 0
+    for j in range(iy - ring, iy + ring + 1):
+        if j == iy - ring or j == iy + ring:
+            for i in range(ix - ring, ix + ring + 1):
+                buf[m] = image[j, i]
+                m += 1
+        else:
+            buf[m] = image[j, ix - ring]
+            buf[m + 1] = image[j, ix + ring]
+            m += 2
+    for k in range(m):
+        if np.isnan(buf[k]):
+            return np.nan
+    v = np.sort(buf[:m])
+    if m % 2:
+        return v[m // 2]
+    return (v[m // 2 - 1] + v[m // 2]) / 2.0
+
+
+@njit(cache=True, nogil=True)
+def _centroid_kernel(image, x, y, half, maxmove, wsigma, niter, xc, yc, ok):
+    """One star after the other: the algorithm of :func:`measure_centroids`, which documents it."""
+    ny, nx = image.shape
+    ring = half + 3
+    whalf = int(np.ceil(4 * wsigma))
+    wring = whalf + 2
+    nw = 2 * whalf + 1
+    buf = np.empty(8 * max(ring, wring) + 4)
+    sub = np.empty((nw, nw))
+    wx = np.empty(nw)
+    wy = np.empty(nw)
+    dx = np.empty(nw)
+    dy = np.empty(nw)
+    rows = np.empty(nw)
+    cols = np.empty(nw)
+    two_s2 = 2.0 * wsigma * wsigma
+    for s in range(len(x)):
+        x0, y0 = x[s], y[s]
+        if not (np.isfinite(x0) and np.isfinite(y0)):
+            continue
+        # centre of mass in the box, twice (the second on the re-centred box)
+        cx, cy = x0, y0
+        alive = True
+        for _ in range(2):
+            ix, iy = int(np.rint(cx)), int(np.rint(cy))
+            if ix - ring < 0 or ix + ring >= nx or iy - ring < 0 or iy + ring >= ny:
+                alive = False
+                break
+            sky = _edge_median(image, ix, iy, ring, buf)
+            tot = 0.0
+            mx = 0.0
+            my = 0.0
+            for j in range(-half, half + 1):
+                for i in range(-half, half + 1):
+                    v = image[iy + j, ix + i] - sky
+                    if v < 0.0:
+                        v = 0.0
+                    elif not v >= 0.0:  # NaN: the star fails (as tot > 0 does in the array form)
+                        tot = np.nan
+                    tot += v
+                    mx += v * i
+                    my += v * j
+            if not tot > 0.0:
+                alive = False
+                break
+            cx = ix + mx / tot
+            cy = iy + my / tot
+        if not alive:
+            continue
+        # the Gaussian-windowed centroid on a fixed cut-out around the COM position
+        ix, iy = int(np.rint(cx)), int(np.rint(cy))
+        if ix - wring < 0 or ix + wring >= nx or iy - wring < 0 or iy + wring >= ny:
+            continue
+        sky = _edge_median(image, ix, iy, wring, buf)
+        for j in range(nw):
+            for i in range(nw):
+                sub[j, i] = image[iy - whalf + j, ix - whalf + i] - sky
+        converged = False
+        sw = 0.0
+        for _ in range(niter):
+            for k in range(nw):
+                dx[k] = (ix - cx) + (k - whalf)
+                dy[k] = (iy - cy) + (k - whalf)
+                wx[k] = np.exp(-dx[k] * dx[k] / two_s2)
+                wy[k] = np.exp(-dy[k] * dy[k] / two_s2)
+            for j in range(nw):
+                r = 0.0
+                for i in range(nw):
+                    r += sub[j, i] * wx[i]
+                rows[j] = r
+            for i in range(nw):
+                c = 0.0
+                for j in range(nw):
+                    c += sub[j, i] * wy[j]
+                cols[i] = c
+            sw = 0.0
+            sx = 0.0
+            sy = 0.0
+            for k in range(nw):
+                sw += rows[k] * wy[k]
+                sx += cols[k] * wx[k] * dx[k]
+                sy += rows[k] * wy[k] * dy[k]
+            stepx = 2.0 * sx / sw
+            stepy = 2.0 * sy / sw
+            stepx = 0.0 if not np.isfinite(stepx) else min(max(stepx, -1.0), 1.0)
+            stepy = 0.0 if not np.isfinite(stepy) else min(max(stepy, -1.0), 1.0)
+            cx += stepx
+            cy += stepy
+            if np.hypot(stepx, stepy) < 1e-4:
+                converged = True
+                break
+        if not (sw > 0.0 and converged and np.isfinite(cx) and np.isfinite(cy)):
+            continue
+        if not (np.hypot(cx - x0, cy - y0) < maxmove and abs(cx - ix) < 1.0 and abs(cy - iy) < 1.0):
+            continue
+        xc[s] = cx
+        yc[s] = cy
+        ok[s] = True
+
+
 def measure_centroids(
     image: np.ndarray,
     x: np.ndarray,
@@ -65,7 +189,9 @@ def measure_centroids(
     trailed along a straight line is, that fixed point is the centre, free of
     the truncation bias of a plain box centroid. The local sky is the median of
     the edge of a cut-out 3 px larger than the box (COM step) or 2 px beyond
-    4 window sigmas (windowed step), subtracted first. Vectorised over stars.
+    4 window sigmas (windowed step), subtracted first (clipped at zero in the
+    COM step). The windowed step is iterated until a step is below 1e-4 px,
+    at most ``niter`` times. A numba kernel, star by star.
 
     Parameters
     ----------
@@ -88,80 +214,14 @@ def measure_centroids(
         Finite, positive flux in the window, converged, inside the image and
         moved less than ``box / 2`` from the prediction.
     """
-    x = np.asarray(x, float).ravel()
-    y = np.asarray(y, float).ravel()
+    x = np.ascontiguousarray(np.asarray(x, float).ravel())
+    y = np.ascontiguousarray(np.asarray(y, float).ravel())
     n = len(x)
-    half = box // 2
-    ring = half + 3
     xc = np.full(n, np.nan)
     yc = np.full(n, np.nan)
     ok = np.zeros(n, bool)
-    good = np.isfinite(x) & np.isfinite(y)
-    if not good.any():
-        return xc, yc, ok
-    idx = np.flatnonzero(good)
-    cx, cy = x[idx].copy(), y[idx].copy()
-    off = np.arange(-ring, ring + 1, dtype=float)
-    edge = np.ones((2 * ring + 1, 2 * ring + 1), bool)
-    edge[1:-1, 1:-1] = False
-    alive = np.ones(len(idx), bool)
-
-    # Centre of mass in the box, twice (the second on the re-centred box).
-    for _ in range(2):
-        ix, iy = np.rint(cx).astype(int), np.rint(cy).astype(int)
-        cut, inside = _cutouts(image, ix, iy, ring)
-        alive &= inside
-        sky = np.median(cut[:, edge], axis=1)
-        sub = cut[:, ring - half: ring + half + 1, ring - half: ring + half + 1] - sky[:, None, None]
-        sub = np.clip(sub, 0.0, None)
-        tot = sub.sum(axis=(1, 2))
-        bo = off[ring - half: ring + half + 1]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cx = ix + (sub.sum(axis=1) * bo).sum(axis=1) / tot
-            cy = iy + (sub.sum(axis=2) * bo).sum(axis=1) / tot
-        alive &= tot > 0
-        cx = np.where(alive, cx, x[idx])
-        cy = np.where(alive, cy, y[idx])
-
-    # Windowed centroid on a fixed cut-out around the COM position; the
-    # Gaussian window is separable, so the sums are two small contractions.
-    whalf = int(np.ceil(4 * window_sigma))
-    wring = whalf + 2
-    ix, iy = np.rint(cx).astype(int), np.rint(cy).astype(int)
-    cut, inside = _cutouts(image, ix, iy, wring)
-    alive &= inside
-    wedge = np.ones((2 * wring + 1, 2 * wring + 1), bool)
-    wedge[1:-1, 1:-1] = False
-    sky = np.median(cut[:, wedge], axis=1)
-    sub = cut[:, 2:-2, 2:-2] - sky[:, None, None]
-    woff = np.arange(-whalf, whalf + 1, dtype=float)
-    converged = np.zeros(len(idx), bool)
-    for _ in range(niter):
-        dx = (ix - cx)[:, None] + woff[None, :]
-        dy = (iy - cy)[:, None] + woff[None, :]
-        wx = np.exp(-dx * dx / (2 * window_sigma**2))
-        wy = np.exp(-dy * dy / (2 * window_sigma**2))
-        rows = np.einsum("nji,ni->nj", sub, wx)  # sum over x with the x window
-        cols = np.einsum("nji,nj->ni", sub, wy)
-        sw = np.einsum("nj,nj->n", rows, wy)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            stepx = 2.0 * np.einsum("ni,ni->n", cols, wx * dx) / sw
-            stepy = 2.0 * np.einsum("nj,nj->n", rows, wy * dy) / sw
-        stepx = np.clip(np.nan_to_num(stepx), -1.0, 1.0)
-        stepy = np.clip(np.nan_to_num(stepy), -1.0, 1.0)
-        cx = cx + stepx
-        cy = cy + stepy
-        converged = np.hypot(stepx, stepy) < 1e-4
-        if converged[alive].all():
-            break
-    alive &= sw > 0
-    moved = np.hypot(cx - x[idx], cy - y[idx])
-    alive &= converged & np.isfinite(cx) & np.isfinite(cy) & (moved < box / 2)
-    # the window must stay inside the cut-out
-    alive &= (np.abs(cx - ix) < 1.0) & (np.abs(cy - iy) < 1.0)
-    xc[idx] = np.where(alive, cx, np.nan)
-    yc[idx] = np.where(alive, cy, np.nan)
-    ok[idx] = alive
+    if n:
+        _centroid_kernel(np.asarray(image), x, y, int(box) // 2, box / 2, float(window_sigma), int(niter), xc, yc, ok)
     return xc, yc, ok
 
 

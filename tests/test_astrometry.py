@@ -153,6 +153,33 @@ def test_centroids_of_isolated_bright_stars(small_scene):
     assert np.median(xc[ok] - x[sel][ok]) == pytest.approx(0, abs=0.01)  # no bias along the trail
 
 
+@pytest.mark.parametrize("box", [5, 6, 7])
+def test_the_centroid_kernel_agrees_with_the_array_form_it_replaced(small_scene, box):
+    truth, alt, az, vmag, image, x, y = small_scene
+    image = image.astype(np.float32)
+    rng = np.random.default_rng(11)
+    near = truth.in_image(x, y, margin=-20)  # stars near and beyond the edges too
+    px = x[near] + rng.uniform(-1.5, 1.5, near.sum())
+    py = y[near] + rng.uniform(-1.5, 1.5, near.sum())
+    # NaN pixels next to some stars: in a box, on a cut-out's edge, in the window only
+    for k, (dx, dy) in enumerate([(0, 0), (box // 2 + 3, 0), (0, -(box // 2 + 3)), (6, 6), (8, 0)]):
+        j = int(np.rint(py[10 + k])) + dy
+        i = int(np.rint(px[10 + k])) + dx
+        if 0 <= j < image.shape[0] and 0 <= i < image.shape[1]:
+            image[j, i] = np.nan
+    px = np.r_[px, -5.0, np.nan, 2.0, 1e9]
+    py = np.r_[py, 10.0, 10.0, np.nan, 3.0]
+    xc, yc, ok = measure_centroids(image, px, py, box=box)
+    xr, yr, okr = centroids_reference(image, px, py, box=box)
+    assert ok.sum() > 100 and (~ok).sum() > 20
+    # the array form iterates every star until all have converged, the kernel each until it has
+    assert (ok != okr).sum() <= 0.002 * len(ok)
+    both = ok & okr
+    assert np.max(np.abs(xc[both] - xr[both])) < 1e-4
+    assert np.max(np.abs(yc[both] - yr[both])) < 1e-4
+    assert np.isnan(xc[~ok]).all() and np.isnan(yc[~ok]).all()
+
+
 def test_centroids_fail_cleanly(small_scene):
     truth, alt, az, vmag, image, x, y = small_scene
     # off the image, NaN input, and an empty patch of sky far from any star
@@ -301,3 +328,101 @@ def test_correct_batch_rejects_bad_fit(small_scene):
     perm = rng.permutation(sel.sum())
     res = correct_batch(truth, image, alt[sel], az[sel][perm] + 0.3, vmag[sel], isolated=iso[sel])
     assert not res.ok and res.model is truth
+
+
+# ------------------------------------------------------- reference (the array form before the kernel)
+def _cutouts_reference(image: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 2 half + 1, 2 half + 1) cut-outs centred on integer pixels; ``inside`` mask."""
+    ny, nx = image.shape
+    inside = (ix - half >= 0) & (ix + half < nx) & (iy - half >= 0) & (iy + half < ny)
+    off = np.arange(-half, half + 1)
+    jx = np.clip(ix[:, None, None] + off[None, None, :], 0, nx - 1)
+    jy = np.clip(iy[:, None, None] + off[None, :, None], 0, ny - 1)
+    return image[jy, jx].astype(float), inside
+
+
+def centroids_reference(
+    image: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    box: int = 7,
+    window_sigma: float = 1.5,
+    niter: int = 15,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The array form :func:`mascara.astrometry.measure_centroids` had before its numba kernel (stop 36):
+    all stars at once, every iteration until all converge. Kept as the kernel's reference."""
+    x = np.asarray(x, float).ravel()
+    y = np.asarray(y, float).ravel()
+    n = len(x)
+    half = box // 2
+    ring = half + 3
+    xc = np.full(n, np.nan)
+    yc = np.full(n, np.nan)
+    ok = np.zeros(n, bool)
+    good = np.isfinite(x) & np.isfinite(y)
+    if not good.any():
+        return xc, yc, ok
+    idx = np.flatnonzero(good)
+    cx, cy = x[idx].copy(), y[idx].copy()
+    off = np.arange(-ring, ring + 1, dtype=float)
+    edge = np.ones((2 * ring + 1, 2 * ring + 1), bool)
+    edge[1:-1, 1:-1] = False
+    alive = np.ones(len(idx), bool)
+
+    # Centre of mass in the box, twice (the second on the re-centred box).
+    for _ in range(2):
+        ix, iy = np.rint(cx).astype(int), np.rint(cy).astype(int)
+        cut, inside = _cutouts_reference(image, ix, iy, ring)
+        alive &= inside
+        sky = np.median(cut[:, edge], axis=1)
+        sub = cut[:, ring - half: ring + half + 1, ring - half: ring + half + 1] - sky[:, None, None]
+        sub = np.clip(sub, 0.0, None)
+        tot = sub.sum(axis=(1, 2))
+        bo = off[ring - half: ring + half + 1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cx = ix + (sub.sum(axis=1) * bo).sum(axis=1) / tot
+            cy = iy + (sub.sum(axis=2) * bo).sum(axis=1) / tot
+        alive &= tot > 0
+        cx = np.where(alive, cx, x[idx])
+        cy = np.where(alive, cy, y[idx])
+
+    # Windowed centroid on a fixed cut-out around the COM position; the
+    # Gaussian window is separable, so the sums are two small contractions.
+    whalf = int(np.ceil(4 * window_sigma))
+    wring = whalf + 2
+    ix, iy = np.rint(cx).astype(int), np.rint(cy).astype(int)
+    cut, inside = _cutouts_reference(image, ix, iy, wring)
+    alive &= inside
+    wedge = np.ones((2 * wring + 1, 2 * wring + 1), bool)
+    wedge[1:-1, 1:-1] = False
+    sky = np.median(cut[:, wedge], axis=1)
+    sub = cut[:, 2:-2, 2:-2] - sky[:, None, None]
+    woff = np.arange(-whalf, whalf + 1, dtype=float)
+    converged = np.zeros(len(idx), bool)
+    for _ in range(niter):
+        dx = (ix - cx)[:, None] + woff[None, :]
+        dy = (iy - cy)[:, None] + woff[None, :]
+        wx = np.exp(-dx * dx / (2 * window_sigma**2))
+        wy = np.exp(-dy * dy / (2 * window_sigma**2))
+        rows = np.einsum("nji,ni->nj", sub, wx)  # sum over x with the x window
+        cols = np.einsum("nji,nj->ni", sub, wy)
+        sw = np.einsum("nj,nj->n", rows, wy)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            stepx = 2.0 * np.einsum("ni,ni->n", cols, wx * dx) / sw
+            stepy = 2.0 * np.einsum("nj,nj->n", rows, wy * dy) / sw
+        stepx = np.clip(np.nan_to_num(stepx), -1.0, 1.0)
+        stepy = np.clip(np.nan_to_num(stepy), -1.0, 1.0)
+        cx = cx + stepx
+        cy = cy + stepy
+        converged = np.hypot(stepx, stepy) < 1e-4
+        if converged[alive].all():
+            break
+    alive &= sw > 0
+    moved = np.hypot(cx - x[idx], cy - y[idx])
+    alive &= converged & np.isfinite(cx) & np.isfinite(cy) & (moved < box / 2)
+    # the window must stay inside the cut-out
+    alive &= (np.abs(cx - ix) < 1.0) & (np.abs(cy - iy) < 1.0)
+    xc[idx] = np.where(alive, cx, np.nan)
+    yc[idx] = np.where(alive, cy, np.nan)
+    ok[idx] = alive
+    return xc, yc, ok
