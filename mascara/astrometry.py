@@ -65,10 +65,10 @@ def _edge_median(image, ix, iy, ring, buf):
     for k in range(m):
         if np.isnan(buf[k]):
             return np.nan
-    v = np.sort(buf[:m])
+    buf[:m].sort()  # in place: no array allocated per star
     if m % 2:
-        return v[m // 2]
-    return (v[m // 2 - 1] + v[m // 2]) / 2.0
+        return buf[m // 2]
+    return (buf[m // 2 - 1] + buf[m // 2]) / 2.0
 
 
 @njit(cache=True, nogil=True)

@@ -10,6 +10,7 @@ from scipy.special import erf
 
 from mascara.astrometry import (
     AstrometryFailed,
+    _cutouts,
     correct_batch,
     detect_stars,
     estimate_background,
@@ -331,16 +332,6 @@ def test_correct_batch_rejects_bad_fit(small_scene):
 
 
 # ------------------------------------------------------- reference (the array form before the kernel)
-def _cutouts_reference(image: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 2 half + 1, 2 half + 1) cut-outs centred on integer pixels; ``inside`` mask."""
-    ny, nx = image.shape
-    inside = (ix - half >= 0) & (ix + half < nx) & (iy - half >= 0) & (iy + half < ny)
-    off = np.arange(-half, half + 1)
-    jx = np.clip(ix[:, None, None] + off[None, None, :], 0, nx - 1)
-    jy = np.clip(iy[:, None, None] + off[None, :, None], 0, ny - 1)
-    return image[jy, jx].astype(float), inside
-
-
 def centroids_reference(
     image: np.ndarray,
     x: np.ndarray,
@@ -372,7 +363,7 @@ def centroids_reference(
     # Centre of mass in the box, twice (the second on the re-centred box).
     for _ in range(2):
         ix, iy = np.rint(cx).astype(int), np.rint(cy).astype(int)
-        cut, inside = _cutouts_reference(image, ix, iy, ring)
+        cut, inside = _cutouts(image, ix, iy, ring)
         alive &= inside
         sky = np.median(cut[:, edge], axis=1)
         sub = cut[:, ring - half: ring + half + 1, ring - half: ring + half + 1] - sky[:, None, None]
@@ -391,7 +382,7 @@ def centroids_reference(
     whalf = int(np.ceil(4 * window_sigma))
     wring = whalf + 2
     ix, iy = np.rint(cx).astype(int), np.rint(cy).astype(int)
-    cut, inside = _cutouts_reference(image, ix, iy, wring)
+    cut, inside = _cutouts(image, ix, iy, wring)
     alive &= inside
     wedge = np.ones((2 * wring + 1, 2 * wring + 1), bool)
     wedge[1:-1, 1:-1] = False
