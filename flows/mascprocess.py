@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mascara import _collector
+
 # Before Prefect is imported: its settings are read once, at import.
 _PREFECT_ENV = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
@@ -247,11 +249,12 @@ def _mascprocess(args: argparse.Namespace) -> int:
                       require_calibration=args.require_calibration, skip_done=args.skip_done)
         t0 = time.perf_counter()
         api = nullcontext()
+        try:  # while a temporary server boots; with a running server it is loaded here rather than in the run
+            _load_ahead()
+        except Exception:  # noqa: BLE001 - only a head start: the run loads it again and reports failures
+            logging.getLogger(__name__).debug("loading ahead failed", exc_info=True)
+        _collector.settled()
         if server is not None:
-            try:
-                _load_ahead()
-            except Exception:  # noqa: BLE001 - only a head start: the run loads it again and reports failures
-                logging.getLogger(__name__).debug("loading ahead failed", exc_info=True)
             try:
                 server.wait(get_current_settings().server.ephemeral.startup_timeout_seconds)
             except RuntimeError as exc:  # nothing has started: no run to record
@@ -343,6 +346,7 @@ def run_without_prefect(datadir: str, night: str | None, camera: str | None, sit
     from mascara.selection import SelectionError, select_nights
     from mascara.settings import Settings
 
+    _collector.settled()
     datadir = str(Path(datadir).resolve())
     try:
         sel = select_nights(datadir, night or "all", camera, site, settings=settings, db_url=db)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 
 def _seconds(text: str) -> float:
@@ -230,5 +231,26 @@ def mascprocess_main(argv: list[str] | None = None) -> int:
     return _dispatch(parser.parse_args(argv), "mascprocess")
 
 
+def _command(entry: Callable[[], int]) -> int:
+    """Run a console command in a process of its own (see :mod:`mascara._collector`)."""
+    from mascara import _collector
+
+    _collector.loading()
+    try:
+        return entry()
+    finally:
+        _collector.exiting()
+
+
+def mascara_command() -> int:
+    """The ``mascara`` console command."""
+    return _command(main)
+
+
+def mascprocess_command() -> int:
+    """The ``mascprocess`` console command."""
+    return _command(mascprocess_main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(mascara_command())

@@ -46,7 +46,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mascara import faults
+from mascara import _collector, faults
 from mascara._files import atomic_path, save_npy
 from mascara.lcformat import (
     ASCC_DTYPE,
@@ -767,8 +767,6 @@ def run_splitter_process(
     cannot be opened ends the process, with ``("", "fatal: <why>")`` on
     ``results``.
     """
-    from queue import Empty
-
     if parent_pid is not None:  # a process of its own: Ctrl-C at the terminal is the parent's to handle
         import signal
 
@@ -780,7 +778,20 @@ def run_splitter_process(
             raise SystemExit(128 + signum)
 
         signal.signal(signal.SIGTERM, _terminated)
-    parent = os.getppid() if parent_pid is None else parent_pid
+        _collector.adopt()  # what the spawn loaded stays out of its collections, and out of its exit's
+        try:
+            _split_until_none(queue, workdir, diagnostic_ids, results, parent_pid)
+        finally:
+            _collector.exiting()
+    else:
+        _split_until_none(queue, workdir, diagnostic_ids, results, os.getppid())
+
+
+def _split_until_none(queue: Any, workdir: str | os.PathLike[str], diagnostic_ids: Iterable[str], results: Any,
+                      parent: int) -> None:
+    """The loop of :func:`run_splitter_process`, in a process whose parent is ``parent``."""
+    from queue import Empty
+
     try:
         splitter = StarSplitter(workdir, diagnostic_ids)
     except Exception as exc:  # noqa: BLE001 - said to whoever waits for outcomes, not only to stderr
