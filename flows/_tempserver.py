@@ -47,9 +47,24 @@ import ctypes, os, runpy, signal, sys
 ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 if os.getppid() != int(sys.argv[1]):  # the parent went before the line above
     sys.exit(0)
+import atexit, gc
+gc.disable()
+import prefect.server.api.server as _server
+_create_app = _server.create_app
+def _app(*args, **kwargs):
+    app = _create_app(*args, **kwargs)
+    gc.freeze()
+    gc.enable()
+    return app
+_server.create_app = _app
+atexit.register(gc.freeze)
 sys.argv = ["uvicorn", *sys.argv[2:]]
 runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
 """
+#: In that server's process the garbage collector is off while Prefect's server loads, which then goes to the
+#: permanent generation, as in ``mascprocess`` itself (:mod:`mascara._collector`), and once more at exit: the
+#: server boots sooner, its collections during the night do not walk what it loaded, and ``mascprocess``
+#: does not wait for a collection over its whole heap when it stops it.
 
 
 def _free_port() -> int:
