@@ -201,6 +201,7 @@ def _mascprocess(args: argparse.Namespace) -> int:
     from mascara.selection import SelectionError, select_nights
 
     if getattr(args, "live", False):
+        _collector.settled()  # a night long; its modules load as the cameras start
         return run_live(args)
     try:  # before anything slow: a mistake costs a fraction of a second, not a server start
         sel = select_nights(args.datadir, args.night or "all", args.camera, args.site, settings_file=args.settings,

@@ -26,7 +26,12 @@ opened them, never by a collection.
 
 Only a process whose entry point called :func:`loading` (the console
 commands, the splitter process) is affected: the functions do nothing in a
-process that merely calls the library, a test runner for instance.
+process that merely calls the library, a test runner for instance. A
+command's handler is told its modules are loaded as soon as its own module
+is imported (``mascara.cli._dispatch``), except ``mascprocess``, whose
+reduction paths say so themselves once the science modules (and, for the
+flow, Prefect) are loaded: no path of a command runs for long with the
+collector off.
 """
 
 from __future__ import annotations

@@ -187,12 +187,22 @@ def add_mascprocess_arguments(p: argparse.ArgumentParser) -> None:
                       help="how often raw/ is looked at (default 2)")
 
 
+#: Handlers that tell :mod:`mascara._collector` themselves when their modules are loaded (each of their paths
+#: that runs for long does); the others are told once their own module is imported.
+SETTLES_ITSELF = frozenset({"flows.mascprocess:cli_mascprocess"})
+
+
 def _dispatch(args: argparse.Namespace, prog: str = "mascara") -> int:
     import importlib
 
     module, func = args.handler.split(":")
     try:
-        return int(getattr(importlib.import_module(module), func)(args) or 0)
+        handler = getattr(importlib.import_module(module), func)
+        if args.handler not in SETTLES_ITSELF:
+            from mascara import _collector
+
+            _collector.settled()
+        return int(handler(args) or 0)
     except Exception as exc:
         sqlalchemy = sys.modules.get("sqlalchemy.exc")
         if sqlalchemy is None or not isinstance(exc, sqlalchemy.DatabaseError) or not getattr(args, "datadir", None):

@@ -60,3 +60,20 @@ def test_the_console_scripts_are_the_wrapped_entry_points():
 
     scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name in ("mascara", "mascprocess")}
     assert scripts == {"mascara": "mascara.cli:mascara_command", "mascprocess": "mascara.cli:mascprocess_command"}
+
+
+def test_every_long_path_of_a_command_collects_again(tmp_path):
+    # the collector is off only while a command imports: a handler that does not say when its modules are
+    # loaded is run with it on, and so are the paths of mascprocess that run for long (here --live)
+    (tmp_path / "probe.py").write_text("import gc\ndef handler(args):\n    return 0 if gc.isenabled() else 7\n")
+    out = _run(f"""
+        import argparse, gc, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import mascara.cli as cli
+        import flows.mascprocess as mp
+        other = cli._command(lambda: cli._dispatch(argparse.Namespace(handler="probe:handler")))
+        mp.run_live = lambda args: 0 if gc.isenabled() else 7
+        live = cli._command(lambda: cli.mascprocess_main([{str(tmp_path)!r}, "--live"]))
+        print(other, live)
+    """)
+    assert out == "0 0"
