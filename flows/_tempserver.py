@@ -49,9 +49,11 @@ if os.getppid() != int(sys.argv[1]):  # the parent went before the line above
     sys.exit(0)
 import atexit, gc
 gc.disable()
+sys.path.insert(0, sys.argv[sys.argv.index("--app-dir") + 1])  # as uvicorn will: not the working directory's
 import prefect.server.api.server as _server
 _create_app = _server.create_app
 def _app(*args, **kwargs):
+    _server.create_app = _create_app  # only uvicorn's call (Prefect's server-side clients call it again)
     app = _create_app(*args, **kwargs)
     gc.freeze()
     gc.enable()

@@ -249,6 +249,8 @@ def _command(entry: Callable[[], int]) -> int:
     try:
         return entry()
     finally:
+        if "mascara.catalog._engine" in sys.modules:  # closed now: no collection at exit closes them
+            sys.modules["mascara.catalog._engine"].dispose_all()
         _collector.exiting()
 
 

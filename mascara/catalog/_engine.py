@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,26 @@ def _sqlite_hooks(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
 
+#: Every engine :func:`make_engine` made that is still alive (:func:`dispose_all`).
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def dispose_all() -> None:
+    """Close the pooled connections of every live catalog engine of this process.
+
+    A command calls it when its work is done: SQLite then checkpoints its
+    write-ahead log into the catalog file and removes ``-wal``/``-shm``, and a
+    PostgreSQL server sees its connections closed. Engines held in reference
+    cycles were otherwise closed only by the interpreter's last collection,
+    which a command's process skips (:mod:`mascara._collector`).
+    """
+    for engine in list(_ENGINES):
+        try:
+            engine.dispose()
+        except Exception:  # noqa: BLE001 - at exit, a connection that will not close is closed by the OS
+            pass
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url`` with the catalog's connection settings.
 
@@ -125,8 +146,10 @@ def make_engine(url: str) -> Engine:
             Path(u.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(u, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
         _sqlite_hooks(engine)
-        return engine
-    return create_engine(u, pool_pre_ping=True, pool_size=2, max_overflow=4)
+    else:
+        engine = create_engine(u, pool_pre_ping=True, pool_size=2, max_overflow=4)
+    _ENGINES.add(engine)
+    return engine
 
 
 def alembic_config(url: str):  # type: ignore[no-untyped-def]

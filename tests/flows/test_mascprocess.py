@@ -66,6 +66,27 @@ def test_a_selected_camera_without_a_directory_is_recorded_empty_by_both_drivers
     assert rows["LPS"]["state"] == "empty" and "no night directory" in rows["LPS"]["error"], rows["LPS"]
 
 
+@pytest.mark.parametrize("driver", [["--no-prefect"], []], ids=["library", "prefect"])
+def test_the_catalog_is_whole_in_its_one_file_when_the_command_has_ended(driver, pristine_night, tmp_path,
+                                                                        prefect_server):
+    """A review of the collector change: its engine, held in a reference cycle, was closed only by the
+    interpreter's last collection, which the command now skips; the catalog's data stayed in
+    ``catalog.sqlite-wal`` and a copy of ``catalog.sqlite`` alone (a backup) held no table at all."""
+    from flowkit import NIGHT
+
+    _, env = prefect_server
+    datadir = fresh_copy(pristine_night, tmp_path / "data")
+    res = subprocess.run([str(BIN / "mascprocess"), str(datadir), "--night", NIGHT, "-q", *driver], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in datadir.glob("catalog.sqlite*")) == ["catalog.sqlite"]
+    backup = tmp_path / "backup.sqlite"
+    backup.write_bytes((datadir / "catalog.sqlite").read_bytes())
+    with sqlite3.connect(backup) as db:
+        runs = db.execute("SELECT status FROM reduction_run").fetchall()
+    assert runs == [("succeeded",)]
+
+
 def test_the_progress_bar_says_how_many_frames_were_rejected():
     """An outside trial: the bar read '120/120 frames ... succeeded' for a night with 3 frames rejected."""
     from flows.mascprocess import RichProgress

@@ -177,3 +177,28 @@ def _batch_started(datadir: Path) -> bool:
             return db.execute("SELECT COUNT(*) FROM batch WHERE status IN ('running', 'succeeded')").fetchone()[0] > 0
     except sqlite3.OperationalError:  # not created yet
         return False
+
+
+@pytest.mark.prefect
+def test_a_package_named_like_prefect_in_the_working_directory_does_not_replace_the_servers(tmp_path):
+    """A review: the server's launcher imported Prefect before uvicorn put its ``--app-dir`` first on the path,
+    so the working directory's ``prefect/`` (``python -c`` puts it first) was imported instead: no server."""
+    fake = tmp_path / "cwd" / "prefect"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('the working directory prefect package was imported')\n")
+    probe = ("from flows._tempserver import TemporaryServer\n"
+             "import urllib.request\n"
+             "s = TemporaryServer()\n"
+             "try:\n"
+             "    s.wait(180)\n"
+             "    print(urllib.request.urlopen(s.api_url + '/health', timeout=5).status)\n"
+             "finally:\n"
+             "    s.stop()\n")
+    # -P and a PYTHONPATH without an empty entry: the probe itself finds the installed Prefect; the server it
+    # starts runs in the same directory
+    env = _env(tmp_path / "home")
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, "-P", "-c", probe], env=env, capture_output=True, text=True,
+                         cwd=str(fake.parent), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "200"
