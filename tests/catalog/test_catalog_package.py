@@ -29,6 +29,12 @@ def test_the_package_names_load_on_first_use():
 
     assert Catalog is direct and issubclass(LeaseHeld, Exception)
     assert "succeeded" in STATUSES and lifecycle.__name__ == "mascara.catalog.lifecycle"
-    assert set(cat.__all__) <= set(dir(cat))
+    import mascara.catalog.catalog as catalog_module
+    import mascara.catalog.models as models_module
+
+    for name in cat.__all__:  # every exported name resolves, to the object of the module that defines it
+        home = models_module if name in vars(models_module) else catalog_module
+        assert getattr(cat, name) is getattr(home, name), name
+        assert name in dir(cat), name
     with pytest.raises(AttributeError, match="no_such_name"):
         cat.no_such_name  # noqa: B018
