@@ -6,7 +6,9 @@ Tasks are thin wrappers of :mod:`mascara.reduce` plus catalog updates
     start-<night>     catalog: register, lease, resume or move old outputs aside
     prepare-<night>   master calibration and the night's camera solution
     batch-<night>-<b> one task per batch, all batches of all cameras concurrent
-    split-<night>     StarSplitter.add of finished batch files, beside the batches
+    split-<night>     StarSplitter.add of finished batch files, beside the batches: only on
+                      Dask; on the flow's thread pool a thread of the flow hands them to the
+                      night's splitter process, with no task run
     combine-<night>   fLC/sLC night files, products, summary artifacts
 
 The catalog decides what is done (a batch row ``succeeded`` under the run's
@@ -20,6 +22,8 @@ done are submitted with ``refresh_cache`` and always run.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import contextvars
 import dataclasses
 import errno
 import hashlib
@@ -308,19 +312,19 @@ def stop_splitter(night_path: str, run_id: str | None, clean: bool) -> None:
         sp.stop(clean=clean, timeout=SPLITTER_STOP_SECONDS)
 
 
-@task(name="split", task_run_name="split-{night_id}", cache_policy=NO_CACHE, **_transient_task)
-def split_task(night_id: str, handle: _runs.RunHandle, settings_json: str, batches: list[tuple[str, str]],
-               own_process: bool = False) -> dict:
-    """Split finished batch files by star into ``work/`` (StarSplitter; one writer per night).
+def split_batches(night_id: str, handle: _runs.RunHandle, settings_json: str, batches: list[tuple[str, str]],
+                  own_process: bool, logger: Any) -> dict:
+    """Split finished batch files by star into ``work/`` (StarSplitter; one writer per night) and redraw the
+    night's quick-look figures when they are :data:`QUICKLOOK_INTERVAL` old.
 
-    With ``own_process`` (the flow's thread pool, where this task runs in the
-    flow's process) the split is done by the night's splitter process, as the
-    library driver does it, and the task waits for it: the split's CPU is
-    then not spent under the flow process's GIL beside its batch threads. On
-    other runners (Dask workers) it is done here.
+    With ``own_process`` (the flow's thread pool) the split is done by the
+    night's splitter process, as the library driver does it, and the call
+    waits for it: the split's CPU is then not spent under the flow process's
+    GIL beside its batch threads. Otherwise (a Dask worker) it is done here.
 
     Splitting is an optimisation of the combine step, which re-adds any batch
-    the store lacks, so a failure here is logged and not raised.
+    the store lacks, so a batch that fails to split is logged on ``logger``
+    and counted, not raised.
     """
     from mascara.lightcurves import StarSplitter, split_outcome
     from mascara.diagnostics import diagnostic_stars
@@ -340,10 +344,23 @@ def split_task(night_id: str, handle: _runs.RunHandle, settings_json: str, batch
     for path, st in outcomes:
         if st.startswith("error: "):
             why = st[len("error: "):]
-            get_run_logger().warning("splitting %s failed: %s", path, why)
+            logger.warning("splitting %s failed: %s", path, why)
             errors.append(f"{Path(path).name}: {why}")
-    _runs.draw_quicklook(plan.night.path, get_run_logger(), every=QUICKLOOK_INTERVAL)
+    _runs.draw_quicklook(plan.night.path, logger, every=QUICKLOOK_INTERVAL)
     return {"added": added, "skipped": skipped, "errors": errors}
+
+
+@task(name="split", task_run_name="split-{night_id}", cache_policy=NO_CACHE, **_transient_task)
+def split_task(night_id: str, handle: _runs.RunHandle, settings_json: str, batches: list[tuple[str, str]]) -> dict:
+    """:func:`split_batches` in a task, on runners other than the flow's thread pool (Dask workers, which
+    split in the task).
+
+    On the flow's thread pool no task runs for a split: a thread of the flow
+    hands the batches to the night's splitter process (each task run costs
+    Prefect's server some 25 ms of CPU, on the cores that reduce; a
+    5,000-frame night would have about 100 of them).
+    """
+    return split_batches(night_id, handle, settings_json, batches, own_process=False, logger=get_run_logger())
 
 
 @task(name="combine", task_run_name="combine-{night_id}", cache_policy=NO_CACHE, **_transient_task)
@@ -522,14 +539,12 @@ class BatchThreadPool(ThreadPoolTaskRunner):
     """Threads for ``batches`` batch tasks at once, and one more for a night's other tasks.
 
     The flow keeps at most ``batch_slots`` batch tasks submitted (it submits the
-    next one when one ends), so the split of a finished batch or a night's
-    combine does not queue behind the night's remaining batches: with every
-    batch submitted at once, a thread pool runs them first in first out, and
-    the batches were split only when the last ones were running (the
-    star-by-star pieces and the diagnostic light curves came at the end of
-    the night instead of along it). The extra thread is not reserved: with
-    several cameras, their start, prepare and split tasks share it and the
-    batch threads, and a batch submitted after them waits for them.
+    next one when one ends), so a night's combine does not queue behind the
+    night's remaining batches: with every batch submitted at once, a thread
+    pool runs them first in first out. The extra thread is not reserved: with
+    several cameras, their start, prepare and combine tasks share it and the
+    batch threads, and a batch submitted after them waits for them. Splits
+    run in threads of the flow's own (:func:`split_batches`), not here.
     """
 
     def __init__(self, batches: int | None = None, max_workers: int | None = None) -> None:
@@ -706,6 +721,10 @@ def reduce_night(
     slots = _batch_slots()
     waiting: collections.deque[tuple[_Night, int]] = collections.deque()
     in_flight = [0]
+    # on the flow's thread pool a night's finished batches go to its splitter process from a thread of the
+    # flow's, with no task run (split_task); at most one split of each night at a time (_Night.split_busy)
+    split_threads = (concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(found)), thread_name_prefix="split")
+                     if slots is not None else None)
 
     def submit_batches() -> None:
         while waiting and (slots is None or in_flight[0] < slots):
@@ -769,14 +788,26 @@ def reduce_night(
         _notify("night_finished", n.night_id, state, message)
         (logger.info if state == "succeeded" else logger.error)("%s: %s %s", n.night_id, state, message)
 
+    def split_here(n: _Night, items: list[tuple[str, str]]) -> None:
+        """Split ``items`` in a thread of the flow's (none: start the night's splitter process, whose spawn and
+        imports take a few seconds, while its first batch runs, as the library driver does)."""
+        n.split_busy = True
+        # the thread sees the flow run's context (its logger, its id for the night's plan)
+        done = split_threads.submit(contextvars.copy_context().run, split_batches, n.night_id, n.handle, sjson,
+                                    items, True, logger)
+        done.add_done_callback(lambda f, nid=n.night_id: events.put(("split-here", nid, items, f)))
+
     def maybe_split_or_combine(n: _Night) -> None:
         if n.state != "running" or n.split_busy:
             return
         if n.split_pending:
-            fut = split_task.submit(n.night_id, n.handle, sjson, list(n.split_pending), own_process=slots is not None)
+            items = list(n.split_pending)
             n.split_pending.clear()
             n.split_busy = True
-            track(fut, "split", n.night_id)
+            if split_threads is None:
+                track(split_task.submit(n.night_id, n.handle, sjson, items), "split", n.night_id)
+            else:
+                split_here(n, items)
         elif not n.left and not n.combine_submitted:
             if n.failed:
                 end_night(n, "failed", f"{len(n.failed)} batch(es) failed: " + "; ".join(n.failed[:5]))
@@ -793,6 +824,15 @@ def reduce_night(
                 except queue.Empty:
                     continue
                 n = nights_[night_id]
+                if kind == "split-here":  # a split of the flow's own thread (concurrent.futures.Future)
+                    n.split_busy = False
+                    if fut.exception() is not None:  # the combine splits them; the next split starts afresh
+                        exc = fut.exception()
+                        what = f"{len(payload)} batch(es) not split now" if payload else "splitter not started"
+                        logger.warning("%s: %s (the combine splits what the store lacks): %s: %s", n.night_id, what,
+                                       type(exc).__name__, exc)
+                    maybe_split_or_combine(n)
+                    continue
                 fut.wait()
                 st = fut.state
                 if kind == "batch":  # its thread is free: the next batch, behind any split already queued
@@ -823,6 +863,8 @@ def reduce_night(
                     n.left = set(n.batches)
                     waiting.extend((n, b) for b in sorted(n.batches))
                     submit_batches()
+                    if split_threads is not None and n.left - set(n.handle.done):
+                        split_here(n, [])
                     logger.info("%s: %s run, %d batches (%d already done)", n.night_id,
                                 n.handle.decision, len(n.batches), len(n.handle.done))
                 elif kind == "batch":
@@ -855,6 +897,8 @@ def reduce_night(
             why = f"interrupted ({signame})" if signame else "flow ended before this camera-night finished"
             for n in open_nights():
                 end_night(n, "failed", why, report_partial=False)  # no figures while being stopped
+            if split_threads is not None:  # every splitter is stopped: a split still waiting returns at once
+                split_threads.shutdown(wait=False, cancel_futures=True)
 
     results = [{"night_id": n.night_id, "state": n.state, "message": n.message,
                 **(n.result or {})} for n in nights_.values()]
