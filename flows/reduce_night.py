@@ -346,7 +346,10 @@ def split_batches(night_id: str, handle: _runs.RunHandle, settings_json: str, ba
             why = st[len("error: "):]
             logger.warning("splitting %s failed: %s", path, why)
             errors.append(f"{Path(path).name}: {why}")
-    _runs.draw_quicklook(plan.night.path, logger, every=QUICKLOOK_INTERVAL)
+    with _SPLITTERS_LOCK:
+        ended = handle.run_id in _SPLITTERS_CLOSED
+    if not ended:  # a split that returns after its run was stopped (interrupted, failed) draws nothing
+        _runs.draw_quicklook(plan.night.path, logger, every=QUICKLOOK_INTERVAL)
     return {"added": added, "skipped": skipped, "errors": errors}
 
 
@@ -828,7 +831,8 @@ def reduce_night(
                     n.split_busy = False
                     if fut.exception() is not None:  # the combine splits them; the next split starts afresh
                         exc = fut.exception()
-                        what = f"{len(payload)} batch(es) not split now" if payload else "splitter not started"
+                        what = (f"{len(payload)} batch(es) not split now ({', '.join(Path(p).name for p, _ in payload)})"
+                                if payload else "splitter not started")
                         logger.warning("%s: %s (the combine splits what the store lacks): %s: %s", n.night_id, what,
                                        type(exc).__name__, exc)
                     maybe_split_or_combine(n)

@@ -113,6 +113,33 @@ def test_a_split_task_of_a_run_that_lost_its_lease_starts_no_splitter(tmp_path):
     cat.close()
 
 
+def test_a_split_that_returns_after_its_run_was_stopped_draws_no_figure(pristine_night, tmp_path, monkeypatch):
+    """A review: a split thread still waiting when its run was stopped (interrupted, failed) redrew the night's
+    quick-look figures after the flow had released the night. It now draws them only while the run's
+    splitter is open."""
+    import logging
+    from types import SimpleNamespace
+
+    from corpus import linked_copy
+
+    from flows import _runs
+    from flows import reduce_night as rn
+
+    night = linked_copy(pristine_night, tmp_path / "data") / NIGHT_ID
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "run-quicklook")
+    drawn = []
+    monkeypatch.setattr(_runs, "draw_quicklook", lambda path, logger, every=0.0: drawn.append(path) or {})
+    monkeypatch.setattr(rn, "_splitter_process", lambda plan, run_id, db_url: None)  # no process in this test
+    handle = SimpleNamespace(night_path=str(night), run_id="run-open", db_url="sqlite://")
+    items = [(str(night / "work" / "batches" / "batch_0.h5"), "0" * 64)]
+    out = rn.split_batches(NIGHT_ID, handle, rn._settings_json(None), items, True, logging.getLogger("t"))
+    assert len(out["errors"]) == 1 and len(drawn) == 1  # an open run's split redraws (when due)
+    rn.stop_splitter(str(night), "run-stopped", clean=False)
+    handle.run_id = "run-stopped"
+    out = rn.split_batches(NIGHT_ID, handle, rn._settings_json(None), items, True, logging.getLogger("t"))
+    assert len(out["errors"]) == 1 and len(drawn) == 1, drawn
+
+
 def test_batch_threads_from_the_environment(monkeypatch):
     from flows.reduce_night import BatchThreadPool, flow_workers, task_runner_for
 
@@ -384,6 +411,9 @@ def test_a_split_that_raises_in_the_flows_thread_is_logged_and_the_night_goes_on
     the night is the same as an uninterrupted one."""
     import json
     import sys
+    from pathlib import Path
+
+    from mascara.reduce import plan_camera_night
 
     api, env = prefect_server
     datadir = fresh_copy(pristine_night, tmp_path / "data")
@@ -394,7 +424,8 @@ def test_a_split_that_raises_in_the_flows_thread_is_logged_and_the_night_goes_on
     assert out["type"] == "COMPLETED", (out, res.stderr[-3000:])
     assert out["calls"] >= 3  # the next split asked for a splitter again
     logs = _flow_logs(api, out["flow_run_id"])
-    assert [m for m in logs if "batch(es) not split now" in m and "Input/output error (injected)" in m], logs
+    first = Path(plan_camera_night(datadir / NIGHT_ID).batch_path(min(batch_rows(datadir)))).name
+    assert [m for m in logs if f"batch(es) not split now ({first}" in m and "Input/output error (injected)" in m], logs
     assert night_status(datadir)["state"] == "succeeded"
     assert sorted(_split_times(datadir / NIGHT_ID)) == sorted(batch_rows(datadir))
     assert_same_night_files(datadir / NIGHT_ID, reference)
