@@ -829,8 +829,8 @@ def reduce_night(
                 n = nights_[night_id]
                 if kind == "split-here":  # a split of the flow's own thread (concurrent.futures.Future)
                     n.split_busy = False
-                    if fut.exception() is not None:  # the combine splits them; the next split starts afresh
-                        exc = fut.exception()
+                    exc = fut.exception()
+                    if exc is not None:  # the combine splits them; the next split starts afresh
                         what = (f"{len(payload)} batch(es) not split now ({', '.join(Path(p).name for p, _ in payload)})"
                                 if payload else "splitter not started")
                         logger.warning("%s: %s (the combine splits what the store lacks): %s: %s", n.night_id, what,

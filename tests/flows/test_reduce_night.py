@@ -312,11 +312,11 @@ def _flow_logs(api: str, flow_run_id: str) -> list[str]:
 
 def _split_times(night) -> dict[int, float]:
     """When each batch's star-by-star pieces were written (``work/split/``, by the splitter's registry)."""
-    import json
+    from mascara.lightcurves import StarSplitter
 
-    reg = json.loads((night / "work" / "splitter.json").read_text())["batches"]
-    return {int(b): max(os.stat(night / "work" / "split" / name).st_mtime for name in e["files"].values())
-            for b, e in reg.items()}
+    store = StarSplitter(night / "work")
+    return {b: max(os.stat(store.splitdir / name).st_mtime for name in store.entry(b)["files"].values())
+            for b in store.batches}
 
 
 @pytest.mark.prefect
