@@ -215,6 +215,31 @@ def run_phases(db: Path, launched: float, ended: float) -> dict[str, float] | No
     return dict(zip(PHASES, (r0 - launched, b0 - r0, b1 - b0, r1 - b1, ended - r1)))
 
 
+def paired_ratios(runs: list[dict], driver: str, nframes: int) -> dict:
+    """``driver`` against the library driver round by round: each round's run over the library's run of the
+    same round and length, minus 1, for wall and CPU, with their median.
+
+    The runs of one round follow each other within minutes, so a machine that
+    gets slower or faster over the benchmark (this shared one does, by up to
+    a third within an hour) moves both runs of a pair alike; minima or
+    medians taken per driver pair runs from different times.
+    """
+    out: dict = {}
+    for what in ("wall", "cpu"):
+        pairs = []
+        for x in runs:
+            if x["driver"] != driver or x["frames"] != nframes or "round" not in x:
+                continue
+            lib = [y for y in runs if y["driver"] == "library" and y["frames"] == nframes
+                   and y.get("round") == x["round"]]
+            if lib:
+                pairs.append(x[what] / lib[0][what] - 1.0)
+        if pairs:
+            out[f"{what}_paired"] = pairs
+            out[f"{what}_paired_median"] = statistics.median(pairs)
+    return out
+
+
 def _stats(values: list[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "n": len(values), "all": values}
 
@@ -275,6 +300,7 @@ def measure(night_dir: Path | str, workdir: Path | str, frames: tuple[int, int],
                     ahead = read_ahead(night_dir, n)
                     runs.append(run_once(night_dir, workdir / "run", n, drv, workers, server))
                     runs[-1]["read_ahead_seconds"] = ahead["seconds"]
+                    runs[-1]["round"] = r
                     progress(f"[process]   wall {runs[-1]['wall']:.1f} s, CPU {runs[-1]['cpu']:.1f} s, "
                              f"RSS {runs[-1]['rss_mb']:.0f} MB, load {runs[-1]['load_before']:.2f}")
     finally:
@@ -313,6 +339,7 @@ def measure(night_dir: Path | str, workdir: Path | str, frames: tuple[int, int],
             # the same on a 5,000-frame night, from each driver's measured long run plus its slope
             out[name].update({f"wall_5000_{agg}": pf[f"wall_5000_{agg}"] / lib[f"wall_5000_{agg}"] - 1.0
                               for agg in ("min", "median")})
+            out[name].update(paired_ratios(runs, key, n2))
     out["jit_charge_cpu"] = warm["cpu"] - out["drivers"]["library"]["runs"][n1]["cpu"]["median"]
     if warm_prefect is not None:  # a fresh Prefect home, once per installation
         timed = out["drivers"]["prefect"]["runs"][n1]

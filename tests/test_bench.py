@@ -65,6 +65,10 @@ def test_quick_bench_reports_every_stage(tmp_path):
         # each timed run had its frames read just before it (so that no run pays for another's evictions)
         assert run["read_ahead_seconds"] >= 0, run
     assert "Read from the disk rather than the page cache, per run" in text
+    # each timed run knows its round (the flows' runs are paired with the library's of the same round:
+    # test_paired_ratios_pair_each_flow_run_with_the_library_run_of_its_round; --quick runs the library alone)
+    pr = res["results"]["process"]
+    assert sorted({run["round"] for run in pr["runs"]}) == list(range(pr["repeat"]))
     assert "each run's frames again just before it" in text
 
 
@@ -86,3 +90,29 @@ def test_kernel_bench_runs_on_the_quick_night_and_compares_tables(tmp_path):
     assert stages["total"][0] > 0 and {"read", "photometry", "binning"} <= set(stages)
     assert out[1]["measure_apertures_ms_per_frame"][0] > 0 and out[1]["stars_per_frame"] > 10
     assert out[1]["compared"]["rows"] > 30 and out[1]["compared"]["fields_differing"] == {}
+
+
+def test_paired_ratios_pair_each_flow_run_with_the_library_run_of_its_round():
+    """A machine that slows down between rounds moves both runs of a round alike: the pairs see the
+    flow's 2 % while the ratio of the minima sees the slow round's library run against a fast one."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from process import paired_ratios
+    from run import prefect_within
+
+    runs = []
+    for r, speed in enumerate((1.0, 1.3, 1.0)):  # the second round on a machine 30 % slower
+        runs.append({"driver": "library", "frames": 564, "round": r, "wall": 50.0 * speed, "cpu": 80.0 * speed})
+        runs.append({"driver": "prefect", "frames": 564, "round": r, "wall": 51.0 * speed, "cpu": 82.0 * speed})
+        runs.append({"driver": "library", "frames": 114, "round": r, "wall": 20.0, "cpu": 30.0})
+    runs.append({"driver": "prefect", "frames": 564, "wall": 99.0, "cpu": 99.0})  # no round: not paired
+    po = paired_ratios(runs, "prefect", 564)
+    assert po["wall_paired"] == pytest.approx([0.02, 0.02, 0.02])
+    assert po["wall_paired_median"] == pytest.approx(0.02)
+    assert po["cpu_paired_median"] == pytest.approx(0.025)
+    # the verdict takes the pairs and the medians; without pairs (older results) medians and minima
+    assert prefect_within({**po, "wall_median": 0.02, "wall_min": 0.09})
+    assert not prefect_within({**po, "wall_median": 0.06, "wall_min": 0.0})
+    assert not prefect_within({"wall_median": 0.02, "wall_min": 0.09})
+    assert not prefect_within({**paired_ratios(
+        [{**x, "wall": x["wall"] * (1.08 if x["driver"] == "prefect" else 1.0)} for x in runs], "prefect", 564),
+        "wall_median": 0.0, "wall_min": 0.0})
