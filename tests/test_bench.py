@@ -43,6 +43,11 @@ def test_quick_bench_reports_every_stage(tmp_path):
     # every stage the reduction times is in the per-frame table, with a positive CPU time
     per = res["summary"]["per_frame"]
     assert set(STAGES) <= set(per) and per["photometry"] > 0
+    # the fullest batch was reduced 3 times; each stage of the table is the median of the passes
+    full = max(red["batches"], key=lambda b: b["nframes"])
+    assert len(full["passes"]) == 3 and full["passes"][0]["timings"] == full["timings"]
+    for stage in ("read", "photometry", "binning"):
+        assert per[stage] == pytest.approx(sorted(p["timings"][stage] for p in full["passes"])[1] / full["nframes"])
     # the independent photutils pipeline sees the same stars and nearly the same fluxes:
     # identical for most stars, at most a fraction of the flux error otherwise
     pu = res["results"]["photutils"]
