@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import sys
 
 import pytest
 from flowkit import BIN, NIGHT_ID, assert_same_night_files, fresh_copy, mascprocess, night_status
@@ -99,3 +100,73 @@ def test_the_progress_bar_says_how_many_frames_were_rejected():
     (task,) = bars.progress.tasks
     assert task.completed == 70 and task.total == 120
     assert task.fields["batches"] == "2/3 batches, 1 failed, 3 frames rejected"
+
+
+_HEALTH_PROBE = """
+from flows.mascprocess import _silent_prefect_server
+print(repr(_silent_prefect_server()))
+"""
+
+
+def _health_answer(url: str) -> str:
+    import os
+
+    res = subprocess.run([sys.executable, "-c", _HEALTH_PROBE], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PREFECT_API_URL": url})
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def test_the_prefect_server_check_takes_any_http_answer_and_names_what_is_silent(tmp_path):
+    """``mascprocess``'s check of the server PREFECT_API_URL names: a server that answers, even with an
+    error (one that wants a key says so itself), is used; one that refuses the connection or closes it
+    without an answer is named in one line. Real sockets: a small HTTP server and a bare listener."""
+    import http.server
+    import socket
+    import threading
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the standard library's name
+            seen.append(self.path)
+            self.send_response(401 if "key" in self.path else 200)
+            self.end_headers()
+            self.wfile.write(b"true")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    closing = socket.socket()
+    closing.bind(("127.0.0.1", 0))
+    closing.listen()
+
+    def hang_up():
+        while True:
+            try:
+                conn, _ = closing.accept()
+            except OSError:
+                return
+            conn.recv(1024)
+            conn.close()  # no status line
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        refused = s.getsockname()[1]
+    try:
+        port = server.server_address[1]
+        assert _health_answer(f"http://127.0.0.1:{port}/api") == "None"
+        assert _health_answer(f"http://127.0.0.1:{port}/key/api") == "None"
+        assert seen == ["/api/health", "/key/api/health"]
+        silent = _health_answer(f"http://127.0.0.1:{refused}/api")
+        assert silent.startswith(f"'the Prefect server at http://127.0.0.1:{refused}/api does not answer (")
+        assert "Connection refused" in silent and "--no-prefect" in silent, silent
+        url = f"http://127.0.0.1:{closing.getsockname()[1]}/api"
+        silent = _health_answer(url)
+        assert silent.startswith(f"'the Prefect server at {url} does not answer ("), silent
+    finally:
+        server.shutdown()
+        closing.close()
