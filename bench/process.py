@@ -221,7 +221,7 @@ def paired_ratios(runs: list[dict], driver: str, nframes: int) -> dict:
 
     The runs of one round follow each other within minutes, so a machine that
     gets slower or faster over the benchmark (this shared one does, by up to
-    a third within an hour) moves both runs of a pair alike; minima or
+    a quarter within an hour) moves both runs of a pair alike; minima or
     medians taken per driver pair runs from different times.
     """
     out: dict = {}

@@ -135,10 +135,11 @@ def _silent_prefect_server() -> str | None:
 
             try:
                 urllib.request.urlopen(health, timeout=10.0).close()
-            except urllib.error.HTTPError:  # an answer
-                pass
+            except urllib.error.HTTPError as answer:  # an answer
+                answer.close()
             except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
-                raise _Silent(exc.reason if isinstance(exc, urllib.error.URLError) else exc) from exc
+                reason = getattr(exc, "reason", None) if isinstance(exc, urllib.error.URLError) else None
+                raise _Silent(reason if isinstance(reason, BaseException) else exc) from exc
         else:  # TLS as Prefect's client does it (its certificate settings)
             import httpx
 
