@@ -103,6 +103,21 @@ def drain_prefect_queues(timeout: float = 5.0) -> None:
         logging.getLogger(__name__).debug("sending Prefect's last logs and events failed", exc_info=True)
 
 
+def health(api_url: str, timeout: float) -> int | BaseException:
+    """The HTTP status of the health check of the Prefect API at ``api_url`` (any answer, an error one
+    included), or the transport error that kept the server from answering (refused, unreachable, timed out,
+    hung up). The standard library's client: httpx builds a TLS context (about 50 ms) even for ``http://``."""
+    try:
+        with urllib.request.urlopen(api_url.rstrip("/") + "/health", timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as answer:
+        answer.close()
+        return answer.code
+    except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
+        reason = getattr(exc, "reason", None) if isinstance(exc, urllib.error.URLError) else None
+        return reason if isinstance(reason, BaseException) else exc
+
+
 def configured_api_url() -> str | None:
     """The API URL Prefect's settings give (environment, profile, ``prefect.toml``, ``.env``), or None."""
     from prefect.settings import get_current_settings
@@ -174,12 +189,8 @@ class TemporaryServer:
                 continue
             if code is not None:
                 raise RuntimeError(f"the temporary Prefect server exited with code {code} before it answered")
-            try:
-                with urllib.request.urlopen(self.api_url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError, http.client.HTTPException):
-                pass
+            if health(self.api_url, timeout=2) == 200:
+                return
             if time.monotonic() - t0 > timeout:
                 self.stop()
                 raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f} s "

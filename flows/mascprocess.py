@@ -121,41 +121,25 @@ def _silent_prefect_server() -> str | None:
     itself); only a transport error (refused, unreachable, timed out) is
     reported, with what to do.
     """
-    from flows._tempserver import configured_api_url
+    from flows._tempserver import configured_api_url, health
 
     url = configured_api_url()
     if not url:
         return None
-    health = url.rstrip("/") + "/health"
-    try:
-        if health.startswith("http://"):  # the standard library's client: httpx builds a TLS context (50 ms)
-            import http.client
-            import urllib.error
-            import urllib.request
+    if url.startswith("http://"):
+        cause = health(url, timeout=10.0)
+        if isinstance(cause, int):  # an answer
+            return None
+    else:  # TLS as Prefect's client does it (its certificate settings)
+        import httpx
 
-            try:
-                urllib.request.urlopen(health, timeout=10.0).close()
-            except urllib.error.HTTPError as answer:  # an answer
-                answer.close()
-            except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
-                reason = getattr(exc, "reason", None) if isinstance(exc, urllib.error.URLError) else None
-                raise _Silent(reason if isinstance(reason, BaseException) else exc) from exc
-        else:  # TLS as Prefect's client does it (its certificate settings)
-            import httpx
-
-            try:
-                httpx.get(health, timeout=10.0)
-            except httpx.TransportError as exc:
-                raise _Silent(exc) from exc
-    except _Silent as exc:
-        cause = exc.args[0]
-        return (f"the Prefect server at {url} does not answer ({type(cause).__name__}: {cause}); start it, unset "
-                "PREFECT_API_URL for a temporary server of this command, or use --no-prefect")
-    return None
-
-
-class _Silent(Exception):
-    """A transport error of the health check (its cause is ``args[0]``)."""
+        try:
+            httpx.get(url.rstrip("/") + "/health", timeout=10.0)
+            return None
+        except httpx.TransportError as exc:
+            cause = exc
+    return (f"the Prefect server at {url} does not answer ({type(cause).__name__}: {cause}); start it, unset "
+            "PREFECT_API_URL for a temporary server of this command, or use --no-prefect")
 
 
 def _server_catalog_problem(db: str | None, datadir: str) -> str | None:
